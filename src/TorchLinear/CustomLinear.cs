@@ -1,0 +1,256 @@
+using System;
+using System.Collections.Generic;
+using System.Diagnostics.CodeAnalysis;
+using System.Linq;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+
+namespace TorchLinear
+{
+    /// <summary>
+    /// Applies a linear transformation to the incoming data: <c>y = x Wᵀ + b</c>, built from two
+    /// <see cref="Parameter"/>s and bit-for-bit identical to TorchSharp's <c>nn.Linear</c>, forward and backward.
+    /// </summary>
+    /// <remarks>
+    /// <para>Shapes: input <c>(*, in_features)</c>, output <c>(*, out_features)</c>, where <c>*</c> is any
+    /// number of leading dimensions, including none (a single vector).</para>
+    /// <para><see cref="weight"/> has shape <c>(out_features, in_features)</c> and <see cref="bias"/> shape
+    /// <c>(out_features)</c>; both are initialised from <c>U(-1/sqrt(in_features), 1/sqrt(in_features))</c>
+    /// (the weight through <c>kaiming_uniform_</c> with <c>a = sqrt(5)</c>), in that order, so that under the
+    /// same <c>torch.manual_seed</c> they hold exactly the numbers <c>nn.Linear</c> holds (and PyTorch's).</para>
+    /// <code>
+    /// using var layer = new CustomLinear(3, 2);
+    /// using var x = torch.randn(64, 3);
+    /// using var y = layer.forward(x);   // shape (64, 2)
+    /// </code>
+    /// </remarks>
+    public sealed class CustomLinear : nn.Module<Tensor, Tensor>
+    {
+        private const string WeightName = nameof(weight);
+        private const string BiasName = nameof(bias);
+
+        [ComponentName(Name = WeightName)]
+        private Parameter _weight;
+
+        [ComponentName(Name = BiasName)]
+        private Parameter? _bias;
+
+        private bool _disposed;
+
+        /// <summary>Creates a layer with freshly initialised parameters, as <c>nn.Linear(in_features, out_features)</c> does.</summary>
+        /// <param name="in_features">Size of each input sample (the input's last dimension).</param>
+        /// <param name="out_features">Size of each output sample.</param>
+        /// <param name="bias">If false, the layer learns no additive bias.</param>
+        /// <param name="device">Device of the parameters; the default device if null.</param>
+        /// <param name="dtype">Floating-point dtype of the parameters; the default dtype if null.</param>
+        /// <exception cref="ArgumentOutOfRangeException">A feature count is negative.</exception>
+        /// <exception cref="ArgumentException"><paramref name="dtype"/> is not a floating-point type.</exception>
+        public CustomLinear(long in_features, long out_features, bool bias = true, Device? device = null, ScalarType? dtype = null)
+            : base(nameof(CustomLinear))
+        {
+            if (in_features < 0)
+                throw new ArgumentOutOfRangeException(nameof(in_features), in_features, $"CustomLinear: in_features must be 0 or more, but was {in_features}.");
+            if (out_features < 0)
+                throw new ArgumentOutOfRangeException(nameof(out_features), out_features, $"CustomLinear: out_features must be 0 or more, but was {out_features}.");
+            if (dtype is { } requested && !is_floating_point(requested))
+                throw new ArgumentException($"CustomLinear: dtype must be a floating-point type (for example Float32 or Float64), but was {requested}.", nameof(dtype));
+
+            this.in_features = in_features;
+            this.out_features = out_features;
+            SetWeight(new Parameter(empty(out_features, in_features, device: device, dtype: dtype)));
+            if (bias)
+                this.bias = new Parameter(empty(out_features, device: device, dtype: dtype));
+            reset_parameters();
+        }
+
+        /// <summary>
+        /// Creates a layer around existing parameters, as <c>nn.Linear(weight, bias)</c> does. The layer takes
+        /// ownership: it detaches them from any dispose scope and disposes them when it is disposed.
+        /// </summary>
+        /// <param name="weight">Weight of shape <c>(out_features, in_features)</c>.</param>
+        /// <param name="bias">Optional bias of shape <c>(out_features)</c>, same dtype and device as the weight.</param>
+        /// <exception cref="ArgumentException">The weight is not 2-D, or the bias does not fit it.</exception>
+        public CustomLinear(Parameter weight, Parameter? bias = null)
+            : base(nameof(CustomLinear))
+        {
+            ArgumentNullException.ThrowIfNull(weight);
+            if (weight.dim() != 2)
+                throw new ArgumentException($"CustomLinear: weight must be 2-D, shaped (out_features, in_features), but has shape {LinearDiagnostics.Shape(weight)}.", nameof(weight));
+
+            in_features = weight.shape[1];
+            out_features = weight.shape[0];
+            if (bias is not null)
+                CheckBias(bias, weight);
+            SetWeight(weight);
+            this.bias = bias;
+        }
+
+        /// <summary>Size of each input sample.</summary>
+        public long in_features { get; }
+
+        /// <summary>Size of each output sample.</summary>
+        public long out_features { get; }
+
+        /// <summary>
+        /// The learnable weight, shape <c>(out_features, in_features)</c>. Setting it disposes the previous
+        /// parameter and registers the new one under the same state_dict key (<c>weight</c>).
+        /// </summary>
+        /// <exception cref="ArgumentException">The new weight's shape is not <c>(out_features, in_features)</c>.</exception>
+        public Parameter weight
+        {
+            get
+            {
+                ThrowIfDisposed();
+                return _weight;
+            }
+            set
+            {
+                ThrowIfDisposed();
+                ArgumentNullException.ThrowIfNull(value);
+                if (value.Handle == _weight.Handle)
+                    return;
+                if (value.dim() != 2 || value.shape[0] != out_features || value.shape[1] != in_features)
+                    throw new ArgumentException($"{this}: a new weight must have shape [{out_features}, {in_features}], but has shape {LinearDiagnostics.Shape(value)}.", nameof(value));
+                SetWeight(value);
+            }
+        }
+
+        /// <summary>
+        /// The learnable bias, shape <c>(out_features)</c>, or null when the layer has none. Setting it disposes
+        /// the previous parameter and (re-)registers the new one under the key <c>bias</c>; null removes it.
+        /// </summary>
+        /// <exception cref="ArgumentException">The new bias is not 1-D of length <c>out_features</c>.</exception>
+        public Parameter? bias
+        {
+            get
+            {
+                ThrowIfDisposed();
+                return _bias;
+            }
+            set
+            {
+                ThrowIfDisposed();
+                if (value is not null && value.Handle == _bias?.Handle)
+                    return;
+                if (value is not null && (value.dim() != 1 || value.shape[0] != out_features))
+                    throw new ArgumentException($"{this}: a new bias must have shape [{out_features}], but has shape {LinearDiagnostics.Shape(value)}.", nameof(value));
+                _bias?.Dispose();
+                _bias = (Parameter?)value?.DetachFromDisposeScope();
+                ConditionallyRegisterParameter(BiasName, _bias);
+            }
+        }
+
+        /// <summary>
+        /// Re-initialises the parameters as <c>nn.Linear</c> does: <c>kaiming_uniform_(weight, a: sqrt(5))</c>,
+        /// then <c>bias ~ U(-1/sqrt(in_features), 1/sqrt(in_features))</c> (0 when in_features is 0).
+        /// </summary>
+        public void reset_parameters()
+        {
+            ThrowIfDisposed();
+            // The weight draws from the global generator first, then the bias: the order is part of the
+            // contract, because under a fixed seed another order would give other numbers.
+            // A weight without elements (in_features or out_features 0) is left alone, as PyTorch's Python init
+            // does. libtorch's C++ kaiming_uniform_ instead derives an infinite bound from fan_in = 0 and throws,
+            // which is why TorchSharp's own nn.Linear(0, n) cannot be constructed.
+            if (_weight.numel() > 0)
+                nn.init.kaiming_uniform_(_weight, a: Math.Sqrt(5));
+            if (_bias is not null)
+            {
+                double bound = in_features > 0 ? 1 / Math.Sqrt(in_features) : 0;
+                nn.init.uniform_(_bias, -bound, bound);
+            }
+        }
+
+        /// <summary>Computes <c>y = x Wᵀ + b</c> for input of shape <c>(*, in_features)</c>.</summary>
+        /// <param name="input">At least 1-D, last dimension <c>in_features</c>, same dtype and device as the weight.</param>
+        /// <returns>A new tensor of shape <c>(*, out_features)</c>; no other tensor is left alive.</returns>
+        /// <exception cref="ArgumentException">The input does not fit the layer; the message says how.</exception>
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override Tensor forward(Tensor input)
+        {
+            ThrowIfDisposed();
+            ArgumentNullException.ThrowIfNull(input);
+            return LinearFunctional.Compute(this, input, _weight, _bias);
+        }
+
+        /// <summary>
+        /// Copies <c>weight</c> (and <c>bias</c>) from <paramref name="source"/>, after checking every key, shape
+        /// and dtype. Unlike the base implementation, which lets <c>copy_</c> broadcast a <c>(1)</c> tensor into
+        /// an <c>(out_features)</c> bias, a mismatch is refused before anything is copied, so a refused load
+        /// changes nothing. Tensors of another dtype are refused, not converted.
+        /// </summary>
+        /// <exception cref="ArgumentException">A key is missing or unexpected (when strict), or a shape or dtype differs.</exception>
+        public override (IList<string> missing_keys, IList<string> unexpected_keyes) load_state_dict(
+            Dictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
+        {
+            ThrowIfDisposed();
+            ArgumentNullException.ThrowIfNull(source);
+            skip ??= Array.Empty<string>();
+
+            var problems = new List<string>();
+            var own = named_parameters().ToList();
+            foreach (var (name, parameter) in own)
+            {
+                if (skip.Contains(name))
+                    continue;
+                if (!source.TryGetValue(name, out Tensor? tensor) || tensor is null)
+                {
+                    if (strict)
+                        problems.Add($"missing key '{name}' (expected {parameter.dtype} of shape {LinearDiagnostics.Shape(parameter)})");
+                    continue;
+                }
+                if (!tensor.shape.SequenceEqual(parameter.shape))
+                    problems.Add($"'{name}' has shape {LinearDiagnostics.Shape(tensor)}, this layer's has shape {LinearDiagnostics.Shape(parameter)}");
+                if (tensor.dtype != parameter.dtype)
+                    problems.Add($"'{name}' is {tensor.dtype}, this layer's is {parameter.dtype} (convert the tensor, or the layer with .to({tensor.dtype}), first)");
+            }
+            if (strict)
+            {
+                foreach (string key in source.Keys)
+                {
+                    if (!skip.Contains(key) && !own.Any(p => p.name == key))
+                        problems.Add($"unexpected key '{key}'");
+                }
+            }
+            if (problems.Count > 0)
+                throw new ArgumentException($"{this}: refused to load the state_dict, nothing was changed: {string.Join("; ", problems)}.", nameof(source));
+
+            return base.load_state_dict(source, strict, skip);
+        }
+
+        /// <summary>Mirrors PyTorch's <c>extra_repr</c>: <c>CustomLinear(in_features=3, out_features=2, bias=True)</c>.</summary>
+        public override string ToString() =>
+            $"CustomLinear(in_features={in_features}, out_features={out_features}, bias={(_bias is null ? "False" : "True")})";
+
+        /// <inheritdoc />
+        protected override void Dispose(bool disposing)
+        {
+            // The base class disposes every registered parameter, i.e. weight and bias.
+            _disposed = true;
+            base.Dispose(disposing);
+        }
+
+        private static void CheckBias(Tensor bias, Tensor weight)
+        {
+            if (bias.dim() != 1 || bias.shape[0] != weight.shape[0])
+                throw new ArgumentException($"CustomLinear: bias must have shape [{weight.shape[0]}] to fit a weight of shape {LinearDiagnostics.Shape(weight)}, but has shape {LinearDiagnostics.Shape(bias)}.", nameof(bias));
+            if (bias.dtype != weight.dtype)
+                throw new ArgumentException($"CustomLinear: bias dtype {bias.dtype} does not match weight dtype {weight.dtype}.", nameof(bias));
+            if (!LinearDiagnostics.SameDevice(bias, weight))
+                throw new ArgumentException($"CustomLinear: bias is on device {bias.device} but the weight is on {weight.device}.", nameof(bias));
+        }
+
+        [MemberNotNull(nameof(_weight))]
+        private void SetWeight(Parameter value)
+        {
+            _weight?.Dispose();
+            // Detached from any dispose scope: the layer owns its parameters, a caller's scope must not free them.
+            _weight = (Parameter)value.DetachFromDisposeScope();
+            ConditionallyRegisterParameter(WeightName, _weight);
+        }
+
+        private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
+    }
+}

@@ -1,0 +1,66 @@
+using System;
+using System.Runtime.InteropServices;
+using static TorchSharp.torch;
+
+namespace TorchLinear
+{
+    /// <summary>
+    /// Turns a libtorch refusal into an <see cref="ArgumentException"/> that says what was expected and what
+    /// came. It runs only after libtorch has refused, so the happy path pays for no shape or dtype queries.
+    /// </summary>
+    internal static class LinearDiagnostics
+    {
+        internal static Exception Explain(object caller, Tensor input, Tensor weight, Tensor? bias, ExternalException error)
+        {
+            string? problem = Describe(input, weight, bias);
+            return problem is null
+                ? new ArgumentException($"{caller}: libtorch refused input of shape {Shape(input)} ({input.dtype}) with weight {Shape(weight)} ({weight.dtype}): {FirstLine(error.Message)}", nameof(input), error)
+                : new ArgumentException($"{caller}: {problem}", nameof(input), error);
+        }
+
+        /// <summary>Checks, before the call, everything that would make libtorch's matmul refuse.</summary>
+        internal static void ThrowIfInvalid(object caller, Tensor input, Tensor weight, Tensor? bias)
+        {
+            string? problem = Describe(input, weight, bias);
+            if (problem is not null)
+                throw new ArgumentException($"{caller}: {problem}", nameof(input));
+        }
+
+        internal static string? Describe(Tensor input, Tensor weight, Tensor? bias)
+        {
+            if (weight.dim() is not (1 or 2))
+                return $"weight must be 2-D, shaped (out_features, in_features), but has shape {Shape(weight)}.";
+            if (input.dim() == 0)
+                return $"input must have at least 1 dimension, shaped (*, in_features), but got a 0-d tensor (a scalar). Give a vector of {InFeatures(weight)} values, or reshape the scalar with input.reshape(1).";
+            if (!is_floating_point(weight.dtype) && !is_complex(weight.dtype))
+                return $"weight dtype {weight.dtype} is not a floating-point or complex type; a linear layer's weight must be one.";
+            if (input.dtype != weight.dtype)
+                return $"input dtype {input.dtype} does not match weight dtype {weight.dtype}. Convert the input with input.to({weight.dtype}), or the layer with .to({input.dtype}).";
+            if (bias is not null && bias.dtype != weight.dtype)
+                return $"bias dtype {bias.dtype} does not match weight dtype {weight.dtype}.";
+            if (!SameDevice(input, weight))
+                return $"input is on device {input.device} but the weight is on {weight.device}. Move the input with input.to(weight.device), or the layer with .to(...).";
+            if (bias is not null && !SameDevice(bias, weight))
+                return $"bias is on device {bias.device} but the weight is on {weight.device}.";
+            long expected = InFeatures(weight);
+            long last = input.shape[^1];
+            if (last != expected)
+                return $"the last dimension of the input must equal in_features = {expected}, but the input has shape {Shape(input)} (last dimension {last}).";
+            if (bias is not null && weight.dim() == 2 && (bias.dim() > 1 || (bias.numel() != weight.shape[0] && bias.numel() != 1)))
+                return $"bias of shape {Shape(bias)} does not fit out_features = {weight.shape[0]}; expected shape [{weight.shape[0]}].";
+            return null;
+        }
+
+        internal static bool SameDevice(Tensor a, Tensor b) => a.device_type == b.device_type && a.device_index == b.device_index;
+
+        private static string FirstLine(string message)
+        {
+            int end = message.IndexOf('\n');
+            return end < 0 ? message : message[..end];
+        }
+
+        internal static string Shape(Tensor tensor) => "[" + string.Join(", ", tensor.shape) + "]";
+
+        private static long InFeatures(Tensor weight) => weight.shape[^1];
+    }
+}

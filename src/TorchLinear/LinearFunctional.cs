@@ -1,0 +1,101 @@
+using System;
+using System.Runtime.InteropServices;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace TorchLinear
+{
+    /// <summary>
+    /// The functional form of <see cref="CustomLinear"/>: <c>y = x Wᵀ + b</c> for explicitly given tensors,
+    /// bit-for-bit identical to <c>torch.nn.functional.linear</c>.
+    /// </summary>
+    public static class LinearFunctional
+    {
+        /// <summary>
+        /// Applies a linear transformation to the incoming data: <c>y = x Wᵀ + b</c>.
+        /// </summary>
+        /// <remarks>
+        /// Built from the primitives <c>addmm</c>, <c>matmul</c> and <c>add_</c>, dispatched exactly as
+        /// libtorch's C++ <c>torch::nn::functional::linear</c> (which TorchSharp's <c>nn.Linear</c> and
+        /// <c>functional.linear</c> call), so the result and its gradients have the same bits:
+        /// a 2-D input with a bias takes the fused <c>addmm(b, x, Wᵀ)</c>; every other case computes
+        /// <c>matmul(x, Wᵀ)</c> and then adds the bias in place.
+        /// <code>
+        /// var y = LinearFunctional.linear(x, weight, bias);   // x: (*, in), weight: (out, in), bias: (out)
+        /// </code>
+        /// </remarks>
+        /// <param name="input">Input of shape <c>(*, in_features)</c>, at least 1-D.</param>
+        /// <param name="weight">Weight of shape <c>(out_features, in_features)</c> (or <c>(in_features)</c>, as in <c>functional.linear</c>).</param>
+        /// <param name="bias">Optional bias of shape <c>(out_features)</c>.</param>
+        /// <returns>A new tensor of shape <c>(*, out_features)</c>; no other tensor is left alive.</returns>
+        /// <exception cref="ArgumentException">The input is 0-d, its last dimension is not <c>in_features</c>,
+        /// or the dtypes or devices of the tensors differ. The message names both sides.</exception>
+        public static Tensor linear(Tensor input, Tensor weight, Tensor? bias = null)
+        {
+            ArgumentNullException.ThrowIfNull(input);
+            ArgumentNullException.ThrowIfNull(weight);
+            return Compute("LinearFunctional.linear", input, weight, bias);
+        }
+
+        /// <summary>
+        /// The dispatch itself, shared with <see cref="CustomLinear.forward"/>. <paramref name="caller"/> names the
+        /// module or function in error messages; its <c>ToString()</c> is only called when input is refused.
+        /// </summary>
+        internal static Tensor Compute(object caller, Tensor input, Tensor weight, Tensor? bias)
+        {
+            if (bias is not null && input.dim() == 2)
+            {
+                // libtorch's addmm lets a meta-device input through with CPU parameters; refuse it here.
+                if (input.device_type != weight.device_type)
+                    LinearDiagnostics.ThrowIfInvalid(caller, input, weight, bias);
+                // libtorch fuses the 2-D case: addmm rounds the bias into the GEMM's accumulation, which can
+                // differ in the last bit from matmul followed by an addition. TorchSharp's addmm entry point
+                // turns a libtorch refusal into an exception, so bad input is diagnosed only after it fails.
+                using Tensor weightT = TransposedWeight(caller, input, weight, bias);
+                try
+                {
+                    return bias.addmm(input, weightT);
+                }
+                catch (ExternalException error)
+                {
+                    throw LinearDiagnostics.Explain(caller, input, weight, bias, error);
+                }
+            }
+
+            // TorchSharp 0.107's native matmul entry point (THSTensor_matmul) does not catch libtorch errors:
+            // a shape or dtype error there terminates the whole process instead of throwing. So on this path
+            // the input is checked before matmul is called.
+            LinearDiagnostics.ThrowIfInvalid(caller, input, weight, bias);
+            Tensor output;
+            using (Tensor weightT = weight.t())
+                output = input.matmul(weightT);
+            if (bias is not null)
+            {
+                try
+                {
+                    // In place, like libtorch's `output += bias`: same bits, one tensor fewer.
+                    output.add_(bias);
+                }
+                catch (ExternalException error)
+                {
+                    output.Dispose();
+                    throw LinearDiagnostics.Explain(caller, input, weight, bias, error);
+                }
+            }
+            return output;
+        }
+
+        private static Tensor TransposedWeight(object caller, Tensor input, Tensor weight, Tensor? bias)
+        {
+            try
+            {
+                // Wᵀ is a view (no copy); the caller disposes its handle.
+                return weight.t();
+            }
+            catch (ExternalException error)
+            {
+                throw LinearDiagnostics.Explain(caller, input, weight, bias, error);
+            }
+        }
+    }
+}

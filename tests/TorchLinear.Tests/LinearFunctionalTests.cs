@@ -1,0 +1,201 @@
+using System;
+using System.Collections.Generic;
+using System.Linq;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Tests
+{
+    public class LinearFunctionalTests
+    {
+        /// <summary>One row of the exactness grid: an input shape, a layer size, and how the input is laid out.</summary>
+        public sealed record GridCase(string Name, long[] InputShape, long In, long Out, bool Transposed = false)
+        {
+            /// <summary>The input, from its own seeded generator; a transposed case builds a non-contiguous view.</summary>
+            public Tensor MakeInput(ScalarType dtype, long seed)
+            {
+                using var generator = new Generator((ulong)seed);
+                if (!Transposed)
+                    return randn(InputShape, dtype: dtype, generator: generator);
+                // Allocate with the last two dimensions swapped, then transpose them back: same shape, not contiguous.
+                long[] swapped = InputShape.ToArray();
+                (swapped[^1], swapped[^2]) = (swapped[^2], swapped[^1]);
+                using var storage = randn(swapped, dtype: dtype, generator: generator);
+                return storage.transpose(-1, -2);
+            }
+        }
+
+        public static readonly GridCase[] Grid =
+        {
+            new("1-D 3→2", new long[] { 3 }, 3, 2),
+            new("1-D 1024→1000", new long[] { 1024 }, 1024, 1000),
+            new("2-D 1×3→2", new long[] { 1, 3 }, 3, 2),
+            new("2-D 7×33→17", new long[] { 7, 33 }, 33, 17),
+            new("2-D 64×512→256", new long[] { 64, 512 }, 512, 256),
+            new("2-D 300×1024→1000", new long[] { 300, 1024 }, 1024, 1000),
+            new("3-D 4×5×32→16", new long[] { 4, 5, 32 }, 32, 16),
+            new("3-D 8×16×128→96", new long[] { 8, 16, 128 }, 128, 96),
+            new("4-D 2×3×4×16→8", new long[] { 2, 3, 4, 16 }, 16, 8),
+            new("5-D 2×2×3×2×10→7", new long[] { 2, 2, 3, 2, 10 }, 10, 7),
+            new("empty batch 0×8→4", new long[] { 0, 8 }, 8, 4),
+            new("empty 5×0×8→4", new long[] { 5, 0, 8 }, 8, 4),
+            new("no features 4×0→3", new long[] { 4, 0 }, 0, 3),
+            new("transposed 2-D 6×9→5", new long[] { 6, 9 }, 9, 5, Transposed: true),
+            new("transposed 3-D 3×7×12→4", new long[] { 3, 7, 12 }, 12, 4, Transposed: true),
+        };
+
+        [Fact]
+        public void Grid_CustomLinearAndLinearFunctional_MatchBuiltInsBitForBit_ForwardAndBackward()
+        {
+            var verdicts = new List<object>();
+            var failures = new List<string>();
+            int seed = 0;
+            foreach (var dtype in new[] { ScalarType.Float32, ScalarType.Float64 })
+            foreach (bool bias in new[] { true, false })
+            foreach (var c in Grid)
+            {
+                seed++;
+                string name = $"{c.Name} {dtype} bias={bias}";
+                using var scope = NewDisposeScope();
+                // Parameters from a seeded generator, handed to nn.Linear(weight, bias): TorchSharp's nn.Linear
+                // cannot initialise itself with in_features = 0 (see CustomLinearTests).
+                using var generator = new Generator((ulong)(1000 + seed));
+                var builtIn = nn.Linear(
+                    new Parameter(randn(new[] { c.Out, c.In }, dtype: dtype, generator: generator)),
+                    bias ? new Parameter(randn(new[] { c.Out }, dtype: dtype, generator: generator)) : null);
+                var custom = new CustomLinear(Copy(builtIn.weight), bias ? Copy(builtIn.bias!) : null);
+                var builtInFunctional = new FunctionalLayer(nn.functional.linear, Copy(builtIn.weight), bias ? Copy(builtIn.bias!) : null);
+                var ourFunctional = new FunctionalLayer(LinearFunctional.linear, Copy(builtIn.weight), bias ? Copy(builtIn.bias!) : null);
+                Tensor x = c.MakeInput(dtype, seed);
+
+                var module = Equivalence.CompareModules(builtIn, custom, x);
+                var functional = Equivalence.CompareModules(builtInFunctional, ourFunctional, x);
+
+                if (!module.BitExact)
+                    failures.Add($"CustomLinear vs nn.Linear, {name}:{Environment.NewLine}{module}");
+                if (!functional.BitExact)
+                    failures.Add($"LinearFunctional.linear vs functional.linear, {name}:{Environment.NewLine}{functional}");
+                Assert.Equal(c.InputShape.SkipLast(1).Append(c.Out), custom.forward(x).shape);
+                verdicts.Add(new
+                {
+                    @case = name,
+                    customLinear = Verdict(module),
+                    linearFunctional = Verdict(functional),
+                    gradients = module.ParameterGradients.Keys.Prepend("input").ToArray(),
+                });
+                custom.Dispose();
+                builtIn.Dispose();
+                builtInFunctional.Dispose();
+                ourFunctional.Dispose();
+            }
+
+            Assert.True(failures.Count == 0, string.Join(Environment.NewLine, failures));
+            Assert.Equal(Grid.Length * 4, verdicts.Count);
+            Snapshots.Match(verdicts);
+        }
+
+        [Fact]
+        public void TwoDimensionalInputWithBias_TakesTheFusedAddmmPath()
+        {
+            // The dispatch, shown on values rather than assumed: our 2-D result is exactly addmm's, and our
+            // 3-D result is exactly matmul-then-add's, whatever this CPU's kernels round to.
+            using var scope = NewDisposeScope();
+            using var generator = new Generator(17);
+            var weight = randn(new long[] { 256, 512 }, generator: generator);
+            var bias = randn(new long[] { 256 }, generator: generator);
+            var x2 = randn(new long[] { 64, 512 }, generator: generator);
+            var x3 = randn(new long[] { 4, 16, 512 }, generator: generator);
+
+            Assert.True(Equivalence.Compare(bias.addmm(x2, weight.t()), LinearFunctional.linear(x2, weight, bias)).BitExact);
+            Assert.True(Equivalence.Compare(x3.matmul(weight.t()) + bias, LinearFunctional.linear(x3, weight, bias)).BitExact);
+        }
+
+        [Theory]
+        [InlineData(new long[] { 3 })]
+        [InlineData(new long[] { 4, 3 })]
+        [InlineData(new long[] { 2, 4, 3 })]
+        public void Linear_LeavesOnlyTheReturnedTensorAlive(long[] shape)
+        {
+            using var weight = randn(2, 3);
+            using var bias = randn(2);
+            using var x = randn(shape);
+            LinearFunctional.linear(x, weight, bias).Dispose();
+
+            long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            LinearFunctional.linear(x, weight, bias).Dispose();
+            using (LinearFunctional.linear(x, weight, bias))
+                Assert.Equal(before + 1, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+            Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+        }
+
+        [Fact]
+        public void Linear_RefusedInput_LeavesNothingAlive()
+        {
+            using var weight = randn(2, 3);
+            using var bias = randn(2);
+            using var x = randn(4, 5);
+            long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            Assert.ThrowsAny<ArgumentException>(() => LinearFunctional.linear(x, weight, bias));
+            Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+        }
+
+        [Fact]
+        public void Linear_BadInput_IsExplained()
+        {
+            using var weight = randn(2, 3);
+            using var bias = randn(2);
+
+            using var scalar = tensor(2f);
+            Assert.Contains("0-d tensor", Assert.Throws<ArgumentException>(() => LinearFunctional.linear(scalar, weight, bias)).Message);
+
+            using var wide = randn(4, 5);
+            var shape = Assert.Throws<ArgumentException>(() => LinearFunctional.linear(wide, weight, bias));
+            Assert.StartsWith("LinearFunctional.linear: ", shape.Message);
+            Assert.Contains("in_features = 3", shape.Message);
+            Assert.Contains("[4, 5]", shape.Message);
+
+            using var doubles = randn(4, 3, dtype: ScalarType.Float64);
+            var dtype = Assert.Throws<ArgumentException>(() => LinearFunctional.linear(doubles, weight, bias));
+            Assert.Contains("input dtype Float64 does not match weight dtype Float32", dtype.Message);
+
+            using var longBias = randn(3);
+            using var x = randn(4, 3);
+            var biasShape = Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x, weight, longBias));
+            Assert.Contains("bias of shape [3]", biasShape.Message);
+
+            using var cube = randn(2, 2, 3);
+            var weightShape = Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x, cube));
+            Assert.Contains("weight must be 2-D", weightShape.Message);
+        }
+
+        private static string Verdict(ModuleComparison comparison) => comparison.BitExact ? "bit-exact" : "DIFFERS";
+
+        private static Parameter Copy(Tensor tensor) => new(tensor.detach().clone());
+
+        /// <summary>Wraps a linear function and its two parameters as a module, so CompareModules can drive it.</summary>
+        private sealed class FunctionalLayer : nn.Module<Tensor, Tensor>
+        {
+            private readonly Func<Tensor, Tensor, Tensor?, Tensor> _linear;
+
+            [ComponentName(Name = "weight")]
+            private readonly Parameter _weight;
+
+            [ComponentName(Name = "bias")]
+            private readonly Parameter? _bias;
+
+            public FunctionalLayer(Func<Tensor, Tensor, Tensor?, Tensor> linear, Parameter weight, Parameter? bias)
+                : base(nameof(FunctionalLayer))
+            {
+                _linear = linear;
+                _weight = weight;
+                _bias = bias;
+                RegisterComponents();
+            }
+
+            public override Tensor forward(Tensor input) => _linear(input, _weight, _bias);
+        }
+    }
+}
