@@ -124,6 +124,23 @@ namespace TorchLinear.Tests
         }
 
         [Fact]
+        public void To_AnotherDevice_MovesBothParametersAndKeepsTheirKeys()
+        {
+            // The meta device (shapes without data) is the one other device a CPU-only machine has.
+            using var layer = new CustomLinear(3, 2);
+            layer.to(new Device(DeviceType.META));
+
+            Assert.Equal(new[] { "weight", "bias" }, layer.state_dict().Keys);
+            Assert.All(layer.parameters(), p => Assert.Equal(DeviceType.META, p.device_type));
+            Assert.Same(layer.weight, layer.named_parameters().Single(p => p.name == "weight").parameter);
+            Assert.True(layer.weight.requires_grad);
+            using var x = empty(4, 3, device: new Device(DeviceType.META));
+            using var y = layer.forward(x);
+            Assert.Equal(new long[] { 4, 2 }, y.shape);
+            Assert.Equal(DeviceType.META, y.device_type);
+        }
+
+        [Fact]
         public void RequiresGradFalse_KeepsParametersRegistered()
         {
             using var layer = new CustomLinear(3, 2);
