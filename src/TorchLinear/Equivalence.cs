@@ -124,9 +124,15 @@ namespace TorchLinear
         /// <param name="candidate">The module under test.</param>
         /// <param name="input">The input; it is not modified.</param>
         /// <param name="gradOutput">The upstream gradient; by default standard normal values from seed 0.</param>
+        /// <param name="alignGradient">
+        /// For a candidate that stores a parameter in another layout: maps the candidate's gradient of the named
+        /// parameter into the reference's layout before comparing, e.g. <c>(name, g) => name == "weight" ? g.t() : g</c>
+        /// for a weight stored <c>(in, out)</c>. Tensors it creates are disposed with the rest.
+        /// </param>
         /// <exception cref="ArgumentException">The modules' parameter names differ.</exception>
         public static ModuleComparison CompareModules(
-            nn.Module<Tensor, Tensor> reference, nn.Module<Tensor, Tensor> candidate, Tensor input, Tensor? gradOutput = null)
+            nn.Module<Tensor, Tensor> reference, nn.Module<Tensor, Tensor> candidate, Tensor input, Tensor? gradOutput = null,
+            Func<string, Tensor, Tensor>? alignGradient = null)
         {
             ArgumentNullException.ThrowIfNull(reference);
             ArgumentNullException.ThrowIfNull(candidate);
@@ -147,7 +153,12 @@ namespace TorchLinear
 
             var parameterComparisons = new Dictionary<string, TensorComparison>();
             for (int i = 0; i < referenceNames.Count; i++)
-                parameterComparisons[referenceNames[i]] = CompareGradient(referenceGrads[i + 1], candidateGrads[i + 1]);
+            {
+                Tensor? candidateGrad = candidateGrads[i + 1];
+                if (alignGradient is not null && candidateGrad is not null && !candidateGrad.IsInvalid)
+                    candidateGrad = alignGradient(referenceNames[i], candidateGrad);
+                parameterComparisons[referenceNames[i]] = CompareGradient(referenceGrads[i + 1], candidateGrad);
+            }
 
             return new ModuleComparison(
                 Compare(referenceOutput, candidateOutput),

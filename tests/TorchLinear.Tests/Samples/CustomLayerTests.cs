@@ -1,0 +1,82 @@
+using System;
+using System.Linq;
+using TorchLinear.Samples;
+using TorchSharp;
+using TorchSharp.Modules;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Tests.Samples
+{
+    public class CustomLayerTests
+    {
+        [Fact]
+        public void InOutLinear_RegistersItsParametersAndSurvivesTo()
+        {
+            using var layer = new InOutLinear(5, 3);
+            Assert.Equal(new[] { "weight", "bias" }, layer.state_dict().Keys);
+            Assert.Equal(new long[] { 5, 3 }, layer.weight.shape);
+
+            layer.to(ScalarType.Float64);
+
+            Assert.Equal(new[] { "weight", "bias" }, layer.state_dict().Keys);
+            Assert.All(layer.parameters(), p => Assert.Equal(ScalarType.Float64, p.dtype));
+            Assert.Same(layer.weight, layer.named_parameters().First().parameter);
+        }
+
+        [Fact]
+        public void InOutLinear_InitialisesWithinNnLinearsBound()
+        {
+            manual_seed(0);
+            using var layer = new InOutLinear(64, 32);
+            double bound = 1 / Math.Sqrt(64);
+            Assert.True(layer.weight.abs().max().item<float>() <= bound);
+            Assert.True(layer.bias!.abs().max().item<float>() <= bound);
+            Assert.True(layer.weight.abs().max().item<float>() > bound * 0.9, "the whole range should be used");
+        }
+
+        [Fact]
+        public void InOutLinear_RefusesBadInputBeforeMatmul()
+        {
+            using var layer = new InOutLinear(5, 3);
+            using var wrong = ones(2, 4);
+            var error = Assert.Throws<ArgumentException>(() => layer.forward(wrong));
+            Assert.Contains("(*, 5)", error.Message);
+            Assert.Contains("[2, 4]", error.Message);
+        }
+
+        [Theory]
+        [InlineData(new long[] { 64 })]
+        [InlineData(new long[] { 16, 64 })]
+        [InlineData(new long[] { 4, 8, 64 })]
+        public void InOutLinear_MatchesNnLinearWithinAFewUlp_OutputAndAlignedGradients(long[] shape)
+        {
+            manual_seed(0);
+            using var layer = new InOutLinear(64, 32);
+            using var reference = nn.Linear(new Parameter(layer.weight.detach().t().contiguous()), new Parameter(layer.bias!.detach().clone()));
+            using var x = randn(shape);
+
+            var verdict = Equivalence.CompareModules(reference, layer, x,
+                alignGradient: (name, gradient) => name == "weight" ? gradient.t() : gradient);
+
+            // Not asserted bit-exact: the memory layout differs, so BLAS may sum in another order.
+            foreach (var comparison in new[] { verdict.Output, verdict.InputGradient }.Concat(verdict.ParameterGradients.Values))
+            {
+                Assert.True(comparison.Comparable, comparison.ToString());
+                Assert.True(comparison.MaxAbsDiff <= 1e-6, comparison.ToString());
+            }
+        }
+
+        [Fact]
+        public void Sample_PrintsItsVerdicts()
+        {
+            var (output, elapsed) = SampleRunner.Run("CustomLayer", TimeSpan.FromSeconds(60));
+            Assert.Contains("  weight: (64, 32) Float32, requires_grad=True", output);
+            Assert.Contains("weight Float64, bias Float64", output);
+            Assert.Equal(3, output.Split('\n').Count(l => l.StartsWith("input (", StringComparison.Ordinal)));
+            Assert.Equal(3, output.Split('\n').Count(l => l.StartsWith("  weight gradient: ", StringComparison.Ordinal)));
+            // alignGradient brought every weight gradient into nn.Linear's layout: no comparison failed on shape.
+            Assert.DoesNotContain("shape differs", output);
+        }
+    }
+}

@@ -1,0 +1,318 @@
+using System;
+using System.Collections.Generic;
+using System.Linq;
+using TorchLinear.Samples;
+using TorchSharp;
+using TorchSharp.Modules;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Tests.Samples
+{
+    public class LoraLinearTests
+    {
+        /// <summary>An adapter with a non-zero B, so that the adapter path actually contributes.</summary>
+        private static LoraLinear TrainedLooking(long inFeatures, long outFeatures, int r, double alpha = 8, bool bias = true, double dropout = 0, bool rslora = false)
+        {
+            var lora = new LoraLinear(inFeatures, outFeatures, r, alpha, dropout, bias, rslora);
+            using (no_grad())
+                lora.lora_B.normal_(0, 0.1);
+            return lora;
+        }
+
+        /// <summary>Values equal element by element; -0.0 and +0.0 count as equal (the one bit difference LoRA may cause).</summary>
+        private static void AssertSameValues(Tensor expected, Tensor actual)
+        {
+            var comparison = Equivalence.Compare(expected, actual);
+            Assert.True(comparison.Comparable && comparison.MaxAbsDiff == 0 && comparison.MaxUlp == 0, comparison.ToString());
+        }
+
+        // ---- Initialisation ----------------------------------------------------------------------------
+
+        [Fact]
+        public void FreshAdapter_ChangesNothing_ForCustomLinearAndNnLinearSources()
+        {
+            manual_seed(1);
+            using var custom = new CustomLinear(32, 16);
+            using var builtIn = nn.Linear(32, 16);
+            using var fromCustom = LoraLinear.FromLinear(custom, r: 4, lora_alpha: 8);
+            using var fromBuiltIn = LoraLinear.FromLinear(builtIn, r: 4, lora_alpha: 8);
+
+            Assert.All(fromCustom.lora_B.data<float>().ToArray(), v => Assert.Equal(0f, v));
+            Assert.Contains(fromCustom.lora_A.data<float>().ToArray(), v => v != 0);
+            foreach (var shape in new[] { new long[] { 32 }, new long[] { 5, 32 }, new long[] { 2, 3, 32 } })
+            {
+                using var x = randn(shape);
+                AssertSameValues(custom.forward(x), fromCustom.forward(x));
+                AssertSameValues(builtIn.forward(x), fromBuiltIn.forward(x));
+            }
+        }
+
+        [Fact]
+        public void Constructor_InitialisesTheBaseLayerLikeCustomLinear_ThenTheAdapter()
+        {
+            manual_seed(2);
+            using var plain = new CustomLinear(12, 5);
+            using var aFromKaiming = empty(3, 12);
+            nn.init.kaiming_uniform_(aFromKaiming, a: Math.Sqrt(5));
+            manual_seed(2);
+            using var lora = new LoraLinear(12, 5, r: 3);
+
+            Assert.Equal(TensorText.Bits(plain.weight), TensorText.Bits(lora.weight));
+            Assert.Equal(TensorText.Bits(plain.bias!), TensorText.Bits(lora.bias!));
+            Assert.Equal(TensorText.Bits(aFromKaiming), TensorText.Bits(lora.lora_A));
+            Assert.Equal(new long[] { 5, 3 }, lora.lora_B.shape);
+        }
+
+        [Fact]
+        public void FromLinear_CopiesWithoutAliasing()
+        {
+            manual_seed(3);
+            using var source = new CustomLinear(8, 4);
+            var weight = TensorText.Bits(source.weight);
+            var bias = TensorText.Bits(source.bias!);
+            using var lora = LoraLinear.FromLinear(source, r: 2);
+            using (no_grad())
+                lora.lora_B.fill_(1);
+
+            lora.merge();
+            using (no_grad())
+                lora.bias!.add_(1);
+
+            Assert.Equal(weight, TensorText.Bits(source.weight));
+            Assert.Equal(bias, TensorText.Bits(source.bias!));
+            Assert.True(source.weight.requires_grad, "the source keeps its own requires_grad");
+        }
+
+        // ---- Forward -----------------------------------------------------------------------------------
+
+        [Theory]
+        [InlineData(new long[] { 24 }, false)]
+        [InlineData(new long[] { 7, 24 }, false)]
+        [InlineData(new long[] { 2, 5, 24 }, false)]
+        [InlineData(new long[] { 7, 24 }, true)]
+        public void Forward_EqualsThePrimitiveFormula(long[] shape, bool rslora)
+        {
+            manual_seed(4);
+            using var lora = TrainedLooking(24, 10, r: 4, alpha: 6, rslora: rslora);
+            using var scope = NewDisposeScope();
+            var x = randn(shape);
+
+            var expected = LinearFunctional.linear(x, lora.weight, lora.bias)
+                           + x.matmul(lora.lora_A.t()).matmul(lora.lora_B.t()) * lora.scaling;
+
+            Assert.True(Equivalence.Compare(expected, lora.forward(x)).BitExact);
+        }
+
+        [Fact]
+        public void Scaling_IsAlphaOverR_OrAlphaOverRootROfRsLora()
+        {
+            using var plain = new LoraLinear(4, 3, r: 16, lora_alpha: 8);
+            using var rs = new LoraLinear(4, 3, r: 16, lora_alpha: 8, use_rslora: true);
+            Assert.Equal(0.5, plain.scaling);
+            Assert.Equal(2.0, rs.scaling);
+            using var delta = TrainedLooking(4, 3, r: 16, alpha: 8, rslora: true);
+            using var expected = delta.lora_B.matmul(delta.lora_A) * 2.0;
+            using var actual = delta.delta_weight();
+            Assert.True(Equivalence.Compare(expected, actual).BitExact);
+        }
+
+        [Fact]
+        public void Dropout_AppliesInTrainingOnly()
+        {
+            manual_seed(5);
+            using var lora = TrainedLooking(32, 8, r: 4, dropout: 0.5);
+            using var scope = NewDisposeScope();
+            var x = randn(6, 32);
+            var withoutDropout = LinearFunctional.linear(x, lora.weight, lora.bias)
+                                 + x.matmul(lora.lora_A.t()).matmul(lora.lora_B.t()) * lora.scaling;
+
+            lora.eval();
+            Assert.True(Equivalence.Compare(withoutDropout, lora.forward(x)).BitExact);
+            lora.train();
+            Assert.False(Equivalence.Compare(withoutDropout, lora.forward(x)).BitExact);
+            // The base path never sees dropout: with B = 0 the training output is the frozen layer's exactly.
+            using (no_grad())
+                lora.lora_B.zero_();
+            AssertSameValues(LinearFunctional.linear(x, lora.weight, lora.bias), lora.forward(x));
+        }
+
+        // ---- Gradients ---------------------------------------------------------------------------------
+
+        [Fact]
+        public void Gradients_ReachOnlyTheAdapter_AndAIsExactlyZeroAtTheFirstStep()
+        {
+            manual_seed(6);
+            using var lora = new LoraLinear(16, 8, r: 4);
+            using var x = randn(10, 16);
+            using var target = randn(10, 8);
+            using (var loss = nn.functional.mse_loss(lora.forward(x), target))
+                loss.backward();
+
+            Assert.Null(lora.weight.grad);
+            Assert.Null(lora.bias!.grad);
+            Assert.False(lora.weight.requires_grad);
+            // dL/dA = Bᵀ (dL/dy) x · scaling, and B starts at zero: every element is exactly 0.
+            Assert.All(lora.lora_A.grad!.data<float>().ToArray(), v => Assert.Equal(0f, v));
+            Assert.Contains(lora.lora_B.grad!.data<float>().ToArray(), v => v != 0);
+        }
+
+        // ---- Merge -------------------------------------------------------------------------------------
+
+        [Fact]
+        public void Merge_AgreesWithUnmergedWithinTolerance_AndTwiceIsANoOp()
+        {
+            manual_seed(7);
+            using var lora = TrainedLooking(64, 32, r: 8);
+            using var scope = NewDisposeScope();
+            var x = randn(20, 64);
+            var unmerged = lora.forward(x);
+
+            lora.merge();
+            var mergedWeight = TensorText.Bits(lora.weight);
+            lora.merge();
+
+            Assert.True(lora.merged);
+            Assert.Equal(mergedWeight, TensorText.Bits(lora.weight));
+            var merged = lora.forward(x);
+            // Merged: one linear with W + Δ. Equal to the unmerged result up to rounding: here within 1e-5.
+            Assert.True(Equivalence.Compare(unmerged, merged).MaxAbsDiff <= 1e-5);
+            Assert.True(Equivalence.Compare(LinearFunctional.linear(x, lora.weight, lora.bias), merged).BitExact);
+        }
+
+        [Fact]
+        public void Unmerge_RestoresTheWeightWithinOneUlp_AndWhenNotMergedDoesNothing()
+        {
+            manual_seed(8);
+            using var lora = TrainedLooking(64, 32, r: 8, alpha: 16);
+            using var original = lora.weight.detach().clone();
+
+            lora.unmerge();
+            Assert.Equal(TensorText.Bits(original), TensorText.Bits(lora.weight));
+
+            lora.merge();
+            using var mergedWeight = lora.weight.detach().clone();
+            lora.unmerge();
+            Assert.False(lora.merged);
+
+            // The comment on unmerge() says: within one ULP of max(|W|, |W + Δ|), element by element.
+            using var scale = maximum(original.abs(), mergedWeight.abs());
+            using var ulp = (scale.nextafter(full_like(scale, float.PositiveInfinity)) - scale);
+            using var error = (lora.weight.detach() - original).abs();
+            Assert.True((error <= ulp).all().item<bool>(), "unmerge drifted by more than one ULP");
+        }
+
+        // ---- state_dict and the loralib helpers --------------------------------------------------------
+
+        [Fact]
+        public void StateDict_HasLoralibsKeys()
+        {
+            using var withBias = new LoraLinear(6, 4, r: 2);
+            using var withoutBias = new LoraLinear(6, 4, r: 2, bias: false);
+            Assert.Equal(new[] { "weight", "bias", "lora_A", "lora_B" }, withBias.state_dict().Keys);
+            Assert.Equal(new[] { "weight", "lora_A", "lora_B" }, withoutBias.state_dict().Keys);
+            Assert.Equal(new long[] { 2, 6 }, withBias.lora_A.shape);
+            Assert.Equal(new long[] { 4, 2 }, withBias.lora_B.shape);
+        }
+
+        [Fact]
+        public void To_Float64_KeepsKeysAndFreezing()
+        {
+            using var lora = new LoraLinear(6, 4, r: 2);
+            lora.to(ScalarType.Float64);
+            Assert.Equal(new[] { "weight", "bias", "lora_A", "lora_B" }, lora.state_dict().Keys);
+            Assert.All(lora.parameters(), p => Assert.Equal(ScalarType.Float64, p.dtype));
+            Assert.False(lora.weight.requires_grad);
+            Assert.True(lora.lora_A.requires_grad);
+            Assert.Same(lora.lora_B, lora.named_parameters().Single(p => p.name == "lora_B").parameter);
+            using var y = lora.forward(randn(new long[] { 3, 6 }, dtype: ScalarType.Float64));
+            Assert.Equal(ScalarType.Float64, y.dtype);
+        }
+
+        [Theory]
+        [InlineData("none", new[] { "0.lora_A", "0.lora_B" })]
+        [InlineData("all", new[] { "0.bias", "0.lora_A", "0.lora_B", "1.bias" })]
+        [InlineData("lora_only", new[] { "0.bias", "0.lora_A", "0.lora_B" })]
+        public void LoraStateDict_AndTrainability_FollowLoralibsBiasModes(string mode, string[] expected)
+        {
+            using var model = nn.Sequential(("0", new LoraLinear(6, 4, r: 2)), ("1", new CustomLinear(4, 3)));
+
+            var keys = LoraLinear.lora_state_dict(model, mode).Keys.OrderBy(k => k, StringComparer.Ordinal);
+            LoraLinear.mark_only_lora_as_trainable(model, mode);
+            var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).OrderBy(k => k, StringComparer.Ordinal);
+
+            Assert.Equal(expected, keys);
+            Assert.Equal(expected, trainable);
+        }
+
+        [Fact]
+        public void LoraStateDict_Snapshot()
+        {
+            using var lora = new LoraLinear(6, 4, r: 2, lora_alpha: 4);
+            Snapshots.Match(new
+            {
+                layer = lora.ToString(),
+                state_dict = lora.state_dict().Select(kv => $"{kv.Key} [{string.Join(", ", kv.Value.shape)}] requires_grad={kv.Value.requires_grad}").ToArray(),
+                none = LoraLinear.lora_state_dict(lora).Keys.ToArray(),
+                all = LoraLinear.lora_state_dict(lora, "all").Keys.ToArray(),
+                lora_only = LoraLinear.lora_state_dict(lora, "lora_only").Keys.ToArray(),
+            });
+        }
+
+        // ---- Bad arguments -----------------------------------------------------------------------------
+
+        [Theory]
+        [InlineData(0, 1.0, 0.0, "r")]
+        [InlineData(-2, 1.0, 0.0, "r")]
+        [InlineData(4, -1.0, 0.0, "lora_alpha")]
+        [InlineData(4, double.NaN, 0.0, "lora_alpha")]
+        [InlineData(4, 1.0, 1.0, "lora_dropout")]
+        [InlineData(4, 1.0, -0.1, "lora_dropout")]
+        public void BadAdapterArguments_AreOutOfRange(int r, double alpha, double dropout, string parameter)
+        {
+            var direct = Assert.Throws<ArgumentOutOfRangeException>(() => new LoraLinear(4, 3, r, alpha, dropout));
+            Assert.Equal(parameter, direct.ParamName);
+            Assert.Contains(parameter, direct.Message);
+            using var source = nn.Linear(4, 3);
+            var wrapped = Assert.Throws<ArgumentOutOfRangeException>(() => LoraLinear.FromLinear(source, r, alpha, dropout));
+            Assert.Equal(parameter, wrapped.ParamName);
+        }
+
+        [Fact]
+        public void FromLinear_NonMatrixWeight_IsRefused()
+        {
+            using var source = nn.Linear(4, 3);
+            source.weight = new Parameter(ones(12));
+            var error = Assert.Throws<ArgumentException>(() => LoraLinear.FromLinear(source, r: 2));
+            Assert.Contains("2-D", error.Message);
+            Assert.Contains("[12]", error.Message);
+        }
+
+        [Fact]
+        public void BadInput_IsExplainedAndNamesTheLayer()
+        {
+            using var lora = new LoraLinear(4, 3, r: 2);
+            using var wrong = randn(5, 7);
+            using var doubles = randn(new long[] { 5, 4 }, dtype: ScalarType.Float64);
+
+            var shape = Assert.Throws<ArgumentException>(() => lora.forward(wrong));
+            Assert.StartsWith("LoraLinear(in_features=4, out_features=3, r=2", shape.Message);
+            Assert.Contains("in_features = 4", shape.Message);
+            Assert.Contains("[5, 7]", shape.Message);
+            Assert.Contains("Float64", Assert.Throws<ArgumentException>(() => lora.forward(doubles)).Message);
+            Assert.Throws<ArgumentException>(() => LoraLinear.lora_state_dict(lora, "some"));
+        }
+
+        [Fact]
+        public void Forward_LeavesOnlyTheReturnedTensorAlive()
+        {
+            using var lora = TrainedLooking(8, 4, r: 2, dropout: 0.1);
+            using var x = randn(3, 8);
+            lora.forward(x).Dispose();
+            long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            using (lora.forward(x))
+                Assert.Equal(before + 1, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+            Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+        }
+    }
+}
