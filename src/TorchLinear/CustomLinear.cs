@@ -87,6 +87,13 @@ namespace TorchLinear
             this.bias = bias;
         }
 
+        /// <summary>
+        /// Which primitive sequence <see cref="forward"/> follows: <see cref="LinearDispatch.TorchSharp"/> (the
+        /// default) matches TorchSharp's <c>nn.Linear</c> bit for bit; <see cref="LinearDispatch.PyTorch"/> follows
+        /// PyTorch's Python <c>F.linear</c>, for results that round like a model running in Python.
+        /// </summary>
+        public LinearDispatch Dispatch { get; set; } = LinearDispatch.TorchSharp;
+
         /// <summary>Size of each input sample.</summary>
         public long in_features { get; }
 
@@ -172,7 +179,7 @@ namespace TorchLinear
         {
             ThrowIfDisposed();
             ArgumentNullException.ThrowIfNull(input);
-            return LinearFunctional.Compute(this, input, _weight, _bias);
+            return LinearFunctional.Compute(this, input, _weight, _bias, Dispatch);
         }
 
         /// <summary>
@@ -186,34 +193,7 @@ namespace TorchLinear
             Dictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
         {
             ThrowIfDisposed();
-            ArgumentNullException.ThrowIfNull(source);
-            skip ??= Array.Empty<string>();
-
-            var problems = new List<string>();
-            var own = named_parameters().ToList();
-            foreach (var (name, parameter) in own)
-            {
-                if (skip.Contains(name))
-                    continue;
-                if (!source.TryGetValue(name, out Tensor? tensor) || tensor is null)
-                {
-                    if (strict)
-                        problems.Add($"missing key '{name}' (expected {parameter.dtype} of shape {LinearDiagnostics.Shape(parameter)})");
-                    continue;
-                }
-                if (!tensor.shape.SequenceEqual(parameter.shape))
-                    problems.Add($"'{name}' has shape {LinearDiagnostics.Shape(tensor)}, this layer's has shape {LinearDiagnostics.Shape(parameter)}");
-                if (tensor.dtype != parameter.dtype)
-                    problems.Add($"'{name}' is {tensor.dtype}, this layer's is {parameter.dtype} (convert the tensor, or the layer with .to({tensor.dtype}), first)");
-            }
-            if (strict)
-            {
-                foreach (string key in source.Keys)
-                {
-                    if (!skip.Contains(key) && !own.Any(p => p.name == key))
-                        problems.Add($"unexpected key '{key}'");
-                }
-            }
+            var problems = StateDicts.Problems(this, source, strict, skip);
             if (problems.Count > 0)
                 throw new ArgumentException($"{this}: refused to load the state_dict, nothing was changed: {string.Join("; ", problems)}.", nameof(source));
 

@@ -46,7 +46,9 @@ namespace TorchLinear
             long last = input.shape[^1];
             if (last != expected)
                 return $"the last dimension of the input must equal in_features = {expected}, but the input has shape {Shape(input)} (last dimension {last}).";
-            if (bias is not null && weight.dim() == 2 && (bias.dim() > 1 || (bias.numel() != weight.shape[0] && bias.numel() != 1)))
+            // A bias broadcasts against the output (*, out_features), as in functional.linear: its last dimension
+            // must be out_features or 1.
+            if (bias is not null && weight.dim() == 2 && bias.dim() > 0 && bias.shape[^1] != weight.shape[0] && bias.shape[^1] != 1)
                 return $"bias of shape {Shape(bias)} does not fit out_features = {weight.shape[0]}; expected shape [{weight.shape[0]}].";
             return null;
         }

@@ -1,12 +1,11 @@
 using System;
-using System.Linq;
 using static TorchSharp.torch;
 
 namespace TorchLinear
 {
     /// <summary>
     /// Other ways to write <c>y = x Wᵀ + b</c>. They compute the same mathematics as
-    /// <see cref="LinearFunctional.linear"/> but round differently in some cases: they exist to measure
+    /// <see cref="LinearFunctional.linear(Tensor, Tensor, Tensor)"/> but round differently in some cases: they exist to measure
     /// that difference (see <see cref="Equivalence.Compare"/>), not to replace the exact implementation.
     /// </summary>
     public static class LinearFormulas
@@ -15,7 +14,7 @@ namespace TorchLinear
         /// The textbook formula <c>torch.matmul(x, W.T) + b</c>. For a 2-D input with a bias, TorchSharp's
         /// <c>nn.Linear</c> uses the fused <c>addmm</c> instead, whose result can differ in the last bits.
         /// </summary>
-        /// <exception cref="ArgumentException">The tensors do not fit together, as for <see cref="LinearFunctional.linear"/>.</exception>
+        /// <exception cref="ArgumentException">The tensors do not fit together, as for <see cref="LinearFunctional.linear(Tensor, Tensor, Tensor)"/>.</exception>
         public static Tensor Article(Tensor input, Tensor weight, Tensor? bias = null)
         {
             // Checked first: TorchSharp's matmul aborts the process on a libtorch error instead of throwing.
@@ -32,17 +31,12 @@ namespace TorchLinear
         /// the shape: <c>(*, in) → (N, in) → (N, out) → (*, out)</c>. This is how PyTorch's Python
         /// <c>F.linear</c> treats a contiguous N-D input with a bias.
         /// </summary>
-        /// <exception cref="ArgumentException">The tensors do not fit together, as for <see cref="LinearFunctional.linear"/>.</exception>
+        /// <exception cref="ArgumentException">The tensors do not fit together, as for <see cref="LinearFunctional.linear(Tensor, Tensor, Tensor)"/>.</exception>
         public static Tensor FlattenedAddmm(Tensor input, Tensor weight, Tensor? bias = null)
         {
-            LinearDiagnostics.ThrowIfInvalid("LinearFormulas.FlattenedAddmm", input, weight, bias);
             if (bias is null)
                 return Article(input, weight, null);
-            long[] outputShape = input.shape.Take((int)input.dim() - 1).Append(weight.shape[0]).ToArray();
-            using Tensor flat = input.reshape(-1, input.shape[^1]);
-            using Tensor weightT = weight.t();
-            using Tensor product = bias.addmm(flat, weightT);
-            return product.view(outputShape);
+            return LinearFunctional.FlattenedAddmm("LinearFormulas.FlattenedAddmm", input, weight, bias);
         }
     }
 }

@@ -38,11 +38,32 @@ namespace TorchLinear
         }
 
         /// <summary>
+        /// <c>y = x Wᵀ + b</c>, dispatched onto libtorch primitives as <paramref name="dispatch"/> says:
+        /// <see cref="LinearDispatch.TorchSharp"/> matches TorchSharp's <c>functional.linear</c> bit for bit,
+        /// <see cref="LinearDispatch.PyTorch"/> PyTorch's Python <c>F.linear</c>.
+        /// </summary>
+        /// <param name="input">Input of shape <c>(*, in_features)</c>, at least 1-D.</param>
+        /// <param name="weight">Weight of shape <c>(out_features, in_features)</c>.</param>
+        /// <param name="bias">Optional bias of shape <c>(out_features)</c>.</param>
+        /// <param name="dispatch">Which primitive sequence to follow.</param>
+        /// <returns>A new tensor of shape <c>(*, out_features)</c>; no other tensor is left alive.</returns>
+        /// <exception cref="ArgumentException">The tensors do not fit together; the message names both sides.</exception>
+        public static Tensor linear(Tensor input, Tensor weight, Tensor? bias, LinearDispatch dispatch)
+        {
+            ArgumentNullException.ThrowIfNull(input);
+            ArgumentNullException.ThrowIfNull(weight);
+            return Compute("LinearFunctional.linear", input, weight, bias, dispatch);
+        }
+
+        /// <summary>
         /// The dispatch itself, shared with <see cref="CustomLinear.forward"/>. <paramref name="caller"/> names the
         /// module or function in error messages; its <c>ToString()</c> is only called when input is refused.
         /// </summary>
-        internal static Tensor Compute(object caller, Tensor input, Tensor weight, Tensor? bias)
+        internal static Tensor Compute(object caller, Tensor input, Tensor weight, Tensor? bias, LinearDispatch dispatch = LinearDispatch.TorchSharp)
         {
+            if (dispatch == LinearDispatch.PyTorch && bias is not null && input.dim() != 2 && IsLikelyFusable(bias) && input.is_contiguous())
+                return FlattenedAddmm(caller, input, weight, bias);
+
             if (bias is not null && input.dim() == 2)
             {
                 // libtorch's addmm lets a meta-device input through with CPU parameters; refuse it here.
@@ -83,6 +104,41 @@ namespace TorchLinear
                 }
             }
             return output;
+        }
+
+        /// <summary>PyTorch's test for flattening: a bias that is 1-D (or 1-D once squeezed) and contiguous.</summary>
+        private static bool IsLikelyFusable(Tensor bias)
+        {
+            if (!bias.is_contiguous())
+                return false;
+            if (bias.dim() == 1)
+                return true;
+            using Tensor squeezed = bias.squeeze();
+            return squeezed.dim() == 1;
+        }
+
+        /// <summary>PyTorch's <c>_flatten_nd_linear</c>: <c>(*, in) → (N, in) → addmm → (N, out) → (*, out)</c>.</summary>
+        internal static Tensor FlattenedAddmm(object caller, Tensor input, Tensor weight, Tensor bias)
+        {
+            LinearDiagnostics.ThrowIfInvalid(caller, input, weight, bias);
+            long[] sizes = input.shape;
+            long rows = 1;
+            for (int i = 0; i < sizes.Length - 1; i++)
+                rows *= sizes[i];  // not view(-1, in): -1 is ambiguous when a dimension is 0
+            try
+            {
+                // reshape is view for the contiguous input PyTorch flattens; LinearFormulas.FlattenedAddmm also
+                // accepts other layouts, which reshape copies first.
+                using Tensor flat = input.reshape(rows, sizes[^1]);
+                using Tensor weightT = weight.t();
+                using Tensor product = bias.addmm(flat, weightT);
+                sizes[^1] = product.shape[1];
+                return product.view(sizes);
+            }
+            catch (ExternalException error)
+            {
+                throw LinearDiagnostics.Explain(caller, input, weight, bias, error);
+            }
         }
 
         private static Tensor TransposedWeight(object caller, Tensor input, Tensor weight, Tensor? bias)

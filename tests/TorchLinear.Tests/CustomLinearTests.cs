@@ -439,7 +439,7 @@ namespace TorchLinear.Tests
             using var layer = new CustomLinear(3, 2);
             var source = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3, dtype: ScalarType.Float64), ["bias"] = ones(2) };
             var error = AssertRefusedAndUnchanged(layer, () => layer.load_state_dict(source));
-            Assert.Contains("'weight' is Float64, this layer's is Float32", error.Message);
+            Assert.Contains("'weight' is Float64, this module's is Float32", error.Message);
         }
 
         [Fact]

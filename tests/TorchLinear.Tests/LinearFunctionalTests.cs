@@ -174,28 +174,5 @@ namespace TorchLinear.Tests
         private static string Verdict(ModuleComparison comparison) => comparison.BitExact ? "bit-exact" : "DIFFERS";
 
         private static Parameter Copy(Tensor tensor) => new(tensor.detach().clone());
-
-        /// <summary>Wraps a linear function and its two parameters as a module, so CompareModules can drive it.</summary>
-        private sealed class FunctionalLayer : nn.Module<Tensor, Tensor>
-        {
-            private readonly Func<Tensor, Tensor, Tensor?, Tensor> _linear;
-
-            [ComponentName(Name = "weight")]
-            private readonly Parameter _weight;
-
-            [ComponentName(Name = "bias")]
-            private readonly Parameter? _bias;
-
-            public FunctionalLayer(Func<Tensor, Tensor, Tensor?, Tensor> linear, Parameter weight, Parameter? bias)
-                : base(nameof(FunctionalLayer))
-            {
-                _linear = linear;
-                _weight = weight;
-                _bias = bias;
-                RegisterComponents();
-            }
-
-            public override Tensor forward(Tensor input) => _linear(input, _weight, _bias);
-        }
     }
 }

@@ -26,7 +26,7 @@ namespace TorchLinear.Tests.Samples
         {
             string output = Run.Value.Output;
             Assert.Contains("holds nn.Linear's numbers: weight bit-exact, bias bit-exact", output);
-            Assert.Contains("'weight' has shape [3, 2], this layer's has shape [2, 3]", output);
+            Assert.Contains("'weight' has shape [3, 2], this module's has shape [2, 3]", output);
             Assert.Contains("W · x fails: mat1 and mat2 shapes cannot be multiplied (2x3 and 4x3)", output);
             Assert.Contains("torch.matmul(x, W.t()) vs x.matmul(W.t()): bit-exact", output);
         }

@@ -1,0 +1,111 @@
+using System;
+using System.Collections;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using TorchSharp.PyBridge;
+using static TorchSharp.torch;
+
+namespace TorchLinear
+{
+    /// <summary>
+    /// Loading state_dicts without surprises: every key, shape and dtype is checked before anything is copied,
+    /// so a refused load leaves the module exactly as it was. TorchSharp's own <c>load_state_dict</c> copies with
+    /// <c>copy_</c>, which broadcasts (a <c>(1)</c> tensor fills a <c>(2)</c> bias) and converts dtypes; and
+    /// TorchSharp.PyBridge's <c>load_py</c> reads each tensor's bytes straight into the target.
+    /// </summary>
+    public static class StateDicts
+    {
+        /// <summary>
+        /// Lists what does not fit: keys missing from <paramref name="source"/> or unexpected in it (when
+        /// <paramref name="strict"/>), and tensors whose shape or dtype differs from the module's. Empty when the
+        /// state_dict can be loaded as is.
+        /// </summary>
+        public static IReadOnlyList<string> Problems(nn.Module module, IReadOnlyDictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
+        {
+            ArgumentNullException.ThrowIfNull(module);
+            ArgumentNullException.ThrowIfNull(source);
+            skip ??= Array.Empty<string>();
+            var problems = new List<string>();
+            var own = module.state_dict();
+            foreach (var (name, tensor) in own)
+            {
+                if (skip.Contains(name))
+                    continue;
+                if (!source.TryGetValue(name, out Tensor? loaded) || loaded is null)
+                {
+                    if (strict)
+                        problems.Add($"missing key '{name}' (expected {tensor.dtype} of shape {LinearDiagnostics.Shape(tensor)})");
+                    continue;
+                }
+                if (!loaded.shape.SequenceEqual(tensor.shape))
+                    problems.Add($"'{name}' has shape {LinearDiagnostics.Shape(loaded)}, this module's has shape {LinearDiagnostics.Shape(tensor)}");
+                if (loaded.dtype != tensor.dtype)
+                    problems.Add($"'{name}' is {loaded.dtype}, this module's is {tensor.dtype} (convert the tensor, or the module with .to({loaded.dtype}), first)");
+            }
+            if (strict)
+            {
+                foreach (string key in source.Keys)
+                {
+                    if (!skip.Contains(key) && !own.ContainsKey(key))
+                        problems.Add($"unexpected key '{key}'");
+                }
+            }
+            return problems;
+        }
+
+        /// <summary>
+        /// Loads <paramref name="source"/> into <paramref name="module"/> after checking it with <see cref="Problems"/>.
+        /// </summary>
+        /// <returns>The keys that were missing (only possible when not strict).</returns>
+        /// <exception cref="ArgumentException">Something does not fit; the message lists every problem. Nothing was changed.</exception>
+        public static IList<string> LoadChecked(nn.Module module, Dictionary<string, Tensor> source, bool strict = true)
+        {
+            ThrowIfProblems(module, source, strict, null);
+            return module.load_state_dict(source, strict).missing_keys;
+        }
+
+        /// <summary>
+        /// Reads a checkpoint written by PyTorch — a <c>torch.save(state_dict)</c> file (zip format) or a
+        /// <c>.safetensors</c> file, told apart by the extension — with TorchSharp.PyBridge, checks it against the
+        /// module, and only then loads it. The tensors read from the file are disposed afterwards.
+        /// </summary>
+        /// <returns>The keys that were missing (only possible when not strict).</returns>
+        /// <exception cref="ArgumentException">The file's tensors do not fit the module; nothing was changed.</exception>
+        /// <exception cref="FileNotFoundException">There is no such file.</exception>
+        public static IList<string> LoadPyTorchFile(nn.Module module, string path, bool strict = true)
+        {
+            ArgumentNullException.ThrowIfNull(module);
+            ArgumentNullException.ThrowIfNull(path);
+            if (!File.Exists(path))
+                throw new FileNotFoundException($"No checkpoint at {path}.", path);
+            using var scope = NewDisposeScope();
+            Dictionary<string, Tensor> source = ReadPyTorchFile(path);
+            ThrowIfProblems(module, source, strict, path);
+            return module.load_state_dict(source, strict).missing_keys;
+        }
+
+        /// <summary>
+        /// Reads every tensor of a <c>torch.save(state_dict)</c> or <c>.safetensors</c> file (by extension) into a
+        /// dictionary; the caller owns (and disposes) the tensors.
+        /// </summary>
+        public static Dictionary<string, Tensor> ReadPyTorchFile(string path)
+        {
+            ArgumentNullException.ThrowIfNull(path);
+            if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+                return Safetensors.LoadStateDict(path);
+            Hashtable table = PyTorchUnpickler.UnpickleStateDict(path);
+            return table.Keys.Cast<string>().ToDictionary(key => key, key => (Tensor)table[key]!);
+        }
+
+        private static void ThrowIfProblems(nn.Module module, Dictionary<string, Tensor> source, bool strict, string? path)
+        {
+            var problems = Problems(module, source, strict);
+            if (problems.Count > 0)
+            {
+                string from = path is null ? "the state_dict" : $"'{path}'";
+                throw new ArgumentException($"{module}: refused to load {from}, nothing was changed: {string.Join("; ", problems)}.", nameof(source));
+            }
+        }
+    }
+}
