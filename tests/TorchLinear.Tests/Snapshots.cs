@@ -12,8 +12,11 @@ namespace TorchLinear.Tests
     /// </summary>
     internal static class Snapshots
     {
+        /// <summary>The repository's root: the folder above the test binaries that holds TorchLinear.sln.</summary>
+        public static readonly string RepositoryRoot = FindRepositoryRoot();
+
         /// <summary>The repository's top-level snapshots folder; Snapshooter adds its own __snapshots__ below it.</summary>
-        public static readonly string Folder = Path.Combine(RepositoryRoot(), "snapshots");
+        public static readonly string Folder = Path.Combine(RepositoryRoot, "snapshots");
 
         /// <summary>
         /// Compares <paramref name="value"/>, serialised as JSON, with the snapshot named after the calling test
@@ -28,7 +31,7 @@ namespace TorchLinear.Tests
             Snapshot.Match(value, new SnapshotFullName(file, Folder));
         }
 
-        private static string RepositoryRoot()
+        private static string FindRepositoryRoot()
         {
             for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
             {

@@ -1,0 +1,21 @@
+using System;
+using System.Linq;
+using Xunit;
+
+namespace TorchLinear.Tests.Samples
+{
+    public class PyTorchInteropTests
+    {
+        [Fact]
+        public void Sample_LoadsThePyTorchMlp_AndEveryCaseIsWithinTheBound()
+        {
+            var (output, elapsed) = SampleRunner.Run("PyTorchInterop", TimeSpan.FromSeconds(60));
+            string[] lines = output.Split('\n').Select(l => l.TrimEnd('\r')).ToArray();
+
+            Assert.Contains("loaded mlp.pt (torch.save from PyTorch 1.13): 0.weight (16, 8), 0.bias (16), 2.weight (4, 16), 2.bias (4)", lines);
+            var rows = lines.Where(l => l.StartsWith("int/", StringComparison.Ordinal) || l.StartsWith("random/", StringComparison.Ordinal)).ToList();
+            Assert.Equal(12, rows.Count);  // six recorded cases, two dispatches
+            Assert.All(rows, row => Assert.EndsWith(" yes", row));
+        }
+    }
+}

@@ -1,0 +1,233 @@
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using System.Text.Json;
+using TorchLinear.Samples;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.PyBridge;
+using Xunit;
+using Xunit.Abstractions;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Tests
+{
+    /// <summary>
+    /// Checkpoints written by real PyTorch (ReferenceData/Interop, made by make_interop.py) load into our modules and
+    /// give PyTorch's answers; files that do not fit are refused without changing anything; files written from .NET
+    /// hold the same tensors (and make_interop.py --check confirmed PyTorch reads them).
+    /// </summary>
+    public class StateDictsTests
+    {
+        // Outputs on random inputs may differ in the last bits: PyTorch 1.13 from Debian and libtorch 2.10 use different
+        // GEMM kernels. Measured here: at most 2 ULP of the output's largest magnitude (64 ULP element by element, where an
+        // output is near zero); the bound leaves room for other CPUs.
+        private const int UlpAtScaleBound = 4;
+
+        private static readonly string Folder = Path.Combine(AppContext.BaseDirectory, "ReferenceData", "Interop");
+        private readonly ITestOutputHelper _output;
+
+        public StateDictsTests(ITestOutputHelper output) => _output = output;
+
+        public static IEnumerable<object[]> Models() =>
+            from model in new[] { "article", "linear_3_2", "linear_nobias", "linear_f64", "mlp", "lora" }
+            from format in new[] { "pt", "safetensors" }
+            select new object[] { model, format };
+
+        /// <summary>Our module for each checkpoint of make_interop.py.</summary>
+        private static nn.Module<Tensor, Tensor> OurModule(string model) => model switch
+        {
+            "article" or "linear_3_2" => new CustomLinear(3, 2),
+            "linear_nobias" => new CustomLinear(4, 3, bias: false),
+            "linear_f64" => new CustomLinear(5, 2, dtype: ScalarType.Float64),
+            "mlp" => Mlp(),
+            "lora" => new LoraLinear(6, 5, r: 2, lora_alpha: 4),
+            _ => throw new ArgumentException(model),
+        };
+
+        private static nn.Module<Tensor, Tensor> Mlp() =>
+            nn.Sequential(("0", new CustomLinear(8, 16)), ("1", nn.ReLU()), ("2", new CustomLinear(16, 4)));
+
+        private static string FileOf(string model, string format) => Path.Combine(Folder, $"{model}.{format}");
+
+        [Theory]
+        [MemberData(nameof(Models))]
+        public void PyTorchCheckpoint_LoadsExactly_AndGivesPyTorchsAnswers(string model, string format)
+        {
+            using var scope = NewDisposeScope();
+            var module = OurModule(model);
+            var file = StateDicts.ReadPyTorchFile(FileOf(model, format));
+
+            StateDicts.LoadPyTorchFile(module, FileOf(model, format));
+
+            var loaded = module.state_dict();
+            Assert.Equal(file.Keys.OrderBy(k => k, StringComparer.Ordinal), loaded.Keys.OrderBy(k => k, StringComparer.Ordinal));
+            foreach (var (key, tensor) in file)
+                Assert.True(Equivalence.Compare(tensor, loaded[key]).BitExact, $"{key} differs from the file");
+
+            module.eval();
+            var cases = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "cases.safetensors"));
+            var keys = Manifest().GetProperty("models").GetProperty(model).GetProperty("cases").EnumerateArray().Select(e => e.GetString()!).ToList();
+            Assert.Equal(6, keys.Count);
+            using var _ = no_grad();
+            foreach (string key in keys)
+            {
+                var expected = cases[key + "/output"];
+                var actual = module.forward(cases[key + "/input"]);
+                var comparison = Equivalence.Compare(expected, actual);
+                double ulpAtScale = UlpsAtScale(expected, comparison);
+                _output.WriteLine($"{model}.{format} {key}: {comparison} ({ulpAtScale:F2} ULP of the largest |output|)");
+                Assert.True(comparison.Comparable, comparison.ToString());
+                if (model == "article" && key.Contains("/int/"))
+                    Assert.True(comparison.BitExact, $"{key}: integer weights and inputs must give PyTorch's result exactly: {comparison}");
+                else
+                    Assert.True(ulpAtScale <= UlpAtScaleBound, $"{key}: {comparison}, {ulpAtScale:F2} ULP at scale > {UlpAtScaleBound}");
+            }
+        }
+
+        [Theory]
+        [InlineData("linear_3_2", "pt")]
+        [InlineData("linear_3_2", "safetensors")]
+        [InlineData("mlp", "pt")]
+        [InlineData("mlp", "safetensors")]
+        public void PyBridgesOwnLoaders_ReadTheSameTensors(string model, string format)
+        {
+            using var scope = NewDisposeScope();
+            var ours = OurModule(model);
+            var theirs = OurModule(model);
+            StateDicts.LoadPyTorchFile(ours, FileOf(model, format));
+            if (format == "pt")
+                theirs.load_py(FileOf(model, format));
+            else
+                theirs.load_safetensors(FileOf(model, format));
+
+            var expected = ours.state_dict();
+            foreach (var (key, tensor) in theirs.state_dict())
+                Assert.True(Equivalence.Compare(expected[key], tensor).BitExact, key);
+        }
+
+        [Theory]
+        [InlineData("bad_shape", "pt", "'bias' has shape [3], this module's has shape [2]")]
+        [InlineData("bad_shape", "safetensors", "'bias' has shape [3], this module's has shape [2]")]
+        [InlineData("bad_missing", "pt", "missing key 'bias'")]
+        [InlineData("bad_missing", "safetensors", "missing key 'bias'")]
+        [InlineData("linear_f64", "pt", "'weight' is Float64, this module's is Float32")]
+        public void FileThatDoesNotFit_IsRefused_AndNothingChanges(string file, string format, string reason)
+        {
+            using var scope = NewDisposeScope();
+            foreach (var module in new nn.Module<Tensor, Tensor>[] { new CustomLinear(3, 2), nn.Linear(3, 2) })
+            {
+                var before = module.state_dict().ToDictionary(kv => kv.Key, kv => TensorText.Bits(kv.Value));
+
+                var error = Assert.Throws<ArgumentException>(() => StateDicts.LoadPyTorchFile(module, FileOf(file, format)));
+
+                Assert.Contains(reason, error.Message);
+                Assert.Contains("nothing was changed", error.Message);
+                Assert.Contains($"{file}.{format}", error.Message);
+                foreach (var (key, tensor) in module.state_dict())
+                    Assert.Equal(before[key], TensorText.Bits(tensor));
+            }
+        }
+
+        [Fact]
+        public void MlpCheckpoint_IntoAModuleOfAnotherShape_IsRefusedForEveryMismatch()
+        {
+            using var scope = NewDisposeScope();
+            var wrong = nn.Sequential(("0", new CustomLinear(8, 12)), ("1", nn.ReLU()), ("2", new CustomLinear(12, 4)));
+            var error = Assert.Throws<ArgumentException>(() => StateDicts.LoadPyTorchFile(wrong, FileOf("mlp", "pt")));
+            Assert.Contains("'0.weight' has shape [16, 8], this module's has shape [12, 8]", error.Message);
+            Assert.Contains("'2.weight' has shape [4, 16], this module's has shape [4, 12]", error.Message);
+        }
+
+        [Fact]
+        public void NonStrictLoad_ReportsMissingKeys_AndLoadsTheRest()
+        {
+            using var scope = NewDisposeScope();
+            var layer = new CustomLinear(3, 2);
+            var missing = StateDicts.LoadPyTorchFile(layer, FileOf("bad_missing", "safetensors"), strict: false);
+            Assert.Equal(new[] { "bias" }, missing);
+            Assert.True(Equivalence.Compare(StateDicts.ReadPyTorchFile(FileOf("linear_3_2", "pt"))["weight"], layer.weight).BitExact);
+        }
+
+        [Fact]
+        public void MissingFile_IsReportedByName()
+        {
+            var error = Assert.Throws<FileNotFoundException>(() => StateDicts.LoadPyTorchFile(new CustomLinear(3, 2), "no-such-file.pt"));
+            Assert.Contains("no-such-file.pt", error.Message);
+        }
+
+        // ---- The other direction: files written from .NET ------------------------------------------------------
+
+        /// <summary>
+        /// Saves our modules, loaded from PyTorch's checkpoints, with PyBridge's save_py and save_safetensors. Run the
+        /// tests with TORCHLINEAR_WRITE_FROM_DOTNET=1 to (re)write the committed copies in the source tree, then run
+        /// make_interop.py --check.
+        /// </summary>
+        private static void WriteFromDotnet(string folder)
+        {
+            Directory.CreateDirectory(folder);
+            foreach (string model in new[] { "linear_3_2", "mlp", "lora" })
+            {
+                using var scope = NewDisposeScope();
+                var module = OurModule(model);
+                StateDicts.LoadPyTorchFile(module, FileOf(model, "pt"));
+                module.save_py(Path.Combine(folder, model + ".pt"));
+                module.save_safetensors(Path.Combine(folder, model + ".safetensors"));
+            }
+        }
+
+        [Fact]
+        public void DotnetWrittenFiles_HoldTheCommittedTensors_WhichArePyTorchsOwn()
+        {
+            string fresh = Directory.CreateTempSubdirectory("torchlinear-from-dotnet-").FullName;
+            try
+            {
+                WriteFromDotnet(fresh);
+                if (Environment.GetEnvironmentVariable("TORCHLINEAR_WRITE_FROM_DOTNET") == "1")
+                    WriteFromDotnet(Path.Combine(Snapshots.RepositoryRoot, "tests", "TorchLinear.Tests", "ReferenceData", "Interop", "from_dotnet"));
+
+                string committed = Path.Combine(Folder, "from_dotnet");
+                foreach (string model in new[] { "linear_3_2", "mlp", "lora" })
+                foreach (string format in new[] { "pt", "safetensors" })
+                {
+                    using var scope = NewDisposeScope();
+                    var rewritten = StateDicts.ReadPyTorchFile(Path.Combine(fresh, $"{model}.{format}"));
+                    var stored = StateDicts.ReadPyTorchFile(Path.Combine(committed, $"{model}.{format}"));
+                    var original = StateDicts.ReadPyTorchFile(FileOf(model, "pt"));
+                    Assert.Equal(original.Keys.OrderBy(k => k, StringComparer.Ordinal), stored.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                    Assert.Equal(stored.Keys.OrderBy(k => k, StringComparer.Ordinal), rewritten.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                    foreach (string key in original.Keys)
+                    {
+                        Assert.True(Equivalence.Compare(original[key], stored[key]).BitExact, $"{model}.{format} {key}: committed file differs from PyTorch's");
+                        Assert.True(Equivalence.Compare(stored[key], rewritten[key]).BitExact, $"{model}.{format} {key}: .NET now writes other values");
+                    }
+                }
+
+                // make_interop.py --check loaded the committed files in PyTorch and wrote this report.
+                string report = File.ReadAllText(Path.Combine(committed, "check_report.txt"));
+                Assert.Contains("result: all identical", report);
+                Assert.Equal(6, report.Split('\n').Count(l => l.EndsWith("keys match, tensors identical", StringComparison.Ordinal)));
+            }
+            finally
+            {
+                Directory.Delete(fresh, recursive: true);
+            }
+        }
+
+        private static JsonElement Manifest() =>
+            JsonDocument.Parse(File.ReadAllText(Path.Combine(Folder, "manifest.json"))).RootElement;
+
+        /// <summary>The largest difference in units of the last place of the expected tensor's largest magnitude.</summary>
+        private static double UlpsAtScale(Tensor expected, TensorComparison comparison)
+        {
+            if (comparison.BitExact || comparison.MaxAbsDiff == 0)
+                return 0;
+            double scale = expected.abs().max().to(ScalarType.Float64).item<double>();
+            double ulp = expected.dtype == ScalarType.Float64
+                ? Math.BitIncrement(scale) - scale
+                : MathF.BitIncrement((float)scale) - (float)scale;
+            return comparison.MaxAbsDiff / ulp;
+        }
+    }
+}
