@@ -75,8 +75,12 @@ namespace TorchLinear
         /// patterns, absolute difference and distance in ULP. <c>-0.0</c> and <c>+0.0</c> are 0 ULP apart but
         /// differ in bits; two NaNs with the same payload are equal in bits.
         /// </summary>
+        /// <param name="expected">The tensor taken as the truth.</param>
+        /// <param name="actual">The tensor under test.</param>
+        /// <param name="ignoreNaNPayloads">When true, any two NaNs count as equal, whatever their payload and sign bits
+        /// (kernels may produce different NaN bit patterns for the same invalid operation).</param>
         /// <exception cref="ArgumentException">A tensor is not of a supported floating-point dtype.</exception>
-        public static TensorComparison Compare(Tensor expected, Tensor actual)
+        public static TensorComparison Compare(Tensor expected, Tensor actual, bool ignoreNaNPayloads = false)
         {
             ArgumentNullException.ThrowIfNull(expected);
             ArgumentNullException.ThrowIfNull(actual);
@@ -99,7 +103,11 @@ namespace TorchLinear
                 if (double.IsNaN(e) || double.IsNaN(a))
                 {
                     if (double.IsNaN(e) && double.IsNaN(a))
-                        continue;  // payloads differ: counted as differing bits, but no distance to measure
+                    {
+                        if (ignoreNaNPayloads)
+                            differing--;
+                        continue;  // payloads differ: counted as differing bits (unless ignored), no distance to measure
+                    }
                     maxUlp = long.MaxValue;
                     maxAbs = double.PositiveInfinity;
                     continue;
@@ -129,10 +137,11 @@ namespace TorchLinear
         /// parameter into the reference's layout before comparing, e.g. <c>(name, g) => name == "weight" ? g.t() : g</c>
         /// for a weight stored <c>(in, out)</c>. Tensors it creates are disposed with the rest.
         /// </param>
+        /// <param name="ignoreNaNPayloads">Passed to every <see cref="Compare"/>: any two NaNs count as equal.</param>
         /// <exception cref="ArgumentException">The modules' parameter names differ.</exception>
         public static ModuleComparison CompareModules(
             nn.Module<Tensor, Tensor> reference, nn.Module<Tensor, Tensor> candidate, Tensor input, Tensor? gradOutput = null,
-            Func<string, Tensor, Tensor>? alignGradient = null)
+            Func<string, Tensor, Tensor>? alignGradient = null, bool ignoreNaNPayloads = false)
         {
             ArgumentNullException.ThrowIfNull(reference);
             ArgumentNullException.ThrowIfNull(candidate);
@@ -157,12 +166,12 @@ namespace TorchLinear
                 Tensor? candidateGrad = candidateGrads[i + 1];
                 if (alignGradient is not null && candidateGrad is not null && !candidateGrad.IsInvalid)
                     candidateGrad = alignGradient(referenceNames[i], candidateGrad);
-                parameterComparisons[referenceNames[i]] = CompareGradient(referenceGrads[i + 1], candidateGrad);
+                parameterComparisons[referenceNames[i]] = CompareGradient(referenceGrads[i + 1], candidateGrad, ignoreNaNPayloads);
             }
 
             return new ModuleComparison(
-                Compare(referenceOutput, candidateOutput),
-                CompareGradient(referenceGrads[0], candidateGrads[0]),
+                Compare(referenceOutput, candidateOutput, ignoreNaNPayloads),
+                CompareGradient(referenceGrads[0], candidateGrads[0], ignoreNaNPayloads),
                 parameterComparisons);
         }
 
@@ -188,7 +197,7 @@ namespace TorchLinear
             return randn(output.shape, dtype: output.dtype, device: output.device, generator: generator);
         }
 
-        private static TensorComparison CompareGradient(Tensor? expected, Tensor? actual)
+        private static TensorComparison CompareGradient(Tensor? expected, Tensor? actual, bool ignoreNaNPayloads)
         {
             // allow_unused yields an undefined gradient (zero handle) for a parameter the output does not use.
             bool expectedMissing = expected is null || expected.IsInvalid;
@@ -197,7 +206,7 @@ namespace TorchLinear
                 return new TensorComparison(Array.Empty<long>(), Array.Empty<long>(), ScalarType.Float32, ScalarType.Float32, 0, 0, 0, 0);
             if (expectedMissing || actualMissing)
                 throw new InvalidOperationException("Equivalence.CompareModules: one module's output depends on a parameter the other's does not.");
-            return Compare(expected!, actual!);
+            return Compare(expected!, actual!, ignoreNaNPayloads);
         }
 
         private static (long[] bits, double[] values, int width) Read(Tensor tensor, string name)

@@ -33,19 +33,19 @@ namespace TorchLinear
             if (input.dim() == 0)
                 return $"input must have at least 1 dimension, shaped (*, in_features), but got a 0-d tensor (a scalar). Give a vector of {InFeatures(weight)} values, or reshape the scalar with input.reshape(1).";
             if (!is_floating_point(weight.dtype) && !is_complex(weight.dtype))
-                return $"weight dtype {weight.dtype} is not a floating-point or complex type; a linear layer's weight must be one.";
+                return $"weight dtype {weight.dtype} is not a floating-point or complex type; convert the weight, for example with weight.to(ScalarType.Float32).";
             if (input.dtype != weight.dtype)
                 return $"input dtype {input.dtype} does not match weight dtype {weight.dtype}. Convert the input with input.to({weight.dtype}), or the layer with .to({input.dtype}).";
             if (bias is not null && bias.dtype != weight.dtype)
-                return $"bias dtype {bias.dtype} does not match weight dtype {weight.dtype}.";
+                return $"bias dtype {bias.dtype} does not match weight dtype {weight.dtype}. Convert the bias with bias.to({weight.dtype}).";
             if (!SameDevice(input, weight))
                 return $"input is on device {input.device} but the weight is on {weight.device}. Move the input with input.to(weight.device), or the layer with .to(...).";
             if (bias is not null && !SameDevice(bias, weight))
-                return $"bias is on device {bias.device} but the weight is on {weight.device}.";
+                return $"bias is on device {bias.device} but the weight is on {weight.device}. Move the bias with bias.to(weight.device).";
             long expected = InFeatures(weight);
             long last = input.shape[^1];
             if (last != expected)
-                return $"the last dimension of the input must equal in_features = {expected}, but the input has shape {Shape(input)} (last dimension {last}).";
+                return $"the last dimension of the input must equal in_features = {expected}, but the input has shape {Shape(input)} (last dimension {last}). Give inputs shaped (*, {expected}), or build the layer with in_features = {last}.";
             // A bias broadcasts against the output (*, out_features), as in functional.linear: its last dimension
             // must be out_features or 1.
             if (bias is not null && weight.dim() == 2 && bias.dim() > 0 && bias.shape[^1] != weight.shape[0] && bias.shape[^1] != 1)
