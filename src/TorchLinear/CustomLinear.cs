@@ -2,6 +2,7 @@ using System;
 using System.Collections.Generic;
 using System.Diagnostics.CodeAnalysis;
 using System.Linq;
+using System.Threading;
 using TorchSharp;
 using TorchSharp.Modules;
 using TorchSharp.Utils;
@@ -38,6 +39,22 @@ namespace TorchLinear
         private Parameter? _bias;
 
         private bool _disposed;
+
+        // Wᵀ, kept between calls: nn.Linear pays for a fresh weight.t() on every call, and that view is most of
+        // the per-call cost of a small layer. What would make a kept view wrong, and how each case is handled:
+        //  - a view made under no_grad carries no gradient: it is always made with grad mode on;
+        //  - requires_grad of the weight changes (freezing, unfreezing): the view remembers the flag it was made
+        //    with and is remade when the flag differs;
+        //  - the weight is replaced (the setter, .to(dtype/device)): SetWeight drops the view;
+        //  - a caller's dispose scope would free it: it is detached from every scope, and freed with the layer;
+        //  - in-place updates (optimizers, load_state_dict) need nothing: the view shares the weight's storage.
+        // Stored as one immutable pair so that a thread never sees a view with another view's flag. A view
+        // replaced while other threads may still hold it is kept until the layer is disposed.
+        private sealed record TransposedView(Tensor View, bool TracksGrad);
+
+        private TransposedView? _weightT;
+        private readonly List<Tensor> _retiredViews = new();
+        private readonly object _viewLock = new();
 
         /// <summary>Creates a layer with freshly initialised parameters, as <c>nn.Linear(in_features, out_features)</c> does.</summary>
         /// <param name="in_features">Size of each input sample (the input's last dimension).</param>
@@ -179,7 +196,7 @@ namespace TorchLinear
         {
             ThrowIfDisposed();
             ArgumentNullException.ThrowIfNull(input);
-            return LinearFunctional.Compute(this, input, _weight, _bias, Dispatch);
+            return LinearFunctional.Compute(this, input, _weight, _bias, Dispatch, WeightT());
         }
 
         /// <summary>
@@ -209,6 +226,8 @@ namespace TorchLinear
         {
             // The base class disposes every registered parameter, i.e. weight and bias.
             _disposed = true;
+            if (disposing)
+                DropWeightT();
             base.Dispose(disposing);
         }
 
@@ -222,9 +241,44 @@ namespace TorchLinear
                 throw new ArgumentException($"CustomLinear: bias is on device {bias.device} but the weight is on {weight.device}.", nameof(bias));
         }
 
+        private Tensor WeightT()
+        {
+            TransposedView? cached = Volatile.Read(ref _weightT);
+            bool tracksGrad = _weight.requires_grad;
+            if (cached is not null && cached.TracksGrad == tracksGrad)
+                return cached.View;
+            lock (_viewLock)
+            {
+                cached = _weightT;
+                if (cached is not null && cached.TracksGrad == tracksGrad)
+                    return cached.View;
+                Tensor view;
+                using (enable_grad())
+                    view = _weight.t();
+                view.DetachFromDisposeScope();
+                if (cached is not null)
+                    _retiredViews.Add(cached.View);
+                Volatile.Write(ref _weightT, new TransposedView(view, tracksGrad));
+                return view;
+            }
+        }
+
+        private void DropWeightT()
+        {
+            lock (_viewLock)
+            {
+                _weightT?.View.Dispose();
+                _weightT = null;
+                foreach (var view in _retiredViews)
+                    view.Dispose();
+                _retiredViews.Clear();
+            }
+        }
+
         [MemberNotNull(nameof(_weight))]
         private void SetWeight(Parameter value)
         {
+            DropWeightT();
             _weight?.Dispose();
             // Detached from any dispose scope: the layer owns its parameters, a caller's scope must not free them.
             _weight = (Parameter)value.DetachFromDisposeScope();

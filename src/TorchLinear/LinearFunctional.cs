@@ -58,38 +58,54 @@ namespace TorchLinear
         /// <summary>
         /// The dispatch itself, shared with <see cref="CustomLinear.forward"/>. <paramref name="caller"/> names the
         /// module or function in error messages; its <c>ToString()</c> is only called when input is refused.
+        /// <paramref name="weightT"/> is a ready-made <c>weight.t()</c> that the caller keeps between calls; when null,
+        /// a fresh view is made and released here.
         /// </summary>
-        internal static Tensor Compute(object caller, Tensor input, Tensor weight, Tensor? bias, LinearDispatch dispatch = LinearDispatch.TorchSharp)
+        internal static Tensor Compute(object caller, Tensor input, Tensor weight, Tensor? bias,
+                                       LinearDispatch dispatch = LinearDispatch.TorchSharp, Tensor? weightT = null)
         {
-            if (dispatch == LinearDispatch.PyTorch && bias is not null && input.dim() != 2 && IsLikelyFusable(bias) && input.is_contiguous())
-                return FlattenedAddmm(caller, input, weight, bias);
-
             if (bias is not null && input.dim() == 2)
             {
                 // libtorch's addmm lets a meta-device input through with CPU parameters; refuse it here.
                 if (input.device_type != weight.device_type)
                     LinearDiagnostics.ThrowIfInvalid(caller, input, weight, bias);
-                // libtorch fuses the 2-D case: addmm rounds the bias into the GEMM's accumulation, which can
-                // differ in the last bit from matmul followed by an addition. TorchSharp's addmm entry point
-                // turns a libtorch refusal into an exception, so bad input is diagnosed only after it fails.
-                using Tensor weightT = TransposedWeight(caller, input, weight, bias);
+                // libtorch fuses the 2-D case (and so does PyTorch): addmm rounds the bias into the GEMM's
+                // accumulation, which can differ in the last bit from matmul followed by an addition. TorchSharp's
+                // addmm entry point turns a libtorch refusal into an exception, so bad input is diagnosed only after
+                // it fails, and the happy path pays for no shape or dtype queries.
+                Tensor transposed = weightT ?? TransposedWeight(caller, input, weight, bias);
                 try
                 {
-                    return bias.addmm(input, weightT);
+                    return bias.addmm(input, transposed);
                 }
                 catch (ExternalException error)
                 {
                     throw LinearDiagnostics.Explain(caller, input, weight, bias, error);
                 }
+                finally
+                {
+                    if (weightT is null)
+                        transposed.Dispose();
+                }
             }
+
+            if (dispatch == LinearDispatch.PyTorch && bias is not null && IsLikelyFusable(bias) && input.is_contiguous())
+                return FlattenedAddmm(caller, input, weight, bias, weightT);
 
             // TorchSharp 0.107's native matmul entry point (THSTensor_matmul) does not catch libtorch errors:
             // a shape or dtype error there terminates the whole process instead of throwing. So on this path
             // the input is checked before matmul is called.
             LinearDiagnostics.ThrowIfInvalid(caller, input, weight, bias);
             Tensor output;
-            using (Tensor weightT = weight.t())
+            if (weightT is null)
+            {
+                using Tensor transposed = weight.t();
+                output = input.matmul(transposed);
+            }
+            else
+            {
                 output = input.matmul(weightT);
+            }
             if (bias is not null)
             {
                 try
@@ -118,7 +134,7 @@ namespace TorchLinear
         }
 
         /// <summary>PyTorch's <c>_flatten_nd_linear</c>: <c>(*, in) → (N, in) → addmm → (N, out) → (*, out)</c>.</summary>
-        internal static Tensor FlattenedAddmm(object caller, Tensor input, Tensor weight, Tensor bias)
+        internal static Tensor FlattenedAddmm(object caller, Tensor input, Tensor weight, Tensor bias, Tensor? weightT = null)
         {
             LinearDiagnostics.ThrowIfInvalid(caller, input, weight, bias);
             long[] sizes = input.shape;
@@ -130,8 +146,8 @@ namespace TorchLinear
                 // reshape is view for the contiguous input PyTorch flattens; LinearFormulas.FlattenedAddmm also
                 // accepts other layouts, which reshape copies first.
                 using Tensor flat = input.reshape(rows, sizes[^1]);
-                using Tensor weightT = weight.t();
-                using Tensor product = bias.addmm(flat, weightT);
+                using Tensor? ownT = weightT is null ? weight.t() : null;
+                using Tensor product = bias.addmm(flat, weightT ?? ownT!);
                 sizes[^1] = product.shape[1];
                 return product.view(sizes);
             }
