@@ -1,0 +1,78 @@
+using BenchmarkDotNet.Attributes;
+using BenchmarkDotNet.Configs;
+using TorchLinear.Samples;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Benchmarks
+{
+    /// <summary>
+    /// What a LoRA adapter costs at inference: the frozen base layer (baseline), LoraLinear unmerged (r = 8: two small
+    /// extra products per call) and merged (one linear with W + Δ).
+    /// </summary>
+    [MemoryDiagnoser]
+    [GroupBenchmarksBy(BenchmarkLogicalGroupRule.ByCategory, BenchmarkLogicalGroupRule.ByParams)]
+    [CategoriesColumn]
+    public class LoraBenchmarks
+    {
+        private CustomLinear _base = null!;
+        private LoraLinear _unmerged = null!, _merged = null!;
+        private Tensor _input = null!;
+        private int _threadsBefore;
+
+        [Params(Shape.Batch_64x1024to1024, Shape.Sequence_8x128x768to768)]
+        public Shape Shape { get; set; }
+
+        [Params(1, 2)]
+        public int Threads { get; set; }
+
+        [GlobalSetup]
+        public void Setup()
+        {
+            _threadsBefore = get_num_threads();
+            set_num_threads(Threads);
+            var (input, inFeatures, outFeatures) = Shapes.Of(Shape);
+            manual_seed(0);
+            _base = new CustomLinear(inFeatures, outFeatures);
+            _unmerged = LoraLinear.FromLinear(_base, r: 8, lora_alpha: 16);
+            _merged = LoraLinear.FromLinear(_base, r: 8, lora_alpha: 16);
+            using (no_grad())
+            {
+                // A trained-looking adapter: B is not zero.
+                _unmerged.lora_B.normal_(0, 0.01);
+                _merged.lora_B.copy_(_unmerged.lora_B);
+            }
+            _merged.merge();
+            _unmerged.eval();
+            _merged.eval();
+            _input = randn(input);
+        }
+
+        [GlobalCleanup]
+        public void Cleanup()
+        {
+            _input.Dispose();
+            _base.Dispose();
+            _unmerged.Dispose();
+            _merged.Dispose();
+            set_num_threads(_threadsBefore);
+        }
+
+        [BenchmarkCategory("LoRA inference"), Benchmark(Baseline = true, Description = "base CustomLinear")]
+        public void Base() => Infer(_base);
+
+        [BenchmarkCategory("LoRA inference"), Benchmark(Description = "LoraLinear r=8, unmerged")]
+        public void Unmerged() => Infer(_unmerged);
+
+        [BenchmarkCategory("LoRA inference"), Benchmark(Description = "LoraLinear r=8, merged")]
+        public void Merged() => Infer(_merged);
+
+        private void Infer(nn.Module<Tensor, Tensor> layer)
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            layer.forward(_input);
+        }
+    }
+}
