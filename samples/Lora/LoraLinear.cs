@@ -214,7 +214,8 @@ namespace TorchLinear.Samples
                 // Every temporary of the adapter path is freed here; result was made outside this scope.
                 using var scope = NewDisposeScope();
                 Tensor x = training && lora_dropout > 0 ? nn.functional.dropout(input, lora_dropout, training: true) : input;
-                Tensor update = x.matmul(_loraA.t()).matmul(_loraB.t()) * scaling;
+                // (x Aᵀ Bᵀ) · scaling, scaled in place: the same bits as loralib's expression, one full-size tensor fewer.
+                Tensor update = x.matmul(_loraA.t()).matmul(_loraB.t()).mul_(scaling);
                 result.add_(update);
                 return result;
             }

@@ -148,7 +148,7 @@ namespace TorchLinear
                 using Tensor flat = input.reshape(rows, sizes[^1]);
                 using Tensor? ownT = weightT is null ? weight.t() : null;
                 using Tensor product = bias.addmm(flat, weightT ?? ownT!);
-                sizes[^1] = product.shape[1];
+                sizes[^1] = product.size(1);
                 return product.view(sizes);
             }
             catch (ExternalException error)
