@@ -11,6 +11,8 @@ namespace TorchLinear
     /// </summary>
     public static class LinearFunctional
     {
+        private static readonly Scalar One = 1;
+
         /// <summary>
         /// Applies a linear transformation to the incoming data: <c>y = x Wᵀ + b</c>.
         /// </summary>
@@ -110,8 +112,9 @@ namespace TorchLinear
             {
                 try
                 {
-                    // In place, like libtorch's `output += bias`: same bits, one tensor fewer.
-                    output.add_(bias);
+                    // In place, like libtorch's `output += bias`: same bits, one tensor fewer. The alpha of 1 is
+                    // made once: add_(bias) would allocate a new Scalar (and a finalizer) on every call.
+                    output.add_(bias, One);
                 }
                 catch (ExternalException error)
                 {

@@ -190,13 +190,16 @@ namespace TorchLinear.Tests
             Assert.Equal(withParameters - 2, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
         }
 
-        [Fact]
-        public void ManagedAllocationPerCall_IsNoMoreThanNnLinears()
+        [Theory]
+        [InlineData(new long[] { 1, 3 })]      // the fused addmm path
+        [InlineData(new long[] { 2, 4, 3 })]   // the matmul path, with the input checked first
+        [InlineData(new long[] { 3 })]
+        public void ManagedAllocationPerCall_IsNoMoreThanNnLinears(long[] shape)
         {
             var (builtIn, custom) = Pair(3, 2, 6);
             using var _b = builtIn;
             using var _c = custom;
-            using var x = randn(1, 3);
+            using var x = randn(shape);
             using var _ = no_grad();
             long PerCall(nn.Module<Tensor, Tensor> layer)
             {
