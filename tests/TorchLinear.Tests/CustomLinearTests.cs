@@ -281,14 +281,7 @@ namespace TorchLinear.Tests
         {
             using var layer = new CustomLinear(3, 2, bias);
             using var x = randn(shape);
-            layer.forward(x).Dispose();  // warm-up
-
-            long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
-            using (var y = layer.forward(x))
-            {
-                Assert.Equal(before + 1, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
-            }
-            Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+            Leaks.AssertOnlyTheResultStaysAlive(() => layer.forward(x));
         }
 
         // ---- Bad input: clear messages, nothing changed ----------------------------------------------
