@@ -66,6 +66,10 @@ namespace TorchLinear
         internal static Tensor Compute(object caller, Tensor input, Tensor weight, Tensor? bias,
                                        LinearDispatch dispatch = LinearDispatch.TorchSharp, Tensor? weightT = null)
         {
+            // Wᵀ is a view (no copy): the caller's kept one, or one made here and released on the way out.
+            using Tensor? ownT = weightT is null ? TransposedWeight(caller, input, weight, bias) : null;
+            Tensor transposed = weightT ?? ownT!;
+
             if (bias is not null && input.dim() == 2)
             {
                 // libtorch's addmm lets a meta-device input through with CPU parameters; refuse it here.
@@ -75,7 +79,6 @@ namespace TorchLinear
                 // accumulation, which can differ in the last bit from matmul followed by an addition. TorchSharp's
                 // addmm entry point turns a libtorch refusal into an exception, so bad input is diagnosed only after
                 // it fails, and the happy path pays for no shape or dtype queries.
-                Tensor transposed = weightT ?? TransposedWeight(caller, input, weight, bias);
                 try
                 {
                     return bias.addmm(input, transposed);
@@ -84,30 +87,16 @@ namespace TorchLinear
                 {
                     throw LinearDiagnostics.Explain(caller, input, weight, bias, error);
                 }
-                finally
-                {
-                    if (weightT is null)
-                        transposed.Dispose();
-                }
             }
 
             if (dispatch == LinearDispatch.PyTorch && bias is not null && IsLikelyFusable(bias) && input.is_contiguous())
-                return FlattenedAddmm(caller, input, weight, bias, weightT);
+                return FlattenedAddmm(caller, input, weight, bias, transposed);
 
             // TorchSharp 0.107's native matmul entry point (THSTensor_matmul) does not catch libtorch errors:
             // a shape or dtype error there terminates the whole process instead of throwing. So on this path
             // the input is checked before matmul is called.
             LinearDiagnostics.ThrowIfInvalid(caller, input, weight, bias);
-            Tensor output;
-            if (weightT is null)
-            {
-                using Tensor transposed = weight.t();
-                output = input.matmul(transposed);
-            }
-            else
-            {
-                output = input.matmul(weightT);
-            }
+            Tensor output = input.matmul(transposed);
             if (bias is not null)
             {
                 try
@@ -164,7 +153,6 @@ namespace TorchLinear
         {
             try
             {
-                // Wᵀ is a view (no copy); the caller disposes its handle.
                 return weight.t();
             }
             catch (ExternalException error)
