@@ -33,7 +33,8 @@ namespace TorchLinear.Benchmarks
             return (flops.Value / median.Value).ToString("F1", CultureInfo.InvariantCulture);  // FLOP per ns = GFLOP/s
         }
 
-        private static double? Flops(BenchmarkCase benchmarkCase)
+        /// <summary>The FLOPs of one call of the case, or null for a case without a known count.</summary>
+        public static double? Flops(BenchmarkCase benchmarkCase)
         {
             if (benchmarkCase.Descriptor.Type == typeof(PeakBenchmarks))
                 return 2.0 * PeakBenchmarks.Size * PeakBenchmarks.Size * PeakBenchmarks.Size;

@@ -15,7 +15,7 @@ namespace TorchLinear.Benchmarks
     [MemoryDiagnoser]
     [GroupBenchmarksBy(BenchmarkLogicalGroupRule.ByCategory, BenchmarkLogicalGroupRule.ByParams)]
     [CategoriesColumn]
-    public class LinearBenchmarks
+    public class LinearBenchmarks : RoundsBenchmark
     {
         private Linear _builtIn = null!;
         private CustomLinear _custom = null!;

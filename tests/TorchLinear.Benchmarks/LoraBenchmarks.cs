@@ -14,7 +14,7 @@ namespace TorchLinear.Benchmarks
     [MemoryDiagnoser]
     [GroupBenchmarksBy(BenchmarkLogicalGroupRule.ByCategory, BenchmarkLogicalGroupRule.ByParams)]
     [CategoriesColumn]
-    public class LoraBenchmarks
+    public class LoraBenchmarks : RoundsBenchmark
     {
         private CustomLinear _base = null!;
         private LoraLinear _unmerged = null!, _merged = null!;

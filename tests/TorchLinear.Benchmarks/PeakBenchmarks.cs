@@ -5,7 +5,7 @@ namespace TorchLinear.Benchmarks
 {
     /// <summary>This CPU's measured matrix-multiply peak: a plain large torch.mm, in the same run as the layers.</summary>
     [MemoryDiagnoser]
-    public class PeakBenchmarks
+    public class PeakBenchmarks : RoundsBenchmark
     {
         public const long Size = 2048;
         private Tensor _a = null!, _b = null!;

@@ -1,0 +1,42 @@
+using System.Collections.Generic;
+using System.Collections.Immutable;
+using System.Linq;
+using BenchmarkDotNet.Attributes;
+using BenchmarkDotNet.Configs;
+using BenchmarkDotNet.Order;
+using BenchmarkDotNet.Running;
+
+namespace TorchLinear.Benchmarks
+{
+    /// <summary>
+    /// Rounds make ratios trustworthy on a shared machine. BenchmarkDotNet measures one case after another, so two
+    /// contenders measured a minute apart see different neighbours, and their ratio measures the neighbours. Here every
+    /// case is measured once per round, a round runs every case of a class once, and each ratio is taken within a round
+    /// (between cases measured seconds apart); <see cref="RatioTableExporter"/> reports the median ratio over the rounds
+    /// with its range.
+    /// </summary>
+    public abstract class RoundsBenchmark
+    {
+        /// <summary>How many rounds a run makes; <c>--rounds N</c> on the command line sets it (default 5).</summary>
+        public static int Count { get; set; } = 5;
+
+        /// <summary>The values of <see cref="Round"/>: 1 to <see cref="Count"/>.</summary>
+        public static IEnumerable<int> AllRounds => Enumerable.Range(1, Count);
+
+        /// <summary>Which round this case belongs to; it changes nothing in the case itself.</summary>
+        [ParamsSource(nameof(AllRounds))]
+        public int Round { get; set; }
+
+        /// <summary>The round of a benchmark case, 0 for a case without one.</summary>
+        public static int RoundOf(BenchmarkCase benchmarkCase) =>
+            benchmarkCase.Parameters.Items.FirstOrDefault(p => p.Name == nameof(Round))?.Value is int round ? round : 0;
+    }
+
+    /// <summary>Runs round 1 of every case, then round 2, and so on; within a round, BenchmarkDotNet's own order.</summary>
+    public sealed class RoundsFirstOrderer : DefaultOrderer
+    {
+        public override IEnumerable<BenchmarkCase> GetExecutionOrder(
+            ImmutableArray<BenchmarkCase> benchmarkCases, IEnumerable<BenchmarkLogicalGroupRule>? order = null) =>
+            base.GetExecutionOrder(benchmarkCases, order).OrderBy(RoundsBenchmark.RoundOf);  // OrderBy is stable
+    }
+}
