@@ -28,22 +28,26 @@ namespace TorchLinear.Benchmarks
                 .ToList();
             int rounds = summary.BenchmarksCases.Select(RoundsBenchmark.RoundOf).Distinct().Count();
 
-            logger.WriteLine($"Ratios to the baseline of each group, within each round: median (min–max) over {rounds} round(s).");
+            logger.WriteLine($"Ratio to the baseline of each group, taken within each round: median (min–max) over {rounds} round(s).");
             logger.WriteLine();
-            logger.WriteLine("| group | baseline | baseline median | ratios |");
-            logger.WriteLine("|---|---|---:|---|");
+            var baselineNames = summary.BenchmarksCases.Where(c => c.Descriptor.Baseline).Select(Contender).Distinct().ToList();
+            var contenderNames = summary.BenchmarksCases.Where(c => !c.Descriptor.Baseline)
+                .OrderBy(c => c.Descriptor.MethodIndex).Select(Contender).Distinct().ToList();
+            if (baselineNames.Count > 0)
+            {
+                string baselineName = string.Join(" / ", baselineNames);
+                logger.WriteLine($"| group | {baselineName} median | {string.Join(" | ", contenderNames.Select(n => $"{n} / {baselineName}"))} |");
+                logger.WriteLine($"|---|---:|{string.Concat(contenderNames.Select(_ => "---:|"))}");
+            }
             foreach (var group in groups)
             {
                 var baseline = group.Where(c => c.Descriptor.Baseline).ToList();
                 if (baseline.Count == 0)
                     continue;
                 var baselineTimes = TimesByRound(summary, baseline);
-                var ratios = Contenders(group).Where(c => !c.Descriptor.Baseline).Select(contender =>
-                {
-                    var perRound = RatiosByRound(baselineTimes, TimesByRound(summary, group.Where(c => c.Descriptor == contender.Descriptor)));
-                    return $"{Contender(contender)} {Spread(perRound)}";
-                });
-                logger.WriteLine($"| {GroupKey(group[0])} | {Contender(baseline[0])} | {Time(Median(baselineTimes.Values))} | {string.Join("; ", ratios)} |");
+                var ratios = contenderNames.Select(name =>
+                    Spread(RatiosByRound(baselineTimes, TimesByRound(summary, group.Where(c => !c.Descriptor.Baseline && Contender(c) == name)))));
+                logger.WriteLine($"| {GroupKey(group[0])} | {Time(Median(baselineTimes.Values))} | {string.Join(" | ", ratios)} |");
             }
 
             logger.WriteLine();
@@ -64,15 +68,8 @@ namespace TorchLinear.Benchmarks
         }
 
         /// <summary>Class, category and parameters, without the round.</summary>
-        private static string GroupKey(BenchmarkCase benchmarkCase)
-        {
-            var parameters = benchmarkCase.Parameters.Items
-                .Where(p => p.Name != nameof(RoundsBenchmark.Round))
-                .Select(p => $"{p.Name}={p.Value}");
-            return string.Join(", ", new[] { benchmarkCase.Descriptor.Type.Name }
-                .Concat(benchmarkCase.Descriptor.Categories)
-                .Concat(parameters));
-        }
+        private static string GroupKey(BenchmarkCase benchmarkCase) =>
+            string.Join(", ", new[] { benchmarkCase.Descriptor.Type.Name, RoundsFirstOrderer.GroupOf(benchmarkCase) }.Where(k => k.Length > 0));
 
         /// <summary>One case per contender of the group, in declared order.</summary>
         private static IEnumerable<BenchmarkCase> Contenders(List<BenchmarkCase> group) =>

@@ -32,11 +32,39 @@ namespace TorchLinear.Benchmarks
             benchmarkCase.Parameters.Items.FirstOrDefault(p => p.Name == nameof(Round))?.Value is int round ? round : 0;
     }
 
-    /// <summary>Runs round 1 of every case, then round 2, and so on; within a round, BenchmarkDotNet's own order.</summary>
+    /// <summary>
+    /// Runs round 1 of every case, then round 2, and so on. Within a round the cases of one group (category and
+    /// parameters) stay back to back, in BenchmarkDotNet's order rotated by one place per round: round 1 starts with
+    /// the first contender, round 2 with the second..., so no contender is always measured first (five rounds of five
+    /// contenders put each in each place once).
+    /// </summary>
     public sealed class RoundsFirstOrderer : DefaultOrderer
     {
         public override IEnumerable<BenchmarkCase> GetExecutionOrder(
-            ImmutableArray<BenchmarkCase> benchmarkCases, IEnumerable<BenchmarkLogicalGroupRule>? order = null) =>
-            base.GetExecutionOrder(benchmarkCases, order).OrderBy(RoundsBenchmark.RoundOf);  // OrderBy is stable
+            ImmutableArray<BenchmarkCase> benchmarkCases, IEnumerable<BenchmarkLogicalGroupRule>? order = null)
+        {
+            var result = new List<BenchmarkCase>(benchmarkCases.Length);
+            foreach (var round in base.GetExecutionOrder(benchmarkCases, order).GroupBy(RoundsBenchmark.RoundOf).OrderBy(g => g.Key))
+            {
+                var cases = round.ToList();
+                for (int start = 0; start < cases.Count;)
+                {
+                    int end = start;
+                    while (end < cases.Count && GroupOf(cases[end]) == GroupOf(cases[start]))
+                        end++;
+                    int length = end - start, shift = (round.Key - 1) % length;
+                    for (int i = 0; i < length; i++)
+                        result.Add(cases[start + (i + shift) % length]);
+                    start = end;
+                }
+            }
+            return result;
+        }
+
+        /// <summary>The category and the parameters other than the round: the cases whose times are compared.</summary>
+        public static string GroupOf(BenchmarkCase benchmarkCase) =>
+            string.Join(", ", benchmarkCase.Descriptor.Categories.Concat(benchmarkCase.Parameters.Items
+                .Where(p => p.Name != nameof(RoundsBenchmark.Round))
+                .Select(p => $"{p.Name}={p.Value}")));
     }
 }

@@ -1,4 +1,5 @@
 using System.Collections.Generic;
+using System.Collections.Immutable;
 using System.Linq;
 using BenchmarkDotNet.Running;
 using TorchLinear.Benchmarks;
@@ -13,29 +14,42 @@ namespace TorchLinear.Tests.Benchmarks
     public class RoundsTests
     {
         [Fact]
-        public void ExecutionOrder_RunsEveryCaseOncePerRound_RoundAfterRound_WithEachGroupsContendersBackToBack()
+        public void ExecutionOrder_RunsEveryCaseOncePerRound_RoundAfterRound_WithEachGroupsContendersBackToBack_InRotatingOrder()
         {
             var runInfo = BenchmarkConverter.TypeToBenchmarks(typeof(LoraBenchmarks), BenchmarkConfig.Create());
             var cases = runInfo.BenchmarksCases;
-            var order = runInfo.Config.Orderer.GetExecutionOrder(System.Collections.Immutable.ImmutableArray.Create(cases)).ToList();
+            var order = runInfo.Config.Orderer.GetExecutionOrder(ImmutableArray.Create(cases)).ToList();
 
             Assert.Equal(cases.Length, order.Count);
+            Assert.Equal(cases.Length, order.Distinct().Count());
             var rounds = order.Select(RoundsBenchmark.RoundOf).ToList();
             Assert.Equal(Enumerable.Range(1, RoundsBenchmark.Count), rounds.Distinct());
             Assert.Equal(rounds.Order(), rounds);  // round 1 of everything, then round 2, ...
 
             // Per round: every contender of every group exactly once, and a group's contenders one after another,
             // so that a ratio compares cases measured seconds apart.
-            string Group(BenchmarkCase c) => string.Join(",", c.Parameters.Items.Where(p => p.Name != "Round").Select(p => $"{p.Name}={p.Value}"));
+            var firsts = new Dictionary<string, HashSet<string>>();
             foreach (var round in order.GroupBy(RoundsBenchmark.RoundOf))
             {
                 var inRound = round.ToList();
                 Assert.Equal(cases.Length / RoundsBenchmark.Count, inRound.Count);
-                Assert.Equal(inRound.Count, inRound.Select(c => (Group(c), c.Descriptor.WorkloadMethod.Name)).Distinct().Count());
-                var groupsInOrder = inRound.Select(Group).ToList();
-                var runs = groupsInOrder.Where((g, i) => i == 0 || groupsInOrder[i - 1] != g).ToList();
+                Assert.Equal(inRound.Count, inRound.Select(c => (RoundsFirstOrderer.GroupOf(c), c.Descriptor.WorkloadMethod.Name)).Distinct().Count());
+                var groups = inRound.Select(RoundsFirstOrderer.GroupOf).ToList();
+                var runs = groups.Where((g, i) => i == 0 || groups[i - 1] != g).ToList();
                 Assert.Equal(runs.Count, runs.Distinct().Count());
+                foreach (var first in inRound.Where((c, i) => i == 0 || groups[i - 1] != groups[i]))
+                {
+                    string group = RoundsFirstOrderer.GroupOf(first);
+                    if (!firsts.TryGetValue(group, out var names))
+                        firsts[group] = names = new HashSet<string>();
+                    names.Add(first.Descriptor.WorkloadMethod.Name);
+                }
             }
+
+            // Rotation: over the rounds, every contender of a group (three here, five rounds) is measured first once or more.
+            int contenders = typeof(LoraBenchmarks).GetMethods().Count(m => m.GetCustomAttributes(typeof(BenchmarkDotNet.Attributes.BenchmarkAttribute), false).Length > 0);
+            Assert.True(RoundsBenchmark.Count >= contenders);
+            Assert.All(firsts.Values, names => Assert.Equal(contenders, names.Count));
         }
 
         [Fact]
