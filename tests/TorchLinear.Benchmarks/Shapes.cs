@@ -30,14 +30,17 @@ namespace TorchLinear.Benchmarks
             _ => throw new ArgumentOutOfRangeException(nameof(shape)),
         };
 
-        /// <summary>2·rows·in·out for the forward product; training adds the two backward products (×3).</summary>
+        /// <summary>
+        /// 2·rows·in·out for the forward product. Training adds one backward product, the weight's gradient (×2): the
+        /// benchmarks' inputs do not require gradients, so autograd computes no input gradient.
+        /// </summary>
         public static double Flops(Shape shape, bool training)
         {
             var (input, inFeatures, outFeatures) = Of(shape);
             long rows = 1;
             for (int i = 0; i < input.Length - 1; i++)
                 rows *= input[i];
-            return 2.0 * rows * inFeatures * outFeatures * (training ? 3 : 1);
+            return 2.0 * rows * inFeatures * outFeatures * (training ? 2 : 1);
         }
     }
 }
