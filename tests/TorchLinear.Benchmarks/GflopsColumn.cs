@@ -16,7 +16,7 @@ namespace TorchLinear.Benchmarks
         public int PriorityInCategory => 0;
         public bool IsNumeric => true;
         public UnitType UnitType => UnitType.Dimensionless;
-        public string Legend => "Billions of floating-point operations per second, from the median time (2·rows·in·out per product; training ×3)";
+        public string Legend => "Billions of floating-point operations per second, from the median time (2·rows·in·out per product; training ×2: forward and weight gradient)";
 
         public bool IsDefault(Summary summary, BenchmarkCase benchmarkCase) => false;
 
@@ -38,6 +38,8 @@ namespace TorchLinear.Benchmarks
         {
             if (benchmarkCase.Descriptor.Type == typeof(PeakBenchmarks))
                 return 2.0 * PeakBenchmarks.Size * PeakBenchmarks.Size * PeakBenchmarks.Size;
+            if (benchmarkCase.Descriptor.WorkloadMethod.Name == nameof(LoraBenchmarks.AdapterAlone))
+                return null;  // a part of a layer: the layer's count would mislead
             var shape = benchmarkCase.Parameters.Items.FirstOrDefault(p => p.Name == "Shape")?.Value;
             if (shape is not Shape s)
                 return null;

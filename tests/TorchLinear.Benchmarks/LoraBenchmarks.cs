@@ -1,3 +1,4 @@
+using System.Linq;
 using BenchmarkDotNet.Attributes;
 using BenchmarkDotNet.Configs;
 using TorchLinear.Samples;
@@ -9,7 +10,7 @@ namespace TorchLinear.Benchmarks
 {
     /// <summary>
     /// What a LoRA adapter costs at inference: the frozen base layer (baseline), LoraLinear unmerged (r = 8: two small
-    /// extra products per call) and merged (one linear with W + Δ).
+    /// extra products per call) and merged (one linear with W + Δ), and the unmerged forward's adapter work alone.
     /// </summary>
     [MemoryDiagnoser]
     [GroupBenchmarksBy(BenchmarkLogicalGroupRule.ByCategory, BenchmarkLogicalGroupRule.ByParams)]
@@ -18,7 +19,7 @@ namespace TorchLinear.Benchmarks
     {
         private CustomLinear _base = null!;
         private LoraLinear _unmerged = null!, _merged = null!;
-        private Tensor _input = null!;
+        private Tensor _input = null!, _output = null!;
         private int _threadsBefore;
 
         [Params(Shape.Batch_64x1024to1024, Shape.Sequence_8x128x768to768)]
@@ -47,12 +48,14 @@ namespace TorchLinear.Benchmarks
             _unmerged.eval();
             _merged.eval();
             _input = randn(input);
+            _output = zeros(input[..^1].Append(outFeatures).ToArray());
         }
 
         [GlobalCleanup]
         public void Cleanup()
         {
             _input.Dispose();
+            _output.Dispose();
             _base.Dispose();
             _unmerged.Dispose();
             _merged.Dispose();
@@ -67,6 +70,15 @@ namespace TorchLinear.Benchmarks
 
         [BenchmarkCategory("LoRA inference"), Benchmark(Description = "LoraLinear r=8, merged")]
         public void Merged() => Infer(_merged);
+
+        [BenchmarkCategory("LoRA inference"), Benchmark(Description = "adapter work alone")]
+        public void AdapterAlone()
+        {
+            // What the unmerged forward does beyond the base layer: (x Aᵀ Bᵀ) · scaling, added to an output.
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            _output.add_(_input.matmul(_unmerged.lora_A.t()).matmul(_unmerged.lora_B.t()).mul_(_unmerged.scaling));
+        }
 
         private void Infer(nn.Module<Tensor, Tensor> layer)
         {
