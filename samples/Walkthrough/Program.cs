@@ -61,7 +61,7 @@ try
 {
     seeded.load_state_dict(transposed.state_dict());
 }
-catch (ArgumentException error)
+catch (InvalidOperationException error)
 {
     Console.WriteLine($"But loading its state_dict into CustomLinear(3, 2) is refused:{Environment.NewLine}  {error.Message}");
 }

@@ -40,6 +40,10 @@ namespace TorchLinear
 
         private bool _disposed;
 
+        // True while Module.to(...) replaces weight and bias one after the other: in between, they briefly differ in
+        // dtype or device, which the setters otherwise refuse.
+        private bool _converting;
+
         // Wᵀ, kept between calls: nn.Linear pays for a fresh weight.t() on every call, and that view is most of
         // the per-call cost of a small layer. What would make a kept view wrong, and how each case is handled:
         //  - a view made under no_grad carries no gradient: it is always made with grad mode on;
@@ -61,9 +65,10 @@ namespace TorchLinear
         /// <param name="out_features">Size of each output sample.</param>
         /// <param name="bias">If false, the layer learns no additive bias.</param>
         /// <param name="device">Device of the parameters; the default device if null.</param>
-        /// <param name="dtype">Floating-point dtype of the parameters; the default dtype if null.</param>
+        /// <param name="dtype">Floating-point or complex dtype of the parameters (as <c>nn.Linear</c> accepts:
+        /// Float16, BFloat16, Float32, Float64, ComplexFloat32, ComplexFloat64); the default dtype if null.</param>
         /// <exception cref="ArgumentOutOfRangeException">A feature count is negative.</exception>
-        /// <exception cref="ArgumentException"><paramref name="dtype"/> is not a floating-point type.</exception>
+        /// <exception cref="ArgumentException"><paramref name="dtype"/> is neither floating-point nor complex.</exception>
         public CustomLinear(long in_features, long out_features, bool bias = true, Device? device = null, ScalarType? dtype = null)
             : base(nameof(CustomLinear))
         {
@@ -71,8 +76,9 @@ namespace TorchLinear
                 throw new ArgumentOutOfRangeException(nameof(in_features), in_features, $"CustomLinear: in_features must be 0 or more, but was {in_features}.");
             if (out_features < 0)
                 throw new ArgumentOutOfRangeException(nameof(out_features), out_features, $"CustomLinear: out_features must be 0 or more, but was {out_features}.");
-            if (dtype is { } requested && !is_floating_point(requested))
-                throw new ArgumentException($"CustomLinear: dtype must be a floating-point type (for example Float32 or Float64), but was {requested}.", nameof(dtype));
+            // Parameters require gradients, which libtorch allows for floating-point and complex tensors only.
+            if (dtype is { } requested && !is_floating_point(requested) && !is_complex(requested))
+                throw new ArgumentException($"CustomLinear: dtype must be a floating-point or complex type (for example Float32, BFloat16 or ComplexFloat32), but was {requested}: libtorch lets only those require gradients. For integer arithmetic, call LinearFunctional.linear with integer tensors.", nameof(dtype));
 
             this.in_features = in_features;
             this.out_features = out_features;
@@ -121,7 +127,13 @@ namespace TorchLinear
         /// The learnable weight, shape <c>(out_features, in_features)</c>. Setting it disposes the previous
         /// parameter and registers the new one under the same state_dict key (<c>weight</c>).
         /// </summary>
-        /// <exception cref="ArgumentException">The new weight's shape is not <c>(out_features, in_features)</c>.</exception>
+        /// <remarks>
+        /// A new weight must have the bias's dtype and device, so that a mismatch is refused here rather than at the
+        /// next forward. <c>Module.to(...)</c>, which replaces the weight and then the bias through these setters, is
+        /// let through: the layer knows when it is being converted.
+        /// </remarks>
+        /// <exception cref="ArgumentException">The new weight's shape is not <c>(out_features, in_features)</c>, or
+        /// its dtype or device differs from the bias's.</exception>
         public Parameter weight
         {
             get
@@ -137,6 +149,8 @@ namespace TorchLinear
                     return;
                 if (value.dim() != 2 || value.shape[0] != out_features || value.shape[1] != in_features)
                     throw new ArgumentException($"{this}: a new weight must have shape [{out_features}, {in_features}], but has shape {LinearDiagnostics.Shape(value)}.", nameof(value));
+                if (!_converting && _bias is not null)
+                    ThrowIfUnlike(value, "weight", _bias, "bias");
                 SetWeight(value);
             }
         }
@@ -145,7 +159,8 @@ namespace TorchLinear
         /// The learnable bias, shape <c>(out_features)</c>, or null when the layer has none. Setting it disposes
         /// the previous parameter and (re-)registers the new one under the key <c>bias</c>; null removes it.
         /// </summary>
-        /// <exception cref="ArgumentException">The new bias is not 1-D of length <c>out_features</c>.</exception>
+        /// <exception cref="ArgumentException">The new bias is not 1-D of length <c>out_features</c>, or its dtype
+        /// or device differs from the weight's (except while <c>Module.to(...)</c> converts the layer).</exception>
         public Parameter? bias
         {
             get
@@ -160,6 +175,8 @@ namespace TorchLinear
                     return;
                 if (value is not null && (value.dim() != 1 || value.shape[0] != out_features))
                     throw new ArgumentException($"{this}: a new bias must have shape [{out_features}], but has shape {LinearDiagnostics.Shape(value)}.", nameof(value));
+                if (value is not null && !_converting)
+                    ThrowIfUnlike(value, "bias", _weight, "weight");
                 _bias?.Dispose();
                 _bias = (Parameter?)value?.DetachFromDisposeScope();
                 ConditionallyRegisterParameter(BiasName, _bias);
@@ -205,16 +222,107 @@ namespace TorchLinear
         /// an <c>(out_features)</c> bias, a mismatch is refused before anything is copied, so a refused load
         /// changes nothing. Tensors of another dtype are refused, not converted.
         /// </summary>
-        /// <exception cref="ArgumentException">A key is missing or unexpected (when strict), or a shape or dtype differs.</exception>
+        /// <remarks>
+        /// Refusals are <see cref="InvalidOperationException"/>s, the type TorchSharp's own <c>load_state_dict</c>
+        /// throws for a missing or unexpected key, so that code written against <c>nn.Linear</c> catches them; shape and
+        /// dtype mismatches, which TorchSharp does not detect, use the same type.
+        /// </remarks>
+        /// <exception cref="InvalidOperationException">A key is missing or unexpected (when strict), or a shape or
+        /// dtype differs. The message lists every problem.</exception>
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
         public override (IList<string> missing_keys, IList<string> unexpected_keyes) load_state_dict(
             Dictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
         {
             ThrowIfDisposed();
-            var problems = StateDicts.Problems(this, source, strict, skip);
-            if (problems.Count > 0)
-                throw new ArgumentException($"{this}: refused to load the state_dict, nothing was changed: {string.Join("; ", problems)}.", nameof(source));
-
+            ArgumentNullException.ThrowIfNull(source);
+            StateDicts.ThrowIfProblems(this, source, strict, skip, from: null);
             return base.load_state_dict(source, strict, skip);
+        }
+
+        // A disposed layer has no tensors left: everything that would read them says so, rather than answering
+        // with an empty collection (which Module.save would write out as a valid, empty checkpoint).
+
+        /// <inheritdoc />
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override Dictionary<string, Tensor> state_dict(Dictionary<string, Tensor>? destination = null, string? prefix = null)
+        {
+            ThrowIfDisposed();
+            return base.state_dict(destination, prefix);
+        }
+
+        /// <inheritdoc />
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override IEnumerable<(string name, Parameter parameter)> named_parameters(bool recurse = true)
+        {
+            // Checked when called, not when enumerated: the base method is an iterator.
+            ThrowIfDisposed();
+            return base.named_parameters(recurse);
+        }
+
+        /// <inheritdoc />
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override IEnumerable<Parameter> parameters(bool recurse = true)
+        {
+            ThrowIfDisposed();
+            return base.parameters(recurse);
+        }
+
+        /// <inheritdoc />
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override IEnumerable<(string name, Tensor buffer)> named_buffers(bool recurse = true, bool include_nonpersistent = true)
+        {
+            ThrowIfDisposed();
+            return base.named_buffers(recurse, include_nonpersistent);
+        }
+
+        /// <summary>
+        /// Saves the parameters in TorchSharp's format, as <c>Module.save</c> does, but checks first that the layer is not
+        /// disposed, so that no empty file is created. (Called through a <c>Module</c> reference, TorchSharp's own
+        /// <c>save</c> runs: it creates the file before it asks for the state_dict, and so leaves an empty file behind
+        /// when the <see cref="ObjectDisposedException"/> comes.)
+        /// </summary>
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public new nn.Module save(string location, IList<string>? skip = null)
+        {
+            ThrowIfDisposed();
+            return base.save(location, skip);
+        }
+
+        // Module.to(...) enters through one of these; the check comes before TorchSharp touches the native module.
+
+        /// <inheritdoc />
+        protected override nn.Module _to(Device device, ScalarType dtype, bool non_blocking)
+        {
+            ThrowIfDisposed();
+            return base._to(device, dtype, non_blocking);
+        }
+
+        /// <inheritdoc />
+        protected override nn.Module _to(DeviceType deviceType, int deviceIndex, bool non_blocking)
+        {
+            ThrowIfDisposed();
+            return base._to(deviceType, deviceIndex, non_blocking);
+        }
+
+        /// <inheritdoc />
+        protected override nn.Module _to(ScalarType dtype, bool non_blocking)
+        {
+            ThrowIfDisposed();
+            return base._to(dtype, non_blocking);
+        }
+
+        /// <inheritdoc />
+        protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
+        {
+            _converting = true;
+            try
+            {
+                base._toEpilog(dtype, device, non_blocking);
+            }
+            finally
+            {
+                _converting = false;
+            }
         }
 
         /// <summary>Mirrors PyTorch's <c>extra_repr</c>: <c>CustomLinear(in_features=3, out_features=2, bias=True)</c>.</summary>
@@ -224,11 +332,20 @@ namespace TorchLinear
         /// <inheritdoc />
         protected override void Dispose(bool disposing)
         {
-            // The base class disposes every registered parameter, i.e. weight and bias.
-            _disposed = true;
             if (disposing)
                 DropWeightT();
+            // The base class disposes every registered parameter, i.e. weight and bias, which it finds through
+            // named_parameters: the layer counts as disposed only once that is done.
             base.Dispose(disposing);
+            _disposed = true;
+        }
+
+        private void ThrowIfUnlike(Tensor value, string name, Tensor other, string otherName)
+        {
+            if (value.dtype != other.dtype)
+                throw new ArgumentException($"{this}: a new {name} must have the {otherName}'s dtype {other.dtype}, but is {value.dtype}. Convert it first, or convert the whole layer with .to({value.dtype}).", nameof(value));
+            if (!LinearDiagnostics.SameDevice(value, other))
+                throw new ArgumentException($"{this}: a new {name} must be on the {otherName}'s device {other.device}, but is on {value.device}. Move it first, or move the whole layer with .to(...).", nameof(value));
         }
 
         private static void CheckBias(Tensor bias, Tensor weight)

@@ -71,19 +71,28 @@ namespace TorchLinear
     public static class Equivalence
     {
         /// <summary>
-        /// Compares two floating-point tensors (Float16, BFloat16, Float32, Float64) element by element: bit
-        /// patterns, absolute difference and distance in ULP. <c>-0.0</c> and <c>+0.0</c> are 0 ULP apart but
-        /// differ in bits; two NaNs with the same payload are equal in bits.
+        /// Compares two tensors element by element: bit patterns, absolute difference and distance in ULP.
+        /// Floating-point tensors (Float16, BFloat16, Float32, Float64): <c>-0.0</c> and <c>+0.0</c> are 0 ULP apart
+        /// but differ in bits; two NaNs with the same payload are equal in bits. Complex tensors: an element differs
+        /// when its real or imaginary part does, and the distances are the largest over both parts. Integer and Bool
+        /// tensors: exact comparison; the distance in ULP is the distance in integers (one unit each).
         /// </summary>
         /// <param name="expected">The tensor taken as the truth.</param>
         /// <param name="actual">The tensor under test.</param>
         /// <param name="ignoreNaNPayloads">When true, any two NaNs count as equal, whatever their payload and sign bits
         /// (kernels may produce different NaN bit patterns for the same invalid operation).</param>
-        /// <exception cref="ArgumentException">A tensor is not of a supported floating-point dtype.</exception>
+        /// <exception cref="ArgumentException">A tensor is of a quantized dtype.</exception>
         public static TensorComparison Compare(Tensor expected, Tensor actual, bool ignoreNaNPayloads = false)
         {
             ArgumentNullException.ThrowIfNull(expected);
             ArgumentNullException.ThrowIfNull(actual);
+            if (expected.dtype == actual.dtype && expected.shape.SequenceEqual(actual.shape))
+            {
+                if (is_complex(expected.dtype))
+                    return CompareComplex(expected, actual, ignoreNaNPayloads);
+                if (is_integral(expected.dtype))
+                    return CompareIntegers(expected, actual);
+            }
             var (expectedBits, expectedValues, width) = Read(expected, nameof(expected));
             var (actualBits, actualValues, _) = Read(actual, nameof(actual));
             long[] expectedShape = expected.shape;
@@ -175,6 +184,58 @@ namespace TorchLinear
                 parameterComparisons);
         }
 
+        /// <summary>Compares real and imaginary parts as floats, and counts an element once if either part differs.</summary>
+        private static TensorComparison CompareComplex(Tensor expected, Tensor actual, bool ignoreNaNPayloads)
+        {
+            using var scope = NewDisposeScope();
+            Tensor expectedParts = view_as_real(expected.detach().resolve_conj());
+            Tensor actualParts = view_as_real(actual.detach().resolve_conj());
+            var (expectedBits, expectedValues, width) = Read(expectedParts, nameof(expected));
+            var (actualBits, actualValues, _) = Read(actualParts, nameof(actual));
+            long differing = 0, maxUlp = 0;
+            double maxAbs = 0;
+            for (int i = 0; i < expectedBits.Length; i += 2)
+            {
+                bool differs = false;
+                for (int part = i; part < i + 2; part++)
+                {
+                    if (expectedBits[part] == actualBits[part])
+                        continue;
+                    double e = expectedValues[part], a = actualValues[part];
+                    if (double.IsNaN(e) && double.IsNaN(a))
+                    {
+                        differs |= !ignoreNaNPayloads;
+                        continue;
+                    }
+                    differs = true;
+                    if (double.IsNaN(e) || double.IsNaN(a))
+                    {
+                        maxUlp = long.MaxValue;
+                        maxAbs = double.PositiveInfinity;
+                        continue;
+                    }
+                    double abs = e == a ? 0 : Math.Abs(e - a);
+                    maxAbs = Math.Max(maxAbs, double.IsNaN(abs) ? double.PositiveInfinity : abs);
+                    maxUlp = Math.Max(maxUlp, UlpDistance(expectedBits[part], actualBits[part], width));
+                }
+                if (differs)
+                    differing++;
+            }
+            return new TensorComparison(expected.shape, actual.shape, expected.dtype, actual.dtype, expectedBits.Length / 2, differing, maxAbs, maxUlp);
+        }
+
+        /// <summary>Exact comparison of integer or Bool tensors, computed by libtorch.</summary>
+        private static TensorComparison CompareIntegers(Tensor expected, Tensor actual)
+        {
+            using var scope = NewDisposeScope();
+            Tensor e = expected.detach().cpu().to(ScalarType.Int64);
+            Tensor a = actual.detach().cpu().to(ScalarType.Int64);
+            long count = e.numel();
+            long differing = count == 0 ? 0 : e.ne(a).sum().item<long>();
+            long maxDistance = differing == 0 ? 0 : (e - a).abs().max().item<long>();
+            return new TensorComparison(expected.shape, actual.shape, expected.dtype, actual.dtype, count, differing, maxDistance, maxDistance);
+        }
+
         private static (Tensor output, IList<Tensor> gradients) Run(nn.Module<Tensor, Tensor> module, Tensor input, List<Tensor> parameters, Tensor? gradOutput)
         {
             // A fresh leaf per module, so the two graphs share nothing but the input's values.
@@ -239,7 +300,7 @@ namespace TorchLinear
                     return (values.Select(v => (long)(short)(BitConverter.SingleToInt32Bits(v) >> 16)).ToArray(), values.Select(v => (double)v).ToArray(), 16);
                 }
                 default:
-                    throw new ArgumentException($"Equivalence.Compare: {name} has dtype {tensor.dtype}; only Float16, BFloat16, Float32 and Float64 are supported.", name);
+                    throw new ArgumentException($"Equivalence.Compare: {name} has dtype {tensor.dtype}; floating-point, complex, integer and Bool tensors are supported.", name);
             }
         }
 

@@ -83,6 +83,10 @@ namespace TorchLinear
                 {
                     return bias.addmm(input, transposed);
                 }
+                catch (ExternalException) when (IsIntegerWithoutFeatures(input, weight))
+                {
+                    return MatmulThenAdd(caller, input, weight, bias, transposed);
+                }
                 catch (ExternalException error)
                 {
                     throw LinearDiagnostics.Explain(caller, input, weight, bias, error);
@@ -92,6 +96,12 @@ namespace TorchLinear
             if (dispatch == LinearDispatch.PyTorch && bias is not null && IsLikelyFusable(bias) && input.is_contiguous())
                 return FlattenedAddmm(caller, input, weight, bias, transposed);
 
+            return MatmulThenAdd(caller, input, weight, bias, transposed);
+        }
+
+        /// <summary>libtorch's unfused path: <c>matmul(x, Wᵀ)</c>, then the bias added in place.</summary>
+        private static Tensor MatmulThenAdd(object caller, Tensor input, Tensor weight, Tensor? bias, Tensor transposed)
+        {
             // TorchSharp 0.107's native matmul entry point (THSTensor_matmul) does not catch libtorch errors:
             // a shape or dtype error there terminates the whole process instead of throwing. So on this path
             // the input is checked before matmul is called.
@@ -113,6 +123,15 @@ namespace TorchLinear
             }
             return output;
         }
+
+        /// <summary>
+        /// TorchSharp hands addmm its beta and alpha as floating-point numbers, and libtorch's addmm, when the inner
+        /// dimension is 0, multiplies the bias by beta, which an integer result cannot hold ("result type Float can't
+        /// be cast to ... Long"); functional.linear passes integer ones and succeeds. Integer arithmetic does not
+        /// round, so matmul + add gives addmm's bits there.
+        /// </summary>
+        private static bool IsIntegerWithoutFeatures(Tensor input, Tensor weight) =>
+            is_integral(weight.dtype) && input.dtype == weight.dtype && weight.dim() == 2 && weight.size(1) == 0 && input.size(-1) == 0;
 
         /// <summary>PyTorch's test for flattening: a bias that is 1-D (or 1-D once squeezed) and contiguous.</summary>
         private static bool IsLikelyFusable(Tensor bias)
@@ -142,6 +161,11 @@ namespace TorchLinear
                 using Tensor product = bias.addmm(flat, weightT ?? ownT!);
                 sizes[^1] = product.size(1);
                 return product.view(sizes);
+            }
+            catch (ExternalException) when (IsIntegerWithoutFeatures(input, weight))
+            {
+                using Tensor transposed = weightT is null ? weight.t() : weightT.alias();
+                return MatmulThenAdd(caller, input, weight, bias, transposed);
             }
             catch (ExternalException error)
             {

@@ -58,10 +58,13 @@ namespace TorchLinear
         /// Loads <paramref name="source"/> into <paramref name="module"/> after checking it with <see cref="Problems"/>.
         /// </summary>
         /// <returns>The keys that were missing (only possible when not strict).</returns>
-        /// <exception cref="ArgumentException">Something does not fit; the message lists every problem. Nothing was changed.</exception>
+        /// <exception cref="InvalidOperationException">Something does not fit; the message lists every problem. Nothing
+        /// was changed. (The type TorchSharp's own <c>load_state_dict</c> throws for a missing or unexpected key.)</exception>
         public static IList<string> LoadChecked(nn.Module module, Dictionary<string, Tensor> source, bool strict = true)
         {
-            ThrowIfProblems(module, source, strict, null);
+            ArgumentNullException.ThrowIfNull(module);
+            ArgumentNullException.ThrowIfNull(source);
+            ThrowIfProblems(module, source, strict, null, from: null);
             return module.load_state_dict(source, strict).missing_keys;
         }
 
@@ -71,17 +74,17 @@ namespace TorchLinear
         /// module, and only then loads it. The tensors read from the file are disposed afterwards.
         /// </summary>
         /// <returns>The keys that were missing (only possible when not strict).</returns>
-        /// <exception cref="ArgumentException">The file's tensors do not fit the module; nothing was changed.</exception>
+        /// <exception cref="InvalidOperationException">The file's tensors do not fit the module; nothing was changed.</exception>
+        /// <exception cref="CheckpointFormatException">The file cannot be read as a PyTorch checkpoint; the message names
+        /// the file, and says so when it is a file written by TorchSharp's own <c>Module.save</c>.</exception>
         /// <exception cref="FileNotFoundException">There is no such file.</exception>
         public static IList<string> LoadPyTorchFile(nn.Module module, string path, bool strict = true)
         {
             ArgumentNullException.ThrowIfNull(module);
             ArgumentNullException.ThrowIfNull(path);
-            if (!File.Exists(path))
-                throw new FileNotFoundException($"No checkpoint at {path}.", path);
             using var scope = NewDisposeScope();
             Dictionary<string, Tensor> source = ReadPyTorchFile(path);
-            ThrowIfProblems(module, source, strict, path);
+            ThrowIfProblems(module, source, strict, null, from: path);
             return module.load_state_dict(source, strict).missing_keys;
         }
 
@@ -89,22 +92,40 @@ namespace TorchLinear
         /// Reads every tensor of a <c>torch.save(state_dict)</c> or <c>.safetensors</c> file (by extension) into a
         /// dictionary; the caller owns (and disposes) the tensors.
         /// </summary>
+        /// <exception cref="CheckpointFormatException">The file cannot be read as a PyTorch checkpoint.</exception>
+        /// <exception cref="FileNotFoundException">There is no such file.</exception>
         public static Dictionary<string, Tensor> ReadPyTorchFile(string path)
         {
             ArgumentNullException.ThrowIfNull(path);
-            if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
-                return Safetensors.LoadStateDict(path);
-            Hashtable table = PyTorchUnpickler.UnpickleStateDict(path);
-            return table.Keys.Cast<string>().ToDictionary(key => key, key => (Tensor)table[key]!);
+            if (!File.Exists(path))
+                throw new FileNotFoundException($"No checkpoint at {path}.", path);
+            if (TorchSharpFormat.IsStateDict(path))
+                throw new CheckpointFormatException(path,
+                    $"'{path}' is a file written by TorchSharp's Module.save, not a PyTorch checkpoint: load it with module.load(\"{path}\").");
+            try
+            {
+                if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+                    return Safetensors.LoadStateDict(path);
+                Hashtable table = PyTorchUnpickler.UnpickleStateDict(path);
+                return table.Keys.Cast<string>().ToDictionary(key => key, key => (Tensor)table[key]!);
+            }
+            catch (Exception error) when (error is not (FileNotFoundException or UnauthorizedAccessException or OutOfMemoryException))
+            {
+                throw new CheckpointFormatException(path, $"'{path}' could not be read as a PyTorch checkpoint: {error.GetType().Name}: {error.Message}", error);
+            }
         }
 
-        private static void ThrowIfProblems(nn.Module module, Dictionary<string, Tensor> source, bool strict, string? path)
+        /// <summary>
+        /// Throws an <see cref="InvalidOperationException"/> listing every problem <see cref="Problems"/> finds;
+        /// <paramref name="from"/> names the file the tensors came from, if any.
+        /// </summary>
+        internal static void ThrowIfProblems(nn.Module module, IReadOnlyDictionary<string, Tensor> source, bool strict, IList<string>? skip, string? from)
         {
-            var problems = Problems(module, source, strict);
+            var problems = Problems(module, source, strict, skip);
             if (problems.Count > 0)
             {
-                string from = path is null ? "the state_dict" : $"'{path}'";
-                throw new ArgumentException($"{module}: refused to load {from}, nothing was changed: {string.Join("; ", problems)}.", nameof(source));
+                string what = from is null ? "the state_dict" : $"'{from}'";
+                throw new InvalidOperationException($"{module}: refused to load {what}, nothing was changed: {string.Join("; ", problems)}.");
             }
         }
     }

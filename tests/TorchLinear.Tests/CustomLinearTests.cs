@@ -184,6 +184,43 @@ namespace TorchLinear.Tests
                 Assert.Equal(TensorText.Bits(builtIn.bias!), TensorText.Bits(custom.bias!));
         }
 
+        [Theory]
+        [InlineData(ScalarType.Float64)]
+        [InlineData(ScalarType.BFloat16)]
+        [InlineData(ScalarType.Float16)]
+        [InlineData(ScalarType.ComplexFloat32)]
+        [InlineData(ScalarType.ComplexFloat64)]
+        public void Init_EveryDtypeNnLinearTakes_HoldsNnLinearsNumbers(ScalarType dtype)
+        {
+            // Complex too: libtorch's kaiming_uniform_ and uniform_ fill the real and imaginary parts, and TorchSharp's
+            // nn.Linear(dtype: ComplexFloat32) constructs, runs and trains (measured), as PyTorch's does.
+            manual_seed(11);
+            using var builtIn = nn.Linear(7, 5, dtype: dtype);
+            manual_seed(11);
+            using var custom = new CustomLinear(7, 5, dtype: dtype);
+            Assert.Equal(dtype, custom.weight.dtype);
+            Assert.Equal(TensorText.Bits(builtIn.weight), TensorText.Bits(custom.weight));
+            Assert.Equal(TensorText.Bits(builtIn.bias!), TensorText.Bits(custom.bias!));
+        }
+
+        [Fact]
+        public void Complex_ForwardAndBackward_MatchNnLinearBitForBit()
+        {
+            using var scope = NewDisposeScope();
+            foreach (var dtype in new[] { ScalarType.ComplexFloat32, ScalarType.ComplexFloat64 })
+            foreach (var shape in new[] { new long[] { 7 }, new long[] { 4, 7 }, new long[] { 2, 3, 7 } })
+            {
+                manual_seed(5);
+                var builtIn = nn.Linear(7, 5, dtype: dtype);
+                manual_seed(5);
+                var custom = new CustomLinear(7, 5, dtype: dtype);
+                var x = randn(shape, dtype: dtype);
+                var comparison = Equivalence.CompareModules(builtIn, custom, x);
+                Assert.True(comparison.BitExact, $"{dtype} {TensorText.Shape(x)}:{Environment.NewLine}{comparison}");
+                Assert.Equal(dtype, custom.forward(x).dtype);
+            }
+        }
+
         [Fact]
         public void Init_WithoutInFeatures_GivesAZeroBiasLikePyTorch_WhereTorchSharpsNnLinearThrows()
         {
@@ -249,6 +286,36 @@ namespace TorchLinear.Tests
                 Describe(0, 3, 2, ScalarType.Float32),
                 Describe(1, 4, 3, ScalarType.Float32),
                 Describe(0, 3, 2, ScalarType.Float64),
+            });
+        }
+
+        [Fact]
+        public void Init_SeededHalfPrecisionWeights_AreStable()
+        {
+            // libtorch draws bf16/fp16 uniforms in float and rounds them: the numbers are machine-independent.
+            object Describe(int seed, long inFeatures, long outFeatures, ScalarType dtype)
+            {
+                manual_seed(seed);
+                using var layer = new CustomLinear(inFeatures, outFeatures, dtype: dtype);
+                manual_seed(seed);
+                using var builtIn = nn.Linear(inFeatures, outFeatures, dtype: dtype);
+                Assert.Equal(TensorText.Bits(builtIn.weight), TensorText.Bits(layer.weight));
+                Assert.Equal(TensorText.Bits(builtIn.bias!), TensorText.Bits(layer.bias!));
+                return new
+                {
+                    layer = $"seed {seed}: {layer} {dtype}",
+                    weight = TensorText.ExactDecimals(layer.weight),
+                    weight_bits = TensorText.Bits(layer.weight),
+                    bias = TensorText.ExactDecimals(layer.bias!),
+                    bias_bits = TensorText.Bits(layer.bias!),
+                };
+            }
+            Snapshots.Match(new[]
+            {
+                Describe(0, 3, 2, ScalarType.BFloat16),
+                Describe(1, 4, 3, ScalarType.BFloat16),
+                Describe(0, 3, 2, ScalarType.Float16),
+                Describe(1, 4, 3, ScalarType.Float16),
             });
         }
 
@@ -345,11 +412,44 @@ namespace TorchLinear.Tests
         }
 
         [Fact]
-        public void Constructor_IntegerDtype_IsRefused()
+        public void Constructor_IntegerDtype_IsRefused_AsLibtorchRefusesIntegerParameters()
         {
             var error = Assert.Throws<ArgumentException>(() => new CustomLinear(3, 2, dtype: ScalarType.Int32));
             Assert.Contains("Int32", error.Message);
-            Assert.Contains("floating-point", error.Message);
+            Assert.Contains("floating-point or complex", error.Message);
+            Assert.Contains("LinearFunctional.linear", error.Message);
+            // The anchor: a Parameter (which requires gradients) of an integer dtype is refused by libtorch itself.
+            Assert.Contains("floating point and complex", Assert.ThrowsAny<Exception>(() => new Parameter(ones(2, 3, dtype: ScalarType.Int32))).Message);
+        }
+
+        [Theory]
+        [InlineData(ScalarType.Int64)]
+        [InlineData(ScalarType.Int32)]
+        [InlineData(ScalarType.Bool)]
+        public void Forward_IntegerInput_SuggestsOnlyWhatWorks(ScalarType dtype)
+        {
+            using var layer = new CustomLinear(3, 2);
+            using var x = ones(4, 3, dtype: dtype);
+            var error = AssertRefusedAndUnchanged(layer, () => layer.forward(x));
+            Assert.Contains($"input dtype {dtype} does not match weight dtype Float32", error.Message);
+            Assert.Contains("input.to(Float32)", error.Message);
+            // Module.to accepts floating-point and complex dtypes only, so converting the layer is no advice here.
+            Assert.DoesNotContain($".to({dtype})", error.Message);
+            Assert.Throws<ArgumentException>(() => layer.to(dtype));
+        }
+
+        [Fact]
+        public void Forward_FloatInputOfAnotherWidth_SuggestsConvertingEitherSide_AndBothWork()
+        {
+            using var layer = new CustomLinear(3, 2);
+            using var x = ones(4, 3, dtype: ScalarType.Float64);
+            var error = AssertRefusedAndUnchanged(layer, () => layer.forward(x));
+            Assert.Contains("input.to(Float32)", error.Message);
+            Assert.Contains("the layer with .to(Float64)", error.Message);
+            using (layer.forward(x.to(ScalarType.Float32))) { }
+            layer.to(ScalarType.Float64);
+            using var y = layer.forward(x);
+            Assert.Equal(ScalarType.Float64, y.dtype);
         }
 
         [Theory]
@@ -406,6 +506,110 @@ namespace TorchLinear.Tests
             Assert.Equal(TensorText.Bits(layer.bias! + 3), TensorText.Bits(y));
         }
 
+        [Fact]
+        public void WeightSetter_DtypeUnlikeTheBias_IsRefusedAtTheSetter()
+        {
+            using var layer = new CustomLinear(3, 2);
+            var before = TensorText.Bits(layer.weight);
+            using var doubles = new Parameter(ones(2, 3, dtype: ScalarType.Float64));
+            var error = Assert.Throws<ArgumentException>(() => layer.weight = doubles);
+            Assert.Contains("must have the bias's dtype Float32, but is Float64", error.Message);
+            Assert.Equal(before, TensorText.Bits(layer.weight));
+
+            using var doubleBias = new Parameter(ones(2, dtype: ScalarType.Float64));
+            Assert.Contains("must have the weight's dtype Float32, but is Float64",
+                Assert.Throws<ArgumentException>(() => layer.bias = doubleBias).Message);
+
+            // Without a bias there is nothing to disagree with: the weight may change dtype.
+            using var noBias = new CustomLinear(3, 2, bias: false);
+            noBias.weight = new Parameter(ones(2, 3, dtype: ScalarType.Float64));
+            Assert.Equal(ScalarType.Float64, noBias.weight.dtype);
+        }
+
+        [Theory]
+        [InlineData(ScalarType.Float64)]
+        [InlineData(ScalarType.BFloat16)]
+        [InlineData(ScalarType.Float16)]
+        [InlineData(ScalarType.ComplexFloat64)]
+        public void ModuleTo_ReplacesWeightAndBiasThroughTheSetters_AndStillWorks(ScalarType dtype)
+        {
+            // Module.to replaces the weight, then the bias, through the setters: in between they differ in dtype.
+            manual_seed(2);
+            using var layer = new CustomLinear(3, 2);
+            manual_seed(2);
+            using var builtIn = nn.Linear(3, 2);
+            layer.to(dtype);
+            builtIn.to(dtype);
+            Assert.Equal(dtype, layer.weight.dtype);
+            Assert.Equal(dtype, layer.bias!.dtype);
+            Assert.Equal(TensorText.Bits(builtIn.weight), TensorText.Bits(layer.weight));
+            Assert.Equal(2, layer.parameters().Count());
+            using var x = randn(4, 3, dtype: dtype);
+            Assert.True(Equivalence.CompareModules(builtIn, layer, x).BitExact);
+            // After the conversion the setters check again.
+            using var stale = new Parameter(ones(2, 3));
+            Assert.Throws<ArgumentException>(() => layer.weight = stale);
+        }
+
+        // ---- Dispose: everything that reads the tensors says so ----------------------------------------
+
+        public static IEnumerable<object[]> UsesAfterDispose() => new (string, Action<CustomLinear>)[]
+        {
+            ("forward", l => l.forward(ones(3))),
+            ("weight", l => _ = l.weight),
+            ("bias", l => _ = l.bias),
+            ("state_dict", l => l.state_dict()),
+            ("parameters", l => l.parameters()),
+            ("named_parameters", l => l.named_parameters()),
+            ("buffers", l => l.buffers()),
+            ("to(Float64)", l => l.to(ScalarType.Float64)),
+            ("load_state_dict", l => l.load_state_dict(new Dictionary<string, Tensor>())),
+            ("reset_parameters", l => l.reset_parameters()),
+            ("StateDicts.LoadChecked", l => StateDicts.LoadChecked(l, new Dictionary<string, Tensor>())),
+        }.Select(use => new object[] { use.Item1, use.Item2 });
+
+        [Theory]
+        [MemberData(nameof(UsesAfterDispose))]
+        public void AfterDispose_EveryUse_ThrowsObjectDisposed(string use, Action<CustomLinear> action)
+        {
+            var layer = new CustomLinear(3, 2);
+            layer.Dispose();
+            var error = Assert.Throws<ObjectDisposedException>(() => action(layer));
+            Assert.Contains("CustomLinear", error.Message + error.ObjectName);
+            _ = use;
+        }
+
+        [Fact]
+        public void AfterDispose_Save_Throws_AndWritesNoFile()
+        {
+            var layer = new CustomLinear(3, 2);
+            layer.Dispose();
+            string path = Path.Combine(Path.GetTempPath(), $"torchlinear-disposed-{Guid.NewGuid():N}.bin");
+            Assert.Throws<ObjectDisposedException>(() => layer.save(path));
+            Assert.False(File.Exists(path));
+            // Through a Module reference, TorchSharp's own save runs: it still throws, after creating the file.
+            try
+            {
+                Assert.Throws<ObjectDisposedException>(() => ((nn.Module)layer).save(path));
+            }
+            finally
+            {
+                File.Delete(path);
+            }
+        }
+
+        [Fact]
+        public void Dispose_Twice_AndInsideAParent_IsHarmless()
+        {
+            var layer = new CustomLinear(3, 2);
+            var weight = layer.weight;
+            layer.Dispose();
+            layer.Dispose();
+            Assert.True(weight.IsInvalid);
+            using var parent = nn.Sequential(("0", new CustomLinear(3, 2)));
+            parent.Dispose();
+        }
+
         // ---- load_state_dict: checked before anything is copied --------------------------------------
 
         [Fact]
@@ -414,7 +618,7 @@ namespace TorchLinear.Tests
             using var layer = new CustomLinear(3, 2);
             var source = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3), ["bias"] = ones(1) };
 
-            var error = AssertRefusedAndUnchanged(layer, () => layer.load_state_dict(source));
+            var error = AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(source));
             Assert.Contains("'bias' has shape [1]", error.Message);
             Assert.Contains("[2]", error.Message);
             Assert.Contains("nothing was changed", error.Message);
@@ -431,7 +635,7 @@ namespace TorchLinear.Tests
         {
             using var layer = new CustomLinear(3, 2);
             var source = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3, dtype: ScalarType.Float64), ["bias"] = ones(2) };
-            var error = AssertRefusedAndUnchanged(layer, () => layer.load_state_dict(source));
+            var error = AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(source));
             Assert.Contains("'weight' is Float64, this module's is Float32", error.Message);
         }
 
@@ -442,8 +646,8 @@ namespace TorchLinear.Tests
             var missing = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3) };
             var extra = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3), ["bias"] = ones(2), ["lora_A"] = ones(1, 3) };
 
-            Assert.Contains("missing key 'bias'", AssertRefusedAndUnchanged(layer, () => layer.load_state_dict(missing)).Message);
-            Assert.Contains("unexpected key 'lora_A'", AssertRefusedAndUnchanged(layer, () => layer.load_state_dict(extra)).Message);
+            Assert.Contains("missing key 'bias'", AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(missing)).Message);
+            Assert.Contains("unexpected key 'lora_A'", AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(extra)).Message);
 
             // Not strict: the weight loads, the missing bias is reported, the unexpected key ignored.
             var (missingKeys, _) = layer.load_state_dict(missing, strict: false);
@@ -452,11 +656,15 @@ namespace TorchLinear.Tests
         }
 
         /// <summary>Asserts an ArgumentException and that neither weight nor bias changed a bit.</summary>
-        private static ArgumentException AssertRefusedAndUnchanged(CustomLinear layer, Action action)
+        private static ArgumentException AssertRefusedAndUnchanged(CustomLinear layer, Action action) =>
+            AssertRefusedAndUnchanged<ArgumentException>(layer, action);
+
+        /// <summary>Asserts an exception of exactly <typeparamref name="TException"/> and that neither weight nor bias changed a bit.</summary>
+        private static TException AssertRefusedAndUnchanged<TException>(CustomLinear layer, Action action) where TException : Exception
         {
             var weight = TensorText.Bits(layer.weight);
             var bias = layer.bias is null ? null : TensorText.Bits(layer.bias);
-            var error = Assert.ThrowsAny<ArgumentException>(action);
+            var error = typeof(TException) == typeof(ArgumentException) ? (TException)(Exception)Assert.ThrowsAny<ArgumentException>(action) : Assert.Throws<TException>(action);
             Assert.Equal(weight, TensorText.Bits(layer.weight));
             if (bias is not null)
                 Assert.Equal(bias, TensorText.Bits(layer.bias!));

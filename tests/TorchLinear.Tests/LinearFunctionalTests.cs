@@ -47,13 +47,19 @@ namespace TorchLinear.Tests
             new("transposed 3-D 3×7×12→4", new long[] { 3, 7, 12 }, 12, 4, Transposed: true),
         };
 
+        /// <summary>Every dtype nn.Linear accepts: the four floating-point types libtorch's CPU kernels run, and complex.</summary>
+        public static readonly ScalarType[] GridDtypes =
+        {
+            ScalarType.Float32, ScalarType.Float64, ScalarType.BFloat16, ScalarType.Float16, ScalarType.ComplexFloat32, ScalarType.ComplexFloat64,
+        };
+
         [Fact]
         public void Grid_CustomLinearAndLinearFunctional_MatchBuiltInsBitForBit_ForwardAndBackward()
         {
             var verdicts = new List<object>();
             var failures = new List<string>();
             int seed = 0;
-            foreach (var dtype in new[] { ScalarType.Float32, ScalarType.Float64 })
+            foreach (var dtype in GridDtypes)
             foreach (bool bias in new[] { true, false })
             foreach (var c in Grid)
             {
@@ -93,8 +99,86 @@ namespace TorchLinear.Tests
             }
 
             Assert.True(failures.Count == 0, string.Join(Environment.NewLine, failures));
-            Assert.Equal(Grid.Length * 4, verdicts.Count);
+            Assert.Equal(Grid.Length * GridDtypes.Length * 2, verdicts.Count);
             Snapshots.Match(verdicts);
+        }
+
+        /// <summary>The integer dtypes of PyTorch's OpInfo for nn.functional.linear on CPU, which TorchSharp's functional.linear computes.</summary>
+        public static readonly ScalarType[] IntegerDtypes = { ScalarType.Int64, ScalarType.Int32, ScalarType.Int16, ScalarType.Int8, ScalarType.Byte };
+
+        [Fact]
+        public void IntegerGrid_LinearFunctional_MatchesFunctionalLinearExactly_ForEveryRankAndLayout()
+        {
+            // Integers have no gradients, so this is the forward only; small values keep every sum inside Int8's range
+            // for the small cases, and the wide cases check that both wrap around identically.
+            var failures = new List<string>();
+            int checkedCases = 0, seed = 0;
+            foreach (var dtype in IntegerDtypes)
+            foreach (bool bias in new[] { true, false })
+            foreach (var c in Grid)
+            {
+                seed++;
+                using var scope = NewDisposeScope();
+                using var generator = new Generator((ulong)(5000 + seed));
+                long low = dtype == ScalarType.Byte ? 0 : -3;
+                Tensor weight = randint(low, 4, new[] { c.Out, c.In }, dtype: dtype, generator: generator);
+                Tensor? b = bias ? randint(low, 4, new[] { c.Out }, dtype: dtype, generator: generator) : null;
+                Tensor x = c.Transposed
+                    ? randint(low, 4, c.InputShape.SkipLast(2).Append(c.InputShape[^1]).Append(c.InputShape[^2]).ToArray(), dtype: dtype, generator: generator).transpose(-1, -2)
+                    : randint(low, 4, c.InputShape, dtype: dtype, generator: generator);
+
+                var comparison = Equivalence.Compare(nn.functional.linear(x, weight, b), LinearFunctional.linear(x, weight, b));
+                if (!comparison.BitExact)
+                    failures.Add($"{c.Name} {dtype} bias={bias}: {comparison}");
+                checkedCases++;
+            }
+            Assert.True(failures.Count == 0, string.Join(Environment.NewLine, failures));
+            Assert.Equal(Grid.Length * IntegerDtypes.Length * 2, checkedCases);
+        }
+
+        [Fact]
+        public void Linear_IntegerTensors_GiveTheExactIntegerResult()
+        {
+            // The article's worked example in Int64: W = [[1, 2, 3], [4, 5, 6]], b = [0, 1], x = [1, 2, 3] → [14, 33].
+            foreach (var dtype in IntegerDtypes)
+            {
+                using var scope = NewDisposeScope();
+                var weight = tensor(new long[,] { { 1, 2, 3 }, { 4, 5, 6 } }).to(dtype);
+                var bias = tensor(new long[] { 0, 1 }).to(dtype);
+                Assert.Equal(new long[] { 14, 33 }, LinearFunctional.linear(tensor(new long[] { 1, 2, 3 }).to(dtype), weight, bias).to(ScalarType.Int64).data<long>().ToArray());
+                Assert.Equal(new long[] { 14, 33, 14, 33 }, LinearFunctional.linear(tensor(new long[,] { { 1, 2, 3 }, { 1, 2, 3 } }).to(dtype), weight, bias).to(ScalarType.Int64).data<long>().ToArray());
+            }
+        }
+
+        [Fact]
+        public void Linear_BoolTensors_AreRefusedWithTheReason_WhereFunctionalLinearFailsInsideLibtorch()
+        {
+            using var scope = NewDisposeScope();
+            var weight = ones(2, 3, dtype: ScalarType.Bool);
+            var x = ones(4, 3, dtype: ScalarType.Bool);
+            var error = Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x, weight));
+            Assert.Equal("weight", error.ParamName);
+            Assert.Contains("weight dtype Bool is not supported", error.Message);
+            // The anchor: libtorch has no Bool matrix multiply.
+            Assert.Contains("not implemented for 'Bool'", Assert.ThrowsAny<Exception>(() => nn.functional.linear(x, weight)).Message);
+        }
+
+        [Fact]
+        public void Linear_Errors_NameTheArgumentAtFault()
+        {
+            using var scope = NewDisposeScope();
+            var weight = randn(2, 3);
+            var x = randn(4, 3);
+            var x3 = randn(2, 4, 3);
+
+            // The weight is the reference: a bias that does not agree with it is the bias's fault.
+            Assert.Equal("bias", Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x3, weight, randn(2, dtype: ScalarType.Float64))).ParamName);
+            Assert.Equal("bias", Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x3, weight, randn(3))).ParamName);
+            Assert.Equal("weight", Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x3, randn(2, 2, 3))).ParamName);
+            Assert.Equal("weight", Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x3, ones(2, 3, dtype: ScalarType.Bool))).ParamName);
+            // A wrong input is the input's fault, on the fused path too (where it is diagnosed after libtorch refuses).
+            Assert.Equal("input", Assert.Throws<ArgumentException>(() => LinearFunctional.linear(randn(4, 5), weight, randn(2))).ParamName);
+            Assert.Equal("input", Assert.Throws<ArgumentException>(() => LinearFunctional.linear(x.to(ScalarType.Float64), weight)).ParamName);
         }
 
         [Fact]

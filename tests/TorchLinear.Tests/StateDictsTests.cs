@@ -120,7 +120,7 @@ namespace TorchLinear.Tests
             {
                 var before = module.state_dict().ToDictionary(kv => kv.Key, kv => TensorText.Bits(kv.Value));
 
-                var error = Assert.Throws<ArgumentException>(() => StateDicts.LoadPyTorchFile(module, FileOf(file, format)));
+                var error = Assert.Throws<InvalidOperationException>(() => StateDicts.LoadPyTorchFile(module, FileOf(file, format)));
 
                 Assert.Contains(reason, error.Message);
                 Assert.Contains("nothing was changed", error.Message);
@@ -135,7 +135,7 @@ namespace TorchLinear.Tests
         {
             using var scope = NewDisposeScope();
             var wrong = nn.Sequential(("0", new CustomLinear(8, 12)), ("1", nn.ReLU()), ("2", new CustomLinear(12, 4)));
-            var error = Assert.Throws<ArgumentException>(() => StateDicts.LoadPyTorchFile(wrong, FileOf("mlp", "pt")));
+            var error = Assert.Throws<InvalidOperationException>(() => StateDicts.LoadPyTorchFile(wrong, FileOf("mlp", "pt")));
             Assert.Contains("'0.weight' has shape [16, 8], this module's has shape [12, 8]", error.Message);
             Assert.Contains("'2.weight' has shape [4, 16], this module's has shape [4, 12]", error.Message);
         }
@@ -155,6 +155,118 @@ namespace TorchLinear.Tests
         {
             var error = Assert.Throws<FileNotFoundException>(() => StateDicts.LoadPyTorchFile(new CustomLinear(3, 2), "no-such-file.pt"));
             Assert.Contains("no-such-file.pt", error.Message);
+        }
+
+        // ---- Drop-in: the exception TorchSharp throws for the same fault ------------------------------------------
+        // Ported from TorchSharp's own TestLoadSave (TestSaveLoadSequential_error1, _error2, _lax), with CustomLinear
+        // for Linear and a CustomLinear stack for the Conv2d: code that catches what nn.Linear throws catches ours.
+
+        private static Sequential Stack() => nn.Sequential(("0", new CustomLinear(10, 5)), ("1", new CustomLinear(5, 10)));
+
+        [Fact]
+        public void MissingKey_IsAnInvalidOperationException_AsInTorchSharp()
+        {
+            using var source = Stack();
+            var sd = source.state_dict();
+            sd.Remove("0.bias");
+            using var loaded = Stack();
+            Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, sd));
+            Assert.Throws<InvalidOperationException>(() => ((CustomLinear)loaded[0]).load_state_dict(new Dictionary<string, Tensor> { ["weight"] = sd["0.weight"] }));
+            // The anchor, TorchSharp's own modules:
+            using var builtIn = nn.Sequential(("0", nn.Linear(10, 5)), ("1", nn.Linear(5, 10)));
+            Assert.Throws<InvalidOperationException>(() => builtIn.load_state_dict(sd));
+        }
+
+        [Fact]
+        public void UnexpectedKey_IsAnInvalidOperationException_AsInTorchSharp()
+        {
+            using var source = Stack();
+            var sd = source.state_dict();
+            sd.Add("2.bias", sd["0.bias"]);
+            using var loaded = Stack();
+            Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, sd));
+            using var builtIn = nn.Sequential(("0", nn.Linear(10, 5)), ("1", nn.Linear(5, 10)));
+            Assert.Throws<InvalidOperationException>(() => builtIn.load_state_dict(sd));
+        }
+
+        [Fact]
+        public void ShapeAndDtypeMismatches_WhichTorchSharpDoesNotDetect_UseTheSameType()
+        {
+            using var loaded = Stack();
+            var before = loaded.state_dict().ToDictionary(kv => kv.Key, kv => TensorText.Bits(kv.Value));
+            var wrongShape = loaded.state_dict().ToDictionary(kv => kv.Key, kv => kv.Key == "0.bias" ? ones(1) : kv.Value.clone());
+            var wrongDtype = loaded.state_dict().ToDictionary(kv => kv.Key, kv => kv.Key == "1.weight" ? kv.Value.to(ScalarType.Float64) : kv.Value.clone());
+            Assert.Contains("'0.bias' has shape [1]", Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, wrongShape)).Message);
+            Assert.Contains("'1.weight' is Float64", Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, wrongDtype)).Message);
+            foreach (var (key, tensor) in loaded.state_dict())
+                Assert.Equal(before[key], TensorText.Bits(tensor));
+            // What TorchSharp does with the same input: broadcasts the (1) bias and converts the dtype, silently.
+            using var builtIn = nn.Sequential(("0", nn.Linear(10, 5)), ("1", nn.Linear(5, 10)));
+            builtIn.load_state_dict(wrongShape);
+            builtIn.load_state_dict(wrongDtype);
+        }
+
+        [Fact]
+        public void Lax_ReportsMissingKeys_LikeTorchSharp()
+        {
+            using var source = Stack();
+            var sd = source.state_dict();
+            sd.Remove("0.bias");
+            sd.Add("2.bias", source.state_dict()["1.bias"]);
+            using var loaded = Stack();
+            var missing = StateDicts.LoadChecked(loaded, sd, strict: false);
+            Assert.Equal(new[] { "0.bias" }, missing);
+            Assert.Equal(TensorText.Bits(sd["0.weight"]), TensorText.Bits(loaded.state_dict()["0.weight"]));
+        }
+
+        // ---- Files that are not PyTorch checkpoints ------------------------------------------------------------
+
+        [Fact]
+        public void TorchSharpsOwnFile_IsRecognised_AndTheRightLoaderNamed()
+        {
+            string path = Path.Combine(Path.GetTempPath(), $"torchlinear-ts-{Guid.NewGuid():N}.pt");
+            try
+            {
+                using var layer = new CustomLinear(3, 2);
+                layer.save(path);
+                using var target = new CustomLinear(3, 2);
+                var before = TensorText.Bits(target.weight);
+                var error = Assert.Throws<CheckpointFormatException>(() => StateDicts.LoadPyTorchFile(target, path));
+                Assert.Contains("written by TorchSharp's Module.save", error.Message);
+                Assert.Contains($"module.load(\"{path}\")", error.Message);
+                Assert.Equal(path, error.Path);
+                Assert.Equal(before, TensorText.Bits(target.weight));
+                // The advice works.
+                target.load(path);
+                Assert.Equal(TensorText.Bits(layer.weight), TensorText.Bits(target.weight));
+            }
+            finally
+            {
+                File.Delete(path);
+            }
+        }
+
+        [Theory]
+        [InlineData("empty.pt", new byte[0])]
+        [InlineData("gzip.pt", new byte[] { 0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3 })]
+        [InlineData("text.safetensors", new byte[] { (byte)'h', (byte)'e', (byte)'l', (byte)'l', (byte)'o' })]
+        public void UnreadableFile_IsACheckpointFormatException_NamingTheFile(string name, byte[] bytes)
+        {
+            string path = Path.Combine(Path.GetTempPath(), $"torchlinear-{Guid.NewGuid():N}-{name}");
+            try
+            {
+                File.WriteAllBytes(path, bytes);
+                using var target = new CustomLinear(3, 2);
+                var before = TensorText.Bits(target.weight);
+                var error = Assert.Throws<CheckpointFormatException>(() => StateDicts.LoadPyTorchFile(target, path));
+                Assert.Contains(path, error.Message);
+                Assert.DoesNotContain("TorchSharp's Module.save", error.Message);
+                Assert.Equal(before, TensorText.Bits(target.weight));
+            }
+            finally
+            {
+                File.Delete(path);
+            }
         }
 
         // ---- The other direction: files written from .NET ------------------------------------------------------

@@ -15,12 +15,27 @@ namespace TorchLinear.Tests
             using var host = tensor.detach().cpu().contiguous();
             if (host.numel() == 0)
                 return Array.Empty<string>();
+            if (is_complex(tensor.dtype))
+            {
+                // Real and imaginary parts, in that order, element after element.
+                using var parts = view_as_real(host.resolve_conj());
+                return Bits(parts);
+            }
             return tensor.dtype switch
             {
                 ScalarType.Float32 => host.data<float>().ToArray().Select(v => BitConverter.SingleToUInt32Bits(v).ToString("x8", CultureInfo.InvariantCulture)).ToArray(),
                 ScalarType.Float64 => host.data<double>().ToArray().Select(v => BitConverter.DoubleToUInt64Bits(v).ToString("x16", CultureInfo.InvariantCulture)).ToArray(),
+                ScalarType.Float16 => host.data<Half>().ToArray().Select(v => BitConverter.HalfToUInt16Bits(v).ToString("x4", CultureInfo.InvariantCulture)).ToArray(),
+                ScalarType.BFloat16 => BFloat16Bits(host),
                 _ => throw new ArgumentException($"unsupported dtype {tensor.dtype}"),
             };
+        }
+
+        /// <summary>Every bfloat16 is exactly the float32 whose low 16 bits are zero: its bits are the float's high half.</summary>
+        private static string[] BFloat16Bits(Tensor host)
+        {
+            using var widened = host.to(ScalarType.Float32);
+            return widened.data<float>().ToArray().Select(v => (BitConverter.SingleToUInt32Bits(v) >> 16).ToString("x4", CultureInfo.InvariantCulture)).ToArray();
         }
 
         /// <summary>The exact decimal value of each element (every binary float is a finite decimal).</summary>
