@@ -23,6 +23,12 @@ Console.WriteLine();
 
 var cases = StateDicts.ReadPyTorchFile(Path.Combine(folder, "cases.safetensors"));
 const int Bound = 4;  // ULP of the output's largest magnitude; PyTorch 1.13 and libtorch 2.10 use different GEMM kernels
+Console.WriteLine("Two distances per row, in units in the last place (ULP):");
+Console.WriteLine("  'max N ULP' (in the verdict) counts the floats between PyTorch's and our value of the worst element. Near zero,");
+Console.WriteLine("  floats are dense, so one rounding step of a sum of magnitude ~1 can be dozens of ULP there.");
+Console.WriteLine($"  'ULP at scale' is the largest |difference| divided by one ULP of the largest |output|: the rounding step of the");
+Console.WriteLine($"  computation's own magnitude. That is the measure the bound ({Bound}) applies to.");
+Console.WriteLine();
 Console.WriteLine($"{"case",-14} {"dispatch",-11} {"verdict",-60} {"ULP at scale",12}  within {Bound}?");
 using (no_grad())
 {

@@ -1,4 +1,4 @@
-// Benchmarks of TorchLinear against TorchSharp's built-ins. Run all of them (Release; see README for the time it takes):
+// Benchmarks of TorchLinear against TorchSharp's built-ins. Run all of them (Release; see docs/benchmarks.md for the time it takes):
 //   dotnet run -c Release --project tests/TorchLinear.Benchmarks -- --filter '*'
 // or one class, with fewer rounds:  ... -- --filter '*LoraBenchmarks*' --rounds 3
 using System;

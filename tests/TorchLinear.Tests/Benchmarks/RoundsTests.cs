@@ -8,7 +8,7 @@ using Xunit;
 namespace TorchLinear.Tests.Benchmarks
 {
     /// <summary>
-    /// The benchmark ratios in the README are medians over interleaved rounds; these tests hold the two pieces that make
+    /// The benchmark ratios in docs/benchmarks.md are medians over interleaved rounds; these tests hold the two pieces that make
     /// them so: the execution order, and the arithmetic of the ratio table.
     /// </summary>
     public class RoundsTests

@@ -16,6 +16,9 @@ namespace TorchLinear.Tests.Samples
             var rows = lines.Where(l => l.StartsWith("int/", StringComparison.Ordinal) || l.StartsWith("random/", StringComparison.Ordinal)).ToList();
             Assert.Equal(12, rows.Count);  // six recorded cases, two dispatches
             Assert.All(rows, row => Assert.EndsWith(" yes", row));
+            // The two ULP measures side by side are explained before the table.
+            Assert.Contains(lines, l => l.Contains("'max N ULP' (in the verdict) counts the floats between", StringComparison.Ordinal));
+            Assert.Contains(lines, l => l.Contains("'ULP at scale' is the largest |difference| divided by one ULP of the largest |output|", StringComparison.Ordinal));
         }
     }
 }
