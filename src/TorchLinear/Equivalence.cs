@@ -86,19 +86,16 @@ namespace TorchLinear
         {
             ArgumentNullException.ThrowIfNull(expected);
             ArgumentNullException.ThrowIfNull(actual);
-            if (expected.dtype == actual.dtype && expected.shape.SequenceEqual(actual.shape))
-            {
-                if (is_complex(expected.dtype))
-                    return CompareComplex(expected, actual, ignoreNaNPayloads);
-                if (is_integral(expected.dtype))
-                    return CompareIntegers(expected, actual);
-            }
-            var (expectedBits, expectedValues, width) = Read(expected, nameof(expected));
-            var (actualBits, actualValues, _) = Read(actual, nameof(actual));
             long[] expectedShape = expected.shape;
             long[] actualShape = actual.shape;
             if (expected.dtype != actual.dtype || !expectedShape.SequenceEqual(actualShape))
                 return new TensorComparison(expectedShape, actualShape, expected.dtype, actual.dtype, 0, 0, double.NaN, 0);
+            if (is_complex(expected.dtype))
+                return CompareComplex(expected, actual, ignoreNaNPayloads);
+            if (is_integral(expected.dtype))
+                return CompareIntegers(expected, actual);
+            var (expectedBits, expectedValues, width) = Read(expected, nameof(expected));
+            var (actualBits, actualValues, _) = Read(actual, nameof(actual));
 
             long differing = 0;
             long maxUlp = 0;

@@ -92,12 +92,37 @@ namespace TorchLinear.Tests
             Assert.Equal(1, Equivalence.Compare(bf, bf2).MaxUlp);
         }
 
-        [Fact]
-        public void Compare_IntegerTensor_IsRefused()
+        [Theory]
+        [InlineData(ScalarType.Int64)]
+        [InlineData(ScalarType.Int32)]
+        [InlineData(ScalarType.Int8)]
+        [InlineData(ScalarType.Byte)]
+        [InlineData(ScalarType.Bool)]
+        public void Compare_IntegerAndBoolTensors_AreComparedExactly(ScalarType dtype)
         {
-            using var a = ones(new long[] { 2 }, dtype: ScalarType.Int32);
-            var error = Assert.Throws<ArgumentException>(() => Equivalence.Compare(a, a));
-            Assert.Contains("Int32", error.Message);
+            using var a = tensor(new long[] { 0, 1, 1, 0 }).to(dtype);
+            using var b = tensor(new long[] { 0, 1, 0, 0 }).to(dtype);
+            Assert.True(Equivalence.Compare(a, a).BitExact);
+            var comparison = Equivalence.Compare(a, b);
+            Assert.Equal(4, comparison.ElementCount);
+            Assert.Equal(1, comparison.DifferingElements);
+            Assert.Equal(1, comparison.MaxAbsDiff);
+            Assert.Equal(1, comparison.MaxUlp);  // one integer apart
+        }
+
+        [Fact]
+        public void Compare_ComplexTensors_CountAnElementOnce_AndMeasureBothParts()
+        {
+            using var a = complex(tensor(new float[] { 1, 2, 3 }), tensor(new float[] { 1, 1, 1 }));
+            using var b = complex(tensor(new float[] { 1, 2, MathF.BitIncrement(3) }), tensor(new float[] { 1, 1.5f, 1 }));
+            Assert.True(Equivalence.Compare(a, a).BitExact);
+            var comparison = Equivalence.Compare(a, b);
+            Assert.Equal(3, comparison.ElementCount);
+            Assert.Equal(2, comparison.DifferingElements);
+            Assert.Equal(0.5, comparison.MaxAbsDiff);
+            Assert.Equal(1L << 22, comparison.MaxUlp);  // 1 and 1.5 are 2^22 floats apart
+            using var c = a.to(ScalarType.ComplexFloat64);
+            Assert.False(Equivalence.Compare(a, c).Comparable);
         }
 
         [Fact]
