@@ -3,7 +3,6 @@ using System.Collections;
 using System.Collections.Generic;
 using System.IO;
 using System.Linq;
-using TorchSharp.PyBridge;
 using static TorchSharp.torch;
 
 namespace TorchLinear
@@ -70,8 +69,8 @@ namespace TorchLinear
 
         /// <summary>
         /// Reads a checkpoint written by PyTorch — a <c>torch.save(state_dict)</c> file (zip format) or a
-        /// <c>.safetensors</c> file, told apart by the extension — with TorchSharp.PyBridge, checks it against the
-        /// module, and only then loads it. The tensors read from the file are disposed afterwards.
+        /// <c>.safetensors</c> file, told apart by the extension — with <see cref="ReadPyTorchFile"/>, checks it against
+        /// the module, and only then loads it. The tensors read from the file are disposed afterwards.
         /// </summary>
         /// <returns>The keys that were missing (only possible when not strict).</returns>
         /// <exception cref="InvalidOperationException">The file's tensors do not fit the module; nothing was changed.</exception>
@@ -92,26 +91,35 @@ namespace TorchLinear
         /// Reads every tensor of a <c>torch.save(state_dict)</c> or <c>.safetensors</c> file (by extension) into a
         /// dictionary; the caller owns (and disposes) the tensors.
         /// </summary>
-        /// <exception cref="CheckpointFormatException">The file cannot be read as a PyTorch checkpoint.</exception>
+        /// <remarks>
+        /// Files from strangers are expected: the readers validate before they trust. Safetensors files must follow the
+        /// format's rules as its reference implementation enforces them; <c>torch.save</c> archives are read by exact entry
+        /// names with every CRC checked, and their pickle is unpickled as <c>torch.load(weights_only=True)</c> does, never
+        /// calling what it names. Tensors that share a storage, views and non-contiguous tensors load as PyTorch loads
+        /// them. Time is linear in the file's size and memory is the tensors plus a bounded amount. The file is closed on
+        /// every path. See docs/checkpoints.md.
+        /// </remarks>
+        /// <exception cref="CheckpointFormatException">The file is not a valid checkpoint; the message names the file, and
+        /// where known the key, the byte offset and the rule broken.</exception>
         /// <exception cref="FileNotFoundException">There is no such file.</exception>
+        /// <exception cref="UnauthorizedAccessException">The file may not be read.</exception>
         public static Dictionary<string, Tensor> ReadPyTorchFile(string path)
         {
             ArgumentNullException.ThrowIfNull(path);
             if (!File.Exists(path))
                 throw new FileNotFoundException($"No checkpoint at {path}.", path);
-            if (TorchSharpFormat.IsStateDict(path))
-                throw new CheckpointFormatException(path,
-                    $"'{path}' is a file written by TorchSharp's Module.save, not a PyTorch checkpoint: load it with module.load(\"{path}\").");
             try
             {
                 if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
-                    return Safetensors.LoadStateDict(path);
-                Hashtable table = PyTorchUnpickler.UnpickleStateDict(path);
-                return table.Keys.Cast<string>().ToDictionary(key => key, key => (Tensor)table[key]!);
+                    return SafetensorsFile.Read(path);
+                if (TorchSharpFormat.IsStateDict(path))
+                    throw new CheckpointFormatException(path,
+                        $"it is a file written by TorchSharp's Module.save, not a PyTorch checkpoint: load it with module.load(\"{path}\").");
+                return TorchSaveFile.Read(path);
             }
-            catch (Exception error) when (error is not (FileNotFoundException or UnauthorizedAccessException or OutOfMemoryException))
+            catch (Exception error) when (error is not (CheckpointFormatException or FileNotFoundException or UnauthorizedAccessException or OutOfMemoryException))
             {
-                throw new CheckpointFormatException(path, $"'{path}' could not be read as a PyTorch checkpoint: {error.GetType().Name}: {error.Message}", error);
+                throw new CheckpointFormatException(path, $"it could not be read ({error.GetType().Name}: {error.Message}).", inner: error);
             }
         }
 

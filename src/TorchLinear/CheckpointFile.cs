@@ -1,0 +1,137 @@
+using System;
+using System.IO;
+using System.Runtime.InteropServices;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace TorchLinear
+{
+    /// <summary>
+    /// What every checkpoint reader shares: opening only regular files, reading exactly the bytes a tensor needs
+    /// straight into its memory, and the dtype tables.
+    /// </summary>
+    internal static class CheckpointFile
+    {
+        /// <summary>
+        /// Opens <paramref name="path"/> for reading if it is a regular file. A FIFO or a device would block or never end,
+        /// so it is refused before it is opened (Linux: <c>statx</c>); the stream must also be seekable.
+        /// </summary>
+        internal static FileStream OpenRegular(string path)
+        {
+            if (!File.Exists(path))
+                throw new FileNotFoundException($"No checkpoint at {path}.", path);
+            if (FileType(path) is { } type && type != RegularFile)
+                throw new CheckpointFormatException(path, $"it is not a regular file (a {Describe(type)}); checkpoints are read from regular files only.");
+            var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16, FileOptions.RandomAccess);
+            if (!stream.CanSeek)
+            {
+                stream.Dispose();
+                throw new CheckpointFormatException(path, "it is not a regular file (it cannot be seeked); checkpoints are read from regular files only.");
+            }
+            return stream;
+        }
+
+        /// <summary>
+        /// Creates a 1-D tensor of <paramref name="count"/> elements and fills it with exactly the bytes that follow in
+        /// <paramref name="source"/>; fails if they run out.
+        /// </summary>
+        internal static Tensor ReadTensor(Stream source, ScalarType dtype, long count, string path, string key)
+        {
+            Tensor tensor = empty(count, dtype: dtype);
+            try
+            {
+                long elementSize = ElementSize(dtype);
+                // Span lengths are ints: fill the tensor through views of at most 1 GiB each.
+                long perChunk = Math.Max(1, (1L << 30) / elementSize);
+                for (long start = 0; start < count; start += perChunk)
+                {
+                    long n = Math.Min(perChunk, count - start);
+                    using Tensor chunk = tensor.narrow(0, start, n);
+                    Span<byte> bytes = chunk.bytes;
+                    int read = 0;
+                    while (read < bytes.Length)
+                    {
+                        int got = source.Read(bytes[read..]);
+                        if (got == 0)
+                            throw new CheckpointFormatException(path, $"the data ends {bytes.Length - read} bytes before the tensor's {count * elementSize} bytes are complete.", key);
+                        read += got;
+                    }
+                }
+                return tensor;
+            }
+            catch
+            {
+                tensor.Dispose();
+                throw;
+            }
+        }
+
+        /// <summary>Bytes per element; 0 for a dtype TorchSharp cannot hold.</summary>
+        internal static int ElementSize(ScalarType dtype) => dtype switch
+        {
+            ScalarType.Bool or ScalarType.Byte or ScalarType.Int8 => 1,
+            ScalarType.Int16 or ScalarType.Float16 or ScalarType.BFloat16 => 2,
+            ScalarType.Int32 or ScalarType.Float32 => 4,
+            ScalarType.Int64 or ScalarType.Float64 or ScalarType.ComplexFloat32 => 8,
+            ScalarType.ComplexFloat64 => 16,
+            _ => 0,
+        };
+
+        /// <summary>numel × element size, or null if it overflows a long.</summary>
+        internal static long? ByteCount(long[] shape, ScalarType dtype)
+        {
+            long count = 1;
+            foreach (long size in shape)
+            {
+                if (size < 0)
+                    return null;
+                if (size != 0 && count > long.MaxValue / size)
+                    return null;
+                count *= size;
+            }
+            long element = ElementSize(dtype);
+            return count > long.MaxValue / element ? null : count * element;
+        }
+
+        private const int RegularFile = 0x8000;
+
+        private static string Describe(int type) => type switch
+        {
+            0x1000 => "FIFO",
+            0x2000 => "character device",
+            0x4000 => "directory",
+            0x6000 => "block device",
+            0xC000 => "socket",
+            _ => $"file of type 0{Convert.ToString(type, 8)}",
+        };
+
+        /// <summary>The file-type bits of the file's mode (S_IFMT), or null where the system cannot say.</summary>
+        private static int? FileType(string path)
+        {
+            if (!OperatingSystem.IsLinux())
+                return null;
+            try
+            {
+                // struct statx has the same layout on every Linux architecture; stx_mode is the u16 at byte 28.
+                Span<byte> buffer = stackalloc byte[256];
+                const int AtFdCwd = -100, AtStatxSyncAsStat = 0, StatxType = 1;
+                unsafe
+                {
+                    fixed (byte* b = buffer)
+                    {
+                        if (statx(AtFdCwd, path, AtStatxSyncAsStat, StatxType, b) != 0)
+                            return null;
+                    }
+                }
+                return BitConverter.ToUInt16(buffer[28..30]) & 0xF000;
+            }
+            catch (Exception error) when (error is EntryPointNotFoundException or DllNotFoundException)
+            {
+                return null;
+            }
+        }
+
+        [DllImport("libc", SetLastError = true)]
+        private static extern unsafe int statx(int dirfd, [MarshalAs(UnmanagedType.LPUTF8Str)] string path, int flags, uint mask, byte* buffer);
+    }
+}
