@@ -112,9 +112,6 @@ namespace TorchLinear
             {
                 if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
                     return SafetensorsFile.Read(path);
-                if (TorchSharpFormat.IsStateDict(path))
-                    throw new CheckpointFormatException(path,
-                        $"it is a file written by TorchSharp's Module.save, not a PyTorch checkpoint: load it with module.load(\"{path}\").");
                 return TorchSaveFile.Read(path);
             }
             catch (Exception error) when (error is not (CheckpointFormatException or FileNotFoundException or UnauthorizedAccessException or OutOfMemoryException))

@@ -24,6 +24,9 @@ namespace TorchLinear
         internal static Dictionary<string, Tensor> Read(string path)
         {
             using FileStream stream = CheckpointFile.OpenRegular(path);
+            if (TorchSharpFormat.IsStateDict(stream))
+                throw new CheckpointFormatException(path,
+                    $"it is a file written by TorchSharp's Module.save, not a PyTorch checkpoint: load it with module.load(\"{path}\").");
             RefuseLegacyFormat(stream, path);
             TorchZipArchive archive = TorchZipArchive.Open(stream, path);
 

@@ -14,12 +14,13 @@ namespace TorchLinear
     {
         private const int MaxRank = 64;
 
-        internal static bool IsStateDict(string path)
+        /// <summary>Walks <paramref name="stream"/> from its start; leaves it at its start again.</summary>
+        internal static bool IsStateDict(Stream stream)
         {
             try
             {
-                using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 4096, FileOptions.SequentialScan);
-                if (!stream.CanSeek || stream.Length == 0)
+                stream.Position = 0;
+                if (stream.Length == 0)
                     return false;
                 using var reader = new BinaryReader(stream, Encoding.UTF8, leaveOpen: true);
                 long count = Leb128(reader);
@@ -52,6 +53,10 @@ namespace TorchLinear
             catch (Exception error) when (error is EndOfStreamException or FormatException or IOException)
             {
                 return false;
+            }
+            finally
+            {
+                stream.Position = 0;
             }
         }
 
