@@ -12,7 +12,7 @@ namespace TorchLinear
     /// A strict reader of the safetensors format, enforcing the rules of its reference implementation
     /// (huggingface/safetensors, <c>SafeTensors::read_metadata</c> and <c>Metadata::validate</c>): an 8-byte
     /// little-endian header length of at most 100,000,000 within the file; a UTF-8 JSON object header (trailing
-    /// spaces allowed); for every tensor a known dtype, a shape of non-negative integers and <c>data_offsets</c> of two
+    /// whitespace allowed); for every tensor a known dtype, a shape of non-negative integers and <c>data_offsets</c> of two
     /// integers whose difference is numel × itemsize; the tensors, in offset order, tile the data area from 0 to its end
     /// with no gap and no overlap. Stricter than the reference in one point: a key may appear only once.
     /// Everything is validated before a tensor is allocated; memory is the tensors plus the header.
@@ -84,11 +84,12 @@ namespace TorchLinear
             {
                 var reader = new Utf8JsonReader(header, new JsonReaderOptions { CommentHandling = JsonCommentHandling.Disallow, MaxDepth = 8 });
                 using var document = JsonDocument.ParseValue(ref reader);
-                // Only spaces may follow the object (writers pad the header to an 8-byte boundary with them).
+                // Only whitespace may follow the object (writers pad the header to an 8-byte boundary with spaces; the
+                // reference implementation's JSON parser accepts any JSON whitespace there).
                 for (long i = reader.BytesConsumed; i < header.Length; i++)
                 {
-                    if (header[i] != (byte)' ')
-                        throw new CheckpointFormatException(path, "the header has bytes other than padding spaces after its JSON object.", offset: 8 + i);
+                    if (header[i] is not ((byte)' ' or (byte)'\t' or (byte)'\n' or (byte)'\r'))
+                        throw new CheckpointFormatException(path, "the header has bytes other than whitespace after its JSON object.", offset: 8 + i);
                 }
                 foreach (JsonProperty property in document.RootElement.EnumerateObject())
                 {
