@@ -1,3 +1,4 @@
+using System.Collections.Generic;
 using System;
 using System.Linq;
 using TorchSharp;
@@ -159,7 +160,7 @@ namespace TorchLinear.Tests
 
             Assert.False(result.BitExact);
             Assert.False(result.Output.BitExact);
-            Assert.False(result.InputGradient.BitExact);  // dL/dx = g W: the perturbed W shows here too
+            Assert.False(result.InputGradient!.BitExact);  // dL/dx = g W: the perturbed W shows here too
             Assert.True(result.ParameterGradients["weight"].BitExact);  // dL/dW = gᵀ x does not involve W
             Assert.Contains("output:", result.ToString());
         }
@@ -173,6 +174,173 @@ namespace TorchLinear.Tests
             var error = Assert.Throws<ArgumentException>(() => Equivalence.CompareModules(a, b, x));
             Assert.Contains("[weight, bias]", error.Message);
             Assert.Contains("[weight]", error.Message);
+        }
+
+        // ---- AssertClose: torch.testing.assert_close's semantics and words ------------------------------------------
+
+        public static IEnumerable<object[]> RecordedCases() =>
+            System.Text.Json.JsonDocument.Parse(System.IO.File.ReadAllText(AssertCloseCases("cases.json")))
+                .RootElement.GetProperty("cases").EnumerateArray().Select(c => new object[] { c.GetProperty("name").GetString()! });
+
+        private static string AssertCloseCases(string file) => System.IO.Path.Combine(AppContext.BaseDirectory, "ReferenceData", "AssertClose", file);
+
+        [Theory]
+        [MemberData(nameof(RecordedCases))]
+        public void AssertClose_GivesPyTorchsVerdictAndMessage(string name)
+        {
+            // make_assert_close.py recorded what PyTorch 1.13's assert_close said for each case; our message is PyTorch's,
+            // followed by one line of our own with the greatest distance in ULP (floating-point tensors only).
+            using var scope = NewDisposeScope();
+            var record = System.Text.Json.JsonDocument.Parse(System.IO.File.ReadAllText(AssertCloseCases("cases.json")))
+                .RootElement.GetProperty("cases").EnumerateArray().Single(c => c.GetProperty("name").GetString() == name);
+            var tensors = StateDicts.ReadPyTorchFile(AssertCloseCases("cases.safetensors"));
+            Tensor actual = tensors[name + "/actual"], expected = tensors[name + "/expected"];
+            if (record.GetProperty("complex").GetBoolean())
+                (actual, expected) = (view_as_complex(actual), view_as_complex(expected));
+            var options = record.GetProperty("options");
+            double? Option(string key) => options.TryGetProperty(key, out var v) && v.ValueKind == System.Text.Json.JsonValueKind.Number ? v.GetDouble() : null;
+            bool Flag(string key, bool fallback) => options.TryGetProperty(key, out var v) ? v.GetBoolean() : fallback;
+            void Act() => Equivalence.AssertClose(actual, expected, Option("rtol"), Option("atol"), Flag("equal_nan", false),
+                                                  check_dtype: Flag("check_dtype", true));
+
+            var message = record.GetProperty("message");
+            if (message.ValueKind == System.Text.Json.JsonValueKind.Null)
+            {
+                Act();
+                return;
+            }
+            string pytorch = message.GetString()!;
+            string ours = Assert.Throws<TensorMismatchException>(Act).Message;
+            Assert.StartsWith(pytorch, ours);
+            string rest = ours[pytorch.Length..];
+            Assert.Matches(@"^(|\n(Greatest ULP distance: (\d+|unbounded \(NaN against a number\)) at index \([\d, ]+\)|ULP distance: \d+))$", rest);
+        }
+
+        [Fact]
+        public void AssertClose_OneToleranceAlone_IsRefusedAsInPyTorch()
+        {
+            using var a = ones(2);
+            var error = Assert.Throws<ArgumentException>(() => Equivalence.AssertClose(a, a, rtol: 0.1));
+            Assert.Contains("Both 'rtol' and 'atol' must be either specified or omitted, but got no atol.", error.Message);
+            Assert.Contains("but got no rtol", Assert.Throws<ArgumentException>(() => Equivalence.AssertClose(a, a, atol: 0.1)).Message);
+        }
+
+        [Fact]
+        public void AssertClose_NamesTheWorstElementInUlp()
+        {
+            using var expected = tensor(new float[] { 1, 2, 4 });
+            using var actual = tensor(new float[] { 1, MathF.BitIncrement(MathF.BitIncrement(2)), 4.5f });
+            string message = Assert.Throws<TensorMismatchException>(() => Equivalence.AssertClose(actual, expected, rtol: 0, atol: 0)).Message;
+            Assert.Contains("Mismatched elements: 2 / 3 (66.7%)", message);
+            Assert.Contains("Greatest ULP distance: 1048576 at index (2,)", message);  // 4 → 4.5 is 2^20 floats
+            Assert.Contains("Greatest absolute difference: 0.5 at index (2,)", message);
+        }
+
+        [Fact]
+        public void AssertClose_DeviceMismatch_IsReported_UnlessDisabled()
+        {
+            using var cpu = ones(2);
+            using var meta = empty(2, device: new Device(DeviceType.META));
+            Assert.Contains("The values for attribute 'device' do not match", Assert.Throws<TensorMismatchException>(() => Equivalence.AssertClose(meta, cpu)).Message);
+        }
+
+        [Fact]
+        public void AssertClose_CustomMessage_ReplacesTheGeneratedOne()
+        {
+            using var a = ones(2);
+            using var b = zeros(2);
+            Assert.Equal("the port drifted", Assert.Throws<TensorMismatchException>(() => Equivalence.AssertClose(a, b, msg: "the port drifted")).Message);
+        }
+
+        // ---- Compare reads native memory: its managed allocation does not grow with the tensor ----------------------
+
+        [Fact]
+        public void Compare_AllocatesTheSameManagedMemory_ForAThousandAndAMillionElements()
+        {
+            long Allocated(long n)
+            {
+                using var scope = NewDisposeScope();
+                var a = randn(n);
+                var b = a + 1e-3f;
+                Equivalence.Compare(a, b);  // warm-up
+                long before = GC.GetAllocatedBytesForCurrentThread();
+                var comparison = Equivalence.Compare(a, b);
+                long bytes = GC.GetAllocatedBytesForCurrentThread() - before;
+                Assert.Equal(n, comparison.ElementCount);
+                Assert.True(comparison.DifferingElements > n / 2);
+                return bytes;
+            }
+            long small = Allocated(1_000), large = Allocated(1_000_000);
+            Assert.True(large <= small + 1024, $"Compare allocated {small} bytes for 1,000 elements and {large} for 1,000,000");
+            Assert.True(large < 16 * 1024, $"Compare allocated {large} managed bytes");
+        }
+
+        [Fact]
+        public void Compare_NonContiguousAndComplexAndHalf_AgreeWithElementByElementBits()
+        {
+            using var scope = NewDisposeScope();
+            var a = randn(30, 40).t();                       // not contiguous
+            var b = a.clone();
+            b[3, 7] = b[3, 7] + 1;
+            var comparison = Equivalence.Compare(a, b);
+            Assert.Equal(1, comparison.DifferingElements);
+            Assert.Equal(1200, comparison.ElementCount);
+            var h = randn(50, dtype: ScalarType.Float16);
+            var h2 = h.clone();
+            h2[10] = tensor(float.NaN).to(ScalarType.Float16);
+            var halves = Equivalence.Compare(h, h2);
+            Assert.Equal(1, halves.DifferingElements);
+            Assert.Equal(long.MaxValue, halves.MaxUlp);
+        }
+
+        // ---- CompareModules: parameters by mapping, or outputs only ---------------------------------------------------
+
+        private sealed class WB : nn.Module<Tensor, Tensor>
+        {
+            private readonly Parameter W, b;
+
+            public WB(Tensor weight, Tensor bias) : base(nameof(WB))
+            {
+                W = new Parameter(weight.detach().clone());
+                b = new Parameter(bias.detach().clone());
+                RegisterComponents();
+            }
+
+            public override Tensor forward(Tensor input) => LinearFunctional.linear(input, W, b);
+        }
+
+        [Fact]
+        public void CompareModules_ParameterMap_PairsWAndBWithWeightAndBias()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(3);
+            var reference = nn.Linear(4, 3);
+            var candidate = new WB(reference.weight, reference.bias!);
+            var x = randn(5, 4);
+            Assert.Contains("Pair them with parameterMap", Assert.Throws<ArgumentException>(() => Equivalence.CompareModules(reference, candidate, x)).Message);
+
+            var comparison = Equivalence.CompareModules(reference, candidate, x, parameterMap: new Dictionary<string, string> { ["weight"] = "W", ["bias"] = "b" });
+            Assert.True(comparison.BitExact, comparison.ToString());
+            Assert.Equal(new[] { "weight", "bias" }, comparison.ParameterGradients.Keys);
+            Assert.Contains("has no parameter 'w'", Assert.Throws<ArgumentException>(() =>
+                Equivalence.CompareModules(reference, candidate, x, parameterMap: new Dictionary<string, string> { ["weight"] = "w" })).Message);
+        }
+
+        [Fact]
+        public void CompareModules_OutputOnly_ComparesALoraLayerWithItsBase()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(4);
+            var pretrained = new CustomLinear(6, 5);
+            var lora = TorchLinear.Samples.LoraLinear.FromLinear(pretrained, r: 2);   // B = 0: the same function
+            var x = randn(3, 6);
+            var comparison = Equivalence.CompareModules(pretrained, lora, x, outputOnly: true);
+            Assert.True(comparison.BitExact, comparison.ToString());
+            Assert.Null(comparison.InputGradient);
+            Assert.Empty(comparison.ParameterGradients);
+            // The LoRA layer's frozen weight pairs with the base's trainable one only by output; a map says so.
+            Assert.Contains("requires a gradient in the reference", Assert.Throws<ArgumentException>(() =>
+                Equivalence.CompareModules(pretrained, lora, x, parameterMap: new Dictionary<string, string> { ["weight"] = "weight" })).Message);
         }
     }
 }

@@ -60,7 +60,7 @@ namespace TorchLinear.Tests.Samples
                 alignGradient: (name, gradient) => name == "weight" ? gradient.t() : gradient);
 
             // Not asserted bit-exact: the memory layout differs, so BLAS may sum in another order.
-            foreach (var comparison in new[] { verdict.Output, verdict.InputGradient }.Concat(verdict.ParameterGradients.Values))
+            foreach (var comparison in new[] { verdict.Output, verdict.InputGradient! }.Concat(verdict.ParameterGradients.Values))
             {
                 Assert.True(comparison.Comparable, comparison.ToString());
                 Assert.True(comparison.MaxAbsDiff <= 1e-6, comparison.ToString());
