@@ -35,14 +35,14 @@ namespace TorchLinear
             internal long MismatchMaxUlpIndex;
         }
 
-        internal readonly record struct Options(double Rtol, double Atol, bool EqualNan, bool IgnoreNaNPayloads);
+        /// <summary>Tolerances for closeness; <paramref name="Closeness"/> false skips that part (Compare needs bits only).</summary>
+        internal readonly record struct Options(double Rtol, double Atol, bool EqualNan, bool IgnoreNaNPayloads, bool Closeness = true);
 
         /// <summary>Scans two tensors of one dtype and shape; both are read on the CPU, made contiguous if they are not.</summary>
         internal static Result Scan(Tensor actual, Tensor expected, Options options)
         {
             using var scope = NewDisposeScope();
             Tensor a = Flat(actual), e = Flat(expected);
-            var result = new Result { MismatchMaxAbsIndex = -1, MismatchMaxRelIndex = -1, MismatchMaxUlpIndex = -1 };
             bool complex = is_complex(actual.dtype);
             if (complex)
             {
@@ -51,15 +51,21 @@ namespace TorchLinear
             }
             ScalarType storage = a.dtype;
             long length = a.numel();
-            int width = CheckpointFile.ElementSize(storage);
-            // Chunks of at most 1 GiB (spans are int-sized), an even number of values so that complex pairs stay whole.
-            long perChunk = ((1L << 30) / width) & ~1L;
-            for (long start = 0; start < length; start += perChunk)
+            if (CheckpointFile.ElementSize(storage) == 0)
+                throw new ArgumentException($"tensors of dtype {actual.dtype} cannot be compared.");
+
+            // Blocks of 4 Mi values (an even number, so complex pairs stay whole), scanned in parallel and merged in
+            // order, so that "the first greatest" is the same element as in a sequential scan.
+            const long Block = 1L << 22;
+            int blocks = (int)((length + Block - 1) / Block);
+            var results = new Result[blocks];
+            System.Threading.Tasks.Parallel.For(0, blocks, new System.Threading.Tasks.ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, block =>
             {
-                long n = Math.Min(perChunk, length - start);
+                long start = block * Block, n = Math.Min(Block, length - start);
                 using Tensor ca = a.narrow(0, start, n), ce = e.narrow(0, start, n);
-                ReadOnlySpan<byte> sa = ca.bytes, se = ce.bytes;
+                var result = new Result { MismatchMaxAbsIndex = -1, MismatchMaxRelIndex = -1, MismatchMaxUlpIndex = -1 };
                 long first = complex ? start / 2 : start;
+                ReadOnlySpan<byte> sa = ca.bytes, se = ce.bytes;
                 switch (storage)
                 {
                     case ScalarType.Float64: Run<F64, ulong>(sa, se, first, complex, options, ref result); break;
@@ -70,12 +76,28 @@ namespace TorchLinear
                     case ScalarType.Int32: Run<I32, int>(sa, se, first, false, options, ref result); break;
                     case ScalarType.Int16: Run<I16, short>(sa, se, first, false, options, ref result); break;
                     case ScalarType.Int8: Run<I8, sbyte>(sa, se, first, false, options, ref result); break;
-                    case ScalarType.Byte or ScalarType.Bool: Run<U8, byte>(sa, se, first, false, options, ref result); break;
-                    default: throw new ArgumentException($"tensors of dtype {actual.dtype} cannot be compared.");
+                    default: Run<U8, byte>(sa, se, first, false, options, ref result); break;  // Byte, Bool
                 }
+                results[block] = result;
+            });
+
+            var merged = new Result { MismatchMaxAbsIndex = -1, MismatchMaxRelIndex = -1, MismatchMaxUlpIndex = -1 };
+            foreach (Result r in results)
+            {
+                merged.BitsDiffering += r.BitsDiffering;
+                merged.MaxAbs = Math.Max(merged.MaxAbs, r.MaxAbs);
+                merged.MaxUlp = Math.Max(merged.MaxUlp, r.MaxUlp);
+                merged.MaxRel = Math.Max(merged.MaxRel, r.MaxRel);
+                merged.Mismatched += r.Mismatched;
+                if (r.MismatchMaxAbsIndex >= 0 && Greater(r.MismatchMaxAbs, merged.MismatchMaxAbs, merged.MismatchMaxAbsIndex))
+                    (merged.MismatchMaxAbs, merged.MismatchMaxAbsIndex) = (r.MismatchMaxAbs, r.MismatchMaxAbsIndex);
+                if (r.MismatchMaxRelIndex >= 0 && Greater(r.MismatchMaxRel, merged.MismatchMaxRel, merged.MismatchMaxRelIndex))
+                    (merged.MismatchMaxRel, merged.MismatchMaxRelIndex) = (r.MismatchMaxRel, r.MismatchMaxRelIndex);
+                if (r.MismatchMaxUlpIndex >= 0 && (r.MismatchMaxUlp > merged.MismatchMaxUlp || merged.MismatchMaxUlpIndex < 0))
+                    (merged.MismatchMaxUlp, merged.MismatchMaxUlpIndex) = (r.MismatchMaxUlp, r.MismatchMaxUlpIndex);
             }
-            result.Count = complex ? length / 2 : length;
-            return result;
+            merged.Count = complex ? length / 2 : length;
+            return merged;
         }
 
         private static Tensor Flat(Tensor tensor) => tensor.detach().cpu().contiguous().reshape(-1).resolve_conj();
@@ -85,19 +107,70 @@ namespace TorchLinear
         {
             ReadOnlySpan<T> actual = MemoryMarshal.Cast<byte, T>(actualBytes);
             ReadOnlySpan<T> expected = MemoryMarshal.Cast<byte, T>(expectedBytes);
-            int step = pairs ? 2 : 1;
-            for (int i = 0; i < actual.Length; i += step)
+            if (pairs)
             {
-                // Fast path: identical bits are identical values, close by any tolerance, unless they are NaNs
-                // (which are close only with equal_nan).
-                if (TKind.Same(actual[i], expected[i]) && !TKind.IsNaN(actual[i])
-                    && (!pairs || (TKind.Same(actual[i + 1], expected[i + 1]) && !TKind.IsNaN(actual[i + 1]))))
+                for (int i = 0; i < actual.Length; i += 2)
+                {
+                    // Fast path: identical bits are identical values, close by any tolerance, unless they are NaNs
+                    // (which are close only with equal_nan).
+                    if (TKind.Same(actual[i], expected[i]) && !TKind.IsNaN(actual[i])
+                        && TKind.Same(actual[i + 1], expected[i + 1]) && !TKind.IsNaN(actual[i + 1]))
+                        continue;
+                    Element<TKind, T>(actual.Slice(i, 2), expected.Slice(i, 2), first + i / 2, options, ref result);
+                }
+                return;
+            }
+            for (int i = 0; i < actual.Length; i++)
+            {
+                T x = actual[i], y = expected[i];
+                if (TKind.Same(x, y) && !TKind.IsNaN(x))
                     continue;
-                long index = first + i / step;
-                Element<TKind, T>(actual.Slice(i, step), expected.Slice(i, step), index, options, ref result);
+                bool nanX = TKind.IsNaN(x), nanY = TKind.IsNaN(y);
+                long index = first + i;
+                if (nanX || nanY)
+                {
+                    Element<TKind, T>(actual.Slice(i, 1), expected.Slice(i, 1), index, options, ref result);
+                    continue;
+                }
+                // Two numbers (finite or infinite) with different bits: the common case of a comparison that is not exact.
+                double va = TKind.Value(x), ve = TKind.Value(y);
+                double difference = Math.Abs(va - ve);
+                double magnitude = Math.Abs(ve);
+                long ulp = Distance(TKind.Ordered(x), TKind.Ordered(y));
+                result.BitsDiffering++;
+                double abs = va == ve ? 0 : (double.IsNaN(difference) ? double.PositiveInfinity : difference);
+                if (abs > result.MaxAbs)
+                    result.MaxAbs = abs;
+                if (ulp > result.MaxUlp)
+                    result.MaxUlp = ulp;
+                if (difference > 0)
+                {
+                    double rel = difference / magnitude;
+                    if (double.IsNaN(rel))
+                        rel = double.PositiveInfinity;
+                    if (rel > result.MaxRel)
+                        result.MaxRel = rel;
+                }
+                if (!options.Closeness || va == ve || (double.IsFinite(difference) && difference <= options.Atol + options.Rtol * magnitude))
+                    continue;
+                Mismatch(difference, magnitude, ulp, index, ref result);
             }
         }
 
+        private static void Mismatch(double difference, double magnitude, long ulp, long index, ref Result result)
+        {
+            result.Mismatched++;
+            double rel = difference / magnitude;
+            // torch.max propagates NaN: the first NaN difference is the greatest.
+            if (Greater(difference, result.MismatchMaxAbs, result.MismatchMaxAbsIndex))
+                (result.MismatchMaxAbs, result.MismatchMaxAbsIndex) = (difference, index);
+            if (Greater(rel, result.MismatchMaxRel, result.MismatchMaxRelIndex))
+                (result.MismatchMaxRel, result.MismatchMaxRelIndex) = (rel, index);
+            if (ulp > result.MismatchMaxUlp || result.MismatchMaxUlpIndex < 0)
+                (result.MismatchMaxUlp, result.MismatchMaxUlpIndex) = (ulp, index);
+        }
+
+        /// <summary>One element (a number, or a complex pair) whose bits differ or which holds a NaN.</summary>
         private static void Element<TKind, T>(ReadOnlySpan<T> a, ReadOnlySpan<T> e, long index, Options options, ref Result result)
             where TKind : IKind<T> where T : unmanaged
         {
@@ -130,12 +203,6 @@ namespace TorchLinear
                 abs = Math.Max(abs, double.IsNaN(d) ? double.PositiveInfinity : d);
                 ulp = Math.Max(ulp, Distance(TKind.Ordered(a[p]), TKind.Ordered(e[p])));
             }
-            if (bitsDiffer)
-            {
-                result.BitsDiffering++;
-                result.MaxAbs = Math.Max(result.MaxAbs, abs);
-                result.MaxUlp = Math.Max(result.MaxUlp, ulp);
-            }
 
             // torch.isclose: equal values are close (so ±0 are, and infinities of one sign); NaNs only with equal_nan;
             // otherwise |a − e| ≤ atol + rtol·|e| with a finite difference. Complex numbers by their magnitudes.
@@ -155,23 +222,20 @@ namespace TorchLinear
                 difference = Hypot(ar - er, ai - ei);
                 magnitude = Hypot(er, ei);
             }
-            if (bitsDiffer && !anyNaN && difference > 0)
-                result.MaxRel = Math.Max(result.MaxRel, double.IsNaN(difference / magnitude) ? double.PositiveInfinity : difference / magnitude);
-            bool close = equal
+            if (bitsDiffer)
+            {
+                result.BitsDiffering++;
+                result.MaxAbs = Math.Max(result.MaxAbs, abs);
+                result.MaxUlp = Math.Max(result.MaxUlp, ulp);
+                if (!anyNaN && difference > 0)
+                    result.MaxRel = Math.Max(result.MaxRel, double.IsNaN(difference / magnitude) ? double.PositiveInfinity : difference / magnitude);
+            }
+            bool close = !options.Closeness
+                || equal
                 || (options.EqualNan && bothNaN)
                 || (!anyNaN && double.IsFinite(difference) && difference <= options.Atol + options.Rtol * magnitude);
-            if (close)
-                return;
-            result.Mismatched++;
-            double abs2 = double.IsNaN(difference) ? double.NaN : difference;
-            double rel = abs2 / magnitude;
-            // torch.max propagates NaN: the first NaN difference is the greatest.
-            if (Greater(abs2, result.MismatchMaxAbs, result.MismatchMaxAbsIndex))
-                (result.MismatchMaxAbs, result.MismatchMaxAbsIndex) = (abs2, index);
-            if (Greater(rel, result.MismatchMaxRel, result.MismatchMaxRelIndex))
-                (result.MismatchMaxRel, result.MismatchMaxRelIndex) = (rel, index);
-            if (ulp > result.MismatchMaxUlp || result.MismatchMaxUlpIndex < 0)
-                (result.MismatchMaxUlp, result.MismatchMaxUlpIndex) = (ulp, index);
+            if (!close)
+                Mismatch(difference, magnitude, ulp, index, ref result);
         }
 
         private static bool Greater(double candidate, double best, long bestIndex) =>
