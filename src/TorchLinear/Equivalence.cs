@@ -165,9 +165,8 @@ namespace TorchLinear
             if (rtol < 0 || atol < 0)
                 throw new ArgumentException($"Tolerances must not be negative, but got rtol={rtol}, atol={atol}.", rtol < 0 ? nameof(rtol) : nameof(atol));
 
-            long[] actualShape = actual.shape, expectedShape = expected.shape;
-            if (!actualShape.SequenceEqual(expectedShape))
-                return $"The values for attribute 'shape' do not match: {Size(actualShape)} != {Size(expectedShape)}.";
+            if (!LinearDiagnostics.SameShape(actual, expected))
+                return $"The values for attribute 'shape' do not match: {Size(actual.shape)} != {Size(expected.shape)}.";
             if (check_device && !LinearDiagnostics.SameDevice(actual, expected))
                 return $"The values for attribute 'device' do not match: {actual.device} != {expected.device}.";
             if (check_dtype && actual.dtype != expected.dtype)
@@ -184,7 +183,7 @@ namespace TorchLinear
                 (left, right) = (actual.to(common), expected.to(common));
             }
             scan = TensorScan.Scan(left, right, new TensorScan.Options(r, a, equal_nan, IgnoreNaNPayloads: true));
-            return scan.Mismatched == 0 ? null : MismatchMessage(scan, actualShape, left.dtype, r, a);
+            return scan.Mismatched == 0 ? null : MismatchMessage(scan, actual.shape, left.dtype, r, a);
         }
 
         /// <summary>

@@ -82,6 +82,20 @@ namespace TorchLinear
 
         internal static bool SameDevice(Tensor a, Tensor b) => a.device_type == b.device_type && a.device_index == b.device_index;
 
+        /// <summary>Equal shapes, asked through dim() and size(i): TorchSharp's shape getter costs about 1.6 µs a call.</summary>
+        internal static bool SameShape(Tensor a, Tensor b)
+        {
+            long rank = a.dim();
+            if (rank != b.dim())
+                return false;
+            for (int i = 0; i < rank; i++)
+            {
+                if (a.size(i) != b.size(i))
+                    return false;
+            }
+            return true;
+        }
+
         private static string FirstLine(string message)
         {
             int end = message.IndexOf('\n');

@@ -37,7 +37,7 @@ namespace TorchLinear
                         problems.Add($"missing key '{name}' (expected {tensor.dtype} of shape {LinearDiagnostics.Shape(tensor)})");
                     continue;
                 }
-                if (!loaded.shape.SequenceEqual(tensor.shape))
+                if (!LinearDiagnostics.SameShape(loaded, tensor))
                     problems.Add($"'{name}' has shape {LinearDiagnostics.Shape(loaded)}, this module's has shape {LinearDiagnostics.Shape(tensor)}");
                 if (loaded.dtype != tensor.dtype)
                     problems.Add($"'{name}' is {loaded.dtype}, this module's is {tensor.dtype} (convert the tensor, or the module with .to({loaded.dtype}), first)");

@@ -42,13 +42,8 @@ namespace TorchLinear
         internal static Result Scan(Tensor actual, Tensor expected, Options options)
         {
             using var scope = NewDisposeScope();
-            Tensor a = Flat(actual), e = Flat(expected);
             bool complex = is_complex(actual.dtype);
-            if (complex)
-            {
-                a = view_as_real(a).flatten();
-                e = view_as_real(e).flatten();
-            }
+            Tensor a = Readable(actual, complex), e = Readable(expected, complex);
             ScalarType storage = a.dtype;
             long length = a.numel();
             if (CheckpointFile.ElementSize(storage) == 0)
@@ -59,13 +54,15 @@ namespace TorchLinear
             const long Block = 1L << 22;
             int blocks = (int)((length + Block - 1) / Block);
             var results = new Result[blocks];
-            System.Threading.Tasks.Parallel.For(0, blocks, new System.Threading.Tasks.ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, block =>
+            void ScanBlock(int block)
             {
                 long start = block * Block, n = Math.Min(Block, length - start);
-                using Tensor ca = a.narrow(0, start, n), ce = e.narrow(0, start, n);
+                // One block reads the tensors themselves; more read 1-D views of them, block by block.
+                using Tensor? ca = blocks == 1 ? null : a.reshape(-1).narrow(0, start, n);
+                using Tensor? ce = blocks == 1 ? null : e.reshape(-1).narrow(0, start, n);
                 var result = new Result { MismatchMaxAbsIndex = -1, MismatchMaxRelIndex = -1, MismatchMaxUlpIndex = -1 };
                 long first = complex ? start / 2 : start;
-                ReadOnlySpan<byte> sa = ca.bytes, se = ce.bytes;
+                ReadOnlySpan<byte> sa = (ca ?? a).bytes, se = (ce ?? e).bytes;
                 switch (storage)
                 {
                     case ScalarType.Float64: Run<F64, ulong>(sa, se, first, complex, options, ref result); break;
@@ -79,7 +76,12 @@ namespace TorchLinear
                     default: Run<U8, byte>(sa, se, first, false, options, ref result); break;  // Byte, Bool
                 }
                 results[block] = result;
-            });
+            }
+            // Small tensors (one block) are scanned on this thread: a parallel loop costs more than they take.
+            if (blocks == 1)
+                ScanBlock(0);
+            else
+                System.Threading.Tasks.Parallel.For(0, blocks, new System.Threading.Tasks.ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, ScanBlock);
 
             var merged = new Result { MismatchMaxAbsIndex = -1, MismatchMaxRelIndex = -1, MismatchMaxUlpIndex = -1 };
             foreach (Result r in results)
@@ -100,7 +102,16 @@ namespace TorchLinear
             return merged;
         }
 
-        private static Tensor Flat(Tensor tensor) => tensor.detach().cpu().contiguous().reshape(-1).resolve_conj();
+        /// <summary>
+        /// The tensor itself when its memory can be read as it is (on the CPU, contiguous, real); otherwise a CPU,
+        /// contiguous copy (for complex tensors, of the real view: real and imaginary parts interleaved).
+        /// </summary>
+        private static Tensor Readable(Tensor tensor, bool complex)
+        {
+            if (complex)
+                return view_as_real(tensor.detach().cpu().resolve_conj()).contiguous();
+            return tensor.device_type == DeviceType.CPU && tensor.is_contiguous() ? tensor : tensor.detach().cpu().contiguous();
+        }
 
         private static void Run<TKind, T>(ReadOnlySpan<byte> actualBytes, ReadOnlySpan<byte> expectedBytes, long first, bool pairs, Options options, ref Result result)
             where TKind : IKind<T> where T : unmanaged
