@@ -41,6 +41,12 @@ namespace TorchLinear.Samples
         [ComponentName(Name = "lora_B")]
         private Parameter _loraB;
 
+        // While merged, the weight before merging, kept so that unmerge() restores it exactly and state_dict() never
+        // holds W + Δ (which a fresh layer would add Δ to a second time).
+        private Tensor? _unmergedWeight;
+
+        private bool _disposed;
+
         /// <summary>Creates a freshly initialised layer (as <c>nn.Linear</c>) with a fresh adapter.</summary>
         /// <param name="in_features">Size of each input sample.</param>
         /// <param name="out_features">Size of each output sample.</param>
@@ -134,21 +140,22 @@ namespace TorchLinear.Samples
         // The private setters are for Module.to(dtype/device), which replaces each parameter through the
         // property of the same name: the old tensor is freed and the new one registered under the same key.
 
-        /// <summary>The frozen weight, (out_features, in_features).</summary>
-        public Parameter weight { get => _weight; private set => _weight = Replace(_weight, value, "weight"); }
+        /// <summary>The frozen weight, (out_features, in_features); while merged, <c>W + Δ</c>.</summary>
+        public Parameter weight { get { ThrowIfDisposed(); return _weight; } private set => _weight = Replace(_weight, value, "weight"); }
 
         /// <summary>The frozen bias, (out_features), or null.</summary>
-        public Parameter? bias { get => _bias; private set => _bias = Replace(_bias, value!, "bias"); }
+        public Parameter? bias { get { ThrowIfDisposed(); return _bias; } private set => _bias = Replace(_bias, value!, "bias"); }
 
         /// <summary>The adapter's down-projection, (r, in_features).</summary>
-        public Parameter lora_A { get => _loraA; private set => _loraA = Replace(_loraA, value, "lora_A"); }
+        public Parameter lora_A { get { ThrowIfDisposed(); return _loraA; } private set => _loraA = Replace(_loraA, value, "lora_A"); }
 
         /// <summary>The adapter's up-projection, (out_features, r).</summary>
-        public Parameter lora_B { get => _loraB; private set => _loraB = Replace(_loraB, value, "lora_B"); }
+        public Parameter lora_B { get { ThrowIfDisposed(); return _loraB; } private set => _loraB = Replace(_loraB, value, "lora_B"); }
 
         /// <summary>Re-initialises the adapter as loralib does: A ~ kaiming_uniform(a = √5), B = 0.</summary>
         public void reset_lora_parameters()
         {
+            ThrowIfDisposed();
             nn.init.kaiming_uniform_(_loraA, a: Math.Sqrt(5));
             nn.init.zeros_(_loraB);
         }
@@ -156,6 +163,7 @@ namespace TorchLinear.Samples
         /// <summary>The weight update the adapter stands for: <c>(B A) · scaling</c>, shape (out_features, in_features).</summary>
         public Tensor delta_weight()
         {
+            ThrowIfDisposed();
             using var product = _loraB.matmul(_loraA);
             return product * scaling;
         }
@@ -164,30 +172,144 @@ namespace TorchLinear.Samples
         /// Folds the adapter into the weight (<c>W += B A · scaling</c>), so that forward is a single linear.
         /// A second call does nothing. While merged, the adapter gets no gradients: merge for inference.
         /// </summary>
+        /// <remarks>
+        /// The weight before merging is kept (one extra copy of W while merged): <see cref="unmerge"/> restores it bit for
+        /// bit, and <see cref="state_dict"/> saves it, so that a state_dict always describes an unmerged layer and loading
+        /// it anywhere can never apply the update twice.
+        /// </remarks>
         public void merge()
         {
+            ThrowIfDisposed();
             if (merged)
                 return;
             using (no_grad())
-            using (var delta = delta_weight())
+            {
+                _unmergedWeight = _weight.detach().clone().DetachFromDisposeScope();
+                using var delta = delta_weight();
                 _weight.add_(delta);
+            }
             merged = true;
         }
 
         /// <summary>
-        /// Takes the adapter out of the weight again (<c>W -= B A · scaling</c>). Not exact: <c>(W + Δ) − Δ</c> can
-        /// differ from W by one rounding step per element (at most one ULP of max(|W|, |W + Δ|)); the tests check
-        /// that bound. Does nothing when not merged.
+        /// Takes the adapter out of the weight again, restoring the weight kept by <see cref="merge"/> bit for bit.
+        /// (loralib and PEFT subtract <c>B A · scaling</c> instead, which can leave each element one rounding step off.)
+        /// Does nothing when not merged.
         /// </summary>
         public void unmerge()
         {
+            ThrowIfDisposed();
             if (!merged)
                 return;
             using (no_grad())
-            using (var delta = delta_weight())
-                _weight.sub_(delta);
+                _weight.copy_(_unmergedWeight!);
+            _unmergedWeight!.Dispose();
+            _unmergedWeight = null;
             merged = false;
         }
+
+        /// <summary>
+        /// loralib's keys (<c>weight</c>, <c>bias</c>, <c>lora_A</c>, <c>lora_B</c>). A merged layer saves its weight as it
+        /// was before merging, W, not W + Δ: every state_dict describes an unmerged layer, so loading it into a fresh layer
+        /// (or into a merged one, see <see cref="load_state_dict"/>) applies the update exactly once.
+        /// </summary>
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override Dictionary<string, Tensor> state_dict(Dictionary<string, Tensor>? destination = null, string? prefix = null)
+        {
+            ThrowIfDisposed();
+            var result = base.state_dict(destination, prefix);
+            if (merged)
+                result[string.IsNullOrEmpty(prefix) ? "weight" : $"{prefix}.weight"] = _unmergedWeight!;
+            return result;
+        }
+
+        /// <summary>
+        /// Copies the tensors of <paramref name="source"/> after checking every key, shape and dtype, as
+        /// <see cref="CustomLinear.load_state_dict"/> does: TorchSharp's own <c>load_state_dict</c> would let
+        /// <c>copy_</c> broadcast an r = 1 adapter into an r = 4 layer. A refusal names every problem and changes nothing.
+        /// Into a merged layer, the state (an unmerged one, see <see cref="state_dict"/>) is loaded and then merged again.
+        /// </summary>
+        /// <exception cref="InvalidOperationException">A key is missing or unexpected (when strict), or a shape or dtype
+        /// differs; the type TorchSharp throws for a missing or unexpected key.</exception>
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override (IList<string> missing_keys, IList<string> unexpected_keyes) load_state_dict(
+            Dictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
+        {
+            ThrowIfDisposed();
+            ArgumentNullException.ThrowIfNull(source);
+            var problems = StateDicts.Problems(this, source, strict, skip);
+            if (problems.Count > 0)
+                throw new InvalidOperationException($"{this}: refused to load the state_dict, nothing was changed: {string.Join("; ", problems)}.");
+            bool wasMerged = merged;
+            unmerge();
+            var result = base.load_state_dict(source, strict, skip);
+            if (wasMerged)
+                merge();
+            return result;
+        }
+
+        /// <inheritdoc />
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override IEnumerable<(string name, Parameter parameter)> named_parameters(bool recurse = true)
+        {
+            ThrowIfDisposed();
+            return base.named_parameters(recurse);
+        }
+
+        /// <inheritdoc />
+        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
+        public override IEnumerable<Parameter> parameters(bool recurse = true)
+        {
+            ThrowIfDisposed();
+            return base.parameters(recurse);
+        }
+
+        /// <inheritdoc />
+        protected override nn.Module _to(Device device, ScalarType dtype, bool non_blocking)
+        {
+            ThrowIfDisposed();
+            return base._to(device, dtype, non_blocking);
+        }
+
+        /// <inheritdoc />
+        protected override nn.Module _to(DeviceType deviceType, int deviceIndex, bool non_blocking)
+        {
+            ThrowIfDisposed();
+            return base._to(deviceType, deviceIndex, non_blocking);
+        }
+
+        /// <inheritdoc />
+        protected override nn.Module _to(ScalarType dtype, bool non_blocking)
+        {
+            ThrowIfDisposed();
+            return base._to(dtype, non_blocking);
+        }
+
+        /// <inheritdoc />
+        protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
+        {
+            // The kept weight is not a parameter, so Module.to would not convert it: convert unmerged, merge again.
+            bool wasMerged = merged;
+            unmerge();
+            base._toEpilog(dtype, device, non_blocking);
+            if (wasMerged)
+                merge();
+        }
+
+        /// <inheritdoc />
+        protected override void Dispose(bool disposing)
+        {
+            if (disposing)
+            {
+                _unmergedWeight?.Dispose();
+                _unmergedWeight = null;
+            }
+            // The base class frees the parameters it finds through named_parameters: disposed only after it.
+            base.Dispose(disposing);
+            _disposed = true;
+        }
+
+        private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
 
         /// <summary>
         /// Unmerged: <c>linear(x, W, b) + (dropout(x) Aᵀ Bᵀ) · scaling</c>; merged: <c>linear(x, W + Δ, b)</c>.
@@ -195,6 +317,7 @@ namespace TorchLinear.Samples
         /// <exception cref="ArgumentException">The input does not fit the layer; the message says how.</exception>
         public override Tensor forward(Tensor input)
         {
+            ThrowIfDisposed();
             Tensor result;
             try
             {
