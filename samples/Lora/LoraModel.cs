@@ -200,28 +200,28 @@ namespace TorchLinear.Samples
 
         /// <summary>
         /// Folds every adapter into its layer's weight (<c>W += B A · scaling</c>). Like PEFT's <c>safe_merge</c>, every
-        /// update is checked for NaN and infinity before any weight is written. The adapters stay (disabled in the
-        /// forward) until <see cref="merge_and_unload"/> or <see cref="unload"/>.
+        /// update is checked before any weight is written: nothing is merged if one merged weight would hold NaN or
+        /// infinity. The adapters stay (and no longer run in the forward) until <see cref="unmerge"/>,
+        /// <see cref="merge_and_unload"/> or <see cref="unload"/>; each weight before merging is kept for an exact unmerge.
         /// </summary>
-        /// <exception cref="InvalidOperationException">An update holds NaN or infinity; nothing was written.</exception>
+        /// <exception cref="InvalidOperationException">A merged weight would hold NaN or infinity; nothing was written.</exception>
         public static void merge(nn.Module model)
         {
             ArgumentNullException.ThrowIfNull(model);
-            var pending = AdaptedLayers(model).Where(l => !l.Adapter.Merged).ToList();
-            using var scope = NewDisposeScope();
-            var deltas = pending.Select(l => Delta(l.Adapter)).ToList();
-            for (int i = 0; i < pending.Count; i++)
-            {
-                if (!isfinite(deltas[i]).all().item<bool>())
-                    throw new InvalidOperationException($"LoraModel.merge: the update of {pending[i].Path} holds NaN or infinity; no weight was changed.");
-            }
+            Merge(model, keepUnmerged: true);
+        }
+
+        /// <summary>Takes merged adapters out of the weights again, restoring each weight bit for bit (PEFT's unmerge_adapter).</summary>
+        public static void unmerge(nn.Module model)
+        {
+            ArgumentNullException.ThrowIfNull(model);
             using (no_grad())
             {
-                for (int i = 0; i < pending.Count; i++)
+                foreach (var (_, layer, adapter) in AdaptedLayers(model).Where(l => l.Adapter.Merged))
                 {
-                    var weight = WeightOf(pending[i].Layer);
-                    pending[i].Adapter.UnmergedWeight = weight.detach().clone().DetachFromDisposeScope();
-                    weight.add_(deltas[i]);
+                    WeightOf(layer).copy_(adapter.UnmergedWeight!);
+                    adapter.UnmergedWeight!.Dispose();
+                    adapter.UnmergedWeight = null;
                 }
             }
         }
@@ -230,7 +230,9 @@ namespace TorchLinear.Samples
         /// <exception cref="InvalidOperationException">An update holds NaN or infinity; nothing was changed.</exception>
         public static void merge_and_unload(nn.Module model)
         {
-            merge(model);
+            ArgumentNullException.ThrowIfNull(model);
+            // Nothing to unmerge later: no copy of the weights is kept.
+            Merge(model, keepUnmerged: false);
             Remove(model, restore: false);
         }
 
@@ -431,12 +433,13 @@ namespace TorchLinear.Samples
             {
                 if (adapter is null || !adapter.Enabled || adapter.Merged)
                     return null!;  // the output as it is
+                using var scope = NewDisposeScope();
                 Tensor x = module.training && adapter.Dropout > 0 ? nn.functional.dropout(input, adapter.Dropout, training: true) : input;
-                // PEFT: result = result + lora_B(lora_A(dropout(x))) * scaling
-                using Tensor down = adapter.A.forward(x);
-                using Tensor up = adapter.B.forward(down);
-                using Tensor scaled = up * adapter.Scaling;
-                return output + scaled;
+                // PEFT: result = result + lora_B(lora_A(dropout(x))) * scaling, in the same order, but in place: the layer's
+                // fresh output is not saved by its backward, and two full-size temporaries fewer is what the hook costs.
+                Tensor up = adapter.B.forward(adapter.A.forward(x));
+                output.add_(up.mul_(adapter.Scaling));
+                return null!;
             });
             adapter = new Adapter
             {
@@ -492,10 +495,44 @@ namespace TorchLinear.Samples
                 .Select(t => (t.Item1, t.Item2, t.Item3!))
                 .ToList();
 
-        private static Tensor Delta(Adapter adapter)
+        private static void Merge(nn.Module model, bool keepUnmerged)
         {
-            using var product = adapter.B.Weight.matmul(adapter.A.Weight);
-            return product * adapter.Scaling;
+            var pending = AdaptedLayers(model).Where(l => !l.Adapter.Merged).ToList();
+            foreach (var (path, layer, adapter) in pending)
+            {
+                if (!MergesFinite(WeightOf(layer), adapter))
+                    throw new InvalidOperationException($"LoraModel.merge: merging the update of {path} would put NaN or infinity into its weight; no weight was changed.");
+            }
+            using (no_grad())
+            {
+                foreach (var (_, layer, adapter) in pending)
+                {
+                    var weight = WeightOf(layer);
+                    if (keepUnmerged)
+                        adapter.UnmergedWeight = weight.detach().clone().DetachFromDisposeScope();
+                    // W + scaling · (B A), fused: the r-wide product and the sum in one pass over W.
+                    weight.addmm_(adapter.B.Weight, adapter.A.Weight, 1, (float)adapter.Scaling);
+                }
+            }
+        }
+
+        /// <summary>
+        /// Whether W + scaling · B A stays finite. Cheap where it can be: when A, B and W are finite and
+        /// |W| + r · max|B| · max|A| · |scaling| is below the dtype's largest value, it does; otherwise the merged weight is
+        /// computed on the side and checked, as PEFT's safe_merge does.
+        /// </summary>
+        private static bool MergesFinite(Tensor weight, Adapter adapter)
+        {
+            using var scope = NewDisposeScope();
+            Tensor a = adapter.A.Weight, b = adapter.B.Weight;
+            if (!isfinite(a).all().item<bool>() || !isfinite(b).all().item<bool>())
+                return false;
+            // Largest magnitudes through max and min, which reduce without allocating a |W| as large as W.
+            static double Largest(Tensor t) => Math.Max(Math.Abs(t.max().to(ScalarType.Float64).item<double>()), Math.Abs(t.min().to(ScalarType.Float64).item<double>()));
+            double bound = Largest(weight.detach()) + a.size(0) * Largest(a.detach()) * Largest(b.detach()) * Math.Abs(adapter.Scaling);
+            if (double.IsFinite(bound) && bound < finfo(weight.dtype).max)
+                return true;
+            return isfinite(weight.detach().addmm(b, a, 1, (float)adapter.Scaling)).all().item<bool>();
         }
 
         /// <summary>A merged layer's weight is saved as it was before merging, as LoraLinear's state_dict does.</summary>

@@ -75,7 +75,8 @@ namespace TorchLinear.Tests.Docs
 
         /// <summary>
         /// An application as a user writes it: TorchLinear (the assembly these tests were built with, standing in for the
-        /// package, plus its build fix as buildTransitive brings it) and the CPU backend, at the repository's versions.
+        /// package, plus its build fix as buildTransitive brings it), the CPU backend and PyBridge at the repository's
+        /// versions, and the LoRA sample's two copy-paste files.
         /// </summary>
         private static string Project()
         {
@@ -95,6 +96,9 @@ namespace TorchLinear.Tests.Docs
                     <PackageReference Include="TorchSharp-cpu" Version="{versions["TorchSharp-cpu"]}" />
                     <PackageReference Include="TorchSharp.PyBridge" Version="{versions["TorchSharp.PyBridge"]}" />
                     <Reference Include="TorchLinear" HintPath="{library}" />
+                    <!-- The LoRA block uses the two files samples/Lora asks you to copy. -->
+                    <Compile Include="{Path.Combine(Snapshots.RepositoryRoot, "samples", "Lora", "LoraConfig.cs")}" />
+                    <Compile Include="{Path.Combine(Snapshots.RepositoryRoot, "samples", "Lora", "LoraModel.cs")}" />
                   </ItemGroup>
                   <Import Project="{targets}" />
                 </Project>

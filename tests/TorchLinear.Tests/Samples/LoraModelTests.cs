@@ -288,6 +288,29 @@ namespace TorchLinear.Tests.Samples
         }
 
         [Fact]
+        public void AnFp16Adapter_ArrivesInTheLayersDtype_AndModulesTheModelLacks_AreSkipped()
+        {
+            // Published adapters come in fp16 too, and list modules_to_save the model does not have.
+            string folder = Mutated("attention",
+                tensors: s => s.ToDictionary(kv => kv.Key, kv => kv.Key.Contains("lora_") ? kv.Value.to(ScalarType.Float16) : kv.Value),
+                config: c => c["modules_to_save"] = new JsonArray("classifier", "score", "classifier"));
+            try
+            {
+                using var scope = NewDisposeScope();
+                using var model = Pretrained("attention");
+                LoraModel.load_adapter(model, folder);
+                var file = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                var loaded = model.state_dict()["model.layers.0.self_attn.q_proj.lora_B.weight"];
+                Assert.Equal(ScalarType.Float32, loaded.dtype);
+                Assert.True(Equivalence.Compare(file["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].to(ScalarType.Float32), loaded).BitExact);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        [Fact]
         public void AConfigWhoseTargetsMatchNothing_IsRefused()
         {
             string folder = Mutated("attention", config: c => c["target_modules"] = new JsonArray("query", "value"));
@@ -314,7 +337,7 @@ namespace TorchLinear.Tests.Samples
                 ((Parameter)model.state_dict()["2.lora_B.weight"])[0, 0] = tensor(float.NaN);
             var before = TensorText.Bits(model.state_dict()["0.weight"]);
             var error = Assert.Throws<InvalidOperationException>(() => LoraModel.merge(model));
-            Assert.Contains("the update of 2 holds NaN or infinity; no weight was changed", error.Message);
+            Assert.Contains("merging the update of 2 would put NaN or infinity into its weight; no weight was changed", error.Message);
             Assert.Equal(before, TensorText.Bits(model.state_dict()["0.weight"]));
         }
 

@@ -1,0 +1,155 @@
+using System;
+using System.Linq;
+using BenchmarkDotNet.Attributes;
+using TorchLinear.Samples;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Benchmarks
+{
+    /// <summary>
+    /// LoraModel on a model of four 512×512 Linear layers (ReLU between), with an r = 8 adapter on every one, on a
+    /// 64-row batch: the base model, the model after merge_and_unload (goal: the base model's cost), and the model with
+    /// its adapters unmerged (goal: at most 1.15×). LoraMergeBenchmarks times merge_and_unload itself.
+    /// </summary>
+    [MemoryDiagnoser]
+    public class LoraModelBenchmarks : RoundsBenchmark
+    {
+        private const int Width = 512, Rows = 64, Rank = 8;
+        private Sequential _base = null!, _merged = null!, _unmerged = null!;
+        private Tensor _x = null!;
+        private int _threadsBefore;
+
+        [Params(1, 2)]
+        public int Threads { get; set; }
+
+        internal static Sequential Model()
+        {
+            manual_seed(0);
+            return nn.Sequential(("0", nn.Linear(Width, Width)), ("1", nn.ReLU()), ("2", nn.Linear(Width, Width)), ("3", nn.ReLU()),
+                                 ("4", nn.Linear(Width, Width)), ("5", nn.ReLU()), ("6", nn.Linear(Width, Width)));
+        }
+
+        internal static Sequential Adapted()
+        {
+            var model = Model();
+            manual_seed(1);
+            LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = 16, target_modules_regex = "all-linear" });
+            using (no_grad())
+            {
+                foreach (var (name, parameter) in model.named_parameters().Where(p => p.name.EndsWith("lora_B.weight", StringComparison.Ordinal)))
+                    parameter.normal_(0, 0.01);
+            }
+            model.eval();
+            return model;
+        }
+
+        [GlobalSetup]
+        public void Setup()
+        {
+            _threadsBefore = get_num_threads();
+            set_num_threads(Threads);
+            _base = Model();
+            _base.eval();
+            _unmerged = Adapted();
+            _merged = Adapted();
+            LoraModel.merge_and_unload(_merged);
+            manual_seed(2);
+            _x = randn(Rows, Width);
+        }
+
+        [GlobalCleanup]
+        public void Cleanup()
+        {
+            foreach (var model in new[] { _base, _merged, _unmerged })
+                model.Dispose();
+            _x.Dispose();
+            set_num_threads(_threadsBefore);
+        }
+
+        private Tensor Forward(Sequential model)
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            return model.call(_x).MoveToOuterDisposeScope();
+        }
+
+        [Benchmark(Baseline = true, Description = "base model")]
+        public void Base() => Forward(_base).Dispose();
+
+        [Benchmark(Description = "merge_and_unload'ed")]
+        public void Merged() => Forward(_merged).Dispose();
+
+        [Benchmark(Description = "adapters unmerged")]
+        public void Unmerged() => Forward(_unmerged).Dispose();
+    }
+
+    /// <summary>
+    /// merge_and_unload of the four-adapter model against one forward of the base model on a 64-row batch (goal: less
+    /// time). Each measured call needs a freshly adapted model, built before it (IterationSetup): one call per iteration.
+    /// </summary>
+    [MemoryDiagnoser]
+    [InvocationCount(1)]
+    public class LoraMergeBenchmarks : RoundsBenchmark
+    {
+        private Sequential _base = null!;
+        private Sequential? _fresh, _done;
+        private Tensor _x = null!;
+        private int _threadsBefore;
+
+        [Params(1, 2)]
+        public int Threads { get; set; }
+
+        [GlobalSetup]
+        public void Setup()
+        {
+            _threadsBefore = get_num_threads();
+            set_num_threads(Threads);
+            _base = LoraModelBenchmarks.Model();
+            _base.eval();
+            manual_seed(2);
+            _x = randn(64, 512);
+        }
+
+        [GlobalCleanup]
+        public void Cleanup()
+        {
+            _base.Dispose();
+            _x.Dispose();
+            set_num_threads(_threadsBefore);
+        }
+
+        [IterationSetup(Target = nameof(MergeAndUnload))]
+        public void Prepare() => _fresh = LoraModelBenchmarks.Adapted();
+
+        [IterationCleanup(Target = nameof(MergeAndUnload))]
+        public void Release()
+        {
+            _done?.Dispose();
+            _done = null;
+        }
+
+        [Benchmark(Baseline = true, Description = "one forward of the base model")]
+        public void Forward()
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            _base.call(_x);
+        }
+
+        [Benchmark(Description = "merge_and_unload, 4 adapters")]
+        public void MergeAndUnload()
+        {
+            // Without IterationSetup (a test calling the method directly), the model is built and freed here.
+            var model = _fresh ?? LoraModelBenchmarks.Adapted();
+            bool prepared = _fresh is not null;
+            _fresh = null;
+            LoraModel.merge_and_unload(model);
+            if (prepared)
+                _done = model;
+            else
+                model.Dispose();
+        }
+    }
+}
