@@ -183,10 +183,11 @@ namespace TorchLinear.Samples
             if (merged)
                 return;
             using (no_grad())
+            using (NewDisposeScope())
             {
+                // In a dispose scope, so that detach()'s wrapper and the update are freed on the way out.
                 _unmergedWeight = _weight.detach().clone().DetachFromDisposeScope();
-                using var delta = delta_weight();
-                _weight.add_(delta);
+                _weight.add_(delta_weight());
             }
             merged = true;
         }

@@ -56,9 +56,13 @@ namespace TorchLinear.Samples
         {
             private readonly Parameter weight;
 
+            /// <summary>Holds a copy of <paramref name="initial"/>.</summary>
             public LoraProjection(Tensor initial) : base("LoraProjection")
             {
-                weight = new Parameter(initial);
+                // Made in a dispose scope and detached from it: the copy and its detach() wrapper are accounted for, and
+                // new Parameter(t) takes over t's handle there.
+                using (NewDisposeScope())
+                    weight = (Parameter)new Parameter(initial.detach().clone()).DetachFromDisposeScope();
                 RegisterComponents();
             }
 
@@ -272,7 +276,7 @@ namespace TorchLinear.Samples
                 {
                     foreach (var (parameter, original) in originals)
                     {
-                        swapped.Add((parameter, parameter.detach().clone().DetachFromDisposeScope()));
+                        swapped.Add((parameter, Copy(parameter)));
                         parameter.copy_(original);
                     }
                 }
@@ -423,8 +427,8 @@ namespace TorchLinear.Samples
 
         private static void Attach(string path, nn.Module layer, LoraConfig config, Tensor a, Tensor b)
         {
-            var loraA = new LoraProjection(a.detach().clone());
-            var loraB = new LoraProjection(b.detach().clone());
+            var loraA = new LoraProjection(a);
+            var loraB = new LoraProjection(b);
             layer.register_module("lora_A", loraA);
             layer.register_module("lora_B", loraB);
             var hookable = (nn.Module<Tensor, Tensor>)layer;
@@ -455,7 +459,7 @@ namespace TorchLinear.Samples
             foreach (var (name, parameter) in model.named_parameters())
             {
                 if (config.modules_to_save?.Any(m => name.StartsWith(m + ".", StringComparison.Ordinal)) == true)
-                    kept.Add((parameter, parameter.detach().clone().DetachFromDisposeScope()));
+                    kept.Add((parameter, Copy(parameter)));
             }
             Originals.AddOrUpdate(model, kept);
         }
@@ -509,7 +513,7 @@ namespace TorchLinear.Samples
                 {
                     var weight = WeightOf(layer);
                     if (keepUnmerged)
-                        adapter.UnmergedWeight = weight.detach().clone().DetachFromDisposeScope();
+                        adapter.UnmergedWeight = Copy(weight);
                     // W + scaling · (B A), fused: the r-wide product and the sum in one pass over W.
                     weight.addmm_(adapter.B.Weight, adapter.A.Weight, 1, (float)adapter.Scaling);
                 }
@@ -544,6 +548,13 @@ namespace TorchLinear.Samples
                     return adapter.UnmergedWeight!;
             }
             return parameter;
+        }
+
+        /// <summary>A copy of a tensor's values that no dispose scope frees, leaving no temporary behind.</summary>
+        private static Tensor Copy(Tensor tensor)
+        {
+            using (NewDisposeScope())
+                return tensor.detach().clone().DetachFromDisposeScope();
         }
 
         private static Parameter WeightOf(nn.Module layer) => layer switch

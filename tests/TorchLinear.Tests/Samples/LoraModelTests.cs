@@ -375,6 +375,28 @@ namespace TorchLinear.Tests.Samples
             Assert.False(Equivalence.Compare(baseOutput, Run(model, cases["input"])).BitExact);
         }
 
+        [Fact]
+        public void InjectMergeDisableUnload_LeaveNoTensorAlive()
+        {
+            static long Live() => DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            var config = new LoraConfig { r = 2, target_modules_regex = "all-linear", modules_to_save = new[] { "2" } };
+            long before = Live();
+            using (var model = Mlp())
+            {
+                LoraModel.inject(model, config);
+                LoraModel.merge(model);
+                LoraModel.unmerge(model);
+                using (LoraModel.disable_adapters(model)) { }
+                LoraModel.unload(model);
+            }
+            using (var model = Mlp())
+            {
+                LoraModel.inject(model, config);
+                LoraModel.merge_and_unload(model);
+            }
+            Assert.Equal(before, Live());
+        }
+
         // ---- LoraConfig: PEFT's files as they come -------------------------------------------------------------------
 
         private static LoraConfig Config(string json)
