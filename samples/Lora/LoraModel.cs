@@ -332,8 +332,10 @@ namespace TorchLinear.Samples
                     continue;
                 if (module is not (Linear or CustomLinear))
                 {
-                    // A regex or a suffix may name containers too (self_attn when q_proj is meant): only layers matter.
-                    if (config.target_modules is not null && module.named_parameters(recurse: false).Any())
+                    // A regex or a suffix may name containers too (self_attn when q_proj is meant): only layers matter;
+                    // "all-linear" means the linear layers only.
+                    bool allLinear = string.Equals(config.target_modules_regex, "all-linear", StringComparison.OrdinalIgnoreCase);
+                    if (!allLinear && !module.named_children().Any())
                         refused.Add($"{path} is a {module.GetType().Name}, neither nn.Linear nor CustomLinear");
                     continue;
                 }

@@ -375,6 +375,41 @@ namespace TorchLinear.Tests.Samples
             Assert.False(Equivalence.Compare(baseOutput, Run(model, cases["input"])).BitExact);
         }
 
+        /// <summary>CustomLinear heads in a ModuleDict, called with call(x).</summary>
+        private sealed class Heads : nn.Module<Tensor, Tensor>
+        {
+            private readonly ModuleDict<CustomLinear> heads = nn.ModuleDict(("a", new CustomLinear(6, 4)), ("b", new CustomLinear(6, 4)));
+            private readonly ReLU act = nn.ReLU();
+
+            public Heads() : base(nameof(Heads)) => RegisterComponents();
+
+            public override Tensor forward(Tensor x) => act.call(heads["a"].call(x)) + heads["b"].call(x);
+        }
+
+        [Fact]
+        public void Inject_IntoCustomLinearLayersOfAModuleDict_AddsTheUpdateToTheirOutput()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(21);
+            var model = new Heads();
+            var x = randn(5, 6);
+            var adapted = LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "a" } });
+            Assert.Equal(new[] { "heads.a" }, adapted);
+            var state = model.state_dict();
+            using (no_grad())
+                ((Parameter)state["heads.a.lora_B.weight"]).normal_();
+            // The layer's output is W x + b + B A x · 2; the second head is untouched.
+            var expected = (LinearFunctional.linear(x, state["heads.a.weight"], state["heads.a.bias"])
+                            + x.matmul(state["heads.a.lora_A.weight"].t()).matmul(state["heads.a.lora_B.weight"].t()) * 2).relu()
+                           + LinearFunctional.linear(x, state["heads.b.weight"], state["heads.b.bias"]);
+            Equivalence.AssertClose(Run(model, x), expected);
+            Assert.IsType<CustomLinear>(model.named_modules().Single(m => m.name == "heads.a").module);
+
+            // A target that names a layer of another kind is refused by name.
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(new Heads(), new LoraConfig { target_modules = new[] { "act" } }));
+            Assert.Contains("act is a ReLU, neither nn.Linear nor CustomLinear", error.Message);
+        }
+
         [Fact]
         public void InjectMergeDisableUnload_LeaveNoTensorAlive()
         {

@@ -167,6 +167,7 @@ def make(name, build, config, inputs, file="adapter_model.safetensors", dtype=to
         trainable += [p for n, p in model.named_parameters() if n.endswith("bias")]
     for m in config.get("modules_to_save") or []:
         trainable += list(model.get_submodule(m).parameters())
+    trainable = list({id(p): p for p in trainable}.values())  # bias="all" names the adapted layers' biases twice
     for p in trainable:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(trainable, lr=0.05)
@@ -236,7 +237,7 @@ def config(**fields):
 
 def main():
     torch.manual_seed(5)
-    make("mlp", Mlp, config(r=4, lora_alpha=8, target_modules=["0", "2"]), torch.randn(6, 16))
+    make("mlp", Mlp, config(r=4, lora_alpha=8, target_modules=["0", "2"], bias="all"), torch.randn(6, 16))
     make("attention", Classifier,
          config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "self_attn.o_proj"], rank_pattern={"o_proj": 2},
                 alpha_pattern={"layers.1.self_attn.v_proj": 32}, use_rslora=True, bias="lora_only",
