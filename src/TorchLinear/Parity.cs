@@ -64,7 +64,7 @@ namespace TorchLinear
         }
 
         /// <summary>
-        /// Loads the recorded state_dict into <paramref name="module"/> (checked: <see cref="StateDicts.LoadChecked"/>), feeds
+        /// Loads the recorded state_dict into <paramref name="module"/> (every key, shape and dtype checked first), feeds
         /// it the recorded input, captures every submodule's input and output under its path, runs backward with the
         /// recorded upstream gradient (<c>torch.autograd.grad</c>: no <c>.grad</c> is touched), and compares everything.
         /// The module's weights are left as the recording's.
@@ -168,7 +168,8 @@ namespace TorchLinear
                 throw new InvalidOperationException(
                     $"Parity.Replay: the state_dict recorded in '{recording.Path}' does not fit the port {root.GetType().Name}, nothing was changed: {string.Join("; ", problems)}. " +
                     "Name the port's submodules and parameters as the PyTorch model does, or convert entries with ParityOptions.ConvertState.");
-            StateDicts.LoadChecked(root, state);
+            // Checked above: TorchSharp's copy_ cannot broadcast or convert anything now.
+            root.load_state_dict(state);
         }
 
         private static List<ParityRow> Gradients(nn.Module<Tensor, Tensor> root, ParityRecording recording, ParityOptions options, Tensor leaf, Tensor output)

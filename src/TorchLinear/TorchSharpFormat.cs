@@ -73,15 +73,10 @@ namespace TorchLinear
             return -1;
         }
 
-        /// <summary>Bytes per element of TorchSharp's <c>ScalarType</c> codes (libtorch's), 0 for an unknown code.</summary>
-        private static int ElementSize(long code) => code switch
-        {
-            0 or 1 or 11 => 1,   // Byte, Int8, Bool
-            2 or 5 or 15 => 2,   // Int16, Float16, BFloat16
-            3 or 6 => 4,         // Int32, Float32
-            4 or 7 or 9 => 8,    // Int64, Float64, ComplexFloat32
-            10 => 16,            // ComplexFloat64
-            _ => 0,
-        };
+        /// <summary>Bytes per element of a TorchSharp <c>ScalarType</c> code (libtorch's), 0 for an unknown code.</summary>
+        private static int ElementSize(long code) =>
+            code is >= sbyte.MinValue and <= sbyte.MaxValue && Enum.IsDefined(typeof(TorchSharp.torch.ScalarType), (sbyte)code)
+                ? CheckpointFile.ElementSize((TorchSharp.torch.ScalarType)(sbyte)code)
+                : 0;
     }
 }
