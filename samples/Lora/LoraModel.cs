@@ -441,10 +441,15 @@ namespace TorchLinear.Samples
                     return null!;  // the output as it is
                 using var scope = NewDisposeScope();
                 Tensor x = module.training && adapter.Dropout > 0 ? nn.functional.dropout(input, adapter.Dropout, training: true) : input;
-                // PEFT: result = result + lora_B(lora_A(dropout(x))) * scaling, in the same order, but in place: the layer's
-                // fresh output is not saved by its backward, and two full-size temporaries fewer is what the hook costs.
-                Tensor up = adapter.B.forward(adapter.A.forward(x));
-                output.add_(up.mul_(adapter.Scaling));
+                // PEFT: result = result + lora_B(lora_A(dropout(x))) * scaling, here in place: the layer's fresh output is
+                // not saved by its backward, and full-size temporaries are most of what the hook costs.
+                if (x.dim() == 2 && output.dim() == 2)
+                {
+                    // A batch of rows: two GEMMs, the second accumulating into the output with the scaling as its alpha.
+                    output.addmm_(x.mm(adapter.A.Weight.t()), adapter.B.Weight.t(), 1, (float)adapter.Scaling);
+                    return null!;
+                }
+                output.add_(adapter.B.forward(adapter.A.forward(x)).mul_(adapter.Scaling));
                 return null!;
             });
             adapter = new Adapter
