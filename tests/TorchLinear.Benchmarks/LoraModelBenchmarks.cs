@@ -17,7 +17,7 @@ namespace TorchLinear.Benchmarks
     public class LoraModelBenchmarks : RoundsBenchmark
     {
         private const int Width = 512, Rows = 64, Rank = 8;
-        private Sequential _base = null!, _merged = null!, _unmerged = null!;
+        private Sequential _base = null!, _control = null!, _merged = null!, _unmerged = null!;
         private Tensor _x = null!;
         private int _threadsBefore;
 
@@ -52,6 +52,8 @@ namespace TorchLinear.Benchmarks
             set_num_threads(Threads);
             _base = Model();
             _base.eval();
+            _control = Model();
+            _control.eval();
             _unmerged = Adapted();
             _merged = Adapted();
             LoraModel.merge_and_unload(_merged);
@@ -62,7 +64,7 @@ namespace TorchLinear.Benchmarks
         [GlobalCleanup]
         public void Cleanup()
         {
-            foreach (var model in new[] { _base, _merged, _unmerged })
+            foreach (var model in new[] { _base, _control, _merged, _unmerged })
                 model.Dispose();
             _x.Dispose();
             set_num_threads(_threadsBefore);
@@ -77,6 +79,10 @@ namespace TorchLinear.Benchmarks
 
         [Benchmark(Baseline = true, Description = "base model")]
         public void Base() => Forward(_base).Dispose();
+
+        /// <summary>The same base model again: its ratio measures nothing but this machine's noise.</summary>
+        [Benchmark(Description = "base model again (control)")]
+        public void Control() => Forward(_control).Dispose();
 
         [Benchmark(Description = "merge_and_unload'ed")]
         public void Merged() => Forward(_merged).Dispose();
