@@ -10,8 +10,12 @@ or null when it passed). Python only generates these files; the tests read the c
 import json
 import math
 import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from safetensors_writer import write_safetensors  # noqa: E402  (ReferenceData/safetensors_writer.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAN, INF = float("nan"), float("inf")
@@ -44,33 +48,6 @@ def cases():
     yield "dtype_unchecked", t([1.0, 2.0]), t([1.0, 2.0 + 1e-6], dtype=torch.float64), {"check_dtype": False}
     yield "complex", t([1 + 1j, 2 + 2j], dtype=torch.complex64), t([1 + 1j, 2 + 2.5j], dtype=torch.complex64), {}
     yield "many", torch.arange(1000, dtype=torch.float32).reshape(10, 100), torch.arange(1000, dtype=torch.float32).reshape(10, 100) * 1.001, {}
-
-
-SAFETENSORS = {
-    torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL",
-}
-
-
-def write_safetensors(tensors, path):
-    header, blobs, offset = {}, [], 0
-    for key, t in tensors.items():
-        t = t.contiguous()
-        if t.dtype == torch.complex64:
-            # Stored as its real view, [..., 2] float32; the test rebuilds the complex tensor.
-            t = torch.view_as_real(t).contiguous()
-        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-        data = raw.numpy().tobytes()
-        header[key] = {"dtype": SAFETENSORS[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
 
 
 def main():

@@ -19,9 +19,13 @@ Python only generates these files; the tests read the committed copies.
 import io
 import json
 import os
+import sys
 import zipfile
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from safetensors_writer import write_safetensors  # noqa: E402  (ReferenceData/safetensors_writer.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -66,32 +70,6 @@ def describe(sd):
         }
         for k, t in sd.items()
     }
-
-
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.bool: "BOOL",
-}
-
-
-def write_safetensors(sd, path):
-    """The safetensors layout: an 8-byte little-endian header length, a JSON header padded with spaces to a multiple
-    of 8, then each tensor's bytes in order."""
-    header, blobs, offset = {}, [], 0
-    for key, t in sd.items():
-        t = t.contiguous()
-        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-        data = raw.numpy().tobytes()
-        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
 
 
 def rezip(source, target, compression, zip64_and_descriptors):
