@@ -405,7 +405,7 @@ namespace TorchLinear.Samples
                     problems.Add($"'{key}' names no parameter of the model ('{name}')");
                     continue;
                 }
-                if (!LinearShape(tensor, parameter))
+                if (!tensor.shape.SequenceEqual(parameter.shape))
                     problems.Add($"'{key}' has shape [{string.Join(", ", tensor.shape)}], the model's {name} [{string.Join(", ", parameter.shape)}]");
                 else if (!is_floating_point(tensor.dtype) || tensor.dtype != parameter.dtype && !is_floating_point(parameter.dtype))
                     problems.Add($"'{key}' is {tensor.dtype}, the model's {name} is {parameter.dtype}");
@@ -424,8 +424,6 @@ namespace TorchLinear.Samples
                 throw new InvalidOperationException($"LoraModel.load_adapter: refused {file}, nothing was changed: {string.Join("; ", problems)}.");
             return plan;
         }
-
-        private static bool LinearShape(Tensor a, Tensor b) => a.shape.SequenceEqual(b.shape);
 
         private static void Attach(string path, nn.Module layer, LoraConfig config, Tensor a, Tensor b)
         {

@@ -194,10 +194,8 @@ namespace TorchLinear
             {
                 rows.Add(GradientRow("input 0", grads[at++], recording.Get("grad/input/0"), global, options.EqualNan));
             }
-            var ported = new HashSet<string>();
             foreach (var (name, _) in parameters)
             {
-                ported.Add(name);
                 Tensor? expected = recording.Get($"grad/param/{name}");
                 if (expected is not null && options.ConvertState is not null)
                     expected = options.ConvertState(name, expected);

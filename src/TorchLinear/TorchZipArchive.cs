@@ -115,16 +115,24 @@ namespace TorchLinear
 
         /// <summary>
         /// Reads an entry whole into memory, refusing one whose declared size exceeds <paramref name="limit"/>, and
-        /// checks its CRC-32.
+        /// checks its size and CRC-32 as it reads.
         /// </summary>
         internal byte[] ReadAll(Entry entry, long limit)
         {
             if (entry.Size > limit)
                 throw new CheckpointFormatException(_path, $"the entry declares {entry.Size} bytes, more than the {limit} allowed for it.", entry.Name);
             byte[] bytes = new byte[entry.Size];
-            using (Stream data = OpenData(entry))
-                Fill(data, bytes, entry);
-            CheckCrc(entry, bytes);
+            using Stream data = OpenData(entry);
+            try
+            {
+                // The stream counts and CRC-checks what it gives: a short entry, a longer one and damaged bytes all show there.
+                data.ReadAtLeast(bytes, bytes.Length, throwOnEndOfStream: false);
+                CheckCrc(entry, data);
+            }
+            catch (InvalidDataException error)
+            {
+                throw new CheckpointFormatException(_path, "the entry's deflate stream is damaged.", entry.Name, inner: error);
+            }
             return bytes;
         }
 
@@ -147,34 +155,6 @@ namespace TorchLinear
                 throw new CheckpointFormatException(_path, $"the entry inflates to more than the {entry.Size} bytes its header declares.", entry.Name);
             if (crc.Value != entry.Crc32)
                 throw new CheckpointFormatException(_path, $"the entry's CRC-32 is {crc.Value:x8}, its header says {entry.Crc32:x8}: the data is damaged.", entry.Name);
-        }
-
-        private void CheckCrc(Entry entry, byte[] bytes)
-        {
-            uint value = System.IO.Hashing.Crc32.HashToUInt32(bytes);
-            if (value != entry.Crc32)
-                throw new CheckpointFormatException(_path, $"the entry's CRC-32 is {value:x8}, its header says {entry.Crc32:x8}: the data is damaged.", entry.Name);
-        }
-
-        private void Fill(Stream data, byte[] bytes, Entry entry)
-        {
-            int read = 0;
-            try
-            {
-                while (read < bytes.Length)
-                {
-                    int got = data.Read(bytes, read, bytes.Length - read);
-                    if (got == 0)
-                        throw new CheckpointFormatException(_path, $"the entry ends after {read} of its {bytes.Length} bytes.", entry.Name);
-                    read += got;
-                }
-                if (entry.Method == 8 && data.ReadByte() != -1)
-                    throw new CheckpointFormatException(_path, $"the entry inflates to more than the {entry.Size} bytes its header declares.", entry.Name);
-            }
-            catch (InvalidDataException error)
-            {
-                throw new CheckpointFormatException(_path, "the entry's deflate stream is damaged.", entry.Name, inner: error);
-            }
         }
 
         private static (long Count, long Offset, long Size) FindDirectory(Stream stream, string path, long length)
