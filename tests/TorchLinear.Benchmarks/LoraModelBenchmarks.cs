@@ -11,14 +11,16 @@ namespace TorchLinear.Benchmarks
     /// <summary>
     /// LoraModel on a model of four 512×512 Linear layers (ReLU between), with an r = 8 adapter on every one, on a
     /// 64-row batch: the base model, the model after merge_and_unload (goal: the base model's cost), and the model with
-    /// its adapters unmerged (goal: at most 1.15×). LoraMergeBenchmarks times merge_and_unload itself.
+    /// its adapters unmerged (goal: at most 1.15×), and the adapters' own work without the model around it (two thin
+    /// GEMMs per layer, as the hook runs them). LoraMergeBenchmarks times merge_and_unload itself.
     /// </summary>
     [MemoryDiagnoser]
     public class LoraModelBenchmarks : RoundsBenchmark
     {
         private const int Width = 512, Rows = 64, Rank = 8;
         private Sequential _base = null!, _control = null!, _merged = null!, _unmerged = null!;
-        private Tensor _x = null!;
+        private Tensor _x = null!, _output = null!;
+        private (Tensor A, Tensor B)[] _adapters = null!;
         private int _threadsBefore;
 
         [Params(1, 2)]
@@ -59,6 +61,9 @@ namespace TorchLinear.Benchmarks
             LoraModel.merge_and_unload(_merged);
             manual_seed(2);
             _x = randn(Rows, Width);
+            _output = zeros(Rows, Width);
+            var weights = _unmerged.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
+            _adapters = new[] { "0", "2", "4", "6" }.Select(layer => (weights[layer + ".lora_A.weight"], weights[layer + ".lora_B.weight"])).ToArray();
         }
 
         [GlobalCleanup]
@@ -67,6 +72,7 @@ namespace TorchLinear.Benchmarks
             foreach (var model in new[] { _base, _control, _merged, _unmerged })
                 model.Dispose();
             _x.Dispose();
+            _output.Dispose();
             set_num_threads(_threadsBefore);
         }
 
@@ -89,6 +95,19 @@ namespace TorchLinear.Benchmarks
 
         [Benchmark(Description = "adapters unmerged")]
         public void Unmerged() => Forward(_unmerged).Dispose();
+
+        /// <summary>
+        /// What the four hooks add to the base model's work, without the model: for each adapter, the hook's two GEMMs on
+        /// a 64-row input, the second accumulating into an output (scaling 16 / 8).
+        /// </summary>
+        [Benchmark(Description = "the adapters' work alone")]
+        public void AdaptersAlone()
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            foreach (var (a, b) in _adapters)
+                _output.addmm_(_x.mm(a.t()), b.t(), 1, 2f);
+        }
     }
 
     /// <summary>
