@@ -17,7 +17,7 @@ namespace TorchLinear.Benchmarks
     [MemoryDiagnoser]
     public class LoraModelBenchmarks : RoundsBenchmark
     {
-        private const int Width = 512, Rows = 64, Rank = 8;
+        private const int Width = 512, Rows = 64, Rank = 8, Alpha = 16;
         private Sequential _base = null!, _control = null!, _merged = null!, _unmerged = null!;
         private Tensor _x = null!, _output = null!;
         private (Tensor A, Tensor B)[] _adapters = null!;
@@ -37,7 +37,7 @@ namespace TorchLinear.Benchmarks
         {
             var model = Model();
             manual_seed(1);
-            LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = 16, target_modules_regex = "all-linear" });
+            LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear" });
             using (no_grad())
             {
                 foreach (var (name, parameter) in model.named_parameters().Where(p => p.name.EndsWith("lora_B.weight", StringComparison.Ordinal)))
@@ -98,7 +98,7 @@ namespace TorchLinear.Benchmarks
 
         /// <summary>
         /// What the four hooks add to the base model's work, without the model: for each adapter, the hook's two GEMMs on
-        /// a 64-row input, the second accumulating into an output (scaling 16 / 8).
+        /// a 64-row input, the second accumulating into an output with the adapters' scaling.
         /// </summary>
         [Benchmark(Description = "the adapters' work alone")]
         public void AdaptersAlone()
@@ -106,7 +106,7 @@ namespace TorchLinear.Benchmarks
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
             foreach (var (a, b) in _adapters)
-                _output.addmm_(_x.mm(a.t()), b.t(), 1, 2f);
+                _output.addmm_(_x.mm(a.t()), b.t(), 1, (float)Alpha / Rank);
         }
     }
 
