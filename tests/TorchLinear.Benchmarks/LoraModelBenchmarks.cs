@@ -9,15 +9,16 @@ using static TorchSharp.torch;
 namespace TorchLinear.Benchmarks
 {
     /// <summary>
-    /// LoraModel on a model of four 512×512 Linear layers (ReLU between), with an r = 8 adapter on every one, on a
-    /// 64-row batch: the base model, the model after merge_and_unload (goal: the base model's cost), and the model with
+    /// LoraModel on a model of four square Linear layers (ReLU between; 512 wide as the goals are set, and 1024 wide to
+    /// show how the adapters' share changes with the layer), with an r = 8 adapter on every one, on a 64-row batch: the
+    /// base model, the model after merge_and_unload (goal: the base model's cost), and the model with
     /// its adapters unmerged (goal: at most 1.15×), and the adapters' own work without the model around it (two thin
     /// GEMMs per layer, as the hook runs them). LoraMergeBenchmarks times merge_and_unload itself.
     /// </summary>
     [MemoryDiagnoser]
     public class LoraModelBenchmarks : RoundsBenchmark
     {
-        private const int Width = 512, Rows = 64, Rank = 8, Alpha = 16;
+        private const int Rows = 64, Rank = 8, Alpha = 16;
         private Sequential _base = null!, _control = null!, _merged = null!, _unmerged = null!;
         private Tensor _x = null!, _output = null!;
         private (Tensor A, Tensor B)[] _adapters = null!;
@@ -26,16 +27,19 @@ namespace TorchLinear.Benchmarks
         [Params(1, 2)]
         public int Threads { get; set; }
 
-        internal static Sequential Model()
+        [Params(512, 1024)]
+        public int Width { get; set; }
+
+        internal static Sequential Model(int width = 512)
         {
             manual_seed(0);
-            return nn.Sequential(("0", nn.Linear(Width, Width)), ("1", nn.ReLU()), ("2", nn.Linear(Width, Width)), ("3", nn.ReLU()),
-                                 ("4", nn.Linear(Width, Width)), ("5", nn.ReLU()), ("6", nn.Linear(Width, Width)));
+            return nn.Sequential(("0", nn.Linear(width, width)), ("1", nn.ReLU()), ("2", nn.Linear(width, width)), ("3", nn.ReLU()),
+                                 ("4", nn.Linear(width, width)), ("5", nn.ReLU()), ("6", nn.Linear(width, width)));
         }
 
-        internal static Sequential Adapted()
+        internal static Sequential Adapted(int width = 512)
         {
-            var model = Model();
+            var model = Model(width);
             manual_seed(1);
             LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear" });
             using (no_grad())
@@ -52,12 +56,12 @@ namespace TorchLinear.Benchmarks
         {
             _threadsBefore = get_num_threads();
             set_num_threads(Threads);
-            _base = Model();
+            _base = Model(Width);
             _base.eval();
-            _control = Model();
+            _control = Model(Width);
             _control.eval();
-            _unmerged = Adapted();
-            _merged = Adapted();
+            _unmerged = Adapted(Width);
+            _merged = Adapted(Width);
             LoraModel.merge_and_unload(_merged);
             manual_seed(2);
             _x = randn(Rows, Width);
@@ -98,7 +102,7 @@ namespace TorchLinear.Benchmarks
 
         /// <summary>
         /// What the four hooks add to the base model's work, without the model: for each adapter, the hook's two GEMMs on
-        /// a 64-row input, the second accumulating into an output with the adapters' scaling.
+        /// the 64-row input, the second accumulating into an output with the adapters' scaling.
         /// </summary>
         [Benchmark(Description = "the adapters' work alone")]
         public void AdaptersAlone()
@@ -111,7 +115,7 @@ namespace TorchLinear.Benchmarks
     }
 
     /// <summary>
-    /// merge_and_unload of the four-adapter model against one forward of the base model on a 64-row batch (goal: less
+    /// merge_and_unload of the four-adapter model (512 wide) against one forward of the base model on a 64-row batch (goal: less
     /// time). Each measured call needs a freshly adapted model, built before it (IterationSetup): one call per iteration.
     /// </summary>
     [MemoryDiagnoser]
