@@ -272,14 +272,7 @@ namespace TorchLinear.Tests
             {
                 manual_seed(seed);
                 using var layer = new CustomLinear(inFeatures, outFeatures, dtype: dtype);
-                return new
-                {
-                    layer = $"seed {seed}: {layer} {dtype}",
-                    weight = TensorText.ExactDecimals(layer.weight),
-                    weight_bits = TensorText.Bits(layer.weight),
-                    bias = TensorText.ExactDecimals(layer.bias!),
-                    bias_bits = TensorText.Bits(layer.bias!),
-                };
+                return SeededLayer(seed, layer, dtype);
             }
             Snapshots.Match(new[]
             {
@@ -301,14 +294,7 @@ namespace TorchLinear.Tests
                 using var builtIn = nn.Linear(inFeatures, outFeatures, dtype: dtype);
                 Assert.Equal(TensorText.Bits(builtIn.weight), TensorText.Bits(layer.weight));
                 Assert.Equal(TensorText.Bits(builtIn.bias!), TensorText.Bits(layer.bias!));
-                return new
-                {
-                    layer = $"seed {seed}: {layer} {dtype}",
-                    weight = TensorText.ExactDecimals(layer.weight),
-                    weight_bits = TensorText.Bits(layer.weight),
-                    bias = TensorText.ExactDecimals(layer.bias!),
-                    bias_bits = TensorText.Bits(layer.bias!),
-                };
+                return SeededLayer(seed, layer, dtype);
             }
             Snapshots.Match(new[]
             {
@@ -656,6 +642,16 @@ namespace TorchLinear.Tests
         }
 
         /// <summary>Asserts an ArgumentException and that neither weight nor bias changed a bit.</summary>
+        /// <summary>What the seeded-init snapshots record of a layer: its weights as exact decimals and as bits.</summary>
+        private static object SeededLayer(int seed, CustomLinear layer, ScalarType dtype) => new
+        {
+            layer = $"seed {seed}: {layer} {dtype}",
+            weight = TensorText.ExactDecimals(layer.weight),
+            weight_bits = TensorText.Bits(layer.weight),
+            bias = TensorText.ExactDecimals(layer.bias!),
+            bias_bits = TensorText.Bits(layer.bias!),
+        };
+
         private static ArgumentException AssertRefusedAndUnchanged(CustomLinear layer, Action action) =>
             AssertRefusedAndUnchanged<ArgumentException>(layer, action);
 
