@@ -285,29 +285,11 @@ namespace TorchLinear
             }
         }
 
-        /// <summary>At most <c>length</c> bytes of the underlying stream from its current position.</summary>
-        private sealed class BoundedStream : Stream
+        /// <summary>A stream that is only read forward, once: everything but reading is refused.</summary>
+        private abstract class ForwardReadStream : Stream
         {
-            private readonly Stream _inner;
-            private long _left;
-
-            internal BoundedStream(Stream inner, long length)
-            {
-                _inner = inner;
-                _left = length;
-            }
-
             public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
-
-            public override int Read(Span<byte> buffer)
-            {
-                if (_left <= 0)
-                    return 0;
-                int got = _inner.Read(buffer[..(int)Math.Min(buffer.Length, _left)]);
-                _left -= got;
-                return got;
-            }
-
+            public abstract override int Read(Span<byte> buffer);
             public override bool CanRead => true;
             public override bool CanSeek => false;
             public override bool CanWrite => false;
@@ -319,8 +301,30 @@ namespace TorchLinear
             public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
         }
 
+        /// <summary>At most <c>length</c> bytes of the underlying stream from its current position.</summary>
+        private sealed class BoundedStream : ForwardReadStream
+        {
+            private readonly Stream _inner;
+            private long _left;
+
+            internal BoundedStream(Stream inner, long length)
+            {
+                _inner = inner;
+                _left = length;
+            }
+
+            public override int Read(Span<byte> buffer)
+            {
+                if (_left <= 0)
+                    return 0;
+                int got = _inner.Read(buffer[..(int)Math.Min(buffer.Length, _left)]);
+                _left -= got;
+                return got;
+            }
+        }
+
         /// <summary>Counts and CRC-32s the bytes read through it.</summary>
-        private sealed class CrcStream : Stream
+        private sealed class CrcStream : ForwardReadStream
         {
             private readonly Stream _inner;
             private readonly System.IO.Hashing.Crc32 _crc = new();
@@ -330,8 +334,6 @@ namespace TorchLinear
             internal long Count { get; private set; }
 
             internal uint Value => _crc.GetCurrentHashAsUInt32();
-
-            public override int Read(byte[] buffer, int offset, int count) => Read(buffer.AsSpan(offset, count));
 
             public override int Read(Span<byte> buffer)
             {
@@ -347,16 +349,6 @@ namespace TorchLinear
                     _inner.Dispose();
                 base.Dispose(disposing);
             }
-
-            public override bool CanRead => true;
-            public override bool CanSeek => false;
-            public override bool CanWrite => false;
-            public override long Length => throw new NotSupportedException();
-            public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-            public override void Flush() { }
-            public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-            public override void SetLength(long value) => throw new NotSupportedException();
-            public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
         }
     }
 }
