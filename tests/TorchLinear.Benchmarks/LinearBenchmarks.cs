@@ -15,25 +15,20 @@ namespace TorchLinear.Benchmarks
     [MemoryDiagnoser]
     [GroupBenchmarksBy(BenchmarkLogicalGroupRule.ByCategory, BenchmarkLogicalGroupRule.ByParams)]
     [CategoriesColumn]
-    public class LinearBenchmarks : RoundsBenchmark
+    public class LinearBenchmarks : ThreadsBenchmark
     {
         private Linear _builtIn = null!;
         private CustomLinear _custom = null!;
         private Parameter _weight = null!, _bias = null!;
         private Tensor _input = null!, _gradOutput = null!;
-        private int _threadsBefore;
 
         [Params(Shape.Tiny_1x3to2, Shape.Small_32x128to128, Shape.Batch_64x1024to1024, Shape.Sequence_8x128x768to768, Shape.Large_512x2048to2048)]
         public Shape Shape { get; set; }
 
-        [Params(1, 2)]
-        public int Threads { get; set; }
-
         [GlobalSetup]
         public void Setup()
         {
-            _threadsBefore = get_num_threads();
-            set_num_threads(Threads);
+            UseThreads();
             var (input, inFeatures, outFeatures) = Shapes.Of(Shape);
             manual_seed(0);
             _builtIn = nn.Linear(inFeatures, outFeatures);
@@ -51,7 +46,7 @@ namespace TorchLinear.Benchmarks
                 t.Dispose();
             _builtIn.Dispose();
             _custom.Dispose();
-            set_num_threads(_threadsBefore);
+            RestoreThreads();
         }
 
         // ---- Inference: forward under no_grad ----------------------------------------------------------

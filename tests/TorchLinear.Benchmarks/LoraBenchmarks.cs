@@ -15,24 +15,19 @@ namespace TorchLinear.Benchmarks
     [MemoryDiagnoser]
     [GroupBenchmarksBy(BenchmarkLogicalGroupRule.ByCategory, BenchmarkLogicalGroupRule.ByParams)]
     [CategoriesColumn]
-    public class LoraBenchmarks : RoundsBenchmark
+    public class LoraBenchmarks : ThreadsBenchmark
     {
         private CustomLinear _base = null!;
         private LoraLinear _unmerged = null!, _merged = null!;
         private Tensor _input = null!, _output = null!;
-        private int _threadsBefore;
 
         [Params(Shape.Batch_64x1024to1024, Shape.Sequence_8x128x768to768)]
         public Shape Shape { get; set; }
 
-        [Params(1, 2)]
-        public int Threads { get; set; }
-
         [GlobalSetup]
         public void Setup()
         {
-            _threadsBefore = get_num_threads();
-            set_num_threads(Threads);
+            UseThreads();
             var (input, inFeatures, outFeatures) = Shapes.Of(Shape);
             manual_seed(0);
             _base = new CustomLinear(inFeatures, outFeatures);
@@ -59,7 +54,7 @@ namespace TorchLinear.Benchmarks
             _base.Dispose();
             _unmerged.Dispose();
             _merged.Dispose();
-            set_num_threads(_threadsBefore);
+            RestoreThreads();
         }
 
         [BenchmarkCategory("LoRA inference"), Benchmark(Baseline = true, Description = "base CustomLinear")]

@@ -16,16 +16,12 @@ namespace TorchLinear.Benchmarks
     /// GEMMs per layer, as the hook runs them). LoraMergeBenchmarks times merge_and_unload itself.
     /// </summary>
     [MemoryDiagnoser]
-    public class LoraModelBenchmarks : RoundsBenchmark
+    public class LoraModelBenchmarks : ThreadsBenchmark
     {
         private const int Rows = 64, Rank = 8, Alpha = 16;
         private Sequential _base = null!, _control = null!, _merged = null!, _unmerged = null!;
         private Tensor _x = null!, _output = null!;
         private (Tensor A, Tensor B)[] _adapters = null!;
-        private int _threadsBefore;
-
-        [Params(1, 2)]
-        public int Threads { get; set; }
 
         [Params(512, 1024)]
         public int Width { get; set; }
@@ -54,8 +50,7 @@ namespace TorchLinear.Benchmarks
         [GlobalSetup]
         public void Setup()
         {
-            _threadsBefore = get_num_threads();
-            set_num_threads(Threads);
+            UseThreads();
             _base = Model(Width);
             _base.eval();
             _control = Model(Width);
@@ -77,7 +72,7 @@ namespace TorchLinear.Benchmarks
                 model.Dispose();
             _x.Dispose();
             _output.Dispose();
-            set_num_threads(_threadsBefore);
+            RestoreThreads();
         }
 
         private Tensor Forward(Sequential model)
@@ -120,21 +115,16 @@ namespace TorchLinear.Benchmarks
     /// </summary>
     [MemoryDiagnoser]
     [InvocationCount(1)]
-    public class LoraMergeBenchmarks : RoundsBenchmark
+    public class LoraMergeBenchmarks : ThreadsBenchmark
     {
         private Sequential _base = null!;
         private Sequential? _fresh, _done;
         private Tensor _x = null!;
-        private int _threadsBefore;
-
-        [Params(1, 2)]
-        public int Threads { get; set; }
 
         [GlobalSetup]
         public void Setup()
         {
-            _threadsBefore = get_num_threads();
-            set_num_threads(Threads);
+            UseThreads();
             _base = LoraModelBenchmarks.Model();
             _base.eval();
             manual_seed(2);
@@ -146,7 +136,7 @@ namespace TorchLinear.Benchmarks
         {
             _base.Dispose();
             _x.Dispose();
-            set_num_threads(_threadsBefore);
+            RestoreThreads();
         }
 
         [IterationSetup(Target = nameof(MergeAndUnload))]

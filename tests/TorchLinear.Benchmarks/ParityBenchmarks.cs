@@ -13,21 +13,16 @@ namespace TorchLinear.Benchmarks
     /// replays it repeatedly would.
     /// </summary>
     [MemoryDiagnoser]
-    public class ParityBenchmarks : RoundsBenchmark
+    public class ParityBenchmarks : ThreadsBenchmark
     {
         private TinyTransformer _port = null!;
         private ParityRecording _recording = null!;
         private Tensor _input = null!, _gradOutput = null!;
-        private int _threadsBefore;
-
-        [Params(1, 2)]
-        public int Threads { get; set; }
 
         [GlobalSetup]
         public void Setup()
         {
-            _threadsBefore = get_num_threads();
-            set_num_threads(Threads);
+            UseThreads();
             string path = Path.Combine(AppContext.BaseDirectory, "pytorch", "tiny_transformer.parity.pt");
             _recording = ParityRecording.Load(path);
             _port = new TinyTransformer();
@@ -44,7 +39,7 @@ namespace TorchLinear.Benchmarks
             _recording.Dispose();
             _input.Dispose();
             _gradOutput.Dispose();
-            set_num_threads(_threadsBefore);
+            RestoreThreads();
         }
 
         [Benchmark(Baseline = true, Description = "forward + backward")]

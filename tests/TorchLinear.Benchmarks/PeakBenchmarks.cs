@@ -5,20 +5,15 @@ namespace TorchLinear.Benchmarks
 {
     /// <summary>This CPU's measured matrix-multiply peak: a plain large torch.mm, in the same run as the layers.</summary>
     [MemoryDiagnoser]
-    public class PeakBenchmarks : RoundsBenchmark
+    public class PeakBenchmarks : ThreadsBenchmark
     {
         public const long Size = 2048;
         private Tensor _a = null!, _b = null!;
-        private int _threadsBefore;
-
-        [Params(1, 2)]
-        public int Threads { get; set; }
 
         [GlobalSetup]
         public void Setup()
         {
-            _threadsBefore = get_num_threads();
-            set_num_threads(Threads);
+            UseThreads();
             manual_seed(0);
             _a = randn(Size, Size);
             _b = randn(Size, Size);
@@ -29,7 +24,7 @@ namespace TorchLinear.Benchmarks
         {
             _a.Dispose();
             _b.Dispose();
-            set_num_threads(_threadsBefore);
+            RestoreThreads();
         }
 
         [Benchmark(Description = "torch.mm 2048×2048×2048")]

@@ -5,6 +5,7 @@ using BenchmarkDotNet.Attributes;
 using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Order;
 using BenchmarkDotNet.Running;
+using static TorchSharp.torch;
 
 namespace TorchLinear.Benchmarks
 {
@@ -30,6 +31,26 @@ namespace TorchLinear.Benchmarks
         /// <summary>The round of a benchmark case, 0 for a case without one.</summary>
         public static int RoundOf(BenchmarkCase benchmarkCase) =>
             benchmarkCase.Parameters.Items.FirstOrDefault(p => p.Name == nameof(Round))?.Value is int round ? round : 0;
+    }
+
+    /// <summary>
+    /// A <see cref="RoundsBenchmark"/> measured on one and on two of libtorch's threads. A class calls
+    /// <see cref="UseThreads"/> first in its global setup and <see cref="RestoreThreads"/> last in its cleanup.
+    /// </summary>
+    public abstract class ThreadsBenchmark : RoundsBenchmark
+    {
+        private int _threadsBefore;
+
+        [Params(1, 2)]
+        public int Threads { get; set; }
+
+        protected void UseThreads()
+        {
+            _threadsBefore = get_num_threads();
+            set_num_threads(Threads);
+        }
+
+        protected void RestoreThreads() => set_num_threads(_threadsBefore);
     }
 
     /// <summary>
