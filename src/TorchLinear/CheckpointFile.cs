@@ -8,16 +8,24 @@ namespace TorchLinear
 {
     /// <summary>
     /// What every checkpoint reader shares: opening only regular files, reading exactly the bytes a tensor needs
-    /// straight into its memory, and the dtype tables.
+    /// straight into its memory, and the dtype tables. <see cref="OpenRegular"/> is public, for readers of the files that
+    /// come with checkpoints (TorchLinear.Lora reads <c>adapter_config.json</c> through it).
     /// </summary>
-    internal static class CheckpointFile
+    public static class CheckpointFile
     {
         /// <summary>
         /// Opens <paramref name="path"/> for reading if it is a regular file. A FIFO or a device would block or never end,
-        /// so it is refused before it is opened (Linux: <c>statx</c>); the stream must also be seekable.
+        /// so it is refused before it is opened (Linux: <c>statx</c>, which follows symbolic links, so a link to
+        /// <c>/dev/zero</c> is refused as the device it names); the stream must also be seekable.
         /// </summary>
-        internal static FileStream OpenRegular(string path)
+        /// <param name="path">The file to open.</param>
+        /// <returns>A seekable read-only stream; the caller disposes it.</returns>
+        /// <exception cref="FileNotFoundException">There is no such file.</exception>
+        /// <exception cref="CheckpointFormatException">The path names a FIFO, a device, a socket or a directory.</exception>
+        /// <exception cref="UnauthorizedAccessException">The file may not be read.</exception>
+        public static FileStream OpenRegular(string path)
         {
+            ArgumentNullException.ThrowIfNull(path);
             if (!File.Exists(path))
                 throw new FileNotFoundException($"No checkpoint at {path}.", path);
             if (FileType(path) is { } type && type != RegularFile)

@@ -117,6 +117,19 @@ namespace TorchLinear
         /// </summary>
         public LinearDispatch Dispatch { get; set; } = LinearDispatch.TorchSharp;
 
+        /// <summary>
+        /// A term added to the layer's output by every <see cref="forward"/>, or null (the default): called as
+        /// <c>Adapter(input, output)</c> once <c>x Wᵀ + b</c> is computed, it returns the layer's result — <c>output</c>
+        /// itself, updated in place, or a new tensor (the layer then disposes <c>output</c>).
+        /// </summary>
+        /// <remarks>
+        /// This is how an adapter (for example TorchLinear.Lora's LoRA adapters) runs inside the layer, so that it runs
+        /// whether the layer is invoked with <c>call(x)</c> or with <c>forward(x)</c> — TorchSharp runs forward hooks only
+        /// through <c>call(x)</c> — and without changing the layer's type. The adapter is not a child of the layer and
+        /// is not disposed with it; whoever sets it owns it. An empty slot costs one null check per call.
+        /// </remarks>
+        public Func<Tensor, Tensor, Tensor>? Adapter { get; set; }
+
         /// <summary>Size of each input sample.</summary>
         public long in_features { get; }
 
@@ -213,7 +226,26 @@ namespace TorchLinear
         {
             ThrowIfDisposed();
             ArgumentNullException.ThrowIfNull(input);
-            return LinearFunctional.Compute(this, input, _weight, _bias, Dispatch, WeightT());
+            Tensor output = LinearFunctional.Compute(this, input, _weight, _bias, Dispatch, WeightT());
+            Func<Tensor, Tensor, Tensor>? adapter = Adapter;
+            return adapter is null ? output : Adapted(adapter, input, output);
+        }
+
+        private static Tensor Adapted(Func<Tensor, Tensor, Tensor> adapter, Tensor input, Tensor output)
+        {
+            Tensor result;
+            try
+            {
+                result = adapter(input, output);
+            }
+            catch
+            {
+                output.Dispose();
+                throw;
+            }
+            if (!ReferenceEquals(result, output))
+                output.Dispose();
+            return result;
         }
 
         /// <summary>
