@@ -1,4 +1,4 @@
-"""LoRA adapters in Hugging Face PEFT's file layout, made with real PyTorch, for the LoraModel tests.
+"""LoRA adapters in Hugging Face PEFT's file layout, made with real PyTorch, for the TorchLinear.Lora tests.
 
 PEFT itself is not installable on the machine that made these files, so this script applies LoRA as PEFT's
 documentation and source define it, and writes PEFT's files by hand:
@@ -11,7 +11,7 @@ documentation and source define it, and writes PEFT's files by hand:
     the biases that bias="lora_only"/"all" trains under their plain names, and each modules_to_save module's full
     state under its plain names.
 Run with Debian's PyTorch 1.13 (apt-get install python3-torch):
-    /usr/bin/python3 tests/TorchLinear.Tests/ReferenceData/Peft/make_peft_adapters.py
+    /usr/bin/python3 tests/TorchLinear.Lora.Tests/ReferenceData/Peft/make_peft_adapters.py
 For each adapter folder it also writes base.safetensors (the pretrained model), and cases.safetensors: inputs, the base
 model's outputs, the adapted model's outputs, and the outputs with the adapter disabled as PEFT's disable_adapter() does. Python only generates these files; the tests read the committed copies.
 """
@@ -24,10 +24,11 @@ import sys
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from safetensors_writer import write_safetensors  # noqa: E402  (ReferenceData/safetensors_writer.py)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The one hand-written safetensors writer of the repository's reference-data scripts.
+sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "TorchLinear.Tests", "ReferenceData"))
+from safetensors_writer import write_safetensors  # noqa: E402  (tests/TorchLinear.Tests/ReferenceData/safetensors_writer.py)
+
 class Mlp(nn.Sequential):
     def __init__(self):
         super().__init__(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
@@ -98,11 +99,21 @@ class LoraLayer(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
 
+def names(entries, path):
+    return path in entries or any(path.endswith("." + e) for e in entries)
+
+
 def matches(config, path):
+    # PEFT's check_target_module_exists: exclude_modules first (a string is a full-match regex, a list names).
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, path) is not None:
+        return False
+    if isinstance(exclude, list) and names(exclude, path):
+        return False
     target = config["target_modules"]
     if isinstance(target, str):
         return re.fullmatch(target, path) is not None
-    return path in target or any(path.endswith("." + t) for t in target)
+    return names(target, path)
 
 
 def pattern(patterns, path, default):
@@ -216,7 +227,20 @@ def config(**fields):
     return base
 
 
+def seeded_init():
+    """lora_A of a fresh adapter under torch.manual_seed(123), drawn in PEFT's order: lora_A and lora_B made as
+    nn.Linear layers, then lora_A reset with kaiming-uniform and lora_B zeroed (LoraLayer above)."""
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    torch.manual_seed(123)
+    adapted = inject(model, config(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    state = {f"{path}.lora_A.weight": model.get_submodule(path).lora_A.weight.detach() for path in adapted}
+    write_safetensors(state, os.path.join(HERE, "seeded_init.safetensors"))
+    print(f"seeded_init: lora_A of {', '.join(adapted)}")
+
+
 def main():
+    seeded_init()
     torch.manual_seed(5)
     make("mlp", Mlp, config(r=4, lora_alpha=8, target_modules=["0", "2"], bias="all"), torch.randn(6, 16))
     make("attention", Classifier,
@@ -227,6 +251,10 @@ def main():
     make("attention_bf16_bin", Classifier,
          config(r=2, lora_alpha=4, target_modules=r".*\.self_attn\.(q|k)_proj"),
          torch.randn(2, 5, 24), file="adapter_model.bin", dtype=torch.bfloat16)
+    # exclude_modules as PEFT writes it for a string: a regular expression the whole path must match.
+    make("attention_excluded", Classifier,
+         config(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], exclude_modules=r"model\.layers\.1\..*"),
+         torch.randn(2, 5, 24))
 
 
 if __name__ == "__main__":

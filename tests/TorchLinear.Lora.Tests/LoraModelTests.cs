@@ -1,0 +1,662 @@
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using System.Reflection;
+using TorchLinear.Tests;
+using TorchSharp;
+using TorchSharp.Modules;
+using Xunit;
+using static TorchLinear.Lora.Tests.Ports;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Lora.Tests
+{
+    /// <summary>
+    /// Adapters in ports written every way: each either runs (PyTorch's numbers, training that trains) or is refused by
+    /// name at the first model call. Then disabling, merging, unloading, freezing and counting, as PEFT does them.
+    /// </summary>
+    public class LoraModelTests
+    {
+        private static string AttentionAdapter => Path.Combine(Folder, "attention");
+
+        private static readonly string[] AttentionPaths =
+        {
+            "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj",
+            "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj",
+        };
+
+        // ---- Ports that can run an adapter run it -------------------------------------------------------------------
+
+        [Theory]
+        [InlineData(PortStyle.LinearCall)]
+        [InlineData(PortStyle.ModuleForward)]
+        [InlineData(PortStyle.CustomForward)]
+        public void APeftAdapter_RunsInThePort_WhateverWayItIsWritten_GivingPyTorchsNumbers(PortStyle style)
+        {
+            // Guards: the old sample's adapters did nothing, silently, in ports that call forward(x) (ModuleForward,
+            // CustomForward gave the base model's output bit for bit).
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var model = Pretrained("attention", style);
+            var baseKeys = model.state_dict().Keys.ToList();
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["base_output"]);
+
+            var adapted = LoraModel.load_adapter(model, AttentionAdapter);
+
+            Assert.Equal(AttentionPaths, adapted);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
+            using (LoraModel.disable_adapters(model))
+                Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
+            // The base model's keys are all still there, with PEFT's adapter keys beside them.
+            var keys = model.state_dict().Keys.ToList();
+            Assert.Equal(baseKeys, keys.Where(k => !k.Contains(".lora_")).ToList());
+            Assert.Contains("model.layers.0.self_attn.q_proj.weight", keys);
+            Assert.Contains("model.layers.0.self_attn.q_proj.lora_A.weight", keys);
+
+            LoraModel.merge(model);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
+            LoraModel.unmerge(model);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
+        }
+
+        [Fact]
+        public void AModuleTypedField_IsWrapped_AndGetsItsLinearBackOnUnload()
+        {
+            using var scope = NewDisposeScope();
+            using var model = Pretrained("attention", PortStyle.ModuleForward);
+            var attention = model.named_modules().Single(m => m.name == "model.layers.0.self_attn").module;
+            var field = attention.GetType().GetField("q_proj", BindingFlags.Instance | BindingFlags.NonPublic)!;
+            var original = field.GetValue(attention);
+            Assert.IsType<Linear>(original);
+
+            LoraModel.load_adapter(model, AttentionAdapter);
+            var wrapper = Assert.IsType<LoraWrapper>(field.GetValue(attention));
+            Assert.Same(wrapper, attention.named_children().Single(c => c.name == "q_proj").module);
+            Assert.Same(original, wrapper.base_layer);
+            // Not targeted: still the Linear.
+            Assert.IsType<Linear>(attention.GetType().GetField("k_proj", BindingFlags.Instance | BindingFlags.NonPublic)!.GetValue(attention));
+
+            LoraModel.unload(model);
+            Assert.Same(original, field.GetValue(attention));
+            Assert.Same(original, attention.named_children().Single(c => c.name == "q_proj").module);
+            Assert.Equal(new[] { "q_proj", "k_proj", "v_proj", "o_proj" }, attention.named_children().Select(c => c.name));
+        }
+
+        /// <summary>Linear layers in a ModuleList typed for any module, invoked with forward(x).</summary>
+        private sealed class Stack : nn.Module<Tensor, Tensor>
+        {
+            private readonly ModuleList<nn.Module<Tensor, Tensor>> layers = new(nn.Linear(6, 6), nn.Linear(6, 6));
+
+            public Stack() : base(nameof(Stack)) => RegisterComponents();
+
+            public override Tensor forward(Tensor x)
+            {
+                foreach (var layer in layers)
+                    x = layer.forward(x).relu();
+                return x;
+            }
+        }
+
+        [Fact]
+        public void LayersOfAModuleListTypedForAnyModule_AreWrappedInPlace()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(3);
+            using var model = new Stack();
+            var x = randn(4, 6);
+            var before = Run(model, x);
+            LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "1" } });
+            Assert.IsType<LoraWrapper>(model.named_children().Single().module.named_children().ElementAt(1).module);
+            using (no_grad())
+                model.named_parameters().Single(p => p.name == "layers.1.lora_B.weight").parameter.fill_(0.5);
+            var after = Run(model, x);
+            Assert.False(Equivalence.Compare(before, after).BitExact);
+            var state = model.state_dict();
+            var h = LinearFunctional.linear(x, state["layers.0.weight"], state["layers.0.bias"]).relu();
+            var expected = (LinearFunctional.linear(h, state["layers.1.weight"], state["layers.1.bias"]) + h.matmul(state["layers.1.lora_A.weight"].t()).matmul(state["layers.1.lora_B.weight"].t()) * 2).relu();
+            Equivalence.AssertClose(after, expected);
+            LoraModel.merge_and_unload(model);
+            Assert.IsType<Linear>(model.named_children().Single().module.named_children().ElementAt(1).module);
+            Equivalence.AssertClose(Run(model, x), expected, rtol: 1e-5, atol: 1e-6);
+        }
+
+        // ---- A port that cannot run an adapter says so -------------------------------------------------------------
+
+        [Fact]
+        public void SealedLinearFieldsInvokedWithForward_AreRefusedAtTheFirstCall_NamingEveryLayer()
+        {
+            // Guards: the old sample returned the adapted paths and then computed the base model's output, silently.
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var model = Pretrained("attention", PortStyle.LinearForward);
+            LoraModel.load_adapter(model, AttentionAdapter);
+
+            var error = Assert.Throws<InvalidOperationException>(() => Run(model, cases["input"]));
+
+            Assert.Contains("LoRA adapters did not run in this call of Classifier", error.Message);
+            foreach (string path in AttentionPaths)
+                Assert.Contains(path, error.Message);
+            Assert.Contains("call(x)", error.Message);
+            Assert.Contains("merge: true", error.Message);
+            Assert.Contains("nn.Module<Tensor, Tensor>", error.Message);
+            Assert.Contains("allow_unused_adapters", error.Message);
+            // The next call says it again: no call gives a wrong number.
+            Assert.Throws<InvalidOperationException>(() => Run(model, cases["input"]));
+        }
+
+        [Fact]
+        public void SealedLinearFieldsInvokedWithForward_RunAMergedAdapter()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var model = Pretrained("attention", PortStyle.LinearForward);
+            LoraModel.load_adapter(model, AttentionAdapter, merge: true);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
+            // disable_adapters unmerges inside (guards: the old sample kept the adapted output).
+            using (LoraModel.disable_adapters(model))
+                Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
+        }
+
+        [Fact]
+        public void TrainingAPortWhoseAdaptersCannotRun_FailsWithTheNamedError_NotABareLibtorchOne()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var model = Pretrained("attention", PortStyle.LinearForward);
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
+            model.train();
+            var error = Assert.Throws<InvalidOperationException>(() => model.call(cases["input"]).square().mean().backward());
+            Assert.Contains("model.layers.0.self_attn.q_proj", error.Message);
+            Assert.DoesNotContain("does not require grad", error.Message);
+        }
+
+        /// <summary>A model whose forward uses one of two heads, as told: the other head's layers legitimately do not run.</summary>
+        private sealed class TwoHeads : nn.Module<Tensor, Tensor>
+        {
+            private readonly Linear body = nn.Linear(8, 8), left = nn.Linear(8, 2), right = nn.Linear(8, 2);
+
+            public TwoHeads() : base(nameof(TwoHeads)) => RegisterComponents();
+
+            public bool UseLeft { get; set; } = true;
+
+            public override Tensor forward(Tensor x)
+            {
+                using var h = body.call(x);
+                return UseLeft ? left.call(h) : right.call(h);
+            }
+        }
+
+        [Fact]
+        public void AForwardThatSkipsLayers_IsRefusedUntilItSaysWhichMayBeSkipped()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(4);
+            using var model = new TwoHeads();
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules_regex = "all-linear" });
+            var x = randn(3, 8);
+            Assert.Contains("right", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
+            Assert.Contains("nowhere is not an adapted layer of this model", Assert.Throws<ArgumentException>(() => LoraModel.allow_unused_adapters(model, "nowhere")).Message);
+
+            LoraModel.allow_unused_adapters(model, "right");
+            model.call(x);
+            model.UseLeft = false;
+            Assert.Contains("left", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
+            LoraModel.allow_unused_adapters(model);
+            model.call(x);
+        }
+
+        [Fact]
+        public void APortInvokedWithForward_IsCheckedExplicitly()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var bad = Pretrained("attention", PortStyle.LinearForward);
+            LoraModel.load_adapter(bad, AttentionAdapter);
+            // model.forward(x) runs no hooks, the model's own check among them: the explicit check runs one forward.
+            var error = Assert.Throws<InvalidOperationException>(() => LoraModel.check_adapters_run(bad, cases["input"]));
+            Assert.Contains("model.layers.1.self_attn.o_proj", error.Message);
+
+            using var good = Pretrained("attention", PortStyle.CustomForward);
+            LoraModel.load_adapter(good, AttentionAdapter);
+            LoraModel.check_adapters_run(good, cases["input"]);
+            LoraModel.check_adapters_run(good, () => good.forward(cases["input"]));
+            Assert.Throws<InvalidOperationException>(() => LoraModel.check_adapters_run(bad, () => bad.forward(cases["input"])));
+        }
+
+        [Fact]
+        public void TheRunCheck_IsOneModelCallPerThread()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var model = Pretrained("attention", PortStyle.LinearCall);
+            LoraModel.load_adapter(model, AttentionAdapter);
+            var input = cases["input"];
+            var expected = cases["adapted_output"];
+            // Four threads calling the one model at once: each call is checked on its own thread, none is refused.
+            var errors = new List<Exception>();
+            var threads = Enumerable.Range(0, 4).Select(_ => new System.Threading.Thread(() =>
+            {
+                try
+                {
+                    for (int i = 0; i < 20; i++)
+                    {
+                        using var s = NewDisposeScope();
+                        Equivalence.AssertClose(Run(model, input), expected);
+                    }
+                }
+                catch (Exception error)
+                {
+                    lock (errors)
+                        errors.Add(error);
+                }
+            })).ToList();
+            threads.ForEach(t => t.Start());
+            threads.ForEach(t => t.Join());
+            Assert.Empty(errors);
+        }
+
+        // ---- Training in every port ----------------------------------------------------------------------------------
+
+        [Theory]
+        [InlineData(PortStyle.LinearCall)]
+        [InlineData(PortStyle.ModuleForward)]
+        [InlineData(PortStyle.CustomForward)]
+        public void TrainingInEveryPort_TrainsTheAdapters_AndSavesWhatWasTrained(PortStyle style)
+        {
+            // Guards: in forward(x) ports the old sample's adapters got no gradient, and save_adapter wrote zeros.
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var model = Pretrained("attention", style);
+            var baseOutput = Run(model, cases["input"]);
+            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" }, modules_to_save = new[] { "classifier" } });
+            Assert.True(Equivalence.Compare(baseOutput, Run(model, cases["input"])).BitExact, "a fresh adapter changes nothing");
+            var frozen = TensorText.Bits(model.state_dict()["model.layers.0.self_attn.q_proj.weight"]);
+
+            model.train();
+            using (var optimizer = optim.Adam(model.parameters().Where(p => p.requires_grad), lr: 0.01))
+            {
+                for (int step = 0; step < 5; step++)
+                {
+                    using var stepScope = NewDisposeScope();
+                    optimizer.zero_grad();
+                    model.call(cases["input"]).square().mean().backward();
+                    var grad = model.named_parameters().Single(p => p.name == "model.layers.1.self_attn.v_proj.lora_B.weight").parameter.grad;
+                    Assert.NotNull(grad);
+                    Assert.True(grad!.abs().sum().item<float>() > 0);
+                    optimizer.step();
+                }
+            }
+            model.eval();
+            Assert.Equal(frozen, TensorText.Bits(model.state_dict()["model.layers.0.self_attn.q_proj.weight"]));
+            var trained = Run(model, cases["input"]);
+            Assert.False(Equivalence.Compare(baseOutput, trained).BitExact);
+
+            string folder = Directory.CreateTempSubdirectory("torchlinear-trained-").FullName;
+            try
+            {
+                LoraModel.save_adapter(model, folder);
+                var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                Assert.True(saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum().item<float>() > 0, "the trained B is saved, not the initial zeros");
+                using var reloaded = Pretrained("attention", style);
+                LoraModel.load_adapter(reloaded, folder);
+                Assert.True(Equivalence.Compare(trained, Run(reloaded, cases["input"])).BitExact);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        [Fact]
+        public void Inject_DrawsPeftsNumbersUnderTheSameSeed()
+        {
+            // make_peft_adapters.py records lora_A after torch.manual_seed(123) and PEFT's order of creation: lora_A and
+            // lora_B made as nn.Linear layers, then lora_A reset (kaiming-uniform) and lora_B zeroed.
+            using var scope = NewDisposeScope();
+            var recorded = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "seeded_init.safetensors"));
+            using var model = Pretrained("attention");
+            manual_seed(123);
+            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
+            var state = model.state_dict();
+            Assert.Equal(4, recorded.Count);
+            foreach (var (key, tensor) in recorded)
+                Assert.True(Equivalence.Compare(tensor, state[key]).BitExact, key);
+        }
+
+        // ---- Disabling, merging, unloading -----------------------------------------------------------------------------
+
+        /// <summary>An encoder and a nested head, head.classifier: the head named in modules_to_save by its last part.</summary>
+        private sealed class NestedHead : nn.Module<Tensor, Tensor>
+        {
+            private readonly Linear encoder = nn.Linear(6, 6);
+            private readonly Head head = new();
+
+            public NestedHead() : base(nameof(NestedHead)) => RegisterComponents();
+
+            public override Tensor forward(Tensor x)
+            {
+                using var h = encoder.call(x);
+                return head.call(h);
+            }
+
+            internal sealed class Head : nn.Module<Tensor, Tensor>
+            {
+                private readonly Linear classifier = nn.Linear(6, 3);
+
+                public Head() : base(nameof(Head)) => RegisterComponents();
+
+                public override Tensor forward(Tensor x) => classifier.call(x);
+            }
+        }
+
+        [Fact]
+        public void ANestedModuleToSave_IsTrainedSavedRestoredAndKept_AsPeftDoes()
+        {
+            // Guards: the old sample matched modules_to_save by suffix when targeting but by top-level prefix everywhere
+            // else: head.classifier was excluded from targeting but never trained, saved or restored.
+            using var scope = NewDisposeScope();
+            manual_seed(5);
+            using var model = new NestedHead();
+            var x = randn(4, 6);
+            var original = TensorText.Bits(model.state_dict()["head.classifier.weight"]);
+            var config = new LoraConfig { r = 2, target_modules = new[] { "encoder", "classifier" }, modules_to_save = new[] { "classifier" } };
+            Assert.Equal(new[] { "encoder" }, LoraModel.inject(model, config));
+            Assert.True(model.named_parameters().Single(p => p.name == "head.classifier.weight").parameter.requires_grad);
+            Assert.False(model.named_parameters().Single(p => p.name == "encoder.weight").parameter.requires_grad);
+
+            using (var optimizer = optim.SGD(model.parameters().Where(p => p.requires_grad), 0.5))
+            {
+                optimizer.zero_grad();
+                model.call(x).square().sum().backward();
+                optimizer.step();
+            }
+            var trained = TensorText.Bits(model.state_dict()["head.classifier.weight"]);
+            Assert.NotEqual(original, trained);
+
+            string folder = Directory.CreateTempSubdirectory("torchlinear-nested-").FullName;
+            try
+            {
+                LoraModel.save_adapter(model, folder);
+                var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                Assert.Equal(trained, TensorText.Bits(saved["base_model.model.head.classifier.weight"]));
+                Assert.Contains("base_model.model.head.classifier.bias", saved.Keys);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+            using (LoraModel.disable_adapters(model))
+                Assert.Equal(original, TensorText.Bits(model.state_dict()["head.classifier.weight"]));
+            Assert.Equal(trained, TensorText.Bits(model.state_dict()["head.classifier.weight"]));
+            LoraModel.unload(model);
+            Assert.Equal(original, TensorText.Bits(model.state_dict()["head.classifier.weight"]));
+
+            // merge_and_unload keeps the trained head: the fine-tuned model.
+            using var other = new NestedHead();
+            LoraModel.inject(other, config);
+            using (no_grad())
+                other.named_parameters().Single(p => p.name == "head.classifier.bias").parameter.add_(1);
+            var tuned = TensorText.Bits(other.state_dict()["head.classifier.bias"]);
+            LoraModel.merge_and_unload(other);
+            Assert.Equal(tuned, TensorText.Bits(other.state_dict()["head.classifier.bias"]));
+        }
+
+        [Fact]
+        public void DisablingAMergedModel_GivesTheBaseModel_AndMergesBackToTheSameBits()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("mlp");
+            using var model = Pretrained("mlp");
+            LoraModel.load_adapter(model, Path.Combine(Folder, "mlp"));
+            LoraModel.merge(model);
+            var merged = Bits(model);
+            using (LoraModel.disable_adapters(model))
+                Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
+            Assert.Equal(merged.Keys, Bits(model).Keys);
+            foreach (var (key, bits) in Bits(model))
+                Assert.Equal(merged[key], bits);
+        }
+
+        [Fact]
+        public void MergeAndUnload_LeavesAPlainModelOfItsOwnTypes_AndUnloadTheBaseWeights()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("attention");
+            using var model = Pretrained("attention");
+            var baseKeys = model.state_dict().Keys.ToList();
+            var baseWeight = TensorText.Bits(model.state_dict()["model.layers.0.self_attn.q_proj.weight"]);
+            LoraModel.load_adapter(model, AttentionAdapter);
+
+            LoraModel.merge_and_unload(model);
+
+            Assert.Equal(baseKeys, model.state_dict().Keys);
+            Assert.DoesNotContain(model.named_modules(), m => m.module is LoraLayer or LoraProjection or LoraWrapper);
+            Assert.All(model.named_modules().Where(m => m.name.EndsWith("_proj", StringComparison.Ordinal)), m => Assert.IsType<Linear>(m.module));
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
+            Assert.Throws<InvalidOperationException>(() => LoraModel.merge(model));
+
+            using var other = Pretrained("attention");
+            var baseClassifier = TensorText.Bits(other.state_dict()["classifier.weight"]);
+            LoraModel.load_adapter(other, AttentionAdapter);
+            LoraModel.merge(other);
+            LoraModel.unload(other);
+            Assert.Equal(baseWeight, TensorText.Bits(other.state_dict()["model.layers.0.self_attn.q_proj.weight"]));
+            Assert.Equal(baseClassifier, TensorText.Bits(other.state_dict()["classifier.weight"]));
+            Assert.Equal(baseKeys, other.state_dict().Keys);
+        }
+
+        [Fact]
+        public void ASecondInject_IsRefusedNamingTheAdapterThereAlready_AndChangesNothing()
+        {
+            // Guards: the old sample accepted it and then saved a folder whose config described the second adapter only.
+            using var scope = NewDisposeScope();
+            using var model = Pretrained("attention");
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
+            var before = Bits(model);
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" } }));
+            Assert.Contains("already has an adapter (on model.layers.0.self_attn.q_proj", error.Message);
+            Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, AttentionAdapter));
+            Assert.Equal(before.Keys, Bits(model).Keys);
+        }
+
+        // ---- Values that would give NaN, and the scaling in the layer's dtype ------------------------------------------
+
+        [Theory]
+        [InlineData(0, 8.0, 0.0, "r")]
+        [InlineData(4, double.PositiveInfinity, 0.0, "lora_alpha")]
+        [InlineData(4, 8.0, 1.0, "lora_dropout")]
+        public void AConfigWithAValueOutOfRange_IsRefusedAtInject_NamingTheKey(int r, double alpha, double dropout, string key)
+        {
+            using var model = Mlp();
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = r, lora_alpha = alpha, lora_dropout = dropout, target_modules = new[] { "0" } }));
+            Assert.Contains($"{key}: ", error.Message);
+            Assert.DoesNotContain(model.named_modules(), m => m.module is LoraLayer);
+            var pattern = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { target_modules = new[] { "0" }, rank_pattern = new() { ["0"] = 0 } }));
+            Assert.Contains("rank_pattern.0: the rank must be 1 or more", pattern.Message);
+        }
+
+        [Fact]
+        public void AnAlphaFiniteAsADoubleButNotAsAFloat_IsRefusedForAFloatLayer_AndTakenByADoubleOne()
+        {
+            // Guards: lora_alpha 1e39 loaded and gave NaN in a float32 model (its float scaling, infinity, times B = 0).
+            var config = new LoraConfig { r = 1, lora_alpha = 1e39, target_modules = new[] { "0" } };
+            using var floats = Mlp();
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(floats, config));
+            Assert.Contains("lora_alpha", error.Message);
+            Assert.Contains("not finite in the layer's dtype Float32", error.Message);
+            using var doubles = Mlp().to(ScalarType.Float64);
+            LoraModel.inject(doubles, config);
+        }
+
+        /// <summary>One Linear of small integers: every product is exact, so the only rounding is the scaling's.</summary>
+        private static (Sequential Model, Tensor A, Tensor B) IntegerModel(ScalarType dtype)
+        {
+            var model = nn.Sequential(("fc", nn.Linear(4, 3, dtype: dtype)));
+            using (no_grad())
+            {
+                model.named_parameters().Single(p => p.name == "fc.weight").parameter.copy_(arange(12, dtype: dtype).reshape(3, 4) - 5);
+                model.named_parameters().Single(p => p.name == "fc.bias").parameter.copy_(tensor(new double[] { 1, -2, 3 }).to(dtype));
+            }
+            LoraModel.inject(model, new LoraConfig { r = 3, lora_alpha = 1, target_modules = new[] { "fc" } });   // scaling 1/3
+            var state = model.state_dict();
+            using (no_grad())
+            {
+                state["fc.lora_A.weight"].copy_(arange(12, dtype: dtype).reshape(3, 4) % 5 - 2);
+                state["fc.lora_B.weight"].copy_(arange(9, dtype: dtype).reshape(3, 3) % 4 - 1);
+            }
+            return (model, state["fc.lora_A.weight"], state["fc.lora_B.weight"]);
+        }
+
+        [Fact]
+        public void AFloat64Layer_AppliesItsScalingInFloat64_For2DAnd3DInput()
+        {
+            // Guards: the old 2-D path rounded the scaling to float (an error of 3e-8 where 1e-16 is due), the 3-D path did not.
+            using var scope = NewDisposeScope();
+            var (model, a, b) = IntegerModel(ScalarType.Float64);
+            using var _ = model;
+            var x3 = (arange(24, dtype: ScalarType.Float64).reshape(2, 3, 4) % 7) - 3;
+            double[] xs = x3.data<double>().ToArray(), A = a.data<double>().ToArray(), B = b.data<double>().ToArray();
+            var state = model.state_dict();
+            double[] W = state["fc.weight"].data<double>().ToArray(), bias = state["fc.bias"].data<double>().ToArray();
+            // The expected output, in C# doubles: base and update exact integers, then update · (1/3) and the sum, each rounded once.
+            var expected = new double[6 * 3];
+            for (int row = 0; row < 6; row++)
+            {
+                for (int o = 0; o < 3; o++)
+                {
+                    double baseValue = bias[o], update = 0;
+                    for (int i = 0; i < 4; i++)
+                        baseValue += xs[row * 4 + i] * W[o * 4 + i];
+                    for (int k = 0; k < 3; k++)
+                    {
+                        double ax = 0;
+                        for (int i = 0; i < 4; i++)
+                            ax += xs[row * 4 + i] * A[k * 4 + i];
+                        update += ax * B[o * 3 + k];
+                    }
+                    expected[row * 3 + o] = baseValue + update * (1.0 / 3);
+                }
+            }
+            var expected3 = tensor(expected, new long[] { 2, 3, 3 }, ScalarType.Float64);
+            Assert.True(Equivalence.Compare(expected3, Run(model, x3)).BitExact, "3-D input");
+            Assert.True(Equivalence.Compare(expected3.reshape(6, 3), Run(model, x3.reshape(6, 4))).BitExact, "2-D input");
+            Assert.True(Equivalence.Compare(expected3[0, 1], Run(model, x3[0, 1])).BitExact, "1-D input");
+        }
+
+        [Fact]
+        public void AFloat32Layer_GivesTheSameAnswerForEveryInputRank_WithinRounding()
+        {
+            using var scope = NewDisposeScope();
+            var (model, _, _) = IntegerModel(ScalarType.Float32);
+            using var _ = model;
+            var x3 = (arange(24, dtype: ScalarType.Float32).reshape(2, 3, 4) % 7) - 3;
+            var threeD = Run(model, x3).reshape(6, 3);
+            var twoD = Run(model, x3.reshape(6, 4));
+            Assert.True(Equivalence.Compare(threeD, twoD).MaxUlp <= 1, Equivalence.Compare(threeD, twoD).ToString());
+        }
+
+        [Fact]
+        public void TorchSharpsLinear_DoesNotConvertItsChildren_SoAConvertedModelIsRefusedByName()
+        {
+            using var scope = NewDisposeScope();
+            using var model = Mlp();
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" } });
+            model.to(ScalarType.Float64);
+            var error = Assert.Throws<InvalidOperationException>(() => Run(model, randn(new long[] { 2, 16 }, dtype: ScalarType.Float64)));
+            Assert.Contains("0: the adapter is Float32", error.Message);
+            Assert.Contains("does not pass .to(...) on to its children", error.Message);
+
+            // A CustomLinear or a wrapper passes it on.
+            using var custom = nn.Sequential(("0", new CustomLinear(16, 4)));
+            LoraModel.inject(custom, new LoraConfig { r = 2, target_modules = new[] { "0" } });
+            custom.to(ScalarType.Float64);
+            Assert.All(custom.parameters(), p => Assert.Equal(ScalarType.Float64, p.dtype));
+            Assert.Equal(ScalarType.Float64, Run(custom, randn(new long[] { 2, 16 }, dtype: ScalarType.Float64)).dtype);
+        }
+
+        // ---- Freezing and counting ---------------------------------------------------------------------------------------
+
+        [Fact]
+        public void LoadAdapter_FreezesTheModelForInference_UnlessAskedToTrain()
+        {
+            // Guards: after the old load_adapter every base weight still required grad.
+            using var scope = NewDisposeScope();
+            using var inference = Pretrained("attention");
+            LoraModel.load_adapter(inference, AttentionAdapter);
+            Assert.All(inference.parameters(), p => Assert.False(p.requires_grad));
+
+            using var training = Pretrained("attention");
+            LoraModel.load_adapter(training, AttentionAdapter, is_trainable: true);
+            var trainable = training.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).ToList();
+            // 6 adapters × (A, B), the classifier (modules_to_save) and, for bias = lora_only, the adapted layers' biases.
+            Assert.Equal(12 + 2 + 6, trainable.Count);
+            Assert.All(trainable, name => Assert.True(name.Contains(".lora_") || name.StartsWith("classifier.") || AttentionPaths.Any(p => name == p + ".bias"), name));
+        }
+
+        [Fact]
+        public void TrainableParameters_AreCountedAndPrintedAsPeftDoes()
+        {
+            using var model = Mlp();   // 16·32 + 32 + 32·8 + 8 = 808 parameters
+            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0", "2" } });
+            // Adapters: 4·16 + 32·4 + 4·32 + 8·4 = 352.
+            Assert.Equal((352L, 1160L), LoraModel.get_nb_trainable_parameters(model));
+            var output = new StringWriter();
+            var console = Console.Out;
+            Console.SetOut(output);
+            try
+            {
+                LoraModel.print_trainable_parameters(model);
+            }
+            finally
+            {
+                Console.SetOut(console);
+            }
+            Assert.Equal("trainable params: 352 || all params: 1,160 || trainable%: 30.3448" + Environment.NewLine, output.ToString());
+        }
+
+        // ---- Nothing left alive ----------------------------------------------------------------------------------------
+
+        [Fact]
+        public void InjectMergeDisableUnload_AndDisposingAnAdaptedModel_LeaveNoTensorAlive()
+        {
+            static long Live() => DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            var config = new LoraConfig { r = 2, target_modules_regex = "all-linear", modules_to_save = new[] { "2" } };
+            long before = Live();
+            using (var model = Mlp())
+            {
+                LoraModel.inject(model, config);
+                LoraModel.merge(model);
+                LoraModel.unmerge(model);
+                using (LoraModel.disable_adapters(model)) { }
+                LoraModel.unload(model);
+            }
+            using (var model = Mlp())
+            {
+                LoraModel.inject(model, config);
+                LoraModel.merge_and_unload(model);
+            }
+            // Disposed while adapted and merged, with modules_to_save originals kept: the adapters' state goes with the model.
+            foreach (var style in new[] { PortStyle.LinearCall, PortStyle.ModuleForward, PortStyle.CustomForward })
+            {
+                using var model = Port("attention", style);
+                LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj", "v_proj" }, modules_to_save = new[] { "classifier" } });
+                LoraModel.merge(model);
+            }
+            Assert.Equal(before, Live());
+        }
+
+        [Fact]
+        public void ARefusedInject_ForATargetOfAnotherKind_NamesIt()
+        {
+            using var model = new NestedHead();
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { target_modules = new[] { "head" } }));
+            Assert.Contains("matches no nn.Linear or CustomLinear", error.Message);
+            using var sequential = nn.Sequential(("act", nn.ReLU()), ("fc", nn.Linear(2, 2)));
+            Assert.Contains("act is a ReLU, neither nn.Linear nor CustomLinear", Assert.Throws<ArgumentException>(() => LoraModel.inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
+            Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => LoraModel.save_adapter(sequential, "nowhere")).Message);
+        }
+    }
+}

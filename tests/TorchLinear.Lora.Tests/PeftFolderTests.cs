@@ -1,0 +1,292 @@
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using System.Text.Json.Nodes;
+using TorchLinear.Tests;
+using TorchSharp;
+using TorchSharp.PyBridge;
+using Xunit;
+using static TorchLinear.Lora.Tests.Ports;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Lora.Tests
+{
+    /// <summary>
+    /// PEFT adapter folders made with real PyTorch (ReferenceData/Peft, by make_peft_adapters.py in PEFT's layout) loaded
+    /// into .NET ports of the same models: PyTorch's adapted outputs, merged and unmerged; written back with the same keys,
+    /// dtypes and bytes; and files that do not fit refused with every problem named and the model unchanged.
+    /// </summary>
+    public class PeftFolderTests
+    {
+        [Theory]
+        [InlineData("mlp", new[] { "0", "2" })]
+        [InlineData("attention", new[] { "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj",
+                                          "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.self_attn.o_proj" })]
+        [InlineData("attention_bf16_bin", new[] { "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                                   "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj" })]
+        [InlineData("attention_excluded", new[] { "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj" })]
+        public void PeftAdapter_GivesPyTorchsAdaptedOutput_UnmergedAndMerged(string adapter, string[] paths)
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases(adapter);
+            using var model = Pretrained(adapter);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["base_output"]);
+
+            var adapted = LoraModel.load_adapter(model, Path.Combine(Folder, adapter));
+
+            Assert.Equal(paths, adapted);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
+            // Disabled as PEFT's disable_adapter(): no updates, modules_to_save as they were (the recorded disabled output).
+            using (LoraModel.disable_adapters(model))
+                Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
+
+            // Merged: W + Δ, one linear per layer; the same numbers up to the merge's rounding.
+            LoraModel.merge(model);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
+            using var fresh = Pretrained(adapter);
+            LoraModel.load_adapter(fresh, Path.Combine(Folder, adapter), merge: true);
+            Equivalence.AssertClose(Run(fresh, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
+        }
+
+        [Theory]
+        [InlineData("mlp")]
+        [InlineData("attention")]
+        [InlineData("attention_bf16_bin")]
+        public void LoadingThenSaving_GivesTheSameKeysShapesAndBytesBack(string adapter)
+        {
+            using var scope = NewDisposeScope();
+            using var model = Pretrained(adapter);
+            LoraModel.load_adapter(model, Path.Combine(Folder, adapter));
+            string output = Directory.CreateTempSubdirectory("torchlinear-peft-").FullName;
+            try
+            {
+                LoraModel.save_adapter(model, output);
+                string original = Path.Combine(Folder, adapter, File.Exists(Path.Combine(Folder, adapter, "adapter_model.safetensors")) ? "adapter_model.safetensors" : "adapter_model.bin");
+                var before = StateDicts.ReadPyTorchFile(original);
+                var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
+                Assert.Equal(before.Keys.OrderBy(k => k, StringComparer.Ordinal), after.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                foreach (var (key, tensor) in before)
+                {
+                    Assert.Equal(tensor.dtype, after[key].dtype);
+                    Assert.True(Equivalence.Compare(tensor, after[key]).BitExact, key);
+                }
+                // The config reads back to the same adapter.
+                var config = LoraConfig.load(output);
+                var source = LoraConfig.load(Path.Combine(Folder, adapter));
+                Assert.Equal(source.r, config.r);
+                Assert.Equal(source.rank_pattern, config.rank_pattern);
+                Assert.Equal(source.alpha_pattern, config.alpha_pattern);
+                Assert.Equal(source.target_modules, config.target_modules);
+                Assert.Equal(source.target_modules_regex, config.target_modules_regex);
+                // And a fresh port loads what was saved to PyTorch's numbers.
+                using var again = Pretrained(adapter);
+                LoraModel.load_adapter(again, output);
+                var cases = Cases(adapter);
+                Equivalence.AssertClose(Run(again, cases["input"]), cases["adapted_output"]);
+            }
+            finally
+            {
+                Directory.Delete(output, recursive: true);
+            }
+        }
+
+        // ---- Files that do not fit: refused, every problem named, the model unchanged ---------------------------------
+
+        /// <summary>A copy of a reference folder with its tensors and config changed.</summary>
+        internal static string Mutated(string adapter, Func<Dictionary<string, Tensor>, Dictionary<string, Tensor>>? tensors = null, Action<JsonObject>? config = null)
+        {
+            string folder = Directory.CreateTempSubdirectory("torchlinear-peft-mutant-").FullName;
+            var json = JsonNode.Parse(File.ReadAllText(Path.Combine(Folder, adapter, "adapter_config.json")))!.AsObject();
+            config?.Invoke(json);
+            File.WriteAllText(Path.Combine(folder, "adapter_config.json"), json.ToJsonString());
+            var state = StateDicts.ReadPyTorchFile(Path.Combine(Folder, adapter, "adapter_model.safetensors"));
+            Safetensors.SaveStateDict(Path.Combine(folder, "adapter_model.safetensors"), tensors is null ? state : tensors(state));
+            return folder;
+        }
+
+        private static Dictionary<string, Tensor> With(Dictionary<string, Tensor> state, string suffix, Func<Tensor, Tensor> change) =>
+            state.ToDictionary(kv => kv.Key, kv => kv.Key.EndsWith(suffix, StringComparison.Ordinal) ? change(kv.Value) : kv.Value);
+
+        public static IEnumerable<object[]> Mutations() => new (string, Func<Dictionary<string, Tensor>, Dictionary<string, Tensor>>?, Action<JsonObject>?, string[])[]
+        {
+            ("wrong key prefix", s => s.ToDictionary(kv => kv.Key.Replace("base_model.model.", "model."), kv => kv.Value), null,
+                new[] { "'model.model.layers.0.self_attn.q_proj.lora_A.weight' does not start with 'base_model.model.'", "missing 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'" }),
+            ("transposed lora_B", s => With(s, "layers.0.self_attn.v_proj.lora_B.weight", t => t.t().contiguous()), null,
+                new[] { "'base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight' has shape [4, 8], model.layers.0.self_attn.v_proj needs [8, 4] (r = 4)" }),
+            ("missing tensor", s => s.Where(kv => !kv.Key.EndsWith("layers.1.self_attn.o_proj.lora_A.weight")).ToDictionary(kv => kv.Key, kv => kv.Value), null,
+                new[] { "missing 'base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight' for the targeted model.layers.1.self_attn.o_proj" }),
+            ("rank of another config", null, c => c["rank_pattern"] = new JsonObject(),
+                new[] { "'base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight' has shape [2, 8], model.layers.0.self_attn.o_proj needs [4, 8] (r = 4)" }),
+            ("LoRA inside a saved module", s => s.Append(KeyValuePair.Create("base_model.model.classifier.modules_to_save.lora_A.weight", ones(2, 24))).ToDictionary(kv => kv.Key, kv => kv.Value), null,
+                new[] { "'base_model.model.classifier.modules_to_save.lora_A.weight' puts LoRA or weights inside a saved module's wrapper" }),
+            // Guards: an adapter of NaN loaded silently in the old sample.
+            ("NaN in an adapter", s => With(s, "layers.1.self_attn.q_proj.lora_B.weight", t => t.clone().index_put_(tensor(float.NaN), new[] { TensorIndex.Single(0), TensorIndex.Single(0) })), null,
+                new[] { "'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight' holds NaN or infinity" }),
+            ("infinity in a saved head", s => With(s, "classifier.bias", t => t.clone().fill_(float.PositiveInfinity)), null,
+                new[] { "'base_model.model.classifier.bias' holds NaN or infinity" }),
+            // A trained head for a module the model lacks would be dropped silently: refused.
+            ("a head the model lacks", s => s.Append(KeyValuePair.Create("base_model.model.score.weight", ones(3, 24))).ToDictionary(kv => kv.Key, kv => kv.Value),
+                c => c["modules_to_save"] = new JsonArray("classifier", "score"),
+                new[] { "'base_model.model.score.weight' names no parameter or buffer of the model ('score.weight')" }),
+            ("a bias on lora_B", s => s.Append(KeyValuePair.Create("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias", zeros(24))).ToDictionary(kv => kv.Key, kv => kv.Value), null,
+                new[] { "'base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias' is an adapter tensor TorchLinear.Lora does not read" }),
+        }.Select(m => new object[] { m.Item1, m.Item2!, m.Item3!, m.Item4 });
+
+        [Theory]
+        [MemberData(nameof(Mutations))]
+        public void AFileThatDoesNotFit_IsRefusedWithTheProblemNamed_AndTheModelUnchanged(
+            string mutation, Func<Dictionary<string, Tensor>, Dictionary<string, Tensor>>? tensors, Action<JsonObject>? config, string[] problems)
+        {
+            using var scope = NewDisposeScope();
+            string folder = Mutated("attention", tensors, config);
+            try
+            {
+                foreach (bool merge in new[] { false, true })
+                {
+                    using var model = Pretrained("attention");
+                    var before = Bits(model);
+                    var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder, merge: merge));
+                    foreach (string problem in problems)
+                        Assert.Contains(problem, error.Message);
+                    Assert.Contains("nothing was changed", error.Message);
+                    AssertUnchanged(before, model);
+                }
+                _ = mutation;
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        private static void AssertUnchanged(Dictionary<string, string[]> before, nn.Module model)
+        {
+            var after = Bits(model);
+            Assert.Equal(before.Keys, after.Keys);
+            foreach (var (key, bits) in after)
+                Assert.Equal(before[key], bits);
+            Assert.DoesNotContain(model.named_modules(), m => m.module is LoraLayer or LoraProjection or LoraWrapper);
+            Assert.All(model.parameters(), p => Assert.True(p.requires_grad));
+        }
+
+        [Fact]
+        public void AMergeThatWouldOverflow_IsRefusedBeforeTheAdapterIsPutIn()
+        {
+            // Guards: the old sample refused the merge but left the adapters attached (the state_dict had changed).
+            using var scope = NewDisposeScope();
+            string folder = Mutated("attention", s => With(s, "layers.0.self_attn.q_proj.lora_B.weight", t => t.clone().fill_(1e38f)),
+                                    c => c["lora_alpha"] = 1e8);
+            try
+            {
+                using var model = Pretrained("attention");
+                var before = Bits(model);
+                var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder, merge: true));
+                Assert.Contains("merging it would put NaN or infinity into the weights of model.layers.0.self_attn.q_proj", error.Message);
+                AssertUnchanged(before, model);
+                // Unmerged, it loads; a merge then is refused with no weight written.
+                LoraModel.load_adapter(model, folder);
+                var loaded = Bits(model);
+                Assert.Contains("no weight was changed", Assert.Throws<InvalidOperationException>(() => LoraModel.merge(model)).Message);
+                foreach (var (key, bits) in Bits(model))
+                    Assert.Equal(loaded[key], bits);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        [Fact]
+        public void AnAlphaNotFiniteInTheLayersDtype_IsRefusedNamingTheConfigFileAndKey()
+        {
+            string folder = Mutated("attention", config: c => c["alpha_pattern"] = new JsonObject { ["layers.1.self_attn.v_proj"] = 1e39 });
+            try
+            {
+                using var model = Pretrained("attention");
+                var before = Bits(model);
+                var error = Assert.Throws<CheckpointFormatException>(() => LoraModel.load_adapter(model, folder));
+                Assert.Equal(Path.Combine(folder, "adapter_config.json"), error.Path);
+                Assert.Equal("alpha_pattern.layers.1.self_attn.v_proj", error.Key);
+                Assert.Contains("not finite in the layer's dtype Float32", error.Message);
+                AssertUnchanged(before, model);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        [Fact]
+        public void AnFp16Adapter_ArrivesInTheLayersDtype_AndModulesTheModelLacks_AreSkipped()
+        {
+            // Published adapters come in fp16 too, and list modules_to_save the model does not have.
+            string folder = Mutated("attention",
+                tensors: s => s.ToDictionary(kv => kv.Key, kv => kv.Key.Contains("lora_") ? kv.Value.to(ScalarType.Float16) : kv.Value),
+                config: c => c["modules_to_save"] = new JsonArray("classifier", "score", "classifier"));
+            try
+            {
+                using var scope = NewDisposeScope();
+                using var model = Pretrained("attention");
+                LoraModel.load_adapter(model, folder);
+                var file = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                var loaded = model.state_dict()["model.layers.0.self_attn.q_proj.lora_B.weight"];
+                Assert.Equal(ScalarType.Float32, loaded.dtype);
+                Assert.True(Equivalence.Compare(file["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].to(ScalarType.Float32), loaded).BitExact);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        [Fact]
+        public void AConfigWhoseTargetsMatchNothing_IsRefused()
+        {
+            string folder = Mutated("attention", config: c => c["target_modules"] = new JsonArray("query", "value"));
+            try
+            {
+                using var model = Pretrained("attention");
+                var error = Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, folder));
+                Assert.Contains("target_modules [query, value] matches no nn.Linear or CustomLinear", error.Message);
+                Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains("lora_"));
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        [Theory]
+        [InlineData("target_modules")]
+        [InlineData("rank_pattern")]
+        public void ACatastrophicPatternInAStrangersConfig_IsDecidedQuickly(string field)
+        {
+            // The old sample's load_adapter hung on "(.*)*x", longer with every character of the module paths. Here the
+            // pattern is one alternative more (target_modules) or a key that matches nothing (rank_pattern): the same
+            // adapter loads, to PyTorch's numbers, in milliseconds (10 s is a margin no machine comes near).
+            string folder = Mutated("attention", config: c =>
+            {
+                if (field == "target_modules")
+                    c["target_modules"] = @"(.*)*x|.*\.(q_proj|v_proj|o_proj)";
+                else
+                    c["rank_pattern"] = new JsonObject { ["(.*)*x"] = 3, ["o_proj"] = 2 };
+            });
+            try
+            {
+                using var scope = NewDisposeScope();
+                var cases = Cases("attention");
+                using var model = Pretrained("attention");
+                var clock = System.Diagnostics.Stopwatch.StartNew();
+                LoraModel.load_adapter(model, folder);
+                Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"{clock.Elapsed.TotalSeconds:F1} s");
+                Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+    }
+}
