@@ -6,7 +6,7 @@ using System.Diagnostics;
 using System.IO;
 using System.Linq;
 using TorchLinear;
-using TorchLinear.Samples;
+using TorchLinear.Lora;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

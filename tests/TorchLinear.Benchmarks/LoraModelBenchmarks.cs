@@ -1,7 +1,7 @@
 using System;
 using System.Linq;
 using BenchmarkDotNet.Attributes;
-using TorchLinear.Samples;
+using TorchLinear.Lora;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

@@ -74,15 +74,16 @@ namespace TorchLinear.Tests.Docs
         }
 
         /// <summary>
-        /// An application as a user writes it: TorchLinear (the assembly these tests were built with, standing in for the
-        /// package, plus its build fix as buildTransitive brings it), the CPU backend and PyBridge at the repository's
-        /// versions, and the LoRA sample's two copy-paste files.
+        /// An application as a user writes it: TorchLinear and TorchLinear.Lora (the assemblies these tests were built
+        /// with, standing in for the packages, plus the build fix as buildTransitive brings it), and the CPU backend and
+        /// PyBridge at the repository's versions.
         /// </summary>
         private static string Project()
         {
             var versions = XDocument.Load(Path.Combine(Snapshots.RepositoryRoot, "Directory.Packages.props"))
                 .Descendants("PackageVersion").ToDictionary(e => (string)e.Attribute("Include")!, e => (string)e.Attribute("Version")!);
             string library = Path.Combine(AppContext.BaseDirectory, "TorchLinear.dll");
+            string lora = Path.Combine(AppContext.BaseDirectory, "TorchLinear.Lora.dll");
             string targets = Path.Combine(Snapshots.RepositoryRoot, "src", "TorchLinear", "buildTransitive", "TorchLinear.targets");
             return $"""
                 <Project Sdk="Microsoft.NET.Sdk">
@@ -98,9 +99,7 @@ namespace TorchLinear.Tests.Docs
                     <PackageReference Include="TorchSharp-cpu" Version="{versions["TorchSharp-cpu"]}" />
                     <PackageReference Include="TorchSharp.PyBridge" Version="{versions["TorchSharp.PyBridge"]}" />
                     <Reference Include="TorchLinear" HintPath="{library}" />
-                    <!-- The LoRA block uses the two files samples/Lora asks you to copy. -->
-                    <Compile Include="{Path.Combine(Snapshots.RepositoryRoot, "samples", "Lora", "LoraConfig.cs")}" />
-                    <Compile Include="{Path.Combine(Snapshots.RepositoryRoot, "samples", "Lora", "LoraModel.cs")}" />
+                    <Reference Include="TorchLinear.Lora" HintPath="{lora}" />
                   </ItemGroup>
                   <Import Project="{targets}" />
                 </Project>

@@ -378,7 +378,7 @@ namespace TorchLinear.Tests.Samples
         [Theory]
         [InlineData(0, 1.0, 0.0, "r")]
         [InlineData(-2, 1.0, 0.0, "r")]
-        [InlineData(4, -1.0, 0.0, "lora_alpha")]
+        [InlineData(4, double.PositiveInfinity, 0.0, "lora_alpha")]
         [InlineData(4, double.NaN, 0.0, "lora_alpha")]
         [InlineData(4, 1.0, 1.0, "lora_dropout")]
         [InlineData(4, 1.0, -0.1, "lora_dropout")]
