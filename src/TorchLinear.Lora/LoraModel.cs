@@ -55,7 +55,7 @@ namespace TorchLinear.Lora
             config.ThrowIfInvalid("LoraModel.inject");
             var kept = config.Clone();
             ThrowIfAdapted(model);
-            var targets = Targets(model, kept, error => new ArgumentException($"LoraModel.inject: {error.Rule}", error.Key));
+            var targets = Targets(model, kept, "LoraModel.inject", error => new ArgumentException($"LoraModel.inject: {error.Key}: {error.Rule}."));
             var state = new AdaptedModel(model, kept);
             foreach (var target in targets)
             {
@@ -99,7 +99,7 @@ namespace TorchLinear.Lora
             ThrowIfAdapted(model);
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
             var config = LoraConfig.load(configFile);
-            var targets = Targets(model, config, error => new CheckpointFormatException(configFile, error.Rule, error.Key));
+            var targets = Targets(model, config, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
             string file = PeftFolder.AdapterFile(directory);
             var tensors = StateDicts.ReadPyTorchFile(file);
             var built = new List<LoraLayer>();
@@ -384,7 +384,7 @@ namespace TorchLinear.Lora
         /// Finds every layer the config targets and decides how it hosts its adapter; refuses (through
         /// <paramref name="refuse"/>, for the config's key) what cannot be adapted.
         /// </summary>
-        internal static List<Target> Targets(nn.Module model, LoraConfig config, Func<Refusal, Exception> refuse)
+        internal static List<Target> Targets(nn.Module model, LoraConfig config, string caller, Func<Refusal, Exception> refuse)
         {
             var targets = new List<Target>();
             var refused = new List<string>();
@@ -446,11 +446,11 @@ namespace TorchLinear.Lora
                 });
             }
             if (refused.Count > 0)
-                throw new ArgumentException($"LoraModel: cannot adapt {string.Join("; ", refused)}.");
+                throw new ArgumentException($"{caller}: cannot adapt {string.Join("; ", refused)}.");
             if (targets.Count == 0)
             {
                 string what = config.target_modules_regex ?? $"[{string.Join(", ", config.target_modules ?? Array.Empty<string>())}]";
-                throw new ArgumentException($"LoraModel: target_modules {what} matches no nn.Linear or CustomLinear in the model (its modules: {string.Join(", ", modules.Select(m => m.name).Take(20))}{(modules.Count > 20 ? ", ..." : "")}).");
+                throw new ArgumentException($"{caller}: target_modules {what} matches no nn.Linear or CustomLinear in the model (its modules: {string.Join(", ", modules.Select(m => m.name).Take(20))}{(modules.Count > 20 ? ", ..." : "")}).");
             }
             return targets;
         }

@@ -641,6 +641,45 @@ namespace TorchLinear.Tests
             Assert.All(layer.weight.data<float>().ToArray(), v => Assert.Equal(1f, v));
         }
 
+        // ---- The Adapter slot -------------------------------------------------------------------------
+
+        [Fact]
+        public void Adapter_RunsThroughCallAndForwardAlike_AndAnEmptySlotChangesNothing()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(31);
+            using var layer = new CustomLinear(5, 3);
+            using var reference = nn.Linear(layer.weight.detach().clone().AsParameter(), layer.bias!.detach().clone().AsParameter());
+            var x = randn(4, 5);
+            Assert.Null(layer.Adapter);
+            Assert.True(Equivalence.Compare(reference.forward(x), layer.forward(x)).BitExact);
+
+            int calls = 0;
+            layer.Adapter = (input, output) =>
+            {
+                calls++;
+                Assert.Same(x, input);
+                return output.add_(1);
+            };
+            var expected = reference.forward(x) + 1;
+            Assert.True(Equivalence.Compare(expected, layer.forward(x)).BitExact);
+            Assert.True(Equivalence.Compare(expected, layer.call(x)).BitExact);
+            Assert.Equal(2, calls);
+        }
+
+        [Fact]
+        public void Adapter_ThatReturnsANewTensorOrThrows_LeavesNoTensorBehind()
+        {
+            using var layer = new CustomLinear(5, 3);
+            using var x = randn(4, 5);
+            layer.Adapter = (input, output) => output * 2;
+            Leaks.AssertOnlyTheResultStaysAlive(() => layer.forward(x));
+            layer.Adapter = (input, output) => throw new InvalidTimeZoneException("planted");
+            long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            Assert.Throws<InvalidTimeZoneException>(() => layer.forward(x));
+            Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+        }
+
         /// <summary>Asserts an ArgumentException and that neither weight nor bias changed a bit.</summary>
         /// <summary>What the seeded-init snapshots record of a layer: its weights as exact decimals and as bits.</summary>
         private static object SeededLayer(int seed, CustomLinear layer, ScalarType dtype) => new
