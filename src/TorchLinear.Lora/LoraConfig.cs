@@ -26,6 +26,13 @@ namespace TorchLinear.Lora
         /// <summary>The largest <c>adapter_config.json</c> read (PEFT writes a few kilobytes).</summary>
         public const int MaxFileBytes = 1 << 20;
 
+        /// <summary>
+        /// The most <c>rank_pattern</c> and <c>alpha_pattern</c> keys, together, that need the regular-expression engine
+        /// (keys of literal characters and dots, as module paths are written, do not count): each costs milliseconds and
+        /// hundreds of kilobytes to compile, so a config with thousands of them would take minutes and gigabytes to decide.
+        /// </summary>
+        public const int MaxPatternExpressions = 256;
+
         private IReadOnlyList<string>? _targetModules, _excludeModules, _modulesToSave;
 
         /// <summary>The adapter's rank, 1 or more (PEFT default 8).</summary>
@@ -192,6 +199,13 @@ namespace TorchLinear.Lora
             {
                 problems.Add((error.Field, error.Rule));
             }
+            int expressions = rank_pattern.Keys.Concat(alpha_pattern.Keys).Count(ConfigPatterns.NeedsEngine);
+            if (expressions > MaxPatternExpressions)
+            {
+                problems.Add((rank_pattern.Keys.Any(ConfigPatterns.NeedsEngine) ? "rank_pattern" : "alpha_pattern",
+                              $"rank_pattern and alpha_pattern hold {expressions} keys that are regular expressions beyond module paths; at most {MaxPatternExpressions} are matched"));
+                return problems;
+            }
             foreach (var (field, keys) in new[] { ("rank_pattern", rank_pattern.Keys.ToList()), ("alpha_pattern", alpha_pattern.Keys.ToList()) })
             {
                 foreach (string key in keys)
@@ -240,10 +254,21 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(path);
             string file = Directory.Exists(path) ? Path.Combine(path, "adapter_config.json") : path;
             byte[] bytes = ReadCapped(file);
+            string text;
+            try
+            {
+                // JSON text is UTF-8 (RFC 8259). System.Text.Json checks a string's bytes only when it is read, and then
+                // throws an InvalidOperationException; checked here, a damaged byte is a refusal like any other.
+                text = new UTF8Encoding(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true).GetString(bytes);
+            }
+            catch (DecoderFallbackException error)
+            {
+                throw new CheckpointFormatException(file, $"it is not UTF-8 text (invalid byte sequence at byte {error.Index})", inner: error);
+            }
             JsonDocument document;
             try
             {
-                document = JsonDocument.Parse(bytes, new JsonDocumentOptions { AllowTrailingCommas = false, CommentHandling = JsonCommentHandling.Disallow, MaxDepth = 64 });
+                document = JsonDocument.Parse(text, new JsonDocumentOptions { AllowTrailingCommas = false, CommentHandling = JsonCommentHandling.Disallow, MaxDepth = 64 });
             }
             catch (JsonException error)
             {

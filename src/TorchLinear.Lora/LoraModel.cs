@@ -430,8 +430,17 @@ namespace TorchLinear.Lora
                     if (module.named_children().Any(m => m.name == child))
                         refused.Add($"{path} already has a child named {child}");
                 }
-                int rank = config.RankFor(path);
-                double alpha = config.AlphaFor(path);
+                int rank;
+                double alpha;
+                try
+                {
+                    rank = config.RankFor(path);
+                    alpha = config.AlphaFor(path);
+                }
+                catch (PatternException error)
+                {
+                    throw refuse(new Refusal(error.Field, error.Rule));
+                }
                 double scaling = LoraConfig.Scaling(alpha, rank, config.use_rslora);
                 if (!double.IsFinite(LoraLayer.ScalingIn(scaling, weight.dtype)))
                 {

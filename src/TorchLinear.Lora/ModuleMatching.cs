@@ -153,20 +153,21 @@ namespace TorchLinear.Lora
             return false;
         }
 
-        internal bool FullMatch(string field, string pattern, string key) => Match(field, "full", pattern, key);
+        internal bool FullMatch(string field, string pattern, string key) =>
+            Wildcards.Of(pattern) is { } wildcards ? wildcards.FullMatch(key) : Match(field, "full", pattern, key);
 
-        internal bool EndMatch(string field, string pattern, string key)
-        {
-            // A key without any regular-expression syntax matches exactly as the literal it is.
-            if (pattern.Length > 0 && pattern.IndexOfAny(Special) < 0)
-                return key == pattern || key.EndsWith("." + pattern, StringComparison.Ordinal);
-            return Match(field, "end", pattern, key);
-        }
+        internal bool EndMatch(string field, string pattern, string key) =>
+            Wildcards.Of(pattern) is { } wildcards ? wildcards.EndMatch(key) : Match(field, "end", pattern, key);
 
         /// <summary>Compiles every expression of the config now, so that an invalid one is refused before anything is matched.</summary>
-        internal void Validate(string field, string pattern, bool end) => Get(field, end ? "end" : "full", pattern);
+        internal void Validate(string field, string pattern, bool end)
+        {
+            if (Wildcards.Of(pattern) is null)
+                Get(field, end ? "end" : "full", pattern);
+        }
 
-        private static readonly char[] Special = @"\.^$|?*+()[]{}#".ToCharArray();
+        /// <summary>Whether <paramref name="pattern"/> needs the regular-expression engine (it is more than literals and dots).</summary>
+        internal static bool NeedsEngine(string pattern) => Wildcards.Of(pattern) is null;
 
         private bool Match(string field, string kind, string pattern, string key)
         {
@@ -261,6 +262,88 @@ namespace TorchLinear.Lora
         }
 
         internal static string Shorten(string text) => text.Length <= 120 ? text : text[..117] + "...";
+    }
+
+    /// <summary>
+    /// A pattern of literal characters and dots — a module path as most configs write a key, <c>model.layers.0.q_proj</c>
+    /// — matched without a regular-expression engine, with the meaning the expression has: a dot stands for any character
+    /// but a newline, a backslash before any other character than a letter or a digit makes it literal (as in Python). The
+    /// engine costs milliseconds and hundreds of kilobytes per expression; this, a comparison per character.
+    /// </summary>
+    internal sealed class Wildcards
+    {
+        private readonly string _text;
+        private readonly bool[] _any;
+
+        private Wildcards(string text, bool[] any)
+        {
+            _text = text;
+            _any = any;
+        }
+
+        internal static Wildcards? Of(string pattern)
+        {
+            var text = new StringBuilder(pattern.Length);
+            var any = new List<bool>(pattern.Length);
+            for (int i = 0; i < pattern.Length; i++)
+            {
+                char c = pattern[i];
+                if (c == '\\')
+                {
+                    // \d, \w, \1, \b, ... are classes, references or anchors: the engine's.
+                    if (i + 1 >= pattern.Length || char.IsAsciiLetterOrDigit(pattern[i + 1]))
+                        return null;
+                    text.Append(pattern[++i]);
+                    any.Add(false);
+                }
+                else if (c == '.')
+                {
+                    text.Append('.');
+                    any.Add(true);
+                }
+                else if ("^$|?*+()[]{}".IndexOf(c) >= 0)
+                {
+                    return null;
+                }
+                else
+                {
+                    text.Append(c);
+                    any.Add(false);
+                }
+            }
+            return new Wildcards(text.ToString(), any.ToArray());
+        }
+
+        /// <summary><c>re.fullmatch(pattern, key)</c>.</summary>
+        internal bool FullMatch(string key) => key.Length == _text.Length && At(key, 0);
+
+        /// <summary><c>re.match(r"(.*\.)?(pattern)$", key)</c>: the key, or its end after a dot, and <c>$</c> also before a final newline.</summary>
+        internal bool EndMatch(string key)
+        {
+            if (EndMatchExact(key))
+                return true;
+            return key.EndsWith('\n') && EndMatchExact(key[..^1]);
+        }
+
+        private bool EndMatchExact(string key)
+        {
+            int start = key.Length - _text.Length;
+            if (start < 0 || !At(key, start))
+                return false;
+            // Before the match: nothing, or anything without a newline that ends with a dot.
+            return start == 0 || key[start - 1] == '.' && key.IndexOf('\n', 0, start - 1) < 0;
+        }
+
+        private bool At(string key, int start)
+        {
+            for (int i = 0; i < _text.Length; i++)
+            {
+                char c = key[start + i];
+                if (_any[i] ? c == '\n' : c != _text[i])
+                    return false;
+            }
+            return true;
+        }
     }
 
     /// <summary>

@@ -1,6 +1,7 @@
 // The child process of the checkpoint fuzz suite (tests/TorchLinear.Tests/Checkpoints/CheckpointFuzzTests.cs).
 // Usage: TorchLinear.CheckpointFuzz <manifest>. Each manifest line is "<file>\t<module>", where <module> names a module
-// that fits the file's original (mlp, linear_3_2, lora_like, none). For each file it prints "start <i>", then one JSON
+// that fits the file's original (mlp, linear_3_2, none), or "adapter" for a PEFT adapter folder, which is loaded with
+// LoraModel.load_adapter into the port of the reference adapter's model. For each file it prints "start <i>", then one JSON
 // line: the outcome of StateDicts.LoadPyTorchFile (or ReadPyTorchFile for "none"), the exception's type and message,
 // whether the module kept every bit on a refusal, the time taken, the growth of peak resident memory, whether the
 // file was left open, and for a load, every tensor's dtype, shape and SHA-256 of its values.
@@ -12,6 +13,8 @@ using System.Linq;
 using System.Security.Cryptography;
 using System.Text.Json;
 using TorchLinear;
+using TorchLinear.Lora;
+using TorchLinear.Lora.Tests;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -40,6 +43,11 @@ for (int i = 0; i < lines.Length; i++)
         if (module is null)
         {
             tensors = StateDicts.ReadPyTorchFile(file).ToDictionary(kv => kv.Key, kv => Hash(kv.Value));
+        }
+        else if (moduleName == "adapter")
+        {
+            LoraModel.load_adapter(module, file);
+            tensors = module.state_dict().ToDictionary(kv => kv.Key, kv => Hash(kv.Value));
         }
         else
         {
@@ -72,6 +80,8 @@ static nn.Module? Module(string name) => name switch
 {
     "mlp" => nn.Sequential(("0", new CustomLinear(8, 16)), ("1", nn.ReLU()), ("2", new CustomLinear(16, 4))),
     "linear_3_2" => new CustomLinear(3, 2),
+    // The attention model the reference adapter was trained on, with CustomLinear projections (adapters run in forward).
+    "adapter" => Ports.Pretrained("attention", PortStyle.CustomForward),
     "none" => null,
     _ => throw new ArgumentException(name),
 };

@@ -142,6 +142,31 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
+        public void InvalidUtf8_OrAByteOrderMark_IsRefused()
+        {
+            // Found by the fuzz suite: System.Text.Json reads a string's bytes only when asked, and then threw an
+            // InvalidOperationException that named no file.
+            foreach (var bytes in new[]
+            {
+                System.Text.Encoding.UTF8.GetBytes("{\"r\": 4, \"target_modules\": [\"q\"], \"task_type\": \"X\"}").Select(b => b == (byte)'X' ? (byte)0xC3 : b).ToArray(),
+                new byte[] { 0xEF, 0xBB, 0xBF }.Concat(System.Text.Encoding.UTF8.GetBytes("{\"r\": 4, \"target_modules\": [\"q\"]}")).ToArray(),
+            })
+            {
+                string file = Path.Combine(Path.GetTempPath(), $"torchlinear-config-{Guid.NewGuid():N}.json");
+                File.WriteAllBytes(file, bytes);
+                try
+                {
+                    var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.load(file));
+                    Assert.Equal(file, error.Path);
+                }
+                finally
+                {
+                    File.Delete(file);
+                }
+            }
+        }
+
+        [Fact]
         public void DeepNesting_IsRefused()
         {
             string deep = new string('[', 10_000) + new string(']', 10_000);

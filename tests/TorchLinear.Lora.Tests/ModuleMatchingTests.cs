@@ -139,6 +139,37 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
+        public void KeysOfLiteralsAndDots_MatchExactlyAsTheRegularExpressionsTheyAre()
+        {
+            // Such keys (module paths, as configs write them) are matched without the regex engine: here against it, on
+            // 20,000 random keys and paths where a dot may stand for any character, a newline, or a literal.
+            var random = new Random(20261201);
+            string Draw(string alphabet, int max) => new string(Enumerable.Range(0, random.Next(max)).Select(_ => alphabet[random.Next(alphabet.Length)]).ToArray());
+            for (int i = 0; i < 20_000; i++)
+            {
+                string key = Draw("ab.", 5).Replace("b", random.Next(2) == 0 ? "b" : @"\.");
+                string path = Draw("ab.\n", 9);
+                var config = new LoraConfig { target_modules_regex = key, rank_pattern = new() { [key] = 2 } };
+                bool full = System.Text.RegularExpressions.Regex.IsMatch(path, $@"\A(?:{key})\z");
+                bool end = System.Text.RegularExpressions.Regex.IsMatch(path, $@"\A(.*\.)?({key})$");
+                Assert.True(full == config.Targets(path), $"fullmatch '{key}' on '{path}'");
+                Assert.True(end == (config.RankFor(path) == 2), $"pattern key '{key}' on '{path}'");
+            }
+        }
+
+        [Fact]
+        public void ThousandsOfPatternKeysThatNeedTheEngine_AreRefused_WhileThousandsOfModulePathsAreNot()
+        {
+            using var model = TorchSharp.torch.nn.Sequential(("q_proj", TorchSharp.torch.nn.Linear(2, 2)));
+            var paths = Enumerable.Range(0, 5000).ToDictionary(i => $"model.layers.{i}.self_attn.q_proj", _ => 2);
+            LoraModel.inject(model, new LoraConfig { target_modules = new[] { "q_proj" }, rank_pattern = paths });
+            using var other = TorchSharp.torch.nn.Sequential(("q_proj", TorchSharp.torch.nn.Linear(2, 2)));
+            var expressions = Enumerable.Range(0, LoraConfig.MaxPatternExpressions + 1).ToDictionary(i => $@"layers\.{i}\..*", _ => 2);
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(other, new LoraConfig { target_modules = new[] { "q_proj" }, rank_pattern = expressions }));
+            Assert.Contains($"rank_pattern: rank_pattern and alpha_pattern hold {LoraConfig.MaxPatternExpressions + 1} keys that are regular expressions", error.Message);
+        }
+
+        [Fact]
         public void ALongListOfNames_IsDecidedInTimeLinearInItsLength()
         {
             // The old sample put every modules_to_save name into a regex: 44k names took 12 s per module.

@@ -22,7 +22,7 @@ namespace TorchLinear.Tests.Checkpoints
     /// torch.save archives, whose every byte is CRC-protected, the values PyTorch wrote). No file under 1 MB may take
     /// over 2 s, and none may grow the process's peak memory by more than the file, its tensors and 64 MiB.
     /// </summary>
-    public class CheckpointFuzzTests
+    public partial class CheckpointFuzzTests
     {
         private const int Seed = 20261127;
         private const long OneMiB = 1 << 20;
@@ -97,6 +97,13 @@ namespace TorchLinear.Tests.Checkpoints
         }
 
         private static IEnumerable<string> Check(Mutant m, JsonElement r)
+        {
+            if (m.Module == "adapter")
+                return CheckAdapter(m, r);
+            return CheckFile(m, r);
+        }
+
+        private static IEnumerable<string> CheckFile(Mutant m, JsonElement r)
         {
             string outcome = r.GetProperty("outcome").GetString()!;
             long size = File.Exists(m.File) ? new FileInfo(m.File).Length : 0;
@@ -285,6 +292,7 @@ namespace TorchLinear.Tests.Checkpoints
                 mutants.Add(new Mutant("bombs", path, "none", loads ? (extension == ".safetensors" ? Strict.Hashes(bytes) : Strict.Hashes(bytes, fromArchive: true)) : null));
             }
             mutants.AddRange(SpecialFiles(folder));
+            mutants.AddRange(AdapterFolders(folder, random));
             return mutants;
         }
 
