@@ -12,15 +12,18 @@ namespace TorchLinear.Benchmarks
     /// LoraModel on a model of four square Linear layers (ReLU between; 512 wide as the goals are set, and 1024 wide to
     /// show how the adapters' share changes with the layer), with an r = 8 adapter on every one, on a 64-row batch: the
     /// base model, the model after merge_and_unload (goal: the base model's cost), and the model with
-    /// its adapters unmerged (goal: at most 1.15×), and the adapters' own work without the model around it (two thin
-    /// GEMMs per layer, as the hook runs them). LoraMergeBenchmarks times merge_and_unload itself.
+    /// its adapters unmerged (goal: at most 1.15×) — in nn.Linear layers (a forward hook) and in CustomLinear layers (the
+    /// Adapter slot) — the adapters' own work without the model around it (two thin GEMMs per layer, as the hook runs
+    /// them), and a training step of the adapters alone with Adam. pytorch/lora_model.py times the same model and
+    /// adapters in PyTorch. LoraMergeBenchmarks times merge_and_unload itself.
     /// </summary>
     [MemoryDiagnoser]
     public class LoraModelBenchmarks : ThreadsBenchmark
     {
         private const int Rows = 64, Rank = 8, Alpha = 16;
-        private Sequential _base = null!, _control = null!, _merged = null!, _unmerged = null!;
-        private Tensor _x = null!, _output = null!;
+        private Sequential _base = null!, _control = null!, _merged = null!, _unmerged = null!, _custom = null!, _trained = null!;
+        private optim.Optimizer _adam = null!;
+        private Tensor _x = null!, _y = null!, _output = null!;
         private (Tensor A, Tensor B)[] _adapters = null!;
 
         [Params(512, 1024)]
@@ -33,9 +36,17 @@ namespace TorchLinear.Benchmarks
                                  ("4", nn.Linear(width, width)), ("5", nn.ReLU()), ("6", nn.Linear(width, width)));
         }
 
-        internal static Sequential Adapted(int width = 512)
+        /// <summary>The same model of CustomLinear layers (whose adapters run in their Adapter slot).</summary>
+        internal static Sequential CustomModel(int width = 512)
         {
-            var model = Model(width);
+            manual_seed(0);
+            return nn.Sequential(("0", new CustomLinear(width, width)), ("1", nn.ReLU()), ("2", new CustomLinear(width, width)), ("3", nn.ReLU()),
+                                 ("4", new CustomLinear(width, width)), ("5", nn.ReLU()), ("6", new CustomLinear(width, width)));
+        }
+
+        internal static Sequential Adapted(int width = 512, bool custom = false)
+        {
+            var model = custom ? CustomModel(width) : Model(width);
             manual_seed(1);
             LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear" });
             using (no_grad())
@@ -58,8 +69,14 @@ namespace TorchLinear.Benchmarks
             _unmerged = Adapted(Width);
             _merged = Adapted(Width);
             LoraModel.merge_and_unload(_merged);
+            _custom = Adapted(Width, custom: true);
+            _trained = Adapted(Width);
+            _trained.train();
+            // Only the adapters require grad after inject.
+            _adam = optim.Adam(_trained.parameters().Where(p => p.requires_grad), lr: 1e-3);
             manual_seed(2);
             _x = randn(Rows, Width);
+            _y = randn(Rows, Width);
             _output = zeros(Rows, Width);
             var weights = _unmerged.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
             _adapters = new[] { "0", "2", "4", "6" }.Select(layer => (weights[layer + ".lora_A.weight"], weights[layer + ".lora_B.weight"])).ToArray();
@@ -68,9 +85,11 @@ namespace TorchLinear.Benchmarks
         [GlobalCleanup]
         public void Cleanup()
         {
-            foreach (var model in new[] { _base, _control, _merged, _unmerged })
+            foreach (var model in new[] { _base, _control, _merged, _unmerged, _custom, _trained })
                 model.Dispose();
+            _adam.Dispose();
             _x.Dispose();
+            _y.Dispose();
             _output.Dispose();
             RestoreThreads();
         }
@@ -94,6 +113,19 @@ namespace TorchLinear.Benchmarks
 
         [Benchmark(Description = "adapters unmerged")]
         public void Unmerged() => Forward(_unmerged).Dispose();
+
+        [Benchmark(Description = "adapters unmerged, CustomLinear layers")]
+        public void UnmergedCustom() => Forward(_custom).Dispose();
+
+        /// <summary>zero_grad, forward, MSE loss, backward and an Adam step over the adapters' parameters only.</summary>
+        [Benchmark(Description = "adapters-only Adam step")]
+        public void AdamStep()
+        {
+            using var scope = NewDisposeScope();
+            _adam.zero_grad();
+            nn.functional.mse_loss(_trained.call(_x), _y).backward();
+            _adam.step();
+        }
 
         /// <summary>
         /// What the four hooks add to the base model's work, without the model: for each adapter, the hook's two GEMMs on
