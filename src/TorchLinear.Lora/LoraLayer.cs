@@ -24,14 +24,15 @@ namespace TorchLinear.Lora
     /// nothing of its own, so it adds no key to any state_dict.</para>
     /// <para>The scaling is applied in the layer's dtype: for a float32 2-D batch the update is accumulated into the
     /// output by one <c>addmm_</c> with the scaling as its alpha (no full-size temporary; the last bit may differ from
-    /// PEFT's separate scale and add); for every other dtype and rank PEFT's own order, <c>x Aᵀ Bᵀ</c>, times the
-    /// scaling, added to the output.</para>
+    /// PEFT's separate scale and add), and a float32 merge is one <c>addmm_</c> into W likewise; for every other dtype and
+    /// rank PEFT's own order, <c>x Aᵀ Bᵀ</c> times the scaling added to the output, and <c>W + Δ</c>.</para>
     /// </remarks>
     public sealed class LoraLayer : nn.Module
     {
         private static readonly Scalar One = 1;
         private readonly Scalar _scaling;
         private Tensor? _unmergedWeight;
+        private bool _merged;
         private bool _disposed;
 
         /// <summary>Creates an adapter for a layer of <paramref name="in_features"/> → <paramref name="out_features"/>, initialised with <see cref="reset_lora_parameters"/>.</summary>
@@ -130,7 +131,7 @@ namespace TorchLinear.Lora
         public LoraProjection lora_B { get; }
 
         /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="add_to"/>.</summary>
-        public bool merged => _unmergedWeight is not null;
+        public bool merged => _merged;
 
         /// <summary>While merged, the host's weight as it was before the merge; otherwise null.</summary>
         public Tensor? weight_before_merge => _unmergedWeight;
@@ -139,7 +140,7 @@ namespace TorchLinear.Lora
         internal bool Disabled { get; set; }
 
         /// <summary>Whether <see cref="add_to"/> adds the update: neither merged nor disabled.</summary>
-        internal bool Active => !Disabled && _unmergedWeight is null;
+        internal bool Active => !Disabled && !_merged;
 
         /// <summary>Who hosts this adapter, for messages (the module's path in its model, or the host's description).</summary>
         internal string Owner { get; set; } = nameof(LoraLayer);
@@ -195,8 +196,8 @@ namespace TorchLinear.Lora
                 using var scope = NewDisposeScope();
                 return b.to(ScalarType.Float32).matmul(a.to(ScalarType.Float32)).mul_(_scaling).to(dtype).MoveToOuterDisposeScope();
             }
-            using Tensor product = b.matmul(a);
-            return product.mul(_scaling);
+            // Scaled in place: the same bits as (B A) * scaling, one full-size tensor fewer.
+            return b.matmul(a).mul_(_scaling);
         }
 
         /// <summary>
@@ -213,7 +214,7 @@ namespace TorchLinear.Lora
         public Tensor add_to(Tensor output, Tensor input, bool training)
         {
             ThrowIfDisposed();
-            if (Disabled || _unmergedWeight is not null)
+            if (Disabled || _merged)
                 return output;
             Model?.Ran(RunIndex);
             Tensor a = lora_A.weight, b = lora_B.weight;
@@ -261,12 +262,15 @@ namespace TorchLinear.Lora
         {
             ThrowIfDisposed();
             ArgumentNullException.ThrowIfNull(weight);
-            if (_unmergedWeight is null)
+            if (!_merged)
                 return;
+            if (_unmergedWeight is null)
+                throw new InvalidOperationException($"{Owner}: merged for good (merge_and_unload), so there is no weight to restore.");
             using (no_grad())
                 weight.copy_(_unmergedWeight);
             _unmergedWeight.Dispose();
             _unmergedWeight = null;
+            _merged = false;
         }
 
         /// <summary>Forgets the kept weight without restoring it: the host keeps W + Δ for good (merge_and_unload).</summary>
@@ -276,15 +280,19 @@ namespace TorchLinear.Lora
             _unmergedWeight = null;
         }
 
-        /// <summary>The merge itself, for callers that have checked every layer with <see cref="MergesFinite"/> first.</summary>
-        internal void MergeChecked(Parameter weight)
+        /// <summary>
+        /// The merge itself, for callers that have checked every layer with <see cref="MergesFinite"/> first. Without
+        /// <paramref name="keep"/> (merge_and_unload) the weight before merging is not kept: there is nothing to unmerge to.
+        /// </summary>
+        internal void MergeChecked(Parameter weight, bool keep = true)
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
             // A copy that no dispose scope frees, without the detach() wrapper left alive.
-            var kept = weight.detach().clone().DetachFromDisposeScope();
-            weight.add_(delta_weight(), One);
+            var kept = keep ? weight.detach().clone().DetachFromDisposeScope() : null;
+            AddDelta(weight);
             _unmergedWeight = kept;
+            _merged = true;
         }
 
         /// <summary>
@@ -304,7 +312,22 @@ namespace TorchLinear.Lora
             double bound = Largest(weight.detach()) + r * Largest(a.detach()) * Largest(b.detach()) * Math.Abs(scaling);
             if (double.IsFinite(bound) && bound < finfo(weight.dtype).max)
                 return true;
-            return isfinite(weight.detach().add(delta_weight())).all().item<bool>();
+            using Tensor side = weight.detach().clone();
+            AddDelta(side);
+            return isfinite(side).all().item<bool>();
+        }
+
+        /// <summary>
+        /// <c>W += Δ</c>. For float32, as in the forward, fused: one <c>addmm_</c> with the scaling as its alpha, no
+        /// full-size temporary (PEFT adds the product times the scaling, which can differ in the last bit); every other
+        /// dtype adds <see cref="delta_weight"/>, PEFT's formula.
+        /// </summary>
+        private void AddDelta(Tensor weight)
+        {
+            if (weight.dtype == ScalarType.Float32 && lora_B.weight.dtype == ScalarType.Float32)
+                weight.addmm_(lora_B.weight, lora_A.weight, 1, (float)scaling);
+            else
+                weight.add_(delta_weight(), One);
         }
 
         /// <summary>The weight a host passes must be the one this adapter was made for.</summary>

@@ -207,7 +207,7 @@ namespace TorchLinear.Lora
         {
             ArgumentNullException.ThrowIfNull(model);
             var state = StateOf(model, nameof(merge_and_unload));
-            MergeAll(state, nameof(merge_and_unload));
+            MergeAll(state, nameof(merge_and_unload), keep: false);
             foreach (var layer in state.Layers)
                 layer.Layer.ForgetUnmerged();
             Remove(state);
@@ -642,14 +642,14 @@ namespace TorchLinear.Lora
             }
         }
 
-        private static void MergeAll(AdaptedModel state, string caller)
+        private static void MergeAll(AdaptedModel state, string caller, bool keep = true)
         {
             var pending = state.Layers.Where(l => !l.Layer.merged).ToList();
             var failing = pending.Where(l => !l.Layer.MergesFinite(l.Weight)).Select(l => l.Path).ToList();
             if (failing.Count > 0)
                 throw new InvalidOperationException($"LoraModel.{caller}: merging the update of {string.Join(", ", failing)} would put NaN or infinity into its weight; no weight was changed.");
             foreach (var layer in pending)
-                layer.Layer.MergeChecked(layer.Weight);
+                layer.Layer.MergeChecked(layer.Weight, keep);
         }
 
         /// <summary>Takes every adapter out of the model and frees it; the layers are the model's own again.</summary>
