@@ -20,13 +20,13 @@ namespace TorchLinear.Samples
     /// A linear layer with a low-rank adapter: <c>y = x Wᵀ + b + (dropout(x) Aᵀ Bᵀ) · scaling</c>. <c>weight</c> and
     /// <c>bias</c> are frozen; only <c>lora_A</c> and <c>lora_B</c> train. A fresh adapter (B = 0) computes what the
     /// wrapped layer computes; <see cref="merge"/> folds <c>B A · scaling</c> into the weight and <see cref="unmerge"/>
-    /// restores it bit for bit.
+    /// restores it bit for bit. A <see cref="GuardedModule"/>: after Dispose every use throws ObjectDisposedException.
     /// <code>
     /// using var lora = LoraLinear.FromLinear(pretrained, r: 8, lora_alpha: 16);
     /// var optimizer = torch.optim.Adam(lora.parameters().Where(p => p.requires_grad));
     /// </code>
     /// </summary>
-    public sealed class LoraLinear : nn.Module<Tensor, Tensor>
+    public sealed class LoraLinear : GuardedModule
     {
         [ComponentName(Name = "weight")]
         private Parameter _weight;
@@ -36,7 +36,6 @@ namespace TorchLinear.Samples
 
         // The adapter and its arithmetic. Its lora_A and lora_B weights are registered here, under loralib's names.
         private readonly LoraLayer _lora;
-        private bool _disposed;
 
         /// <summary>Creates a freshly initialised layer (as <c>nn.Linear</c>), then a fresh adapter.</summary>
         /// <param name="in_features">Size of each input sample.</param>
@@ -240,41 +239,6 @@ namespace TorchLinear.Samples
         }
 
         /// <inheritdoc />
-        public override IEnumerable<(string name, Parameter parameter)> named_parameters(bool recurse = true)
-        {
-            ThrowIfDisposed();
-            return base.named_parameters(recurse);
-        }
-
-        /// <inheritdoc />
-        public override IEnumerable<Parameter> parameters(bool recurse = true)
-        {
-            ThrowIfDisposed();
-            return base.parameters(recurse);
-        }
-
-        /// <inheritdoc />
-        protected override nn.Module _to(Device device, ScalarType dtype, bool non_blocking)
-        {
-            ThrowIfDisposed();
-            return base._to(device, dtype, non_blocking);
-        }
-
-        /// <inheritdoc />
-        protected override nn.Module _to(DeviceType deviceType, int deviceIndex, bool non_blocking)
-        {
-            ThrowIfDisposed();
-            return base._to(deviceType, deviceIndex, non_blocking);
-        }
-
-        /// <inheritdoc />
-        protected override nn.Module _to(ScalarType dtype, bool non_blocking)
-        {
-            ThrowIfDisposed();
-            return base._to(dtype, non_blocking);
-        }
-
-        /// <inheritdoc />
         protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
         {
             // Converted unmerged, then merged again: the kept weight converts with the weight.
@@ -297,10 +261,7 @@ namespace TorchLinear.Samples
             base.Dispose(disposing);
             if (disposing)
                 _lora.Dispose();
-            _disposed = true;
         }
-
-        private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
 
         /// <summary>For example <c>LoraLinear(in_features=3, out_features=2, r=4, lora_alpha=8, bias=True, merged=False)</c>.</summary>
         public override string ToString() =>

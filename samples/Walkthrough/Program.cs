@@ -6,6 +6,7 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Linq;
 using TorchLinear;
+using TorchLinear.Samples;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

@@ -1,6 +1,7 @@
 using System.Linq;
 using BenchmarkDotNet.Attributes;
 using BenchmarkDotNet.Configs;
+using TorchLinear.Samples;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

@@ -159,6 +159,34 @@ namespace TorchLinear.Tests
         }
 
         [Fact]
+        public void FreezingAndUnfreezingEveryStep_KeepsAtMostTwoViews_AndTrainsLikeNnLinear()
+        {
+            // The layer used to keep every view it replaced until it was disposed: a loop that toggles requires_grad
+            // each step grew by one tensor per toggle, without bound.
+            var (builtIn, custom) = Pair(6, 4, seed: 9);
+            using var _ = builtIn;
+            using var __ = custom;
+            using var x = randn(5, 6);
+            using var y = randn(5, 4);
+            using var sgdBuiltIn = optim.SGD(builtIn.parameters(), 0.1);
+            using var sgdCustom = optim.SGD(custom.parameters(), 0.1);
+            long live = 0;
+            for (int step = 0; step < 200; step++)
+            {
+                bool frozen = step % 2 == 1;
+                builtIn.weight.requires_grad_(!frozen);
+                custom.weight.requires_grad_(!frozen);
+                TrainStep(builtIn, sgdBuiltIn, x, y);
+                TrainStep(custom, sgdCustom, x, y);
+                if (step == 3)
+                    live = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            }
+            Assert.Equal(live, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+            Assert.True(Equivalence.Compare(builtIn.weight, custom.weight).BitExact);
+            Assert.True(Equivalence.Compare(builtIn.bias!, custom.bias!).BitExact);
+        }
+
+        [Fact]
         public void WeightFrozenFromTheStart_ThenUnfrozen_Learns()
         {
             using var layer = new CustomLinear(4, 2);

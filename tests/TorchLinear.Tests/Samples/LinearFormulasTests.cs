@@ -1,11 +1,12 @@
 using System;
 using System.Linq;
+using TorchLinear.Samples;
 using TorchSharp;
 using Xunit;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
 
-namespace TorchLinear.Tests
+namespace TorchLinear.Tests.Samples
 {
     public class LinearFormulasTests
     {

@@ -48,7 +48,7 @@ namespace TorchLinear
             Tensor tensor = empty(count, dtype: dtype);
             try
             {
-                long elementSize = ElementSize(dtype);
+                long elementSize = TensorFacts.ElementSize(dtype);
                 // Span lengths are ints: fill the tensor through views of at most 1 GiB each.
                 long perChunk = Math.Max(1, (1L << 30) / elementSize);
                 for (long start = 0; start < count; start += perChunk)
@@ -72,33 +72,6 @@ namespace TorchLinear
                 tensor.Dispose();
                 throw;
             }
-        }
-
-        /// <summary>Bytes per element; 0 for a dtype TorchSharp cannot hold.</summary>
-        internal static int ElementSize(ScalarType dtype) => dtype switch
-        {
-            ScalarType.Bool or ScalarType.Byte or ScalarType.Int8 => 1,
-            ScalarType.Int16 or ScalarType.Float16 or ScalarType.BFloat16 => 2,
-            ScalarType.Int32 or ScalarType.Float32 => 4,
-            ScalarType.Int64 or ScalarType.Float64 or ScalarType.ComplexFloat32 => 8,
-            ScalarType.ComplexFloat64 => 16,
-            _ => 0,
-        };
-
-        /// <summary>numel × element size, or null if it overflows a long.</summary>
-        internal static long? ByteCount(long[] shape, ScalarType dtype)
-        {
-            long count = 1;
-            foreach (long size in shape)
-            {
-                if (size < 0)
-                    return null;
-                if (size != 0 && count > long.MaxValue / size)
-                    return null;
-                count *= size;
-            }
-            long element = ElementSize(dtype);
-            return count > long.MaxValue / element ? null : count * element;
         }
 
         private const int RegularFile = 0x8000;

@@ -27,7 +27,7 @@ namespace TorchLinear
     /// using var y = layer.forward(x);   // shape (64, 2)
     /// </code>
     /// </remarks>
-    public sealed class CustomLinear : nn.Module<Tensor, Tensor>
+    public sealed class CustomLinear : GuardedModule
     {
         private const string WeightName = nameof(weight);
         private const string BiasName = nameof(bias);
@@ -38,8 +38,6 @@ namespace TorchLinear
         [ComponentName(Name = BiasName)]
         private Parameter? _bias;
 
-        private bool _disposed;
-
         // True while Module.to(...) replaces weight and bias one after the other: in between, they briefly differ in
         // dtype or device, which the setters otherwise refuse.
         private bool _converting;
@@ -47,17 +45,15 @@ namespace TorchLinear
         // Wᵀ, kept between calls: nn.Linear pays for a fresh weight.t() on every call, and that view is most of
         // the per-call cost of a small layer. What would make a kept view wrong, and how each case is handled:
         //  - a view made under no_grad carries no gradient: it is always made with grad mode on;
-        //  - requires_grad of the weight changes (freezing, unfreezing): the view remembers the flag it was made
-        //    with and is remade when the flag differs;
-        //  - the weight is replaced (the setter, .to(dtype/device)): SetWeight drops the view;
-        //  - a caller's dispose scope would free it: it is detached from every scope, and freed with the layer;
-        //  - in-place updates (optimizers, load_state_dict) need nothing: the view shares the weight's storage.
-        // Stored as one immutable pair so that a thread never sees a view with another view's flag. A view
-        // replaced while other threads may still hold it is kept until the layer is disposed.
-        private sealed record TransposedView(Tensor View, bool TracksGrad);
-
-        private TransposedView? _weightT;
-        private readonly List<Tensor> _retiredViews = new();
+        //  - requires_grad of the weight changes (freezing, unfreezing): a view made while the weight requires grad
+        //    carries the autograd edge to it, one made while it does not carries none, so one view is kept for each
+        //    value of the flag and the forward takes the one that matches. A training loop that freezes and unfreezes
+        //    every step switches between the two: at most two views are ever kept, and none is freed while another
+        //    thread may still hold it;
+        //  - the weight is replaced (the setter, .to(dtype/device)): SetWeight drops both views;
+        //  - a caller's dispose scope would free them: they are detached from every scope, and freed with the layer;
+        //  - in-place updates (optimizers, load_state_dict) need nothing: the views share the weight's storage.
+        private Tensor? _weightTTracking, _weightTFrozen;
         private readonly object _viewLock = new();
 
         /// <summary>Creates a layer with freshly initialised parameters, as <c>nn.Linear(in_features, out_features)</c> does.</summary>
@@ -100,7 +96,7 @@ namespace TorchLinear
         {
             ArgumentNullException.ThrowIfNull(weight);
             if (weight.dim() != 2)
-                throw new ArgumentException($"CustomLinear: weight must be 2-D, shaped (out_features, in_features), but has shape {LinearDiagnostics.Shape(weight)}.", nameof(weight));
+                throw new ArgumentException($"CustomLinear: weight must be 2-D, shaped (out_features, in_features), but has shape {TensorFacts.Shape(weight)}.", nameof(weight));
 
             in_features = weight.shape[1];
             out_features = weight.shape[0];
@@ -161,7 +157,7 @@ namespace TorchLinear
                 if (value.Handle == _weight.Handle)
                     return;
                 if (value.dim() != 2 || value.shape[0] != out_features || value.shape[1] != in_features)
-                    throw new ArgumentException($"{this}: a new weight must have shape [{out_features}, {in_features}], but has shape {LinearDiagnostics.Shape(value)}.", nameof(value));
+                    throw new ArgumentException($"{this}: a new weight must have shape [{out_features}, {in_features}], but has shape {TensorFacts.Shape(value)}.", nameof(value));
                 if (!_converting && _bias is not null)
                     ThrowIfUnlike(value, "weight", _bias, "bias");
                 SetWeight(value);
@@ -187,7 +183,7 @@ namespace TorchLinear
                 if (value is not null && value.Handle == _bias?.Handle)
                     return;
                 if (value is not null && (value.dim() != 1 || value.shape[0] != out_features))
-                    throw new ArgumentException($"{this}: a new bias must have shape [{out_features}], but has shape {LinearDiagnostics.Shape(value)}.", nameof(value));
+                    throw new ArgumentException($"{this}: a new bias must have shape [{out_features}], but has shape {TensorFacts.Shape(value)}.", nameof(value));
                 if (value is not null && !_converting)
                     ThrowIfUnlike(value, "bias", _weight, "weight");
                 _bias?.Dispose();
@@ -271,78 +267,6 @@ namespace TorchLinear
             return base.load_state_dict(source, strict, skip);
         }
 
-        // A disposed layer has no tensors left: everything that would read them says so, rather than answering
-        // with an empty collection (which Module.save would write out as a valid, empty checkpoint).
-
-        /// <inheritdoc />
-        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
-        public override Dictionary<string, Tensor> state_dict(Dictionary<string, Tensor>? destination = null, string? prefix = null)
-        {
-            ThrowIfDisposed();
-            return base.state_dict(destination, prefix);
-        }
-
-        /// <inheritdoc />
-        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
-        public override IEnumerable<(string name, Parameter parameter)> named_parameters(bool recurse = true)
-        {
-            // Checked when called, not when enumerated: the base method is an iterator.
-            ThrowIfDisposed();
-            return base.named_parameters(recurse);
-        }
-
-        /// <inheritdoc />
-        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
-        public override IEnumerable<Parameter> parameters(bool recurse = true)
-        {
-            ThrowIfDisposed();
-            return base.parameters(recurse);
-        }
-
-        /// <inheritdoc />
-        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
-        public override IEnumerable<(string name, Tensor buffer)> named_buffers(bool recurse = true, bool include_nonpersistent = true)
-        {
-            ThrowIfDisposed();
-            return base.named_buffers(recurse, include_nonpersistent);
-        }
-
-        /// <summary>
-        /// Saves the parameters in TorchSharp's format, as <c>Module.save</c> does, but checks first that the layer is not
-        /// disposed, so that no empty file is created. (Called through a <c>Module</c> reference, TorchSharp's own
-        /// <c>save</c> runs: it creates the file before it asks for the state_dict, and so leaves an empty file behind
-        /// when the <see cref="ObjectDisposedException"/> comes.)
-        /// </summary>
-        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
-        public new nn.Module save(string location, IList<string>? skip = null)
-        {
-            ThrowIfDisposed();
-            return base.save(location, skip);
-        }
-
-        // Module.to(...) enters through one of these; the check comes before TorchSharp touches the native module.
-
-        /// <inheritdoc />
-        protected override nn.Module _to(Device device, ScalarType dtype, bool non_blocking)
-        {
-            ThrowIfDisposed();
-            return base._to(device, dtype, non_blocking);
-        }
-
-        /// <inheritdoc />
-        protected override nn.Module _to(DeviceType deviceType, int deviceIndex, bool non_blocking)
-        {
-            ThrowIfDisposed();
-            return base._to(deviceType, deviceIndex, non_blocking);
-        }
-
-        /// <inheritdoc />
-        protected override nn.Module _to(ScalarType dtype, bool non_blocking)
-        {
-            ThrowIfDisposed();
-            return base._to(dtype, non_blocking);
-        }
-
         /// <inheritdoc />
         protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
         {
@@ -366,48 +290,46 @@ namespace TorchLinear
         {
             if (disposing)
                 DropWeightT();
-            // The base class disposes every registered parameter, i.e. weight and bias, which it finds through
-            // named_parameters: the layer counts as disposed only once that is done.
             base.Dispose(disposing);
-            _disposed = true;
         }
 
         private void ThrowIfUnlike(Tensor value, string name, Tensor other, string otherName)
         {
             if (value.dtype != other.dtype)
                 throw new ArgumentException($"{this}: a new {name} must have the {otherName}'s dtype {other.dtype}, but is {value.dtype}. Convert it first, or convert the whole layer with .to({value.dtype}).", nameof(value));
-            if (!LinearDiagnostics.SameDevice(value, other))
+            if (!TensorFacts.SameDevice(value, other))
                 throw new ArgumentException($"{this}: a new {name} must be on the {otherName}'s device {other.device}, but is on {value.device}. Move it first, or move the whole layer with .to(...).", nameof(value));
         }
 
         private static void CheckBias(Tensor bias, Tensor weight)
         {
             if (bias.dim() != 1 || bias.shape[0] != weight.shape[0])
-                throw new ArgumentException($"CustomLinear: bias must have shape [{weight.shape[0]}] to fit a weight of shape {LinearDiagnostics.Shape(weight)}, but has shape {LinearDiagnostics.Shape(bias)}.", nameof(bias));
+                throw new ArgumentException($"CustomLinear: bias must have shape [{weight.shape[0]}] to fit a weight of shape {TensorFacts.Shape(weight)}, but has shape {TensorFacts.Shape(bias)}.", nameof(bias));
             if (bias.dtype != weight.dtype)
                 throw new ArgumentException($"CustomLinear: bias dtype {bias.dtype} does not match weight dtype {weight.dtype}.", nameof(bias));
-            if (!LinearDiagnostics.SameDevice(bias, weight))
+            if (!TensorFacts.SameDevice(bias, weight))
                 throw new ArgumentException($"CustomLinear: bias is on device {bias.device} but the weight is on {weight.device}.", nameof(bias));
         }
 
         private Tensor WeightT()
         {
-            TransposedView? cached = Volatile.Read(ref _weightT);
             bool tracksGrad = _weight.requires_grad;
-            if (cached is not null && cached.TracksGrad == tracksGrad)
-                return cached.View;
+            Tensor? cached = tracksGrad ? Volatile.Read(ref _weightTTracking) : Volatile.Read(ref _weightTFrozen);
+            if (cached is not null)
+                return cached;
             lock (_viewLock)
             {
-                cached = _weightT;
-                if (cached is not null && cached.TracksGrad == tracksGrad)
-                    return cached.View;
+                cached = tracksGrad ? _weightTTracking : _weightTFrozen;
+                if (cached is not null)
+                    return cached;
                 Tensor view;
                 using (enable_grad())
                     view = _weight.t();
                 view.DetachFromDisposeScope();
-                if (cached is not null)
-                    _retiredViews.Add(cached.View);
-                Volatile.Write(ref _weightT, new TransposedView(view, tracksGrad));
+                if (tracksGrad)
+                    Volatile.Write(ref _weightTTracking, view);
+                else
+                    Volatile.Write(ref _weightTFrozen, view);
                 return view;
             }
         }
@@ -416,11 +338,9 @@ namespace TorchLinear
         {
             lock (_viewLock)
             {
-                _weightT?.View.Dispose();
-                _weightT = null;
-                foreach (var view in _retiredViews)
-                    view.Dispose();
-                _retiredViews.Clear();
+                _weightTTracking?.Dispose();
+                _weightTFrozen?.Dispose();
+                _weightTTracking = _weightTFrozen = null;
             }
         }
 
@@ -433,7 +353,5 @@ namespace TorchLinear
             _weight = (Parameter)value.DetachFromDisposeScope();
             ConditionallyRegisterParameter(WeightName, _weight);
         }
-
-        private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
     }
 }

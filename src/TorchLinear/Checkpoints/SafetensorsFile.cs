@@ -161,7 +161,7 @@ namespace TorchLinear
                 if (entry.Begin != expectedBegin || entry.End < entry.Begin)
                     throw new CheckpointFormatException(path,
                         $"data_offsets [{entry.Begin}, {entry.End}] do not continue where the previous tensor ends ({expectedBegin}): tensors must tile the data without gaps or overlaps.", entry.Key);
-                long? size = CheckpointFile.ByteCount(entry.Shape, entry.DType);
+                long? size = TensorFacts.ByteCount(entry.Shape, entry.DType);
                 if (size is null || entry.End - entry.Begin != size)
                     throw new CheckpointFormatException(path,
                         $"data_offsets [{entry.Begin}, {entry.End}] span {entry.End - entry.Begin} bytes, but a {entry.DType} tensor of shape [{string.Join(", ", entry.Shape)}] needs {(size is null ? "more than a long can count" : size.ToString())}.", entry.Key);

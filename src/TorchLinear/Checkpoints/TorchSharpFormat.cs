@@ -76,7 +76,7 @@ namespace TorchLinear
         /// <summary>Bytes per element of a TorchSharp <c>ScalarType</c> code (libtorch's), 0 for an unknown code.</summary>
         private static int ElementSize(long code) =>
             code is >= sbyte.MinValue and <= sbyte.MaxValue && Enum.IsDefined(typeof(TorchSharp.torch.ScalarType), (sbyte)code)
-                ? CheckpointFile.ElementSize((TorchSharp.torch.ScalarType)(sbyte)code)
+                ? TensorFacts.ElementSize((TorchSharp.torch.ScalarType)(sbyte)code)
                 : 0;
     }
 }

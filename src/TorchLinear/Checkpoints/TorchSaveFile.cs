@@ -90,7 +90,7 @@ namespace TorchLinear
             }
             TorchZipArchive.Entry entry = archive.Find("data/" + storage.Key)
                 ?? throw new CheckpointFormatException(path, $"the pickle refers to storage '{storage.Key}', but the archive has no {archive.Prefix}data/{storage.Key}.");
-            long? bytes = CheckpointFile.ByteCount(new[] { storage.Numel }, storage.DType);
+            long? bytes = TensorFacts.ByteCount(new[] { storage.Numel }, storage.DType);
             if (bytes is null || entry.Size != bytes)
                 throw new CheckpointFormatException(path,
                     $"the entry holds {entry.Size} bytes, but the pickle declares a {storage.DType} storage of {storage.Numel} elements ({bytes?.ToString() ?? "too many"} bytes).", entry.Name);

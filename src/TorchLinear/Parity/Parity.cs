@@ -218,7 +218,7 @@ namespace TorchLinear
 
         private static ParityRow Row(string path, string type, Tensor actual, Tensor expected, (double? Rtol, double? Atol) tolerance, bool equalNan, bool? inputsMatch)
         {
-            if (!LinearDiagnostics.SameShape(actual, expected))
+            if (!TensorFacts.SameShape(actual, expected))
                 return new ParityRow(path, type, ParityStatus.ShapeMismatch, inputsMatch, 0, 0, 0,
                     $"{path}: the port's output has shape [{string.Join(", ", actual.shape)}], PyTorch's [{string.Join(", ", expected.shape)}].");
             if (actual.dtype != expected.dtype)
@@ -235,7 +235,7 @@ namespace TorchLinear
             if (recorded.Count != 1)
                 return null;
             Tensor expected = recorded[0];
-            if (!LinearDiagnostics.SameShape(actual, expected) || actual.dtype != expected.dtype)
+            if (!TensorFacts.SameShape(actual, expected) || actual.dtype != expected.dtype)
                 return false;
             return Equivalence.CheckClose(actual, expected, tolerance.Rtol, tolerance.Atol, equalNan, check_device: false, check_dtype: true, out _) is null;
         }

@@ -165,9 +165,9 @@ namespace TorchLinear
             if (rtol < 0 || atol < 0)
                 throw new ArgumentException($"Tolerances must not be negative, but got rtol={rtol}, atol={atol}.", rtol < 0 ? nameof(rtol) : nameof(atol));
 
-            if (!LinearDiagnostics.SameShape(actual, expected))
+            if (!TensorFacts.SameShape(actual, expected))
                 return $"The values for attribute 'shape' do not match: {Size(actual.shape)} != {Size(expected.shape)}.";
-            if (check_device && !LinearDiagnostics.SameDevice(actual, expected))
+            if (check_device && !TensorFacts.SameDevice(actual, expected))
                 return $"The values for attribute 'device' do not match: {actual.device} != {expected.device}.";
             if (check_dtype && actual.dtype != expected.dtype)
                 return $"The values for attribute 'dtype' do not match: {DTypeName(actual.dtype)} != {DTypeName(expected.dtype)}.";

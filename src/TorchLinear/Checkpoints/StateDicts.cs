@@ -34,11 +34,11 @@ namespace TorchLinear
                 if (!source.TryGetValue(name, out Tensor? loaded) || loaded is null)
                 {
                     if (strict)
-                        problems.Add($"missing key '{name}' (expected {tensor.dtype} of shape {LinearDiagnostics.Shape(tensor)})");
+                        problems.Add($"missing key '{name}' (expected {tensor.dtype} of shape {TensorFacts.Shape(tensor)})");
                     continue;
                 }
-                if (!LinearDiagnostics.SameShape(loaded, tensor))
-                    problems.Add($"'{name}' has shape {LinearDiagnostics.Shape(loaded)}, this module's has shape {LinearDiagnostics.Shape(tensor)}");
+                if (!TensorFacts.SameShape(loaded, tensor))
+                    problems.Add($"'{name}' has shape {TensorFacts.Shape(loaded)}, this module's has shape {TensorFacts.Shape(tensor)}");
                 if (loaded.dtype != tensor.dtype)
                     problems.Add($"'{name}' is {loaded.dtype}, this module's is {tensor.dtype} (convert the tensor, or the module with .to({loaded.dtype}), first)");
             }

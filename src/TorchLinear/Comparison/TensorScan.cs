@@ -46,7 +46,7 @@ namespace TorchLinear
             Tensor a = Readable(actual, complex), e = Readable(expected, complex);
             ScalarType storage = a.dtype;
             long length = a.numel();
-            if (CheckpointFile.ElementSize(storage) == 0)
+            if (TensorFacts.ElementSize(storage) == 0)
                 throw new ArgumentException($"tensors of dtype {actual.dtype} cannot be compared.");
 
             // Blocks of 4 Mi values (an even number, so complex pairs stay whole), scanned in parallel and merged in

@@ -16,7 +16,7 @@ namespace TorchLinear
         {
             var problem = Describe(caller, input, weight, bias);
             return problem is null
-                ? new ArgumentException($"{caller}: libtorch refused input of shape {Shape(input)} ({input.dtype}) with weight {Shape(weight)} ({weight.dtype}): {FirstLine(error.Message)}", nameof(input), error)
+                ? new ArgumentException($"{caller}: libtorch refused input of shape {TensorFacts.Shape(input)} ({input.dtype}) with weight {TensorFacts.Shape(weight)} ({weight.dtype}): {FirstLine(error.Message)}", nameof(input), error)
                 : new ArgumentException($"{caller}: {problem.Value.Message}", problem.Value.Argument, error);
         }
 
@@ -38,7 +38,7 @@ namespace TorchLinear
             string Blame(string argument) => layer ? "input" : argument;
 
             if (weight.dim() is not (1 or 2))
-                return ($"weight must be 2-D, shaped (out_features, in_features), but has shape {Shape(weight)}.", Blame("weight"));
+                return ($"weight must be 2-D, shaped (out_features, in_features), but has shape {TensorFacts.Shape(weight)}.", Blame("weight"));
             if (input.dim() == 0)
                 return ($"input must have at least 1 dimension, shaped (*, in_features), but got a 0-d tensor (a scalar). Give a vector of {InFeatures(weight)} values, or reshape the scalar with input.reshape(1).", "input");
             if (!IsSupported(weight.dtype))
@@ -47,18 +47,18 @@ namespace TorchLinear
                 return ($"input dtype {input.dtype} does not match weight dtype {weight.dtype}. {HowToConvert(layer, input.dtype, weight.dtype)}", "input");
             if (bias is not null && bias.dtype != weight.dtype)
                 return ($"bias dtype {bias.dtype} does not match weight dtype {weight.dtype}. Convert the bias with bias.to({weight.dtype}).", Blame("bias"));
-            if (!SameDevice(input, weight))
+            if (!TensorFacts.SameDevice(input, weight))
                 return ($"input is on device {input.device} but the weight is on {weight.device}. Move the input with input.to(weight.device){(layer ? ", or the layer with .to(...)" : "")}.", "input");
-            if (bias is not null && !SameDevice(bias, weight))
+            if (bias is not null && !TensorFacts.SameDevice(bias, weight))
                 return ($"bias is on device {bias.device} but the weight is on {weight.device}. Move the bias with bias.to(weight.device).", Blame("bias"));
             long expected = InFeatures(weight);
             long last = input.size(-1);
             if (last != expected)
-                return ($"the last dimension of the input must equal in_features = {expected}, but the input has shape {Shape(input)} (last dimension {last}). Give inputs shaped (*, {expected}){(layer ? $", or build the layer with in_features = {last}" : "")}.", "input");
+                return ($"the last dimension of the input must equal in_features = {expected}, but the input has shape {TensorFacts.Shape(input)} (last dimension {last}). Give inputs shaped (*, {expected}){(layer ? $", or build the layer with in_features = {last}" : "")}.", "input");
             // A bias broadcasts against the output (*, out_features), as in functional.linear: its last dimension
             // must be out_features or 1.
             if (bias is not null && weight.dim() == 2 && bias.dim() > 0 && bias.size(-1) != weight.size(0) && bias.size(-1) != 1)
-                return ($"bias of shape {Shape(bias)} does not fit out_features = {weight.size(0)}; expected shape [{weight.size(0)}].", Blame("bias"));
+                return ($"bias of shape {TensorFacts.Shape(bias)} does not fit out_features = {weight.size(0)}; expected shape [{weight.size(0)}].", Blame("bias"));
             return null;
         }
 
@@ -80,29 +80,11 @@ namespace TorchLinear
             return $"Convert the input with input.to({weight}), or the weight and bias with .to({input}).";
         }
 
-        internal static bool SameDevice(Tensor a, Tensor b) => a.device_type == b.device_type && a.device_index == b.device_index;
-
-        /// <summary>Equal shapes, asked through dim() and size(i): TorchSharp's shape getter costs about 1.6 µs a call.</summary>
-        internal static bool SameShape(Tensor a, Tensor b)
-        {
-            long rank = a.dim();
-            if (rank != b.dim())
-                return false;
-            for (int i = 0; i < rank; i++)
-            {
-                if (a.size(i) != b.size(i))
-                    return false;
-            }
-            return true;
-        }
-
         private static string FirstLine(string message)
         {
             int end = message.IndexOf('\n');
             return end < 0 ? message : message[..end];
         }
-
-        internal static string Shape(Tensor tensor) => "[" + string.Join(", ", tensor.shape) + "]";
 
         // size(i), not shape: TorchSharp's shape getter costs about 1.6 µs a call here, size(i) about 0.02 µs, and
         // this code runs before every matmul.
