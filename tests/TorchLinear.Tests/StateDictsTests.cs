@@ -30,6 +30,57 @@ namespace TorchLinear.Tests
 
         public StateDictsTests(ITestOutputHelper output) => _output = output;
 
+        // ---- The content decides the reader, not the name ------------------------------------------------------------
+
+        [Theory]
+        [InlineData("mlp.safetensors", ".bin")]
+        [InlineData("mlp.safetensors", ".pt")]
+        [InlineData("mlp.pt", ".safetensors")]
+        [InlineData("mlp.pt", ".bin")]
+        public void AFileNamedForTheOtherFormat_IsReadByItsContent(string original, string extension)
+        {
+            // The readers were chosen by the extension: a safetensors file named .bin was refused as a broken zip archive,
+            // and a torch.save archive named .safetensors as a broken safetensors header.
+            string renamed = Path.Combine(Path.GetTempPath(), $"torchlinear-renamed-{Guid.NewGuid():N}{extension}");
+            File.Copy(Path.Combine(Folder, original), renamed);
+            try
+            {
+                using var scope = NewDisposeScope();
+                var expected = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "mlp.safetensors"));
+                var loaded = StateDicts.ReadPyTorchFile(renamed);
+                Assert.Equal(expected.Keys.OrderBy(k => k), loaded.Keys.OrderBy(k => k));
+                foreach (var (key, tensor) in expected)
+                    Assert.True(Equivalence.Compare(tensor, loaded[key]).BitExact, key);
+            }
+            finally
+            {
+                File.Delete(renamed);
+            }
+        }
+
+        [Theory]
+        [InlineData(".pt", "{\"weight\": [1, 2]}", "it looks like JSON text")]
+        [InlineData(".bin", "\u0093NUMPY\u0001\u0000v\u0000{'descr': '<f4'}", "it looks like a NumPy .npy file")]
+        [InlineData(".safetensors", "GIF8", "it begins with the bytes 47494638")]
+        [InlineData(".ckpt", "", "it is empty")]
+        public void AFileThatIsNeitherFormat_IsRefusedSayingWhatItLooksLike(string extension, string content, string says)
+        {
+            string file = Path.Combine(Path.GetTempPath(), $"torchlinear-neither-{Guid.NewGuid():N}{extension}");
+            File.WriteAllBytes(file, content.Select(c => (byte)c).ToArray());
+            try
+            {
+                var error = Assert.Throws<CheckpointFormatException>(() => StateDicts.ReadPyTorchFile(file));
+                Assert.Equal(file, error.Path);
+                Assert.Contains(says, error.Message);
+                if (content.Length < 8 || extension != ".safetensors")
+                    Assert.Contains("neither a safetensors file", error.Message);
+            }
+            finally
+            {
+                File.Delete(file);
+            }
+        }
+
         public static IEnumerable<object[]> Models() =>
             from model in new[] { "article", "linear_3_2", "linear_nobias", "linear_f64", "mlp", "lora" }
             from format in new[] { "pt", "safetensors" }

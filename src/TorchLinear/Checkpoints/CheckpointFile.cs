@@ -39,6 +39,49 @@ namespace TorchLinear
             return stream;
         }
 
+        /// <summary>What a file's first bytes say it is.</summary>
+        internal enum Kind
+        {
+            /// <summary>An 8-byte little-endian header length that fits the file, then a JSON object's <c>{</c>.</summary>
+            Safetensors,
+
+            /// <summary>A zip archive (<c>PK\x03\x04</c>, or an empty archive's <c>PK\x05\x06</c>): torch.save's format.</summary>
+            Zip,
+
+            /// <summary>Neither.</summary>
+            Unknown,
+        }
+
+        /// <summary>Tells a safetensors file from a torch.save zip archive by content, whatever the file is named.</summary>
+        internal static Kind Sniff(string path)
+        {
+            using FileStream stream = OpenRegular(path);
+            Span<byte> head = stackalloc byte[9];
+            int read = stream.ReadAtLeast(head, head.Length, throwOnEndOfStream: false);
+            if (read >= 4 && head[0] == (byte)'P' && head[1] == (byte)'K' && (head[2], head[3]) is (3, 4) or (5, 6))
+                return Kind.Zip;
+            if (read == 9 && head[8] == (byte)'{' && BitConverter.ToUInt64(head[..8]) <= (ulong)Math.Max(0, stream.Length - 8))
+                return Kind.Safetensors;
+            return Kind.Unknown;
+        }
+
+        /// <summary>
+        /// The refusal for a file that is neither format, saying what its first bytes look like: the library reads
+        /// safetensors files and torch.save zip archives, by content.
+        /// </summary>
+        internal static CheckpointFormatException Neither(string path, ReadOnlySpan<byte> head, long length)
+        {
+            string looks = head.Length == 0 ? "it is empty"
+                : head[0] is (byte)'{' or (byte)'[' ? "it looks like JSON text"
+                : head.Length >= 2 && head[0] == 0x1f && head[1] == 0x8b ? "it looks like a gzip stream (a .tar.gz or .gz? unpack it first)"
+                : head.Length >= 6 && head[0] == 0x93 && head[1..6].SequenceEqual("NUMPY"u8) ? "it looks like a NumPy .npy file"
+                : head.Length >= 4 && head[0] == 0x89 && head[1..4].SequenceEqual("HDF"u8) ? "it looks like an HDF5 file (Keras?)"
+                : head.Length >= 2 && head[0] == 0x80 && head[1] <= 5 ? "it looks like a bare pickle"
+                : $"it begins with the bytes {Convert.ToHexString(head[..Math.Min(8, head.Length)])}";
+            return new CheckpointFormatException(path,
+                $"it is neither a safetensors file (an 8-byte header length, then a JSON header) nor a torch.save zip archive (which begins with 'PK'): {looks} ({length} bytes).");
+        }
+
         /// <summary>
         /// Creates a 1-D tensor of <paramref name="count"/> elements and fills it with exactly the bytes that follow in
         /// <paramref name="source"/>; fails if they run out.

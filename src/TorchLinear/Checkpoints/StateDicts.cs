@@ -68,8 +68,8 @@ namespace TorchLinear
         }
 
         /// <summary>
-        /// Reads a checkpoint written by PyTorch — a <c>torch.save(state_dict)</c> file (zip format) or a
-        /// <c>.safetensors</c> file, told apart by the extension — with <see cref="ReadPyTorchFile"/>, checks it against
+        /// Reads a checkpoint written by PyTorch — a <c>torch.save(state_dict)</c> file (zip format) or a safetensors
+        /// file, told apart by their content — with <see cref="ReadPyTorchFile"/>, checks it against
         /// the module, and only then loads it. The tensors read from the file are disposed afterwards.
         /// </summary>
         /// <returns>The keys that were missing (only possible when not strict).</returns>
@@ -88,8 +88,9 @@ namespace TorchLinear
         }
 
         /// <summary>
-        /// Reads every tensor of a <c>torch.save(state_dict)</c> or <c>.safetensors</c> file (by extension) into a
-        /// dictionary; the caller owns (and disposes) the tensors.
+        /// Reads every tensor of a <c>torch.save(state_dict)</c> or safetensors file into a dictionary; the caller owns
+        /// (and disposes) the tensors. Which of the two a file is, its first bytes decide, not its name; a file that is
+        /// neither (or a file TorchSharp's <c>Module.save</c> wrote, or torch.save's legacy format) is refused saying what it is.
         /// </summary>
         /// <remarks>
         /// Files from strangers are expected: the readers validate before they trust. Safetensors files must follow the
@@ -110,9 +111,15 @@ namespace TorchLinear
                 throw new FileNotFoundException($"No checkpoint at {path}.", path);
             try
             {
-                if (path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
-                    return SafetensorsFile.Read(path);
-                return TorchSaveFile.Read(path);
+                // The content decides, not the name: a safetensors file called .bin, a torch.save archive called
+                // .safetensors. A file that fits neither goes to the reader its name suggests, for the precise refusal.
+                return CheckpointFile.Sniff(path) switch
+                {
+                    CheckpointFile.Kind.Safetensors => SafetensorsFile.Read(path),
+                    CheckpointFile.Kind.Zip => TorchSaveFile.Read(path),
+                    _ when path.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) && new FileInfo(path).Length >= 8 => SafetensorsFile.Read(path),
+                    _ => TorchSaveFile.Read(path),
+                };
             }
             catch (Exception error) when (error is not (CheckpointFormatException or FileNotFoundException or UnauthorizedAccessException or OutOfMemoryException))
             {

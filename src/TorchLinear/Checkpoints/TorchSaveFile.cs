@@ -28,6 +28,7 @@ namespace TorchLinear
                 throw new CheckpointFormatException(path,
                     $"it is a file written by TorchSharp's Module.save, not a PyTorch checkpoint: load it with module.load(\"{path}\").");
             RefuseLegacyFormat(stream, path);
+            RefuseNonArchive(stream, path);
             TorchZipArchive archive = TorchZipArchive.Open(stream, path);
 
             TorchZipArchive.Entry pickle = archive.Find("data.pkl")
@@ -149,6 +150,16 @@ namespace TorchLinear
             entry.Method == 0 ? entry.Size : (entry.CompressedSize > long.MaxValue / MaxDeflateRatio ? long.MaxValue : entry.CompressedSize * MaxDeflateRatio + 64);
 
         /// <summary>torch.save's format before PyTorch 1.6 was a bare pickle stream starting with a magic number.</summary>
+        /// <summary>A zip archive begins with a local header, or (empty) with the end record: anything else is another kind of file.</summary>
+        private static void RefuseNonArchive(FileStream stream, string path)
+        {
+            Span<byte> head = stackalloc byte[8];
+            int read = stream.ReadAtLeast(head, head.Length, throwOnEndOfStream: false);
+            stream.Position = 0;
+            if (!(read >= 4 && head[0] == (byte)'P' && head[1] == (byte)'K'))
+                throw CheckpointFile.Neither(path, head[..read], stream.Length);
+        }
+
         private static void RefuseLegacyFormat(FileStream stream, string path)
         {
             Span<byte> start = stackalloc byte[4];
