@@ -342,5 +342,42 @@ namespace TorchLinear.Tests
             Assert.Contains("requires a gradient in the reference", Assert.Throws<ArgumentException>(() =>
                 Equivalence.CompareModules(pretrained, lora, x, parameterMap: new Dictionary<string, string> { ["weight"] = "weight" })).Message);
         }
+
+        [Fact]
+        public void Compare_GivesTheSameNumbersEitherWayRound_OnlyTheSidesNamesFollowTheOrder()
+        {
+            // The documented rule that lets Compare keep (expected, actual) beside AssertClose's (actual, expected).
+            using var scope = NewDisposeScope();
+            manual_seed(40);
+            var a = randn(50, 7);
+            var b = a + randn(50, 7) * 1e-6f;
+            b[3, 4] = tensor(float.NaN);
+            b[5, 1] = tensor(float.PositiveInfinity);
+            var one = Equivalence.Compare(a, b);
+            var other = Equivalence.Compare(b, a);
+            Assert.Equal((one.DifferingElements, one.MaxAbsDiff, one.MaxUlp, one.BitExact), (other.DifferingElements, other.MaxAbsDiff, other.MaxUlp, other.BitExact));
+            var named = Equivalence.Compare(actual: b, expected: a);
+            Assert.Equal((one.DifferingElements, one.MaxAbsDiff, one.MaxUlp), (named.DifferingElements, named.MaxAbsDiff, named.MaxUlp));
+            var shapes = Equivalence.Compare(expected: zeros(2), actual: zeros(3));
+            Assert.Equal("shape differs: expected [2], actual [3]", shapes.ToString());
+        }
+
+        /// <summary>A layer whose forward hook adds one: what a model computes through call(x).</summary>
+        [Fact]
+        public void CompareModules_InvokesTheModulesAsAModelDoes_SoTheirHooksRun()
+        {
+            // CompareModules ran forward(x), Parity call(x): a forward hook counted in one and not the other.
+            using var scope = NewDisposeScope();
+            manual_seed(41);
+            using var reference = nn.Linear(4, 3);
+            using var candidate = new CustomLinear(reference.weight.detach().clone().AsParameter(), reference.bias!.detach().clone().AsParameter());
+            var x = randn(2, 4);
+            Assert.True(Equivalence.CompareModules(reference, candidate, x).BitExact);
+            candidate.register_forward_hook((module, input, output) => output + 1);
+            var comparison = Equivalence.CompareModules(reference, candidate, x);
+            Assert.False(comparison.Output.BitExact);
+            Assert.Equal(1, comparison.Output.MaxAbsDiff, 5);
+            Assert.False(Equivalence.CompareModules(reference, candidate, x, outputOnly: true).BitExact);
+        }
     }
 }

@@ -77,6 +77,49 @@ namespace TorchLinear.Tests
             Assert.Contains("2 recorded calls were not seen in .NET", report.ToString());
         }
 
+        /// <summary>
+        /// The port of make_parity.py's TupleUser: "halves" returns a tuple in PyTorch (recorded with no tensor output)
+        /// and their sum here; "extra" is a module PyTorch's model does not have.
+        /// </summary>
+        private sealed class TupleUser : nn.Module<Tensor, Tensor>
+        {
+            private readonly CustomLinear first = new(4, 4);
+            private readonly Halves halves = new();
+            private readonly Identity extra = nn.Identity();
+            private readonly CustomLinear second = new(2, 2);
+
+            public TupleUser() : base(nameof(TupleUser)) => RegisterComponents();
+
+            public override Tensor forward(Tensor x) => second.call(extra.call(halves.call(first.call(x))));
+
+            internal sealed class Halves : nn.Module<Tensor, Tensor>
+            {
+                public Halves() : base(nameof(Halves)) { }
+
+                public override Tensor forward(Tensor x)
+                {
+                    using var scope = NewDisposeScope();
+                    return (x[TensorIndex.Ellipsis, TensorIndex.Slice(0, 2)] + x[TensorIndex.Ellipsis, TensorIndex.Slice(2, 4)]).MoveToOuterDisposeScope();
+                }
+            }
+        }
+
+        [Fact]
+        public void ACallWithoutATensorOutput_AndACallOnlyInDotNet_EachHaveTheirOwnStatus_NamingTheModuleType()
+        {
+            // Both were reported as NotRecorded, and the .NET-only call's type as "Tensor" (its output's type).
+            using var port = new TupleUser();
+            var report = Parity.Replay(port, Path.Combine(Folder, "tuple.parity.pt"));
+            var halves = report.Modules.Single(r => r.Path == "halves");
+            Assert.Equal(ParityStatus.NoTensorOutput, halves.Status);
+            Assert.Equal("Halves", halves.ModuleType);
+            var extra = report.Modules.Single(r => r.Path == "extra");
+            Assert.Equal(ParityStatus.OnlyInDotNet, extra.Status);
+            Assert.Equal("Identity", extra.ModuleType);
+            Assert.Contains("extra was called in .NET but not in the recorded run", extra.Detail);
+            Assert.True(report.Modules.Single(r => r.Path == "(model)").IsClose);
+        }
+
         public static IEnumerable<object[]> Mistakes() => new[]
         {
             new object[] { PortingMistakes.GeluTanh, "blocks.0.mlp.act" },

@@ -70,6 +70,17 @@ namespace TorchLinear
     /// <summary>
     /// A small toolkit to prove that two computations agree bit for bit, or to measure by how much they do not.
     /// </summary>
+    /// <remarks>
+    /// <para>The order of the arguments, one rule: <see cref="AssertClose"/> takes <c>(actual, expected)</c>, as
+    /// <c>torch.testing.assert_close</c> does, because its tolerance is relative to <c>expected</c>. <see cref="Compare"/>
+    /// keeps the <c>(expected, actual)</c> it has always had, and its order cannot change a result: its measures are
+    /// symmetric (the differing bits, the largest absolute difference, the distance in ULP are the same either way round;
+    /// a test says so), and only the names it gives the two sides in a dtype or shape message follow the order.
+    /// <see cref="CompareModules"/> takes <c>(reference, candidate)</c>. Named arguments leave no doubt, for example
+    /// <c>Equivalence.Compare(expected: y, actual: x)</c>.</para>
+    /// <para>NaN: every method spells it <c>equal_nan</c>, torch's word (<see cref="ParityOptions.EqualNan"/> is the same
+    /// option on an options object).</para>
+    /// </remarks>
     public static class Equivalence
     {
         /// <summary>
@@ -86,10 +97,11 @@ namespace TorchLinear
         /// </remarks>
         /// <param name="expected">The tensor taken as the truth.</param>
         /// <param name="actual">The tensor under test.</param>
-        /// <param name="ignoreNaNPayloads">When true, any two NaNs count as equal, whatever their payload and sign bits
-        /// (kernels may produce different NaN bit patterns for the same invalid operation).</param>
+        /// <param name="equal_nan">When true, any two NaNs count as equal, whatever their payload and sign bits (kernels may
+        /// produce different NaN bit patterns for the same invalid operation), as <see cref="AssertClose"/>'s
+        /// <c>equal_nan</c> lets two NaNs be close.</param>
         /// <exception cref="ArgumentException">A tensor is of a quantized dtype.</exception>
-        public static TensorComparison Compare(Tensor expected, Tensor actual, bool ignoreNaNPayloads = false)
+        public static TensorComparison Compare(Tensor expected, Tensor actual, bool equal_nan = false)
         {
             ArgumentNullException.ThrowIfNull(expected);
             ArgumentNullException.ThrowIfNull(actual);
@@ -97,7 +109,7 @@ namespace TorchLinear
             long[] actualShape = actual.shape;
             if (expected.dtype != actual.dtype || !expectedShape.SequenceEqual(actualShape))
                 return new TensorComparison(expectedShape, actualShape, expected.dtype, actual.dtype, 0, 0, double.NaN, 0);
-            var scan = TensorScan.Scan(actual, expected, new TensorScan.Options(0, 0, false, ignoreNaNPayloads, Closeness: false));
+            var scan = TensorScan.Scan(actual, expected, new TensorScan.Options(0, 0, false, equal_nan, Closeness: false));
             return new TensorComparison(expectedShape, actualShape, expected.dtype, actual.dtype, scan.Count, scan.BitsDiffering, scan.MaxAbs, scan.MaxUlp);
         }
 
@@ -272,7 +284,9 @@ namespace TorchLinear
         };
 
         /// <summary>
-        /// Runs both modules on <paramref name="input"/> and compares the outputs, the gradients with respect to
+        /// Runs both modules on <paramref name="input"/> — invoked with <c>call(x)</c>, as a model invokes its layers, so
+        /// that their forward hooks run (the rule Parity.Replay follows too) — and compares the outputs, the
+        /// gradients with respect to
         /// the input, and the gradients of the parameters paired by name. Gradients are computed with
         /// <c>torch.autograd.grad</c> for the same upstream gradient (seeded random values, or
         /// <paramref name="gradOutput"/>), so no <c>.grad</c> of either module is touched and the modules may
@@ -287,7 +301,7 @@ namespace TorchLinear
         /// parameter into the reference's layout before comparing, e.g. <c>(name, g) => name == "weight" ? g.t() : g</c>
         /// for a weight stored <c>(in, out)</c>. Tensors it creates are disposed with the rest.
         /// </param>
-        /// <param name="ignoreNaNPayloads">Passed to every <see cref="Compare"/>: any two NaNs count as equal.</param>
+        /// <param name="equal_nan">Passed to every <see cref="Compare"/>: any two NaNs count as equal.</param>
         /// <param name="parameterMap">
         /// Pairs parameters whose names differ: each entry maps a reference parameter's name to the candidate's, for
         /// example <c>{ ["weight"] = "W", ["bias"] = "b" }</c>. Only the mapped pairs are compared (parameters left out,
@@ -301,7 +315,7 @@ namespace TorchLinear
         /// exist, or one side of a mapped pair requires a gradient and the other does not.</exception>
         public static ModuleComparison CompareModules(
             nn.Module<Tensor, Tensor> reference, nn.Module<Tensor, Tensor> candidate, Tensor input, Tensor? gradOutput = null,
-            Func<string, Tensor, Tensor>? alignGradient = null, bool ignoreNaNPayloads = false,
+            Func<string, Tensor, Tensor>? alignGradient = null, bool equal_nan = false,
             IReadOnlyDictionary<string, string>? parameterMap = null, bool outputOnly = false)
         {
             ArgumentNullException.ThrowIfNull(reference);
@@ -312,8 +326,8 @@ namespace TorchLinear
             if (outputOnly)
             {
                 using var _ = no_grad();
-                Tensor expected = reference.forward(input), actual = candidate.forward(input);
-                return new ModuleComparison(Compare(expected, actual, ignoreNaNPayloads), null, new Dictionary<string, TensorComparison>());
+                Tensor expected = reference.call(input), actual = candidate.call(input);
+                return new ModuleComparison(Compare(expected, actual, equal_nan), null, new Dictionary<string, TensorComparison>());
             }
 
             var pairs = Pair(reference, candidate, parameterMap);
@@ -326,12 +340,12 @@ namespace TorchLinear
                 Tensor? candidateGrad = candidateGrads[i + 1];
                 if (alignGradient is not null && candidateGrad is not null && !candidateGrad.IsInvalid)
                     candidateGrad = alignGradient(pairs[i].Name, candidateGrad);
-                parameterComparisons[pairs[i].Name] = CompareGradient(referenceGrads[i + 1], candidateGrad, ignoreNaNPayloads);
+                parameterComparisons[pairs[i].Name] = CompareGradient(referenceGrads[i + 1], candidateGrad, equal_nan);
             }
 
             return new ModuleComparison(
-                Compare(referenceOutput, candidateOutput, ignoreNaNPayloads),
-                CompareGradient(referenceGrads[0], candidateGrads[0], ignoreNaNPayloads),
+                Compare(referenceOutput, candidateOutput, equal_nan),
+                CompareGradient(referenceGrads[0], candidateGrads[0], equal_nan),
                 parameterComparisons);
         }
 
@@ -376,7 +390,7 @@ namespace TorchLinear
             Tensor output;
             using (enable_grad())
             {
-                output = module.forward(leaf);
+                output = module.call(leaf);
                 Tensor upstream = gradOutput ?? DefaultGradOutput(output);
                 var wrt = new List<Tensor> { leaf };
                 wrt.AddRange(parameters);
@@ -391,7 +405,7 @@ namespace TorchLinear
             return randn(output.shape, dtype: output.dtype, device: output.device, generator: generator);
         }
 
-        private static TensorComparison CompareGradient(Tensor? expected, Tensor? actual, bool ignoreNaNPayloads)
+        private static TensorComparison CompareGradient(Tensor? expected, Tensor? actual, bool equal_nan)
         {
             // allow_unused yields an undefined gradient (zero handle) for a parameter the output does not use.
             bool expectedMissing = expected is null || expected.IsInvalid;
@@ -400,7 +414,7 @@ namespace TorchLinear
                 return new TensorComparison(Array.Empty<long>(), Array.Empty<long>(), ScalarType.Float32, ScalarType.Float32, 0, 0, 0, 0);
             if (expectedMissing || actualMissing)
                 throw new InvalidOperationException("Equivalence.CompareModules: one module's output depends on a parameter the other's does not.");
-            return Compare(expected!, actual!, ignoreNaNPayloads);
+            return Compare(expected!, actual!, equal_nan);
         }
     }
 }

@@ -90,7 +90,7 @@ namespace TorchLinear
             var paths = new Dictionary<nn.Module, string>(ReferenceEqualityComparer.Instance) { [root] = "" };
             foreach (var (name, child) in root.named_modules())
                 paths.TryAdd(child, name);
-            var calls = new List<(string Key, Tensor Input, Tensor Output)>();
+            var calls = new List<(string Key, string ModuleType, Tensor Input, Tensor Output)>();
             var counts = new Dictionary<string, int>();
             var removers = new List<Action>();
             foreach (var (child, path) in paths)
@@ -101,7 +101,7 @@ namespace TorchLinear
                 {
                     int k = counts.GetValueOrDefault(path);
                     counts[path] = k + 1;
-                    calls.Add((k == 0 ? path : $"{path}#{k}", input.detach().clone().DetachFromDisposeScope(), output.detach().clone().DetachFromDisposeScope()));
+                    calls.Add((k == 0 ? path : $"{path}#{k}", m.GetType().Name, input.detach().clone().DetachFromDisposeScope(), output.detach().clone().DetachFromDisposeScope()));
                     return null!;  // keep the output as it is
                 });
                 removers.Add(remover.remove);
@@ -138,11 +138,11 @@ namespace TorchLinear
                     var tolerance = Tolerances(options, Strip(key));
                     bool? inputsMatch = InputsMatch(recording.CallInputs(key), seen.Input, tolerance, options.EqualNan);
                     rows.Add(expected is null
-                        ? new ParityRow(Display(key), type, ParityStatus.NotRecorded, inputsMatch, 0, 0, 0, "the recorded call returned no tensor")
+                        ? new ParityRow(Display(key), type, ParityStatus.NoTensorOutput, inputsMatch, 0, 0, 0, "the recorded call returned no tensor")
                         : Row(Display(key), type, seen.Output, expected, tolerance, options.EqualNan, inputsMatch));
                 }
                 foreach (var call in calls.Where(c => !recording.CallOrder.Contains(c.Key)))
-                    rows.Add(new ParityRow(Display(call.Key), call.Output.GetType().Name, ParityStatus.NotRecorded, null, 0, 0, 0,
+                    rows.Add(new ParityRow(Display(call.Key), call.ModuleType, ParityStatus.OnlyInDotNet, null, 0, 0, 0,
                         $"{Display(call.Key)} was called in .NET but not in the recorded run."));
 
                 var gradients = options.Backward ? Gradients(root, recording, options, leaf, output) : new List<ParityRow>();

@@ -29,8 +29,14 @@ namespace TorchLinear
         /// PyTorch runs them only through <c>module(x)</c>), or its forward takes more than one tensor.</summary>
         NotCalledInDotNet,
 
-        /// <summary>Called in .NET but not in the recorded run.</summary>
+        /// <summary>Nothing was recorded for it: a parameter whose gradient PyTorch did not record (its output did not depend on it).</summary>
         NotRecorded,
+
+        /// <summary>Called in both runs, but the recorded call returned no tensor, so there is nothing to compare.</summary>
+        NoTensorOutput,
+
+        /// <summary>Called in .NET but not in the recorded run: the port calls a module PyTorch's model does not.</summary>
+        OnlyInDotNet,
     }
 
     /// <summary>One row of a <see cref="ParityReport"/>: a module call's output, or a gradient.</summary>
@@ -159,6 +165,8 @@ namespace TorchLinear
             ParityStatus.DtypeMismatch => "DTYPE DIFFERS",
             ParityStatus.NotCalledInDotNet => "not seen in .NET",
             ParityStatus.NotRecorded => "not recorded",
+            ParityStatus.NoTensorOutput => "no tensor returned",
+            ParityStatus.OnlyInDotNet => "only in .NET",
             _ => status.ToString(),
         };
 
