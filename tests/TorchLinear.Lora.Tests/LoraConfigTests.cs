@@ -1,5 +1,4 @@
 using System;
-using System.Diagnostics;
 using System.IO;
 using System.Linq;
 using Xunit;
@@ -182,10 +181,8 @@ namespace TorchLinear.Lora.Tests
             {
                 string link = Path.Combine(folder, "adapter_config.json");
                 File.CreateSymbolicLink(link, "/dev/zero");
-                var clock = Stopwatch.StartNew();
                 var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.load(folder));
                 Assert.Contains("not a regular file (a character device)", error.Message);
-                Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10));
                 File.Delete(link);
                 using (var big = File.Create(link))
                     big.SetLength(LoraConfig.MaxFileBytes + 1);

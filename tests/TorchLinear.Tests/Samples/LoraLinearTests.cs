@@ -86,22 +86,63 @@ namespace TorchLinear.Tests.Samples
 
         // ---- Forward -----------------------------------------------------------------------------------
 
-        [Theory]
-        [InlineData(new long[] { 24 }, false)]
-        [InlineData(new long[] { 7, 24 }, false)]
-        [InlineData(new long[] { 2, 5, 24 }, false)]
-        [InlineData(new long[] { 7, 24 }, true)]
-        public void Forward_EqualsThePrimitiveFormula(long[] shape, bool rslora)
+        /// <summary>
+        /// A layer of small integers (|W|, |b|, |A|, |B| ≤ 3) and input of small integers: every product and sum is an
+        /// exact integer in float32 and float64, so the expected output, computed here in C# doubles, has only the
+        /// scaling's rounding in it — none, for the scalings used (1.5 and 3).
+        /// </summary>
+        private static (LoraLinear Layer, double[] W, double[] Bias, double[] A, double[] B) IntegerLayer(int r, double alpha, bool rslora, double dropout = 0)
         {
-            manual_seed(4);
-            using var lora = TrainedLooking(24, 10, r: 4, alpha: 6, rslora: rslora);
+            var layer = new LoraLinear(5, 3, r, alpha, dropout, use_rslora: rslora);
+            double[] Values(int count, int seed) => Enumerable.Range(0, count).Select(i => (double)((i * seed + 1) % 7 - 3)).ToArray();
+            double[] w = Values(15, 5), bias = Values(3, 2), a = Values(r * 5, 3), b = Values(3 * r, 4);
+            using (NewDisposeScope())
+            using (no_grad())
+            {
+                layer.weight.copy_(tensor(w, new long[] { 3, 5 }));
+                layer.bias!.copy_(tensor(bias));
+                layer.lora_A.copy_(tensor(a, new long[] { r, 5 }));
+                layer.lora_B.copy_(tensor(b, new long[] { 3, r }));
+            }
+            return (layer, w, bias, a, b);
+        }
+
+        /// <summary><c>x Wᵀ + b + (x Aᵀ Bᵀ) · scaling</c>, row by row, in C# doubles.</summary>
+        private static double[] Expected(double[] x, int rows, (double[] W, double[] Bias, double[] A, double[] B) layer, int r, double scaling)
+        {
+            var result = new double[rows * 3];
+            for (int row = 0; row < rows; row++)
+            {
+                for (int o = 0; o < 3; o++)
+                {
+                    double value = layer.Bias[o], update = 0;
+                    for (int i = 0; i < 5; i++)
+                        value += x[row * 5 + i] * layer.W[o * 5 + i];
+                    for (int k = 0; k < r; k++)
+                        update += Enumerable.Range(0, 5).Sum(i => x[row * 5 + i] * layer.A[k * 5 + i]) * layer.B[o * r + k];
+                    result[row * 3 + o] = value + update * scaling;
+                }
+            }
+            return result;
+        }
+
+        [Theory]
+        [InlineData(new long[] { 5 }, false)]
+        [InlineData(new long[] { 7, 5 }, false)]
+        [InlineData(new long[] { 2, 4, 5 }, false)]
+        [InlineData(new long[] { 7, 5 }, true)]
+        public void Forward_IsTheFrozenLayerPlusTheScaledUpdate(long[] shape, bool rslora)
+        {
+            // The expectation is computed from the layer's values and the scaling this test derives itself (alpha / r, or
+            // alpha / √r): 6 / 4 = 1.5, 6 / √4 = 3.
+            const int r = 4;
+            var (lora, w, bias, a, b) = IntegerLayer(r, alpha: 6, rslora);
+            using var _ = lora;
             using var scope = NewDisposeScope();
-            var x = randn(shape);
-
-            var expected = LinearFunctional.linear(x, lora.weight, lora.bias)
-                           + x.matmul(lora.lora_A.t()).matmul(lora.lora_B.t()) * lora.scaling;
-
-            Assert.True(Equivalence.Compare(expected, lora.forward(x)).BitExact);
+            var x = (arange(shape.Aggregate(1L, (p, n) => p * n)) % 7 - 3).to(ScalarType.Float32).reshape(shape);
+            int rows = (int)(x.numel() / 5);
+            var expected = Expected(x.to(ScalarType.Float64).data<double>().ToArray(), rows, (w, bias, a, b), r, rslora ? 3.0 : 1.5);
+            Assert.Equal(expected.Select(v => (float)v).ToArray(), lora.forward(x).data<float>().ToArray());
         }
 
         [Fact]
@@ -118,23 +159,26 @@ namespace TorchLinear.Tests.Samples
         }
 
         [Fact]
-        public void Dropout_AppliesInTrainingOnly()
+        public void Dropout_AppliesInTrainingOnly_AndOnlyToTheAdaptersInput()
         {
-            manual_seed(5);
-            using var lora = TrainedLooking(32, 8, r: 4, dropout: 0.5);
+            const int r = 4;
+            var (lora, w, bias, a, b) = IntegerLayer(r, alpha: 6, rslora: false, dropout: 0.5);
+            using var _ = lora;
             using var scope = NewDisposeScope();
-            var x = randn(6, 32);
-            var withoutDropout = LinearFunctional.linear(x, lora.weight, lora.bias)
-                                 + x.matmul(lora.lora_A.t()).matmul(lora.lora_B.t()) * lora.scaling;
+            var x = (arange(30) % 7 - 3).to(ScalarType.Float32).reshape(6, 5);
+            var xs = x.to(ScalarType.Float64).data<double>().ToArray();
+            var adapted = Expected(xs, 6, (w, bias, a, b), r, 1.5).Select(v => (float)v).ToArray();
 
             lora.eval();
-            Assert.True(Equivalence.Compare(withoutDropout, lora.forward(x)).BitExact);
+            Assert.Equal(adapted, lora.forward(x).data<float>().ToArray());
+            manual_seed(5);
             lora.train();
-            Assert.False(Equivalence.Compare(withoutDropout, lora.forward(x)).BitExact);
+            Assert.NotEqual(adapted, lora.forward(x).data<float>().ToArray());
             // The base path never sees dropout: with B = 0 the training output is the frozen layer's exactly.
             using (no_grad())
                 lora.lora_B.zero_();
-            AssertSameValues(LinearFunctional.linear(x, lora.weight, lora.bias), lora.forward(x));
+            var frozen = Expected(xs, 6, (w, bias, a, new double[3 * r]), r, 1.5).Select(v => (float)v).ToArray();
+            Assert.Equal(frozen, lora.forward(x).data<float>().ToArray());
         }
 
         // ---- Gradients ---------------------------------------------------------------------------------
@@ -255,7 +299,7 @@ namespace TorchLinear.Tests.Samples
             Assert.True(Equivalence.Compare(expected, reloaded).BitExact, "a fresh layer loaded from a merged one computes the unmerged layer's output");
             Assert.True(Equivalence.Compare(merged, reloaded).MaxAbsDiff <= 1e-5);
             // The measured failure before: loaded W + Δ, then + Δ again in forward, off by far more than rounding.
-            var doubled = LinearFunctional.linear(x, lora.weight, lora.bias) + x.matmul(lora.lora_A.t()).matmul(lora.lora_B.t()) * lora.scaling;
+            var doubled = LinearFunctional.linear(x, lora.weight, lora.bias) + x.matmul(lora.lora_A.t()).matmul(lora.lora_B.t()) * (8.0 / 4);
             Assert.True(Equivalence.Compare(expected, doubled).MaxAbsDiff > 1e-3);
         }
 

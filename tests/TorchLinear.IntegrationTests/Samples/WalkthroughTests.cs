@@ -3,7 +3,7 @@ using System.Linq;
 using System.Text.RegularExpressions;
 using Xunit;
 
-namespace TorchLinear.Tests.Samples
+namespace TorchLinear.IntegrationTests.Samples
 {
     public class WalkthroughTests
     {
@@ -32,9 +32,9 @@ namespace TorchLinear.Tests.Samples
         }
 
         [Fact]
-        public void Walkthrough_TableShowsOurFormulationsBitExactEverywhere_WithinTimeLimit()
+        public void Walkthrough_TableShowsOurFormulationsBitExactEverywhere()
         {
-            var (output, elapsed) = Run.Value;
+            var (output, _) = Run.Value;
             string[] lines = output.Split('\n');
             foreach (string row in new[] { "nn.Linear ", "functional.linear ", "CustomLinear ", "LinearFunctional.linear " })
             {
@@ -43,7 +43,6 @@ namespace TorchLinear.Tests.Samples
             }
             Assert.Single(lines, l => l.StartsWith("matmul(x, W.T) + b ", StringComparison.Ordinal));
             Assert.Single(lines, l => l.StartsWith("flatten → addmm → view ", StringComparison.Ordinal));
-            Assert.True(elapsed < TimeSpan.FromSeconds(30), $"the walkthrough took {elapsed.TotalSeconds:F1} s; it must stay under 30 s");
         }
     }
 }

@@ -110,29 +110,6 @@ namespace TorchLinear.Tests
             }
         }
 
-        [Fact]
-        public async System.Threading.Tasks.Task AFifo_IsRefusedWithoutBlocking()
-        {
-            if (!OperatingSystem.IsLinux())
-                return;
-            string path = Path.Combine(Path.GetTempPath(), $"torchlinear-fifo-{Guid.NewGuid():N}.pt");
-            Assert.Equal(0, mkfifo(path, Convert.ToInt32("600", 8)));
-            try
-            {
-                var refusal = System.Threading.Tasks.Task.Run(() => Assert.Throws<CheckpointFormatException>(() => StateDicts.ReadPyTorchFile(path)));
-                var first = await System.Threading.Tasks.Task.WhenAny(refusal, System.Threading.Tasks.Task.Delay(TimeSpan.FromSeconds(10)));
-                Assert.True(first == refusal, "reading a FIFO blocked");
-                Assert.Contains("not a regular file (a FIFO)", (await refusal).Message);
-            }
-            finally
-            {
-                File.Delete(path);
-            }
-        }
-
-        [System.Runtime.InteropServices.DllImport("libc", SetLastError = true)]
-        private static extern int mkfifo(string path, int mode);
-
         /// <summary>A zip archive of the given entries, written by .NET's ZipArchive (stored, correct CRCs).</summary>
         internal static string Archive(params (string Name, byte[] Data)[] entries)
         {

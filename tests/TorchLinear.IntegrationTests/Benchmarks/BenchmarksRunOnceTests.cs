@@ -7,7 +7,7 @@ using TorchLinear.Benchmarks;
 using TorchSharp;
 using Xunit;
 
-namespace TorchLinear.Tests.Benchmarks
+namespace TorchLinear.IntegrationTests.Benchmarks
 {
     /// <summary>
     /// CI does not run the benchmarks (they take about half an hour); this proves that every benchmark method, for every

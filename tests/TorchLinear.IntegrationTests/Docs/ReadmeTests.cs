@@ -5,10 +5,11 @@ using System.IO;
 using System.Linq;
 using System.Text.RegularExpressions;
 using System.Xml.Linq;
+using TorchLinear.Tests;
 using Xunit;
 using Xunit.Abstractions;
 
-namespace TorchLinear.Tests.Docs
+namespace TorchLinear.IntegrationTests.Docs
 {
     /// <summary>
     /// Every C# block of the README is a program: it is built as an application that references TorchLinear and

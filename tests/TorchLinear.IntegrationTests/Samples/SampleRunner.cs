@@ -3,7 +3,7 @@ using System.Diagnostics;
 using System.IO;
 using Xunit;
 
-namespace TorchLinear.Tests.Samples
+namespace TorchLinear.IntegrationTests.Samples
 {
     /// <summary>Runs a sample program, built next to the tests, as its own process and returns what it printed.</summary>
     internal static class SampleRunner

@@ -7,7 +7,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
-namespace TorchLinear.Tests.Checkpoints
+namespace TorchLinear.IntegrationTests.Checkpoints
 {
     /// <summary>
     /// The adapter-folder family of the checkpoint fuzz suite: PEFT adapter folders (TorchLinear.Lora's reference

@@ -8,7 +8,7 @@ using Xunit;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
 
-namespace TorchLinear.Tests.Robustness
+namespace TorchLinear.IntegrationTests.Robustness
 {
     public class ConcurrencyAndLongRunTests
     {

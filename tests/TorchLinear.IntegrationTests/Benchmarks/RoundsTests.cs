@@ -5,7 +5,7 @@ using BenchmarkDotNet.Running;
 using TorchLinear.Benchmarks;
 using Xunit;
 
-namespace TorchLinear.Tests.Benchmarks
+namespace TorchLinear.IntegrationTests.Benchmarks
 {
     /// <summary>
     /// The benchmark ratios in docs/benchmarks.md are medians over interleaved rounds; these tests hold the two pieces that make

@@ -2,7 +2,7 @@ using System;
 using System.Linq;
 using Xunit;
 
-namespace TorchLinear.Tests.Samples
+namespace TorchLinear.IntegrationTests.Samples
 {
     public class ParityCheckTests
     {

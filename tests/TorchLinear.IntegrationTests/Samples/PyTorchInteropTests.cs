@@ -2,14 +2,14 @@ using System;
 using System.Linq;
 using Xunit;
 
-namespace TorchLinear.Tests.Samples
+namespace TorchLinear.IntegrationTests.Samples
 {
     public class PyTorchInteropTests
     {
         [Fact]
         public void Sample_LoadsThePyTorchMlp_AndEveryCaseIsWithinTheBound()
         {
-            var (output, elapsed) = SampleRunner.Run("PyTorchInterop", TimeSpan.FromSeconds(60));
+            var (output, _) = SampleRunner.Run("PyTorchInterop", TimeSpan.FromSeconds(60));
             string[] lines = output.Split('\n').Select(l => l.TrimEnd('\r')).ToArray();
 
             Assert.Contains("loaded mlp.pt (torch.save from PyTorch 1.13): 0.weight (16, 8), 0.bias (16), 2.weight (4, 16), 2.bias (4)", lines);

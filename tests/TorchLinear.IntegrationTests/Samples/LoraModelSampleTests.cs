@@ -4,14 +4,14 @@ using System.Linq;
 using System.Text.RegularExpressions;
 using Xunit;
 
-namespace TorchLinear.Tests.Samples
+namespace TorchLinear.IntegrationTests.Samples
 {
     public class LoraModelSampleTests
     {
         [Fact]
         public void Sample_LoadsAPeftAdapter_FineTunesSavesReloadsAndMerges()
         {
-            var (output, elapsed) = SampleRunner.Run("LoraModelSample", TimeSpan.FromSeconds(120));
+            var (output, _) = SampleRunner.Run("LoraModelSample", TimeSpan.FromSeconds(120));
             string[] lines = output.Split('\n').Select(l => l.TrimEnd('\r')).ToArray();
             string Line(string start) => lines.Single(l => l.StartsWith(start, StringComparison.Ordinal));
             double MaxDiff(string line) => line.EndsWith("bit-exact", StringComparison.Ordinal) ? 0
@@ -29,7 +29,6 @@ namespace TorchLinear.Tests.Samples
             Assert.Equal("reloaded predictions: bit-exact", Line("reloaded predictions:"));
             Assert.True(MaxDiff(Line("merged predictions:")) <= 1e-5);
             Assert.Equal("state_dict keys with lora_: 0; q_proj is still a Linear", Line("state_dict keys with lora_:"));
-            Assert.True(elapsed < TimeSpan.FromSeconds(60));
         }
     }
 }

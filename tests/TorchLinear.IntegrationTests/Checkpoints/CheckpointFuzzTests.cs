@@ -11,7 +11,7 @@ using System.Text.Json;
 using Xunit;
 using Xunit.Abstractions;
 
-namespace TorchLinear.Tests.Checkpoints
+namespace TorchLinear.IntegrationTests.Checkpoints
 {
     /// <summary>
     /// Checkpoints from strangers. Damaged and hostile variants of the committed reference files — generated

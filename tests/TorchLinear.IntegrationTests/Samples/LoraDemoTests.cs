@@ -2,9 +2,10 @@ using System;
 using System.Globalization;
 using System.Linq;
 using System.Text.RegularExpressions;
+using TorchLinear.Tests;
 using Xunit;
 
-namespace TorchLinear.Tests.Samples
+namespace TorchLinear.IntegrationTests.Samples
 {
     /// <summary>Runs samples/Lora (the fine-tuning demo) and checks the story it tells.</summary>
     public class LoraDemoTests
@@ -16,7 +17,7 @@ namespace TorchLinear.Tests.Samples
             Assert.Single(Run.Value.Output.Split('\n'), l => l.StartsWith(prefix, StringComparison.Ordinal)).TrimEnd('\r');
 
         [Fact]
-        public void Demo_LossFallsByAtLeastAHundredfold_WithinTheTimeLimit()
+        public void Demo_LossFallsByAtLeastAHundredfold()
         {
             var match = Regex.Match(Line("loss on the shifted task: "), @"before ([0-9.]+), after ([0-9.]+)");
             Assert.True(match.Success);
@@ -24,7 +25,6 @@ namespace TorchLinear.Tests.Samples
             double after = double.Parse(match.Groups[2].Value, CultureInfo.InvariantCulture);
             Assert.True(before > 0.1, $"the shifted task should start clearly wrong (loss {before})");
             Assert.True(after < before / 100, $"fine-tuning should lower the loss at least 100-fold: {before} → {after}");
-            Assert.True(Run.Value.Elapsed < TimeSpan.FromSeconds(30), $"the demo took {Run.Value.Elapsed.TotalSeconds:F1} s");
         }
 
         [Fact]
