@@ -50,7 +50,7 @@ namespace TorchLinear
     /// //                 Console.WriteLine(report); report.AssertAllClose();
     /// </code>
     /// </remarks>
-    public static class Parity
+    public static partial class Parity
     {
         /// <summary>Loads the recording at <paramref name="recordingPath"/> and replays it; see <see cref="Replay(nn.Module, ParityRecording, ParityOptions?)"/>.</summary>
         /// <exception cref="CheckpointFormatException">The file is not a valid parity recording.</exception>
@@ -86,76 +86,50 @@ namespace TorchLinear
             using var scope = NewDisposeScope();
             LoadState(root, recording, options);
 
-            // Every module once, under its first path (as PyTorch's named_modules), the root as "".
-            var paths = new Dictionary<nn.Module, string>(ReferenceEqualityComparer.Instance) { [root] = "" };
-            foreach (var (name, child) in root.named_modules())
-                paths.TryAdd(child, name);
-            var calls = new List<(string Key, string ModuleType, Tensor Input, Tensor Output)>();
-            var counts = new Dictionary<string, int>();
-            var removers = new List<Action>();
-            foreach (var (child, path) in paths)
-            {
-                if (child is not nn.Module<Tensor, Tensor> hookable)
-                    continue;
-                var remover = hookable.register_forward_hook((m, input, output) =>
-                {
-                    int k = counts.GetValueOrDefault(path);
-                    counts[path] = k + 1;
-                    calls.Add((k == 0 ? path : $"{path}#{k}", m.GetType().Name, input.detach().clone().DetachFromDisposeScope(), output.detach().clone().DetachFromDisposeScope()));
-                    return null!;  // keep the output as it is
-                });
-                removers.Add(remover.remove);
-            }
-
+            using var capture = new CallCapture(root);
             Tensor recordedInput = recording.Get("input/0") ?? throw new ArgumentException("The recording has no input/0.", nameof(recording));
             bool differentiable = is_floating_point(recordedInput.dtype) || is_complex(recordedInput.dtype);
             Tensor leaf = recordedInput.detach().clone().requires_grad_(differentiable && options.Backward);
             Tensor output;
-            try
-            {
-                using (enable_grad())
-                    output = root.call(leaf);
-            }
-            finally
-            {
-                foreach (var remove in removers)
-                    remove();
-            }
-            try
-            {
-                var byKey = calls.ToDictionary(c => c.Key);
-                var rows = new List<ParityRow>();
-                foreach (string key in recording.CallOrder)
-                {
-                    string type = recording.ModuleTypes.GetValueOrDefault(key, "?");
-                    Tensor? expected = recording.Get($"call/{key}/output");
-                    if (!byKey.TryGetValue(key, out var seen))
-                    {
-                        rows.Add(new ParityRow(Display(key), type, ParityStatus.NotCalledInDotNet, null, 0, 0, 0,
-                            $"{Display(key)} was called in PyTorch but not seen in .NET: call it with call(x), not forward(x)."));
-                        continue;
-                    }
-                    var tolerance = Tolerances(options, Strip(key));
-                    bool? inputsMatch = InputsMatch(recording.CallInputs(key), seen.Input, tolerance, options.EqualNan);
-                    rows.Add(expected is null
-                        ? new ParityRow(Display(key), type, ParityStatus.NoTensorOutput, inputsMatch, 0, 0, 0, "the recorded call returned no tensor")
-                        : Row(Display(key), type, seen.Output, expected, tolerance, options.EqualNan, inputsMatch));
-                }
-                foreach (var call in calls.Where(c => !recording.CallOrder.Contains(c.Key)))
-                    rows.Add(new ParityRow(Display(call.Key), call.ModuleType, ParityStatus.OnlyInDotNet, null, 0, 0, 0,
-                        $"{Display(call.Key)} was called in .NET but not in the recorded run."));
+            using (enable_grad())
+                output = root.call(leaf);
+            capture.Stop();
+            var rows = CompareCalls(recording.CallOrder, recording.ModuleTypes, recording.CallInputs, key => recording.Get($"call/{key}/output"), capture.Calls, options);
+            var gradients = options.Backward ? Gradients(root, recording, options, leaf, output) : new List<ParityRow>();
+            return new ParityReport(recording.Path, recording.TorchVersion, recording.ModuleType, rows, gradients);
+        }
 
-                var gradients = options.Backward ? Gradients(root, recording, options, leaf, output) : new List<ParityRow>();
-                return new ParityReport(recording.Path, recording.TorchVersion, recording.ModuleType, rows, gradients);
-            }
-            finally
+        /// <summary>
+        /// One row per recorded call, in the recorded order, then one per call seen only in .NET: the port's captured
+        /// output against the recorded one, with whether the inputs matched.
+        /// </summary>
+        internal static List<ParityRow> CompareCalls(IReadOnlyList<string> callOrder, IReadOnlyDictionary<string, string> moduleTypes,
+                                                     Func<string, List<Tensor>> inputsOf, Func<string, Tensor?> outputOf,
+                                                     IReadOnlyList<(string Key, string ModuleType, Tensor Input, Tensor Output)> calls, ParityOptions options)
+        {
+            var byKey = calls.ToDictionary(c => c.Key);
+            var recorded = new HashSet<string>(callOrder);
+            var rows = new List<ParityRow>();
+            foreach (string key in callOrder)
             {
-                foreach (var call in calls)
+                string type = moduleTypes.GetValueOrDefault(key, "?");
+                Tensor? expected = outputOf(key);
+                if (!byKey.TryGetValue(key, out var seen))
                 {
-                    call.Input.Dispose();
-                    call.Output.Dispose();
+                    rows.Add(new ParityRow(Display(key), type, ParityStatus.NotCalledInDotNet, null, 0, 0, 0,
+                        $"{Display(key)} was called in PyTorch but not seen in .NET: call it with call(x), not forward(x)."));
+                    continue;
                 }
+                var tolerance = Tolerances(options, Strip(key));
+                bool? inputsMatch = InputsMatch(inputsOf(key), seen.Input, tolerance, options.EqualNan);
+                rows.Add(expected is null
+                    ? new ParityRow(Display(key), type, ParityStatus.NoTensorOutput, inputsMatch, 0, 0, 0, "the recorded call returned no tensor")
+                    : Row(Display(key), type, seen.Output, expected, tolerance, options.EqualNan, inputsMatch));
             }
+            foreach (var call in calls.Where(c => !recorded.Contains(c.Key)))
+                rows.Add(new ParityRow(Display(call.Key), call.ModuleType, ParityStatus.OnlyInDotNet, null, 0, 0, 0,
+                    $"{Display(call.Key)} was called in .NET but not in the recorded run."));
+            return rows;
         }
 
         private static void LoadState(nn.Module<Tensor, Tensor> root, ParityRecording recording, ParityOptions options)
