@@ -19,6 +19,7 @@ namespace TorchLinear
         private readonly Dictionary<string, Tensor> _tensors;
         private readonly List<JsonElement> _steps;
         private readonly Dictionary<string, (int Group, JsonElement Settings)> _groupOf = new(StringComparer.Ordinal);
+        private readonly Lazy<Dictionary<(int Step, string Parameter), List<string>>> _optimizerState;
 
         private TrainingRecording(string path, Dictionary<string, Tensor> tensors, JsonElement metadata)
         {
@@ -39,6 +40,30 @@ namespace TorchLinear
                 g++;
             }
             _steps = metadata.GetProperty("steps").EnumerateArray().ToList();
+            _optimizerState = new Lazy<Dictionary<(int, string), List<string>>>(IndexOptimizerState);
+        }
+
+        /// <summary>step/&lt;s&gt;/optim/&lt;name&gt;/&lt;field&gt; keys by step and parameter, read once: a replay asks for them every step.</summary>
+        private Dictionary<(int, string), List<string>> IndexOptimizerState()
+        {
+            var index = new Dictionary<(int, string), List<string>>();
+            var names = new HashSet<string>(Parameters, StringComparer.Ordinal);
+            foreach (string key in _tensors.Keys)
+            {
+                const string optim = "/optim/";
+                int at = key.IndexOf(optim, StringComparison.Ordinal);
+                int slash = key.LastIndexOf('/');
+                if (!key.StartsWith("step/", StringComparison.Ordinal) || at < 0 || slash <= at + optim.Length ||
+                    !int.TryParse(key.AsSpan(5, at - 5), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int step))
+                    continue;
+                string parameter = key[(at + optim.Length)..slash];
+                if (!names.Contains(parameter))
+                    continue;
+                if (!index.TryGetValue((step, parameter), out var fields))
+                    index[(step, parameter)] = fields = new List<string>();
+                fields.Add(key[(slash + 1)..]);
+            }
+            return index;
         }
 
         /// <summary>Reads a recording.</summary>
@@ -143,6 +168,15 @@ namespace TorchLinear
         internal IEnumerable<(string Key, JsonElement Value)> Settings(string parameter) =>
             _groupOf[parameter].Settings.EnumerateObject().Where(p => p.Name != "parameters").Select(p => (p.Name, p.Value));
 
+        /// <summary>The batch of a step, <c>(input, target)</c>, as PyTorch's loop was given it; owned by the recording.</summary>
+        /// <exception cref="ArgumentOutOfRangeException">There is no such step.</exception>
+        public (Tensor Input, Tensor Target) Batch(int step)
+        {
+            if (step < 0 || step >= StepCount)
+                throw new ArgumentOutOfRangeException(nameof(step), step, $"'{Path}' records steps 0 to {StepCount - 1}.");
+            return (_tensors[$"step/{step}/input"], _tensors[$"step/{step}/target"]);
+        }
+
         /// <summary>A parameter's value after a step (PyTorch's), by state_dict name; owned by the recording.</summary>
         /// <exception cref="ArgumentOutOfRangeException">There is no such step.</exception>
         /// <exception cref="KeyNotFoundException">There is no such parameter.</exception>
@@ -176,9 +210,12 @@ namespace TorchLinear
         /// <summary>The optimizer's state of a parameter after a step: its tensors (<c>exp_avg</c>, ...) and numbers (<c>step</c>).</summary>
         internal (Dictionary<string, Tensor> Tensors, Dictionary<string, double> Numbers) OptimizerState(int step, string parameter)
         {
-            string prefix = $"step/{step}/optim/{parameter}/";
-            var tensors = _tensors.Where(kv => kv.Key.StartsWith(prefix, StringComparison.Ordinal) && !kv.Key[prefix.Length..].Contains('/'))
-                .ToDictionary(kv => kv.Key[prefix.Length..], kv => kv.Value);
+            var tensors = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+            if (_optimizerState.Value.TryGetValue((step, parameter), out var fields))
+            {
+                foreach (string field in fields)
+                    tensors[field] = _tensors[$"step/{step}/optim/{parameter}/{field}"];
+            }
             var numbers = new Dictionary<string, double>();
             if (_steps[step].TryGetProperty("optimizer_numbers", out var all) && all.TryGetProperty(parameter, out var own))
             {

@@ -19,6 +19,7 @@ namespace TorchLinear.IntegrationTests.Docs
     {
         private static readonly Regex CSharpBlock = new(@"^```csharp\n(.*?)^```", RegexOptions.Multiline | RegexOptions.Singleline);
         private static readonly Regex Prints = new(@"// prints: (.*)$", RegexOptions.Multiline);
+        private static readonly Regex RepositoryFile = new(@"""((?:samples|tests)/[A-Za-z0-9_./-]+\.[a-z]+)""");
 
         private readonly ITestOutputHelper _output;
 
@@ -48,6 +49,15 @@ namespace TorchLinear.IntegrationTests.Docs
             try
             {
                 File.WriteAllText(Path.Combine(folder, "Program.cs"), code);
+                // A block that names a file of the repository ("samples/...") runs where that path leads to it, as it
+                // does from the repository's root.
+                foreach (Match file in RepositoryFile.Matches(code))
+                {
+                    string relative = file.Groups[1].Value;
+                    string target = Path.Combine(folder, relative);
+                    Directory.CreateDirectory(Path.GetDirectoryName(target)!);
+                    File.Copy(Path.Combine(Snapshots.RepositoryRoot, relative), target);
+                }
                 File.WriteAllText(Path.Combine(folder, "ReadmeBlock.csproj"), Project());
                 Run(folder, "build", "-o", "out", "--nologo", "-v", "q");
                 string printed = Run(folder, Path.Combine(folder, "out", "ReadmeBlock.dll"));
