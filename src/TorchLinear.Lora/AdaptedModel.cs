@@ -2,88 +2,333 @@ using System;
 using System.Collections.Generic;
 using System.Linq;
 using System.Reflection;
+using System.Threading;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace TorchLinear.Lora
 {
-    /// <summary>How an adapter runs inside the layer it adapts.</summary>
+    /// <summary>How an adapted layer runs its adapters.</summary>
     internal enum HostKind
     {
         /// <summary>A <see cref="CustomLinear"/>: its <see cref="CustomLinear.Adapter"/> slot, run by its own forward.</summary>
         Slot,
 
-        /// <summary>A Linear replaced, in its fields and its parent's registry, by a <see cref="LoraWrapper"/>.</summary>
+        /// <summary>A Linear or Embedding replaced, in its fields and its parent's registry, by a wrapper that runs them.</summary>
         Wrapper,
 
-        /// <summary>A sealed <c>nn.Linear</c> kept as it is: a forward hook, which TorchSharp runs only through <c>call(x)</c>.</summary>
+        /// <summary>A sealed <c>nn.Linear</c> or <c>nn.Embedding</c> kept as it is: a forward hook, which TorchSharp runs only through <c>call(x)</c>.</summary>
         Hook,
     }
 
-    /// <summary>One adapted layer of a model: where it is, what hosts the adapter, and how to take it out again.</summary>
+    /// <summary>
+    /// One adapted layer of a model (PEFT's <c>lora.Linear</c> or <c>lora.Embedding</c>): its adapters by name, registered
+    /// under PEFT's attributes of the layer (<c>lora_A.&lt;name&gt;</c>, <c>lora_B.&lt;name&gt;</c>,
+    /// <c>lora_magnitude_vector.&lt;name&gt;</c>, or <c>lora_embedding_A.&lt;name&gt;</c> and <c>lora_embedding_B.&lt;name&gt;</c>),
+    /// and the forward term of the model's active adapters — or, in a mixed batch, of each row's own adapter.
+    /// </summary>
     internal sealed class AdaptedLayer
     {
-        internal required string Path { get; init; }
-        internal required LoraLayer Layer { get; init; }
-        internal required HostKind Kind { get; init; }
+        private readonly List<IAdapter> _adapters = new();
+        private readonly AdapterModules _units = new();
+        private readonly AdapterModules? _a, _b, _magnitudes;
+        private readonly AdapterParameters? _embeddingA, _embeddingB;
+        private bool _registered;
 
-        /// <summary>The module whose weight the adapter updates (the CustomLinear, the wrapper, or the Linear).</summary>
-        internal required nn.Module Host { get; init; }
+        internal AdaptedLayer(string path, nn.Module module, bool embedding)
+        {
+            Path = path;
+            Module = module;
+            IsEmbedding = embedding;
+            if (embedding)
+            {
+                _embeddingA = new AdapterParameters();
+                _embeddingB = new AdapterParameters();
+            }
+            else
+            {
+                _a = new AdapterModules();
+                _b = new AdapterModules();
+                _magnitudes = new AdapterModules();
+            }
+        }
 
-        /// <summary>Takes the adapter out and leaves the original layer where it was.</summary>
-        internal required Action Detach { get; init; }
+        internal string Path { get; }
 
-        internal Parameter Weight => Host switch
+        /// <summary>The model's own layer (the CustomLinear, Linear or Embedding), whatever hosts it.</summary>
+        internal nn.Module Module { get; }
+
+        internal bool IsEmbedding { get; }
+
+        internal HostKind Kind { get; set; }
+
+        /// <summary>The module the adapters' state is registered under (the layer, or its wrapper).</summary>
+        internal nn.Module Host { get; set; } = null!;
+
+        /// <summary>Takes the host out and leaves the original layer where it was.</summary>
+        internal Action Detach { get; set; } = () => { };
+
+        /// <summary>The model's bookkeeping; the layer's <c>lora_layer</c> container holds it, so that it is found from the model's modules and released with them.</summary>
+        internal AdaptedModel Model
+        {
+            get => _units.Model!;
+            set => _units.Model = value;
+        }
+
+        internal int RunIndex { get; set; }
+
+        internal IReadOnlyList<IAdapter> Adapters => _adapters;
+
+        /// <summary>The adapters merged into the weight, in the order they were merged (unmerged last first).</summary>
+        internal Stack<IAdapter> Merged { get; } = new();
+
+        internal IAdapter? Find(string name) => _adapters.FirstOrDefault(a => a.Name == name);
+
+        internal Parameter Weight => Module switch
         {
             CustomLinear custom => custom.weight,
-            LoraWrapper wrapper => wrapper.weight,
             Linear linear => linear.weight,
-            _ => throw new InvalidOperationException($"{Path}: {Host.GetType().Name} holds no adapter weight."),
+            Embedding embedding => embedding.weight!,
+            _ => throw new InvalidOperationException($"{Path}: {Module.GetType().Name} holds no adapter weight."),
         };
 
-        internal Parameter? Bias => Host switch
+        internal Parameter? Bias => Module switch
         {
             CustomLinear custom => custom.bias,
-            LoraWrapper wrapper => wrapper.bias,
             Linear linear => linear.bias,
             _ => null,
         };
+
+        /// <summary>Registers the adapters' containers under the host, PEFT's attribute names; once.</summary>
+        internal void Register()
+        {
+            if (_registered)
+                return;
+            if (IsEmbedding)
+            {
+                Host.register_module("lora_embedding_A", _embeddingA!);
+                Host.register_module("lora_embedding_B", _embeddingB!);
+            }
+            else
+            {
+                Host.register_module("lora_A", _a!);
+                Host.register_module("lora_B", _b!);
+                Host.register_module("lora_magnitude_vector", _magnitudes!);
+            }
+            Host.register_module("lora_layer", _units);
+            _registered = true;
+        }
+
+        /// <summary>Takes the containers off the host again (the adapters are the caller's to dispose).</summary>
+        internal void Unregister()
+        {
+            foreach (string name in IsEmbedding ? new[] { "lora_embedding_A", "lora_embedding_B", "lora_layer" } : new[] { "lora_A", "lora_B", "lora_magnitude_vector", "lora_layer" })
+                Host.register_module(name, null!);
+            _registered = false;
+        }
+
+        internal void Add(IAdapter adapter)
+        {
+            adapter.Owner = Path;
+            _adapters.Add(adapter);
+            switch (adapter)
+            {
+                case LoraLayer layer:
+                    _a!.Add(adapter.Name, layer.lora_A);
+                    _b!.Add(adapter.Name, layer.lora_B);
+                    if (layer.lora_magnitude_vector is { } magnitude)
+                        _magnitudes!.Add(adapter.Name, magnitude);
+                    break;
+                case LoraEmbeddingLayer embedding:
+                    _embeddingA!.Add(adapter.Name, embedding.lora_embedding_A);
+                    _embeddingB!.Add(adapter.Name, embedding.lora_embedding_B);
+                    break;
+            }
+            _units.Add(adapter.Name, (nn.Module)adapter);
+        }
+
+        /// <summary>Takes one adapter out of the layer and frees it.</summary>
+        internal void Remove(IAdapter adapter)
+        {
+            _adapters.Remove(adapter);
+            _a?.Remove(adapter.Name);
+            _b?.Remove(adapter.Name);
+            _magnitudes?.Remove(adapter.Name);
+            _embeddingA?.Remove(adapter.Name);
+            _embeddingB?.Remove(adapter.Name);
+            _units.Remove(adapter.Name);
+            adapter.Dispose();
+        }
+
+        /// <summary>Whether the model's call must run this layer's forward: an active adapter is here and not merged.</summary>
+        internal bool MustRun => !Model.Disabled && Model.Active.Any(name => Find(name) is { merged: false });
+
+        /// <summary>
+        /// The adapters' term for one forward of the layer: <paramref name="output"/> is the base layer's, updated in
+        /// place and returned. Each active, unmerged adapter present here adds its update, in the order of
+        /// <see cref="AdaptedModel.Active"/>; in a mixed batch, each row gets its own adapter's.
+        /// </summary>
+        internal Tensor Apply(Tensor output, Tensor input, bool training)
+        {
+            var model = Model;
+            model.Ran(RunIndex);
+            if (model.Disabled)
+                return output;
+            if (model.MixedRows is { } rows)
+                return ApplyMixed(output, input, rows, training);
+            foreach (string name in model.Active)
+            {
+                switch (Find(name))
+                {
+                    case LoraLayer layer when !layer.merged:
+                        layer.add_to(output, input, training, Weight, Bias);
+                        break;
+                    case LoraEmbeddingLayer embedding when !embedding.merged:
+                        embedding.add_to(output, input);
+                        break;
+                }
+            }
+            return output;
+        }
+
+        /// <summary>
+        /// A batch whose rows use different adapters (PEFT's <c>adapter_names</c>): one product for all of them, not a loop
+        /// over rows or adapters. The A matrices of the adapters the batch names are stacked (R = the sum of their
+        /// ranks), <c>h = x Aᵀ</c> is computed once, each row's h is multiplied by its own adapter's scaling in its
+        /// adapter's columns and by 0 elsewhere, and <c>h Bᵀ</c> — B stacked likewise — is added: for each row the same
+        /// operations, on the same numbers, as a batch that uses only that row's adapter.
+        /// </summary>
+        private Tensor ApplyMixed(Tensor output, Tensor input, string[] rows, bool training)
+        {
+            if (input.dim() == 0 || input.size(0) != rows.Length)
+                throw new ArgumentException($"{Path}: the mixed batch names an adapter for each of {rows.Length} rows, but the layer's input has {(input.dim() == 0 ? "no rows (a 0-d tensor)" : $"{input.size(0)} rows (shape [{string.Join(", ", input.shape)}])")}.");
+            var used = new List<IAdapter>();
+            foreach (var adapter in _adapters)
+            {
+                if (Array.IndexOf(rows, adapter.Name) >= 0)
+                    used.Add(adapter);
+            }
+            if (used.Count == 0)
+                return output;
+            if (training && used.Any(a => a.lora_dropout > 0))
+                throw new InvalidOperationException($"{Path}: a mixed-adapter batch is for inference; in training mode the adapters' dropout would apply per adapter ({string.Join(", ", used.Where(a => a.lora_dropout > 0).Select(a => a.Name))}): call eval() first.");
+            using var scope = NewDisposeScope();
+            ScalarType dtype = output.dtype;
+            int total = used.Sum(a => a.r);
+            var offsets = new Dictionary<string, (int Offset, IAdapter Adapter)>(StringComparer.Ordinal);
+            int offset = 0;
+            foreach (var adapter in used)
+            {
+                offsets[adapter.Name] = (offset, adapter);
+                offset += adapter.r;
+            }
+            // The scaling of each row's adapter in its columns, 0 in the others, in the layer's dtype (as a scalar multiply
+            // rounds the scaling to it).
+            var mask = new double[rows.Length * total];
+            for (int row = 0; row < rows.Length; row++)
+            {
+                if (offsets.TryGetValue(rows[row], out var block))
+                {
+                    for (int k = 0; k < block.Adapter.r; k++)
+                        mask[row * total + block.Offset + k] = LoraLayer.ScalingIn(block.Adapter.scaling, dtype);
+                }
+            }
+            var maskShape = new long[Math.Max(2, input.dim() + (IsEmbedding ? 1 : 0))];
+            Array.Fill(maskShape, 1L);
+            maskShape[0] = rows.Length;
+            maskShape[^1] = total;
+            Tensor scales = tensor(mask, dtype: ScalarType.Float64).to(dtype, output.device).view(maskShape);
+            if (IsEmbedding)
+            {
+                var layers = used.Cast<LoraEmbeddingLayer>().ToList();
+                Tensor a = cat(layers.Select(l => (Tensor)l.lora_embedding_A).ToList(), 0);
+                Tensor b = cat(layers.Select(l => (Tensor)l.lora_embedding_B).ToList(), 1);
+                output.add_(LoraEmbeddingLayer.Lookup(a, input).mul_(scales).matmul(b.t()));
+                return output;
+            }
+            var linears = used.Cast<LoraLayer>().ToList();
+            Tensor stackedA = cat(linears.Select(l => (Tensor)l.lora_A.weight).ToList(), 0);
+            Tensor stackedB = cat(linears.Select(l => (Tensor)l.lora_B.weight).ToList(), 1);
+            Tensor h = input.matmul(stackedA.t()).mul_(scales);
+            if (dtype == ScalarType.Float32 && h.dim() == 2 && output.dim() == 2)
+                output.addmm_(h, stackedB.t(), 1, 1);
+            else
+                output.add_(h.matmul(stackedB.t()));
+            return output;
+        }
     }
 
-    /// <summary>A <c>modules_to_save</c> module and the values it had before the adapter (PEFT's ModulesToSaveWrapper keeps its original module).</summary>
+    /// <summary>
+    /// A <c>modules_to_save</c> module: the values it had before any adapter (PEFT's ModulesToSaveWrapper keeps the original
+    /// module), and each adapter's own values. The module itself holds the values of <see cref="Current"/> (the first
+    /// active adapter that saves it), or the originals.
+    /// </summary>
     internal sealed class SavedModule
     {
         internal required string Path { get; init; }
         internal required nn.Module Module { get; init; }
 
-        /// <summary>A copy of each of the module's state_dict entries, by its name in the module.</summary>
-        internal required List<(string Name, Tensor Original)> Originals { get; init; }
+        /// <summary>A copy of each of the module's state_dict entries before any adapter, by its name in the module.</summary>
+        internal required List<(string Name, Tensor Value)> Originals { get; init; }
 
-        /// <summary>Puts the original values back (and returns copies of what was there, when asked).</summary>
-        internal List<(string Name, Tensor Value)>? Restore(bool keepCurrent)
+        /// <summary>The values of each adapter that saves this module and is not <see cref="Current"/>.</summary>
+        internal Dictionary<string, List<(string Name, Tensor Value)>> ByAdapter { get; } = new(StringComparer.Ordinal);
+
+        /// <summary>The adapter whose values the module holds, or null for the originals.</summary>
+        internal string? Current { get; set; }
+
+        /// <summary>The adapters that save this module.</summary>
+        internal HashSet<string> Adapters { get; } = new(StringComparer.Ordinal);
+
+        /// <summary>Puts <paramref name="owner"/>'s values (null: the originals) into the module, keeping what was there as the current owner's.</summary>
+        internal void Switch(string? owner)
         {
+            if (owner == Current)
+                return;
             var state = Module.state_dict();
-            var current = keepCurrent ? new List<(string, Tensor)>() : null;
-            using var noGrad = no_grad();
-            foreach (var (name, original) in Originals)
+            if (Current is not null)
+                ByAdapter[Current] = state.Select(kv => (kv.Key, Copy(kv.Value))).ToList();
+            var values = owner is null ? Originals : ByAdapter[owner];
+            using (no_grad())
             {
-                Tensor live = state[name];
-                current?.Add((name, Copy(live)));
-                live.copy_(original);
+                foreach (var (name, value) in values)
+                    state[name].copy_(value);
             }
-            return current;
+            if (owner is not null)
+            {
+                foreach (var (_, value) in ByAdapter[owner])
+                    value.Dispose();
+                ByAdapter.Remove(owner);
+            }
+            Current = owner;
         }
 
-        internal void Put(List<(string Name, Tensor Value)> values)
+        /// <summary>The values <paramref name="adapter"/> has for this module: live when it is current, kept otherwise.</summary>
+        internal IEnumerable<(string Name, Tensor Value)> ValuesOf(string adapter) =>
+            adapter == Current ? Module.state_dict().Select(kv => (kv.Key, kv.Value)) : ByAdapter[adapter];
+
+        /// <summary>Forgets an adapter's values (the module keeps them if it was current, until switched).</summary>
+        internal void Drop(string adapter)
         {
-            var state = Module.state_dict();
-            using var noGrad = no_grad();
-            foreach (var (name, value) in values)
+            Adapters.Remove(adapter);
+            if (ByAdapter.Remove(adapter, out var values))
             {
-                state[name].copy_(value);
-                value.Dispose();
+                foreach (var (_, value) in values)
+                    value.Dispose();
             }
+        }
+
+        internal void DisposeCopies()
+        {
+            foreach (var (_, value) in Originals)
+                value.Dispose();
+            foreach (var values in ByAdapter.Values)
+            {
+                foreach (var (_, value) in values)
+                    value.Dispose();
+            }
+            ByAdapter.Clear();
         }
 
         /// <summary>A copy of a tensor's values that no dispose scope frees, leaving no temporary behind.</summary>
@@ -94,48 +339,75 @@ namespace TorchLinear.Lora
         }
     }
 
+    /// <summary>One adapter of a model: its name, a copy of its config, and whether it trains when active.</summary>
+    internal sealed class AdapterEntry
+    {
+        internal required string Name { get; init; }
+        internal required LoraConfig Config { get; init; }
+
+        /// <summary>Made to train (inject, or load_adapter with is_trainable): its parameters require grad while active.</summary>
+        internal bool Trainable { get; set; }
+
+        /// <summary>The dtype each tensor had in the file it was loaded from, so that saving writes the same bytes back.</summary>
+        internal Dictionary<string, ScalarType> FileDtypes { get; set; } = new();
+    }
+
     /// <summary>
-    /// The bookkeeping of one model's adapters: the config they were made with, the adapted layers, the
-    /// <c>modules_to_save</c> originals, the dtypes of the file they came from, and the check that every active adapter
-    /// ran in a model call. Every <see cref="LoraLayer"/> of the model holds it, so it lives and dies with the model's
-    /// modules: disposing the model (or unloading) frees the originals it keeps.
+    /// The bookkeeping of one model's adapters: each adapter's config, the active ones, the adapted layers, the
+    /// <c>modules_to_save</c> values, and the check that every active adapter ran in a model call. Every adapted layer's
+    /// containers are the model's modules, so disposing the model frees the adapters; <see cref="Release"/> frees the rest.
     /// </summary>
     internal sealed class AdaptedModel
     {
         private object? _preHook, _postHook;
         private bool _released;
         private bool _allowAllUnused;
-        private readonly HashSet<int> _allowedUnused = new();
+        private readonly HashSet<string> _allowedUnused = new(StringComparer.Ordinal);
+        private readonly ThreadLocal<string[]?> _mixedRows = new();
+        private readonly List<AdapterEntry> _adapters = new();
 
-        internal AdaptedModel(nn.Module root, LoraConfig config)
-        {
-            Root = root;
-            Config = config;
-        }
+        internal AdaptedModel(nn.Module root) => Root = root;
 
         internal nn.Module Root { get; }
 
-        /// <summary>A copy of the config the adapters were made with.</summary>
-        internal LoraConfig Config { get; }
+        /// <summary>The adapters, in the order they were added.</summary>
+        internal IReadOnlyList<AdapterEntry> Adapters => _adapters;
+
+        internal AdapterEntry? Entry(string name) => _adapters.FirstOrDefault(a => a.Name == name);
+
+        internal void AddEntry(AdapterEntry entry) => _adapters.Add(entry);
+
+        internal void RemoveEntry(AdapterEntry entry) => _adapters.Remove(entry);
+
+        /// <summary>The active adapters, in order (PEFT's active_adapters): their updates add up in every adapted layer.</summary>
+        internal List<string> Active { get; } = new();
+
+        /// <summary>While true, no adapter adds anything (disable_adapters).</summary>
+        internal bool Disabled { get; set; }
+
+        /// <summary>The adapter of each row of the mixed batch running on this thread, or null.</summary>
+        internal string[]? MixedRows
+        {
+            get => _mixedRows.Value;
+            set => _mixedRows.Value = value;
+        }
 
         internal List<AdaptedLayer> Layers { get; } = new();
 
         internal List<SavedModule> Saved { get; } = new();
 
-        /// <summary>The dtype each tensor had in the file it was loaded from, so that saving writes the same bytes back.</summary>
-        internal Dictionary<string, ScalarType> FileDtypes { get; set; } = new();
+        internal AdaptedLayer? LayerAt(string path) => Layers.FirstOrDefault(l => l.Path == path);
 
         internal void Add(AdaptedLayer layer)
         {
-            layer.Layer.Model = this;
-            layer.Layer.RunIndex = Layers.Count;
-            layer.Layer.Owner = layer.Path;
+            layer.Model = this;
+            layer.RunIndex = Layers.Count;
             Layers.Add(layer);
         }
 
         // ---- Did every active adapter run? ------------------------------------------------------------------------
 
-        /// <summary>One model call on this thread: which adapters ran in it.</summary>
+        /// <summary>One model call on this thread: which adapted layers ran in it.</summary>
         private sealed class Frame
         {
             internal required AdaptedModel Owner { get; init; }
@@ -155,22 +427,22 @@ namespace TorchLinear.Lora
             t_top = new Frame { Owner = this, Ran = new bool[Layers.Count], Outer = t_top };
         }
 
-        /// <summary>The model call ends: every active adapter must have run in it.</summary>
+        /// <summary>The model call ends: every layer with an active, unmerged adapter must have run in it.</summary>
         internal void Exit()
         {
             if (Unlink() is not { } frame)
                 return;
-            var missing = new List<string>();
+            var missing = new List<AdaptedLayer>();
             for (int i = 0; i < Layers.Count && i < frame.Ran.Length; i++)
             {
-                if (!frame.Ran[i] && Layers[i].Layer.Active && !_allowAllUnused && !_allowedUnused.Contains(i))
-                    missing.Add(Layers[i].Path);
+                if (!frame.Ran[i] && Layers[i].MustRun && !_allowAllUnused && !_allowedUnused.Contains(Layers[i].Path))
+                    missing.Add(Layers[i]);
             }
             if (missing.Count > 0)
                 throw NotRun(missing);
         }
 
-        /// <summary>Called by an adapter each time it adds its term.</summary>
+        /// <summary>Called by an adapted layer each time its forward runs.</summary>
         internal void Ran(int index)
         {
             for (Frame? frame = t_top; frame is not null; frame = frame.Outer)
@@ -203,15 +475,15 @@ namespace TorchLinear.Lora
             return found;
         }
 
-        private InvalidOperationException NotRun(List<string> missing)
+        private InvalidOperationException NotRun(List<AdaptedLayer> missing)
         {
-            string types = string.Join(", ", missing.Select(path => Layers.First(l => l.Path == path)).Select(l => l.Kind).Distinct().Select(k => k switch
+            string types = string.Join(", ", missing.Select(l => l.Kind).Distinct().Select(k => k switch
             {
-                HostKind.Hook => "a sealed nn.Linear runs its adapter only when invoked with call(x), not forward(x)",
+                HostKind.Hook => "a sealed nn.Linear or nn.Embedding runs its adapter only when invoked with call(x), not forward(x)",
                 _ => "the layer itself was not called",
             }));
             return new InvalidOperationException(
-                $"LoRA adapters did not run in this call of {Root.GetType().Name}, so its output lacks their updates: {string.Join(", ", missing)} " +
+                $"LoRA adapters did not run in this call of {Root.GetType().Name}, so its output lacks their updates: {string.Join(", ", missing.Select(l => l.Path))} " +
                 $"({types}). Ways out: invoke these layers with call(x); hold them in a field typed nn.Module<Tensor, Tensor> or as CustomLinear, " +
                 "where the adapter runs inside the layer's forward; load the adapter merged (LoraModel.load_adapter(model, dir, merge: true)); " +
                 "or, if this forward legitimately skips these layers, say so with LoraModel.allow_unused_adapters(model, paths).");
@@ -229,7 +501,7 @@ namespace TorchLinear.Lora
             if (unknown.Count > 0)
                 throw new ArgumentException($"LoraModel.allow_unused_adapters: {string.Join(", ", unknown)} {(unknown.Count == 1 ? "is" : "are")} not an adapted layer of this model (its adapted layers: {string.Join(", ", Layers.Select(l => l.Path))}).", nameof(paths));
             foreach (string path in paths)
-                _allowedUnused.Add(Layers.FindIndex(l => l.Path == path));
+                _allowedUnused.Add(path);
         }
 
         /// <summary>Runs <paramref name="forward"/> as one model call and checks it as a call through <c>call(x)</c> is checked.</summary>
@@ -255,6 +527,8 @@ namespace TorchLinear.Lora
         /// </summary>
         internal void InstallRootHooks()
         {
+            if (_preHook is not null)
+                return;
             _preHook = Register(Root, "register_forward_pre_hook", _ => Enter());
             _postHook = Register(Root, "register_forward_hook", _ => Exit());
         }
@@ -268,7 +542,7 @@ namespace TorchLinear.Lora
 
         private static void Remove(object? remover) => remover?.GetType().GetMethod("remove")?.Invoke(remover, null);
 
-        /// <summary>Frees what this model's adapters keep (once): the modules_to_save originals and the root's hooks.</summary>
+        /// <summary>Frees what the model's adapters keep (once): the modules_to_save copies and the root's hooks.</summary>
         internal void Release()
         {
             if (_released)
@@ -278,11 +552,9 @@ namespace TorchLinear.Lora
             Remove(_postHook);
             _preHook = _postHook = null;
             foreach (var saved in Saved)
-            {
-                foreach (var (_, original) in saved.Originals)
-                    original.Dispose();
-            }
+                saved.DisposeCopies();
             Saved.Clear();
+            _mixedRows.Dispose();
         }
     }
 }

@@ -18,7 +18,7 @@ namespace TorchLinear.Lora
     /// checked as a file from a stranger: a regular file of at most <see cref="MaxFileBytes"/> bytes, strict JSON (no
     /// comments, trailing commas, NaN, or a key given twice), every field of its type and in its range, every regular
     /// expression valid; anything else is a <see cref="CheckpointFormatException"/> naming the file, the key and the rule.
-    /// A feature this library does not implement (DoRA, initialisations that change the base weights, layer selection by
+    /// A feature this library does not implement (initialisations that change the base weights, layer selection by
     /// index, ...) is a <see cref="NotSupportedException"/> naming the key. Unknown keys are ignored.
     /// </remarks>
     public sealed class LoraConfig
@@ -70,6 +70,13 @@ namespace TorchLinear.Lora
 
         /// <summary>Rank-stabilised LoRA: scaling = lora_alpha / √r.</summary>
         public bool use_rslora { get; set; }
+
+        /// <summary>
+        /// DoRA (weight-decomposed LoRA, PEFT's <c>use_dora</c>): each adapted linear layer also learns a magnitude per
+        /// output row, and the adapted weight's rows are rescaled to it (see <see cref="LoraLayer"/>). Not for
+        /// embeddings here.
+        /// </summary>
+        public bool use_dora { get; set; }
 
         /// <summary>
         /// Whether the Python base layer stored its weight as (in, out), like GPT-2's Conv1D. lora_A is (r, in) and
@@ -308,7 +315,7 @@ namespace TorchLinear.Lora
                 ["base_model_name_or_path"] = base_model_name_or_path,
                 ["inference_mode"] = true,
                 ["init_lora_weights"] = init_lora_weights switch { "true" => JsonValue.Create(true), "false" => JsonValue.Create(false), _ => JsonValue.Create(init_lora_weights) },
-                ["use_dora"] = false,
+                ["use_dora"] = use_dora,
             };
             File.WriteAllText(file, json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         }
@@ -379,7 +386,6 @@ namespace TorchLinear.Lora
                 _ => true,
             };
             Refuse("peft_type", v => !(v.ValueKind == JsonValueKind.String && v.GetString() == "LORA") && v.ValueKind != JsonValueKind.Null, "only LoRA adapters are read");
-            Refuse("use_dora", True, "DoRA");
             Refuse("init_lora_weights", v => v.ValueKind == JsonValueKind.String && v.GetString() is not ("gaussian" or "true" or "false"),
                 "an initialisation that changes the base model's weights when the adapter is created");
             Refuse("layers_to_transform", NotNull, "layer selection by index");
@@ -411,6 +417,7 @@ namespace TorchLinear.Lora
             }
             if (reader.String("bias") is { } bias) config.bias = bias;
             if (reader.Bool("use_rslora") is { } rslora) config.use_rslora = rslora;
+            if (reader.Bool("use_dora") is { } dora) config.use_dora = dora;
             if (reader.Bool("fan_in_fan_out") is { } fan) config.fan_in_fan_out = fan;
             if (json.TryGetProperty("init_lora_weights", out var init))
             {

@@ -17,17 +17,23 @@ namespace TorchLinear.Lora
     /// <para>The layer does not own the base weight: a host (a <see cref="CustomLinear"/> through its
     /// <see cref="CustomLinear.Adapter"/> slot, a <see cref="LoraWrapper"/>, a sealed <c>nn.Linear</c> through a forward
     /// hook, or your own module such as the sample's <c>LoraLinear</c>) computes <c>x Wᵀ + b</c>, hands it to
-    /// <see cref="add_to"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
+    /// <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
     /// merge is kept by this module (one extra copy of W while merged), so that <see cref="unmerge"/> restores it bit for
     /// bit (PEFT subtracts Δ again, which can leave an element one rounding step off), and freed with it.</para>
     /// <para>The host registers <see cref="lora_A"/> and <see cref="lora_B"/> under its own names; this module registers
     /// nothing of its own, so it adds no key to any state_dict.</para>
-    /// <para>The scaling is applied in the layer's dtype: for a float32 2-D batch the update is accumulated into the
-    /// output by one <c>addmm_</c> with the scaling as its alpha (no full-size temporary; the last bit may differ from
-    /// PEFT's separate scale and add), and a float32 merge is one <c>addmm_</c> into W likewise; for every other dtype and
-    /// rank PEFT's own order, <c>x Aᵀ Bᵀ</c> times the scaling added to the output, and <c>W + Δ</c>.</para>
+    /// <para>The update is computed as <c>((x Aᵀ) · scaling) Bᵀ</c> and added to the output — for a float32 2-D batch
+    /// accumulated into it by one <c>addmm_</c>, with no full-size temporary. PEFT scales after the second product
+    /// (<c>(x Aᵀ Bᵀ) · scaling</c>): the last bit may differ. Scaling the r-wide product is what lets a batch whose rows
+    /// use different adapters (<see cref="LoraModel.mixed_batch"/>) give each row the bits it gets alone with its
+    /// adapter. A float32 merge is one <c>addmm_</c> into W with the scaling as its alpha; other dtypes add
+    /// <see cref="delta_weight"/>, PEFT's formula.</para>
+    /// <para>With <see cref="use_dora"/> the adapter is DoRA's (PEFT's <c>DoraLinearLayer</c>): a trainable magnitude per
+    /// output row, <see cref="lora_magnitude_vector"/>, rescales the adapted weight's rows to it; the rows' norm
+    /// ‖W + scaling · B A‖ is computed afresh in every forward and detached from the graph, as the DoRA paper and PEFT
+    /// do.</para>
     /// </remarks>
-    public sealed class LoraLayer : nn.Module
+    public sealed class LoraLayer : nn.Module, IAdapter
     {
         private static readonly Scalar One = 1;
         private readonly Scalar _scaling;
@@ -130,26 +136,75 @@ namespace TorchLinear.Lora
         /// <summary>The up-projection, weight (out_features, r). Registered by the host, under its own name.</summary>
         public LoraProjection lora_B { get; }
 
-        /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="add_to"/>.</summary>
+        /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>.</summary>
         public bool merged => _merged;
 
         /// <summary>While merged, the host's weight as it was before the merge; otherwise null.</summary>
         public Tensor? weight_before_merge => _unmergedWeight;
 
-        /// <summary>While true, <see cref="add_to"/> adds nothing (PEFT's disabled adapter layers).</summary>
-        internal bool Disabled { get; set; }
-
-        /// <summary>Whether <see cref="add_to"/> adds the update: neither merged nor disabled.</summary>
-        internal bool Active => !Disabled && !_merged;
-
         /// <summary>Who hosts this adapter, for messages (the module's path in its model, or the host's description).</summary>
         internal string Owner { get; set; } = nameof(LoraLayer);
 
-        /// <summary>The model-level bookkeeping of the model that holds this adapter, if a model does (see <see cref="LoraModel"/>).</summary>
-        internal AdaptedModel? Model { get; set; }
+        /// <summary>The adapter's name in its model (PEFT's adapter_name; <c>default</c> unless named).</summary>
+        public string adapter_name { get; internal set; } = "default";
 
-        /// <summary>This adapter's place among <see cref="Model"/>'s adapters.</summary>
-        internal int RunIndex { get; set; }
+        /// <summary>DoRA's magnitude, one per output row (PEFT's <c>lora_magnitude_vector</c>), or null for plain LoRA.</summary>
+        public DoraMagnitude? lora_magnitude_vector { get; private set; }
+
+        /// <summary>Whether this is a DoRA adapter (see <see cref="lora_magnitude_vector"/>).</summary>
+        public bool use_dora => lora_magnitude_vector is not null;
+
+        string IAdapter.Name => adapter_name;
+
+        string IAdapter.Owner { get => Owner; set => Owner = value; }
+
+        bool IAdapter.MergesFinite(Tensor weight) => MergesFinite(weight);
+
+        void IAdapter.MergeChecked(Parameter weight, bool keep) => MergeChecked(weight, keep);
+
+        void IAdapter.ForgetUnmerged() => ForgetUnmerged();
+
+        void IAdapter.ApplyMerge(Tensor weight)
+        {
+            using var noGrad = no_grad();
+            AddDelta(weight);
+        }
+
+        IEnumerable<Parameter> IAdapter.Parameters()
+        {
+            yield return lora_A.weight;
+            yield return lora_B.weight;
+            if (lora_magnitude_vector is { } magnitude)
+                yield return magnitude.weight;
+        }
+
+        /// <summary>
+        /// Makes this a DoRA adapter for <paramref name="weight"/>, the host's weight: the magnitude starts as the rows'
+        /// norm ‖W + scaling · B A‖ (PEFT's <c>DoraLinearLayer.update_layer</c>), so the layer computes what it did. The
+        /// host registers the magnitude under its own name.
+        /// </summary>
+        /// <exception cref="InvalidOperationException">It is DoRA already, or merged.</exception>
+        internal void EnableDora(Tensor weight)
+        {
+            ThrowIfDisposed();
+            if (use_dora || merged)
+                throw new InvalidOperationException($"{Owner}: the adapter is {(use_dora ? "DoRA already" : "merged")}.");
+            CheckWeight(weight);
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            Tensor norm = WeightNorm(weight.detach(), LoraWeight(), scaling);
+            lora_magnitude_vector = new DoraMagnitude(norm);
+        }
+
+        /// <summary>B A (out_features, in_features), unscaled: DoRA's lora_weight.</summary>
+        private Tensor LoraWeight() => lora_B.weight.matmul(lora_A.weight);
+
+        /// <summary>
+        /// DoRA's ‖W + scaling · lora_weight‖ over each output row (<c>torch.linalg.norm(weight, dim=1)</c>), in W's dtype,
+        /// as PEFT's <c>get_weight_norm</c> computes it.
+        /// </summary>
+        private static Tensor WeightNorm(Tensor weight, Tensor loraWeight, double scaling) =>
+            linalg.vector_norm(weight + loraWeight * scaling, 2, new long[] { 1 }).to(weight.dtype);
 
         /// <summary>
         /// Re-initialises the adapter as PEFT does: <c>"true"</c> — A kaiming-uniform (a = √5), B zero (the adapter then
@@ -202,36 +257,64 @@ namespace TorchLinear.Lora
 
         /// <summary>
         /// Adds the adapter's term, <c>lora_B(lora_A(dropout(input))) · scaling</c>, to <paramref name="output"/> in place
-        /// (the host's <c>x Wᵀ + b</c>, whose value no backward needs) and returns it. Adds nothing while merged or
-        /// disabled. Dropout applies in training mode only, and only to the adapter's input.
+        /// (the host's <c>x Wᵀ + b</c>, whose value no backward needs) and returns it. Adds nothing while merged. Dropout
+        /// applies in training mode only, and only to the adapter's input. A DoRA adapter needs the base layer's weight
+        /// and bias: use the other overload.
         /// </summary>
         /// <param name="output">The base layer's output, shape (*, out_features).</param>
         /// <param name="input">The base layer's input, shape (*, in_features), already accepted by the base layer.</param>
         /// <param name="training">Whether the host is in training mode.</param>
         /// <exception cref="InvalidOperationException">The adapter's dtype or device differs from the output's (a model
         /// converted with <c>.to(...)</c> after the adapter was put into a sealed <c>nn.Linear</c>, which does not convert its
-        /// children); the message names the layer.</exception>
+        /// children), or it is a DoRA adapter; the message names the layer.</exception>
         public Tensor add_to(Tensor output, Tensor input, bool training)
         {
+            if (use_dora)
+                throw new InvalidOperationException($"{Owner}: a DoRA adapter rescales the base layer's output: pass the base layer's weight and bias to add_to.");
+            return add_to(output, input, training, null!, null);
+        }
+
+        /// <summary>
+        /// As <see cref="add_to(Tensor, Tensor, bool)"/>, for any adapter: a DoRA adapter adds
+        /// <c>(m / ‖W + scaling · B A‖ − 1) · (x Wᵀ) + m / ‖W + scaling · B A‖ · lora_B(lora_A(x)) · scaling</c>, PEFT's
+        /// <c>DoraLinearLayer.forward</c>, where x Wᵀ is the output without its bias (or, with dropout in training,
+        /// computed again from the dropped input).
+        /// </summary>
+        /// <param name="output">The base layer's output, shape (*, out_features).</param>
+        /// <param name="input">The base layer's input.</param>
+        /// <param name="training">Whether the host is in training mode.</param>
+        /// <param name="weight">The base layer's weight (only read by DoRA).</param>
+        /// <param name="bias">The base layer's bias, or null (only read by DoRA).</param>
+        public Tensor add_to(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias)
+        {
             ThrowIfDisposed();
-            if (Disabled || _merged)
+            if (_merged)
                 return output;
-            Model?.Ran(RunIndex);
             Tensor a = lora_A.weight, b = lora_B.weight;
             if (a.dtype != output.dtype || a.device_type != output.device_type || a.device_index != output.device_index)
                 throw new InvalidOperationException(
                     $"{Owner}: the adapter is {a.dtype} on {a.device}, but the layer computes {output.dtype} on {output.device}. " +
                     "TorchSharp's nn.Linear does not pass .to(...) on to its children: convert the model before the adapter is injected or loaded (or unload it, convert, and load it again).");
             using var scope = NewDisposeScope();
-            Tensor x = training && lora_dropout > 0 ? nn.functional.dropout(input, lora_dropout, training: true) : input;
-            if (output.dtype == ScalarType.Float32 && x.dim() == 2 && output.dim() == 2)
+            bool dropped = training && lora_dropout > 0;
+            Tensor x = dropped ? nn.functional.dropout(input, lora_dropout, training: true) : input;
+            if (lora_magnitude_vector is { } magnitude)
             {
-                // A float32 batch of rows: the second product accumulates into the output with the scaling as its alpha,
-                // which TorchSharp passes as a float: exact here, and no full-size temporary is made.
-                output.addmm_(x.mm(a.t()), b.t(), 1, (float)scaling);
+                ArgumentNullException.ThrowIfNull(weight);
+                Tensor norm;
+                using (no_grad())
+                    norm = WeightNorm(weight.detach().to(x.dtype), LoraWeight().to(x.dtype), scaling);
+                Tensor scale = (magnitude.weight / norm).view(1, -1);
+                Tensor loraResult = x.matmul(a.t()).matmul(b.t());
+                Tensor baseResult = dropped ? LinearFunctional.linear(x, weight) : bias is null ? output.detach() : output.detach() - bias;
+                output.add_((scale - 1) * baseResult + scale * loraResult * scaling, One);
                 return output;
             }
-            output.add_(x.matmul(a.t()).matmul(b.t()).mul_(_scaling), One);
+            Tensor h = x.matmul(a.t()).mul_(_scaling);
+            if (output.dtype == ScalarType.Float32 && h.dim() == 2 && output.dim() == 2)
+                output.addmm_(h, b.t(), 1, 1);  // accumulated into the output: no full-size temporary
+            else
+                output.add_(h.matmul(b.t()), One);
             return output;
         }
 
@@ -310,7 +393,8 @@ namespace TorchLinear.Lora
             // Largest magnitudes through max and min, which reduce without allocating a |W| as large as W.
             static double Largest(Tensor t) => t.numel() == 0 ? 0 : Math.Max(Math.Abs(t.max().to(ScalarType.Float64).item<double>()), Math.Abs(t.min().to(ScalarType.Float64).item<double>()));
             double bound = Largest(weight.detach()) + r * Largest(a.detach()) * Largest(b.detach()) * Math.Abs(scaling);
-            if (double.IsFinite(bound) && bound < finfo(weight.dtype).max)
+            // DoRA divides by the rows' norm: only the merged weight itself can tell.
+            if (!use_dora && double.IsFinite(bound) && bound < finfo(weight.dtype).max)
                 return true;
             using Tensor side = weight.detach().clone();
             AddDelta(side);
@@ -324,6 +408,15 @@ namespace TorchLinear.Lora
         /// </summary>
         private void AddDelta(Tensor weight)
         {
+            if (lora_magnitude_vector is { } magnitude)
+            {
+                // PEFT's DoraLinearVariant.merge: W' = m / ‖W + Δ‖ · (W + Δ), row by row, the norm from the weight before.
+                using var scope = NewDisposeScope();
+                Tensor adapted = weight + delta_weight().to(weight.dtype);
+                Tensor norm = linalg.vector_norm(adapted, 2, new long[] { 1 }).to(weight.dtype);
+                weight.copy_((magnitude.weight.detach() / norm).view(-1, 1) * adapted);
+                return;
+            }
             if (weight.dtype == ScalarType.Float32 && lora_B.weight.dtype == ScalarType.Float32)
                 weight.addmm_(lora_B.weight, lora_A.weight, 1, (float)scaling);
             else
@@ -410,7 +503,7 @@ namespace TorchLinear.Lora
                 _unmergedWeight = null;
                 lora_A.Dispose();
                 lora_B.Dispose();
-                Model?.Release();
+                lora_magnitude_vector?.Dispose();
             }
             base.Dispose(disposing);
             _disposed = true;
@@ -476,5 +569,27 @@ namespace TorchLinear.Lora
 
         /// <summary>For example <c>LoraProjection(in_features=16, out_features=4)</c>.</summary>
         public override string ToString() => $"LoraProjection(in_features={_weight.size(1)}, out_features={_weight.size(0)})";
+    }
+
+    /// <summary>
+    /// DoRA's magnitude vector (PEFT's <c>DoraLinearLayer</c>): one parameter, <c>weight</c> (out_features), so that an
+    /// adapted layer's state_dict has PEFT's key <c>&lt;path&gt;.lora_magnitude_vector.&lt;adapter&gt;.weight</c>.
+    /// </summary>
+    public sealed class DoraMagnitude : nn.Module
+    {
+        internal DoraMagnitude(Tensor norm) : base(nameof(DoraMagnitude))
+        {
+            using (NewDisposeScope())
+                weight = (Parameter)new Parameter(norm.detach().clone()).DetachFromDisposeScope();
+            register_parameter("weight", weight);
+        }
+
+        /// <summary>The magnitude of each output row of the adapted weight.</summary>
+        public Parameter weight { get; }
+
+        /// <summary>Registers nothing beyond <c>weight</c>.</summary>
+        protected override void RegisterComponents()
+        {
+        }
     }
 }

@@ -3,7 +3,6 @@ using System.Collections.Generic;
 using System.Globalization;
 using System.IO;
 using System.Linq;
-using System.Reflection;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -11,112 +10,154 @@ using static TorchSharp.torch;
 namespace TorchLinear.Lora
 {
     /// <summary>
-    /// PEFT's LoRA for a whole TorchSharp model (PEFT's <c>tuners/lora/model.py</c>): put adapters into every
-    /// <c>nn.Linear</c> or <see cref="CustomLinear"/> that a <see cref="LoraConfig"/> targets, load and save adapters in
-    /// PEFT's files, merge them away, and say by name when an adapter cannot run.
+    /// PEFT's LoRA for a whole TorchSharp model (PEFT's <c>tuners/lora/model.py</c>): put named adapters into every
+    /// <c>nn.Linear</c>, <see cref="CustomLinear"/> or <c>nn.Embedding</c> that a <see cref="LoraConfig"/> targets, load and
+    /// save them in PEFT's files, switch, combine and merge them, run a batch whose rows use different adapters, and say
+    /// by name when an adapter cannot run.
     /// </summary>
     /// <remarks>
-    /// <para>How each layer takes its adapter — the rule for ports: a <see cref="CustomLinear"/> runs it inside its own
-    /// forward (its <see cref="CustomLinear.Adapter"/> slot; its type never changes); a Linear held in a field (or a
-    /// <c>ModuleList</c>/<c>ModuleDict</c> slot) typed <c>nn.Module&lt;Tensor, Tensor&gt;</c> is replaced by a
-    /// <see cref="LoraWrapper"/> that runs it in its forward; a Linear in a field of TorchSharp's sealed <c>Linear</c> type
-    /// (or in a <c>Sequential</c>) keeps its type and gets a forward hook, which TorchSharp runs only when the layer is
-    /// invoked with <c>call(x)</c>. In every case the adapted layer gets the children <c>lora_A</c> and <c>lora_B</c>
-    /// (PEFT's keys <c>&lt;path&gt;.lora_A.weight</c>, <c>&lt;path&gt;.lora_B.weight</c>) and <c>lora_layer</c> (the
-    /// adapter's state, no keys).</para>
-    /// <para>Nothing silent: every <c>call(x)</c> of the model checks that each active, unmerged adapter ran, and throws an
-    /// <see cref="InvalidOperationException"/> naming the layers whose adapters did not (a sealed Linear invoked with
+    /// <para>How each layer takes its adapters — the rule for ports: a <see cref="CustomLinear"/> runs them inside its own
+    /// forward (its <see cref="CustomLinear.Adapter"/> slot; its type never changes); a Linear (or Embedding) held in a
+    /// field (or a <c>ModuleList</c>/<c>ModuleDict</c> slot) typed <c>nn.Module&lt;Tensor, Tensor&gt;</c> is replaced by a
+    /// <see cref="LoraWrapper"/> (<see cref="LoraEmbeddingWrapper"/>) that runs them in its forward; a Linear or Embedding
+    /// in a field of TorchSharp's sealed type (or in a <c>Sequential</c>) keeps its type and gets a forward hook, which
+    /// TorchSharp runs only when the layer is invoked with <c>call(x)</c>. The adapted layer's state_dict gets PEFT's keys:
+    /// <c>&lt;path&gt;.lora_A.&lt;adapter&gt;.weight</c>, <c>.lora_B.&lt;adapter&gt;.weight</c>,
+    /// <c>.lora_magnitude_vector.&lt;adapter&gt;.weight</c> (DoRA), or <c>.lora_embedding_A.&lt;adapter&gt;</c> and
+    /// <c>.lora_embedding_B.&lt;adapter&gt;</c>.</para>
+    /// <para>Nothing silent: every <c>call(x)</c> of the model checks that each layer with an active, unmerged adapter ran,
+    /// and throws an <see cref="InvalidOperationException"/> naming the layers that did not (a sealed Linear invoked with
     /// <c>forward(x)</c>) and the ways out. A port that invokes the model itself with <c>forward(x)</c> is checked by
-    /// <see cref="check_adapters_run(nn.Module{Tensor, Tensor}, Tensor)"/>; docs/lora.md says which case no check can see.</para>
+    /// <see cref="check_adapters_run(nn.Module{Tensor, Tensor}, Tensor)"/>; docs/lora.md says which case no check can see.
+    /// Every operation that takes an adapter name refuses one the model does not have, naming the ones it has.</para>
     /// <code>
-    /// var adapted = LoraModel.load_adapter(model, "my-peft-adapter");     // a folder written by PEFT's save_pretrained
-    /// using (LoraModel.disable_adapters(model)) { /* the base model */ }
-    /// LoraModel.merge_and_unload(model);                                  // W + Δ; the model's types are its own again
+    /// LoraModel.load_adapter(model, "support-adapter");                          // "default", active
+    /// LoraModel.load_adapter(model, "sales-adapter", adapter_name: "sales");     // added, not active
+    /// LoraModel.set_adapter(model, "sales");
+    /// using (LoraModel.mixed_batch(model, new[] { "default", "sales", "__base__" })) { var y = model.call(x); }
     /// </code>
     /// </remarks>
-    public static class LoraModel
+    public static partial class LoraModel
     {
+        /// <summary>The name of an adapter that is not given one (PEFT's).</summary>
+        public const string DefaultAdapter = "default";
+
+        /// <summary>In <see cref="mixed_batch"/>, the name for a row that uses no adapter (PEFT's).</summary>
+        public const string BaseModel = "__base__";
+
         // ---- Putting adapters in --------------------------------------------------------------------------------------
 
         /// <summary>
-        /// Puts a fresh adapter (initialised as <see cref="LoraConfig.init_lora_weights"/> says; by default A
-        /// kaiming-uniform and B zero, so the model computes what it did) into every Linear or CustomLinear whose path
-        /// <paramref name="config"/> targets, and freezes the model but for the adapters, the <c>modules_to_save</c>
-        /// modules and the biases <c>bias</c> names, as PEFT's <c>get_peft_model</c> does.
+        /// Puts a fresh adapter named <paramref name="adapter_name"/> (initialised as <see cref="LoraConfig.init_lora_weights"/>
+        /// says; by default A kaiming-uniform and B zero, so the model computes what it did; with <c>use_dora</c> the
+        /// magnitude starts at the rows' norm) into every layer <paramref name="config"/> targets. The model's first
+        /// adapter becomes active and the model is frozen but for it, its <c>modules_to_save</c> and the biases <c>bias</c>
+        /// names, as PEFT's <c>get_peft_model</c> does; another is added inactive and frozen, as PEFT's <c>add_adapter</c>
+        /// does, until <see cref="set_adapter"/>.
         /// </summary>
         /// <returns>The adapted module paths, in the model's order.</returns>
         /// <exception cref="ArgumentException">The config is not usable (a key and its rule are named), matches no layer,
         /// names a module of another kind, a rank or alpha gives a scaling that is not finite in a layer's dtype, or the
-        /// model already has an adapter.</exception>
-        public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config)
+        /// model has an adapter of that name already (or the name is not a usable one).</exception>
+        public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(config);
+            CheckNewName(model, adapter_name, nameof(inject));
             config.ThrowIfInvalid("LoraModel.inject");
             var kept = config.Clone();
-            ThrowIfAdapted(model);
-            var targets = Targets(model, kept, "LoraModel.inject", error => new ArgumentException($"LoraModel.inject: {error.Key}: {error.Rule}."));
-            var state = new AdaptedModel(model, kept);
-            foreach (var target in targets)
+            var state = TryStateOf(model, nameof(inject));
+            var targets = Targets(model, kept, state, "LoraModel.inject", error => new ArgumentException($"LoraModel.inject: {error.Key}: {error.Rule}."));
+            var adapters = new List<IAdapter>();
+            try
             {
-                var weight = target.Weight;
-                var layer = LoraLayer.ForInject(weight.size(1), weight.size(0), target.Rank, target.Alpha, kept.lora_dropout, kept.use_rslora,
-                                                weight.dtype, weight.device, kept.init_lora_weights);
-                state.Add(Attach(model, target, layer));
+                foreach (var target in targets)
+                {
+                    var weight = target.Weight;
+                    IAdapter adapter = target.IsEmbedding
+                        ? new LoraEmbeddingLayer(weight.size(0), weight.size(1), target.Rank, target.Alpha, kept.use_rslora, weight.dtype, weight.device, kept.init_lora_weights, draw: true)
+                        : LoraLayer.ForInject(weight.size(1), weight.size(0), target.Rank, target.Alpha, kept.lora_dropout, kept.use_rslora, weight.dtype, weight.device, kept.init_lora_weights);
+                    Name(adapter, adapter_name);
+                    adapters.Add(adapter);
+                    if (kept.use_dora)
+                        ((LoraLayer)adapter).EnableDora(weight);
+                }
             }
-            KeepOriginals(model, state);
-            state.InstallRootHooks();
-            MarkTrainable(model, state, kept.bias);
-            return state.Layers.Select(l => l.Path).ToList();
+            catch
+            {
+                foreach (var adapter in adapters)
+                    adapter.Dispose();
+                throw;
+            }
+            state ??= new AdaptedModel(model);
+            var entry = new AdapterEntry { Name = adapter_name, Config = kept, Trainable = true };
+            Install(model, state, entry, targets, adapters);
+            return targets.Select(t => t.Path).ToList();
         }
 
         /// <summary>
         /// Reads a PEFT adapter folder — <c>adapter_config.json</c> and <c>adapter_model.safetensors</c> (or, without it,
-        /// <c>adapter_model.bin</c>) — as PEFT's <c>PeftModel.from_pretrained</c> does: injects adapters as the config says,
-        /// loads the tensors (converted to each layer's dtype), and loads the keys that are not adapter keys (a
-        /// <c>modules_to_save</c> head, the biases of <c>bias</c> = all / lora_only) into the model's tensors of that path.
-        /// Everything is checked before anything changes; a refusal lists every problem and leaves the model bitwise as it
-        /// was.
+        /// <c>adapter_model.bin</c>) — as PEFT's <c>PeftModel.from_pretrained</c> (a model's first adapter, made active) or
+        /// <c>load_adapter</c> (another one, added inactive) does: puts adapters in as the config says, loads the tensors
+        /// (converted to each layer's dtype), and loads the keys that are not adapter keys (a <c>modules_to_save</c> head,
+        /// the biases of <c>bias</c> = all / lora_only). Everything is checked before anything changes; a refusal lists
+        /// every problem and leaves the model bitwise as it was.
         /// </summary>
         /// <param name="model">The base model, with its pretrained weights.</param>
         /// <param name="directory">The adapter folder.</param>
-        /// <param name="merge">Fold the adapters into the weights at once (for inference, and for ports whose layers
-        /// cannot run an adapter: see the class remarks).</param>
-        /// <param name="is_trainable">Leave the adapters, <c>modules_to_save</c> and the biases <c>bias</c> names trainable,
-        /// as after <see cref="inject"/>. False (PEFT's default): every parameter of the model is frozen, for inference.</param>
+        /// <param name="adapter_name">The name the adapter gets in the model.</param>
+        /// <param name="merge">Fold the adapter into the weights at once (for inference, and for ports whose layers
+        /// cannot run an adapter: see the class remarks); for a model's first adapter only.</param>
+        /// <param name="is_trainable">Let the adapter, its <c>modules_to_save</c> and the biases <c>bias</c> names train
+        /// while it is active, as after <see cref="inject"/>. False (PEFT's default): frozen, for inference.</param>
         /// <returns>The adapted module paths.</returns>
         /// <exception cref="InvalidOperationException">The file's keys, shapes, dtypes or values do not fit the model, or a
         /// merge would not be finite; nothing changed.</exception>
         /// <exception cref="CheckpointFormatException">A file of the folder cannot be read as what it should be; the message
         /// names the file, the key and the rule.</exception>
         /// <exception cref="NotSupportedException">The config uses a PEFT feature this library does not implement.</exception>
-        /// <exception cref="ArgumentException">The config matches no layer of this model, or the model already has an adapter.</exception>
+        /// <exception cref="ArgumentException">The config matches no layer of this model, the model has an adapter of that
+        /// name, or <paramref name="merge"/> is asked for a second adapter.</exception>
         /// <exception cref="FileNotFoundException">The folder lacks a file.</exception>
-        public static IReadOnlyList<string> load_adapter(nn.Module model, string directory, bool merge = false, bool is_trainable = false)
+        public static IReadOnlyList<string> load_adapter(nn.Module model, string directory, string adapter_name = DefaultAdapter, bool merge = false, bool is_trainable = false)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(directory);
-            ThrowIfAdapted(model);
+            CheckNewName(model, adapter_name, nameof(load_adapter));
+            var state = TryStateOf(model, nameof(load_adapter));
+            if (merge && state is not null)
+                throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
             var config = LoraConfig.load(configFile);
-            var targets = Targets(model, config, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
+            var targets = Targets(model, config, state, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
             string file = PeftFolder.AdapterFile(directory);
             var tensors = StateDicts.ReadPyTorchFile(file);
-            var built = new List<LoraLayer>();
+            var built = new List<IAdapter>();
             try
             {
-                var plan = PeftFolder.Plan(model, config, targets, tensors, file);
+                var plan = PeftFolder.Plan(model, config, targets, tensors, file, state);
                 foreach (var target in targets)
                 {
                     var weight = target.Weight;
-                    var layer = LoraLayer.ForLoading(weight.size(1), weight.size(0), target.Rank, target.Alpha, config.lora_dropout, config.use_rslora,
-                                                     weight.dtype, weight.device);
-                    layer.Owner = target.Path;
-                    built.Add(layer);
-                    using (no_grad())
+                    using var noGrad = no_grad();
+                    if (target.IsEmbedding)
                     {
-                        layer.lora_A.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_A")]);
-                        layer.lora_B.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_B")]);
+                        var embedding = new LoraEmbeddingLayer(weight.size(0), weight.size(1), target.Rank, target.Alpha, config.use_rslora, weight.dtype, weight.device, "true", draw: false);
+                        built.Add(embedding);
+                        embedding.lora_embedding_A.copy_(tensors[PeftFolder.Key(target.Path, "lora_embedding_A")]);
+                        embedding.lora_embedding_B.copy_(tensors[PeftFolder.Key(target.Path, "lora_embedding_B")]);
+                        Name(embedding, adapter_name);
+                        continue;
+                    }
+                    var layer = LoraLayer.ForLoading(weight.size(1), weight.size(0), target.Rank, target.Alpha, config.lora_dropout, config.use_rslora, weight.dtype, weight.device);
+                    built.Add(layer);
+                    Name(layer, adapter_name);
+                    layer.lora_A.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_A")]);
+                    layer.lora_B.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_B")]);
+                    if (config.use_dora)
+                    {
+                        layer.EnableDora(weight);
+                        layer.lora_magnitude_vector!.weight.copy_(tensors[PeftFolder.Key(target.Path, "lora_magnitude_vector")]);
                     }
                 }
                 if (merge)
@@ -127,96 +168,379 @@ namespace TorchLinear.Lora
                 }
 
                 // Everything is checked: from here on the model changes.
-                var state = new AdaptedModel(model, config);
-                for (int i = 0; i < targets.Count; i++)
-                    state.Add(Attach(model, targets[i], built[i]));
+                state ??= new AdaptedModel(model);
+                var entry = new AdapterEntry
+                {
+                    Name = adapter_name, Config = config, Trainable = is_trainable,
+                    FileDtypes = tensors.ToDictionary(kv => kv.Key, kv => kv.Value.dtype),
+                };
+                Install(model, state, entry, targets, built, plan.Where(p => p.SavedModule is not null).Select(p => (p.SavedModule!, p.NameInModule, tensors[p.Key])).ToList());
                 built.Clear();
-                KeepOriginals(model, state);
                 using (no_grad())
                 {
-                    foreach (var (key, target) in plan)
-                        target.copy_(tensors[key]);
+                    foreach (var step in plan.Where(p => p.SavedModule is null))
+                        step.Destination.copy_(tensors[step.Key]);
                 }
-                state.FileDtypes = tensors.ToDictionary(kv => kv.Key, kv => kv.Value.dtype);
                 if (merge)
-                {
-                    foreach (var layer in state.Layers)
-                        layer.Layer.MergeChecked(layer.Weight);
-                }
-                state.InstallRootHooks();
-                if (is_trainable)
-                    MarkTrainable(model, state, config.bias);
-                else
-                    foreach (var parameter in model.parameters())
-                        parameter.requires_grad_(false);
-                return state.Layers.Select(l => l.Path).ToList();
+                    MergeAll(state, nameof(load_adapter), new[] { adapter_name });
+                return targets.Select(t => t.Path).ToList();
             }
             finally
             {
-                foreach (var layer in built)
-                    layer.Dispose();
+                foreach (var adapter in built)
+                    adapter.Dispose();
                 foreach (var tensor in tensors.Values)
                     tensor.Dispose();
             }
         }
 
         /// <summary>
-        /// Writes the adapter as PEFT's <c>save_pretrained</c> does: <c>adapter_config.json</c> and
-        /// <c>adapter_model.safetensors</c> with the keys <c>base_model.model.&lt;path&gt;.lora_A.weight</c> /
-        /// <c>.lora_B.weight</c>, the biases the config's <c>bias</c> mode trains, and every <c>modules_to_save</c>
-        /// module's state under its plain names. Tensors loaded from a file are written in the dtype they had there.
+        /// Writes the model's adapters as PEFT's <c>save_pretrained</c> does: the <c>default</c> adapter into
+        /// <paramref name="directory"/>, every other one into a sub-folder named after it, each with its
+        /// <c>adapter_config.json</c> and <c>adapter_model.safetensors</c> holding PEFT's keys — no adapter name inside
+        /// them: <c>base_model.model.&lt;path&gt;.lora_A.weight</c> / <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c>
+        /// (DoRA), <c>.lora_embedding_A</c> / <c>_B</c>, the biases its <c>bias</c> mode trains, and its
+        /// <c>modules_to_save</c> values under their plain names. Tensors loaded from a file are written in its dtypes.
         /// </summary>
+        /// <param name="model">The adapted model.</param>
+        /// <param name="directory">The folder.</param>
+        /// <param name="selected_adapters">The adapters to write; all by default.</param>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
-        public static void save_adapter(nn.Module model, string directory)
+        /// <exception cref="ArgumentException">A selected adapter is not one of the model's.</exception>
+        public static void save_adapter(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(directory);
-            PeftFolder.Save(StateOf(model, nameof(save_adapter)), model, directory);
+            var state = StateOf(model, nameof(save_adapter));
+            var names = selected_adapters ?? state.Adapters.Select(a => a.Name).ToList();
+            CheckKnown(state, names, nameof(save_adapter));
+            foreach (string name in names)
+                PeftFolder.Save(state, state.Entry(name)!, model, name == DefaultAdapter ? directory : Path.Combine(directory, name));
+        }
+
+        // ---- Which adapters run ---------------------------------------------------------------------------------------
+
+        /// <summary>
+        /// Makes <paramref name="adapter_names"/> the active adapters (PEFT's <c>set_adapter</c>; several add up, in this
+        /// order): their <c>modules_to_save</c> values go into the model (the first active adapter's, for a module several
+        /// save), the adapters made to train (inject, or loaded with is_trainable) require grad, every other adapter is
+        /// frozen. Merged adapters are unmerged first, bit for bit, as PEFT does.
+        /// </summary>
+        /// <exception cref="ArgumentException">No name is given, or one is not an adapter of the model; nothing changed.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
+        public static void set_adapter(nn.Module model, params string[] adapter_names)
+        {
+            ArgumentNullException.ThrowIfNull(model);
+            ArgumentNullException.ThrowIfNull(adapter_names);
+            var state = StateOf(model, nameof(set_adapter));
+            if (adapter_names.Length == 0)
+                throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapters runs the base model.", nameof(adapter_names));
+            CheckKnown(state, adapter_names, nameof(set_adapter));
+            UnmergeAll(state);
+            state.Active.Clear();
+            state.Active.AddRange(adapter_names.Distinct(StringComparer.Ordinal));
+            Refresh(model, state);
+        }
+
+        /// <summary>The active adapters, in order (PEFT's <c>active_adapters</c>).</summary>
+        /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
+        public static IReadOnlyList<string> active_adapters(nn.Module model)
+        {
+            ArgumentNullException.ThrowIfNull(model);
+            return StateOf(model, nameof(active_adapters)).Active.ToList();
+        }
+
+        /// <summary>Every adapter of the model and a copy of its config, in the order they were added (PEFT's <c>peft_config</c>).</summary>
+        /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
+        public static IReadOnlyDictionary<string, LoraConfig> peft_config(nn.Module model)
+        {
+            ArgumentNullException.ThrowIfNull(model);
+            var state = StateOf(model, nameof(peft_config));
+            var configs = new Dictionary<string, LoraConfig>(StringComparer.Ordinal);
+            foreach (var entry in state.Adapters)
+                configs[entry.Name] = entry.Config.Clone();
+            return configs;
+        }
+
+        /// <summary>
+        /// Takes one adapter out of every layer and frees it (PEFT's <c>delete_adapter</c>). If it was active, the other
+        /// active adapters stay so; if none is left active, the first remaining adapter by name becomes active, as in
+        /// PEFT. Deleting the last adapter gives back the plain model, as <see cref="unload"/> does.
+        /// </summary>
+        /// <exception cref="ArgumentException">The model has no adapter of that name; nothing changed.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge first, as PEFT asks).</exception>
+        public static void delete_adapter(nn.Module model, string adapter_name)
+        {
+            ArgumentNullException.ThrowIfNull(model);
+            ArgumentNullException.ThrowIfNull(adapter_name);
+            var state = StateOf(model, nameof(delete_adapter));
+            CheckKnown(state, new[] { adapter_name }, nameof(delete_adapter));
+            var merged = state.Layers.Where(l => l.Find(adapter_name) is { merged: true }).Select(l => l.Path).ToList();
+            if (merged.Count > 0)
+                throw new InvalidOperationException($"LoraModel.delete_adapter: '{adapter_name}' is merged into {string.Join(", ", merged)}: unmerge it first; nothing changed.");
+            if (state.Adapters.Count == 1)
+            {
+                unload(model);
+                return;
+            }
+            foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(adapter_name)).ToList())
+            {
+                if (saved.Current == adapter_name)
+                    saved.Switch(null);
+                saved.Drop(adapter_name);
+            }
+            foreach (var layer in state.Layers.ToList())
+            {
+                if (layer.Find(adapter_name) is { } adapter)
+                    layer.Remove(adapter);
+                if (layer.Adapters.Count == 0)
+                    RemoveLayer(state, layer);
+            }
+            foreach (var saved in state.Saved.Where(s => s.Adapters.Count == 0).ToList())
+            {
+                saved.DisposeCopies();
+                state.Saved.Remove(saved);
+            }
+            state.RemoveEntry(state.Entry(adapter_name)!);
+            if (state.Active.Remove(adapter_name) && state.Active.Count == 0)
+                state.Active.Add(state.Adapters.Select(a => a.Name).OrderBy(n => n, StringComparer.Ordinal).First());
+            Refresh(model, state);
+        }
+
+        /// <summary>
+        /// Runs the model's calls within the returned scope with one adapter per row (PEFT's <c>adapter_names</c>
+        /// argument): row i of every adapted layer's input gets the update of <c>adapter_names[i]</c>, or none for
+        /// <see cref="BaseModel"/> (<c>"__base__"</c>) and in layers that adapter does not adapt — for each row what a batch
+        /// of rows that all use its adapter gives, computed in one product per layer (see docs/lora.md). For inference: as
+        /// in PEFT, not with merged or DoRA adapters.
+        /// </summary>
+        /// <param name="model">The adapted model.</param>
+        /// <param name="adapter_names">One adapter name (or <c>"__base__"</c>) per row of the batch, in order.</param>
+        /// <exception cref="ArgumentException">A name is neither an adapter of the model nor <c>"__base__"</c>, or a named
+        /// adapter is DoRA, or saves modules (<c>modules_to_save</c>); the message names them.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, or adapters are merged.</exception>
+        public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names)
+        {
+            ArgumentNullException.ThrowIfNull(model);
+            ArgumentNullException.ThrowIfNull(adapter_names);
+            var state = StateOf(model, nameof(mixed_batch));
+            var named = adapter_names.Where(n => n != BaseModel).Distinct(StringComparer.Ordinal).ToList();
+            var unknown = named.Where(n => state.Entry(n) is null).ToList();
+            if (unknown.Count > 0)
+                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", unknown.Select(n => $"'{n}'"))} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}; \"{BaseModel}\" for no adapter).", nameof(adapter_names));
+            var merged = state.Layers.Where(l => l.Merged.Count > 0).Select(l => l.Path).ToList();
+            if (merged.Count > 0)
+                throw new InvalidOperationException($"LoraModel.mixed_batch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (unmerge first), as in PEFT.");
+            var dora = named.Where(n => state.Entry(n)!.Config.use_dora).ToList();
+            if (dora.Count > 0)
+                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}, which a mixed batch does not run (as in PEFT).", nameof(adapter_names));
+            var saving = named.Where(n => state.Saved.Any(s => s.Adapters.Contains(n))).ToList();
+            if (saving.Count > 0)
+                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", saving)} {(saving.Count == 1 ? "saves" : "save")} modules (modules_to_save), which a mixed batch here does not switch per row.", nameof(adapter_names));
+            string[]? previous = state.MixedRows;
+            state.MixedRows = adapter_names.ToArray();
+            return new Restore(() => state.MixedRows = previous);
+        }
+
+        /// <summary>
+        /// A new adapter <paramref name="adapter_name"/> made of others, as PEFT's <c>add_weighted_adapter</c> makes it
+        /// (added inactive and frozen; <see cref="set_adapter"/> runs it). <c>linear</c> (the adapters' ranks equal):
+        /// A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ and B = Σ √|wᵢsᵢ|·Bᵢ, where sᵢ is adapter i's scaling — a combination of the factors,
+        /// not of the updates, as in PEFT; <c>cat</c>: A = [w₁s₁A₁; w₂s₂A₂; ...] and B = [B₁ B₂ ...] (rank the sum of the
+        /// ranks), exactly Σ wᵢ·ΔWᵢ; <c>svd</c>: the best rank-<paramref name="svd_rank"/> factors (by default the largest
+        /// rank) of Σ wᵢsᵢ·ΔWᵢ — PEFT weighs each update, which already holds its scaling, by its scaling again, and so does
+        /// this, so that adapters combined here and by PEFT agree. The new adapter has lora_alpha = r (scaling 1), the
+        /// first adapter's settings, and the union of their targets.
+        /// </summary>
+        /// <exception cref="ArgumentException">An adapter is unknown, the new name is taken, the weights do not pair with the
+        /// adapters or are not finite, the ranks differ for <c>linear</c>, an adapter is DoRA, several save the same module,
+        /// or their target_modules are of different kinds; nothing changed.</exception>
+        /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
+        public static void add_weighted_adapter(nn.Module model, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name,
+                                                string combination_type = "svd", int? svd_rank = null)
+        {
+            ArgumentNullException.ThrowIfNull(model);
+            ArgumentNullException.ThrowIfNull(adapters);
+            ArgumentNullException.ThrowIfNull(weights);
+            ArgumentNullException.ThrowIfNull(combination_type);
+            var state = StateOf(model, nameof(add_weighted_adapter));
+            CheckNewName(model, adapter_name, nameof(add_weighted_adapter));
+            if (adapters.Count == 0)
+                throw new ArgumentException("LoraModel.add_weighted_adapter: name at least one adapter to combine.", nameof(adapters));
+            CheckKnown(state, adapters, nameof(add_weighted_adapter));
+            if (weights.Count != adapters.Count)
+                throw new ArgumentException($"LoraModel.add_weighted_adapter: {adapters.Count} adapters but {weights.Count} weights.", nameof(weights));
+            if (weights.Any(w => !double.IsFinite(w)))
+                throw new ArgumentException($"LoraModel.add_weighted_adapter: every weight must be finite, but they are {string.Join(", ", weights.Select(w => w.ToString(CultureInfo.InvariantCulture)))}.", nameof(weights));
+            var entries = adapters.Select(a => state.Entry(a)!).ToList();
+            var dora = entries.Where(e => e.Config.use_dora).Select(e => e.Name).ToList();
+            if (dora.Count > 0)
+                throw new ArgumentException($"LoraModel.add_weighted_adapter: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}: a weighted combination would lose the magnitudes.", nameof(adapters));
+            var shared = state.Saved.Where(s => adapters.Count(s.Adapters.Contains) > 1).Select(s => s.Path).ToList();
+            if (shared.Count > 0)
+                throw new ArgumentException($"LoraModel.add_weighted_adapter: several of the adapters save {string.Join(", ", shared)} (modules_to_save), which cannot be combined (as in PEFT).", nameof(adapters));
+            string combination = adapters.Count == 1 ? "linear" : combination_type;
+            if (combination is not ("linear" or "cat" or "svd"))
+                throw new NotSupportedException($"LoraModel.add_weighted_adapter: combination_type '{combination_type}' is not implemented here (linear, cat and svd are).");
+            var ranks = entries.Select(e => e.Config.rank_pattern.Count == 0 ? e.Config.r : Math.Max(e.Config.r, e.Config.rank_pattern.Values.Max())).ToList();
+            int rank = combination switch
+            {
+                "linear" => ranks.Distinct().Count() == 1 ? ranks[0] : throw new ArgumentException($"LoraModel.add_weighted_adapter: combination_type linear needs adapters of one rank, but theirs are {string.Join(", ", ranks)}.", nameof(adapters)),
+                "cat" => ranks.Sum(),
+                _ => svd_rank ?? ranks.Max(),
+            };
+            if (rank < 1)
+                throw new ArgumentOutOfRangeException(nameof(svd_rank), svd_rank, "LoraModel.add_weighted_adapter: svd_rank must be 1 or more.");
+            var regexes = entries.Select(e => e.Config.target_modules_regex).ToList();
+            if (regexes.Any(r => r is null) && regexes.Any(r => r is not null))
+                throw new ArgumentException("LoraModel.add_weighted_adapter: the adapters' target_modules are a mix of names and a regular expression, which cannot be joined (as in PEFT).", nameof(adapters));
+            var config = entries[0].Config.Clone();
+            config.r = rank;
+            config.lora_alpha = rank;
+            config.rank_pattern = new Dictionary<string, int>();
+            config.alpha_pattern = new Dictionary<string, double>();
+            if (regexes[0] is not null)
+                config.target_modules_regex = string.Join("|", regexes.Select(r => $"({r})"));
+            else
+                config.target_modules = entries.SelectMany(e => e.Config.target_modules ?? Array.Empty<string>()).Distinct(StringComparer.Ordinal).ToList();
+
+            var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
+            var built = new List<IAdapter>();
+            try
+            {
+                using var noGrad = no_grad();
+                foreach (var target in targets)
+                {
+                    var weight = target.Weight;
+                    IAdapter adapter = target.IsEmbedding
+                        ? new LoraEmbeddingLayer(weight.size(0), weight.size(1), rank, rank, config.use_rslora, weight.dtype, weight.device, "true", draw: false)
+                        : LoraLayer.ForLoading(weight.size(1), weight.size(0), rank, rank, config.lora_dropout, config.use_rslora, weight.dtype, weight.device);
+                    Name(adapter, adapter_name);
+                    built.Add(adapter);
+                    var parts = adapters.Select((name, i) => (Adapter: target.Existing?.Find(name), Weight: weights[i])).Where(p => p.Adapter is not null).Select(p => (p.Adapter!, p.Weight)).ToList();
+                    Combine(adapter, parts, combination, rank, target.Path);
+                }
+            }
+            catch
+            {
+                foreach (var adapter in built)
+                    adapter.Dispose();
+                throw;
+            }
+            Install(model, state, new AdapterEntry { Name = adapter_name, Config = config, Trainable = false }, targets, built);
+        }
+
+        /// <summary>Fills a new adapter with the combination of <paramref name="parts"/> (PEFT's formulas, see add_weighted_adapter).</summary>
+        private static void Combine(IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
+        {
+            using var scope = NewDisposeScope();
+            static (Tensor A, Tensor B) Factors(IAdapter a) => a switch
+            {
+                LoraLayer l => (l.lora_A.weight, l.lora_B.weight),
+                LoraEmbeddingLayer e => (e.lora_embedding_A, e.lora_embedding_B),
+                _ => throw new InvalidOperationException(),
+            };
+            var (targetA, targetB) = Factors(target);
+            targetA.zero_();
+            targetB.zero_();
+            if (parts.Count == 0)
+                return;
+            ScalarType dtype = targetA.dtype;
+            switch (combination)
+            {
+                case "cat":
+                {
+                    Tensor a = cat(parts.Select(p => Factors(p.Adapter).A * p.Weight * p.Adapter.scaling).ToList(), 0);
+                    Tensor b = cat(parts.Select(p => Factors(p.Adapter).B).ToList(), 1);
+                    targetA.narrow(0, 0, a.size(0)).copy_(a);
+                    targetB.narrow(1, 0, b.size(1)).copy_(b);
+                    break;
+                }
+                case "linear":
+                {
+                    // PEFT's task_arithmetic: the tensors stacked, times float32 weights, summed.
+                    var weightsA = parts.Select(p => p.Weight * p.Adapter.scaling).Select(w => (float)(Math.Sqrt(Math.Abs(w)) * (w >= 0 ? 1 : -1))).ToArray();
+                    var weightsB = parts.Select(p => (float)Math.Sqrt(Math.Abs(p.Weight * p.Adapter.scaling))).ToArray();
+                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(-1, 1, 1)).sum(0).to(dtype);
+                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(-1, 1, 1)).sum(0).to(dtype);
+                    targetA.copy_(a);
+                    targetB.copy_(b);
+                    break;
+                }
+                default:
+                {
+                    if (dtype is not (ScalarType.Float32 or ScalarType.Float64))
+                        throw new NotSupportedException($"LoraModel.add_weighted_adapter: {path} is {dtype}; the svd combination needs float32 or float64 layers.");
+                    var weightsSvd = tensor(parts.Select(p => (float)(p.Weight * p.Adapter.scaling)).ToArray()).to(targetA.device);
+                    Tensor deltas = stack(parts.Select(p => p.Adapter.delta_weight()).ToList());
+                    Tensor delta = deltas.mul(weightsSvd.to(deltas.dtype).view(-1, 1, 1)).sum(0);
+                    if (target is LoraEmbeddingLayer)
+                        delta = delta.t();
+                    var (u, s, vh) = linalg.svd(delta, fullMatrices: true);
+                    int k = (int)Math.Min(rank, s.size(0));
+                    Tensor left = u.narrow(1, 0, k).matmul(diag(s.narrow(0, 0, k)));
+                    targetB.narrow(1, 0, k).copy_(left);
+                    targetA.narrow(0, 0, k).copy_(vh.narrow(0, 0, k));
+                    break;
+                }
+            }
         }
 
         // ---- Merging, disabling, taking adapters out -------------------------------------------------------------------
 
         /// <summary>
-        /// Folds every adapter into its layer's weight (<c>W += Δ</c>). Like PEFT's <c>safe_merge</c>, every update is
-        /// checked before any weight is written: nothing is merged if one merged weight would hold NaN or infinity. The
-        /// adapters stay (and no longer run in the forward) until <see cref="unmerge"/>, <see cref="merge_and_unload"/> or
-        /// <see cref="unload"/>; each weight before merging is kept for an exact unmerge.
+        /// Folds adapters into their layers' weights (<c>W += Δ</c>; DoRA's rescaled <c>W + Δ</c>): the active ones, or
+        /// <paramref name="adapter_names"/> (PEFT's <c>merge_adapter</c>). Like PEFT's <c>safe_merge</c>, every update is
+        /// checked before any weight is written: nothing is merged if one merged weight would hold NaN or infinity. Merged
+        /// adapters no longer run in the forward until <see cref="unmerge"/>; each weight before merging is kept for an
+        /// exact unmerge.
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
-        public static void merge(nn.Module model)
+        /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
+        public static void merge(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
             ArgumentNullException.ThrowIfNull(model);
-            MergeAll(StateOf(model, nameof(merge)), nameof(merge));
+            var state = StateOf(model, nameof(merge));
+            var names = adapter_names ?? state.Active;
+            CheckKnown(state, names, nameof(merge));
+            MergeAll(state, nameof(merge), names);
         }
 
-        /// <summary>Takes merged adapters out of the weights again, restoring each weight bit for bit (PEFT's <c>unmerge_adapter</c>).</summary>
+        /// <summary>Takes every merged adapter out of the weights again, last merged first, restoring each weight bit for bit (PEFT's <c>unmerge_adapter</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void unmerge(nn.Module model)
         {
             ArgumentNullException.ThrowIfNull(model);
-            foreach (var layer in StateOf(model, nameof(unmerge)).Layers)
-                layer.Layer.unmerge(layer.Weight);
+            UnmergeAll(StateOf(model, nameof(unmerge)));
         }
 
         /// <summary>
-        /// Every adapter folded into its weight and taken out: the model is a plain model again, of its own types and in
-        /// its own fields, with W + Δ in its weights and its <c>modules_to_save</c> modules as trained.
+        /// The active adapters (or <paramref name="adapter_names"/>) folded into the weights, and every adapter taken out:
+        /// the model is a plain model again, of its own types and in its own fields, with their updates in its weights and
+        /// its <c>modules_to_save</c> modules as the active adapter trained them (PEFT's <c>merge_and_unload</c>).
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or an update would not be finite; nothing was changed.</exception>
-        public static void merge_and_unload(nn.Module model)
+        /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
+        public static void merge_and_unload(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
             ArgumentNullException.ThrowIfNull(model);
             var state = StateOf(model, nameof(merge_and_unload));
-            MergeAll(state, nameof(merge_and_unload), keep: false);
+            var names = adapter_names ?? state.Active.ToList();
+            CheckKnown(state, names, nameof(merge_and_unload));
+            MergeAll(state, nameof(merge_and_unload), names, keep: false);
             foreach (var layer in state.Layers)
-                layer.Layer.ForgetUnmerged();
-            Remove(state);
+            {
+                foreach (var adapter in layer.Adapters)
+                    adapter.ForgetUnmerged();
+                layer.Merged.Clear();
+            }
+            RemoveAll(state);
         }
 
         /// <summary>
-        /// Every adapter taken out without merging: the adapted weights are the base model's again (a merged one is
-        /// restored bit for bit), and the <c>modules_to_save</c> modules hold the values they had before the adapter. (PEFT's
-        /// <c>unload</c> keeps the trained <c>modules_to_save</c> copies; this gives back the base model, as its
+        /// Every adapter taken out without merging: the adapted weights are the base model's again (merged ones are
+        /// restored bit for bit), and the <c>modules_to_save</c> modules hold the values they had before any adapter.
+        /// (PEFT's <c>unload</c> keeps the trained <c>modules_to_save</c> copies; this gives back the base model, as its
         /// documentation promises. <see cref="merge_and_unload"/> keeps them.)
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
@@ -224,15 +548,14 @@ namespace TorchLinear.Lora
         {
             ArgumentNullException.ThrowIfNull(model);
             var state = StateOf(model, nameof(unload));
-            foreach (var layer in state.Layers)
-                layer.Layer.unmerge(layer.Weight);
+            UnmergeAll(state);
             foreach (var saved in state.Saved)
-                saved.Restore(keepCurrent: false);
-            Remove(state);
+                saved.Switch(null);
+            RemoveAll(state);
         }
 
         /// <summary>
-        /// Runs without the adapters until the returned scope is disposed, as PEFT's <c>disable_adapter()</c>: no low-rank
+        /// Runs without any adapter until the returned scope is disposed, as PEFT's <c>disable_adapter()</c>: no low-rank
         /// updates — merged adapters are taken out of the weights for the while, bit for bit, and put back after — and
         /// <c>modules_to_save</c> modules with their original values. Biases trained with <c>bias</c> = all or lora_only are
         /// the base layers' own and stay trained (PEFT warns of the same).
@@ -242,31 +565,37 @@ namespace TorchLinear.Lora
         {
             ArgumentNullException.ThrowIfNull(model);
             var state = StateOf(model, nameof(disable_adapters));
-            var merged = state.Layers.Where(l => l.Layer.merged).ToList();
-            foreach (var layer in merged)
-                layer.Layer.unmerge(layer.Weight);
-            var disabled = state.Layers.Where(l => !l.Layer.Disabled).ToList();
-            foreach (var layer in disabled)
-                layer.Layer.Disabled = true;
-            var trained = state.Saved.Select(saved => (saved, values: saved.Restore(keepCurrent: true)!)).ToList();
+            var merged = state.Layers.Select(l => (Layer: l, Order: l.Merged.Reverse().Select(a => a.Name).ToList())).Where(m => m.Order.Count > 0).ToList();
+            UnmergeAll(state);
+            bool wasDisabled = state.Disabled;
+            state.Disabled = true;
+            var currents = state.Saved.Select(s => (Saved: s, s.Current)).ToList();
+            foreach (var saved in state.Saved)
+                saved.Switch(null);
             return new Restore(() =>
             {
-                foreach (var (saved, values) in trained)
-                    saved.Put(values);
-                foreach (var layer in disabled)
-                    layer.Layer.Disabled = false;
-                // The weights are as they were when merged first: the same update gives the same bits again.
-                foreach (var layer in merged)
-                    layer.Layer.MergeChecked(layer.Weight);
+                foreach (var (saved, current) in currents)
+                    saved.Switch(current);
+                state.Disabled = wasDisabled;
+                // The weights are as they were when merged first: the same updates give the same bits again.
+                foreach (var (layer, order) in merged)
+                {
+                    foreach (string name in order)
+                    {
+                        var adapter = layer.Find(name)!;
+                        adapter.MergeChecked(layer.Weight);
+                        layer.Merged.Push(adapter);
+                    }
+                }
             });
         }
 
         // ---- Training ---------------------------------------------------------------------------------------------------
 
         /// <summary>
-        /// Freezes everything but the adapters, as PEFT and loralib do; <c>modules_to_save</c> modules train in full;
-        /// <paramref name="bias"/> (by default the config's) <c>all</c> also trains every bias, <c>lora_only</c> the
-        /// biases of the adapted layers.
+        /// Freezes everything but the active adapters, as PEFT and loralib do (and makes those train from now on);
+        /// <c>modules_to_save</c> modules train in full; <paramref name="bias"/> (by default each adapter's config's)
+        /// <c>all</c> also trains every bias, <c>lora_only</c> the biases of the adapted layers.
         /// </summary>
         /// <exception cref="ArgumentException"><paramref name="bias"/> is not <c>none</c>, <c>all</c> or <c>lora_only</c>.</exception>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
@@ -274,9 +603,10 @@ namespace TorchLinear.Lora
         {
             ArgumentNullException.ThrowIfNull(model);
             var state = StateOf(model, nameof(mark_only_lora_as_trainable));
-            bias ??= state.Config.bias;
-            if (bias is not ("none" or "all" or "lora_only"))
+            if (bias is not (null or "none" or "all" or "lora_only"))
                 throw new ArgumentException($"bias must be \"none\", \"all\" or \"lora_only\", but was \"{bias}\".", nameof(bias));
+            foreach (string name in state.Active)
+                state.Entry(name)!.Trainable = true;
             MarkTrainable(model, state, bias);
         }
 
@@ -355,339 +685,239 @@ namespace TorchLinear.Lora
 
         // ---- The pieces ---------------------------------------------------------------------------------------------------
 
-        /// <summary>A layer the config targets, with the rank and alpha it gets and how it will host its adapter.</summary>
-        internal sealed class Target
+        private static void Name(IAdapter adapter, string name)
         {
-            internal required string Path { get; init; }
-            internal required nn.Module Module { get; init; }
-            internal required nn.Module Parent { get; init; }
-            internal required string Name { get; init; }
-            internal required int Rank { get; init; }
-            internal required double Alpha { get; init; }
-            internal required HostKind Kind { get; init; }
-
-            /// <summary>For <see cref="HostKind.Wrapper"/>: the parent's fields that hold the layer.</summary>
-            internal List<FieldInfo> Fields { get; init; } = new();
-
-            internal Parameter Weight => Module switch
+            switch (adapter)
             {
-                CustomLinear custom => custom.weight,
-                Linear linear => linear.weight,
-                _ => throw new InvalidOperationException(),
-            };
-        }
-
-        /// <summary>A refusal found while targeting, as (config key, rule).</summary>
-        internal readonly record struct Refusal(string Key, string Rule);
-
-        /// <summary>
-        /// Finds every layer the config targets and decides how it hosts its adapter; refuses (through
-        /// <paramref name="refuse"/>, for the config's key) what cannot be adapted.
-        /// </summary>
-        internal static List<Target> Targets(nn.Module model, LoraConfig config, string caller, Func<Refusal, Exception> refuse)
-        {
-            var targets = new List<Target>();
-            var refused = new List<string>();
-            var modules = model.named_modules().ToList();
-            foreach (var (path, module) in modules)
-            {
-                bool targeted;
-                try
-                {
-                    targeted = config.Targets(path);
-                }
-                catch (PatternException error)
-                {
-                    throw refuse(new Refusal(error.Field, error.Rule));
-                }
-                if (!targeted)
-                    continue;
-                if (module is not (Linear or CustomLinear))
-                {
-                    // A regex or a suffix may name containers too (self_attn when q_proj is meant): only layers matter;
-                    // "all-linear" means the linear layers only.
-                    bool allLinear = config.target_modules_regex is { } regex && ModuleMatching.IsAllLinear(regex);
-                    if (!allLinear && !module.named_children().Any())
-                        refused.Add($"{path} is a {module.GetType().Name}, neither nn.Linear nor CustomLinear");
-                    continue;
-                }
-                var (parent, name) = ParentOf(model, path);
-                Parameter weight = module is CustomLinear c ? c.weight : ((Linear)module).weight;
-                if (weight.dtype is not (ScalarType.Float32 or ScalarType.Float64 or ScalarType.Float16 or ScalarType.BFloat16))
-                {
-                    refused.Add($"{path} is {weight.dtype}; adapters are made for Float32, Float64, Float16 and BFloat16 layers");
-                    continue;
-                }
-                if (weight.dim() != 2)
-                {
-                    refused.Add($"{path} has a weight of shape [{string.Join(", ", weight.shape)}], not (out_features, in_features)");
-                    continue;
-                }
-                if (module is CustomLinear { Adapter: not null })
-                    refused.Add($"{path} already has an adapter in its Adapter slot");
-                foreach (string child in new[] { "lora_A", "lora_B", "lora_layer" })
-                {
-                    if (module.named_children().Any(m => m.name == child))
-                        refused.Add($"{path} already has a child named {child}");
-                }
-                int rank;
-                double alpha;
-                try
-                {
-                    rank = config.RankFor(path);
-                    alpha = config.AlphaFor(path);
-                }
-                catch (PatternException error)
-                {
-                    throw refuse(new Refusal(error.Field, error.Rule));
-                }
-                double scaling = LoraConfig.Scaling(alpha, rank, config.use_rslora);
-                if (!double.IsFinite(LoraLayer.ScalingIn(scaling, weight.dtype)))
-                {
-                    // |scaling| ≤ |alpha| (r ≥ 1): it is alpha that is too large for the dtype.
-                    throw refuse(new Refusal(config.AlphaKey(path), $"{path}: scaling = {scaling.ToString(CultureInfo.InvariantCulture)} (alpha {alpha.ToString(CultureInfo.InvariantCulture)}, r {rank}) is not finite in the layer's dtype {weight.dtype}"));
-                }
-                var fields = module is Linear linear ? WrappableFields(parent, linear) : null;
-                var kind = module is CustomLinear ? HostKind.Slot : fields is not null ? HostKind.Wrapper : HostKind.Hook;
-                targets.Add(new Target
-                {
-                    Path = path, Module = module, Parent = parent, Name = name, Rank = rank, Alpha = alpha, Kind = kind, Fields = fields ?? new(),
-                });
+                case LoraLayer layer:
+                    layer.adapter_name = name;
+                    break;
+                case LoraEmbeddingLayer embedding:
+                    embedding.adapter_name = name;
+                    break;
             }
-            if (refused.Count > 0)
-                throw new ArgumentException($"{caller}: cannot adapt {string.Join("; ", refused)}.");
-            if (targets.Count == 0)
-            {
-                string what = config.target_modules_regex ?? $"[{string.Join(", ", config.target_modules ?? Array.Empty<string>())}]";
-                throw new ArgumentException($"{caller}: target_modules {what} matches no nn.Linear or CustomLinear in the model (its modules: {string.Join(", ", modules.Select(m => m.name).Take(20))}{(modules.Count > 20 ? ", ..." : "")}).");
-            }
-            return targets;
-        }
-
-        /// <summary>The module that holds the module at <paramref name="path"/>, and its name there.</summary>
-        private static (nn.Module Parent, string Name) ParentOf(nn.Module model, string path)
-        {
-            int dot = path.LastIndexOf('.');
-            nn.Module parent = model;
-            if (dot >= 0)
-            {
-                foreach (string part in path[..dot].Split('.'))
-                    parent = parent.named_children().First(c => c.name == part).module;
-            }
-            return (parent, path[(dot + 1)..]);
         }
 
         /// <summary>
-        /// The parent's fields that hold <paramref name="linear"/>, when every one of them (and the parent's registry) can
-        /// hold a <see cref="LoraWrapper"/> instead; null when the layer must keep its type (a field of the sealed
-        /// <c>Linear</c> type, a Sequential, a ModuleList or ModuleDict of Linear, or a layer no field holds).
+        /// Puts a new adapter's pieces into the model: each target's host (made when the layer has none yet), the entry,
+        /// its <c>modules_to_save</c> values (from <paramref name="savedValues"/>, else the originals), the active set (a
+        /// model's first adapter becomes active), then which parameters train. Nothing here can fail on the model's data.
         /// </summary>
-        private static List<FieldInfo>? WrappableFields(nn.Module parent, Linear linear)
+        private static void Install(nn.Module model, AdaptedModel state, AdapterEntry entry, List<Target> targets, List<IAdapter> adapters,
+                                    List<(string Module, string Name, Tensor Value)>? savedValues = null)
         {
-            Type type = parent.GetType();
-            if (parent is Sequential || IsContainer(type))
-                return ContainerAccepts(type) && parent is not Sequential ? new List<FieldInfo>() : null;
-            var fields = new List<FieldInfo>();
-            for (Type? t = type; t is not null && t.Assembly != typeof(nn.Module).Assembly; t = t.BaseType)
+            for (int i = 0; i < targets.Count; i++)
             {
-                foreach (var field in t.GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.DeclaredOnly))
+                var layer = targets[i].Existing;
+                if (layer is null)
                 {
-                    if (ReferenceEquals(field.GetValue(parent), linear))
+                    layer = Attach(targets[i]);
+                    state.Add(layer);
+                }
+                layer.Add(adapters[i]);
+            }
+            state.AddEntry(entry);
+            KeepOriginals(model, state, entry);
+            if (savedValues is not null)
+            {
+                foreach (var group in savedValues.GroupBy(v => v.Module))
+                {
+                    var saved = state.Saved.FirstOrDefault(m => m.Path == group.Key)
+                        ?? throw new InvalidOperationException($"LoraModel: {group.Key} holds tensors of the file as a modules_to_save module, but is not one of the model's.");
+                    var values = saved.Originals.Select(o => (o.Name, Value: SavedModule.Copy(group.FirstOrDefault(g => g.Name == o.Name).Value ?? o.Value))).ToList();
+                    if (saved.ByAdapter.TryGetValue(entry.Name, out var old))
                     {
-                        if (!field.FieldType.IsAssignableFrom(typeof(LoraWrapper)))
-                            return null;
-                        fields.Add(field);
+                        foreach (var (_, value) in old)
+                            value.Dispose();
                     }
+                    saved.ByAdapter[entry.Name] = values;
                 }
             }
-            return fields.Count > 0 ? fields : null;
+            if (state.Active.Count == 0)
+                state.Active.Add(entry.Name);
+            state.InstallRootHooks();
+            Refresh(model, state);
         }
 
-        private static bool IsContainer(Type type) =>
-            type.IsGenericType && (type.GetGenericTypeDefinition() == typeof(ModuleList<>) || type.GetGenericTypeDefinition() == typeof(ModuleDict<>));
-
-        private static bool ContainerAccepts(Type type) =>
-            IsContainer(type) && type.GetGenericArguments()[0].IsAssignableFrom(typeof(LoraWrapper));
-
-        private static readonly FieldInfo Submodules = typeof(nn.Module).GetField("_internal_submodules", BindingFlags.Instance | BindingFlags.NonPublic)
-            ?? throw new MissingFieldException("TorchSharp's nn.Module has no _internal_submodules field: this TorchSharp version is not one TorchLinear.Lora supports.");
-
-        /// <summary>Replaces the registered child <paramref name="name"/> of <paramref name="parent"/> in place, keeping its position.</summary>
-        private static void ReplaceChild(nn.Module parent, string name, nn.Module module)
+        /// <summary>
+        /// Finds every modules_to_save module of the adapter's config, keeping a copy of its values before any adapter (the
+        /// first time) and giving the adapter its own copy of them to train (as PEFT's ModulesToSaveWrapper deep-copies the
+        /// original module for each adapter).
+        /// </summary>
+        private static void KeepOriginals(nn.Module model, AdaptedModel state, AdapterEntry entry)
         {
-            var registry = (TorchSharp.Utils.OrderedDict<string, nn.Module>)Submodules.GetValue(parent)!;
-            registry[name] = module;
-            Type type = parent.GetType();
-            if (IsContainer(type))
-            {
-                // The container's own list or dictionary holds it too.
-                if (type.GetGenericTypeDefinition() == typeof(ModuleList<>))
-                    type.GetProperty("Item", new[] { typeof(int) })!.SetValue(parent, module, new object[] { int.Parse(name, CultureInfo.InvariantCulture) });
-                else
-                    type.GetProperty("Item", new[] { typeof(string) })!.SetValue(parent, module, new object[] { name });
-            }
-        }
-
-        /// <summary>Puts <paramref name="layer"/> into the target, as its kind says, and says how to take it out.</summary>
-        private static AdaptedLayer Attach(nn.Module model, Target target, LoraLayer layer)
-        {
-            switch (target.Kind)
-            {
-                case HostKind.Slot:
-                {
-                    var custom = (CustomLinear)target.Module;
-                    Register(custom, layer);
-                    custom.Adapter = (input, output) => layer.add_to(output, input, custom.training);
-                    return new AdaptedLayer
-                    {
-                        Path = target.Path, Layer = layer, Kind = HostKind.Slot, Host = custom,
-                        Detach = () =>
-                        {
-                            custom.Adapter = null;
-                            Unregister(custom);
-                        },
-                    };
-                }
-                case HostKind.Wrapper:
-                {
-                    var linear = (Linear)target.Module;
-                    var wrapper = new LoraWrapper(linear, layer);
-                    foreach (var field in target.Fields)
-                        field.SetValue(target.Parent, wrapper);
-                    ReplaceChild(target.Parent, target.Name, wrapper);
-                    return new AdaptedLayer
-                    {
-                        Path = target.Path, Layer = layer, Kind = HostKind.Wrapper, Host = wrapper,
-                        Detach = () =>
-                        {
-                            var original = wrapper.Unwrap();
-                            foreach (var field in target.Fields)
-                                field.SetValue(target.Parent, original);
-                            ReplaceChild(target.Parent, target.Name, original);
-                        },
-                    };
-                }
-                default:
-                {
-                    var linear = (Linear)target.Module;
-                    Register(linear, layer);
-                    var remover = linear.register_forward_hook((module, input, output) =>
-                    {
-                        layer.add_to(output, input, module.training);
-                        return null!;  // the output, updated in place
-                    });
-                    return new AdaptedLayer
-                    {
-                        Path = target.Path, Layer = layer, Kind = HostKind.Hook, Host = linear,
-                        Detach = () =>
-                        {
-                            remover.remove();
-                            Unregister(linear);
-                        },
-                    };
-                }
-            }
-        }
-
-        private static void Register(nn.Module host, LoraLayer layer)
-        {
-            host.register_module("lora_A", layer.lora_A);
-            host.register_module("lora_B", layer.lora_B);
-            host.register_module("lora_layer", layer);
-        }
-
-        private static void Unregister(nn.Module host)
-        {
-            host.register_module("lora_A", null!);
-            host.register_module("lora_B", null!);
-            host.register_module("lora_layer", null!);
-        }
-
-        /// <summary>Keeps a copy of every modules_to_save module's state before anything is loaded into it.</summary>
-        private static void KeepOriginals(nn.Module model, AdaptedModel state)
-        {
-            var config = state.Config;
             foreach (var (path, module) in model.named_modules())
             {
-                if (!ModuleMatching.is_module_to_save(config, path))
+                if (!ModuleMatching.is_module_to_save(entry.Config, path))
                     continue;
                 // A saved module inside another saved module is saved with that one.
                 if (state.Saved.Any(s => path.StartsWith(s.Path + ".", StringComparison.Ordinal)))
                     continue;
-                state.Saved.Add(new SavedModule
+                var saved = state.Saved.FirstOrDefault(s => s.Path == path);
+                if (saved is null)
                 {
-                    Path = path,
-                    Module = module,
-                    Originals = module.state_dict().Select(kv => (kv.Key, SavedModule.Copy(kv.Value))).ToList(),
-                });
+                    saved = new SavedModule { Path = path, Module = module, Originals = module.state_dict().Select(kv => (kv.Key, SavedModule.Copy(kv.Value))).ToList() };
+                    state.Saved.Add(saved);
+                }
+                saved.Adapters.Add(entry.Name);
+                saved.ByAdapter[entry.Name] = saved.Originals.Select(o => (o.Name, SavedModule.Copy(o.Value))).ToList();
             }
         }
 
-        /// <summary>
-        /// PEFT's <c>_mark_only_adapters_as_trainable</c> with its <c>modules_to_save</c>: the adapters and the saved
-        /// modules train, and the biases <paramref name="bias"/> names; every other parameter is frozen.
-        /// </summary>
-        private static void MarkTrainable(nn.Module model, AdaptedModel state, string bias)
+        /// <summary>After any change of the adapters or the active set: each saved module holds its owner's values, and which parameters train follows.</summary>
+        private static void Refresh(nn.Module model, AdaptedModel state)
         {
-            var adapters = new HashSet<IntPtr>(state.Layers.SelectMany(l => new[] { l.Layer.lora_A.weight.Handle, l.Layer.lora_B.weight.Handle }));
-            var adaptedBiases = new HashSet<string>(state.Layers.Select(l => l.Path + ".bias"), StringComparer.Ordinal);
+            if (!state.Disabled)
+            {
+                foreach (var saved in state.Saved)
+                    saved.Switch(state.Active.FirstOrDefault(saved.Adapters.Contains));
+            }
+            MarkTrainable(model, state, null);
+        }
+
+        /// <summary>
+        /// PEFT's <c>_mark_only_adapters_as_trainable</c> with its <c>modules_to_save</c> and <c>set_adapter</c>: the active
+        /// adapters that were made to train, the saved modules they own, and the biases their <c>bias</c> mode (or
+        /// <paramref name="bias"/>) names train; every other parameter is frozen.
+        /// </summary>
+        private static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias)
+        {
+            var training = state.Active.Select(n => state.Entry(n)!).Where(e => e.Trainable).ToList();
+            var names = new HashSet<string>(training.Select(e => e.Name), StringComparer.Ordinal);
+            var trainable = new HashSet<IntPtr>();
+            foreach (var layer in state.Layers)
+            {
+                foreach (var adapter in layer.Adapters.Where(a => names.Contains(a.Name)))
+                {
+                    foreach (var parameter in adapter.Parameters())
+                        trainable.Add(parameter.Handle);
+                }
+            }
+            foreach (var saved in state.Saved.Where(s => s.Current is not null && names.Contains(s.Current)))
+            {
+                foreach (var parameter in saved.Module.parameters())
+                    trainable.Add(parameter.Handle);
+            }
+            bool allBiases = training.Any(e => (bias ?? e.Config.bias) == "all");
+            var adaptedBiases = new HashSet<string>(StringComparer.Ordinal);
+            foreach (var entry in training.Where(e => (bias ?? e.Config.bias) == "lora_only"))
+            {
+                foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
+                    adaptedBiases.Add(layer.Path + ".bias");
+            }
             foreach (var (name, parameter) in model.named_parameters())
             {
                 bool isBias = name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
-                bool saved = state.Saved.Any(s => name.StartsWith(s.Path + ".", StringComparison.Ordinal));
-                bool train = adapters.Contains(parameter.Handle) || saved
-                             || (bias == "all" && isBias)
-                             || (bias == "lora_only" && adaptedBiases.Contains(name));
+                bool train = trainable.Contains(parameter.Handle) || (allBiases && isBias) || adaptedBiases.Contains(name);
                 parameter.requires_grad_(train);
             }
         }
 
-        private static void MergeAll(AdaptedModel state, string caller, bool keep = true)
+        /// <summary>Merges the named adapters wherever they are unmerged, after checking every merged weight stays finite.</summary>
+        private static void MergeAll(AdaptedModel state, string caller, IReadOnlyList<string> names, bool keep = true)
         {
-            var pending = state.Layers.Where(l => !l.Layer.merged).ToList();
-            var failing = pending.Where(l => !l.Layer.MergesFinite(l.Weight)).Select(l => l.Path).ToList();
+            var pending = new List<(AdaptedLayer Layer, IAdapter Adapter)>();
+            foreach (var layer in state.Layers)
+            {
+                foreach (string name in names)
+                {
+                    if (layer.Find(name) is { merged: false } adapter)
+                        pending.Add((layer, adapter));
+                }
+            }
+            // Each layer's updates are checked on the weight they will be added to: a second adapter's on the first's merge.
+            var failing = new List<string>();
+            foreach (var group in pending.GroupBy(p => p.Layer))
+            {
+                if (group.Count() == 1)
+                {
+                    if (!group.First().Adapter.MergesFinite(group.Key.Weight))
+                        failing.Add(group.Key.Path);
+                    continue;
+                }
+                using var scope = NewDisposeScope();
+                using var noGrad = no_grad();
+                Tensor side = group.Key.Weight.detach().clone();
+                foreach (var (_, adapter) in group)
+                    adapter.ApplyMerge(side);
+                if (!isfinite(side).all().item<bool>())
+                    failing.Add(group.Key.Path);
+            }
             if (failing.Count > 0)
-                throw new InvalidOperationException($"LoraModel.{caller}: merging the update of {string.Join(", ", failing)} would put NaN or infinity into its weight; no weight was changed.");
-            foreach (var layer in pending)
-                layer.Layer.MergeChecked(layer.Weight, keep);
+                throw new InvalidOperationException($"LoraModel.{caller}: merging the updates of {string.Join(", ", failing.Distinct())} would put NaN or infinity into its weight; no weight was changed.");
+            foreach (var (layer, adapter) in pending)
+            {
+                adapter.MergeChecked(layer.Weight, keep);
+                layer.Merged.Push(adapter);
+            }
+        }
+
+        private static void UnmergeAll(AdaptedModel state)
+        {
+            foreach (var layer in state.Layers)
+            {
+                while (layer.Merged.Count > 0)
+                    layer.Merged.Pop().unmerge(layer.Weight);
+            }
+        }
+
+        /// <summary>Takes one adapted layer (whose adapters are gone) out of the model: the original layer is where it was.</summary>
+        private static void RemoveLayer(AdaptedModel state, AdaptedLayer layer)
+        {
+            layer.Unregister();
+            layer.Detach();
+            state.Layers.Remove(layer);
+            for (int i = 0; i < state.Layers.Count; i++)
+                state.Layers[i].RunIndex = i;
         }
 
         /// <summary>Takes every adapter out of the model and frees it; the layers are the model's own again.</summary>
-        private static void Remove(AdaptedModel state)
+        private static void RemoveAll(AdaptedModel state)
         {
-            foreach (var layer in state.Layers)
-                layer.Detach();
-            state.Release();
-            foreach (var layer in state.Layers)
+            foreach (var layer in state.Layers.ToList())
             {
-                layer.Layer.Model = null;
-                layer.Layer.Dispose();
+                foreach (var adapter in layer.Adapters.ToList())
+                    layer.Remove(adapter);
+                layer.Unregister();
+                layer.Detach();
             }
             state.Layers.Clear();
+            state.Release();
         }
 
-        /// <summary>Refuses a model that already has an adapter: several named adapters are not implemented yet.</summary>
-        private static void ThrowIfAdapted(nn.Module model)
+        private static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)
         {
-            var existing = model.named_modules().Where(m => m.module is LoraLayer)
-                .Select(m => m.name.EndsWith(".lora_layer", StringComparison.Ordinal) ? m.name[..^".lora_layer".Length] : m.name).ToList();
-            if (existing.Count > 0)
-                throw new ArgumentException($"LoraModel: the model already has an adapter (on {string.Join(", ", existing.Take(5))}{(existing.Count > 5 ? ", ..." : "")}); one adapter per model is supported: unload or merge_and_unload it first.", nameof(model));
+            var unknown = names.Where(n => n is null || state.Entry(n) is null).Select(n => n is null ? "null" : $"'{n}'").ToList();
+            if (unknown.Count > 0)
+                throw new ArgumentException($"LoraModel.{caller}: {string.Join(", ", unknown)} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}); nothing changed.");
+        }
+
+        /// <summary>A new adapter's name must be usable in keys and folder names, and not the model's already.</summary>
+        private static void CheckNewName(nn.Module model, string adapter_name, string caller)
+        {
+            ArgumentNullException.ThrowIfNull(adapter_name);
+            if (adapter_name.Length == 0 || adapter_name.IndexOfAny(new[] { '.', '/', '\\' }) >= 0 || adapter_name == BaseModel || adapter_name.Any(char.IsControl))
+                throw new ArgumentException($"LoraModel.{caller}: '{adapter_name}' cannot name an adapter: a name is non-empty, without '.', '/' or '\\' (it is part of state_dict keys and of a folder name), and not \"{BaseModel}\".", nameof(adapter_name));
+            if (TryStateOf(model, caller) is { } state && state.Entry(adapter_name) is not null)
+                throw new ArgumentException($"LoraModel.{caller}: the model has an adapter named '{adapter_name}' already (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}): delete_adapter it first, or choose another adapter_name.", nameof(adapter_name));
         }
 
         /// <summary>The bookkeeping of the adapters in <paramref name="model"/>, which must be the model they were put into.</summary>
-        internal static AdaptedModel StateOf(nn.Module model, string caller)
+        internal static AdaptedModel StateOf(nn.Module model, string caller) =>
+            TryStateOf(model, caller) ?? throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: inject or load one first.");
+
+        private static AdaptedModel? TryStateOf(nn.Module model, string caller)
         {
             foreach (var module in model.modules())
             {
-                if (module is LoraLayer { Model: { } state })
+                if (module is AdapterModules { Model: { } state })
                 {
                     if (!ReferenceEquals(state.Root, model))
                         throw new InvalidOperationException($"LoraModel.{caller}: the adapters were put into a {state.Root.GetType().Name}, not into this {model.GetType().Name}: pass the model they were put into.");
                     return state;
                 }
             }
-            throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: inject or load one first.");
+            return null;
         }
 
         private sealed class Restore : IDisposable

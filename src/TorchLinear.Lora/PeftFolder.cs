@@ -11,8 +11,9 @@ namespace TorchLinear.Lora
     /// <summary>
     /// PEFT's adapter folder (PEFT's <c>utils/save_and_load.py</c>): <c>adapter_config.json</c>, and the tensors in
     /// <c>adapter_model.safetensors</c> (or <c>adapter_model.bin</c>, a <c>torch.save</c> file) under the keys
-    /// <c>base_model.model.&lt;path&gt;.lora_A.weight</c> / <c>.lora_B.weight</c> (no adapter name), the trained biases and
-    /// every <c>modules_to_save</c> module's state under their plain names.
+    /// <c>base_model.model.&lt;path&gt;.lora_A.weight</c> / <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c> (DoRA, no
+    /// <c>.weight</c>), <c>.lora_embedding_A</c> / <c>.lora_embedding_B</c> (no adapter name in any of them), the trained
+    /// biases and every <c>modules_to_save</c> module's state under their plain names.
     /// </summary>
     internal static class PeftFolder
     {
@@ -21,7 +22,17 @@ namespace TorchLinear.Lora
         internal const string SafetensorsFile = "adapter_model.safetensors";
         internal const string BinFile = "adapter_model.bin";
 
+        internal static string Key(string path, string part) => $"{Prefix}{path}.{part}";
+
         internal static string LoraKey(string path, string part) => $"{Prefix}{path}.{part}.weight";
+
+        /// <summary>One tensor of the file that is not an adapter weight: where it goes.</summary>
+        /// <param name="Key">Its key in the file.</param>
+        /// <param name="Name">Its name in the model's state_dict.</param>
+        /// <param name="Destination">The model's tensor of that name.</param>
+        /// <param name="SavedModule">The modules_to_save module it belongs to (the path), or null for a base tensor (a bias).</param>
+        /// <param name="NameInModule">Its name within that module.</param>
+        internal sealed record Step(string Key, string Name, Tensor Destination, string? SavedModule, string NameInModule);
 
         /// <summary>The folder's tensor file: the safetensors one, or without it the .bin one.</summary>
         internal static string AdapterFile(string directory)
@@ -36,16 +47,16 @@ namespace TorchLinear.Lora
 
         /// <summary>
         /// Checks every tensor of an adapter file against the targets and the model before anything changes, and returns
-        /// the tensors that are not adapter weights paired with the model's tensors they load into.
+        /// the tensors that are not adapter weights with where they go.
         /// </summary>
         /// <exception cref="InvalidOperationException">Anything does not fit; the message lists every problem.</exception>
-        internal static List<(string Key, Tensor Target)> Plan(nn.Module model, LoraConfig config, List<LoraModel.Target> targets,
-                                                               Dictionary<string, Tensor> tensors, string file)
+        internal static List<Step> Plan(nn.Module model, LoraConfig config, List<LoraModel.Target> targets, Dictionary<string, Tensor> tensors, string file,
+                                        AdaptedModel? state)
         {
             var problems = new List<string>();
             var own = model.state_dict();
             var targetByPath = targets.ToDictionary(t => t.Path);
-            var plan = new List<(string, Tensor)>();
+            var plan = new List<Step>();
             foreach (var (key, tensor) in tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal))
             {
                 if (!key.StartsWith(Prefix, StringComparison.Ordinal))
@@ -54,26 +65,37 @@ namespace TorchLinear.Lora
                     continue;
                 }
                 string name = key[Prefix.Length..];
-                if (name.Contains("lora_embedding_", StringComparison.Ordinal))
-                    throw new NotSupportedException($"{file}: '{key}' is a LoRA on an embedding, which TorchLinear.Lora does not implement.");
-                if (name.EndsWith("lora_magnitude_vector", StringComparison.Ordinal) || name.Contains(".lora_magnitude_vector.", StringComparison.Ordinal))
-                    throw new NotSupportedException($"{file}: '{key}' is a DoRA magnitude, which TorchLinear.Lora does not implement.");
                 if (name.Contains(".modules_to_save.", StringComparison.Ordinal) || name.Contains(".original_module.", StringComparison.Ordinal))
                 {
                     problems.Add($"'{key}' puts LoRA or weights inside a saved module's wrapper (a broken adapter: modules_to_save modules are saved under their plain names)");
                     continue;
                 }
-                bool isA = name.EndsWith(".lora_A.weight", StringComparison.Ordinal), isB = name.EndsWith(".lora_B.weight", StringComparison.Ordinal);
-                if (isA || isB)
+                if (AdapterPart(name) is var (path, part))
                 {
-                    string path = name[..^".lora_A.weight".Length];
                     if (!targetByPath.TryGetValue(path, out var target))
                     {
-                        problems.Add($"'{key}' is an adapter for {path}, which the config's target_modules does not select in this model");
+                        problems.Add($"'{key}' is an adapter tensor for {path}, which the config's target_modules does not select in this model");
+                        continue;
+                    }
+                    if (target.IsEmbedding != part.StartsWith("lora_embedding_", StringComparison.Ordinal))
+                    {
+                        problems.Add($"'{key}' is a{(target.IsEmbedding ? " linear layer's" : "n embedding's")} adapter tensor, but {path} is {(target.IsEmbedding ? "an nn.Embedding" : "a linear layer")}");
+                        continue;
+                    }
+                    if (part == "lora_magnitude_vector" && !config.use_dora)
+                    {
+                        problems.Add($"'{key}' is a DoRA magnitude, but the config's use_dora is false");
                         continue;
                     }
                     var weight = target.Weight;
-                    long[] expected = isA ? new[] { (long)target.Rank, weight.size(1) } : new[] { weight.size(0), (long)target.Rank };
+                    long[] expected = part switch
+                    {
+                        "lora_A" => new[] { (long)target.Rank, weight.size(1) },
+                        "lora_B" => new[] { weight.size(0), (long)target.Rank },
+                        "lora_magnitude_vector" => new[] { weight.size(0) },
+                        "lora_embedding_A" => new[] { (long)target.Rank, weight.size(0) },
+                        _ => new[] { weight.size(1), (long)target.Rank },
+                    };
                     if (!tensor.shape.SequenceEqual(expected))
                         problems.Add($"'{key}' has shape [{string.Join(", ", tensor.shape)}], {path} needs [{string.Join(", ", expected)}] (r = {target.Rank})");
                     else if (!is_floating_point(tensor.dtype))
@@ -99,20 +121,52 @@ namespace TorchLinear.Lora
                 else if (is_floating_point(tensor.dtype) && !Finite(tensor))
                     problems.Add($"'{key}' holds NaN or infinity");
                 else
-                    plan.Add((key, destination));
+                {
+                    string? saved = SavedModuleOf(config, name);
+                    plan.Add(new Step(key, name, destination, saved, saved is null ? name : name[(saved.Length + 1)..]));
+                }
             }
             foreach (var target in targets)
             {
-                foreach (string part in new[] { "lora_A", "lora_B" })
+                var parts = target.IsEmbedding ? new[] { "lora_embedding_A", "lora_embedding_B" }
+                          : config.use_dora ? new[] { "lora_A", "lora_B", "lora_magnitude_vector" } : new[] { "lora_A", "lora_B" };
+                foreach (string part in parts)
                 {
-                    if (!tensors.ContainsKey(LoraKey(target.Path, part)))
-                        problems.Add($"missing '{LoraKey(target.Path, part)}' for the targeted {target.Path}");
+                    string key = part.StartsWith("lora_embedding_", StringComparison.Ordinal) || part == "lora_magnitude_vector" ? Key(target.Path, part) : LoraKey(target.Path, part);
+                    if (!tensors.ContainsKey(key))
+                        problems.Add($"missing '{key}' for the targeted {target.Path}" + (part == "lora_magnitude_vector" ? " (use_dora is true: a DoRA adapter holds each layer's magnitude)" : ""));
                 }
             }
             if (problems.Count > 0)
                 throw new InvalidOperationException($"LoraModel.load_adapter: refused {file}, nothing was changed: {string.Join("; ", problems)}.");
-            _ = config;
+            _ = state;
             return plan;
+        }
+
+        /// <summary>The layer path and part of an adapter key's name (<c>q_proj.lora_A.weight</c> → (q_proj, lora_A)), or null.</summary>
+        private static (string Path, string Part)? AdapterPart(string name)
+        {
+            foreach (var (suffix, part) in new[]
+            {
+                (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".lora_magnitude_vector", "lora_magnitude_vector"),
+                (".lora_embedding_A", "lora_embedding_A"), (".lora_embedding_B", "lora_embedding_B"),
+            })
+            {
+                if (name.EndsWith(suffix, StringComparison.Ordinal) && name.Length > suffix.Length)
+                    return (name[..^suffix.Length], part);
+            }
+            return null;
+        }
+
+        /// <summary>The outermost modules_to_save module that holds the state_dict entry <paramref name="name"/>, or null.</summary>
+        private static string? SavedModuleOf(LoraConfig config, string name)
+        {
+            for (int end = name.IndexOf('.'); end >= 0; end = name.IndexOf('.', end + 1))
+            {
+                if (ModuleMatching.is_module_to_save(config, name[..end]))
+                    return name[..end];
+            }
+            return null;
         }
 
         private static bool Finite(Tensor tensor)
@@ -121,11 +175,11 @@ namespace TorchLinear.Lora
             return tensor.numel() == 0 || isfinite(tensor).all().item<bool>();
         }
 
-        /// <summary>Writes the model's adapter into <paramref name="directory"/>, as PEFT's <c>save_pretrained</c> lays it out.</summary>
-        internal static void Save(AdaptedModel state, nn.Module model, string directory)
+        /// <summary>Writes one adapter of the model into <paramref name="directory"/>, as PEFT's <c>save_pretrained</c> lays it out.</summary>
+        internal static void Save(AdaptedModel state, AdapterEntry entry, nn.Module model, string directory)
         {
-            var config = state.Config;
-            var dtypes = state.FileDtypes;
+            var config = entry.Config;
+            var dtypes = entry.FileDtypes;
             using var scope = NewDisposeScope();
             var tensors = new Dictionary<string, Tensor>();
             void Put(string key, Tensor tensor) =>
@@ -133,12 +187,26 @@ namespace TorchLinear.Lora
             var adapterParameters = new HashSet<IntPtr>();
             foreach (var layer in state.Layers)
             {
-                Put(LoraKey(layer.Path, "lora_A"), layer.Layer.lora_A.weight);
-                Put(LoraKey(layer.Path, "lora_B"), layer.Layer.lora_B.weight);
-                adapterParameters.Add(layer.Layer.lora_A.weight.Handle);
-                adapterParameters.Add(layer.Layer.lora_B.weight.Handle);
+                foreach (var adapter in layer.Adapters)
+                {
+                    foreach (var parameter in adapter.Parameters())
+                        adapterParameters.Add(parameter.Handle);
+                }
+                switch (layer.Find(entry.Name))
+                {
+                    case LoraLayer lora:
+                        Put(LoraKey(layer.Path, "lora_A"), lora.lora_A.weight);
+                        Put(LoraKey(layer.Path, "lora_B"), lora.lora_B.weight);
+                        if (lora.lora_magnitude_vector is { } magnitude)
+                            Put(Key(layer.Path, "lora_magnitude_vector"), magnitude.weight);
+                        break;
+                    case LoraEmbeddingLayer embedding:
+                        Put(Key(layer.Path, "lora_embedding_A"), embedding.lora_embedding_A);
+                        Put(Key(layer.Path, "lora_embedding_B"), embedding.lora_embedding_B);
+                        break;
+                }
             }
-            var adaptedBiases = new HashSet<string>(state.Layers.Select(l => l.Path + ".bias"), StringComparer.Ordinal);
+            var adaptedBiases = new HashSet<string>(state.Layers.Where(l => l.Find(entry.Name) is not null).Select(l => l.Path + ".bias"), StringComparer.Ordinal);
             foreach (var (name, parameter) in model.named_parameters())
             {
                 if (adapterParameters.Contains(parameter.Handle))
@@ -147,9 +215,9 @@ namespace TorchLinear.Lora
                 if ((config.bias == "all" && isBias) || (config.bias == "lora_only" && adaptedBiases.Contains(name)))
                     Put(Prefix + name, parameter);
             }
-            foreach (var saved in state.Saved)
+            foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(entry.Name)))
             {
-                foreach (var (name, tensor) in saved.Module.state_dict())
+                foreach (var (name, tensor) in saved.ValuesOf(entry.Name))
                     Put($"{Prefix}{saved.Path}.{name}", tensor);
             }
             Directory.CreateDirectory(directory);

@@ -51,7 +51,7 @@ namespace TorchLinear.Benchmarks
             LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear" });
             using (no_grad())
             {
-                foreach (var (name, parameter) in model.named_parameters().Where(p => p.name.EndsWith("lora_B.weight", StringComparison.Ordinal)))
+                foreach (var (name, parameter) in model.named_parameters().Where(p => p.name.EndsWith("lora_B.default.weight", StringComparison.Ordinal)))
                     parameter.normal_(0, 0.01);
             }
             model.eval();
@@ -79,7 +79,7 @@ namespace TorchLinear.Benchmarks
             _y = randn(Rows, Width);
             _output = zeros(Rows, Width);
             var weights = _unmerged.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter);
-            _adapters = new[] { "0", "2", "4", "6" }.Select(layer => (weights[layer + ".lora_A.weight"], weights[layer + ".lora_B.weight"])).ToArray();
+            _adapters = new[] { "0", "2", "4", "6" }.Select(layer => (weights[layer + ".lora_A.default.weight"], weights[layer + ".lora_B.default.weight"])).ToArray();
         }
 
         [GlobalCleanup]

@@ -75,7 +75,6 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Theory]
-        [InlineData("\"use_dora\": true", "use_dora: true (DoRA)")]
         [InlineData("\"init_lora_weights\": \"pissa\"", "init_lora_weights: \"pissa\"")]
         [InlineData("\"layers_to_transform\": [0, 1]", "layers_to_transform: [0, 1]")]
         [InlineData("\"peft_type\": \"IA3\"", "peft_type: \"IA3\"")]

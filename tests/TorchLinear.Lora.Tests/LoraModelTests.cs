@@ -53,7 +53,7 @@ namespace TorchLinear.Lora.Tests
             var keys = model.state_dict().Keys.ToList();
             Assert.Equal(baseKeys, keys.Where(k => !k.Contains(".lora_")).ToList());
             Assert.Contains("model.layers.0.self_attn.q_proj.weight", keys);
-            Assert.Contains("model.layers.0.self_attn.q_proj.lora_A.weight", keys);
+            Assert.Contains("model.layers.0.self_attn.q_proj.lora_A.default.weight", keys);
 
             LoraModel.merge(model);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
@@ -110,12 +110,12 @@ namespace TorchLinear.Lora.Tests
             LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "1" } });
             Assert.IsType<LoraWrapper>(model.named_children().Single().module.named_children().ElementAt(1).module);
             using (no_grad())
-                model.named_parameters().Single(p => p.name == "layers.1.lora_B.weight").parameter.fill_(0.5);
+                model.named_parameters().Single(p => p.name == "layers.1.lora_B.default.weight").parameter.fill_(0.5);
             var after = Run(model, x);
             Assert.False(Equivalence.Compare(before, after).BitExact);
             var state = model.state_dict();
             var h = LinearFunctional.linear(x, state["layers.0.weight"], state["layers.0.bias"]).relu();
-            var expected = (LinearFunctional.linear(h, state["layers.1.weight"], state["layers.1.bias"]) + h.matmul(state["layers.1.lora_A.weight"].t()).matmul(state["layers.1.lora_B.weight"].t()) * 2).relu();
+            var expected = (LinearFunctional.linear(h, state["layers.1.weight"], state["layers.1.bias"]) + h.matmul(state["layers.1.lora_A.default.weight"].t()).matmul(state["layers.1.lora_B.default.weight"].t()) * 2).relu();
             Equivalence.AssertClose(after, expected);
             LoraModel.merge_and_unload(model);
             Assert.IsType<Linear>(model.named_children().Single().module.named_children().ElementAt(1).module);
@@ -149,7 +149,7 @@ namespace TorchLinear.Lora.Tests
                     using var stepScope = NewDisposeScope();
                     optimizer.zero_grad();
                     model.call(cases["input"]).square().mean().backward();
-                    var grad = model.named_parameters().Single(p => p.name == "model.layers.1.self_attn.v_proj.lora_B.weight").parameter.grad;
+                    var grad = model.named_parameters().Single(p => p.name == "model.layers.1.self_attn.v_proj.lora_B.default.weight").parameter.grad;
                     Assert.NotNull(grad);
                     Assert.True(grad!.abs().sum().item<float>() > 0);
                     optimizer.step();
@@ -188,8 +188,9 @@ namespace TorchLinear.Lora.Tests
             LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
             var state = model.state_dict();
             Assert.Equal(4, recorded.Count);
+            // Recorded under PEFT's in-memory keys without the adapter name; the model's have it (lora_A.default.weight).
             foreach (var (key, tensor) in recorded)
-                Assert.True(Equivalence.Compare(tensor, state[key]).BitExact, key);
+                Assert.True(Equivalence.Compare(tensor, state[key.Replace(".weight", ".default.weight")]).BitExact, key);
         }
 
         // ---- Disabling, merging, unloading -----------------------------------------------------------------------------
@@ -315,17 +316,18 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
-        public void ASecondInject_IsRefusedNamingTheAdapterThereAlready_AndChangesNothing()
+        public void ASecondAdapterUnderATakenName_IsRefusedNamingIt_AndChangesNothing()
         {
-            // Guards: the old sample accepted it and then saved a folder whose config described the second adapter only.
+            // Guards: the old sample accepted a second adapter and then saved a folder whose config described it alone.
             using var scope = NewDisposeScope();
             using var model = Pretrained("attention");
             LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
             var before = Bits(model);
             var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" } }));
-            Assert.Contains("already has an adapter (on model.layers.0.self_attn.q_proj", error.Message);
-            Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, AttentionAdapter));
+            Assert.Contains("the model has an adapter named 'default' already (its adapters: default)", error.Message);
+            Assert.Contains("'default' already", Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, AttentionAdapter)).Message);
             Assert.Equal(before.Keys, Bits(model).Keys);
+            Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
         }
 
         // ---- Values that would give NaN, and the scaling in the layer's dtype ------------------------------------------
@@ -370,10 +372,10 @@ namespace TorchLinear.Lora.Tests
             var state = model.state_dict();
             using (no_grad())
             {
-                state["fc.lora_A.weight"].copy_(arange(12, dtype: dtype).reshape(3, 4) % 5 - 2);
-                state["fc.lora_B.weight"].copy_(arange(9, dtype: dtype).reshape(3, 3) % 4 - 1);
+                state["fc.lora_A.default.weight"].copy_(arange(12, dtype: dtype).reshape(3, 4) % 5 - 2);
+                state["fc.lora_B.default.weight"].copy_(arange(9, dtype: dtype).reshape(3, 3) % 4 - 1);
             }
-            return (model, state["fc.lora_A.weight"], state["fc.lora_B.weight"]);
+            return (model, state["fc.lora_A.default.weight"], state["fc.lora_B.default.weight"]);
         }
 
         [Fact]
@@ -387,7 +389,9 @@ namespace TorchLinear.Lora.Tests
             double[] xs = x3.data<double>().ToArray(), A = a.data<double>().ToArray(), B = b.data<double>().ToArray();
             var state = model.state_dict();
             double[] W = state["fc.weight"].data<double>().ToArray(), bias = state["fc.bias"].data<double>().ToArray();
-            // The expected output, in C# doubles: base and update exact integers, then update · (1/3) and the sum, each rounded once.
+            // The expected output, in C# doubles: the base an exact integer; x Aᵀ exact integers, each times 1/3 rounded once
+            // (the scaling applies to the r-wide product), then times B (0 or a power of two: exact) summed in order, and
+            // the sum added to the base.
             var expected = new double[6 * 3];
             for (int row = 0; row < 6; row++)
             {
@@ -401,9 +405,9 @@ namespace TorchLinear.Lora.Tests
                         double ax = 0;
                         for (int i = 0; i < 4; i++)
                             ax += xs[row * 4 + i] * A[k * 4 + i];
-                        update += ax * B[o * 3 + k];
+                        update += ax * (1.0 / 3) * B[o * 3 + k];
                     }
-                    expected[row * 3 + o] = baseValue + update * (1.0 / 3);
+                    expected[row * 3 + o] = baseValue + update;
                 }
             }
             var expected3 = tensor(expected, new long[] { 2, 3, 3 }, ScalarType.Float64);
@@ -519,9 +523,9 @@ namespace TorchLinear.Lora.Tests
         {
             using var model = new NestedHead();
             var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { target_modules = new[] { "head" } }));
-            Assert.Contains("matches no nn.Linear or CustomLinear", error.Message);
+            Assert.Contains("matches no nn.Linear, CustomLinear or nn.Embedding", error.Message);
             using var sequential = nn.Sequential(("act", nn.ReLU()), ("fc", nn.Linear(2, 2)));
-            Assert.Contains("act is a ReLU, neither nn.Linear nor CustomLinear", Assert.Throws<ArgumentException>(() => LoraModel.inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
+            Assert.Contains("act is a ReLU, neither nn.Linear, CustomLinear nor nn.Embedding", Assert.Throws<ArgumentException>(() => LoraModel.inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
             Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => LoraModel.save_adapter(sequential, "nowhere")).Message);
         }
     }

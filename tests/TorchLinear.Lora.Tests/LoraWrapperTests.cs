@@ -36,7 +36,7 @@ namespace TorchLinear.Lora.Tests
             using var model = new Holder(linear);
             LoraModel.inject(model, new LoraConfig { r = 3, target_modules = new[] { "proj" } });
             var wrapper = Assert.IsType<LoraWrapper>(model.Proj);
-            Assert.Equal(new[] { "proj.weight", "proj.bias", "proj.lora_A.weight", "proj.lora_B.weight" }, model.state_dict().Keys);
+            Assert.Equal(new[] { "proj.weight", "proj.bias", "proj.lora_A.default.weight", "proj.lora_B.default.weight" }, model.state_dict().Keys);
             foreach (var shape in new[] { new long[] { 12 }, new long[] { 7, 12 }, new long[] { 2, 3, 12 } })
             {
                 var x = randn(shape);
@@ -59,7 +59,7 @@ namespace TorchLinear.Lora.Tests
             Assert.Same(wrapper.weight, wrapper.base_layer.weight);
             var x = randn(new long[] { 3, 6 }, dtype: ScalarType.Float64);
             var state = model.state_dict();
-            var expected = LinearFunctional.linear(x, state["proj.weight"], state["proj.bias"]) + x.matmul(state["proj.lora_A.weight"].t()).matmul(state["proj.lora_B.weight"].t()) * (8.0 / 2);
+            var expected = LinearFunctional.linear(x, state["proj.weight"], state["proj.bias"]) + x.matmul(state["proj.lora_A.default.weight"].t()).matmul(state["proj.lora_B.default.weight"].t()) * (8.0 / 2);
             Equivalence.AssertClose(model.forward(x), expected);
             LoraModel.unload(model);
             Assert.Same(linear, model.Proj);

@@ -231,7 +231,7 @@ namespace TorchLinear.Lora.Tests
                 using var model = Pretrained("attention");
                 LoraModel.load_adapter(model, folder);
                 var file = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
-                var loaded = model.state_dict()["model.layers.0.self_attn.q_proj.lora_B.weight"];
+                var loaded = model.state_dict()["model.layers.0.self_attn.q_proj.lora_B.default.weight"];
                 Assert.Equal(ScalarType.Float32, loaded.dtype);
                 Assert.True(Equivalence.Compare(file["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].to(ScalarType.Float32), loaded).BitExact);
             }
@@ -249,7 +249,7 @@ namespace TorchLinear.Lora.Tests
             {
                 using var model = Pretrained("attention");
                 var error = Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, folder));
-                Assert.Contains("target_modules [query, value] matches no nn.Linear or CustomLinear", error.Message);
+                Assert.Contains("target_modules [query, value] matches no nn.Linear, CustomLinear or nn.Embedding", error.Message);
                 Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains("lora_"));
             }
             finally

@@ -48,7 +48,7 @@ namespace TorchLinear.IntegrationTests.Checkpoints
                 {
                     expected = new Dictionary<string, string>(baseHashes);
                     foreach (var (key, hash) in file)
-                        expected[key.StartsWith("base_model.model.", StringComparison.Ordinal) ? key["base_model.model.".Length..] : key] = hash;
+                        expected[ModelKey(key)] = hash;
                 }
                 return new Mutant(family, folder, "adapter", expected);
             }
@@ -157,6 +157,18 @@ namespace TorchLinear.IntegrationTests.Checkpoints
             var missing = m.Expected.Keys.Where(k => !loaded.ContainsKey(k)).ToList();
             if (wrong.Count > 0 || missing.Count > 0)
                 yield return $"loaded other values than the folder holds: {string.Join("; ", wrong.Concat(missing).Take(5))}";
+        }
+
+        /// <summary>PEFT's file key as the model's state_dict names it: without the prefix, with the adapter's name (default).</summary>
+        private static string ModelKey(string key)
+        {
+            string name = key.StartsWith("base_model.model.", StringComparison.Ordinal) ? key["base_model.model.".Length..] : key;
+            foreach (string part in new[] { ".lora_A.", ".lora_B." })
+            {
+                if (name.EndsWith(part + "weight", StringComparison.Ordinal))
+                    return name[..^"weight".Length] + "default.weight";
+            }
+            return name;
         }
     }
 }

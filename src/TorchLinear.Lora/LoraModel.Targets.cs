@@ -1,0 +1,262 @@
+using System;
+using System.Collections.Generic;
+using System.Globalization;
+using System.Linq;
+using System.Reflection;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Lora
+{
+    public static partial class LoraModel
+    {
+        /// <summary>A layer the config targets, with the rank and alpha it gets and how it hosts its adapters.</summary>
+        internal sealed class Target
+        {
+            internal required string Path { get; init; }
+
+            /// <summary>The model's own layer: a Linear, CustomLinear or Embedding.</summary>
+            internal required nn.Module Module { get; init; }
+            internal required nn.Module Parent { get; init; }
+            internal required string Name { get; init; }
+            internal required int Rank { get; init; }
+            internal required double Alpha { get; init; }
+            internal required HostKind Kind { get; init; }
+
+            /// <summary>The layer's adapters so far, when another adapter already adapts it.</summary>
+            internal AdaptedLayer? Existing { get; init; }
+
+            /// <summary>For <see cref="HostKind.Wrapper"/>: the parent's fields that hold the layer.</summary>
+            internal List<FieldInfo> Fields { get; init; } = new();
+
+            internal bool IsEmbedding => Module is Embedding;
+
+            internal Parameter Weight => Module switch
+            {
+                CustomLinear custom => custom.weight,
+                Linear linear => linear.weight,
+                Embedding embedding => embedding.weight!,
+                _ => throw new InvalidOperationException(),
+            };
+        }
+
+        /// <summary>A refusal found while targeting, as (config key, rule).</summary>
+        internal readonly record struct Refusal(string Key, string Rule);
+
+        /// <summary>
+        /// Finds every layer the config targets and decides how it hosts its adapter; refuses (through
+        /// <paramref name="refuse"/>, for the config's key) what cannot be adapted. A layer another adapter of
+        /// <paramref name="state"/> adapts already is found under its own path, as the model's original layer.
+        /// </summary>
+        internal static List<Target> Targets(nn.Module model, LoraConfig config, AdaptedModel? state, string caller, Func<Refusal, Exception> refuse)
+        {
+            var targets = new List<Target>();
+            var refused = new List<string>();
+            var modules = model.named_modules().ToList();
+            var adapted = state?.Layers.ToDictionary(l => l.Path, StringComparer.Ordinal) ?? new Dictionary<string, AdaptedLayer>();
+            foreach (var (path, found) in modules)
+            {
+                // The adapters' own modules (lora_A.default, lora_layer, ...) are not the model's.
+                if (adapted.Keys.Any(p => path.StartsWith(p + ".", StringComparison.Ordinal)))
+                    continue;
+                bool targeted;
+                try
+                {
+                    targeted = config.Targets(path);
+                }
+                catch (PatternException error)
+                {
+                    throw refuse(new Refusal(error.Field, error.Rule));
+                }
+                if (!targeted)
+                    continue;
+                adapted.TryGetValue(path, out var existing);
+                nn.Module module = existing?.Module ?? found;
+                bool allLinear = config.target_modules_regex is { } regex && ModuleMatching.IsAllLinear(regex);
+                if (module is Embedding && allLinear)
+                    continue;  // PEFT's all-linear: linear layers only
+                if (module is not (Linear or CustomLinear or Embedding))
+                {
+                    // A regex or a suffix may name containers too (self_attn when q_proj is meant): only layers matter;
+                    // "all-linear" means the linear layers only.
+                    if (!allLinear && !module.named_children().Any())
+                        refused.Add($"{path} is a {module.GetType().Name}, neither nn.Linear, CustomLinear nor nn.Embedding");
+                    continue;
+                }
+                var (parent, name) = ParentOf(model, path);
+                Parameter weight = module switch { CustomLinear c => c.weight, Linear l => l.weight, _ => ((Embedding)module).weight! };
+                if (weight.dtype is not (ScalarType.Float32 or ScalarType.Float64 or ScalarType.Float16 or ScalarType.BFloat16))
+                {
+                    refused.Add($"{path} is {weight.dtype}; adapters are made for Float32, Float64, Float16 and BFloat16 layers");
+                    continue;
+                }
+                if (weight.dim() != 2)
+                {
+                    refused.Add($"{path} has a weight of shape [{string.Join(", ", weight.shape)}], not 2-D");
+                    continue;
+                }
+                if (module is Embedding && config.use_dora)
+                {
+                    refused.Add($"{path} is an nn.Embedding, and DoRA on embeddings is not implemented (use_dora)");
+                    continue;
+                }
+                if (existing is null)
+                {
+                    if (module is CustomLinear { Adapter: not null })
+                        refused.Add($"{path} already has an adapter in its Adapter slot");
+                    foreach (string child in new[] { "lora_A", "lora_B", "lora_layer", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B" })
+                    {
+                        if (module.named_children().Any(m => m.name == child))
+                            refused.Add($"{path} already has a child named {child}");
+                    }
+                }
+                int rank;
+                double alpha;
+                try
+                {
+                    rank = config.RankFor(path);
+                    alpha = config.AlphaFor(path);
+                }
+                catch (PatternException error)
+                {
+                    throw refuse(new Refusal(error.Field, error.Rule));
+                }
+                double scaling = LoraConfig.Scaling(alpha, rank, config.use_rslora);
+                if (!double.IsFinite(LoraLayer.ScalingIn(scaling, weight.dtype)))
+                {
+                    // |scaling| ≤ |alpha| (r ≥ 1): it is alpha that is too large for the dtype.
+                    throw refuse(new Refusal(config.AlphaKey(path), $"{path}: scaling = {scaling.ToString(CultureInfo.InvariantCulture)} (alpha {alpha.ToString(CultureInfo.InvariantCulture)}, r {rank}) is not finite in the layer's dtype {weight.dtype}"));
+                }
+                var fields = existing is null && module is Linear or Embedding ? WrappableFields(parent, module) : null;
+                var kind = existing?.Kind ?? (module is CustomLinear ? HostKind.Slot : fields is not null ? HostKind.Wrapper : HostKind.Hook);
+                targets.Add(new Target
+                {
+                    Path = path, Module = module, Parent = parent, Name = name, Rank = rank, Alpha = alpha, Kind = kind, Fields = fields ?? new(), Existing = existing,
+                });
+            }
+            if (refused.Count > 0)
+                throw new ArgumentException($"{caller}: cannot adapt {string.Join("; ", refused)}.");
+            if (targets.Count == 0)
+            {
+                string what = config.target_modules_regex ?? $"[{string.Join(", ", config.target_modules ?? Array.Empty<string>())}]";
+                throw new ArgumentException($"{caller}: target_modules {what} matches no nn.Linear, CustomLinear or nn.Embedding in the model (its modules: {string.Join(", ", modules.Select(m => m.name).Take(20))}{(modules.Count > 20 ? ", ..." : "")}).");
+            }
+            return targets;
+        }
+
+        /// <summary>The module that holds the module at <paramref name="path"/>, and its name there.</summary>
+        private static (nn.Module Parent, string Name) ParentOf(nn.Module model, string path)
+        {
+            int dot = path.LastIndexOf('.');
+            nn.Module parent = model;
+            if (dot >= 0)
+            {
+                foreach (string part in path[..dot].Split('.'))
+                    parent = parent.named_children().First(c => c.name == part).module;
+            }
+            return (parent, path[(dot + 1)..]);
+        }
+
+        /// <summary>
+        /// The parent's fields that hold <paramref name="layer"/>, when every one of them (and the parent's registry) can
+        /// hold the wrapper instead; null when the layer must keep its type (a field of the sealed <c>Linear</c> or
+        /// <c>Embedding</c> type, a Sequential, a ModuleList or ModuleDict of them, or a layer no field holds).
+        /// </summary>
+        private static List<FieldInfo>? WrappableFields(nn.Module parent, nn.Module layer)
+        {
+            Type wrapper = layer is Embedding ? typeof(LoraEmbeddingWrapper) : typeof(LoraWrapper);
+            Type type = parent.GetType();
+            if (parent is Sequential || IsContainer(type))
+                return ContainerAccepts(type, wrapper) && parent is not Sequential ? new List<FieldInfo>() : null;
+            var fields = new List<FieldInfo>();
+            for (Type? t = type; t is not null && t.Assembly != typeof(nn.Module).Assembly; t = t.BaseType)
+            {
+                foreach (var field in t.GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.DeclaredOnly))
+                {
+                    if (ReferenceEquals(field.GetValue(parent), layer))
+                    {
+                        if (!field.FieldType.IsAssignableFrom(wrapper))
+                            return null;
+                        fields.Add(field);
+                    }
+                }
+            }
+            return fields.Count > 0 ? fields : null;
+        }
+
+        private static bool IsContainer(Type type) =>
+            type.IsGenericType && (type.GetGenericTypeDefinition() == typeof(ModuleList<>) || type.GetGenericTypeDefinition() == typeof(ModuleDict<>));
+
+        private static bool ContainerAccepts(Type type, Type wrapper) =>
+            IsContainer(type) && type.GetGenericArguments()[0].IsAssignableFrom(wrapper);
+
+        private static readonly FieldInfo Submodules = typeof(nn.Module).GetField("_internal_submodules", BindingFlags.Instance | BindingFlags.NonPublic)
+            ?? throw new MissingFieldException("TorchSharp's nn.Module has no _internal_submodules field: this TorchSharp version is not one TorchLinear.Lora supports.");
+
+        /// <summary>Replaces the registered child <paramref name="name"/> of <paramref name="parent"/> in place, keeping its position.</summary>
+        private static void ReplaceChild(nn.Module parent, string name, nn.Module module)
+        {
+            var registry = (TorchSharp.Utils.OrderedDict<string, nn.Module>)Submodules.GetValue(parent)!;
+            registry[name] = module;
+            Type type = parent.GetType();
+            if (IsContainer(type))
+            {
+                // The container's own list or dictionary holds it too.
+                if (type.GetGenericTypeDefinition() == typeof(ModuleList<>))
+                    type.GetProperty("Item", new[] { typeof(int) })!.SetValue(parent, module, new object[] { int.Parse(name, CultureInfo.InvariantCulture) });
+                else
+                    type.GetProperty("Item", new[] { typeof(string) })!.SetValue(parent, module, new object[] { name });
+            }
+        }
+
+        /// <summary>Makes the target's layer a host of adapters, as its kind says, and says how to take it out again.</summary>
+        private static AdaptedLayer Attach(Target target)
+        {
+            var layer = new AdaptedLayer(target.Path, target.Module, target.IsEmbedding) { Kind = target.Kind };
+            switch (target.Kind)
+            {
+                case HostKind.Slot:
+                {
+                    var custom = (CustomLinear)target.Module;
+                    layer.Host = custom;
+                    custom.Adapter = (input, output) => layer.Apply(output, input, custom.training);
+                    layer.Detach = () => custom.Adapter = null;
+                    break;
+                }
+                case HostKind.Wrapper:
+                {
+                    nn.Module wrapper = target.Module is Embedding embedding
+                        ? new LoraEmbeddingWrapper(embedding, layer)
+                        : new LoraWrapper((Linear)target.Module, layer);
+                    layer.Host = wrapper;
+                    foreach (var field in target.Fields)
+                        field.SetValue(target.Parent, wrapper);
+                    ReplaceChild(target.Parent, target.Name, wrapper);
+                    layer.Detach = () =>
+                    {
+                        nn.Module original = wrapper is LoraEmbeddingWrapper e ? e.Unwrap() : ((LoraWrapper)wrapper).Unwrap();
+                        foreach (var field in target.Fields)
+                            field.SetValue(target.Parent, original);
+                        ReplaceChild(target.Parent, target.Name, original);
+                    };
+                    break;
+                }
+                default:
+                {
+                    var host = (nn.Module<Tensor, Tensor>)target.Module;
+                    layer.Host = host;
+                    var remover = host.register_forward_hook((module, input, output) =>
+                    {
+                        layer.Apply(output, input, module.training);
+                        return null!;  // the output, updated in place
+                    });
+                    layer.Detach = () => remover.remove();
+                    break;
+                }
+            }
+            layer.Register();
+            return layer;
+        }
+    }
+}
