@@ -175,8 +175,8 @@ namespace TorchLinear.Lora
             model.Ran(RunIndex);
             if (model.Disabled)
                 return output;
-            if (model.MixedRows is { } rows)
-                return ApplyMixed(output, input, rows, training);
+            if (model.Mixed is { } batch)
+                return ApplyMixed(output, input, batch, training);
             foreach (string name in model.Active)
             {
                 switch (Find(name))
@@ -193,69 +193,126 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>
-        /// A batch whose rows use different adapters (PEFT's <c>adapter_names</c>): one product for all of them, not a loop
-        /// over rows or adapters. The A matrices of the adapters the batch names are stacked (R = the sum of their
-        /// ranks), <c>h = x Aᵀ</c> is computed once, each row's h is multiplied by its own adapter's scaling in its
-        /// adapter's columns and by 0 elsewhere, and <c>h Bᵀ</c> — B stacked likewise — is added: for each row the same
-        /// operations, on the same numbers, as a batch that uses only that row's adapter.
+        /// A batch whose rows use different adapters (PEFT's <c>adapter_names</c>), grouped by adapter as PEFT groups them:
+        /// the rows are put in the batch's group order once (<see cref="MixedBatch.Order"/>), each adapter's own
+        /// <c>add_to</c> adds its term to its group's contiguous rows, and the rows go back in place. Each row thus gets
+        /// exactly what a batch of its group's rows alone gives with its adapter active; <c>"__base__"</c> rows, and rows
+        /// whose adapter does not adapt this layer, keep the base output. One pass per adapter, not per row.
         /// </summary>
-        private Tensor ApplyMixed(Tensor output, Tensor input, string[] rows, bool training)
+        private Tensor ApplyMixed(Tensor output, Tensor input, MixedBatch batch, bool training)
         {
-            if (input.dim() == 0 || input.size(0) != rows.Length)
-                throw new ArgumentException($"{Path}: the mixed batch names an adapter for each of {rows.Length} rows, but the layer's input has {(input.dim() == 0 ? "no rows (a 0-d tensor)" : $"{input.size(0)} rows (shape [{string.Join(", ", input.shape)}])")}.");
-            var used = new List<IAdapter>();
-            foreach (var adapter in _adapters)
+            if (input.dim() == 0 || input.size(0) != batch.Rows.Length)
+                throw new ArgumentException($"{Path}: the mixed batch names an adapter for each of {batch.Rows.Length} rows, but the layer's input has {(input.dim() == 0 ? "no rows (a 0-d tensor)" : $"{input.size(0)} rows (shape [{string.Join(", ", input.shape)}])")}.");
+            var here = new List<(IAdapter Adapter, int Group)>();
+            for (int group = 0; group < batch.Names.Count; group++)
             {
-                if (Array.IndexOf(rows, adapter.Name) >= 0)
-                    used.Add(adapter);
+                if (batch.Names[group] != LoraModel.BaseModel && Find(batch.Names[group]) is { } adapter)
+                    here.Add((adapter, group));
             }
-            if (used.Count == 0)
+            if (here.Count == 0)
                 return output;
-            if (training && used.Any(a => a.lora_dropout > 0))
-                throw new InvalidOperationException($"{Path}: a mixed-adapter batch is for inference; in training mode the adapters' dropout would apply per adapter ({string.Join(", ", used.Where(a => a.lora_dropout > 0).Select(a => a.Name))}): call eval() first.");
-            using var scope = NewDisposeScope();
-            ScalarType dtype = output.dtype;
-            int total = used.Sum(a => a.r);
-            var offsets = new Dictionary<string, (int Offset, IAdapter Adapter)>(StringComparer.Ordinal);
-            int offset = 0;
-            foreach (var adapter in used)
+            var dropping = here.Where(g => training && g.Adapter.lora_dropout > 0).Select(g => g.Adapter.Name).ToList();
+            if (dropping.Count > 0)
+                throw new InvalidOperationException($"{Path}: a mixed-adapter batch is for inference; in training mode the adapters' dropout would apply per adapter ({string.Join(", ", dropping)}): call eval() first.");
+            if (batch.Names.Count == 1)
             {
-                offsets[adapter.Name] = (offset, adapter);
-                offset += adapter.r;
+                AddTerm(here[0].Adapter, output, input, training);
+                return output;
             }
-            // The scaling of each row's adapter in its columns, 0 in the others, in the layer's dtype (as a scalar multiply
-            // rounds the scaling to it).
-            var mask = new double[rows.Length * total];
-            for (int row = 0; row < rows.Length; row++)
+            using var scope = NewDisposeScope();
+            Tensor order = batch.Order(output.device);
+            Tensor sortedInput = input.index_select(0, order);
+            Tensor sortedOutput = output.index_select(0, order);
+            // Every group's rows at once (views): one call per tensor rather than one per group.
+            Tensor[] outputs = sortedOutput.split(batch.Counts), inputs = sortedInput.split(batch.Counts);
+            foreach (var (adapter, group) in here)
             {
-                if (offsets.TryGetValue(rows[row], out var block))
+                Tensor rowsOut = outputs[group], rowsIn = inputs[group];
+                switch (adapter)
                 {
-                    for (int k = 0; k < block.Adapter.r; k++)
-                        mask[row * total + block.Offset + k] = LoraLayer.ScalingIn(block.Adapter.scaling, dtype);
+                    case LoraLayer layer:
+                        layer.CheckRunsIn(output);
+                        layer.AddTerm(rowsOut, rowsIn, training, Weight, Bias);
+                        break;
+                    case LoraEmbeddingLayer embedding:
+                        embedding.CheckRunsIn(output);
+                        embedding.AddTerm(rowsOut, rowsIn);
+                        break;
                 }
             }
-            var maskShape = new long[Math.Max(2, input.dim() + (IsEmbedding ? 1 : 0))];
-            Array.Fill(maskShape, 1L);
-            maskShape[0] = rows.Length;
-            maskShape[^1] = total;
-            Tensor scales = tensor(mask, dtype: ScalarType.Float64).to(dtype, output.device).view(maskShape);
-            if (IsEmbedding)
-            {
-                var layers = used.Cast<LoraEmbeddingLayer>().ToList();
-                Tensor a = cat(layers.Select(l => (Tensor)l.lora_embedding_A).ToList(), 0);
-                Tensor b = cat(layers.Select(l => (Tensor)l.lora_embedding_B).ToList(), 1);
-                output.add_(LoraEmbeddingLayer.Lookup(a, input).mul_(scales).matmul(b.t()));
-                return output;
-            }
-            var linears = used.Cast<LoraLayer>().ToList();
-            Tensor stackedA = cat(linears.Select(l => (Tensor)l.lora_A.weight).ToList(), 0);
-            Tensor stackedB = cat(linears.Select(l => (Tensor)l.lora_B.weight).ToList(), 1);
-            Tensor h = input.matmul(stackedA.t()).mul_(scales);
-            if (dtype == ScalarType.Float32 && h.dim() == 2 && output.dim() == 2)
-                output.addmm_(h, stackedB.t(), 1, 1);
-            else
-                output.add_(h.matmul(stackedB.t()));
+            output.index_copy_(0, order, sortedOutput);
             return output;
+        }
+
+        private void AddTerm(IAdapter adapter, Tensor output, Tensor input, bool training)
+        {
+            switch (adapter)
+            {
+                case LoraLayer layer:
+                    layer.add_to(output, input, training, Weight, Bias);
+                    break;
+                case LoraEmbeddingLayer embedding:
+                    embedding.add_to(output, input);
+                    break;
+            }
+        }
+    }
+
+    /// <summary>
+    /// The rows of one <see cref="LoraModel.mixed_batch"/> scope, grouped by adapter: the groups in the order their adapters
+    /// first appear, each a contiguous range of <see cref="Order"/> (row indices, each group's rows in batch order).
+    /// </summary>
+    internal sealed class MixedBatch : IDisposable
+    {
+        private readonly long[] _order;
+        private Tensor? _orderTensor;
+
+        internal MixedBatch(IReadOnlyList<string> rows)
+        {
+            Rows = rows.ToArray();
+            var names = new List<string>();
+            var counts = new List<long>();
+            var order = new List<long>(Rows.Length);
+            foreach (string name in Rows.Distinct(StringComparer.Ordinal))
+            {
+                long start = order.Count;
+                for (int row = 0; row < Rows.Length; row++)
+                {
+                    if (string.Equals(Rows[row], name, StringComparison.Ordinal))
+                        order.Add(row);
+                }
+                names.Add(name);
+                counts.Add(order.Count - start);
+            }
+            _order = order.ToArray();
+            Names = names;
+            Counts = counts.ToArray();
+        }
+
+        /// <summary>The adapter name (or <c>"__base__"</c>) of each row.</summary>
+        internal string[] Rows { get; }
+
+        /// <summary>The groups' names (adapters, or <c>"__base__"</c>), in the order they first appear among the rows.</summary>
+        internal IReadOnlyList<string> Names { get; }
+
+        /// <summary>How many rows each group has: group i is the next Counts[i] entries of <see cref="Order"/>.</summary>
+        internal long[] Counts { get; }
+
+        /// <summary>The row indices grouped by adapter, on <paramref name="device"/> (kept for the scope on the CPU; the caller's scope owns a copy elsewhere).</summary>
+        internal Tensor Order(Device device)
+        {
+            if (_orderTensor is null)
+            {
+                _orderTensor = tensor(_order);
+                _orderTensor.DetachFromDisposeScope();
+            }
+            return device.type == DeviceType.CPU ? _orderTensor : _orderTensor.to(device);
+        }
+
+        public void Dispose()
+        {
+            _orderTensor?.Dispose();
+            _orderTensor = null;
         }
     }
 
@@ -363,7 +420,7 @@ namespace TorchLinear.Lora
         private bool _released;
         private bool _allowAllUnused;
         private readonly HashSet<string> _allowedUnused = new(StringComparer.Ordinal);
-        private readonly ThreadLocal<string[]?> _mixedRows = new();
+        private readonly ThreadLocal<MixedBatch?> _mixed = new();
         private readonly List<AdapterEntry> _adapters = new();
 
         internal AdaptedModel(nn.Module root) => Root = root;
@@ -386,10 +443,10 @@ namespace TorchLinear.Lora
         internal bool Disabled { get; set; }
 
         /// <summary>The adapter of each row of the mixed batch running on this thread, or null.</summary>
-        internal string[]? MixedRows
+        internal MixedBatch? Mixed
         {
-            get => _mixedRows.Value;
-            set => _mixedRows.Value = value;
+            get => _mixed.Value;
+            set => _mixed.Value = value;
         }
 
         internal List<AdaptedLayer> Layers { get; } = new();
@@ -554,7 +611,7 @@ namespace TorchLinear.Lora
             foreach (var saved in Saved)
                 saved.DisposeCopies();
             Saved.Clear();
-            _mixedRows.Dispose();
+            _mixed.Dispose();
         }
     }
 }

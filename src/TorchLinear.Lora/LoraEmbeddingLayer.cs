@@ -134,12 +134,22 @@ namespace TorchLinear.Lora
             ThrowIfDisposed();
             if (_merged)
                 return output;
-            if (lora_embedding_A.dtype != output.dtype || lora_embedding_A.device_type != output.device_type)
-                throw new InvalidOperationException($"{Owner}: the adapter is {lora_embedding_A.dtype} on {lora_embedding_A.device}, but the embedding computes {output.dtype} on {output.device}: convert the model before the adapter is put in.");
+            CheckRunsIn(output);
             using var scope = NewDisposeScope();
-            output.add_(Lookup(indices).mul_(_scaling).matmul(lora_embedding_B.t()), One);
+            AddTerm(output, indices);
             return output;
         }
+
+        /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
+        internal void CheckRunsIn(Tensor output)
+        {
+            if (lora_embedding_A.dtype != output.dtype || lora_embedding_A.device_type != output.device_type)
+                throw new InvalidOperationException($"{Owner}: the adapter is {lora_embedding_A.dtype} on {lora_embedding_A.device}, but the embedding computes {output.dtype} on {output.device}: convert the model before the adapter is put in.");
+        }
+
+        /// <summary><see cref="add_to"/>'s arithmetic for an unmerged adapter <see cref="CheckRunsIn"/> accepted; temporaries go to the caller's scope.</summary>
+        internal void AddTerm(Tensor output, Tensor indices) =>
+            output.add_(Lookup(indices).mul_(_scaling).matmul(lora_embedding_B.t()), One);
 
         /// <summary><c>embedding(indices, Aᵀ)</c>: the rows of Aᵀ the indices name, shape (*, r).</summary>
         internal Tensor Lookup(Tensor indices) => Lookup(lora_embedding_A, indices);

@@ -337,9 +337,14 @@ namespace TorchLinear.Lora
             var saving = named.Where(n => state.Saved.Any(s => s.Adapters.Contains(n))).ToList();
             if (saving.Count > 0)
                 throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", saving)} {(saving.Count == 1 ? "saves" : "save")} modules (modules_to_save), which a mixed batch here does not switch per row.", nameof(adapter_names));
-            string[]? previous = state.MixedRows;
-            state.MixedRows = adapter_names.ToArray();
-            return new Restore(() => state.MixedRows = previous);
+            var previous = state.Mixed;
+            var batch = new MixedBatch(adapter_names);
+            state.Mixed = batch;
+            return new Restore(() =>
+            {
+                state.Mixed = previous;
+                batch.Dispose();
+            });
         }
 
         /// <summary>
@@ -461,8 +466,8 @@ namespace TorchLinear.Lora
                     // PEFT's task_arithmetic: the tensors stacked, times float32 weights, summed.
                     var weightsA = parts.Select(p => p.Weight * p.Adapter.scaling).Select(w => (float)(Math.Sqrt(Math.Abs(w)) * (w >= 0 ? 1 : -1))).ToArray();
                     var weightsB = parts.Select(p => (float)Math.Sqrt(Math.Abs(p.Weight * p.Adapter.scaling))).ToArray();
-                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(-1, 1, 1)).sum(0).to(dtype);
-                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(-1, 1, 1)).sum(0).to(dtype);
+                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(-1, 1, 1)).sum(0L).to(dtype);
+                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(-1, 1, 1)).sum(0L).to(dtype);
                     targetA.copy_(a);
                     targetB.copy_(b);
                     break;
@@ -473,7 +478,7 @@ namespace TorchLinear.Lora
                         throw new NotSupportedException($"LoraModel.add_weighted_adapter: {path} is {dtype}; the svd combination needs float32 or float64 layers.");
                     var weightsSvd = tensor(parts.Select(p => (float)(p.Weight * p.Adapter.scaling)).ToArray()).to(targetA.device);
                     Tensor deltas = stack(parts.Select(p => p.Adapter.delta_weight()).ToList());
-                    Tensor delta = deltas.mul(weightsSvd.to(deltas.dtype).view(-1, 1, 1)).sum(0);
+                    Tensor delta = deltas.mul(weightsSvd.to(deltas.dtype).view(-1, 1, 1)).sum(0L);
                     if (target is LoraEmbeddingLayer)
                         delta = delta.t();
                     var (u, s, vh) = linalg.svd(delta, fullMatrices: true);

@@ -1,6 +1,7 @@
 using System;
 using System.Collections.Generic;
 using System.IO;
+using System.Linq;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -33,8 +34,12 @@ namespace TorchLinear.Lora.Tests
 
         public static Sequential Mlp() => nn.Sequential(("0", nn.Linear(16, 32)), ("1", nn.ReLU()), ("2", nn.Linear(32, 8)));
 
-        public static nn.Module<Tensor, Tensor> Port(string adapter, PortStyle style = PortStyle.LinearCall) =>
-            adapter == "mlp" ? Mlp() : new Classifier(style);
+        public static nn.Module<Tensor, Tensor> Port(string adapter, PortStyle style = PortStyle.LinearCall) => adapter switch
+        {
+            "mlp" => Mlp(),
+            "embedding" => new EmbedModel(style),
+            _ => new Classifier(style),
+        };
 
         /// <summary>The port with the pretrained weights make_peft_adapters.py started from, in eval mode.</summary>
         public static nn.Module<Tensor, Tensor> Pretrained(string adapter, PortStyle style = PortStyle.LinearCall)
@@ -169,6 +174,48 @@ namespace TorchLinear.Lora.Tests
             }
 
             public override Tensor forward(Tensor x) => classifier.call(model.call(x).mean(new long[] { -2 }));
+        }
+
+        /// <summary>make_peft_breadth.py's EmbedModel: emb (an Embedding), fc and head; mean over the sequence.</summary>
+        internal sealed class EmbedModel : nn.Module<Tensor, Tensor>
+        {
+            // LinearCall: fields of the sealed types, invoked with call(x) (the adapters run in hooks); ModuleForward:
+            // fields typed for any module, invoked with forward(x) (the layers are wrapped, the fields then hold the wrappers).
+            private readonly Embedding? _sealedEmb;
+            private readonly Linear? _sealedFc;
+            private readonly nn.Module<Tensor, Tensor>? _anyEmb, _anyFc;
+            private readonly Linear _head = nn.Linear(12, 4);
+
+            public EmbedModel(PortStyle style = PortStyle.LinearCall) : base(nameof(EmbedModel))
+            {
+                if (style == PortStyle.ModuleForward)
+                {
+                    _anyEmb = nn.Embedding(10, 12);
+                    _anyFc = nn.Linear(12, 12);
+                    register_module("emb", _anyEmb);
+                    register_module("fc", _anyFc);
+                }
+                else
+                {
+                    _sealedEmb = nn.Embedding(10, 12);
+                    _sealedFc = nn.Linear(12, 12);
+                    register_module("emb", _sealedEmb);
+                    register_module("fc", _sealedFc);
+                }
+                register_module("head", _head);
+            }
+
+            protected override void RegisterComponents()
+            {
+            }
+
+            public override Tensor forward(Tensor idx)
+            {
+                using var scope = NewDisposeScope();
+                Tensor e = _anyEmb is not null ? _anyEmb.forward(idx) : _sealedEmb!.call(idx);
+                Tensor h = (_anyFc is not null ? _anyFc.forward(e) : _sealedFc!.call(e)).tanh();
+                return _head.call(h).mean(new long[] { -2 }).MoveToOuterDisposeScope();
+            }
         }
     }
 }
