@@ -323,7 +323,9 @@ namespace TorchLinear.Lora
                     norm = WeightNorm(weight.detach().to(x.dtype), LoraWeight().to(x.dtype), scaling);
                 Tensor scale = (magnitude.weight / norm).view(1, -1);
                 Tensor loraResult = x.matmul(a.t()).matmul(b.t());
-                Tensor baseResult = dropped ? LinearFunctional.linear(x, weight) : bias is null ? output.detach() : output.detach() - bias;
+                // Not detached: as in PEFT, the gradient reaches the input (and a trainable weight) through x Wᵀ too. Without
+                // a bias, a copy: the product below keeps it for the magnitude's gradient, and output is written next.
+                Tensor baseResult = dropped ? LinearFunctional.linear(x, weight) : bias is null ? output.clone() : output - bias;
                 output.add_((scale - 1) * baseResult + scale * loraResult * scaling, One);
                 return;
             }

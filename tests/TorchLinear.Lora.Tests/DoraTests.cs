@@ -1,0 +1,166 @@
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using TorchLinear.Tests;
+using TorchSharp;
+using Xunit;
+using static TorchLinear.Lora.Tests.Ports;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Lora.Tests
+{
+    /// <summary>
+    /// DoRA against ReferenceData/Peft/dora (make_peft_breadth.py: PEFT's DoraLinearLayer formulas in PyTorch 1.13): an
+    /// adapter on every projection of the attention classifier, trained 15 steps so that each magnitude is up to 0.49 away
+    /// from its column norms; outputs unmerged and merged, and the gradients of one step.
+    /// </summary>
+    public class DoraTests
+    {
+        private static string Dora => Path.Combine(Folder, "dora");
+
+        private static readonly string[] Paths = Enumerable.Range(0, 2)
+            .SelectMany(layer => new[] { "q_proj", "k_proj", "v_proj", "o_proj" }.Select(p => $"model.layers.{layer}.self_attn.{p}")).ToArray();
+
+        [Theory]
+        [InlineData(PortStyle.LinearCall)]
+        [InlineData(PortStyle.ModuleForward)]
+        [InlineData(PortStyle.CustomForward)]
+        public void ADoraAdapter_GivesPyTorchsOutput_UnmergedAndMerged_AndUnmergesToTheSameBits(PortStyle style)
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("dora");
+            using var model = Pretrained("dora", style);
+            var weights = Bits(model);
+            LoraModel.load_adapter(model, Dora);
+            Assert.True(LoraModel.peft_config(model)["default"].use_dora);
+            Assert.Contains("model.layers.1.self_attn.v_proj.lora_magnitude_vector.default.weight", model.state_dict().Keys);
+            var unmerged = Run(model, cases["input"]);
+            Equivalence.AssertClose(unmerged, cases["adapted_output"]);
+            using (LoraModel.disable_adapters(model))
+                Equivalence.AssertClose(Run(model, cases["input"]), cases["base_output"]);
+
+            // Merged: W' = m / ||W + ΔW|| · (W + ΔW), PEFT's merge.
+            LoraModel.merge(model);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_output"]);
+            // PEFT divides the merged weight by the factor again; here the weight kept at merging comes back.
+            LoraModel.unmerge(model);
+            foreach (var (key, bits) in Bits(model).Where(kv => weights.ContainsKey(kv.Key)))
+                Assert.Equal(weights[key], bits);
+            Assert.True(Equivalence.Compare(unmerged, Run(model, cases["input"])).BitExact);
+        }
+
+        [Fact]
+        public void MergeAndUnload_FoldsDora_IntoAPlainModelWithPyTorchsMergedOutput()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("dora");
+            using var model = Pretrained("dora", PortStyle.ModuleForward);
+            LoraModel.load_adapter(model, Dora);
+            LoraModel.merge_and_unload(model);
+            Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains("lora_", StringComparison.Ordinal));
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_output"]);
+        }
+
+        [Fact]
+        public void DorasGradients_AreThoseOfPyTorch_WithTheNormDetached()
+        {
+            // PEFT detaches the weight norm (the DoRA paper's section 4.3) but not the base layer's x Wᵀ: the gradient
+            // reaches each layer's input through both terms. (Detaching the base result, as this package first did, left
+            // every layer's gradient but the last wrong by up to 150 %; not detaching the norm changes lora_A's and lora_B's.)
+            using var scope = NewDisposeScope();
+            var cases = Cases("dora");
+            using var model = Pretrained("dora");
+            LoraModel.load_adapter(model, Dora, is_trainable: true);
+            var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+            Assert.True(parameters["model.layers.0.self_attn.q_proj.lora_magnitude_vector.default.weight"].requires_grad);
+            Assert.False(parameters["model.layers.0.self_attn.q_proj.weight"].requires_grad);
+            nn.functional.mse_loss(model.call(cases["input"]), cases["target"]).backward();
+            foreach (string path in Paths)
+            {
+                foreach (var (part, name) in new[] { ("lora_A", "lora_A.default.weight"), ("lora_B", "lora_B.default.weight"), ("lora_magnitude_vector", "lora_magnitude_vector.default.weight") })
+                {
+                    var grad = parameters[$"{path}.{name}"].grad;
+                    Assert.NotNull(grad);
+                    Equivalence.AssertClose(grad!, cases[$"grad/{path}.{part}"]);
+                }
+            }
+        }
+
+        [Fact]
+        public void AFreshDoraAdapter_ChangesNoBit_AndSavesPeftsMagnitudeKey()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases("dora");
+            using var model = Pretrained("dora");
+            var before = Run(model, cases["input"]);
+            LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "q_proj", "o_proj" }, use_dora = true });
+            // B = 0 and m = ||W||: the rescaling is exactly 1 and the LoRA term exactly 0.
+            Assert.True(Equivalence.Compare(before, Run(model, cases["input"])).BitExact);
+            var state = model.state_dict();
+            var weight = state["model.layers.0.self_attn.o_proj.weight"];
+            Equivalence.AssertClose(state["model.layers.0.self_attn.o_proj.lora_magnitude_vector.default.weight"], linalg.vector_norm(weight, dims: new long[] { 1 }));
+
+            using (no_grad())
+                state["model.layers.0.self_attn.o_proj.lora_B.default.weight"].normal_(0, 0.1);
+            var adapted = Run(model, cases["input"]);
+            string folder = Directory.CreateTempSubdirectory("torchlinear-dora-").FullName;
+            try
+            {
+                LoraModel.save_adapter(model, folder);
+                var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                Assert.Contains("base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector", saved.Keys);
+                Assert.DoesNotContain(saved.Keys, k => k.EndsWith("lora_magnitude_vector.weight", StringComparison.Ordinal));
+                Assert.True(LoraConfig.load(folder).use_dora);
+                using var again = Pretrained("dora");
+                LoraModel.load_adapter(again, folder);
+                Assert.True(Equivalence.Compare(adapted, Run(again, cases["input"])).BitExact);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        public static IEnumerable<object[]> BrokenDoraFiles() => new (string, Func<Dictionary<string, Tensor>, Dictionary<string, Tensor>>?, Action<System.Text.Json.Nodes.JsonObject>?, string)[]
+        {
+            ("magnitude missing", s => s.Where(kv => kv.Key != "base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector").ToDictionary(kv => kv.Key, kv => kv.Value), null,
+                "missing 'base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector' for the targeted model.layers.1.self_attn.k_proj (use_dora is true"),
+            ("magnitude of another width", s => s.ToDictionary(kv => kv.Key, kv => kv.Key == "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" ? kv.Value.narrow(0, 0, 8).contiguous() : kv.Value), null,
+                "'base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector' has shape [8], model.layers.0.self_attn.q_proj needs [24]"),
+            ("magnitudes with use_dora false", null, c => c["use_dora"] = false,
+                "'base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector' is a DoRA magnitude, but the config's use_dora is false"),
+        }.Select(m => new object[] { m.Item1, m.Item2!, m.Item3!, m.Item4 });
+
+        [Theory]
+        [MemberData(nameof(BrokenDoraFiles))]
+        public void ADoraFileThatDoesNotFit_IsRefusedNamingTheKey_AndTheModelUnchanged(
+            string mutation, Func<Dictionary<string, Tensor>, Dictionary<string, Tensor>>? tensors, Action<System.Text.Json.Nodes.JsonObject>? config, string problem)
+        {
+            using var scope = NewDisposeScope();
+            string folder = PeftFolderTests.Mutated("dora", tensors, config);
+            try
+            {
+                // Into a fresh model, and as a second adapter beside one already there.
+                foreach (bool second in new[] { false, true })
+                {
+                    using var model = Pretrained("dora");
+                    if (second)
+                        LoraModel.load_adapter(model, Dora);
+                    var before = Bits(model);
+                    var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder, second ? "broken" : LoraModel.DefaultAdapter));
+                    Assert.Contains(problem, error.Message);
+                    Assert.Contains("nothing was changed", error.Message);
+                    Assert.Equal(before, Bits(model));
+                    if (second)
+                        Assert.Equal(new[] { "default" }, LoraModel.peft_config(model).Keys.ToArray());
+                }
+                _ = mutation;
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+    }
+}
