@@ -223,11 +223,11 @@ namespace TorchLinear.Lora
             Tensor order = batch.Order(output.device);
             Tensor sortedInput = input.index_select(0, order);
             Tensor sortedOutput = output.index_select(0, order);
-            // Every group's rows at once (views): one call per tensor rather than one per group.
-            Tensor[] outputs = sortedOutput.split(batch.Counts), inputs = sortedInput.split(batch.Counts);
             foreach (var (adapter, group) in here)
             {
-                Tensor rowsOut = outputs[group], rowsIn = inputs[group];
+                // narrow, not split: autograd lets a single view be written in place, not one of several from one call.
+                Tensor rowsOut = sortedOutput.narrow(0, batch.Starts[group], batch.Counts[group]);
+                Tensor rowsIn = sortedInput.narrow(0, batch.Starts[group], batch.Counts[group]);
                 switch (adapter)
                 {
                     case LoraLayer layer:
@@ -271,6 +271,7 @@ namespace TorchLinear.Lora
         {
             Rows = rows.ToArray();
             var names = new List<string>();
+            var starts = new List<long>();
             var counts = new List<long>();
             var order = new List<long>(Rows.Length);
             foreach (string name in Rows.Distinct(StringComparer.Ordinal))
@@ -282,10 +283,12 @@ namespace TorchLinear.Lora
                         order.Add(row);
                 }
                 names.Add(name);
+                starts.Add(start);
                 counts.Add(order.Count - start);
             }
             _order = order.ToArray();
             Names = names;
+            Starts = starts.ToArray();
             Counts = counts.ToArray();
         }
 
@@ -295,7 +298,10 @@ namespace TorchLinear.Lora
         /// <summary>The groups' names (adapters, or <c>"__base__"</c>), in the order they first appear among the rows.</summary>
         internal IReadOnlyList<string> Names { get; }
 
-        /// <summary>How many rows each group has: group i is the next Counts[i] entries of <see cref="Order"/>.</summary>
+        /// <summary>Where each group's rows start in <see cref="Order"/>.</summary>
+        internal long[] Starts { get; }
+
+        /// <summary>How many rows each group has.</summary>
         internal long[] Counts { get; }
 
         /// <summary>The row indices grouped by adapter, on <paramref name="device"/> (kept for the scope on the CPU; the caller's scope owns a copy elsewhere).</summary>

@@ -353,6 +353,31 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
+        public void AMixedBatch_RunsWithGradients_ToTheSameBits_AndTrainsTheRowsAdapters()
+        {
+            // Guards: the first grouped version wrote into views from split, which autograd refuses in grad mode (the
+            // README's example found it; the other tests run under no_grad).
+            using var scope = NewDisposeScope();
+            var cases = Cases("named");
+            using var model = Pretrained("named");
+            LoraModel.load_adapter(model, Named, is_trainable: true);
+            LoraModel.load_adapter(model, Path.Combine(Named, "other"), "other", is_trainable: true);
+            LoraModel.set_adapter(model, "default", "other");   // both train; the mixed batch gives each its rows
+            var x = cases["input"];
+            Tensor expected;
+            using (LoraModel.mixed_batch(model, MixedRows))
+            {
+                expected = Run(model, x);
+                var withGrad = model.call(x);
+                Assert.True(Equivalence.Compare(expected, withGrad).BitExact);
+                withGrad.square().sum().backward();
+            }
+            var grads = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.grad);
+            Assert.True(grads["model.layers.0.self_attn.q_proj.lora_B.default.weight"]!.abs().sum().item<float>() > 0);
+            Assert.True(grads["model.layers.0.self_attn.k_proj.lora_B.other.weight"]!.abs().sum().item<float>() > 0);
+        }
+
+        [Fact]
         public void AMixedBatch_IsRefused_WhenItCannotBeWhatItSays()
         {
             using var scope = NewDisposeScope();
@@ -372,6 +397,15 @@ namespace TorchLinear.Lora.Tests
             // A DoRA adapter (as PEFT).
             LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" }, use_dora = true }, "dora");
             Assert.Contains("dora is a DoRA adapter", Assert.Throws<ArgumentException>(() => LoraModel.mixed_batch(model, new[] { "dora", "default", "default", "default" })).Message);
+            // An adapter that saves a module: PEFT switches the module per row, this does not, so it is refused.
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" }, modules_to_save = new[] { "classifier" } }, "head");
+            Assert.Contains("head saves modules (modules_to_save)", Assert.Throws<ArgumentException>(() => LoraModel.mixed_batch(model, new[] { "head", "default", "default", "default" })).Message);
+            // Dropout in training mode would apply per adapter.
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" }, lora_dropout = 0.1 }, "dropping");
+            model.train();
+            using (LoraModel.mixed_batch(model, new[] { "dropping", "default", "default", "default" }))
+                Assert.Contains("in training mode the adapters' dropout would apply per adapter (dropping): call eval() first", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
+            model.eval();
             // The model still runs its active adapter for every row.
             Equivalence.AssertClose(Run(model, x), cases["output_default"]);
         }
