@@ -329,7 +329,7 @@ namespace TorchLinear.Lora
                 output.add_((scale - 1) * baseResult + scale * loraResult * scaling, One);
                 return;
             }
-            Tensor h = x.matmul(a.t()).mul_(_scaling);
+            Tensor h = nn.functional.linear(x, a).mul_(_scaling);  // libtorch: linear without a bias is matmul(x, aᵀ), in one call
             if (output.dtype == ScalarType.Float32 && h.dim() == 2 && output.dim() == 2)
                 output.addmm_(h, b.t(), 1, 1);  // accumulated into the output: no full-size temporary
             else

@@ -310,9 +310,10 @@ namespace TorchLinear.Lora
         /// <summary>
         /// Runs the model's calls within the returned scope with one adapter per row (PEFT's <c>adapter_names</c>
         /// argument): row i of every adapted layer's input gets the update of <c>adapter_names[i]</c>, or none for
-        /// <see cref="BaseModel"/> (<c>"__base__"</c>) and in layers that adapter does not adapt — for each row what a batch
-        /// of rows that all use its adapter gives, computed in one product per layer (see docs/lora.md). For inference: as
-        /// in PEFT, not with merged or DoRA adapters.
+        /// <see cref="BaseModel"/> (<c>"__base__"</c>) and in layers that adapter does not adapt — for each row what that row
+        /// alone gives with its adapter active, within a few ULP (a GEMM's rows depend in their last bits on the batch),
+        /// computed per layer in one pass per adapter or, for few adapters of small rank, in one stacked pair of products
+        /// (see docs/lora.md). Not a loop over rows. For inference: as in PEFT, not with merged or DoRA adapters.
         /// </summary>
         /// <param name="model">The adapted model.</param>
         /// <param name="adapter_names">One adapter name (or <c>"__base__"</c>) per row of the batch, in order.</param>

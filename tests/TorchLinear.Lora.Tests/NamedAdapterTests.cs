@@ -300,29 +300,36 @@ namespace TorchLinear.Lora.Tests
             var (alone, whole) = MixedRowErrors(model, x, MixedRows, mixed);
             Assert.True(alone <= MixedRowUlps && whole <= MixedRowUlps, $"rows differ by up to {alone:F1} ULP from the row alone and {whole:F1} from the batch with its adapter; the bound is {MixedRowUlps}");
 
-            // The benchmark's shape: four 512-wide layers, 64 rows over 8 adapters of r = 8 and the base model, rows
-            // interleaved. (Random data: compared in the test, never snapshotted.)
-            manual_seed(0);
-            using var wide = nn.Sequential(("0", nn.Linear(512, 512)), ("1", nn.ReLU()), ("2", nn.Linear(512, 512)), ("3", nn.ReLU()),
-                                           ("4", nn.Linear(512, 512)), ("5", nn.ReLU()), ("6", nn.Linear(512, 512)));
-            var names = Enumerable.Range(0, 8).Select(i => i == 0 ? LoraModel.DefaultAdapter : $"adapter{i}").ToArray();
-            foreach (string name in names)
-                LoraModel.inject(wide, new LoraConfig { r = 8, lora_alpha = 16, target_modules_regex = "all-linear" }, name);
-            using (no_grad())
+            // The benchmark's shape: four 512-wide layers, 64 rows over 8 adapters and the base model, rows interleaved;
+            // r = 8 takes the stacked products, r = 16 one pair of products per adapter (AdaptedLayer.Stacks). (Random
+            // data: compared in the test, never snapshotted.)
+            foreach (int rank in new[] { 8, 16 })
             {
-                foreach (var (_, parameter) in wide.named_parameters().Where(p => p.name.Contains(".lora_B.", StringComparison.Ordinal)))
-                    parameter.normal_(0, 0.05);
+                manual_seed(0);
+                using var wide = nn.Sequential(("0", nn.Linear(512, 512)), ("1", nn.ReLU()), ("2", nn.Linear(512, 512)), ("3", nn.ReLU()),
+                                               ("4", nn.Linear(512, 512)), ("5", nn.ReLU()), ("6", nn.Linear(512, 512)));
+                var names = Enumerable.Range(0, 8).Select(i => i == 0 ? LoraModel.DefaultAdapter : $"adapter{i}").ToArray();
+                foreach (string name in names)
+                    LoraModel.inject(wide, new LoraConfig { r = rank, lora_alpha = 2 * rank, target_modules_regex = "all-linear" }, name);
+                using (no_grad())
+                {
+                    foreach (var (_, parameter) in wide.named_parameters().Where(p => p.name.Contains(".lora_B.", StringComparison.Ordinal)))
+                        parameter.normal_(0, 0.05);
+                }
+                wide.eval();
+                var rows = Enumerable.Range(0, 64).Select(r => r % 9 == 8 ? LoraModel.BaseModel : names[r % 9]).ToArray();
+                var input = randn(64, 512);
+                using (LoraModel.mixed_batch(wide, rows))
+                {
+                    mixed = Run(wide, input);
+                    Assert.True(Equivalence.Compare(mixed, wide.call(input)).BitExact, "the same in grad mode");
+                }
+                (alone, whole) = MixedRowErrors(wide, input, rows, mixed);
+                Assert.True(alone <= MixedRowUlps && whole <= MixedRowUlps, $"r = {rank}: rows differ by up to {alone:F1} ULP from the row alone and {whole:F1} from the batch with its adapter; the bound is {MixedRowUlps}");
+                // Every row got its own adapter's term: another adapter's output is far outside the bound.
+                LoraModel.set_adapter(wide, names[1]);
+                Assert.True(RowUlps(Run(wide, input)[0], mixed[0]) > 100 * MixedRowUlps, $"r = {rank}: row 0 is adapter default's, not adapter1's");
             }
-            wide.eval();
-            var rows = Enumerable.Range(0, 64).Select(r => r % 9 == 8 ? LoraModel.BaseModel : names[r % 9]).ToArray();
-            var input = randn(64, 512);
-            using (LoraModel.mixed_batch(wide, rows))
-                mixed = Run(wide, input);
-            (alone, whole) = MixedRowErrors(wide, input, rows, mixed);
-            Assert.True(alone <= MixedRowUlps && whole <= MixedRowUlps, $"rows differ by up to {alone:F1} ULP from the row alone and {whole:F1} from the batch with its adapter; the bound is {MixedRowUlps}");
-            // Every row got its own adapter's term: another adapter's output is far outside the bound.
-            LoraModel.set_adapter(wide, names[1]);
-            Assert.True(RowUlps(Run(wide, input)[0], mixed[0]) > 100 * MixedRowUlps, "row 0 is adapter default's, not adapter1's");
         }
 
         [Fact]
