@@ -28,6 +28,32 @@ namespace TorchLinear.Lora.Tests
         private static readonly double[] BA = { 1, -2, 0, 3, 3, 4, -2, -3, 5, -5, -1, 9 };
 
         [Theory]
+        [InlineData(ScalarType.Float32)]
+        [InlineData(ScalarType.Float64)]
+        [InlineData(ScalarType.BFloat16)]
+        public void TheForwardTerm_IsXATimesTheScaling_ThenTimesB_ForEveryInputRank(ScalarType dtype)
+        {
+            // The order every path shares (an ordinary forward, a mixed batch's rows, the stacked products with zeros):
+            // ((x Aᵀ) · scaling) Bᵀ added to the base output; a float32 2-D batch accumulates it with one addmm_.
+            using var scope = NewDisposeScope();
+            manual_seed(3);
+            var layer = new LoraLayer(16, 8, r: 4, lora_alpha: 3, dtype: dtype);
+            using (no_grad())
+                layer.lora_B.weight.normal_();
+            foreach (var shape in new[] { new long[] { 16 }, new long[] { 5, 16 }, new long[] { 2, 3, 16 } })
+            {
+                var x = randn(shape).to(dtype);
+                var output = randn(shape.SkipLast(1).Append(8L).ToArray()).to(dtype);
+                Tensor h = x.matmul(layer.lora_A.weight.t()).mul(layer.scaling);
+                Tensor expected = dtype == ScalarType.Float32 && x.dim() == 2 ? output.addmm(h, layer.lora_B.weight.t()) : output + h.matmul(layer.lora_B.weight.t());
+                using (no_grad())
+                    layer.add_to(output, x, training: false);
+                Assert.True(Equivalence.Compare(expected, output).BitExact, $"{dtype} [{string.Join(", ", shape)}]: {Equivalence.Compare(expected, output)}");
+            }
+            layer.Dispose();
+        }
+
+        [Theory]
         [InlineData(1.0, false)]   // scaling 1/2
         [InlineData(3.0, false)]   // scaling 3/2
         [InlineData(1.0, true)]    // rsLoRA: 1/√2
