@@ -179,25 +179,18 @@ namespace TorchLinear.Lora
                 return ApplyMixed(output, input, batch, training);
             foreach (string name in model.Active)
             {
-                switch (Find(name))
-                {
-                    case LoraLayer layer when !layer.merged:
-                        layer.add_to(output, input, training, Weight, Bias);
-                        break;
-                    case LoraEmbeddingLayer embedding when !embedding.merged:
-                        embedding.add_to(output, input);
-                        break;
-                }
+                if (Find(name) is { } adapter)
+                    AddTerm(adapter, output, input, training);   // a merged adapter adds nothing
             }
             return output;
         }
 
         /// <summary>
-        /// A batch whose rows use different adapters (PEFT's <c>adapter_names</c>), grouped by adapter as PEFT groups them:
-        /// the rows are put in the batch's group order once (<see cref="MixedBatch.Order"/>), each adapter's own
-        /// <c>add_to</c> adds its term to its group's contiguous rows, and the rows go back in place. Each row thus gets
-        /// exactly what a batch of its group's rows alone gives with its adapter active; <c>"__base__"</c> rows, and rows
-        /// whose adapter does not adapt this layer, keep the base output. One pass per adapter, not per row.
+        /// A batch whose rows use different adapters (PEFT's <c>adapter_names</c>): stacked (<see cref="Stacks"/>,
+        /// <see cref="AddStacked"/>), or grouped by adapter as PEFT groups them — the rows put in the batch's group order
+        /// once (<see cref="MixedBatch.Order"/>), each adapter's own <c>add_to</c> adding its term to its group's
+        /// contiguous rows, and the rows put back in place. <c>"__base__"</c> rows, and rows whose adapter does not adapt
+        /// this layer, keep the base output. Never a pass per row.
         /// </summary>
         private Tensor ApplyMixed(Tensor output, Tensor input, MixedBatch batch, bool training)
         {
@@ -232,21 +225,7 @@ namespace TorchLinear.Lora
             // for a single view (narrow), not for one of several views from one call (split).
             Tensor[] inputs = sortedInput.split(batch.Counts);
             foreach (var (adapter, group) in here)
-            {
-                Tensor rowsOut = sortedOutput.narrow(0, batch.Starts[group], batch.Counts[group]);
-                Tensor rowsIn = inputs[group];
-                switch (adapter)
-                {
-                    case LoraLayer layer:
-                        layer.CheckRunsIn(output);
-                        layer.AddTerm(rowsOut, rowsIn, training, Weight, Bias);
-                        break;
-                    case LoraEmbeddingLayer embedding:
-                        embedding.CheckRunsIn(output);
-                        embedding.AddTerm(rowsOut, rowsIn);
-                        break;
-                }
-            }
+                AddTerm(adapter, sortedOutput.narrow(0, batch.Starts[group], batch.Counts[group]), inputs[group], training);
             output.index_copy_(0, order, sortedOutput);
             return output;
         }
@@ -295,7 +274,7 @@ namespace TorchLinear.Lora
             for (int row = 0; row < batch.Rows.Length; row++)
             {
                 int group = batch.GroupOf[row];
-                double scaling = output.dtype == ScalarType.Float32 ? (float)scalingOf[group] : scalingOf[group];
+                double scaling = LoraLayer.ScalingIn(scalingOf[group], output.dtype);
                 for (int k = 0; k < rankOf[group]; k++)
                     mask[row * total + offsetOf[group] + k] = scaling;
             }
@@ -338,32 +317,32 @@ namespace TorchLinear.Lora
         internal MixedBatch(IReadOnlyList<string> rows)
         {
             Rows = rows.ToArray();
+            var groupOf = new Dictionary<string, int>(StringComparer.Ordinal);
             var names = new List<string>();
-            var starts = new List<long>();
             var counts = new List<long>();
-            var order = new List<long>(Rows.Length);
-            foreach (string name in Rows.Distinct(StringComparer.Ordinal))
-            {
-                long start = order.Count;
-                for (int row = 0; row < Rows.Length; row++)
-                {
-                    if (string.Equals(Rows[row], name, StringComparison.Ordinal))
-                        order.Add(row);
-                }
-                names.Add(name);
-                starts.Add(start);
-                counts.Add(order.Count - start);
-            }
-            _order = order.ToArray();
             GroupOf = new int[Rows.Length];
-            for (int group = 0; group < names.Count; group++)
+            for (int row = 0; row < Rows.Length; row++)
             {
-                for (long i = starts[group]; i < starts[group] + counts[group]; i++)
-                    GroupOf[_order[i]] = group;
+                if (!groupOf.TryGetValue(Rows[row], out int group))
+                {
+                    group = names.Count;
+                    groupOf[Rows[row]] = group;
+                    names.Add(Rows[row]);
+                    counts.Add(0);
+                }
+                GroupOf[row] = group;
+                counts[group]++;
             }
             Names = names;
-            Starts = starts.ToArray();
             Counts = counts.ToArray();
+            Starts = new long[Counts.Length];
+            for (int group = 1; group < Counts.Length; group++)
+                Starts[group] = Starts[group - 1] + Counts[group - 1];
+            // Each group's rows in batch order, the groups one after the other.
+            _order = new long[Rows.Length];
+            var next = (long[])Starts.Clone();
+            for (int row = 0; row < Rows.Length; row++)
+                _order[next[GroupOf[row]]++] = row;
         }
 
         /// <summary>The adapter name (or <c>"__base__"</c>) of each row.</summary>

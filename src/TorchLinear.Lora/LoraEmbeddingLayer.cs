@@ -136,7 +136,7 @@ namespace TorchLinear.Lora
                 return output;
             CheckRunsIn(output);
             using var scope = NewDisposeScope();
-            AddTerm(output, indices);
+            output.add_(Lookup(indices).mul_(_scaling).matmul(lora_embedding_B.t()), One);
             return output;
         }
 
@@ -146,10 +146,6 @@ namespace TorchLinear.Lora
             if (lora_embedding_A.dtype != output.dtype || lora_embedding_A.device_type != output.device_type)
                 throw new InvalidOperationException($"{Owner}: the adapter is {lora_embedding_A.dtype} on {lora_embedding_A.device}, but the embedding computes {output.dtype} on {output.device}: convert the model before the adapter is put in.");
         }
-
-        /// <summary><see cref="add_to"/>'s arithmetic for an unmerged adapter <see cref="CheckRunsIn"/> accepted; temporaries go to the caller's scope.</summary>
-        internal void AddTerm(Tensor output, Tensor indices) =>
-            output.add_(Lookup(indices).mul_(_scaling).matmul(lora_embedding_B.t()), One);
 
         /// <summary><c>embedding(indices, Aᵀ)</c>: the rows of Aᵀ the indices name, shape (*, r).</summary>
         internal Tensor Lookup(Tensor indices) => Lookup(lora_embedding_A, indices);

@@ -292,26 +292,6 @@ namespace TorchLinear.Lora
                 return output;
             CheckRunsIn(output);
             using var scope = NewDisposeScope();
-            AddTerm(output, input, training, weight, bias);
-            return output;
-        }
-
-        /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
-        internal void CheckRunsIn(Tensor output)
-        {
-            Tensor a = lora_A.weight;
-            if (a.dtype != output.dtype || a.device_type != output.device_type || a.device_index != output.device_index)
-                throw new InvalidOperationException(
-                    $"{Owner}: the adapter is {a.dtype} on {a.device}, but the layer computes {output.dtype} on {output.device}. " +
-                    "TorchSharp's nn.Linear does not pass .to(...) on to its children: convert the model before the adapter is injected or loaded (or unload it, convert, and load it again).");
-        }
-
-        /// <summary>
-        /// <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>'s arithmetic, for an unmerged adapter whose dtype and
-        /// device <see cref="CheckRunsIn"/> accepted; its temporaries go to the caller's dispose scope.
-        /// </summary>
-        internal void AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias)
-        {
             Tensor a = lora_A.weight, b = lora_B.weight;
             bool dropped = training && lora_dropout > 0;
             Tensor x = dropped ? nn.functional.dropout(input, lora_dropout, training: true) : input;
@@ -327,13 +307,24 @@ namespace TorchLinear.Lora
                 // a bias, a copy: the product below keeps it for the magnitude's gradient, and output is written next.
                 Tensor baseResult = dropped ? LinearFunctional.linear(x, weight) : bias is null ? output.clone() : output - bias;
                 output.add_((scale - 1) * baseResult + scale * loraResult * scaling, One);
-                return;
+                return output;
             }
             Tensor h = nn.functional.linear(x, a).mul_(_scaling);  // libtorch: linear without a bias is matmul(x, aᵀ), in one call
             if (output.dtype == ScalarType.Float32 && h.dim() == 2 && output.dim() == 2)
                 output.addmm_(h, b.t(), 1, 1);  // accumulated into the output: no full-size temporary
             else
                 output.add_(h.matmul(b.t()), One);
+            return output;
+        }
+
+        /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
+        internal void CheckRunsIn(Tensor output)
+        {
+            Tensor a = lora_A.weight;
+            if (a.dtype != output.dtype || a.device_type != output.device_type || a.device_index != output.device_index)
+                throw new InvalidOperationException(
+                    $"{Owner}: the adapter is {a.dtype} on {a.device}, but the layer computes {output.dtype} on {output.device}. " +
+                    "TorchSharp's nn.Linear does not pass .to(...) on to its children: convert the model before the adapter is injected or loaded (or unload it, convert, and load it again).");
         }
 
         /// <summary>
