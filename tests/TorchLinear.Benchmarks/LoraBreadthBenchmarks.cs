@@ -95,31 +95,17 @@ namespace TorchLinear.Benchmarks
     [MemoryDiagnoser]
     public class DoraBenchmarks : ThreadsBenchmark
     {
-        private const int Rows = 64, Width = 512, Rank = 8, Alpha = 16;
+        private const int Rows = 64, Width = 512;
         private Sequential _lora = null!, _dora = null!, _merged = null!;
         private Tensor _x = null!;
-
-        private static Sequential Adapted(bool dora)
-        {
-            var model = LoraModelBenchmarks.Model(Width);
-            manual_seed(1);
-            LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear", use_dora = dora });
-            using (no_grad())
-            {
-                foreach (var (_, parameter) in model.named_parameters().Where(p => p.name.Contains(".lora_B.", StringComparison.Ordinal)))
-                    parameter.normal_(0, 0.01);
-            }
-            model.eval();
-            return model;
-        }
 
         [GlobalSetup]
         public void Setup()
         {
             UseThreads();
-            _lora = Adapted(dora: false);
-            _dora = Adapted(dora: true);
-            _merged = Adapted(dora: true);
+            _lora = LoraModelBenchmarks.Adapted(Width);
+            _dora = LoraModelBenchmarks.Adapted(Width, dora: true);
+            _merged = LoraModelBenchmarks.Adapted(Width, dora: true);
             LoraModel.merge_and_unload(_merged);
             manual_seed(2);
             _x = randn(Rows, Width);

@@ -44,11 +44,11 @@ namespace TorchLinear.Benchmarks
                                  ("4", new CustomLinear(width, width)), ("5", nn.ReLU()), ("6", new CustomLinear(width, width)));
         }
 
-        internal static Sequential Adapted(int width = 512, bool custom = false)
+        internal static Sequential Adapted(int width = 512, bool custom = false, bool dora = false)
         {
             var model = custom ? CustomModel(width) : Model(width);
             manual_seed(1);
-            LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear" });
+            LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear", use_dora = dora });
             using (no_grad())
             {
                 foreach (var (name, parameter) in model.named_parameters().Where(p => p.name.EndsWith("lora_B.default.weight", StringComparison.Ordinal)))
