@@ -8,7 +8,81 @@ using static TorchSharp.torch;
 namespace TorchLinear.Lora
 {
     /// <summary>
-    /// An <c>nn.Linear</c> with LoRA adapters that run in its own <see cref="forward"/>, put in place of a Linear that a
+    /// What <see cref="LoraWrapper"/> and <see cref="LoraEmbeddingWrapper"/> share: the base layer they stand in for, whose
+    /// parameters they register under the base layer's own names, a forward of the base layer's output plus the active
+    /// adapters' terms, and giving the base layer back whole when the adapters are taken out.
+    /// </summary>
+    /// <typeparam name="TBase">The wrapped layer's type.</typeparam>
+    public abstract class AdapterWrapper<TBase> : nn.Module<Tensor, Tensor> where TBase : nn.Module<Tensor, Tensor>
+    {
+        private readonly AdaptedLayer _layer;
+        private readonly string[] _registered;
+        private bool _unwrapped;
+
+        private protected AdapterWrapper(string name, TBase base_layer, AdaptedLayer layer, params (string Name, Parameter? Value)[] parameters) : base(name)
+        {
+            this.base_layer = base_layer;
+            _layer = layer;
+            // The order of the base layer's state_dict, then the adapters'.
+            foreach (var (parameterName, value) in parameters)
+            {
+                if (value is not null)
+                    ConditionallyRegisterParameter(parameterName, value);
+            }
+            _registered = parameters.Select(p => p.Name).ToArray();
+            if (!base_layer.training)
+                train(false);
+        }
+
+        /// <summary>The layer this wrapper stands in for; it holds the same parameters.</summary>
+        public TBase base_layer { get; }
+
+        private protected AdaptedLayer Layer => _layer;
+
+        /// <summary>The base layer's output for <paramref name="input"/>.</summary>
+        private protected abstract Tensor BaseOutput(Tensor input);
+
+        /// <summary>The base layer's output plus the active adapters' terms.</summary>
+        public override Tensor forward(Tensor input)
+        {
+            Tensor output = BaseOutput(input);
+            try
+            {
+                return _layer.Apply(output, input, training);
+            }
+            catch
+            {
+                output.Dispose();
+                throw;
+            }
+        }
+
+        /// <summary>Registers nothing more: the constructor registered the parameters, the model the adapters.</summary>
+        protected override void RegisterComponents()
+        {
+        }
+
+        /// <summary>Takes the parameters' registrations out again and frees this wrapper: the base layer is whole again.</summary>
+        internal TBase Unwrap()
+        {
+            foreach (string parameterName in _registered)
+                ConditionallyRegisterParameter(parameterName, null);
+            _unwrapped = true;
+            Dispose();
+            return base_layer;
+        }
+
+        /// <inheritdoc />
+        protected override void Dispose(bool disposing)
+        {
+            base.Dispose(disposing);
+            if (disposing && !_unwrapped)
+                base_layer.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// An <c>nn.Linear</c> with LoRA adapters that run in its own <see cref="AdapterWrapper{TBase}.forward"/>, put in place of a Linear that a
     /// model holds in a field (or a <c>ModuleList</c> / <c>ModuleDict</c> slot) typed <c>nn.Module&lt;Tensor, Tensor&gt;</c>
     /// or anything else it fits, as PEFT wraps a target layer: the adapters then run whether the model invokes the layer
     /// with <c>call(x)</c> or <c>forward(x)</c>.
@@ -19,28 +93,15 @@ namespace TorchLinear.Lora
     /// and PEFT's adapter keys (<c>q_proj.lora_A.default.weight</c>). <see cref="LoraModel"/> puts it in and takes it out:
     /// <c>unload</c> and <c>merge_and_unload</c> give the original <c>Linear</c> back, in the same field and slot.
     /// </remarks>
-    public sealed class LoraWrapper : nn.Module<Tensor, Tensor>
+    public sealed class LoraWrapper : AdapterWrapper<Linear>
     {
-        private readonly AdaptedLayer _layer;
-        private bool _unwrapped;
-
-        internal LoraWrapper(Linear base_layer, AdaptedLayer layer) : base(nameof(LoraWrapper))
+        internal LoraWrapper(Linear base_layer, AdaptedLayer layer)
+            : base(nameof(LoraWrapper), base_layer, layer, ("weight", base_layer.weight), ("bias", base_layer.bias))
         {
-            this.base_layer = base_layer;
-            _layer = layer;
-            // The order of the base layer's state_dict, then the adapters': weight, bias, lora_A, lora_B.
-            ConditionallyRegisterParameter("weight", base_layer.weight);
-            if (base_layer.bias is not null)
-                ConditionallyRegisterParameter("bias", base_layer.bias);
-            if (!base_layer.training)
-                train(false);
         }
 
-        /// <summary>The Linear this wrapper stands in for; it holds the same weight and bias parameters.</summary>
-        public Linear base_layer { get; }
-
         /// <summary>The adapters of this layer, in the order they were added.</summary>
-        public IReadOnlyList<LoraLayer> lora_layers => _layer.Adapters.OfType<LoraLayer>().ToList();
+        public IReadOnlyList<LoraLayer> lora_layers => Layer.Adapters.OfType<LoraLayer>().ToList();
 
         /// <summary>The base layer's weight, (out_features, in_features).</summary>
         public Parameter weight
@@ -65,72 +126,27 @@ namespace TorchLinear.Lora
             }
         }
 
-        /// <summary><c>x Wᵀ + b</c> as <c>nn.Linear</c> computes it, plus the active adapters' terms.</summary>
-        public override Tensor forward(Tensor input)
-        {
-            Tensor output = LinearFunctional.linear(input, weight, bias);
-            try
-            {
-                return _layer.Apply(output, input, training);
-            }
-            catch
-            {
-                output.Dispose();
-                throw;
-            }
-        }
-
-        /// <summary>Registers nothing more: the constructor registered the parameters, the model the adapters.</summary>
-        protected override void RegisterComponents()
-        {
-        }
-
-        /// <summary>Takes the parameters' registrations out again and frees this wrapper: the base layer is whole again.</summary>
-        internal Linear Unwrap()
-        {
-            ConditionallyRegisterParameter("weight", null);
-            ConditionallyRegisterParameter("bias", null);
-            _unwrapped = true;
-            Dispose();
-            return base_layer;
-        }
-
-        /// <inheritdoc />
-        protected override void Dispose(bool disposing)
-        {
-            base.Dispose(disposing);
-            if (disposing && !_unwrapped)
-                base_layer.Dispose();
-        }
+        /// <summary><c>x Wᵀ + b</c> as <c>nn.Linear</c> computes it.</summary>
+        private protected override Tensor BaseOutput(Tensor input) => LinearFunctional.linear(input, weight, bias);
 
         /// <summary>For example <c>LoraWrapper(in_features=24, out_features=8, bias=True, adapters=default (r=4))</c>.</summary>
         public override string ToString() =>
             $"LoraWrapper(in_features={base_layer.in_features}, out_features={base_layer.out_features}, bias={(base_layer.bias is null ? "False" : "True")}, " +
-            $"adapters={string.Join(", ", _layer.Adapters.Select(a => $"{a.Name} (r={a.r})"))})";
+            $"adapters={string.Join(", ", Layer.Adapters.Select(a => $"{a.Name} (r={a.r})"))})";
     }
 
     /// <summary>
-    /// An <c>nn.Embedding</c> with LoRA adapters that run in its own <see cref="forward"/>, put in place of an Embedding that
+    /// An <c>nn.Embedding</c> with LoRA adapters that run in its own <see cref="AdapterWrapper{TBase}.forward"/>, put in place of an Embedding that
     /// a model holds in a field typed <c>nn.Module&lt;Tensor, Tensor&gt;</c> (see <see cref="LoraWrapper"/>): the base
     /// weight is registered as <c>weight</c>, the adapters as <c>lora_embedding_A.&lt;name&gt;</c> and
     /// <c>lora_embedding_B.&lt;name&gt;</c>.
     /// </summary>
-    public sealed class LoraEmbeddingWrapper : nn.Module<Tensor, Tensor>
+    public sealed class LoraEmbeddingWrapper : AdapterWrapper<Embedding>
     {
-        private readonly AdaptedLayer _layer;
-        private bool _unwrapped;
-
-        internal LoraEmbeddingWrapper(Embedding base_layer, AdaptedLayer layer) : base(nameof(LoraEmbeddingWrapper))
+        internal LoraEmbeddingWrapper(Embedding base_layer, AdaptedLayer layer)
+            : base(nameof(LoraEmbeddingWrapper), base_layer, layer, ("weight", base_layer.weight))
         {
-            this.base_layer = base_layer;
-            _layer = layer;
-            ConditionallyRegisterParameter("weight", base_layer.weight);
-            if (!base_layer.training)
-                train(false);
         }
-
-        /// <summary>The Embedding this wrapper stands in for; it holds the same weight.</summary>
-        public Embedding base_layer { get; }
 
         /// <summary>The base embedding's weight, (num_embeddings, embedding_dim).</summary>
         public Parameter weight
@@ -143,40 +159,7 @@ namespace TorchLinear.Lora
             }
         }
 
-        /// <summary>The base lookup plus the active adapters' terms.</summary>
-        public override Tensor forward(Tensor input)
-        {
-            Tensor output = base_layer.forward(input);
-            try
-            {
-                return _layer.Apply(output, input, training);
-            }
-            catch
-            {
-                output.Dispose();
-                throw;
-            }
-        }
-
-        /// <summary>Registers nothing more.</summary>
-        protected override void RegisterComponents()
-        {
-        }
-
-        internal Embedding Unwrap()
-        {
-            ConditionallyRegisterParameter("weight", null);
-            _unwrapped = true;
-            Dispose();
-            return base_layer;
-        }
-
-        /// <inheritdoc />
-        protected override void Dispose(bool disposing)
-        {
-            base.Dispose(disposing);
-            if (disposing && !_unwrapped)
-                base_layer.Dispose();
-        }
+        /// <summary>The base embedding's lookup.</summary>
+        private protected override Tensor BaseOutput(Tensor input) => base_layer.forward(input);
     }
 }
