@@ -45,8 +45,7 @@ namespace TorchLinear.Lora
     {
         private static readonly Scalar One = 1;
         private readonly Scalar _scaling;
-        private Tensor? _unmergedWeight;
-        private bool _merged;
+        private readonly MergeState _merge = new();
         private bool _disposed;
 
         internal LoraEmbeddingLayer(long num_embeddings, long embedding_dim, int r, double lora_alpha, bool use_rslora,
@@ -107,7 +106,7 @@ namespace TorchLinear.Lora
         public string adapter_name { get; internal set; } = "default";
 
         /// <summary>Whether the update is folded into the host's weight.</summary>
-        public bool merged => _merged;
+        public bool merged => _merge.Merged;
 
         internal string Owner { get; set; } = nameof(LoraEmbeddingLayer);
 
@@ -132,7 +131,7 @@ namespace TorchLinear.Lora
         public Tensor add_to(Tensor output, Tensor indices)
         {
             ThrowIfDisposed();
-            if (_merged)
+            if (_merge.Merged)
                 return output;
             CheckRunsIn(output);
             using var scope = NewDisposeScope();
@@ -185,27 +184,14 @@ namespace TorchLinear.Lora
         void IAdapter.MergeChecked(Parameter weight, bool keep)
         {
             CheckWeight(weight);
-            using var noGrad = no_grad();
-            using var scope = NewDisposeScope();
-            var kept = keep ? weight.detach().clone().DetachFromDisposeScope() : null;
-            weight.add_(delta_weight(), One);
-            _unmergedWeight = kept;
-            _merged = true;
+            _merge.Merge(weight, keep, w => w.add_(delta_weight(), One));
         }
 
         /// <summary>Takes a merged update out of <paramref name="weight"/> again, restoring it bit for bit.</summary>
         public void unmerge(Parameter weight)
         {
             ThrowIfDisposed();
-            if (!_merged)
-                return;
-            if (_unmergedWeight is null)
-                throw new InvalidOperationException($"{Owner}: merged for good (merge_and_unload), so there is no weight to restore.");
-            using (no_grad())
-                weight.copy_(_unmergedWeight);
-            _unmergedWeight.Dispose();
-            _unmergedWeight = null;
-            _merged = false;
+            _merge.Unmerge(weight, Owner);
         }
 
         void IAdapter.ApplyMerge(Tensor weight)
@@ -215,11 +201,7 @@ namespace TorchLinear.Lora
             weight.add_(delta_weight(), One);
         }
 
-        void IAdapter.ForgetUnmerged()
-        {
-            _unmergedWeight?.Dispose();
-            _unmergedWeight = null;
-        }
+        void IAdapter.ForgetUnmerged() => _merge.Forget();
 
         internal void CheckWeight(Tensor weight)
         {
@@ -237,8 +219,7 @@ namespace TorchLinear.Lora
         {
             if (disposing && !_disposed)
             {
-                _unmergedWeight?.Dispose();
-                _unmergedWeight = null;
+                _merge.Dispose();
                 lora_embedding_A.Dispose();
                 lora_embedding_B.Dispose();
             }

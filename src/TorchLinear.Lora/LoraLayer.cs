@@ -37,8 +37,7 @@ namespace TorchLinear.Lora
     {
         private static readonly Scalar One = 1;
         private readonly Scalar _scaling;
-        private Tensor? _unmergedWeight;
-        private bool _merged;
+        private readonly MergeState _merge = new();
         private bool _disposed;
 
         /// <summary>Creates an adapter for a layer of <paramref name="in_features"/> → <paramref name="out_features"/>, initialised with <see cref="reset_lora_parameters"/>.</summary>
@@ -137,10 +136,10 @@ namespace TorchLinear.Lora
         public LoraProjection lora_B { get; }
 
         /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>.</summary>
-        public bool merged => _merged;
+        public bool merged => _merge.Merged;
 
         /// <summary>While merged, the host's weight as it was before the merge; otherwise null.</summary>
-        public Tensor? weight_before_merge => _unmergedWeight;
+        public Tensor? weight_before_merge => _merge.Kept;
 
         /// <summary>Who hosts this adapter, for messages (the module's path in its model, or the host's description).</summary>
         internal string Owner { get; set; } = nameof(LoraLayer);
@@ -288,7 +287,7 @@ namespace TorchLinear.Lora
         public Tensor add_to(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias)
         {
             ThrowIfDisposed();
-            if (_merged)
+            if (_merge.Merged)
                 return output;
             CheckRunsIn(output);
             using var scope = NewDisposeScope();
@@ -354,38 +353,17 @@ namespace TorchLinear.Lora
         {
             ThrowIfDisposed();
             ArgumentNullException.ThrowIfNull(weight);
-            if (!_merged)
-                return;
-            if (_unmergedWeight is null)
-                throw new InvalidOperationException($"{Owner}: merged for good (merge_and_unload), so there is no weight to restore.");
-            using (no_grad())
-                weight.copy_(_unmergedWeight);
-            _unmergedWeight.Dispose();
-            _unmergedWeight = null;
-            _merged = false;
+            _merge.Unmerge(weight, Owner);
         }
 
         /// <summary>Forgets the kept weight without restoring it: the host keeps W + Δ for good (merge_and_unload).</summary>
-        internal void ForgetUnmerged()
-        {
-            _unmergedWeight?.Dispose();
-            _unmergedWeight = null;
-        }
+        internal void ForgetUnmerged() => _merge.Forget();
 
         /// <summary>
         /// The merge itself, for callers that have checked every layer with <see cref="MergesFinite"/> first. Without
         /// <paramref name="keep"/> (merge_and_unload) the weight before merging is not kept: there is nothing to unmerge to.
         /// </summary>
-        internal void MergeChecked(Parameter weight, bool keep = true)
-        {
-            using var noGrad = no_grad();
-            using var scope = NewDisposeScope();
-            // A copy that no dispose scope frees, without the detach() wrapper left alive.
-            var kept = keep ? weight.detach().clone().DetachFromDisposeScope() : null;
-            AddDelta(weight);
-            _unmergedWeight = kept;
-            _merged = true;
-        }
+        internal void MergeChecked(Parameter weight, bool keep = true) => _merge.Merge(weight, keep, AddDelta);
 
         /// <summary>
         /// Whether W + Δ stays finite. Cheap where it can be: when A, B and W are finite and
@@ -492,15 +470,7 @@ namespace TorchLinear.Lora
         {
             // The projections are converted as children of the host; the kept weight is this module's own state.
             base._toEpilog(dtype, device, non_blocking);
-            if (_unmergedWeight is { } kept)
-            {
-                Tensor converted = kept.to(dtype ?? kept.dtype, device ?? kept.device).DetachFromDisposeScope();
-                if (!ReferenceEquals(converted, kept))
-                {
-                    kept.Dispose();
-                    _unmergedWeight = converted;
-                }
-            }
+            _merge.Convert(dtype, device);
         }
 
         /// <inheritdoc />
@@ -508,8 +478,7 @@ namespace TorchLinear.Lora
         {
             if (disposing && !_disposed)
             {
-                _unmergedWeight?.Dispose();
-                _unmergedWeight = null;
+                _merge.Dispose();
                 lora_A.Dispose();
                 lora_B.Dispose();
                 lora_magnitude_vector?.Dispose();
