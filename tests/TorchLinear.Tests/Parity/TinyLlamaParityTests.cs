@@ -1,0 +1,237 @@
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using System.Text;
+using System.Text.Json;
+using TorchLinear.Tests.RealModels;
+using TorchSharp;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Tests
+{
+    /// <summary>
+    /// The hand-written port of transformers' LlamaForCausalLM (RealModels/TinyLlama.cs) against
+    /// ReferenceData/Parity/RealModels/tiny_llama.parity.pt, recorded from transformers' own modeling_llama.py on PyTorch
+    /// 1.13 (make_real_models.py beside it): the port's state_dict is transformers', its logits and every module's output
+    /// match the recording, and planted porting mistakes are caught where they are.
+    /// </summary>
+    public class TinyLlamaParityTests
+    {
+        private static readonly string RecordingPath =
+            Path.Combine(AppContext.BaseDirectory, "ReferenceData", "Parity", "RealModels", "tiny_llama.parity.pt");
+
+        /// <summary>The recorded model's configuration (make_real_models.py's tiny_llama).</summary>
+        private static LlamaConfig Config(double rms_norm_eps = 1e-6) => new()
+        {
+            vocab_size = 64,
+            hidden_size = 16,
+            intermediate_size = 32,
+            num_hidden_layers = 2,
+            num_attention_heads = 4,
+            num_key_value_heads = 2,
+            rms_norm_eps = rms_norm_eps,
+        };
+
+        /// <summary>Every tensor of the recording, by key; disposes them.</summary>
+        private sealed class Recorded : IDisposable
+        {
+            public Dictionary<string, Tensor> Tensors { get; } = StateDicts.ReadPyTorchFile(RecordingPath);
+
+            public Tensor this[string key] =>
+                Tensors.TryGetValue(key, out var t) ? t : throw new KeyNotFoundException($"{RecordingPath} has no tensor '{key}'.");
+
+            public JsonElement Metadata
+            {
+                get
+                {
+                    using var document = JsonDocument.Parse(Encoding.UTF8.GetString(this["metadata"].bytes));
+                    return document.RootElement.Clone();
+                }
+            }
+
+            /// <summary>The recorded state_dict, without the "state/" prefix, in the file's order.</summary>
+            public Dictionary<string, Tensor> State() =>
+                Tensors.Where(kv => kv.Key.StartsWith("state/", StringComparison.Ordinal)).ToDictionary(kv => kv.Key["state/".Length..], kv => kv.Value);
+
+            public Tensor Input(string call, int j) => this[$"call/{call}/input/{j}"];
+            public Tensor Output(string call, int k) => this[$"call/{call}/output/{k}"];
+
+            public void Dispose()
+            {
+                foreach (var t in Tensors.Values)
+                    t.Dispose();
+            }
+        }
+
+        /// <summary>A port with the recorded weights, in eval mode as the recording (its training flags are all false).</summary>
+        private static LlamaForCausalLM LoadedPort(Recorded recorded, LlamaConfig? config = null, LlamaPortMistakes mistakes = LlamaPortMistakes.None)
+        {
+            var port = new LlamaForCausalLM(config ?? Config(), mistakes);
+            Assert.Empty(StateDicts.LoadChecked(port, recorded.State()));
+            port.eval();
+            return port;
+        }
+
+        /// <summary>A copy of <paramref name="t"/> that outlives the forward's dispose scopes (for a hook to keep).</summary>
+        private static Tensor Kept(Tensor t) => t.detach().clone().DetachFromDisposeScope();
+
+        private static T Submodule<T>(nn.Module root, string path) where T : nn.Module =>
+            root.named_modules().Single(m => m.name == path).module as T
+            ?? throw new InvalidOperationException($"{path} is not a {typeof(T).Name}.");
+
+        [Fact]
+        public void StateDict_IsTransformers_KeyForKey_AndInvFreqIsNotInIt()
+        {
+            using var recorded = new Recorded();
+            using var port = new LlamaForCausalLM(Config());
+            var expected = recorded.State();
+            var actual = port.state_dict();
+            Assert.Equal(expected.Keys, actual.Keys);
+            Assert.All(expected, kv => Assert.Equal(kv.Value.shape, actual[kv.Key].shape));
+            Assert.Equal(recorded.Metadata.GetProperty("parameters").EnumerateArray().Select(e => e.GetString()),
+                         port.named_parameters().Select(p => p.name));
+            // inv_freq is a buffer (persistent=False in transformers): not saved, and converted with the module (which
+            // TorchSharp's Module.to does not do for a non-persistent buffer by itself), still not saved then.
+            var rotary = Submodule<LlamaRotaryEmbedding>(port, "model.rotary_emb");
+            Assert.Equal(ScalarType.Float32, rotary.inv_freq.dtype);
+            port.to(ScalarType.Float64);
+            Assert.Equal(ScalarType.Float64, rotary.inv_freq.dtype);
+            Assert.DoesNotContain("model.rotary_emb.inv_freq", port.state_dict().Keys);
+        }
+
+        [Fact]
+        public void InvFreq_IsOneOverThetaToTheEvenFeaturesOverHeadDim()
+        {
+            using var rotary = new LlamaRotaryEmbedding(Config());
+            // head_dim 4: 1 / 10000^(0/4), 1 / 10000^(2/4) in float32.
+            Equivalence.AssertClose(rotary.inv_freq, torch.tensor(new float[] { 1f, 0.01f }), rtol: 0, atol: 0);
+        }
+
+        [Fact]
+        public void Logits_MatchTheRecordedOutput()
+        {
+            using var recorded = new Recorded();
+            using var port = LoadedPort(recorded);
+            using var logits = port.call(recorded["input/0"]);
+            Equivalence.AssertClose(logits, recorded.Output("", 0));
+        }
+
+        [Fact]
+        public void InTheWholeForward_EveryAttentionDecoderLayerAndTheRotaryEmbedding_MatchTheirRecordedCalls()
+        {
+            using var recorded = new Recorded();
+            using var port = LoadedPort(recorded);
+            var seen = new Dictionary<string, Tensor[]>();
+            var rotary = Submodule<LlamaRotaryEmbedding>(port, "model.rotary_emb");
+            var removers = new List<Action>();
+            removers.Add(rotary.register_forward_hook((m, x, ids, output) =>
+            {
+                seen["model.rotary_emb"] = new[] { Kept(output.cos), Kept(output.sin) };
+                return output;
+            }).remove);
+            for (int i = 0; i < 2; i++)
+            {
+                string layerPath = $"model.layers.{i}";
+                removers.Add(Submodule<LlamaDecoderLayer>(port, layerPath).register_forward_hook((m, h, mask, ids, cache, pe, output) =>
+                {
+                    seen[layerPath] = new[] { Kept(output), Kept(mask), Kept(ids), Kept(cache) };
+                    return output;
+                }).remove);
+                removers.Add(Submodule<LlamaAttention>(port, layerPath + ".self_attn").register_forward_hook((m, h, mask, ids, cache, pe, output) =>
+                {
+                    seen[layerPath + ".self_attn"] = new[] { Kept(output) };
+                    return output;
+                }).remove);
+            }
+            using (var logits = port.call(recorded["input/0"])) { }
+            foreach (var remove in removers)
+                remove();
+
+            Equivalence.AssertClose(seen["model.rotary_emb"][0], recorded.Output("model.rotary_emb", 0));
+            Equivalence.AssertClose(seen["model.rotary_emb"][1], recorded.Output("model.rotary_emb", 1));
+            for (int i = 0; i < 2; i++)
+            {
+                string layerPath = $"model.layers.{i}";
+                Equivalence.AssertClose(seen[layerPath + ".self_attn"][0], recorded.Output(layerPath + ".self_attn", 0));
+                Equivalence.AssertClose(seen[layerPath][0], recorded.Output(layerPath, 0));
+                // The causal mask, position_ids and cache_position are transformers', bit for bit.
+                Equivalence.AssertClose(seen[layerPath][1], recorded.Input(layerPath, 1), rtol: 0, atol: 0);
+                Equivalence.AssertClose(seen[layerPath][2], recorded.Input(layerPath, 2), rtol: 0, atol: 0);
+                Equivalence.AssertClose(seen[layerPath][3], recorded.Input(layerPath, 3), rtol: 0, atol: 0);
+            }
+            foreach (var t in seen.Values.SelectMany(ts => ts))
+                t.Dispose();
+        }
+
+        /// <summary>Each module run on PyTorch's recorded inputs gives PyTorch's recorded output (no upstream drift).</summary>
+        [Theory]
+        [InlineData("model.rotary_emb")]
+        [InlineData("model.layers.0.input_layernorm")]
+        [InlineData("model.layers.0.self_attn")]
+        [InlineData("model.layers.0.mlp")]
+        [InlineData("model.layers.0")]
+        [InlineData("model.layers.1.self_attn")]
+        [InlineData("model.layers.1")]
+        [InlineData("model.norm")]
+        [InlineData("model")]
+        public void GivenPyTorchsInputs_AModuleGivesPyTorchsOutput(string path)
+        {
+            using var recorded = new Recorded();
+            using var port = LoadedPort(recorded);
+            foreach (var (actual, expected) in RunOnRecordedInputs(port, recorded, path))
+            {
+                Equivalence.AssertClose(actual, expected);
+                actual.Dispose();
+            }
+        }
+
+        /// <summary>The module at <paramref name="path"/> called on its recorded inputs: (its outputs, the recorded ones).</summary>
+        private static List<(Tensor Actual, Tensor Expected)> RunOnRecordedInputs(LlamaForCausalLM port, Recorded recorded, string path)
+        {
+            Tensor In(int j) => recorded.Input(path, j);
+            Tensor Out(int k) => recorded.Output(path, k);
+            var module = port.named_modules().Single(m => m.name == path).module;
+            switch (module)
+            {
+                case LlamaRotaryEmbedding rotary:
+                    var (cos, sin) = rotary.call(In(0), In(1));
+                    return new() { (cos, Out(0)), (sin, Out(1)) };
+                case LlamaAttention attention:
+                    return new() { (attention.call(In(0), In(1), In(2), In(3), (In(4), In(5))), Out(0)) };
+                case LlamaDecoderLayer layer:
+                    return new() { (layer.call(In(0), In(1), In(2), In(3), (In(4), In(5))), Out(0)) };
+                case nn.Module<Tensor, Tensor> single:
+                    return new() { (single.call(In(0)), Out(0)) };
+                default:
+                    throw new InvalidOperationException($"{path} is a {module.GetType().Name}, which this test cannot call.");
+            }
+        }
+
+        [Fact]
+        public void AWrongRmsNormEps_ChangesTheFirstInputLayernormsOutput()
+        {
+            using var recorded = new Recorded();
+            using var port = LoadedPort(recorded, Config(rms_norm_eps: 1e-5));
+            var (actual, expected) = RunOnRecordedInputs(port, recorded, "model.layers.0.input_layernorm").Single();
+            Assert.Throws<TensorMismatchException>(() => Equivalence.AssertClose(actual, expected));
+            actual.Dispose();
+        }
+
+        [Theory]
+        [InlineData(LlamaPortMistakes.RotateHalfSwapped)]
+        [InlineData(LlamaPortMistakes.AttentionScaledByHeadDim)]
+        public void AnAttentionMistake_ChangesTheFirstAttentionsOutput_NotTheSeconds(LlamaPortMistakes mistake)
+        {
+            using var recorded = new Recorded();
+            using var port = LoadedPort(recorded, mistakes: mistake);
+            var (first, firstExpected) = RunOnRecordedInputs(port, recorded, "model.layers.0.self_attn").Single();
+            Assert.Throws<TensorMismatchException>(() => Equivalence.AssertClose(first, firstExpected));
+            var (second, secondExpected) = RunOnRecordedInputs(port, recorded, "model.layers.1.self_attn").Single();
+            Equivalence.AssertClose(second, secondExpected);
+            first.Dispose();
+            second.Dispose();
+        }
+    }
+}
