@@ -71,7 +71,7 @@ namespace TorchLinear
             using (no_grad())
                 port.load_state_dict(initial.ToDictionary(kv => kv.Key, kv => kv.Value));
 
-            var forwardOptions = new ParityOptions { Rtol = options.Forward?.Rtol, Atol = options.Forward?.Atol, EqualNan = options.EqualNan };
+            var forwardOptions = new ParityOptions { Rtol = options.Forward?.Rtol, Atol = options.Forward?.Atol, EqualNan = options.EqualNan, NoiseFactor = 0 };
             var groupOf = new Dictionary<string, ParamGroup>();
             foreach (var group in groups)
             {
@@ -102,8 +102,10 @@ namespace TorchLinear
                     var lrAfter = parameters.ToDictionary(p => p.name, p => groupOf[p.name].LearningRate);
 
                     // Forward: every module call, as Parity.Replay compares them.
-                    var calls = CompareCalls(recording.CallOrder(s), recording.ModuleTypes(s), key => recording.CallInputs(s, key),
-                                             key => recording.Find($"step/{s}/call/{key}/output"), capture.Calls, forwardOptions);
+                    var recorded = new RecordedRun(recording.CallOrder(s), null, recording.ModuleTypes(s), key => recording.CallInputs(s, key),
+                                                   key => recording.Find($"step/{s}/call/{key}/output") is { } output ? new List<Tensor> { output } : new List<Tensor>(),
+                                                   _ => null);
+                    var (calls, _) = CompareCalls(recorded, capture.Calls, port, forwardOptions);
                     var forward = new ParityReport(recording.Path, recording.TorchVersion, recording.ModuleType, calls, new List<ParityRow>());
                     TrainingDivergence? divergence = null;
                     if (forward.FirstDivergence is { } module)
