@@ -233,5 +233,101 @@ namespace TorchLinear.Tests
             first.Dispose();
             second.Dispose();
         }
+
+        // ---- Parity.Replay against the recording ----
+
+        /// <summary>The modules of several tensors in and out: the rows that must have been compared, not skipped.</summary>
+        private static readonly string[] MultiTensorCalls =
+        {
+            "model.rotary_emb", "model.layers.0.self_attn", "model.layers.0", "model.layers.1.self_attn", "model.layers.1",
+        };
+
+        [Fact]
+        public void Replay_FaithfulPort_NoDivergence_ForwardAndBackward_WithAttentionDecoderLayersAndRotaryCompared()
+        {
+            using var recorded = new Recorded();
+            using var port = new LlamaForCausalLM(Config());
+            port.eval();
+            var report = Parity.Replay(port, RecordingPath);
+
+            Assert.True(report.AllClose, report.ToString());
+            Assert.Null(report.FirstDivergence);
+            // Every recorded call, in PyTorch's order, compared and close: none unseen, none without a tensor.
+            var callOrder = recorded.Metadata.GetProperty("call_order").EnumerateArray().Select(e => e.GetString() is "" ? "(model)" : e.GetString()).ToList();
+            Assert.Equal(32, callOrder.Count);
+            Assert.Equal(callOrder, report.Modules.Select(r => r.Path));
+            Assert.All(report.Modules, r => Assert.True(r.IsClose, $"{r.Path}: {r.Status} {r.Detail}"));
+            foreach (string path in MultiTensorCalls)
+            {
+                var row = report.Modules.Single(r => r.Path == path);
+                Assert.True(row.Status is ParityStatus.BitExact or ParityStatus.Close or ParityStatus.WithinRounding, $"{path}: {row.Status} {row.Detail}");
+                // Their keyword inputs (attention_mask, position_ids, cache_position, cos and sin) were compared too.
+                Assert.True(row.InputsMatch, $"{path}: inputs not compared or not matching: {row.Detail}");
+            }
+            Assert.Equal(new[] { "LlamaRotaryEmbedding", "LlamaAttention", "LlamaDecoderLayer" },
+                         MultiTensorCalls.Take(3).Select(p => report.Modules.Single(r => r.Path == p).ModuleType));
+            // Backward: every parameter's gradient, all close.
+            Assert.Equal(21, report.Gradients.Count(r => r.Path != "input 0"));
+            Assert.All(report.Gradients, r => Assert.True(r.IsClose, $"{r.Path}: {r.Status} {r.Detail}"));
+        }
+
+        [Fact]
+        public void Replay_RmsNormEps1e5_IsNamedAtTheFirstInputLayernorm()
+        {
+            using var port = new LlamaForCausalLM(Config(rms_norm_eps: 1e-5));
+            port.eval();
+            var report = Parity.Replay(port, RecordingPath);
+            Assert.False(report.AllClose);
+            Assert.Equal("model.layers.0.input_layernorm", report.FirstDivergence);
+            Assert.True(report.FirstDivergenceRow!.InputsMatch);
+        }
+
+        [Theory]
+        [InlineData(LlamaPortMistakes.AttentionScaledByHeadDim)]
+        [InlineData(LlamaPortMistakes.RotateHalfSwapped)]
+        public void Replay_AnAttentionMistake_IsNamedAtTheFirstSelfAttn(LlamaPortMistakes mistake)
+        {
+            using var port = new LlamaForCausalLM(Config(), mistake);
+            port.eval();
+            var report = Parity.Replay(port, RecordingPath);
+            Assert.False(report.AllClose);
+            Assert.Equal("model.layers.0.self_attn", report.FirstDivergence);
+            Assert.True(report.FirstDivergenceRow!.InputsMatch);
+            // Its projections, called before the mistake, are still close.
+            Assert.All(new[] { "q_proj", "k_proj", "v_proj" }, p => Assert.True(report.Modules.Single(r => r.Path == $"model.layers.0.self_attn.{p}").IsClose));
+        }
+
+        [Fact]
+        public void Replay_ComparesEveryTensorOfATupleOutput_TheRotaryEmbeddingsSinAloneWrongIsNamed()
+        {
+            using var port = new LlamaForCausalLM(Config());
+            port.eval();
+            // cos stays right; only the second tensor of the (cos, sin) tuple is off, by 1e-3.
+            var remover = Submodule<LlamaRotaryEmbedding>(port, "model.rotary_emb")
+                .register_forward_hook((m, x, position_ids, output) => (output.cos, (output.sin + 1e-3).MoveToOuterDisposeScope()));
+            var report = Parity.Replay(port, RecordingPath);
+            remover.remove();
+            Assert.Equal("model.rotary_emb", report.FirstDivergence);
+            Assert.True(report.FirstDivergenceRow!.InputsMatch);
+        }
+
+        [Fact]
+        public void Replay_ComparesKeywordInputs_AnAttentionMaskOfOtherWidthIsSeenAlthoughTheOutputIsTheSame()
+        {
+            using var port = new LlamaForCausalLM(Config());
+            port.eval();
+            // The first layer's attention gets the mask cut to the 7 keys it uses: its output is the same, its
+            // attention_mask input is not transformers' (2, 1, 7, 8).
+            var remover = Submodule<LlamaAttention>(port, "model.layers.0.self_attn").register_forward_pre_hook(
+                (m, hidden_states, attention_mask, position_ids, cache_position, position_embeddings) =>
+                    (hidden_states, attention_mask[TensorIndex.Colon, TensorIndex.Colon, TensorIndex.Colon, TensorIndex.Slice(null, 7)].MoveToOuterDisposeScope(),
+                     position_ids, cache_position, position_embeddings));
+            var report = Parity.Replay(port, RecordingPath);
+            remover.remove();
+            var attention = report.Modules.Single(r => r.Path == "model.layers.0.self_attn");
+            Assert.True(attention.IsClose, $"{attention.Status} {attention.Detail}");
+            Assert.False(attention.InputsMatch);
+            Assert.True(report.Modules.Single(r => r.Path == "model.layers.0").InputsMatch);
+        }
     }
 }
