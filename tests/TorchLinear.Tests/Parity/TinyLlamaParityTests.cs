@@ -110,6 +110,13 @@ namespace TorchLinear.Tests
         }
 
         [Fact]
+        public void RmsNorm_PrintsAsTransformersExtraRepr()
+        {
+            using var norm = new LlamaRMSNorm(16, 1e-6);
+            Assert.Equal("LlamaRMSNorm((16,), eps=1e-06)", norm.ToString());
+        }
+
+        [Fact]
         public void Logits_MatchTheRecordedOutput()
         {
             using var recorded = new Recorded();
@@ -309,6 +316,7 @@ namespace TorchLinear.Tests
             remover.remove();
             Assert.Equal("model.rotary_emb", report.FirstDivergence);
             Assert.True(report.FirstDivergenceRow!.InputsMatch);
+            Assert.Contains("model.rotary_emb output 1", report.FirstDivergenceRow.Detail);
         }
 
         [Fact]
