@@ -169,24 +169,42 @@ namespace TorchLinear
         {
             if (recorded is null)
                 return;
-            var trainingHere = new List<string>();
-            var evalHere = new List<string>();
+            var trainingHere = new List<(string Path, nn.Module Module)>();
+            var evalHere = new List<(string Path, nn.Module Module)>();
             foreach (var (portPath, module) in new[] { ("", port) }.Concat(port.named_modules()))
             {
                 string recordedPath = MapPath(portPath, options);
                 if (!recorded.TryGetValue(recordedPath, out bool training) || training == module.training)
                     continue;
-                (module.training ? trainingHere : evalHere).Add(Display(portPath));
+                (module.training ? trainingHere : evalHere).Add((Display(portPath), module));
             }
             if (trainingHere.Count == 0 && evalHere.Count == 0)
                 return;
             var parts = new List<string>();
+            static string List(List<(string Path, nn.Module Module)> modules)
+            {
+                // The modules whose result depends on the mode first: they are why it matters.
+                var modal = modules.Where(m => IsModal(m.Module)).ToList();
+                var others = modules.Where(m => !IsModal(m.Module)).Select(m => m.Path).ToList();
+                if (modal.Count == 0)
+                    return string.Join(", ", others);
+                string text = $"{modal.Count} that compute differently by mode: {string.Join(", ", modal.Select(m => $"{m.Path} ({CallCapture.TypeName(m.Module.GetType())})"))}";
+                return others.Count == 0 ? text : $"{text}; {others.Count} other{(others.Count == 1 ? "" : "s")}: {string.Join(", ", others)}";
+            }
             if (trainingHere.Count > 0)
-                parts.Add($"the recording was made with {trainingHere.Count} module{(trainingHere.Count == 1 ? "" : "s")} in eval mode that the port has in training mode: {string.Join(", ", trainingHere)} — call port.eval()");
+                parts.Add($"the recording was made with {trainingHere.Count} module{(trainingHere.Count == 1 ? "" : "s")} in eval mode that the port has in training mode (call port.eval()): {List(trainingHere)}");
             if (evalHere.Count > 0)
-                parts.Add($"the recording was made with {evalHere.Count} module{(evalHere.Count == 1 ? "" : "s")} in training mode that the port has in eval mode: {string.Join(", ", evalHere)} — call port.train() (or train those modules)");
+                parts.Add($"the recording was made with {evalHere.Count} module{(evalHere.Count == 1 ? "" : "s")} in training mode that the port has in eval mode (call port.train(), or train those modules): {List(evalHere)}");
             throw new InvalidOperationException(
-                $"Parity.Replay: {string.Join("; and ", parts)}. A module in another mode computes something else (BatchNorm's batch statistics, Dropout); nothing was loaded or compared ('{path}').");
+                $"Parity.Replay: {string.Join(". And ", parts)}. A module in another mode computes something else (BatchNorm's batch statistics, Dropout); nothing was loaded or compared ('{path}').");
+        }
+
+        /// <summary>Whether a module computes differently in training mode (normalisation with batch statistics, dropout).</summary>
+        private static bool IsModal(nn.Module module)
+        {
+            string type = CallCapture.TypeName(module.GetType());
+            return type.Contains("BatchNorm", StringComparison.Ordinal) || type.Contains("InstanceNorm", StringComparison.Ordinal)
+                || type.Contains("Dropout", StringComparison.Ordinal) || type == "MultiheadAttention";
         }
 
         /// <summary>A port's module path as the recording names it (<see cref="ParityOptions.NameMap"/>).</summary>
@@ -340,6 +358,12 @@ namespace TorchLinear
                     expected = options.ConvertState(name, expected);
                 rows.Add(GradientRow(name, grads[at++], expected, Tolerances(options, ModulePath(name)), options, recording.NoiseOf($"grad/param/{name}")));
             }
+            // Gradients PyTorch computed for parameters the port does not differentiate: a buffer where PyTorch has a
+            // parameter (a frozen BatchNorm), or requires_grad turned off.
+            var differentiated = new HashSet<string>(parameters.Select(p => p.name));
+            foreach (string name in recording.GradientNames.Where(n => !differentiated.Contains(n)))
+                rows.Add(new ParityRow(name, "gradient", ParityStatus.Diverged, null, 0, 0, 0,
+                    $"PyTorch computed a gradient of {name}; the port has no parameter {name} that requires grad (a buffer, or requires_grad off: frozen?)."));
             return rows;
         }
 

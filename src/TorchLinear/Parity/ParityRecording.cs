@@ -159,6 +159,10 @@ namespace TorchLinear
         /// for a model that could not run in float64; the replay then judges by tolerances alone.</summary>
         public bool HasRoundingReference => NoiseReference is not null;
 
+        /// <summary>The parameters whose gradients were recorded (<c>grad/param/&lt;name&gt;</c>), in the recording's order.</summary>
+        internal IReadOnlyList<string> GradientNames =>
+            _tensors.Keys.Where(k => k.StartsWith("grad/param/", StringComparison.Ordinal)).Select(k => k["grad/param/".Length..]).ToList();
+
         /// <summary>Which flattened output tensor of the root was taken as "the output" (for the upstream gradient).</summary>
         public int OutputIndex { get; }
 
