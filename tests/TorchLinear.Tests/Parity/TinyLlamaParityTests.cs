@@ -271,6 +271,13 @@ namespace TorchLinear.Tests
                 // Their keyword inputs (attention_mask, position_ids, cache_position, cos and sin) were compared too.
                 Assert.True(row.InputsMatch, $"{path}: inputs not compared or not matching: {row.Detail}");
             }
+            // The keyword tensors transformers passes were recorded under their names, and are what the rows compared.
+            var calls = recorded.Metadata.GetProperty("calls");
+            Assert.Equal(new[] { "hidden_states", "attention_mask", "position_ids", "cache_position", "position_embeddings.0", "position_embeddings.1" },
+                         calls.GetProperty("model.layers.0.self_attn").GetProperty("inputs").EnumerateArray().Select(e => e.GetString()));
+            Assert.Equal(new[] { "0", "attention_mask", "position_ids", "cache_position", "position_embeddings.0", "position_embeddings.1" },
+                         calls.GetProperty("model.layers.1").GetProperty("inputs").EnumerateArray().Select(e => e.GetString()));
+            Assert.Equal(new[] { "0", "1" }, calls.GetProperty("model.rotary_emb").GetProperty("outputs").EnumerateArray().Select(e => e.GetString()));
             Assert.Equal(new[] { "LlamaRotaryEmbedding", "LlamaAttention", "LlamaDecoderLayer" },
                          MultiTensorCalls.Take(3).Select(p => report.Modules.Single(r => r.Path == p).ModuleType));
             // Backward: every parameter's gradient, all close.
