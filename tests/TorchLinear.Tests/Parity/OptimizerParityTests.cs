@@ -47,23 +47,90 @@ namespace TorchLinear.Tests
             };
         }
 
-        /// <summary>Steps TorchSharp's optimizer through the recorded gradients; per step, the largest ULP distance from PyTorch's parameter.</summary>
-        private static long[] UlpByStep(string name)
+        /// <summary>Steps TorchSharp's optimizer through the recorded gradients; its parameter after each step.</summary>
+        private static List<float[]> Trajectory(string name)
         {
             var (tensors, metadata) = Reference.Value;
             var kase = metadata.GetProperty("cases").GetProperty(name);
             int steps = metadata.GetProperty("steps").GetInt32();
             using var parameter = new Parameter(tensors[$"{name}/initial"].clone());
             using var optimizer = Build(kase.GetProperty("optimizer").GetString()!, kase.GetProperty("settings"), parameter);
-            var ulps = new long[steps];
+            var trajectory = new List<float[]>();
             for (int s = 0; s < steps; s++)
             {
                 using var scope = NewDisposeScope();
                 parameter.grad = tensors[$"{name}/grad/{s}"].clone();
                 optimizer.step();
-                ulps[s] = Equivalence.Compare(parameter, tensors[$"{name}/param/{s}"]).MaxUlp;
+                trajectory.Add(parameter.data<float>().ToArray());
             }
-            return ulps;
+            return trajectory;
+        }
+
+        /// <summary>Per step, the largest ULP distance of a trajectory from PyTorch's parameter.</summary>
+        private static long[] UlpByStep(string name, List<float[]> trajectory)
+        {
+            var tensors = Reference.Value.Tensors;
+            return trajectory.Select((values, s) => Equivalence.Compare(tensor(values), tensors[$"{name}/param/{s}"].flatten()).MaxUlp).ToArray();
+        }
+
+        /// <summary>
+        /// Whether libtorch's vectorised elementwise kernels round <c>a + α·b</c> once (a fused multiply-add), as those
+        /// PyTorch 1.13 recorded with did: the AVX2 and AVX-512 kernels do, the portable ones
+        /// (<c>ATEN_CPU_CAPABILITY=default</c>, a CPU without AVX2) round twice, and then no elementwise result with such a
+        /// step is PyTorch 1.13's bit for bit.
+        /// </summary>
+        private static bool LibTorchFusesMultiplyAdd()
+        {
+            // α·b is exact in 34 bits; 1 + α·b lies just past a point halfway between two floats, and α·b rounded to a float
+            // first lands it on the other side: one rounding gives 1.5006601, two give 1.50066. 64 elements: the vectorised path.
+            float alpha = 1 + 5 * MathF.Pow(2, -12), b = 0.5f + 52 * MathF.Pow(2, -20);
+            using var ones = torch.ones(64);
+            using var bs = torch.full(64, b);
+            using var sum = ones.add(bs, alpha: alpha);
+            float fused = MathF.FusedMultiplyAdd(alpha, b, 1), twice = 1 + alpha * b;
+            Assert.NotEqual(fused, twice);
+            float[] values = sum.data<float>().ToArray();
+            Assert.All(values, v => Assert.True(v == fused || v == twice, $"{v:R} is neither {fused:R} nor {twice:R}"));
+            return values[0] == fused;
+        }
+
+        /// <summary>
+        /// The largest ratio, over elements and steps, of a trajectory's distance from PyTorch's parameter to what a few
+        /// operations rounded differently in each step can account for (docs/parity.md): per step t,
+        /// <c>c · 2⁻²⁴ · (|u_t| + μ|u_{t−1}|) / (1 − μ) + 2 ULP(p_t)</c>, summed over the steps so far, with u_t PyTorch's
+        /// update, μ the momentum (0 without) and c = 16. In each step the two computations may round differently in at
+        /// most 7 operations of the update's chain, each side within 2⁻²⁴ of its own exact result: the square root's ULP
+        /// (2 · 2⁻²⁴ relative), ÷√bc2, + ε, the division and the scaling of addcdiv, the momentum buffer's multiply and add
+        /// (or, with kernels that do not fuse them, the multiply-adds). The buffer carries a step's difference into every
+        /// later step, shrinking by μ each time: at most 1 / (1 − μ) in all. 2 ULP of the parameter: the final add and a
+        /// decoupled decay, each side rounding within half an ULP.
+        /// </summary>
+        private static double RoundingBoundRatio(string name, List<float[]> trajectory)
+        {
+            var (tensors, metadata) = Reference.Value;
+            var settings = metadata.GetProperty("cases").GetProperty(name).GetProperty("settings");
+            double momentum = settings.TryGetProperty("momentum", out var mu) ? mu.GetDouble() : 0;
+            float[] previous = tensors[$"{name}/initial"].data<float>().ToArray();
+            var budget = new double[previous.Length];
+            var lastUpdate = new double[previous.Length];
+            double worst = 0;
+            for (int s = 0; s < trajectory.Count; s++)
+            {
+                float[] ours = trajectory[s], theirs = tensors[$"{name}/param/{s}"].data<float>().ToArray();
+                for (int i = 0; i < ours.Length; i++)
+                {
+                    double update = (double)theirs[i] - previous[i];
+                    float magnitude = Math.Abs(theirs[i]);
+                    budget[i] += 16 * Math.Pow(2, -24) * (Math.Abs(update) + momentum * Math.Abs(lastUpdate[i])) / (1 - momentum)
+                                 + 2 * (double)(MathF.BitIncrement(magnitude) - magnitude);
+                    lastUpdate[i] = update;
+                    double distance = Math.Abs((double)ours[i] - theirs[i]);
+                    if (distance > 0)
+                        worst = Math.Max(worst, distance / budget[i]);
+                }
+                previous = theirs;
+            }
+            return worst;
         }
 
         public static TheoryData<string> BitExact => new()
@@ -75,7 +142,13 @@ namespace TorchLinear.Tests
         [MemberData(nameof(BitExact))]
         public void TheseOptimizers_AgreeWithPyTorchs_BitForBit_AtEveryStep(string name)
         {
-            Assert.All(UlpByStep(name), ulp => Assert.Equal(0, ulp));
+            // SGD takes no root: the same elementwise operations as PyTorch 1.13's, rounded alike where libtorch's kernels
+            // fuse the multiply-adds as PyTorch's recording did; otherwise within the rounding bound.
+            var trajectory = Trajectory(name);
+            if (LibTorchFusesMultiplyAdd())
+                Assert.All(UlpByStep(name, trajectory), ulp => Assert.Equal(0, ulp));
+            else
+                Assert.InRange(RoundingBoundRatio(name, trajectory), 0, 1);
         }
 
         [Fact]
@@ -86,28 +159,24 @@ namespace TorchLinear.Tests
             Assert.Equal("1.13.0a0", Reference.Value.Metadata.GetProperty("torch_version").GetString());
         }
 
-        /// <summary>The largest ULP distance over the 10 steps, measured here (AMD EPYC, AVX-512; docs/parity.md).</summary>
-        public static TheoryData<string, long> WithinUlp => new()
+        /// <summary>The optimizers that take a square root (docs/parity.md has the ULP distances measured).</summary>
+        public static TheoryData<string> WithinUlp => new()
         {
-            { "adam", 12 },
-            { "adam_decay_amsgrad", 224 },
-            { "adamw", 128 },
-            { "adamw_amsgrad", 16 },
-            { "rmsprop", 256 },
-            { "rmsprop_centered_momentum", 164 },
-            { "adagrad", 1024 },
+            "adam", "adam_decay_amsgrad", "adamw", "adamw_amsgrad", "rmsprop", "rmsprop_centered_momentum", "adagrad",
         };
 
         [Theory]
         [MemberData(nameof(WithinUlp))]
-        public void TheseOptimizers_DifferFromPyTorchs_ByTheMeasuredUlp(string name, long measured)
+        public void TheseOptimizers_DifferFromPyTorchs_WithinWhatTheSquareRootsRoundingAllows(string name)
         {
-            // Not bit-exact from the first or second step on; the distance grows where a parameter passes near 0 (ULP
-            // are small there). Which values MKL's sqrt rounds the other way may depend on the CPU's instruction set:
-            // allowed up to twice the distance measured here.
-            var ulps = UlpByStep(name);
+            // Not bit-exact from the first or second step on (libtorch's sqrt is not correctly rounded, PyTorch 1.13's is:
+            // LibTorchsSqrt_IsNotCorrectlyRounded_DebiansPyTorchsIs); how far apart depends on which values this CPU's sqrt
+            // rounds the other way, and is bounded by the arithmetic (RoundingBoundRatio), not by a distance measured on one CPU.
+            var trajectory = Trajectory(name);
+            var ulps = UlpByStep(name, trajectory);
             Assert.True(ulps.Max() > 0, $"{name}: bit-exact now; docs/parity.md says otherwise");
-            Assert.True(ulps.Max() <= 2 * measured, $"{name}: {string.Join(", ", ulps)} ULP by step; measured at most {measured}");
+            double ratio = RoundingBoundRatio(name, trajectory);
+            Assert.True(ratio <= 1, $"{name}: {string.Join(", ", ulps)} ULP by step, {ratio:G3} of the rounding bound");
         }
 
         /// <summary>
@@ -115,7 +184,7 @@ namespace TorchLinear.Tests
         /// which agree operation for operation), with the square root passed in, on the recorded case; per step, the
         /// largest ULP distance from PyTorch's parameter, and whether the result equals TorchSharp's own optimizer's.
         /// </summary>
-        private static (long[] Ulp, bool SameAsTorchSharps) Formula(string name, Func<Tensor, Tensor> sqrt)
+        private static (long[] Ulp, bool SameAsTorchSharps, List<float[]> Trajectory) Formula(string name, Func<Tensor, Tensor> sqrt)
         {
             var (tensors, metadata) = Reference.Value;
             var kase = metadata.GetProperty("cases").GetProperty(name);
@@ -133,6 +202,7 @@ namespace TorchLinear.Tests
             using var optimizer = Build(kind, settings, theirs);
             using Tensor m = zeros_like(p), v = zeros_like(p), vmax = zeros_like(p), avg = zeros_like(p), buf = zeros_like(p);
             var ulps = new long[steps];
+            var trajectory = new List<float[]>();
             bool same = true;
             for (int t = 1; t <= steps; t++)
             {
@@ -176,24 +246,30 @@ namespace TorchLinear.Tests
                         throw new InvalidOperationException(kind);
                 }
                 ulps[t - 1] = Equivalence.Compare(p, tensors[$"{name}/param/{t - 1}"]).MaxUlp;
+                trajectory.Add(p.data<float>().ToArray());
                 theirs.grad = tensors[$"{name}/grad/{t - 1}"].clone();
                 optimizer.step();
                 same &= Equivalence.Compare(p, theirs).BitExact;
             }
-            return (ulps, same);
+            return (ulps, same, trajectory);
         }
 
         [Theory]
         [MemberData(nameof(WithinUlp))]
-        public void TheFormulasAgree_TheSquareRootDiffers(string name, long _)
+        public void TheFormulasAgree_TheSquareRootDiffers(string name)
         {
-            // With libtorch's own sqrt the replica is TorchSharp's optimizer, bit for bit: it is a faithful copy of its step.
-            var (libtorchUlp, libtorchSame) = Formula(name, x => x.sqrt());
+            // With libtorch's own sqrt the replica is TorchSharp's optimizer, bit for bit: it is a faithful copy of its step
+            // (the same operations on the same data, on any CPU).
+            var (libtorchUlp, libtorchSame, _) = Formula(name, x => x.sqrt());
             Assert.True(libtorchSame, $"{name}: the replica with torch.sqrt should be TorchSharp's optimizer bit for bit");
             Assert.True(libtorchUlp.Max() > 0, $"{name}: with libtorch's sqrt it should differ from PyTorch 1.13's, as the optimizer does");
-            // With a correctly rounded square root (float64's, rounded to float32) it is PyTorch 1.13's, bit for bit.
-            var (exactUlp, _) = Formula(name, x => x.to(ScalarType.Float64).sqrt().to(x.dtype));
-            Assert.True(exactUlp.All(u => u == 0), $"{name}: {string.Join(", ", exactUlp)} ULP by step with a correctly rounded sqrt");
+            // With a correctly rounded square root (float64's, rounded to float32) it is PyTorch 1.13's, bit for bit, where
+            // libtorch's kernels fuse the multiply-adds as PyTorch's recording did; otherwise within the rounding bound.
+            var (exactUlp, _, exact) = Formula(name, x => x.to(ScalarType.Float64).sqrt().to(x.dtype));
+            if (LibTorchFusesMultiplyAdd())
+                Assert.True(exactUlp.All(u => u == 0), $"{name}: {string.Join(", ", exactUlp)} ULP by step with a correctly rounded sqrt");
+            else
+                Assert.InRange(RoundingBoundRatio(name, exact), 0, 1);
         }
 
         [Fact]
@@ -217,7 +293,9 @@ namespace TorchLinear.Tests
                     worst = Math.Max(worst, Math.Abs(BitConverter.SingleToInt32Bits(exact) - BitConverter.SingleToInt32Bits(roots[i])));
                 }
             }
-            Assert.InRange(wrong, 10_000, 25_000);
+            // How many round the other way is a measurement (17,040 on an AVX-512 machine, about as many here, docs/parity.md),
+            // not a bound: asserted are the two facts the optimizers' distances rest on, some do, and by one ULP at most.
+            Assert.InRange(wrong, 1, values.Length);
             Assert.Equal(1, worst);
         }
 

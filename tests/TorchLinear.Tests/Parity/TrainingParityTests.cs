@@ -32,7 +32,31 @@ namespace TorchLinear.Tests
         [Fact]
         public void TheSamplesPort_ReproducesPyTorchsTraining_StepByStep()
         {
-            var report = Replay(TrainingMistakes.None);
+            // The port's own step, watched: each step's gradients and update, judged below against the recording by the
+            // arithmetic of AdamW, independently of the replay's rule for gradient noise.
+            using var training = new TinyGptTraining();
+            using var recording = TrainingRecording.Load(Recording);
+            var recorded = StateDicts.ReadPyTorchFile(Recording);
+            var parameters = training.Model.named_parameters().ToList();
+            var steps = new List<NoiseAudit>();
+            Tensor Step(Tensor input, Tensor target)
+            {
+                using var scope = NewDisposeScope();
+                var before = parameters.ToDictionary(p => p.name, p => p.parameter.detach().clone());
+                Tensor loss = training.Step(input, target);
+                steps.Add(AuditUpdates(recording, recorded, steps.Count, parameters, before));
+                return loss.MoveToOuterDisposeScope();
+            }
+            TrainingParityReport report;
+            try
+            {
+                report = Parity.ReplayTraining(training.Model, recording, training.Optimizer, Step);
+            }
+            finally
+            {
+                foreach (var t in recorded.Values)
+                    t.Dispose();
+            }
             Assert.Equal(20, report.Steps.Count);
             Assert.Null(report.FirstDivergence);
             report.AssertAllClose();
@@ -41,12 +65,87 @@ namespace TorchLinear.Tests
             Assert.All(report.Steps, row => Assert.InRange(Math.Abs(row.PortLoss - row.RecordedLoss), 0, 1e-5 * row.RecordedLoss));
             Assert.InRange(report.Steps[0].RecordedLoss, 2.08, 2.09);
             Assert.InRange(report.Steps[19].RecordedLoss, 0.76, 0.77);
-            // Excused as gradient noise: at most the 2 × 12 elements of the key biases (c_attn.bias[12:24] of each
-            // block), whose gradient is mathematically 0; nothing else.
-            Assert.All(report.Steps, row => Assert.InRange(row.ExcusedUpdateElements, 1, 24));
+            // Excused as gradient noise: only update elements beyond the default tolerance (how many is the CPU's
+            // kernels' business: no count is asserted), and each of those the arithmetic explains (AuditUpdates): a
+            // key-bias element, whose gradient is rounding noise, or one whose update differs by no more than its
+            // gradients' difference can move AdamW's step. At least one per step: the two libraries' key-bias noise
+            // differs, and Adam turns it into steps of ordinary size, so the rule is exercised at every step.
+            Assert.Equal(20, steps.Count);
+            Assert.All(report.Steps, row => Assert.InRange(row.ExcusedUpdateElements, 1, steps[row.Step].BeyondTolerance));
+            Assert.Empty(steps.SelectMany(audit => audit.Unexplained));
             // The forward of every step is compared module by module: wte, wpe, 10 calls in each of the 2 blocks (ln_1,
             // c_attn, c_proj, attn, ln_2, c_fc, act, c_proj, mlp, the block), ln_f, lm_head and the model: 25.
             Assert.All(report.Steps, row => Assert.Equal(25, row.Forward.Modules.Count));
+        }
+
+        /// <summary>One step's update elements beyond the replay's default tolerance, and those the arithmetic does not explain.</summary>
+        private sealed record NoiseAudit(long BeyondTolerance, List<string> Unexplained);
+
+        /// <summary>
+        /// After the port's step <paramref name="step"/> (teacher forced: <paramref name="before"/> is PyTorch's state after
+        /// the step before), every update element beyond the replay's default tolerance (rtol 1.3e-6, atol 4 ULP of the
+        /// parameter's largest value), and each of them checked against what the arithmetic allows (docs/parity.md,
+        /// "Gradient noise"):
+        /// <list type="bullet">
+        /// <item>an element of a key bias (<c>c_attn.bias[12:24]</c>), whose gradient is mathematically 0: both gradients
+        /// must be at rounding-noise level, below 2^-16 of the largest query or value bias gradient (float32's unit
+        /// roundoff is 2^-24; measured here about 2^-23.5);</item>
+        /// <item>any other element: its update may differ by the tolerance plus twice AdamW's first-order response to its
+        /// gradients' relative difference r. AdamW's step is −lr · m̂ / (√v̂ + ε) with m = β1 m₀ + (1 − β1) g and
+        /// v = β2 v₀ + (1 − β2) g², so a gradient off by r · |g| moves it by at most
+        /// r · lr / (1 − β1ᵗ) / (√v̂ + ε) · ((1 − β1)|g| + (1 − β2) g² |m| / v) (m, v: PyTorch's moments after the step);
+        /// the weight decay term is the same on both sides, the parameters being PyTorch's, and the factor 2 covers
+        /// the terms of higher order in r.</item>
+        /// </list>
+        /// </summary>
+        private static NoiseAudit AuditUpdates(TrainingRecording recording, Dictionary<string, Tensor> recorded, int step, List<(string name, Parameter parameter)> parameters,
+                                               Dictionary<string, Tensor> before)
+        {
+            const double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+            long beyond = 0;
+            var unexplained = new List<string>();
+            foreach (var (name, parameter) in parameters)
+            {
+                using var scope = NewDisposeScope();
+                Tensor after = recorded[$"step/{step}/param/{name}"];
+                Tensor portUpdate = (parameter.detach() - before[name]).to(ScalarType.Float64).flatten();
+                Tensor update = (after - (step == 0 ? recorded[$"state/{name}"] : recorded[$"step/{step - 1}/param/{name}"])).to(ScalarType.Float64).flatten();
+                float largest = after.abs().max().item<float>();
+                Tensor allowed = update.abs() * 1.3e-6 + 4 * (double)(MathF.BitIncrement(largest) - largest);
+                Tensor difference = (portUpdate - update).abs();
+                Tensor gp = parameter.grad!.to(ScalarType.Float64).flatten(), g = recorded[$"step/{step}/grad/{name}"].to(ScalarType.Float64).flatten();
+                Tensor size = maximum(gp.abs(), g.abs());
+                Tensor r = where(size > 0, (gp - g).abs() / size.clamp_min(double.Epsilon), zeros_like(size));
+                Tensor m = recorded[$"step/{step}/optim/{name}/exp_avg"].to(ScalarType.Float64).flatten();
+                Tensor v = recorded[$"step/{step}/optim/{name}/exp_avg_sq"].to(ScalarType.Float64).flatten();
+                // K · |Adam's step|, written without dividing by m (0 where a row of wte saw no token yet); v is 0 only
+                // where every gradient so far was 0, and r with it.
+                int t = step + 1;
+                Tensor scale = recording.LearningRate(step, name) / (1 - Math.Pow(beta1, t)) / ((v / (1 - Math.Pow(beta2, t))).sqrt() + eps);
+                Tensor response = scale * ((1 - beta1) * g.abs() + (1 - beta2) * g * g * m.abs() / v.clamp_min(double.Epsilon));
+                Tensor explained = difference <= allowed + 2 * r * response;
+                bool[] isBeyond = (difference > allowed).data<bool>().ToArray();
+                bool[] isExplained = explained.data<bool>().ToArray();
+                bool keyBias = name.EndsWith("attn.c_attn.bias", StringComparison.Ordinal);
+                double noise = keyBias ? Math.Pow(2, -16) * cat(new[] { g.slice(0, 0, 12, 1), g.slice(0, 24, 36, 1) }).abs().max().item<double>() : 0;
+                double[] portGrad = gp.data<double>().ToArray(), grad = g.data<double>().ToArray(), differs = difference.data<double>().ToArray();
+                for (int i = 0; i < isBeyond.Length; i++)
+                {
+                    if (!isBeyond[i])
+                        continue;
+                    beyond++;
+                    if (keyBias && i >= 12 && i < 24)
+                    {
+                        if (Math.Max(Math.Abs(portGrad[i]), Math.Abs(grad[i])) > noise)
+                            unexplained.Add($"step {step}, {name}[{i}]: key-bias gradients {portGrad[i]:G3} and {grad[i]:G3} are more than rounding noise ({noise:G3})");
+                    }
+                    else if (!isExplained[i])
+                    {
+                        unexplained.Add($"step {step}, {name}[{i}]: the update differs by {differs[i]:G3}, beyond what its gradients' difference explains");
+                    }
+                }
+            }
+            return new NoiseAudit(beyond, unexplained);
         }
 
         [Fact]
