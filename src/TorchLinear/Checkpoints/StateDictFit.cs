@@ -294,8 +294,9 @@ namespace TorchLinear
 
         /// <summary>
         /// The prefix <c>p</c> for which every key of <paramref name="prefixed"/> is <c>p + k</c> with <c>k</c> in
-        /// <paramref name="plain"/>, if there is one. Candidates come from the first key's suffixes that are plain keys
-        /// (those ending at a '.' first, then the shortest), so the work is linear in the keys.
+        /// <paramref name="plain"/>, if there is one. Candidates are the first key's suffixes that are plain keys (only
+        /// at the plain keys' lengths, so a long key from a stranger costs no more than the module's keys), those ending
+        /// at a '.' first, then the shortest; each is checked against every key once.
         /// </summary>
         private static string? CommonPrefix(List<string> prefixed, HashSet<string> plain)
         {
@@ -303,10 +304,12 @@ namespace TorchLinear
                 return null;
             string first = prefixed[0];
             var candidates = new List<string>();
-            for (int i = 1; i < first.Length && candidates.Count < 8; i++)
+            foreach (int length in plain.Select(k => k.Length).Distinct().Where(l => l > 0 && l < first.Length).OrderByDescending(l => l))
             {
-                if (plain.Contains(first[i..]))
-                    candidates.Add(first[..i]);
+                if (plain.Contains(first[^length..]))
+                    candidates.Add(first[..^length]);
+                if (candidates.Count == 8)
+                    break;
             }
             return candidates.OrderBy(p => p.EndsWith('.') ? 0 : 1).ThenBy(p => p.Length)
                 .FirstOrDefault(p => prefixed.All(k => k.Length > p.Length && k.StartsWith(p, StringComparison.Ordinal) && plain.Contains(k[p.Length..])));

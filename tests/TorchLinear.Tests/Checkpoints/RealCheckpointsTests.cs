@@ -367,5 +367,22 @@ namespace TorchLinear.Tests
             Assert.Equal(key, Assert.Single(error.UnexpectedKeys));
             Assert.Contains("(99900 characters)", error.Message);
         }
+
+        [Fact]
+        public void AMegabytePrefix_IsFound_InLinearTime()
+        {
+            // The prefix search looks at the first key's suffixes of the module's key lengths only: trying every suffix
+            // of a 1,000,000-character key (as the first version did) copies about 10^12 characters.
+            using var scope = NewDisposeScope();
+            using var layer = new CustomLinear(3, 2);
+            string prefix = new string('p', 1_000_000) + ".";
+            var state = layer.state_dict().ToDictionary(kv => prefix + kv.Key, kv => kv.Value.clone());
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            var error = Refused(layer, () => StateDicts.LoadChecked(layer, state));
+            Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"took {clock.Elapsed}");
+            Assert.Contains("every unexpected key is 'pppp", error.Message);
+            StateDicts.LoadChecked(layer, state, options: new StateDictLoadOptions { StripPrefix = prefix });
+            Assert.True(Bits(state[prefix + "weight"]).SequenceEqual(Bits(layer.weight)));
+        }
     }
 }
