@@ -1,5 +1,4 @@
 using System;
-using System.Collections;
 using System.Collections.Generic;
 using System.IO;
 using System.Linq;
@@ -17,75 +16,103 @@ namespace TorchLinear
     {
         /// <summary>
         /// Lists what does not fit: keys missing from <paramref name="source"/> or unexpected in it (when
-        /// <paramref name="strict"/>), and tensors whose shape or dtype differs from the module's. Empty when the
-        /// state_dict can be loaded as is.
+        /// <paramref name="strict"/>), and tensors whose shape or dtype differs from the module's, one line each, in the
+        /// module's order. Empty when the state_dict can be loaded as is (without <see cref="StateDictLoadOptions"/>).
         /// </summary>
         public static IReadOnlyList<string> Problems(nn.Module module, IReadOnlyDictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
         {
             ArgumentNullException.ThrowIfNull(module);
             ArgumentNullException.ThrowIfNull(source);
-            skip ??= Array.Empty<string>();
-            var problems = new List<string>();
-            var own = module.state_dict();
-            foreach (var (name, tensor) in own)
-            {
-                if (skip.Contains(name))
-                    continue;
-                if (!source.TryGetValue(name, out Tensor? loaded) || loaded is null)
-                {
-                    if (strict)
-                        problems.Add($"missing key '{name}' (expected {tensor.dtype} of shape {TensorFacts.Shape(tensor)})");
-                    continue;
-                }
-                if (!TensorFacts.SameShape(loaded, tensor))
-                    problems.Add($"'{name}' has shape {TensorFacts.Shape(loaded)}, this module's has shape {TensorFacts.Shape(tensor)}");
-                if (loaded.dtype != tensor.dtype)
-                    problems.Add($"'{name}' is {loaded.dtype}, this module's is {tensor.dtype} (convert the tensor, or the module with .to({loaded.dtype}), first)");
-            }
-            if (strict)
-            {
-                foreach (string key in source.Keys)
-                {
-                    if (!skip.Contains(key) && !own.ContainsKey(key))
-                        problems.Add($"unexpected key '{key}'");
-                }
-            }
-            return problems;
+            using var scope = NewDisposeScope();
+            return StateDictFit.Of(module, source, strict, skip, options: null).Lines;
         }
 
         /// <summary>
-        /// Loads <paramref name="source"/> into <paramref name="module"/> after checking it with <see cref="Problems"/>.
+        /// Loads <paramref name="source"/> into <paramref name="module"/> after checking every key, shape and dtype
+        /// (see <see cref="Problems"/>), with <paramref name="options"/> applied first if given.
         /// </summary>
+        /// <param name="module">The module to load into.</param>
+        /// <param name="source">The state_dict; its tensors stay the caller's.</param>
+        /// <param name="strict">Whether every key must match, as in <c>load_state_dict</c>.</param>
+        /// <param name="options">Prefixes to strip or add, dtype conversion, missing <c>num_batches_tracked</c>; null: none.</param>
         /// <returns>The keys that were missing (only possible when not strict).</returns>
-        /// <exception cref="InvalidOperationException">Something does not fit; the message lists every problem. Nothing
-        /// was changed. (The type TorchSharp's own <c>load_state_dict</c> throws for a missing or unexpected key.)</exception>
-        public static IList<string> LoadChecked(nn.Module module, Dictionary<string, Tensor> source, bool strict = true)
+        /// <exception cref="StateDictMismatchException">Something does not fit; the message says what (and which option
+        /// would load it, where one would); the properties list every key. Nothing was changed. An
+        /// <see cref="InvalidOperationException"/>, the type TorchSharp's own <c>load_state_dict</c> throws for a missing or
+        /// unexpected key.</exception>
+        /// <exception cref="InvalidOperationException">Two keys become one under the options' prefixes; nothing was changed.</exception>
+        public static IList<string> LoadChecked(nn.Module module, Dictionary<string, Tensor> source, bool strict = true, StateDictLoadOptions? options = null)
         {
             ArgumentNullException.ThrowIfNull(module);
             ArgumentNullException.ThrowIfNull(source);
-            ThrowIfProblems(module, source, strict, null, from: null);
-            return module.load_state_dict(source, strict).missing_keys;
+            using var scope = NewDisposeScope();
+            return Load(module, source, strict, options, from: null);
         }
 
         /// <summary>
         /// Reads a checkpoint written by PyTorch — a <c>torch.save(state_dict)</c> file (zip format) or a safetensors
         /// file, told apart by their content — with <see cref="ReadPyTorchFile"/>, checks it against
-        /// the module, and only then loads it. The tensors read from the file are disposed afterwards.
+        /// the module, with <paramref name="options"/> applied first if given, and only then loads it. The tensors read
+        /// from the file are disposed afterwards.
         /// </summary>
+        /// <param name="module">The module to load into.</param>
+        /// <param name="path">The checkpoint file.</param>
+        /// <param name="strict">Whether every key must match, as in <c>load_state_dict</c>.</param>
+        /// <param name="options">Prefixes to strip or add, dtype conversion, missing <c>num_batches_tracked</c>; null: none.</param>
         /// <returns>The keys that were missing (only possible when not strict).</returns>
-        /// <exception cref="InvalidOperationException">The file's tensors do not fit the module; nothing was changed.</exception>
+        /// <exception cref="StateDictMismatchException">The file's tensors do not fit the module; the message names the
+        /// file and says what does not fit (and which option would load it, where one would); the properties list every
+        /// key. Nothing was changed.</exception>
+        /// <exception cref="InvalidOperationException">Two keys become one under the options' prefixes; nothing was changed.</exception>
         /// <exception cref="CheckpointFormatException">The file cannot be read as a PyTorch checkpoint; the message names
         /// the file, and says so when it is a file written by TorchSharp's own <c>Module.save</c>.</exception>
         /// <exception cref="FileNotFoundException">There is no such file.</exception>
-        public static IList<string> LoadPyTorchFile(nn.Module module, string path, bool strict = true)
+        public static IList<string> LoadPyTorchFile(nn.Module module, string path, bool strict = true, StateDictLoadOptions? options = null)
         {
             ArgumentNullException.ThrowIfNull(module);
             ArgumentNullException.ThrowIfNull(path);
             using var scope = NewDisposeScope();
             Dictionary<string, Tensor> source = ReadPyTorchFile(path);
-            ThrowIfProblems(module, source, strict, null, from: path);
-            return module.load_state_dict(source, strict).missing_keys;
+            return Load(module, source, strict, options, from: path);
         }
+
+        /// <summary>Checks, then loads what the options make of <paramref name="source"/>; inside the caller's dispose scope
+        /// (converted and filled tensors are temporaries).</summary>
+        private static IList<string> Load(nn.Module module, Dictionary<string, Tensor> source, bool strict, StateDictLoadOptions? options, string? from)
+        {
+            var fit = StateDictFit.Of(module, Renamed(module, source, options, from), strict, skip: null, options);
+            if (fit.Refused)
+                throw fit.Refusal(module, from);
+            // Checked: nothing is missing or unexpected when strict, shapes and dtypes agree, so TorchSharp's copy_ can
+            // neither broadcast nor convert.
+            return module.load_state_dict(fit.ToLoad, strict).missing_keys;
+        }
+
+        /// <summary>The state_dict with the options' prefixes stripped and added.</summary>
+        private static IReadOnlyDictionary<string, Tensor> Renamed(nn.Module module, Dictionary<string, Tensor> source, StateDictLoadOptions? options, string? from)
+        {
+            string strip = options?.StripPrefix ?? "", add = options?.AddPrefix ?? "";
+            if (strip.Length == 0 && add.Length == 0)
+                return source;
+            var renamed = new Dictionary<string, Tensor>(source.Count);
+            var original = new Dictionary<string, string>(source.Count);
+            foreach (var (key, tensor) in source)
+            {
+                string name = add + (strip.Length > 0 && key.StartsWith(strip, StringComparison.Ordinal) ? key[strip.Length..] : key);
+                if (!original.TryAdd(name, key))
+                    throw new InvalidOperationException(
+                        $"{module}: refused to load {What(from)}, nothing was changed: its keys '{StateDictFit.Display(original[name])}' and " +
+                        $"'{StateDictFit.Display(key)}' both become '{StateDictFit.Display(name)}' with {Describe(options!)}.");
+                renamed[name] = tensor;
+            }
+            return renamed;
+        }
+
+        private static string Describe(StateDictLoadOptions options) =>
+            string.Join(" and ", new[] { ("StripPrefix", options.StripPrefix), ("AddPrefix", options.AddPrefix) }
+                .Where(o => !string.IsNullOrEmpty(o.Item2)).Select(o => $"{o.Item1} = \"{o.Item2}\""));
+
+        internal static string What(string? from) => from is null ? "the state_dict" : $"'{from}'";
 
         /// <summary>
         /// Reads every tensor of a <c>torch.save(state_dict)</c> or safetensors file into a dictionary; the caller owns
@@ -128,17 +155,15 @@ namespace TorchLinear
         }
 
         /// <summary>
-        /// Throws an <see cref="InvalidOperationException"/> listing every problem <see cref="Problems"/> finds;
+        /// Throws a <see cref="StateDictMismatchException"/> saying what <see cref="Problems"/> finds (with no options);
         /// <paramref name="from"/> names the file the tensors came from, if any.
         /// </summary>
         internal static void ThrowIfProblems(nn.Module module, IReadOnlyDictionary<string, Tensor> source, bool strict, IList<string>? skip, string? from)
         {
-            var problems = Problems(module, source, strict, skip);
-            if (problems.Count > 0)
-            {
-                string what = from is null ? "the state_dict" : $"'{from}'";
-                throw new InvalidOperationException($"{module}: refused to load {what}, nothing was changed: {string.Join("; ", problems)}.");
-            }
+            using var scope = NewDisposeScope();
+            var fit = StateDictFit.Of(module, source, strict, skip, options: null);
+            if (fit.Refused)
+                throw fit.Refusal(module, from);
         }
     }
 }

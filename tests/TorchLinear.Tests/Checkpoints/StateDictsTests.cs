@@ -163,7 +163,7 @@ namespace TorchLinear.Tests
         [InlineData("bad_shape", "safetensors", "'bias' has shape [3], this module's has shape [2]")]
         [InlineData("bad_missing", "pt", "missing key 'bias'")]
         [InlineData("bad_missing", "safetensors", "missing key 'bias'")]
-        [InlineData("linear_f64", "pt", "'weight' is Float64, this module's is Float32")]
+        [InlineData("linear_f64", "pt", "'weight' Float64 (this module's Float32)")]
         public void FileThatDoesNotFit_IsRefused_AndNothingChanges(string file, string format, string reason)
         {
             using var scope = NewDisposeScope();
@@ -171,7 +171,7 @@ namespace TorchLinear.Tests
             {
                 var before = module.state_dict().ToDictionary(kv => kv.Key, kv => TensorText.Bits(kv.Value));
 
-                var error = Assert.Throws<InvalidOperationException>(() => StateDicts.LoadPyTorchFile(module, FileOf(file, format)));
+                var error = Assert.Throws<StateDictMismatchException>(() => StateDicts.LoadPyTorchFile(module, FileOf(file, format)));
 
                 Assert.Contains(reason, error.Message);
                 Assert.Contains("nothing was changed", error.Message);
@@ -186,7 +186,7 @@ namespace TorchLinear.Tests
         {
             using var scope = NewDisposeScope();
             var wrong = nn.Sequential(("0", new CustomLinear(8, 12)), ("1", nn.ReLU()), ("2", new CustomLinear(12, 4)));
-            var error = Assert.Throws<InvalidOperationException>(() => StateDicts.LoadPyTorchFile(wrong, FileOf("mlp", "pt")));
+            var error = Assert.Throws<StateDictMismatchException>(() => StateDicts.LoadPyTorchFile(wrong, FileOf("mlp", "pt")));
             Assert.Contains("'0.weight' has shape [16, 8], this module's has shape [12, 8]", error.Message);
             Assert.Contains("'2.weight' has shape [4, 16], this module's has shape [4, 12]", error.Message);
         }
@@ -221,8 +221,8 @@ namespace TorchLinear.Tests
             var sd = source.state_dict();
             sd.Remove("0.bias");
             using var loaded = Stack();
-            Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, sd));
-            Assert.Throws<InvalidOperationException>(() => ((CustomLinear)loaded[0]).load_state_dict(new Dictionary<string, Tensor> { ["weight"] = sd["0.weight"] }));
+            Assert.IsAssignableFrom<InvalidOperationException>(Assert.Throws<StateDictMismatchException>(() => StateDicts.LoadChecked(loaded, sd)));
+            Assert.Throws<StateDictMismatchException>(() => ((CustomLinear)loaded[0]).load_state_dict(new Dictionary<string, Tensor> { ["weight"] = sd["0.weight"] }));
             // The anchor, TorchSharp's own modules:
             using var builtIn = nn.Sequential(("0", nn.Linear(10, 5)), ("1", nn.Linear(5, 10)));
             Assert.Throws<InvalidOperationException>(() => builtIn.load_state_dict(sd));
@@ -235,7 +235,7 @@ namespace TorchLinear.Tests
             var sd = source.state_dict();
             sd.Add("2.bias", sd["0.bias"]);
             using var loaded = Stack();
-            Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, sd));
+            Assert.IsAssignableFrom<InvalidOperationException>(Assert.Throws<StateDictMismatchException>(() => StateDicts.LoadChecked(loaded, sd)));
             using var builtIn = nn.Sequential(("0", nn.Linear(10, 5)), ("1", nn.Linear(5, 10)));
             Assert.Throws<InvalidOperationException>(() => builtIn.load_state_dict(sd));
         }
@@ -247,8 +247,8 @@ namespace TorchLinear.Tests
             var before = loaded.state_dict().ToDictionary(kv => kv.Key, kv => TensorText.Bits(kv.Value));
             var wrongShape = loaded.state_dict().ToDictionary(kv => kv.Key, kv => kv.Key == "0.bias" ? ones(1) : kv.Value.clone());
             var wrongDtype = loaded.state_dict().ToDictionary(kv => kv.Key, kv => kv.Key == "1.weight" ? kv.Value.to(ScalarType.Float64) : kv.Value.clone());
-            Assert.Contains("'0.bias' has shape [1]", Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, wrongShape)).Message);
-            Assert.Contains("'1.weight' is Float64", Assert.Throws<InvalidOperationException>(() => StateDicts.LoadChecked(loaded, wrongDtype)).Message);
+            Assert.Contains("'0.bias' has shape [1]", Assert.Throws<StateDictMismatchException>(() => StateDicts.LoadChecked(loaded, wrongShape)).Message);
+            Assert.Contains("'1.weight' is Float64", Assert.Throws<StateDictMismatchException>(() => StateDicts.LoadChecked(loaded, wrongDtype)).Message);
             foreach (var (key, tensor) in loaded.state_dict())
                 Assert.Equal(before[key], TensorText.Bits(tensor));
             // What TorchSharp does with the same input: broadcasts the (1) bias and converts the dtype, silently.

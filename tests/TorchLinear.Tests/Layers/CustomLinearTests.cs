@@ -598,7 +598,7 @@ namespace TorchLinear.Tests
             using var layer = new CustomLinear(3, 2);
             var source = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3), ["bias"] = ones(1) };
 
-            var error = AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(source));
+            var error = AssertRefusedAndUnchanged<StateDictMismatchException>(layer, () => layer.load_state_dict(source));
             Assert.Contains("'bias' has shape [1]", error.Message);
             Assert.Contains("[2]", error.Message);
             Assert.Contains("nothing was changed", error.Message);
@@ -615,7 +615,7 @@ namespace TorchLinear.Tests
         {
             using var layer = new CustomLinear(3, 2);
             var source = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3, dtype: ScalarType.Float64), ["bias"] = ones(2) };
-            var error = AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(source));
+            var error = AssertRefusedAndUnchanged<StateDictMismatchException>(layer, () => layer.load_state_dict(source));
             Assert.Contains("'weight' is Float64, this module's is Float32", error.Message);
         }
 
@@ -626,8 +626,8 @@ namespace TorchLinear.Tests
             var missing = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3) };
             var extra = new Dictionary<string, Tensor> { ["weight"] = ones(2, 3), ["bias"] = ones(2), ["lora_A"] = ones(1, 3) };
 
-            Assert.Contains("missing key 'bias'", AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(missing)).Message);
-            Assert.Contains("unexpected key 'lora_A'", AssertRefusedAndUnchanged<InvalidOperationException>(layer, () => layer.load_state_dict(extra)).Message);
+            Assert.Contains("missing key 'bias'", AssertRefusedAndUnchanged<StateDictMismatchException>(layer, () => layer.load_state_dict(missing)).Message);
+            Assert.Contains("unexpected key 'lora_A'", AssertRefusedAndUnchanged<StateDictMismatchException>(layer, () => layer.load_state_dict(extra)).Message);
 
             // Not strict: the weight loads, the missing bias is reported, the unexpected key ignored.
             var (missingKeys, _) = layer.load_state_dict(missing, strict: false);
