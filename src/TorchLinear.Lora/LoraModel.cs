@@ -67,6 +67,7 @@ namespace TorchLinear.Lora
             config.ThrowIfInvalid("LoraModel.inject");
             var kept = config.Clone();
             var state = TryStateOf(model, nameof(inject));
+            CheckOneBias(state, kept, adapter_name, nameof(inject));
             var targets = Targets(model, kept, state, "LoraModel.inject", error => new ArgumentException($"LoraModel.inject: {error.Key}: {error.Rule}."));
             var adapters = new List<IAdapter>();
             try
@@ -81,6 +82,9 @@ namespace TorchLinear.Lora
                     adapters.Add(adapter);
                     if (kept.use_dora)
                         ((LoraLayer)adapter).EnableDora(weight);
+                    // A drawn B is not zero with init_lora_weights false: a large alpha can overflow scaling · B A.
+                    if (!adapter.UpdateFinite(weight))
+                        throw new ArgumentException($"LoraModel.inject: {kept.AlphaKey(target.Path)}: {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(config));
                 }
             }
             catch
@@ -129,6 +133,7 @@ namespace TorchLinear.Lora
                 throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
             var config = LoraConfig.load(configFile);
+            CheckOneBias(state, config, adapter_name, nameof(load_adapter));
             var targets = Targets(model, config, state, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
             string file = PeftFolder.AdapterFile(directory);
             var tensors = StateDicts.ReadPyTorchFile(file);
@@ -160,6 +165,9 @@ namespace TorchLinear.Lora
                         layer.lora_magnitude_vector!.weight.copy_(tensors[PeftFolder.Key(target.Path, "lora_magnitude_vector")]);
                     }
                 }
+                var overflowing = targets.Zip(built).Where(t => !t.Second.UpdateFinite(t.First.Weight)).Select(t => UpdateProblem(t.First, t.Second, t.First.Weight.dtype)).ToList();
+                if (overflowing.Count > 0)
+                    throw new InvalidOperationException($"LoraModel.load_adapter: refused {file}, nothing was changed: {string.Join("; ", overflowing)}.");
                 if (merge)
                 {
                     var failing = targets.Zip(built).Where(t => !t.Second.MergesFinite(t.First.Weight)).Select(t => t.First.Path).ToList();
@@ -325,6 +333,8 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(adapter_names);
             var state = StateOf(model, nameof(mixed_batch));
+            if (model.training)
+                throw new InvalidOperationException("LoraModel.mixed_batch: the model is in training mode, and a mixed-adapter batch is for inference (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
             var named = adapter_names.Where(n => n != BaseModel).Distinct(StringComparer.Ordinal).ToList();
             var unknown = named.Where(n => state.Entry(n) is null).ToList();
             if (unknown.Count > 0)
@@ -410,6 +420,7 @@ namespace TorchLinear.Lora
             else
                 config.target_modules = entries.SelectMany(e => e.Config.target_modules ?? Array.Empty<string>()).Distinct(StringComparer.Ordinal).ToList();
 
+            CheckOneBias(state, config, adapter_name, nameof(add_weighted_adapter));
             var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
             var built = new List<IAdapter>();
             try
@@ -425,6 +436,8 @@ namespace TorchLinear.Lora
                     built.Add(adapter);
                     var parts = adapters.Select((name, i) => (Adapter: target.Existing?.Find(name), Weight: weights[i])).Where(p => p.Adapter is not null).Select(p => (p.Adapter!, p.Weight)).ToList();
                     Combine(adapter, parts, combination, rank, target.Path);
+                    if (!adapter.UpdateFinite(weight))
+                        throw new ArgumentException($"LoraModel.add_weighted_adapter: the combination {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(weights));
                 }
             }
             catch
@@ -578,8 +591,14 @@ namespace TorchLinear.Lora
             var currents = state.Saved.Select(s => (Saved: s, s.Current)).ToList();
             foreach (var saved in state.Saved)
                 saved.Switch(null);
+            // As PEFT's enable_adapters(False): no adapter tensor requires grad while disabled; each gets its flag back after.
+            var flags = state.Layers.SelectMany(l => l.Adapters).SelectMany(a => a.Parameters()).Select(p => (Parameter: p, p.requires_grad)).ToList();
+            foreach (var (parameter, _) in flags)
+                parameter.requires_grad_(false);
             return new Restore(() =>
             {
+                foreach (var (parameter, requiresGrad) in flags)
+                    parameter.requires_grad_(requiresGrad);
                 foreach (var (saved, current) in currents)
                     saved.Switch(current);
                 state.Disabled = wasDisabled;
@@ -896,6 +915,32 @@ namespace TorchLinear.Lora
             var unknown = names.Where(n => n is null || state.Entry(n) is null).Select(n => n is null ? "null" : $"'{n}'").ToList();
             if (unknown.Count > 0)
                 throw new ArgumentException($"LoraModel.{caller}: {string.Join(", ", unknown)} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}); nothing changed.");
+        }
+
+        /// <summary>
+        /// PEFT's <c>BaseTuner._check_new_adapter_config</c>: a model holds at most one adapter whose <c>bias</c> is not
+        /// <c>none</c> (the biases are the base layers' own, one set for all adapters).
+        /// </summary>
+        private static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
+        {
+            if (state is null || config.bias == "none")
+                return;
+            var others = state.Adapters.Where(a => a.Config.bias != "none").ToList();
+            if (others.Count > 0)
+                throw new ArgumentException(
+                    $"LoraModel.{caller}: '{adapter_name}' has bias \"{config.bias}\", and {string.Join(", ", others.Select(o => $"'{o.Name}' has bias \"{o.Config.bias}\""))} already: " +
+                    "a model holds at most one adapter with a bias other than \"none\" (as PEFT: \"supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for all adapters.\"); nothing changed.", "config");
+        }
+
+        /// <summary>What is not finite in an adapter's update, naming the layer, its file keys, the scaling and the dtype.</summary>
+        private static string UpdateProblem(Target target, IAdapter adapter, ScalarType dtype)
+        {
+            string scale = string.Create(CultureInfo.InvariantCulture, $"(lora_alpha {adapter.lora_alpha}, r {adapter.r}, scaling {adapter.scaling})");
+            if (adapter is LoraEmbeddingLayer)
+                return $"scaling · B A of {target.Path} ('{PeftFolder.Key(target.Path, "lora_embedding_A")}', '{PeftFolder.Key(target.Path, "lora_embedding_B")}') is not finite in {dtype} {scale}";
+            if (adapter is LoraLayer { use_dora: true } dora && dora.UpdateFiniteWithoutDora())
+                return $"the DoRA weight m / ‖W + ΔW‖ · (W + ΔW) of {target.Path} ('{PeftFolder.Key(target.Path, "lora_magnitude_vector")}') is not finite in {dtype} {scale}";
+            return $"scaling · B A of {target.Path} ('{PeftFolder.LoraKey(target.Path, "lora_A")}', '{PeftFolder.LoraKey(target.Path, "lora_B")}') is not finite in {dtype} {scale}";
         }
 
         /// <summary>A new adapter's name must be usable in keys and folder names, and not the model's already.</summary>

@@ -57,6 +57,8 @@ namespace TorchLinear.Lora
             var own = model.state_dict();
             var targetByPath = targets.ToDictionary(t => t.Path);
             var plan = new List<Step>();
+            var adaptedPaths = new HashSet<string>(targets.Select(t => t.Path).Concat(state?.Layers.Select(l => l.Path) ?? Enumerable.Empty<string>()), StringComparer.Ordinal);
+            var keyOf = new Dictionary<string, string>(StringComparer.Ordinal);
             foreach (var (key, tensor) in tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal))
             {
                 if (!key.StartsWith(Prefix, StringComparison.Ordinal))
@@ -109,9 +111,18 @@ namespace TorchLinear.Lora
                     problems.Add($"'{key}' is an adapter tensor TorchLinear.Lora does not read (a bias on lora_B, or another PEFT feature)");
                     continue;
                 }
+                // PEFT's layer holds the adapted Linear as base_layer: its bias is saved as <path>.base_layer.bias. Older
+                // folders (PEFT before its base_layer, this library before reading it) hold the plain <path>.bias.
+                if (BaseLayerName(name, adaptedPaths) is { } plain)
+                    name = plain;
                 if (!own.TryGetValue(name, out Tensor? destination))
                 {
                     problems.Add($"'{key}' names no parameter or buffer of the model ('{name}')");
+                    continue;
+                }
+                if (!keyOf.TryAdd(name, key))
+                {
+                    problems.Add($"'{keyOf[name]}' and '{key}' are both {name} (a bias is saved once: under base_layer for an adapted layer, as PEFT saves it)");
                     continue;
                 }
                 if (!tensor.shape.SequenceEqual(destination.shape))
@@ -139,8 +150,29 @@ namespace TorchLinear.Lora
             }
             if (problems.Count > 0)
                 throw new InvalidOperationException($"LoraModel.load_adapter: refused {file}, nothing was changed: {string.Join("; ", problems)}.");
-            _ = state;
             return plan;
+        }
+
+        /// <summary>
+        /// The model's name for a file key's name under an adapted layer's <c>base_layer</c> (<c>q_proj.base_layer.bias</c>
+        /// → <c>q_proj.bias</c>), or null when the name is not under one.
+        /// </summary>
+        private static string? BaseLayerName(string name, HashSet<string> adaptedPaths)
+        {
+            const string Part = ".base_layer.";
+            for (int at = name.IndexOf(Part, StringComparison.Ordinal); at > 0; at = name.IndexOf(Part, at + 1, StringComparison.Ordinal))
+            {
+                if (adaptedPaths.Contains(name[..at]))
+                    return name[..at] + "." + name[(at + Part.Length)..];
+            }
+            return null;
+        }
+
+        /// <summary>The key PEFT saves a model tensor under: an adapted layer's own tensors are its <c>base_layer</c>'s.</summary>
+        internal static string SavedKey(string name, ISet<string> adaptedPaths)
+        {
+            int dot = name.LastIndexOf('.');
+            return dot > 0 && adaptedPaths.Contains(name[..dot]) ? $"{Prefix}{name[..dot]}.base_layer.{name[(dot + 1)..]}" : Prefix + name;
         }
 
         /// <summary>The layer path and part of an adapter key's name (<c>q_proj.lora_A.weight</c> → (q_proj, lora_A)), or null.</summary>
@@ -182,8 +214,10 @@ namespace TorchLinear.Lora
             var dtypes = entry.FileDtypes;
             using var scope = NewDisposeScope();
             var tensors = new Dictionary<string, Tensor>();
-            void Put(string key, Tensor tensor) =>
-                tensors[key] = (dtypes.TryGetValue(key, out ScalarType dtype) && dtype != tensor.dtype ? tensor.detach().to(dtype) : tensor.detach()).contiguous();
+            // A tensor goes back in the dtype it had in its file (a bias read from an older folder under its plain key).
+            void Put(string key, Tensor tensor, string? oldKey = null) =>
+                tensors[key] = ((dtypes.TryGetValue(key, out ScalarType dtype) || (oldKey is not null && dtypes.TryGetValue(oldKey, out dtype))) && dtype != tensor.dtype
+                    ? tensor.detach().to(dtype) : tensor.detach()).contiguous();
             var adapterParameters = new HashSet<IntPtr>();
             foreach (var layer in state.Layers)
             {
@@ -207,13 +241,17 @@ namespace TorchLinear.Lora
                 }
             }
             var adaptedBiases = new HashSet<string>(state.Layers.Where(l => l.Find(entry.Name) is not null).Select(l => l.Path + ".bias"), StringComparer.Ordinal);
+            var adaptedPaths = new HashSet<string>(state.Layers.Select(l => l.Path), StringComparer.Ordinal);
             foreach (var (name, parameter) in model.named_parameters())
             {
                 if (adapterParameters.Contains(parameter.Handle))
                     continue;
                 bool isBias = name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
+                // PEFT's keys: an adapted layer's bias is its base_layer's (PEFT, loading with strict=False, drops the plain
+                // key of an adapted layer without a word); any other bias keeps its own name. PEFT's bias = "lora_only"
+                // saves none of the biases it trains (its key is <path>.bias, which its layer lacks); these are saved.
                 if ((config.bias == "all" && isBias) || (config.bias == "lora_only" && adaptedBiases.Contains(name)))
-                    Put(Prefix + name, parameter);
+                    Put(SavedKey(name, adaptedPaths), parameter, Prefix + name);
             }
             foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(entry.Name)))
             {
