@@ -363,14 +363,15 @@ namespace TorchLinear.Lora.Tests
             using var scope = NewDisposeScope();
             using var mlp = Pretrained("mlp");
             LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0", "2" }, bias = "all" });          // trains
-            LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0" }, use_dora = true }, "dora");  // frozen, inactive
-            LoraModel.set_adapter(mlp, "default", "dora");
+            LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0" }, use_dora = true }, "dora");  // inactive: frozen
             using var embed = Pretrained("embedding");
             LoraModel.inject(embed, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" } });
             foreach (var model in new nn.Module[] { mlp, embed })
             {
                 var flags = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.requires_grad);
                 Assert.Contains(flags, f => f.Value && f.Key.Contains(".lora_", StringComparison.Ordinal));
+                if (model == mlp)
+                    Assert.Contains(flags, f => !f.Value && f.Key.Contains(".lora_", StringComparison.Ordinal));
                 using (LoraModel.disable_adapters(model))
                 {
                     foreach (var (name, parameter) in model.named_parameters())
@@ -388,7 +389,7 @@ namespace TorchLinear.Lora.Tests
         // ---- Values that would give NaN, and the scaling in the layer's dtype ------------------------------------------
 
         [Fact]
-        public void AnUpdateThatOverflowsTheLayersDtype_IsRefusedAtLoadAndCombination_NamingTheKeys_AndChangesNothing()
+        public void AnUpdateThatOverflowsTheLayersDtype_IsRefusedAtLoadInjectAndCombination_NamingTheKeys_AndChangesNothing()
         {
             // Guards: lora_alpha 1e39 with r 4 is a scaling of 2.5e38, finite in float32, and scaling · B A overflowed:
             // the adapter loaded and the model gave infinity.
@@ -418,6 +419,13 @@ namespace TorchLinear.Lora.Tests
                 Assert.Contains("the combination scaling · B A of 0 ('base_model.model.0.lora_A.weight', 'base_model.model.0.lora_B.weight') is not finite in Float32", combined.Message);
                 Assert.Equal(new[] { "default" }, LoraModel.peft_config(model).Keys.ToArray());
                 Assert.Equal(adapted, Bits(model));
+                // inject with init_lora_weights false draws B too (kaiming-uniform): with r 64 on a layer of one input,
+                // scaling 3.3e38 times some of the 4,000 rows of B A overflows float32 under this seed.
+                manual_seed(0);
+                using var wide = nn.Sequential(("fc", nn.Linear(1, 4000)));
+                var drawn = Assert.Throws<ArgumentException>(() => LoraModel.inject(wide, new LoraConfig { r = 64, lora_alpha = 64 * 3.3e38, target_modules = new[] { "fc" }, init_lora_weights = "false" }));
+                Assert.Contains("lora_alpha: scaling · B A of fc ('base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight') is not finite in Float32", drawn.Message);
+                Assert.DoesNotContain(wide.state_dict().Keys, k => k.Contains("lora_", StringComparison.Ordinal));
                 // In float64 the same adapter is finite, and loads.
                 using var doubles = Pretrained("mlp").to(ScalarType.Float64);
                 LoraModel.load_adapter(doubles, folder);

@@ -95,6 +95,33 @@ namespace TorchLinear.Lora.Tests
             }
         }
 
+        [Fact]
+        public void ABiasReadUnderItsOldPlainKey_IsSavedUnderPeftsKey_InTheFilesDtype()
+        {
+            using var scope = NewDisposeScope();
+            string folder = Mutated("mlp", s => s.ToDictionary(kv => kv.Key, kv => kv.Value.to(ScalarType.BFloat16)));
+            string output = Directory.CreateTempSubdirectory("torchlinear-peft-").FullName;
+            try
+            {
+                using var model = Pretrained("mlp");
+                LoraModel.load_adapter(model, folder);
+                LoraModel.save_adapter(model, output);
+                var before = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
+                foreach (string path in new[] { "0", "2" })
+                {
+                    var saved = after[$"base_model.model.{path}.base_layer.bias"];
+                    Assert.Equal(ScalarType.BFloat16, saved.dtype);
+                    Assert.True(Equivalence.Compare(before[$"base_model.model.{path}.bias"], saved).BitExact, path);
+                }
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+                Directory.Delete(output, recursive: true);
+            }
+        }
+
         // ---- Files that do not fit: refused, every problem named, the model unchanged ---------------------------------
 
         /// <summary>A copy of a reference folder with its tensors and config changed.</summary>
