@@ -57,8 +57,9 @@ namespace TorchLinear.Lora
         /// </summary>
         /// <returns>The adapted module paths, in the model's order.</returns>
         /// <exception cref="ArgumentException">The config is not usable (a key and its rule are named), matches no layer,
-        /// names a module of another kind, a rank or alpha gives a scaling that is not finite in a layer's dtype, or the
-        /// model has an adapter of that name already (or the name is not a usable one).</exception>
+        /// names a module of another kind, a rank or alpha gives a scaling (or, with drawn B, an update scaling · B A) that
+        /// is not finite in a layer's dtype, the model has an adapter of that name already (or the name is not a usable
+        /// one), or the adapter and one of the model's both have a <c>bias</c> other than <c>none</c> (PEFT's rule).</exception>
         public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter)
         {
             ArgumentNullException.ThrowIfNull(model);
@@ -104,8 +105,10 @@ namespace TorchLinear.Lora
         /// <c>adapter_model.bin</c>) — as PEFT's <c>PeftModel.from_pretrained</c> (a model's first adapter, made active) or
         /// <c>load_adapter</c> (another one, added inactive) does: puts adapters in as the config says, loads the tensors
         /// (converted to each layer's dtype), and loads the keys that are not adapter keys (a <c>modules_to_save</c> head,
-        /// the biases of <c>bias</c> = all / lora_only). Everything is checked before anything changes; a refusal lists
-        /// every problem and leaves the model bitwise as it was.
+        /// the biases of <c>bias</c> = all / lora_only: an adapted layer's under PEFT's <c>&lt;path&gt;.base_layer.bias</c> or,
+        /// from older folders, <c>&lt;path&gt;.bias</c>). Everything is checked before anything changes — the keys, shapes,
+        /// dtypes, values, and that each layer's update <c>scaling · B A</c> (for DoRA the rescaled weight) is finite in the
+        /// layer's dtype; a refusal lists every problem and leaves the model bitwise as it was.
         /// </summary>
         /// <param name="model">The base model, with its pretrained weights.</param>
         /// <param name="directory">The adapter folder.</param>
@@ -115,13 +118,14 @@ namespace TorchLinear.Lora
         /// <param name="is_trainable">Let the adapter, its <c>modules_to_save</c> and the biases <c>bias</c> names train
         /// while it is active, as after <see cref="inject"/>. False (PEFT's default): frozen, for inference.</param>
         /// <returns>The adapted module paths.</returns>
-        /// <exception cref="InvalidOperationException">The file's keys, shapes, dtypes or values do not fit the model, or a
-        /// merge would not be finite; nothing changed.</exception>
+        /// <exception cref="InvalidOperationException">The file's keys, shapes, dtypes or values do not fit the model, an
+        /// update is not finite in its layer's dtype, or a merge would not be finite; nothing changed.</exception>
         /// <exception cref="CheckpointFormatException">A file of the folder cannot be read as what it should be; the message
         /// names the file, the key and the rule.</exception>
         /// <exception cref="NotSupportedException">The config uses a PEFT feature this library does not implement.</exception>
         /// <exception cref="ArgumentException">The config matches no layer of this model, the model has an adapter of that
-        /// name, or <paramref name="merge"/> is asked for a second adapter.</exception>
+        /// name, the adapter and one of the model's both have a <c>bias</c> other than <c>none</c> (PEFT's rule: one such
+        /// adapter per model), or <paramref name="merge"/> is asked for a second adapter.</exception>
         /// <exception cref="FileNotFoundException">The folder lacks a file.</exception>
         public static IReadOnlyList<string> load_adapter(nn.Module model, string directory, string adapter_name = DefaultAdapter, bool merge = false, bool is_trainable = false)
         {
@@ -207,7 +211,8 @@ namespace TorchLinear.Lora
         /// <paramref name="directory"/>, every other one into a sub-folder named after it, each with its
         /// <c>adapter_config.json</c> and <c>adapter_model.safetensors</c> holding PEFT's keys — no adapter name inside
         /// them: <c>base_model.model.&lt;path&gt;.lora_A.weight</c> / <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c>
-        /// (DoRA), <c>.lora_embedding_A</c> / <c>_B</c>, the biases its <c>bias</c> mode trains, and its
+        /// (DoRA), <c>.lora_embedding_A</c> / <c>_B</c>, the biases its <c>bias</c> mode trains (an adapted layer's as
+        /// <c>&lt;path&gt;.base_layer.bias</c>, the key PEFT reads; any other under its own name), and its
         /// <c>modules_to_save</c> values under their plain names. Tensors loaded from a file are written in its dtypes.
         /// </summary>
         /// <param name="model">The adapted model.</param>
@@ -327,7 +332,8 @@ namespace TorchLinear.Lora
         /// <param name="adapter_names">One adapter name (or <c>"__base__"</c>) per row of the batch, in order.</param>
         /// <exception cref="ArgumentException">A name is neither an adapter of the model nor <c>"__base__"</c>, or a named
         /// adapter is DoRA, or saves modules (<c>modules_to_save</c>); the message names them.</exception>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or adapters are merged.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, adapters are merged, or the model is in
+        /// training mode (as PEFT; a call of the model in training mode within the scope is refused too).</exception>
         public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names)
         {
             ArgumentNullException.ThrowIfNull(model);
@@ -576,7 +582,9 @@ namespace TorchLinear.Lora
         /// <summary>
         /// Runs without any adapter until the returned scope is disposed, as PEFT's <c>disable_adapter()</c>: no low-rank
         /// updates — merged adapters are taken out of the weights for the while, bit for bit, and put back after — and
-        /// <c>modules_to_save</c> modules with their original values. Biases trained with <c>bias</c> = all or lora_only are
+        /// <c>modules_to_save</c> modules with their original values. No adapter tensor (A, B, DoRA's magnitude, an
+        /// embedding's A and B) requires grad within the scope, and each gets its own flag back after, as PEFT's
+        /// <c>enable_adapters(False)</c> and <c>(True)</c> do. Biases trained with <c>bias</c> = all or lora_only are
         /// the base layers' own and stay trained (PEFT warns of the same).
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>

@@ -13,7 +13,9 @@ namespace TorchLinear.Lora
     /// <c>adapter_model.safetensors</c> (or <c>adapter_model.bin</c>, a <c>torch.save</c> file) under the keys
     /// <c>base_model.model.&lt;path&gt;.lora_A.weight</c> / <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c> (DoRA, no
     /// <c>.weight</c>), <c>.lora_embedding_A</c> / <c>.lora_embedding_B</c> (no adapter name in any of them), the trained
-    /// biases and every <c>modules_to_save</c> module's state under their plain names.
+    /// biases — an adapted layer's as <c>&lt;path&gt;.base_layer.bias</c> (PEFT's layer holds the Linear as
+    /// <c>base_layer</c>; older folders' plain <c>&lt;path&gt;.bias</c> is read too), any other under its plain name — and
+    /// every <c>modules_to_save</c> module's state under their plain names.
     /// </summary>
     internal static class PeftFolder
     {
