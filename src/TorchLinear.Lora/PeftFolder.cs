@@ -61,6 +61,7 @@ namespace TorchLinear.Lora
             var plan = new List<Step>();
             var adaptedPaths = new HashSet<string>(targets.Select(t => t.Path).Concat(state?.Layers.Select(l => l.Path) ?? Enumerable.Empty<string>()), StringComparer.Ordinal);
             var keyOf = new Dictionary<string, string>(StringComparer.Ordinal);
+            var copies = new List<(string Key, string Saved, string Wrapper, string Inner)>();
             foreach (var (key, tensor) in tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal))
             {
                 if (!key.StartsWith(Prefix, StringComparison.Ordinal))
@@ -69,6 +70,11 @@ namespace TorchLinear.Lora
                     continue;
                 }
                 string name = key[Prefix.Length..];
+                if (WrapperCopy(config, name) is { } copy)
+                {
+                    copies.Add((key, copy.Saved, copy.Wrapper, copy.Inner));
+                    continue;
+                }
                 if (name.Contains(".modules_to_save.", StringComparison.Ordinal) || name.Contains(".original_module.", StringComparison.Ordinal))
                 {
                     problems.Add($"'{key}' puts LoRA or weights inside a saved module's wrapper (a broken adapter: modules_to_save modules are saved under their plain names)");
@@ -139,6 +145,29 @@ namespace TorchLinear.Lora
                     plan.Add(new Step(key, name, destination, saved, saved is null ? name : name[(saved.Length + 1)..]));
                 }
             }
+            // PEFT's bias = "all" keeps every key that contains "bias", its modules_to_save wrapper's too: the trained copy
+            // (which PEFT's loading drops) and the original (which it loads into the original module). Both are taken
+            // when they say what the rest of the folder and the model say; otherwise refused, as neither is loaded here.
+            foreach (var (key, saved, wrapper, inner) in copies)
+            {
+                using var scope = NewDisposeScope();
+                if (wrapper == "modules_to_save")
+                {
+                    var plain = new[] { inner, inner.Contains('.') ? inner[(inner.IndexOf('.') + 1)..] : null }
+                        .Select(n => n is null ? null : $"{Prefix}{saved}.{n}").FirstOrDefault(k => k is not null && tensors.ContainsKey(k));
+                    if (plain is null)
+                        problems.Add($"'{key}' is a copy in {saved}'s modules_to_save wrapper (PEFT's bias = \"all\" saves it), but the file has no '{Prefix}{saved}.{inner}' beside it");
+                    else if (!SameBits(tensors[key], tensors[plain]))
+                        problems.Add($"'{key}' is PEFT's copy of '{plain}' in {saved}'s modules_to_save wrapper, but holds other values");
+                    continue;
+                }
+                var original = state?.Saved.FirstOrDefault(m => m.Path == saved)?.Originals.FirstOrDefault(o => o.Name == inner).Value
+                    ?? (own.TryGetValue($"{saved}.{inner}", out var current) ? current : null);
+                if (original is null)
+                    problems.Add($"'{key}' is the original of {saved}.{inner} (PEFT's bias = \"all\" saves it), which the model lacks");
+                else if (!is_floating_point(tensors[key].dtype) || !tensors[key].shape.SequenceEqual(original.shape) || !SameBits(tensors[key].to(original.dtype), original))
+                    problems.Add($"'{key}' is the original of {saved}.{inner}, which PEFT loads into the module's original, but it differs from this model's {saved}.{inner} (a folder made on other base weights)");
+            }
             foreach (var target in targets)
             {
                 var parts = target.IsEmbedding ? new[] { "lora_embedding_A", "lora_embedding_B" }
@@ -154,6 +183,27 @@ namespace TorchLinear.Lora
                 throw new InvalidOperationException($"LoraModel.load_adapter: refused {file}, nothing was changed: {string.Join("; ", problems)}.");
             return plan;
         }
+
+        /// <summary>
+        /// A key of PEFT's modules_to_save wrapper that its bias = "all" saves (every key with "bias" in it):
+        /// <c>&lt;module&gt;.modules_to_save.&lt;name&gt;</c> or <c>&lt;module&gt;.original_module.&lt;name&gt;</c>, for a
+        /// module the config saves; null for any other name.
+        /// </summary>
+        private static (string Saved, string Wrapper, string Inner)? WrapperCopy(LoraConfig config, string name)
+        {
+            if (config.bias != "all" || !name.Contains("bias", StringComparison.Ordinal))
+                return null;
+            foreach (string wrapper in new[] { "modules_to_save", "original_module" })
+            {
+                int at = name.IndexOf($".{wrapper}.", StringComparison.Ordinal);
+                if (at > 0 && ModuleMatching.is_module_to_save(config, name[..at]))
+                    return (name[..at], wrapper, name[(at + wrapper.Length + 2)..]);
+            }
+            return null;
+        }
+
+        private static bool SameBits(Tensor a, Tensor b) =>
+            a.dtype == b.dtype && a.shape.SequenceEqual(b.shape) && Equivalence.Compare(a, b).BitExact;
 
         /// <summary>
         /// The model's name for a file key's name under an adapted layer's <c>base_layer</c> (<c>q_proj.base_layer.bias</c>

@@ -34,6 +34,9 @@ namespace TorchLinear.Lora.Tests
         [Theory]
         [InlineData("bias_all", new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight", "base_model.model.2.bias" })]
         [InlineData("bias_lora_only", new[] { "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight" })]
+        // modules_to_save ["2"]: PEFT's bias = "all" also saves its wrapper's copy and original of 2's bias.
+        [InlineData("bias_all_saved", new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight",
+                                              "base_model.model.2.bias", "base_model.model.2.modules_to_save.bias", "base_model.model.2.original_module.bias", "base_model.model.2.weight" })]
         public void PeftsFolder_WithTrainedBiases_LoadsAndGivesPeftsOutput(string name, string[] keys)
         {
             using var scope = NewDisposeScope();
@@ -47,7 +50,7 @@ namespace TorchLinear.Lora.Tests
 
             // PEFT's output after its own PeftModel.from_pretrained of the folder.
             Equivalence.AssertClose(Ports.Run(model, cases["input"]), cases[$"{name}_loaded"]);
-            if (name == "bias_all")
+            if (name != "bias_lora_only")
             {
                 var file = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
                 Assert.True(Equivalence.Compare(file["base_model.model.0.base_layer.bias"], model.state_dict()["0.bias"]).BitExact);
@@ -83,21 +86,27 @@ namespace TorchLinear.Lora.Tests
             }
         }
 
-        [Fact]
-        public void AFolderWithBothKeysForOneBias_IsRefusedNamingBoth_AndChangesNothing()
+        [Theory]
+        [InlineData("bias_all", "base_model.model.0.bias", "'base_model.model.0.base_layer.bias' and 'base_model.model.0.bias' are both 0.bias")]
+        [InlineData("bias_all_saved", "base_model.model.2.modules_to_save.bias",
+                    "'base_model.model.2.modules_to_save.bias' is PEFT's copy of 'base_model.model.2.bias' in 2's modules_to_save wrapper, but holds other values")]
+        [InlineData("bias_all_saved", "base_model.model.2.original_module.bias",
+                    "'base_model.model.2.original_module.bias' is the original of 2.bias, which PEFT loads into the module's original, but it differs from this model's 2.bias")]
+        public void AFolderWhoseBiasesDisagree_IsRefusedNamingTheKeys_AndChangesNothing(string adapter, string key, string problem)
         {
             using var scope = NewDisposeScope();
-            string folder = Directory.CreateTempSubdirectory("torchlinear-realpeft-both-").FullName;
+            string folder = Directory.CreateTempSubdirectory("torchlinear-realpeft-bias-").FullName;
             try
             {
-                File.Copy(Path.Combine(Folder, "bias_all", "adapter_config.json"), Path.Combine(folder, "adapter_config.json"));
-                var tensors = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "bias_all", "adapter_model.safetensors"));
-                tensors["base_model.model.0.bias"] = tensors["base_model.model.0.base_layer.bias"] + 1;
+                File.Copy(Path.Combine(Folder, adapter, "adapter_config.json"), Path.Combine(folder, "adapter_config.json"));
+                var tensors = StateDicts.ReadPyTorchFile(Path.Combine(Folder, adapter, "adapter_model.safetensors"));
+                // One bias under both keys, or a wrapper's copy that is not the value beside it.
+                tensors[key] = (tensors.TryGetValue(key, out var existing) ? existing : tensors["base_model.model.0.base_layer.bias"]) + 1;
                 Safetensors.SaveStateDict(Path.Combine(folder, "adapter_model.safetensors"), tensors);
                 using var model = Base();
                 var before = Ports.Bits(model);
                 var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder));
-                Assert.Contains("'base_model.model.0.base_layer.bias' and 'base_model.model.0.bias' are both 0.bias", error.Message);
+                Assert.Contains(problem, error.Message);
                 Assert.Equal(before, Ports.Bits(model));
             }
             finally

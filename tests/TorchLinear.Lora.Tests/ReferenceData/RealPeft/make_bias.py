@@ -10,7 +10,7 @@ The model is the tests' Mlp port (Ports.Mlp: Linear(16, 32), ReLU, Linear(32, 8)
 
     source /work/realpeft-site/env.sh          # PEFT 0.18.1 and transformers from source (see the README of realpeft)
     LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/blas:/usr/lib/x86_64-linux-gnu/lapack /usr/bin/python3 make_bias.py
-        writes base.safetensors, bias_all/ and bias_lora_only/ (PEFT's save_pretrained) and cases.safetensors:
+        writes base.safetensors, bias_all/, bias_lora_only/ and bias_all_saved/ (PEFT's save_pretrained) and cases.safetensors:
         input; <name>_trained, PEFT's output of the model it trained; <name>_loaded, PEFT's output after
         PeftModel.from_pretrained of the saved folder on a fresh base model.
     /usr/bin/python3 make_bias.py --check
@@ -36,6 +36,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "TorchLinear.Tests", "Re
 from safetensors_writer import write_safetensors  # noqa: E402
 
 NAMES = ("bias_all", "bias_lora_only")
+# PEFT's save of bias="all" with modules_to_save also keeps the wrapper's "<module>.modules_to_save.bias" and
+# "<module>.original_module.bias" (they contain "bias"); loading, PEFT drops the first and puts the second into the
+# original module. Made here, not written from .NET.
+MADE = NAMES + ("bias_all_saved",)
 
 
 class Mlp(nn.Sequential):
@@ -54,16 +58,17 @@ def make():
     write_safetensors(Mlp().state_dict(), os.path.join(HERE, "base.safetensors"))
     torch.manual_seed(1)
     cases = {"input": torch.randn(6, 16)}
-    for name in NAMES:
-        bias = name[len("bias_"):]
+    for name in MADE:
+        bias = "all" if name == "bias_all_saved" else name[len("bias_"):]
+        saved_modules = ["2"] if name == "bias_all_saved" else None
         torch.manual_seed(2)
-        model = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["0"], bias=bias))
+        model = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["0"], bias=bias, modules_to_save=saved_modules))
         with torch.no_grad():
             # As if trained: lora_B away from zero, and every bias PEFT trains for this mode moved.
             layer = model.base_model.model[0]
             layer.lora_B["default"].weight.copy_(torch.randn(32, 4) * 0.1)
             for key, parameter in model.named_parameters():
-                if parameter.requires_grad and key.endswith("bias"):
+                if parameter.requires_grad and (key.endswith("bias") or ".modules_to_save." in key):
                     parameter.add_(torch.randn_like(parameter) * 0.1)
         trained = sorted(k for k, p in model.named_parameters() if p.requires_grad)
         model.eval()
