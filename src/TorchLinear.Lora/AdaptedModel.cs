@@ -202,11 +202,11 @@ namespace TorchLinear.Lora
                 if (batch.Names[group] != LoraModel.BaseModel && Find(batch.Names[group]) is { } adapter)
                     here.Add((adapter, group));
             }
+            // PEFT refuses adapter_names whenever the model is in training mode (its dropout, among others, would apply per adapter).
+            if (training || Model.Root.training)
+                throw new InvalidOperationException($"{Path}: a mixed-adapter batch is for inference, and the model is in training mode (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
             if (here.Count == 0)
                 return output;
-            var dropping = here.Where(g => training && g.Adapter.lora_dropout > 0).Select(g => g.Adapter.Name).ToList();
-            if (dropping.Count > 0)
-                throw new InvalidOperationException($"{Path}: a mixed-adapter batch is for inference; in training mode the adapters' dropout would apply per adapter ({string.Join(", ", dropping)}): call eval() first.");
             if (batch.Names.Count == 1)
             {
                 AddTerm(here[0].Adapter, output, input, training);

@@ -21,6 +21,12 @@ namespace TorchLinear.Lora
         IEnumerable<Parameter> Parameters();
         Tensor delta_weight();
         bool MergesFinite(Tensor weight);
+
+        /// <summary>
+        /// Whether the update <c>scaling · B A</c> is finite in the adapter's dtype, and for DoRA the rescaled weight
+        /// <c>m / ‖W + ΔW‖ · (W + ΔW)</c> too: otherwise the layer's output would hold NaN or infinity.
+        /// </summary>
+        bool UpdateFinite(Tensor weight);
         void MergeChecked(Parameter weight, bool keep = true);
         void unmerge(Parameter weight);
         void ForgetUnmerged();
@@ -179,6 +185,15 @@ namespace TorchLinear.Lora
             if (!isfinite(lora_embedding_A).all().item<bool>() || !isfinite(lora_embedding_B).all().item<bool>())
                 return false;
             return isfinite(weight.detach() + delta_weight()).all().item<bool>();
+        }
+
+        bool IAdapter.UpdateFinite(Tensor weight)
+        {
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            if (LoraLayer.UpdateBounded(lora_embedding_A, lora_embedding_B, r, LoraLayer.ScalingIn(scaling, lora_embedding_B.dtype)))
+                return true;
+            return isfinite(delta_weight()).all().item<bool>();
         }
 
         void IAdapter.MergeChecked(Parameter weight, bool keep)

@@ -159,6 +159,8 @@ namespace TorchLinear.Lora
 
         bool IAdapter.MergesFinite(Tensor weight) => MergesFinite(weight);
 
+        bool IAdapter.UpdateFinite(Tensor weight) => UpdateFinite(weight);
+
         void IAdapter.MergeChecked(Parameter weight, bool keep) => MergeChecked(weight, keep);
 
         void IAdapter.ForgetUnmerged() => ForgetUnmerged();
@@ -386,6 +388,45 @@ namespace TorchLinear.Lora
             using Tensor side = weight.detach().clone();
             AddDelta(side);
             return isfinite(side).all().item<bool>();
+        }
+
+        /// <summary>
+        /// Whether the update <c>scaling · B A</c> is finite in the adapter's dtype (a scaling finite in float32, 2.5e38,
+        /// times B A can still overflow), and for DoRA the rescaled weight <c>m / ‖W + ΔW‖ · (W + ΔW)</c>, which the forward
+        /// applies, too. Cheap when <c>r · max|A| · max|B| · |scaling|</c> is far below the dtype's largest value.
+        /// </summary>
+        internal bool UpdateFinite(Tensor weight)
+        {
+            if (!UpdateFiniteWithoutDora())
+                return false;
+            if (!use_dora)
+                return true;
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            using Tensor side = weight.detach().clone();
+            AddDelta(side);
+            return isfinite(side).all().item<bool>();
+        }
+
+        /// <summary>Whether <c>scaling · B A</c> alone is finite in the adapter's dtype.</summary>
+        internal bool UpdateFiniteWithoutDora()
+        {
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            return UpdateBounded(lora_A.weight, lora_B.weight, r, ScalingIn(lora_B.weight.dtype)) || isfinite(delta_weight()).all().item<bool>();
+        }
+
+        /// <summary>
+        /// Whether A and B are finite and every element of <c>scaling · B A</c> is bounded below half the dtype's largest
+        /// value by <c>r · max|A| · max|B| · |scaling|</c> (half: room for the products' rounding). False means "compute it".
+        /// </summary>
+        internal static bool UpdateBounded(Tensor a, Tensor b, int r, double scaling)
+        {
+            if (!isfinite(a).all().item<bool>() || !isfinite(b).all().item<bool>())
+                return false;
+            static double Largest(Tensor t) => t.numel() == 0 ? 0 : Math.Max(Math.Abs(t.max().to(ScalarType.Float64).item<double>()), Math.Abs(t.min().to(ScalarType.Float64).item<double>()));
+            double bound = r * Largest(a.detach()) * Largest(b.detach()) * Math.Abs(scaling);
+            return double.IsFinite(bound) && bound < finfo(b.dtype).max / 2;
         }
 
         /// <summary>

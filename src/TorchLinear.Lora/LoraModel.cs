@@ -57,8 +57,9 @@ namespace TorchLinear.Lora
         /// </summary>
         /// <returns>The adapted module paths, in the model's order.</returns>
         /// <exception cref="ArgumentException">The config is not usable (a key and its rule are named), matches no layer,
-        /// names a module of another kind, a rank or alpha gives a scaling that is not finite in a layer's dtype, or the
-        /// model has an adapter of that name already (or the name is not a usable one).</exception>
+        /// names a module of another kind, a rank or alpha gives a scaling (or, with drawn B, an update scaling · B A) that
+        /// is not finite in a layer's dtype, the model has an adapter of that name already (or the name is not a usable
+        /// one), or the adapter and one of the model's both have a <c>bias</c> other than <c>none</c> (PEFT's rule).</exception>
         public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter)
         {
             ArgumentNullException.ThrowIfNull(model);
@@ -67,6 +68,7 @@ namespace TorchLinear.Lora
             config.ThrowIfInvalid("LoraModel.inject");
             var kept = config.Clone();
             var state = TryStateOf(model, nameof(inject));
+            CheckOneBias(state, kept, adapter_name, nameof(inject));
             var targets = Targets(model, kept, state, "LoraModel.inject", error => new ArgumentException($"LoraModel.inject: {error.Key}: {error.Rule}."));
             var adapters = new List<IAdapter>();
             try
@@ -81,6 +83,9 @@ namespace TorchLinear.Lora
                     adapters.Add(adapter);
                     if (kept.use_dora)
                         ((LoraLayer)adapter).EnableDora(weight);
+                    // A drawn B is not zero with init_lora_weights false: a large alpha can overflow scaling · B A.
+                    if (!adapter.UpdateFinite(weight))
+                        throw new ArgumentException($"LoraModel.inject: {kept.AlphaKey(target.Path)}: {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(config));
                 }
             }
             catch
@@ -100,8 +105,10 @@ namespace TorchLinear.Lora
         /// <c>adapter_model.bin</c>) — as PEFT's <c>PeftModel.from_pretrained</c> (a model's first adapter, made active) or
         /// <c>load_adapter</c> (another one, added inactive) does: puts adapters in as the config says, loads the tensors
         /// (converted to each layer's dtype), and loads the keys that are not adapter keys (a <c>modules_to_save</c> head,
-        /// the biases of <c>bias</c> = all / lora_only). Everything is checked before anything changes; a refusal lists
-        /// every problem and leaves the model bitwise as it was.
+        /// the biases of <c>bias</c> = all / lora_only: an adapted layer's under PEFT's <c>&lt;path&gt;.base_layer.bias</c> or,
+        /// from older folders, <c>&lt;path&gt;.bias</c>). Everything is checked before anything changes — the keys, shapes,
+        /// dtypes, values, and that each layer's update <c>scaling · B A</c> (for DoRA the rescaled weight) is finite in the
+        /// layer's dtype; a refusal lists every problem and leaves the model bitwise as it was.
         /// </summary>
         /// <param name="model">The base model, with its pretrained weights.</param>
         /// <param name="directory">The adapter folder.</param>
@@ -111,13 +118,14 @@ namespace TorchLinear.Lora
         /// <param name="is_trainable">Let the adapter, its <c>modules_to_save</c> and the biases <c>bias</c> names train
         /// while it is active, as after <see cref="inject"/>. False (PEFT's default): frozen, for inference.</param>
         /// <returns>The adapted module paths.</returns>
-        /// <exception cref="InvalidOperationException">The file's keys, shapes, dtypes or values do not fit the model, or a
-        /// merge would not be finite; nothing changed.</exception>
+        /// <exception cref="InvalidOperationException">The file's keys, shapes, dtypes or values do not fit the model, an
+        /// update is not finite in its layer's dtype, or a merge would not be finite; nothing changed.</exception>
         /// <exception cref="CheckpointFormatException">A file of the folder cannot be read as what it should be; the message
         /// names the file, the key and the rule.</exception>
         /// <exception cref="NotSupportedException">The config uses a PEFT feature this library does not implement.</exception>
         /// <exception cref="ArgumentException">The config matches no layer of this model, the model has an adapter of that
-        /// name, or <paramref name="merge"/> is asked for a second adapter.</exception>
+        /// name, the adapter and one of the model's both have a <c>bias</c> other than <c>none</c> (PEFT's rule: one such
+        /// adapter per model), or <paramref name="merge"/> is asked for a second adapter.</exception>
         /// <exception cref="FileNotFoundException">The folder lacks a file.</exception>
         public static IReadOnlyList<string> load_adapter(nn.Module model, string directory, string adapter_name = DefaultAdapter, bool merge = false, bool is_trainable = false)
         {
@@ -129,6 +137,7 @@ namespace TorchLinear.Lora
                 throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
             var config = LoraConfig.load(configFile);
+            CheckOneBias(state, config, adapter_name, nameof(load_adapter));
             var targets = Targets(model, config, state, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
             string file = PeftFolder.AdapterFile(directory);
             var tensors = StateDicts.ReadPyTorchFile(file);
@@ -160,6 +169,9 @@ namespace TorchLinear.Lora
                         layer.lora_magnitude_vector!.weight.copy_(tensors[PeftFolder.Key(target.Path, "lora_magnitude_vector")]);
                     }
                 }
+                var overflowing = targets.Zip(built).Where(t => !t.Second.UpdateFinite(t.First.Weight)).Select(t => UpdateProblem(t.First, t.Second, t.First.Weight.dtype)).ToList();
+                if (overflowing.Count > 0)
+                    throw new InvalidOperationException($"LoraModel.load_adapter: refused {file}, nothing was changed: {string.Join("; ", overflowing)}.");
                 if (merge)
                 {
                     var failing = targets.Zip(built).Where(t => !t.Second.MergesFinite(t.First.Weight)).Select(t => t.First.Path).ToList();
@@ -199,7 +211,8 @@ namespace TorchLinear.Lora
         /// <paramref name="directory"/>, every other one into a sub-folder named after it, each with its
         /// <c>adapter_config.json</c> and <c>adapter_model.safetensors</c> holding PEFT's keys — no adapter name inside
         /// them: <c>base_model.model.&lt;path&gt;.lora_A.weight</c> / <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c>
-        /// (DoRA), <c>.lora_embedding_A</c> / <c>_B</c>, the biases its <c>bias</c> mode trains, and its
+        /// (DoRA), <c>.lora_embedding_A</c> / <c>_B</c>, the biases its <c>bias</c> mode trains (an adapted layer's as
+        /// <c>&lt;path&gt;.base_layer.bias</c>, the key PEFT reads; any other under its own name), and its
         /// <c>modules_to_save</c> values under their plain names. Tensors loaded from a file are written in its dtypes.
         /// </summary>
         /// <param name="model">The adapted model.</param>
@@ -319,12 +332,15 @@ namespace TorchLinear.Lora
         /// <param name="adapter_names">One adapter name (or <c>"__base__"</c>) per row of the batch, in order.</param>
         /// <exception cref="ArgumentException">A name is neither an adapter of the model nor <c>"__base__"</c>, or a named
         /// adapter is DoRA, or saves modules (<c>modules_to_save</c>); the message names them.</exception>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or adapters are merged.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, adapters are merged, or the model is in
+        /// training mode (as PEFT; a call of the model in training mode within the scope is refused too).</exception>
         public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(adapter_names);
             var state = StateOf(model, nameof(mixed_batch));
+            if (model.training)
+                throw new InvalidOperationException("LoraModel.mixed_batch: the model is in training mode, and a mixed-adapter batch is for inference (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
             var named = adapter_names.Where(n => n != BaseModel).Distinct(StringComparer.Ordinal).ToList();
             var unknown = named.Where(n => state.Entry(n) is null).ToList();
             if (unknown.Count > 0)
@@ -410,6 +426,7 @@ namespace TorchLinear.Lora
             else
                 config.target_modules = entries.SelectMany(e => e.Config.target_modules ?? Array.Empty<string>()).Distinct(StringComparer.Ordinal).ToList();
 
+            CheckOneBias(state, config, adapter_name, nameof(add_weighted_adapter));
             var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
             var built = new List<IAdapter>();
             try
@@ -425,6 +442,8 @@ namespace TorchLinear.Lora
                     built.Add(adapter);
                     var parts = adapters.Select((name, i) => (Adapter: target.Existing?.Find(name), Weight: weights[i])).Where(p => p.Adapter is not null).Select(p => (p.Adapter!, p.Weight)).ToList();
                     Combine(adapter, parts, combination, rank, target.Path);
+                    if (!adapter.UpdateFinite(weight))
+                        throw new ArgumentException($"LoraModel.add_weighted_adapter: the combination {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(weights));
                 }
             }
             catch
@@ -563,7 +582,9 @@ namespace TorchLinear.Lora
         /// <summary>
         /// Runs without any adapter until the returned scope is disposed, as PEFT's <c>disable_adapter()</c>: no low-rank
         /// updates — merged adapters are taken out of the weights for the while, bit for bit, and put back after — and
-        /// <c>modules_to_save</c> modules with their original values. Biases trained with <c>bias</c> = all or lora_only are
+        /// <c>modules_to_save</c> modules with their original values. No adapter tensor (A, B, DoRA's magnitude, an
+        /// embedding's A and B) requires grad within the scope, and each gets its own flag back after, as PEFT's
+        /// <c>enable_adapters(False)</c> and <c>(True)</c> do. Biases trained with <c>bias</c> = all or lora_only are
         /// the base layers' own and stay trained (PEFT warns of the same).
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
@@ -578,8 +599,14 @@ namespace TorchLinear.Lora
             var currents = state.Saved.Select(s => (Saved: s, s.Current)).ToList();
             foreach (var saved in state.Saved)
                 saved.Switch(null);
+            // As PEFT's enable_adapters(False): no adapter tensor requires grad while disabled; each gets its flag back after.
+            var flags = state.Layers.SelectMany(l => l.Adapters).SelectMany(a => a.Parameters()).Select(p => (Parameter: p, p.requires_grad)).ToList();
+            foreach (var (parameter, _) in flags)
+                parameter.requires_grad_(false);
             return new Restore(() =>
             {
+                foreach (var (parameter, requiresGrad) in flags)
+                    parameter.requires_grad_(requiresGrad);
                 foreach (var (saved, current) in currents)
                     saved.Switch(current);
                 state.Disabled = wasDisabled;
@@ -896,6 +923,32 @@ namespace TorchLinear.Lora
             var unknown = names.Where(n => n is null || state.Entry(n) is null).Select(n => n is null ? "null" : $"'{n}'").ToList();
             if (unknown.Count > 0)
                 throw new ArgumentException($"LoraModel.{caller}: {string.Join(", ", unknown)} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}); nothing changed.");
+        }
+
+        /// <summary>
+        /// PEFT's <c>BaseTuner._check_new_adapter_config</c>: a model holds at most one adapter whose <c>bias</c> is not
+        /// <c>none</c> (the biases are the base layers' own, one set for all adapters).
+        /// </summary>
+        private static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
+        {
+            if (state is null || config.bias == "none")
+                return;
+            var others = state.Adapters.Where(a => a.Config.bias != "none").ToList();
+            if (others.Count > 0)
+                throw new ArgumentException(
+                    $"LoraModel.{caller}: '{adapter_name}' has bias \"{config.bias}\", and {string.Join(", ", others.Select(o => $"'{o.Name}' has bias \"{o.Config.bias}\""))} already: " +
+                    "a model holds at most one adapter with a bias other than \"none\" (as PEFT: \"supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for all adapters.\"); nothing changed.", "config");
+        }
+
+        /// <summary>What is not finite in an adapter's update, naming the layer, its file keys, the scaling and the dtype.</summary>
+        private static string UpdateProblem(Target target, IAdapter adapter, ScalarType dtype)
+        {
+            string scale = string.Create(CultureInfo.InvariantCulture, $"(lora_alpha {adapter.lora_alpha}, r {adapter.r}, scaling {adapter.scaling})");
+            if (adapter is LoraEmbeddingLayer)
+                return $"scaling · B A of {target.Path} ('{PeftFolder.Key(target.Path, "lora_embedding_A")}', '{PeftFolder.Key(target.Path, "lora_embedding_B")}') is not finite in {dtype} {scale}";
+            if (adapter is LoraLayer { use_dora: true } dora && dora.UpdateFiniteWithoutDora())
+                return $"the DoRA weight m / ‖W + ΔW‖ · (W + ΔW) of {target.Path} ('{PeftFolder.Key(target.Path, "lora_magnitude_vector")}') is not finite in {dtype} {scale}";
+            return $"scaling · B A of {target.Path} ('{PeftFolder.LoraKey(target.Path, "lora_A")}', '{PeftFolder.LoraKey(target.Path, "lora_B")}') is not finite in {dtype} {scale}";
         }
 
         /// <summary>A new adapter's name must be usable in keys and folder names, and not the model's already.</summary>

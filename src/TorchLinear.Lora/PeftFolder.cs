@@ -13,7 +13,9 @@ namespace TorchLinear.Lora
     /// <c>adapter_model.safetensors</c> (or <c>adapter_model.bin</c>, a <c>torch.save</c> file) under the keys
     /// <c>base_model.model.&lt;path&gt;.lora_A.weight</c> / <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c> (DoRA, no
     /// <c>.weight</c>), <c>.lora_embedding_A</c> / <c>.lora_embedding_B</c> (no adapter name in any of them), the trained
-    /// biases and every <c>modules_to_save</c> module's state under their plain names.
+    /// biases — an adapted layer's as <c>&lt;path&gt;.base_layer.bias</c> (PEFT's layer holds the Linear as
+    /// <c>base_layer</c>; older folders' plain <c>&lt;path&gt;.bias</c> is read too), any other under its plain name — and
+    /// every <c>modules_to_save</c> module's state under their plain names.
     /// </summary>
     internal static class PeftFolder
     {
@@ -57,6 +59,9 @@ namespace TorchLinear.Lora
             var own = model.state_dict();
             var targetByPath = targets.ToDictionary(t => t.Path);
             var plan = new List<Step>();
+            var adaptedPaths = new HashSet<string>(targets.Select(t => t.Path).Concat(state?.Layers.Select(l => l.Path) ?? Enumerable.Empty<string>()), StringComparer.Ordinal);
+            var keyOf = new Dictionary<string, string>(StringComparer.Ordinal);
+            var copies = new List<(string Key, string Saved, string Wrapper, string Inner)>();
             foreach (var (key, tensor) in tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal))
             {
                 if (!key.StartsWith(Prefix, StringComparison.Ordinal))
@@ -65,6 +70,11 @@ namespace TorchLinear.Lora
                     continue;
                 }
                 string name = key[Prefix.Length..];
+                if (WrapperCopy(config, name) is { } copy)
+                {
+                    copies.Add((key, copy.Saved, copy.Wrapper, copy.Inner));
+                    continue;
+                }
                 if (name.Contains(".modules_to_save.", StringComparison.Ordinal) || name.Contains(".original_module.", StringComparison.Ordinal))
                 {
                     problems.Add($"'{key}' puts LoRA or weights inside a saved module's wrapper (a broken adapter: modules_to_save modules are saved under their plain names)");
@@ -109,9 +119,18 @@ namespace TorchLinear.Lora
                     problems.Add($"'{key}' is an adapter tensor TorchLinear.Lora does not read (a bias on lora_B, or another PEFT feature)");
                     continue;
                 }
+                // PEFT's layer holds the adapted Linear as base_layer: its bias is saved as <path>.base_layer.bias. Older
+                // folders (PEFT before its base_layer, this library before reading it) hold the plain <path>.bias.
+                if (BaseLayerName(name, adaptedPaths) is { } plain)
+                    name = plain;
                 if (!own.TryGetValue(name, out Tensor? destination))
                 {
                     problems.Add($"'{key}' names no parameter or buffer of the model ('{name}')");
+                    continue;
+                }
+                if (!keyOf.TryAdd(name, key))
+                {
+                    problems.Add($"'{keyOf[name]}' and '{key}' are both {name} (a bias is saved once: under base_layer for an adapted layer, as PEFT saves it)");
                     continue;
                 }
                 if (!tensor.shape.SequenceEqual(destination.shape))
@@ -126,6 +145,29 @@ namespace TorchLinear.Lora
                     plan.Add(new Step(key, name, destination, saved, saved is null ? name : name[(saved.Length + 1)..]));
                 }
             }
+            // PEFT's bias = "all" keeps every key that contains "bias", its modules_to_save wrapper's too: the trained copy
+            // (which PEFT's loading drops) and the original (which it loads into the original module). Both are taken
+            // when they say what the rest of the folder and the model say; otherwise refused, as neither is loaded here.
+            foreach (var (key, saved, wrapper, inner) in copies)
+            {
+                using var scope = NewDisposeScope();
+                if (wrapper == "modules_to_save")
+                {
+                    var plain = new[] { inner, inner.Contains('.') ? inner[(inner.IndexOf('.') + 1)..] : null }
+                        .Select(n => n is null ? null : $"{Prefix}{saved}.{n}").FirstOrDefault(k => k is not null && tensors.ContainsKey(k));
+                    if (plain is null)
+                        problems.Add($"'{key}' is a copy in {saved}'s modules_to_save wrapper (PEFT's bias = \"all\" saves it), but the file has no '{Prefix}{saved}.{inner}' beside it");
+                    else if (!SameBits(tensors[key], tensors[plain]))
+                        problems.Add($"'{key}' is PEFT's copy of '{plain}' in {saved}'s modules_to_save wrapper, but holds other values");
+                    continue;
+                }
+                var original = state?.Saved.FirstOrDefault(m => m.Path == saved)?.Originals.FirstOrDefault(o => o.Name == inner).Value
+                    ?? (own.TryGetValue($"{saved}.{inner}", out var current) ? current : null);
+                if (original is null)
+                    problems.Add($"'{key}' is the original of {saved}.{inner} (PEFT's bias = \"all\" saves it), which the model lacks");
+                else if (!is_floating_point(tensors[key].dtype) || !tensors[key].shape.SequenceEqual(original.shape) || !SameBits(tensors[key].to(original.dtype), original))
+                    problems.Add($"'{key}' is the original of {saved}.{inner}, which PEFT loads into the module's original, but it differs from this model's {saved}.{inner} (a folder made on other base weights)");
+            }
             foreach (var target in targets)
             {
                 var parts = target.IsEmbedding ? new[] { "lora_embedding_A", "lora_embedding_B" }
@@ -139,8 +181,50 @@ namespace TorchLinear.Lora
             }
             if (problems.Count > 0)
                 throw new InvalidOperationException($"LoraModel.load_adapter: refused {file}, nothing was changed: {string.Join("; ", problems)}.");
-            _ = state;
             return plan;
+        }
+
+        /// <summary>
+        /// A key of PEFT's modules_to_save wrapper that its bias = "all" saves (every key with "bias" in it):
+        /// <c>&lt;module&gt;.modules_to_save.&lt;name&gt;</c> or <c>&lt;module&gt;.original_module.&lt;name&gt;</c>, for a
+        /// module the config saves; null for any other name.
+        /// </summary>
+        private static (string Saved, string Wrapper, string Inner)? WrapperCopy(LoraConfig config, string name)
+        {
+            if (config.bias != "all" || !name.Contains("bias", StringComparison.Ordinal))
+                return null;
+            foreach (string wrapper in new[] { "modules_to_save", "original_module" })
+            {
+                int at = name.IndexOf($".{wrapper}.", StringComparison.Ordinal);
+                if (at > 0 && ModuleMatching.is_module_to_save(config, name[..at]))
+                    return (name[..at], wrapper, name[(at + wrapper.Length + 2)..]);
+            }
+            return null;
+        }
+
+        private static bool SameBits(Tensor a, Tensor b) =>
+            a.dtype == b.dtype && a.shape.SequenceEqual(b.shape) && Equivalence.Compare(a, b).BitExact;
+
+        /// <summary>
+        /// The model's name for a file key's name under an adapted layer's <c>base_layer</c> (<c>q_proj.base_layer.bias</c>
+        /// → <c>q_proj.bias</c>), or null when the name is not under one.
+        /// </summary>
+        private static string? BaseLayerName(string name, HashSet<string> adaptedPaths)
+        {
+            const string Part = ".base_layer.";
+            for (int at = name.IndexOf(Part, StringComparison.Ordinal); at > 0; at = name.IndexOf(Part, at + 1, StringComparison.Ordinal))
+            {
+                if (adaptedPaths.Contains(name[..at]))
+                    return name[..at] + "." + name[(at + Part.Length)..];
+            }
+            return null;
+        }
+
+        /// <summary>The key PEFT saves a model tensor under: an adapted layer's own tensors are its <c>base_layer</c>'s.</summary>
+        internal static string SavedKey(string name, ISet<string> adaptedPaths)
+        {
+            int dot = name.LastIndexOf('.');
+            return dot > 0 && adaptedPaths.Contains(name[..dot]) ? $"{Prefix}{name[..dot]}.base_layer.{name[(dot + 1)..]}" : Prefix + name;
         }
 
         /// <summary>The layer path and part of an adapter key's name (<c>q_proj.lora_A.weight</c> → (q_proj, lora_A)), or null.</summary>
@@ -182,8 +266,10 @@ namespace TorchLinear.Lora
             var dtypes = entry.FileDtypes;
             using var scope = NewDisposeScope();
             var tensors = new Dictionary<string, Tensor>();
-            void Put(string key, Tensor tensor) =>
-                tensors[key] = (dtypes.TryGetValue(key, out ScalarType dtype) && dtype != tensor.dtype ? tensor.detach().to(dtype) : tensor.detach()).contiguous();
+            // A tensor goes back in the dtype it had in its file (a bias read from an older folder under its plain key).
+            void Put(string key, Tensor tensor, string? oldKey = null) =>
+                tensors[key] = ((dtypes.TryGetValue(key, out ScalarType dtype) || (oldKey is not null && dtypes.TryGetValue(oldKey, out dtype))) && dtype != tensor.dtype
+                    ? tensor.detach().to(dtype) : tensor.detach()).contiguous();
             var adapterParameters = new HashSet<IntPtr>();
             foreach (var layer in state.Layers)
             {
@@ -207,13 +293,17 @@ namespace TorchLinear.Lora
                 }
             }
             var adaptedBiases = new HashSet<string>(state.Layers.Where(l => l.Find(entry.Name) is not null).Select(l => l.Path + ".bias"), StringComparer.Ordinal);
+            var adaptedPaths = new HashSet<string>(state.Layers.Select(l => l.Path), StringComparer.Ordinal);
             foreach (var (name, parameter) in model.named_parameters())
             {
                 if (adapterParameters.Contains(parameter.Handle))
                     continue;
                 bool isBias = name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
+                // PEFT's keys: an adapted layer's bias is its base_layer's (PEFT, loading with strict=False, drops the plain
+                // key of an adapted layer without a word); any other bias keeps its own name. PEFT's bias = "lora_only"
+                // saves none of the biases it trains (its key is <path>.bias, which its layer lacks); these are saved.
                 if ((config.bias == "all" && isBias) || (config.bias == "lora_only" && adaptedBiases.Contains(name)))
-                    Put(Prefix + name, parameter);
+                    Put(SavedKey(name, adaptedPaths), parameter, Prefix + name);
             }
             foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(entry.Name)))
             {

@@ -122,12 +122,25 @@ namespace TorchLinear.Lora.Tests
             }
         }
 
+        private static Tensor FirstRowOfQ() => StateDicts.ReadPyTorchFile(Path.Combine(Folder, "dora", "base.safetensors"))["model.layers.0.self_attn.q_proj.weight"].narrow(0, 0, 1);
+
         public static IEnumerable<object[]> BrokenDoraFiles() => new (string, Func<Dictionary<string, Tensor>, Dictionary<string, Tensor>>?, Action<System.Text.Json.Nodes.JsonObject>?, string)[]
         {
             ("magnitude missing", s => s.Where(kv => kv.Key != "base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector").ToDictionary(kv => kv.Key, kv => kv.Value), null,
                 "missing 'base_model.model.model.layers.1.self_attn.k_proj.lora_magnitude_vector' for the targeted model.layers.1.self_attn.k_proj (use_dora is true"),
             ("magnitude of another width", s => s.ToDictionary(kv => kv.Key, kv => kv.Key == "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" ? kv.Value.narrow(0, 0, 8).contiguous() : kv.Value), null,
                 "'base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector' has shape [8], model.layers.0.self_attn.q_proj needs [24]"),
+            // A row whose adapted weight is zero: m / ‖W + ΔW‖ divides by 0 (the forward and a merge would give NaN).
+            ("a rescaled weight that is not finite", s => s.ToDictionary(kv => kv.Key, kv => kv.Key switch
+                {
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" => cat(new[] { -FirstRowOfQ(), zeros(3, 24) }, 0),
+                    "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight" => tensor(new float[96].Select((_, i) => i == 0 ? 0.5f : 0f).ToArray(), new long[] { 24, 4 }),   // scaling 2: ΔW's row 0 is exactly −W's
+                    _ => kv.Value,
+                }), null,
+                "the DoRA weight m / ‖W + ΔW‖ · (W + ΔW) of model.layers.0.self_attn.q_proj ('base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector') is not finite in Float32"),
+            ("an update that overflows Float32", s => s.ToDictionary(kv => kv.Key, kv => kv.Key.Contains("layers.0.self_attn.q_proj.lora_", StringComparison.Ordinal) && !kv.Key.EndsWith("magnitude_vector", StringComparison.Ordinal) ? kv.Value.abs() + 1 : kv.Value),
+                c => c["lora_alpha"] = 1e39,
+                "scaling · B A of model.layers.0.self_attn.q_proj ('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', 'base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight') is not finite in Float32"),
             ("magnitudes with use_dora false", null, c => c["use_dora"] = false,
                 "'base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector' is a DoRA magnitude, but the config's use_dora is false"),
         }.Select(m => new object[] { m.Item1, m.Item2!, m.Item3!, m.Item4 });

@@ -330,7 +330,112 @@ namespace TorchLinear.Lora.Tests
             Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
         }
 
+        [Fact]
+        public void ASecondAdapterWithABias_IsRefusedAsPeftRefusesIt_NamingBoth_AndChangesNothing()
+        {
+            // PEFT 0.18.1 (BaseTuner._check_new_adapter_config, measured): at most one adapter of a model has bias != "none".
+            using var scope = NewDisposeScope();
+            using var model = Pretrained("mlp");
+            LoraModel.load_adapter(model, Path.Combine(Folder, "mlp"));   // bias "all"
+            var before = Bits(model);
+
+            var injected = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" }, bias = "lora_only" }, "second"));
+            Assert.Contains("'second' has bias \"lora_only\", and 'default' has bias \"all\" already", injected.Message);
+            Assert.Contains("supports only 1 adapter with bias", injected.Message);
+            var loaded = Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, Path.Combine(Folder, "mlp"), "again"));
+            Assert.Contains("'again' has bias \"all\", and 'default' has bias \"all\" already", loaded.Message);
+            // A combination copies its first adapter's config, bias too: a second adapter with a bias (PEFT refuses it too).
+            var combined = Assert.Throws<ArgumentException>(() => LoraModel.add_weighted_adapter(model, new[] { "default" }, new[] { 1.0 }, "combined", "cat"));
+            Assert.Contains("'combined' has bias \"all\", and 'default' has bias \"all\" already", combined.Message);
+            Assert.Equal(new[] { "default" }, LoraModel.peft_config(model).Keys.ToArray());
+            Assert.Equal(before.Keys, Bits(model).Keys);
+            Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
+
+            // An adapter without a bias is taken beside it, as PEFT takes it.
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" } }, "plain");
+            Assert.Equal(new[] { "default", "plain" }, LoraModel.peft_config(model).Keys.OrderBy(k => k, StringComparer.Ordinal).ToArray());
+        }
+
+        [Fact]
+        public void DisableAdapters_FreezesEveryAdapterTensor_AndGivesEachItsRequiresGradBack()
+        {
+            // PEFT's enable_adapters(False) turns requires_grad off on the adapters' layers, and set_adapter turns it back on.
+            using var scope = NewDisposeScope();
+            using var mlp = Pretrained("mlp");
+            LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0", "2" }, bias = "all" });          // trains
+            LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0" }, use_dora = true }, "dora");  // inactive: frozen
+            using var embed = Pretrained("embedding");
+            LoraModel.inject(embed, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" } });
+            foreach (var model in new nn.Module[] { mlp, embed })
+            {
+                var flags = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.requires_grad);
+                Assert.Contains(flags, f => f.Value && f.Key.Contains(".lora_", StringComparison.Ordinal));
+                if (model == mlp)
+                    Assert.Contains(flags, f => !f.Value && f.Key.Contains(".lora_", StringComparison.Ordinal));
+                using (LoraModel.disable_adapters(model))
+                {
+                    foreach (var (name, parameter) in model.named_parameters())
+                    {
+                        bool adapter = name.Contains(".lora_", StringComparison.Ordinal);
+                        // The adapters' tensors (A, B, DoRA's magnitude, an embedding's A and B) are frozen; the rest as it was.
+                        Assert.True(adapter ? !parameter.requires_grad : parameter.requires_grad == flags[name], name);
+                    }
+                    Assert.Contains(model.named_parameters(), p => p.name.EndsWith(".lora_magnitude_vector.dora.weight", StringComparison.Ordinal) || p.name.EndsWith(".lora_embedding_A.default", StringComparison.Ordinal));
+                }
+                Assert.Equal(flags, model.named_parameters().ToDictionary(p => p.name, p => p.parameter.requires_grad));
+            }
+        }
+
         // ---- Values that would give NaN, and the scaling in the layer's dtype ------------------------------------------
+
+        [Fact]
+        public void AnUpdateThatOverflowsTheLayersDtype_IsRefusedAtLoadInjectAndCombination_NamingTheKeys_AndChangesNothing()
+        {
+            // Guards: lora_alpha 1e39 with r 4 is a scaling of 2.5e38, finite in float32, and scaling · B A overflowed:
+            // the adapter loaded and the model gave infinity.
+            using var scope = NewDisposeScope();
+            string folder = PeftFolderTests.Mutated("mlp",
+                s => s.ToDictionary(kv => kv.Key, kv => kv.Key.EndsWith("0.lora_B.weight", StringComparison.Ordinal) ? kv.Value.abs() + 1 : kv.Key.EndsWith("0.lora_A.weight", StringComparison.Ordinal) ? kv.Value.abs() + 1 : kv.Value),
+                c => c["lora_alpha"] = 1e39);
+            try
+            {
+                using var model = Pretrained("mlp");
+                var before = Bits(model);
+                var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder));
+                Assert.Contains("scaling · B A of 0 ('base_model.model.0.lora_A.weight', 'base_model.model.0.lora_B.weight') is not finite in Float32 (lora_alpha 1E+39, r 4, scaling 2.5E+38)", error.Message);
+                Assert.Contains("nothing was changed", error.Message);
+                Assert.Equal(before, Bits(model));
+                Assert.Throws<InvalidOperationException>(() => LoraModel.active_adapters(model));
+
+                // A weighted combination can overflow the same way: weight 1e38 on an adapter whose B A holds 4.
+                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 4, target_modules = new[] { "0" } });
+                using (no_grad())
+                {
+                    foreach (var (_, parameter) in model.named_parameters().Where(p => p.name.Contains(".lora_")))
+                        parameter.fill_(1);
+                }
+                var adapted = Bits(model);
+                var combined = Assert.Throws<ArgumentException>(() => LoraModel.add_weighted_adapter(model, new[] { "default" }, new[] { 1e38 }, "huge", "linear"));
+                Assert.Contains("the combination scaling · B A of 0 ('base_model.model.0.lora_A.weight', 'base_model.model.0.lora_B.weight') is not finite in Float32", combined.Message);
+                Assert.Equal(new[] { "default" }, LoraModel.peft_config(model).Keys.ToArray());
+                Assert.Equal(adapted, Bits(model));
+                // inject with init_lora_weights false draws B too (kaiming-uniform): with r 64 on a layer of one input,
+                // scaling 3.3e38 times some of the 4,000 rows of B A overflows float32 under this seed.
+                manual_seed(0);
+                using var wide = nn.Sequential(("fc", nn.Linear(1, 4000)));
+                var drawn = Assert.Throws<ArgumentException>(() => LoraModel.inject(wide, new LoraConfig { r = 64, lora_alpha = 64 * 3.3e38, target_modules = new[] { "fc" }, init_lora_weights = "false" }));
+                Assert.Contains("lora_alpha: scaling · B A of fc ('base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight') is not finite in Float32", drawn.Message);
+                Assert.DoesNotContain(wide.state_dict().Keys, k => k.Contains("lora_", StringComparison.Ordinal));
+                // In float64 the same adapter is finite, and loads.
+                using var doubles = Pretrained("mlp").to(ScalarType.Float64);
+                LoraModel.load_adapter(doubles, folder);
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
 
         [Theory]
         [InlineData(0, 8.0, 0.0, "r")]

@@ -407,12 +407,17 @@ namespace TorchLinear.Lora.Tests
             // An adapter that saves a module: PEFT switches the module per row, this does not, so it is refused.
             LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" }, modules_to_save = new[] { "classifier" } }, "head");
             Assert.Contains("head saves modules (modules_to_save)", Assert.Throws<ArgumentException>(() => LoraModel.mixed_batch(model, new[] { "head", "default", "default", "default" })).Message);
-            // Dropout in training mode would apply per adapter.
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" }, lora_dropout = 0.1 }, "dropping");
+            // Training mode, with or without dropout, as PEFT ("Cannot pass adapter_names when the model is in training mode"):
+            // refused when the batch is asked for, and at the call when the model is put into training inside the scope.
             model.train();
-            using (LoraModel.mixed_batch(model, new[] { "dropping", "default", "default", "default" }))
-                Assert.Contains("in training mode the adapters' dropout would apply per adapter (dropping): call eval() first", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
+            Assert.Contains("the model is in training mode, and a mixed-adapter batch is for inference", Assert.Throws<InvalidOperationException>(() => LoraModel.mixed_batch(model, MixedRows)).Message);
             model.eval();
+            using (LoraModel.mixed_batch(model, MixedRows))
+            {
+                model.train();
+                Assert.Contains("the model is in training mode (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
+                model.eval();
+            }
             // The model still runs its active adapter for every row.
             Equivalence.AssertClose(Run(model, x), cases["output_default"]);
         }

@@ -58,7 +58,7 @@ namespace TorchLinear.Lora.Tests
         {
             using var scope = NewDisposeScope();
             using var model = Pretrained(adapter);
-            LoraModel.load_adapter(model, Path.Combine(Folder, adapter));
+            var adapted = LoraModel.load_adapter(model, Path.Combine(Folder, adapter));
             string output = Directory.CreateTempSubdirectory("torchlinear-peft-").FullName;
             try
             {
@@ -66,11 +66,14 @@ namespace TorchLinear.Lora.Tests
                 string original = Path.Combine(Folder, adapter, File.Exists(Path.Combine(Folder, adapter, "adapter_model.safetensors")) ? "adapter_model.safetensors" : "adapter_model.bin");
                 var before = StateDicts.ReadPyTorchFile(original);
                 var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
-                Assert.Equal(before.Keys.OrderBy(k => k, StringComparer.Ordinal), after.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                // These folders hold an adapted layer's bias under its plain key (PEFT before its base_layer did); saving
+                // writes PEFT's key now, <path>.base_layer.bias, which PEFT 0.18.1 loads (ReferenceData/RealPeft).
+                string Now(string key) => adapted.FirstOrDefault(p => key == $"base_model.model.{p}.bias") is { } path ? $"base_model.model.{path}.base_layer.bias" : key;
+                Assert.Equal(before.Keys.Select(Now).OrderBy(k => k, StringComparer.Ordinal), after.Keys.OrderBy(k => k, StringComparer.Ordinal));
                 foreach (var (key, tensor) in before)
                 {
-                    Assert.Equal(tensor.dtype, after[key].dtype);
-                    Assert.True(Equivalence.Compare(tensor, after[key]).BitExact, key);
+                    Assert.Equal(tensor.dtype, after[Now(key)].dtype);
+                    Assert.True(Equivalence.Compare(tensor, after[Now(key)]).BitExact, key);
                 }
                 // The config reads back to the same adapter.
                 var config = LoraConfig.load(output);
@@ -88,6 +91,33 @@ namespace TorchLinear.Lora.Tests
             }
             finally
             {
+                Directory.Delete(output, recursive: true);
+            }
+        }
+
+        [Fact]
+        public void ABiasReadUnderItsOldPlainKey_IsSavedUnderPeftsKey_InTheFilesDtype()
+        {
+            using var scope = NewDisposeScope();
+            string folder = Mutated("mlp", s => s.ToDictionary(kv => kv.Key, kv => kv.Value.to(ScalarType.BFloat16)));
+            string output = Directory.CreateTempSubdirectory("torchlinear-peft-").FullName;
+            try
+            {
+                using var model = Pretrained("mlp");
+                LoraModel.load_adapter(model, folder);
+                LoraModel.save_adapter(model, output);
+                var before = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
+                foreach (string path in new[] { "0", "2" })
+                {
+                    var saved = after[$"base_model.model.{path}.base_layer.bias"];
+                    Assert.Equal(ScalarType.BFloat16, saved.dtype);
+                    Assert.True(Equivalence.Compare(before[$"base_model.model.{path}.bias"], saved).BitExact, path);
+                }
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
                 Directory.Delete(output, recursive: true);
             }
         }
@@ -176,11 +206,14 @@ namespace TorchLinear.Lora.Tests
         {
             // Guards: the old sample refused the merge but left the adapters attached (the state_dict had changed).
             using var scope = NewDisposeScope();
-            string folder = Mutated("attention", s => With(s, "layers.0.self_attn.q_proj.lora_B.weight", t => t.clone().fill_(1e38f)),
-                                    c => c["lora_alpha"] = 1e8);
+            // The update itself is finite (scaling · B A is refused at load otherwise); the weight it is added to is near
+            // float32's largest value.
+            string folder = Mutated("attention", s => With(s, "layers.0.self_attn.q_proj.lora_B.weight", t => t.clone().fill_(1e37f)));
             try
             {
                 using var model = Pretrained("attention");
+                using (no_grad())
+                    model.named_parameters().Single(p => p.name == "model.layers.0.self_attn.q_proj.weight").parameter.fill_(3.3e38f);
                 var before = Bits(model);
                 var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder, merge: true));
                 Assert.Contains("merging it would put NaN or infinity into the weights of model.layers.0.self_attn.q_proj", error.Message);

@@ -9,7 +9,9 @@ documentation and source define it, and writes PEFT's files by hand:
   * adapter_config.json holds the LoraConfig fields; adapter_model.safetensors (or adapter_model.bin, a torch.save
     file) holds the tensors under "base_model.model.<module path>.lora_A.weight" / ".lora_B.weight" (no adapter name),
     the biases that bias="lora_only"/"all" trains under their plain names, and each modules_to_save module's full
-    state under its plain names.
+    state under its plain names. (Real PEFT, since its layers hold the Linear as base_layer, saves an ADAPTED layer's
+    bias as "<path>.base_layer.bias", and with bias="lora_only" none at all: these folders stand for older ones, which
+    TorchLinear.Lora still reads; ../RealPeft/make_bias.py has PEFT 0.18.1's own.)
 Run with Debian's PyTorch 1.13 (apt-get install python3-torch):
     /usr/bin/python3 tests/TorchLinear.Lora.Tests/ReferenceData/Peft/make_peft_adapters.py
 For each adapter folder it also writes base.safetensors (the pretrained model), and cases.safetensors: inputs, the base

@@ -1,0 +1,222 @@
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using TorchLinear.Tests;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.PyBridge;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Lora.Tests
+{
+    /// <summary>
+    /// Adapters with trained biases made by real PEFT 0.18.1 (ReferenceData/RealPeft, make_bias.py), and adapters written
+    /// here that real PEFT loaded (make_bias.py --check): the bias of an adapted layer is PEFT's
+    /// <c>&lt;path&gt;.base_layer.bias</c> both ways, the bias of a layer no adapter adapts its plain key.
+    /// </summary>
+    public class RealPeftTests
+    {
+        private static readonly string Folder = Path.Combine(AppContext.BaseDirectory, "ReferenceData", "RealPeft");
+
+        /// <summary>The tests' Mlp port (paths 0 and 2) with make_bias.py's base weights, in eval mode.</summary>
+        private static Sequential Base()
+        {
+            var model = Ports.Mlp();
+            StateDicts.LoadPyTorchFile(model, Path.Combine(Folder, "base.safetensors"));
+            model.eval();
+            return model;
+        }
+
+        private static Dictionary<string, Tensor> Cases() => StateDicts.ReadPyTorchFile(Path.Combine(Folder, "cases.safetensors"));
+
+        [Theory]
+        [InlineData("bias_all", new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight", "base_model.model.2.bias" })]
+        [InlineData("bias_lora_only", new[] { "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight" })]
+        // modules_to_save ["2"]: PEFT's bias = "all" also saves its wrapper's copy and original of 2's bias.
+        [InlineData("bias_all_saved", new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight",
+                                              "base_model.model.2.bias", "base_model.model.2.modules_to_save.bias", "base_model.model.2.original_module.bias", "base_model.model.2.weight" })]
+        public void PeftsFolder_WithTrainedBiases_LoadsAndGivesPeftsOutput(string name, string[] keys)
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases();
+            string folder = Path.Combine(Folder, name);
+            // The keys PEFT 0.18.1 wrote: the adapted layer's bias under base_layer (bias = "all"); with "lora_only" none at all.
+            Assert.Equal(keys, StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors")).Keys.OrderBy(k => k, StringComparer.Ordinal));
+            using var model = Base();
+
+            LoraModel.load_adapter(model, folder);
+
+            // PEFT's output after its own PeftModel.from_pretrained of the folder.
+            Equivalence.AssertClose(Ports.Run(model, cases["input"]), cases[$"{name}_loaded"]);
+            if (name != "bias_lora_only")
+            {
+                var file = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                Assert.True(Equivalence.Compare(file["base_model.model.0.base_layer.bias"], model.state_dict()["0.bias"]).BitExact);
+                Assert.True(Equivalence.Compare(file["base_model.model.2.bias"], model.state_dict()["2.bias"]).BitExact);
+                Equivalence.AssertClose(Ports.Run(model, cases["input"]), cases[$"{name}_trained"]);
+            }
+            else
+            {
+                // PEFT's own lora_only save drops the biases it trained: its reloaded model is not the one it trained.
+                Assert.True(Equivalence.Compare(cases[$"{name}_loaded"], cases[$"{name}_trained"]).MaxAbsDiff > 0.05);
+            }
+        }
+
+        [Fact]
+        public void LoadingPeftsFolder_ThenSaving_GivesItsKeysAndBytesBack()
+        {
+            using var scope = NewDisposeScope();
+            using var model = Base();
+            LoraModel.load_adapter(model, Path.Combine(Folder, "bias_all"));
+            string output = Directory.CreateTempSubdirectory("torchlinear-realpeft-").FullName;
+            try
+            {
+                LoraModel.save_adapter(model, output);
+                var before = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "bias_all", "adapter_model.safetensors"));
+                var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
+                Assert.Equal(before.Keys.OrderBy(k => k, StringComparer.Ordinal), after.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                foreach (var (key, tensor) in before)
+                    Assert.True(Equivalence.Compare(tensor, after[key]).BitExact, key);
+            }
+            finally
+            {
+                Directory.Delete(output, recursive: true);
+            }
+        }
+
+        [Theory]
+        [InlineData("bias_all", "base_model.model.0.bias", "'base_model.model.0.base_layer.bias' and 'base_model.model.0.bias' are both 0.bias")]
+        [InlineData("bias_all_saved", "base_model.model.2.modules_to_save.bias",
+                    "'base_model.model.2.modules_to_save.bias' is PEFT's copy of 'base_model.model.2.bias' in 2's modules_to_save wrapper, but holds other values")]
+        [InlineData("bias_all_saved", "base_model.model.2.original_module.bias",
+                    "'base_model.model.2.original_module.bias' is the original of 2.bias, which PEFT loads into the module's original, but it differs from this model's 2.bias")]
+        public void AFolderWhoseBiasesDisagree_IsRefusedNamingTheKeys_AndChangesNothing(string adapter, string key, string problem)
+        {
+            using var scope = NewDisposeScope();
+            string folder = Directory.CreateTempSubdirectory("torchlinear-realpeft-bias-").FullName;
+            try
+            {
+                File.Copy(Path.Combine(Folder, adapter, "adapter_config.json"), Path.Combine(folder, "adapter_config.json"));
+                var tensors = StateDicts.ReadPyTorchFile(Path.Combine(Folder, adapter, "adapter_model.safetensors"));
+                // One bias under both keys, or a wrapper's copy that is not the value beside it.
+                tensors[key] = (tensors.TryGetValue(key, out var existing) ? existing : tensors["base_model.model.0.base_layer.bias"]) + 1;
+                Safetensors.SaveStateDict(Path.Combine(folder, "adapter_model.safetensors"), tensors);
+                using var model = Base();
+                var before = Ports.Bits(model);
+                var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder));
+                Assert.Contains(problem, error.Message);
+                Assert.Equal(before, Ports.Bits(model));
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        // ---- The way back: folders written here, loaded by real PEFT ------------------------------------------------
+
+        /// <summary>
+        /// An adapter "trained" here: injected at 0 with the bias mode, then lora_A, lora_B and every bias the mode trains
+        /// set to small exact values (k/64), so that the file's bytes are the same on every machine.
+        /// </summary>
+        private static Sequential TrainedHere(string bias)
+        {
+            var model = Base();
+            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0" }, bias = bias });
+            using (no_grad())
+            {
+                foreach (var (key, parameter) in model.named_parameters().Where(p => p.parameter.requires_grad))
+                {
+                    using var values = (arange(parameter.numel(), ScalarType.Float64) * 7 % 11 - 5).div(64).to(parameter.dtype).reshape(parameter.shape);
+                    if (key.EndsWith(".bias", StringComparison.Ordinal))
+                        parameter.add_(values);
+                    else
+                        parameter.copy_(values);
+                }
+            }
+            return model;
+        }
+
+        private static string RepositoryRoot()
+        {
+            for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
+            {
+                if (File.Exists(Path.Combine(directory.FullName, "TorchLinear.sln")))
+                    return directory.FullName;
+            }
+            throw new InvalidOperationException($"No TorchLinear.sln above {AppContext.BaseDirectory}.");
+        }
+
+        private static readonly string[] Names = { "bias_all", "bias_lora_only" };
+
+        /// <summary>Writes each adapter and the outputs .NET computes with it into <paramref name="folder"/>.</summary>
+        private static void WriteFromDotnet(string folder, Tensor input)
+        {
+            Directory.CreateDirectory(folder);
+            var outputs = new Dictionary<string, Tensor> { ["input"] = input };
+            foreach (string name in Names)
+            {
+                using var model = TrainedHere(name["bias_".Length..]);
+                LoraModel.save_adapter(model, Path.Combine(folder, name));
+                outputs[name] = Ports.Run(model, input);
+            }
+            Safetensors.SaveStateDict(Path.Combine(folder, "outputs.safetensors"), outputs);
+        }
+
+        [Fact]
+        public void TrainedBiases_AreSavedUnderPeftsKeys_AndRealPeftReproducesTheOutputs()
+        {
+            using var scope = NewDisposeScope();
+            var cases = Cases();
+            string fresh = Directory.CreateTempSubdirectory("torchlinear-realpeft-from-dotnet-").FullName;
+            try
+            {
+                WriteFromDotnet(fresh, cases["input"]);
+                if (Environment.GetEnvironmentVariable("TORCHLINEAR_WRITE_FROM_DOTNET") == "1")
+                    WriteFromDotnet(Path.Combine(RepositoryRoot(), "tests", "TorchLinear.Lora.Tests", "ReferenceData", "RealPeft", "from_dotnet"), cases["input"]);
+
+                // PEFT's keys: the adapted layer's bias under base_layer, the other layer's under its own name.
+                var expected = new Dictionary<string, string[]>
+                {
+                    ["bias_all"] = new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight", "base_model.model.2.bias" },
+                    ["bias_lora_only"] = new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight" },
+                };
+                string committed = Path.Combine(Folder, "from_dotnet");
+                var outputs = StateDicts.ReadPyTorchFile(Path.Combine(fresh, "outputs.safetensors"));
+                var committedOutputs = StateDicts.ReadPyTorchFile(Path.Combine(committed, "outputs.safetensors"));
+                foreach (string name in Names)
+                {
+                    var written = StateDicts.ReadPyTorchFile(Path.Combine(fresh, name, "adapter_model.safetensors"));
+                    var stored = StateDicts.ReadPyTorchFile(Path.Combine(committed, name, "adapter_model.safetensors"));
+                    Assert.Equal(expected[name], written.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                    Assert.Equal(expected[name], stored.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                    foreach (var (key, tensor) in written)
+                        Assert.True(Equivalence.Compare(stored[key], tensor).BitExact, $"{name} {key}: .NET now writes other values than the committed folder PEFT checked");
+                    // Ours reads it back to the same model.
+                    using var again = Base();
+                    LoraModel.load_adapter(again, Path.Combine(fresh, name));
+                    Assert.True(Equivalence.Compare(outputs[name], Ports.Run(again, cases["input"])).BitExact, name);
+                    // The outputs PEFT was compared with are those .NET computes (a GEMM's last bits are the CPU's).
+                    Equivalence.AssertClose(outputs[name], committedOutputs[name]);
+                }
+
+                // make_bias.py --check loaded the committed folders with PeftModel.from_pretrained and wrote this report.
+                string[] report = File.ReadAllLines(Path.Combine(committed, "check_report.txt"));
+                Assert.Contains("result: all matched", report);
+                foreach (string name in Names)
+                {
+                    Assert.Single(report, l => l.StartsWith($"{name}: matched: PeftModel.from_pretrained gives .NET's output", StringComparison.Ordinal) && l.EndsWith("unexpected keys: none", StringComparison.Ordinal));
+                    // The control: under the plain key PEFT drops the trained bias of the adapted layer.
+                    string control = Assert.Single(report, l => l.StartsWith($"{name}: control, the plain '<path>.bias' key: PEFT's output off by ", StringComparison.Ordinal));
+                    Assert.True(double.Parse(control[(control.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture) > 0.01, control);
+                }
+            }
+            finally
+            {
+                Directory.Delete(fresh, recursive: true);
+            }
+        }
+    }
+}
