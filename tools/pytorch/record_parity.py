@@ -17,88 +17,269 @@ A training run (see record_training below):
 
     record_training(model, optimizer, batches, loss_fn, "model.training.pt", scheduler=scheduler, max_grad_norm=1.0)
 
-What the file holds (a .safetensors path is written with the `safetensors` package, any other path with torch.save;
-both hold a flat dict of tensors, which TorchLinear reads with its checked readers):
-  state/<key>                 the module's state_dict
-  input/<i>                   the inputs
-  call/<path>/input/<j>       for every submodule call, in call order: its tensor inputs...
-  call/<path>/output          ...and its output (forward hooks; the root module's path is ""; a module called again
-                              is recorded as <path>#1, <path>#2, ...)
-  grad_output                 the upstream gradient (ones, that of output.sum(), unless given)
+record() writes format `torchlinear-parity/2` (docs/parity.md describes it and how the replay reads it). A .safetensors
+path is written with the `safetensors` package, any other path with torch.save; both hold a flat dict of tensors, which
+TorchLinear reads with its checked readers:
+  state/<key>                 the module's state_dict before the run (tied weights under each of their names)
+  input/<i>                   the root's inputs
+  call/<key>/input/<j>        for every module call: its tensor arguments, copied BEFORE the module ran (an in-place
+                              module records what it was given), positional then keyword, containers flattened
+                              depth first, non-tensors and None skipped
+  call/<key>/output/<k>       ...and the tensors of its output, flattened the same way (a lone tensor is output/0)
+                              <key> is the module's path (the root is ""); a module called again is <path>#1, <path>#2
+  grad_output                 the upstream gradient of the root's chosen output tensor (ones, that of .sum(), unless given)
   grad/input/<i>              the gradients of the floating-point inputs
-  grad/param/<name>           the gradients of every parameter that requires one (absent if unused)
-  metadata                    UTF-8 JSON as a uint8 tensor: torch version, call order, module types, dtypes
+  grad/param/<name>           the gradient of every parameter that requires one, under every name it has (tied
+                              parameters once per name; absent if unused)
+  metadata                    UTF-8 JSON as a uint8 tensor: versions, call order (finished and started), module types,
+                              the tensor names of each call, every module's training flag, parameter names and ties,
+                              and `noise`: for every recorded floating-point call tensor and gradient, max |x - x64|,
+                              its distance from the same run made in float64 (PyTorch's own rounding error)
+
+Calls are watched by wrapping each module instance's `forward` for the run (torch 1.13's forward hooks do not see
+keyword arguments); the wrappers are removed afterwards, also when the forward raises. A module in training mode that
+changes results or state (a Dropout with p > 0, any BatchNorm, MultiheadAttention with dropout > 0) is refused unless
+allow_training=True.
 """
+import copy
 import importlib.util
 import json
 import numbers
 import sys
+import warnings
+from collections.abc import Mapping
 
 import torch
 
 
-def record(module, inputs, path, grad_output=None):
-    """Runs `module` once on `inputs` (a tensor or a tuple of tensors), forward and backward, and writes the
-    recording to `path`. The module's parameters' .grad are left untouched (torch.autograd.grad is used)."""
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+def _flatten(value, name, names, tensors):
+    """Appends every tensor in `value` (a tensor, or tuple/list/dict nests of them) depth first, with its dotted name."""
+    if isinstance(value, torch.Tensor):
+        names.append(name)
+        tensors.append(value)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten(item, f"{name}.{key}" if name else str(key), names, tensors)
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            _flatten(item, f"{name}.{i}" if name else str(i), names, tensors)
+
+
+def _flatten_arguments(args, kwargs):
+    names, tensors = [], []
+    for i, a in enumerate(args):
+        _flatten(a, str(i), names, tensors)
+    for key, a in kwargs.items():
+        _flatten(a, key, names, tensors)
+    return names, [t.detach().clone() for t in tensors]
+
+
+def _flatten_output(output):
+    names, tensors = [], []
+    _flatten(output, "0" if isinstance(output, torch.Tensor) else "", names, tensors)
+    return names, tensors
+
+
+def _refuse_training_modes(module):
+    """What makes a recording unreplayable or mutates the module: random numbers (dropout) and BatchNorm's batch
+    statistics and running-stat updates, in training mode."""
+    active = []
+    for name, m in module.named_modules():
+        if not m.training:
+            continue
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            active.append(f"{name or '(root)'} ({type(m).__name__}, p={m.p})")
+        elif isinstance(m, torch.nn.MultiheadAttention) and m.dropout > 0:
+            active.append(f"{name or '(root)'} ({type(m).__name__}, dropout={m.dropout})")
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            active.append(f"{name or '(root)'} ({type(m).__name__})")
+    if active:
+        raise ValueError("record: modules in training mode would draw random numbers or use and update batch statistics: "
+                         f"{', '.join(active)}. Call module.eval() before recording, or pass allow_training=True.")
+
+
+def _parameter_names(module):
+    """[(name, parameter)] for every name of every parameter, as state_dict lists them (a tied parameter once per name)."""
+    result = []
+    for prefix, m in module.named_modules(remove_duplicate=False):
+        for key, p in m._parameters.items():
+            if p is not None:
+                result.append((f"{prefix}.{key}" if prefix else key, p))
+    return result
+
+
+def _run(module, inputs, grad_output, output_index):
+    """One watched forward and backward. Returns (calls, started, output, grad_output, input_grads, param_grads, named):
+    calls = [(key, type name, input names, input copies, output names, output copies)] in the order the calls finished,
+    started = the call keys in the order they started, output = the root's chosen output tensor, input_grads = {i: grad},
+    param_grads = {name: grad} under every name of a parameter, named = [(name, parameter)] that require grad."""
     paths = {m: name for name, m in module.named_modules()}
-    calls, counts = [], {}
+    calls, started, counts = [], [], {}
 
-    def hook(m, args, output):
-        name = paths[m]
-        k = counts.get(name, 0)
-        counts[name] = k + 1
-        key = name if k == 0 else f"{name}#{k}"
-        tensors_in = [a.detach().clone() for a in args if isinstance(a, torch.Tensor)]
-        tensor_out = output.detach().clone() if isinstance(output, torch.Tensor) else None
-        calls.append((key, type(m).__name__, tensors_in, tensor_out))
+    def watch(m, name, forward):
+        def watched(*args, **kwargs):
+            k = counts.get(name, 0)
+            counts[name] = k + 1
+            key = name if k == 0 else f"{name}#{k}"
+            started.append(key)
+            in_names, in_tensors = _flatten_arguments(args, kwargs)  # before the module can change them in place
+            output = forward(*args, **kwargs)
+            out_names, out_tensors = _flatten_output(output)
+            calls.append((key, type(m).__name__, in_names, in_tensors, out_names, [t.detach().clone() for t in out_tensors]))
+            return output
+        return watched
 
-    handles = [m.register_forward_hook(hook) for m in paths]
+    saved = []
     leaves = [x.detach().clone().requires_grad_(x.is_floating_point() or x.is_complex()) for x in inputs]
     try:
+        for m, name in paths.items():
+            saved.append((m, m.__dict__.get("forward", None), "forward" in m.__dict__))
+            m.__dict__["forward"] = watch(m, name, m.forward)
         output = module(*leaves)
     finally:
-        for handle in handles:
-            handle.remove()
-    if not isinstance(output, torch.Tensor):
-        raise TypeError("record() needs a module that returns one tensor")
+        for m, previous, had in saved:
+            if had:
+                m.__dict__["forward"] = previous
+            else:
+                m.__dict__.pop("forward", None)
+
+    out_names, out_tensors = _flatten_output(output)
+    if not out_tensors:
+        raise TypeError(f"record: {type(module).__name__} returned {type(output).__name__} holding no tensor")
+    if not 0 <= output_index < len(out_tensors):
+        raise ValueError(f"record: output_index {output_index} is out of range: {type(module).__name__} returned "
+                         f"{len(out_tensors)} tensors ({', '.join(out_names)})")
+    output = out_tensors[output_index]
     if grad_output is None:
         grad_output = torch.ones_like(output)  # the gradient of output.sum()
-    parameters = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in _parameter_names(module) if p.requires_grad]
+    unique = list({id(p): p for _, p in named}.values())
     differentiable = [(i, x) for i, x in enumerate(leaves) if x.requires_grad]
-    wrt = [x for _, x in differentiable] + [p for _, p in parameters]
-    grads = torch.autograd.grad([output], wrt, [grad_output], allow_unused=True) if wrt else []
+    wrt = [x for _, x in differentiable] + unique
+    if wrt and output.requires_grad:
+        grads = torch.autograd.grad([output], wrt, [grad_output], allow_unused=True)
+    else:
+        grads = [None] * len(wrt)
+    by_id = {id(p): g for p, g in zip(unique, grads[len(differentiable):])}
+    input_grads = {i: g for (i, _), g in zip(differentiable, grads[: len(differentiable)]) if g is not None}
+    param_grads = {n: by_id[id(p)] for n, p in named if by_id[id(p)] is not None}
+    return calls, started, output, grad_output, input_grads, param_grads, named
 
+
+def _tensors_of_run(calls, input_grads, param_grads):
+    """The run's recorded tensors under their file keys (calls, then gradients)."""
     tensors = {}
-    for key, value in module.state_dict().items():
-        tensors["state/" + key] = value.detach().clone()
+    for key, _, in_names, in_tensors, out_names, out_tensors in calls:
+        for j, t in enumerate(in_tensors):
+            tensors[f"call/{key}/input/{j}"] = t
+        for k, t in enumerate(out_tensors):
+            tensors[f"call/{key}/output/{k}"] = t
+    for i, g in input_grads.items():
+        tensors[f"grad/input/{i}"] = g.detach().clone()
+    for n, g in param_grads.items():
+        tensors[f"grad/param/{n}"] = g.detach().clone()  # one copy per name: safetensors refuses shared storage
+    return tensors
+
+
+def _noise(x, x64):
+    """max |x - x64| in float64, or None when the two cannot be compared. Elements where either value is not finite,
+    or where the float64 value lies outside x's dtype's finite range (a dtype-dependent constant such as
+    torch.finfo(dtype).min in an attention mask, or an overflow), are left out: they carry no rounding error."""
+    if x64 is None or x.shape != x64.shape or not x64.is_floating_point():
+        return None
+    a, b = x.detach().to(torch.float64), x64.detach().to(torch.float64)
+    keep = torch.isfinite(a) & torch.isfinite(b) & (b.abs() <= torch.finfo(x.dtype).max)
+    if not bool(keep.any()):
+        return 0.0
+    return float((a - b).abs()[keep].max())
+
+
+def record(module, inputs, path, grad_output=None, *, reference64=True, allow_training=False, output_index=0):
+    """Runs `module` once on `inputs` (a tensor or a tuple of tensors), forward and backward from the root's
+    `output_index`-th output tensor (its outputs flattened depth first), and writes the recording to `path` in format
+    torchlinear-parity/2. The module's parameters' .grad are left untouched (torch.autograd.grad is used), and so is
+    the module itself: the float64 reference run (reference64=True) runs on a deep copy.
+
+    Raises ValueError if a Dropout (p > 0), MultiheadAttention (dropout > 0) or BatchNorm is in training mode, unless
+    allow_training=True. If the float64 run cannot be made, the recording says why (noise_unavailable) and a warning
+    is issued."""
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"record: input {i} is a {type(x).__name__}, not a tensor")
+    if not allow_training:
+        _refuse_training_modes(module)
+    grad_output_given = grad_output is not None
+    state = {"state/" + key: value.detach().clone() for key, value in module.state_dict().items()}
+    training = {name: m.training for name, m in module.named_modules(remove_duplicate=False)}
+
+    reference, unavailable = None, None
+    if reference64:
+        try:
+            reference = copy.deepcopy(module)  # before the run, which may update buffers (BatchNorm, allow_training)
+        except Exception as e:  # noqa: BLE001 - any failure only means: no float64 reference
+            unavailable = f"deepcopy of the module failed: {type(e).__name__}: {e}"
+    rng = torch.get_rng_state()
+
+    calls, started, output, grad_output, input_grads, param_grads, named = _run(module, inputs, grad_output, output_index)
+    recorded = _tensors_of_run(calls, input_grads, param_grads)
+
+    noise = {}
+    if reference is not None:
+        try:
+            reference.to(torch.float64)
+            inputs64 = tuple(x.to(torch.float64) if x.is_floating_point() else x for x in inputs)
+            grad64 = grad_output.to(torch.float64) if grad_output.is_floating_point() else grad_output
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(rng)  # the same random numbers, if the run draws any
+                calls64, _, _, _, input_grads64, param_grads64, _ = _run(reference, inputs64, grad64, output_index)
+            recorded64 = _tensors_of_run(calls64, input_grads64, param_grads64)
+            for key, x in recorded.items():
+                if x.is_floating_point():
+                    value = _noise(x, recorded64.get(key))
+                    if value is not None:
+                        noise[key] = value
+        except Exception as e:  # noqa: BLE001
+            unavailable = f"{type(e).__name__}: {e}"
+            noise = {}
+        del reference
+    if unavailable is not None:
+        warnings.warn(f"record: no float64 reference run for {type(module).__name__} ({unavailable}); "
+                      "the recording has no noise, and the replay will judge by tolerances alone")
+
+    tensors = dict(state)
     for i, x in enumerate(inputs):
         tensors[f"input/{i}"] = x.detach().clone()
     tensors["grad_output"] = grad_output.detach().clone()
-    for key, _, tensors_in, tensor_out in calls:
-        for j, t in enumerate(tensors_in):
-            tensors[f"call/{key}/input/{j}"] = t
-        if tensor_out is not None:
-            tensors[f"call/{key}/output"] = tensor_out
-    for (i, _), g in zip(differentiable, grads[: len(differentiable)]):
-        if g is not None:
-            tensors[f"grad/input/{i}"] = g
-    for (name, _), g in zip(parameters, grads[len(differentiable):]):
-        if g is not None:
-            tensors[f"grad/param/{name}"] = g
+    tensors.update(recorded)
 
+    first = {}
+    tied = {}
+    for n, p in _parameter_names(module):
+        if id(p) in first:
+            tied[n] = first[id(p)]
+        else:
+            first[id(p)] = n
     metadata = {
-        "format": "torchlinear-parity/1",
+        "format": "torchlinear-parity/2",
         "torch_version": torch.__version__,
         "module_type": type(module).__name__,
-        "call_order": [key for key, _, _, _ in calls],
-        "module_types": {key: kind for key, kind, _, _ in calls},
+        "call_order": [c[0] for c in calls],
+        "call_start_order": started,
+        "module_types": {c[0]: c[1] for c in calls},
+        "calls": {c[0]: {"inputs": c[2], "outputs": c[4]} for c in calls},
+        "training": training,
         "inputs": [{"dtype": str(x.dtype), "shape": list(x.shape)} for x in inputs],
         "output": {"dtype": str(output.dtype), "shape": list(output.shape)},
-        "grad_output_given": grad_output is not None,
-        "parameters": [name for name, _ in parameters],
+        "output_index": output_index,
+        "grad_output_given": grad_output_given,
+        "parameters": [n for n, _ in named],
+        "tied": tied,
+        "noise_reference": "float64" if reference64 and unavailable is None else None,
+        "noise_unavailable": unavailable,
+        "noise": noise,
     }
-    _save(tensors, metadata, path, "torchlinear-parity/1")
+    _save(tensors, metadata, path, "torchlinear-parity/2")
     return metadata
 
 
