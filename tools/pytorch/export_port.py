@@ -284,18 +284,31 @@ class Translator:
         self.config = {}                    # (name, value) -> marker, to reuse a named field
         self.called = []                    # (child name, argument count, output count)
         self.input_names = []
+        self.locals = []
 
     # -- naming
+    def canonical(self):
+        """The forward with its locals renamed in order of definition: instances of one class whose tracer-given names
+        differ (a value named after the module it flows into) still group together; the first instance's names are
+        written."""
+        mapping = {name: f"v{i}" for i, name in enumerate(self.locals)}
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, self.locals)) + r")\b") if self.locals else None
+        lines = tuple(pattern.sub(lambda m: mapping[m.group(1)], line) if pattern else line for line in self.lines)
+        return lines, pattern.sub(lambda m: mapping[m.group(1)], self.result or "") if pattern else self.result
+
     def fresh(self, debug):
         base = debug.split(".")[0] if not debug.split(".")[0].isdigit() else "t"
         base = cs_ident(base) if base != "t" else "t"
         if base in ("self", "this"):
             base = "self_"
+        if base == "input":
+            base = "t"   # the tracer names a value after the parameter of the module it flows into: misleading here
         name, i = base, 1
         while name in self.names or name in CS_KEYWORDS:
             i += 1
             name = f"{base}{i}"
         self.names.add(name)
+        self.locals.append(name)
         return name
 
     def where(self, node):
@@ -794,12 +807,13 @@ class Exporter:
         except ExportRefused as e:
             self.refusals.add(str(e))
             result = None
+        tr.result = result
         d.params, d.buffers, d.parts, d.shapes_text = params, buffers, parts, shapes_text
         d.forward_lines, d.result, d.inputs = tr.lines, result, tr.input_names
         d.slots = body.slots
         d.sig = ("gen", type(module).__name__, tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in params),
                  tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in buffers),
-                 tuple((f, n, cd.sig) for f, n, cd, _ in parts), tuple(tr.lines), result, tuple(tr.input_names),
+                 tuple((f, n, cd.sig) for f, n, cd, _ in parts), tr.canonical(), tuple(tr.input_names),
                  tuple((s[0], s[2]) for s in body.slots))
         return d
 
@@ -1079,6 +1093,29 @@ def _trace(model, inputs):
     return traced, problems
 
 
+def _non_tensor_outputs(model, inputs):
+    """Submodules whose call returns something other than one tensor (the port's submodules return one tensor; the
+    trace may even drop a returned input from a tuple)."""
+    problems, handles = [], []
+    for path, m in model.named_modules():
+        if not path:
+            continue
+
+        def hook(module, args, output, path=path):
+            if not isinstance(output, torch.Tensor):
+                text = f"returns a {type(output).__name__}, not one tensor, at {path} ({type(module).__name__}): only the root's several outputs are reduced (to the first tensor)"
+                if text not in problems:
+                    problems.append(text)
+        handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return problems
+
+
 def _run_ok(model, inputs):
     try:
         with torch.no_grad():
@@ -1123,7 +1160,7 @@ def generate(model, example_inputs, class_name, namespace="Ports"):
     inputs = _normalise_inputs(example_inputs)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", class_name):
         raise ExportRefused(f"class_name {class_name!r} is not a C# identifier")
-    texts, problems = [], []
+    texts, problems = [], _non_tensor_outputs(model, inputs)
     for run, ins in enumerate((inputs, second_inputs(model, inputs))):
         traced, trace_problems = _trace(model, ins)
         problems += [p for p in trace_problems if p not in problems]

@@ -120,6 +120,33 @@ namespace TorchLinear.Tests
                 Equivalence.AssertClose(a, b);
         }
 
+        /// <summary>
+        /// The committed generated files are the reviewed artifacts: this asserts they are exactly what make_ports.py
+        /// last wrote (its ports.sha256 manifest), so a hand edit of a generated port, or a file regenerated without
+        /// the manifest, fails here. A change of the generator shows as a diff of the .cs files when make_ports.py is
+        /// run again (docs/porting.md).
+        /// </summary>
+        [Fact]
+        public void CommittedGeneratedFiles_AreThoseMakePortsLastWrote()
+        {
+            var manifest = File.ReadAllLines(Path.Combine(PortsFolder, "ports.sha256"))
+                               .Where(line => line.Length > 0)
+                               .Select(line => line.Split("  ", 2))
+                               .ToDictionary(parts => parts[1], parts => parts[0]);
+            var onDisk = Directory.GetDirectories(PortsFolder)
+                                  .SelectMany(Directory.GetFiles)
+                                  .Select(path => Path.GetRelativePath(PortsFolder, path).Replace('\\', '/'))
+                                  .ToList();
+            Assert.Equal(manifest.Keys.OrderBy(k => k, StringComparer.Ordinal), onDisk.OrderBy(k => k, StringComparer.Ordinal));
+            foreach (var (file, digest) in manifest)
+            {
+                using var stream = File.OpenRead(Path.Combine(PortsFolder, file));
+                Assert.True(digest == Convert.ToHexStringLower(SHA256.HashData(stream)),
+                            $"{file} is not the file make_ports.py wrote (sha256 differs from ports.sha256): regenerate with make_ports.py, do not edit");
+            }
+            Assert.Contains("ResNet/ResNet.cs", manifest.Keys);
+        }
+
         [Fact]
         public void GeneratedResNet_ReplaysTheRealModelRecording_WithNoDivergence_AndMatchesTorchvisionAtASecondShape()
         {

@@ -71,8 +71,8 @@ namespace TorchLinear.Tests.Ports.MobileNet
         {
             using var scope = NewDisposeScope();
             Tensor t = conv.call(x);
-            Tensor input = x.add(t);  // torchvision/models/mobilenetv2.py:62: return x + self.conv(x)
-            return input.MoveToOuterDisposeScope();
+            Tensor t2 = x.add(t);  // torchvision/models/mobilenetv2.py:62: return x + self.conv(x)
+            return t2.MoveToOuterDisposeScope();
         }
     }
 
@@ -114,8 +114,8 @@ namespace TorchLinear.Tests.Ports.MobileNet
         {
             using var scope = NewDisposeScope();
             Tensor t = conv.call(x);
-            Tensor input = x.add(t);  // torchvision/models/mobilenetv2.py:62: return x + self.conv(x)
-            return input.MoveToOuterDisposeScope();
+            Tensor t2 = x.add(t);  // torchvision/models/mobilenetv2.py:62: return x + self.conv(x)
+            return t2.MoveToOuterDisposeScope();
         }
     }
 
@@ -140,9 +140,9 @@ namespace TorchLinear.Tests.Ports.MobileNet
             using var scope = NewDisposeScope();
             Tensor t = features.call(x);
             Tensor x2 = torch.nn.functional.adaptive_avg_pool2d(t, new long[] { 1, 1 });  // torchvision/models/mobilenetv2.py:168: x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
-            Tensor input = x2.flatten(1, -1);  // torchvision/models/mobilenetv2.py:169: x = torch.flatten(x, 1)
-            Tensor t2 = classifier.call(input);
-            return t2.MoveToOuterDisposeScope();
+            Tensor t2 = x2.flatten(1, -1);  // torchvision/models/mobilenetv2.py:169: x = torch.flatten(x, 1)
+            Tensor t3 = classifier.call(t2);
+            return t3.MoveToOuterDisposeScope();
         }
     }
 }

@@ -41,9 +41,9 @@ namespace TorchLinear.Tests.Ports.ResNet
             Tensor t3 = relu.call(t2);
             Tensor t4 = conv2.call(t3);
             Tensor t5 = bn2.call(t4);
-            Tensor input = t5.add_(x);  // torchvision/models/resnet.py:102: out += identity
-            Tensor t6 = relu.call(input);
-            return t6.MoveToOuterDisposeScope();
+            Tensor t6 = t5.add_(x);  // torchvision/models/resnet.py:102: out += identity
+            Tensor t7 = relu.call(t6);
+            return t7.MoveToOuterDisposeScope();
         }
     }
 
@@ -107,9 +107,9 @@ namespace TorchLinear.Tests.Ports.ResNet
             Tensor t4 = conv2.call(t3);
             Tensor t5 = bn2.call(t4);
             Tensor t6 = downsample.call(x);
-            Tensor input = t5.add_(t6);  // torchvision/models/resnet.py:102: out += identity
-            Tensor t7 = relu.call(input);
-            return t7.MoveToOuterDisposeScope();
+            Tensor t7 = t5.add_(t6);  // torchvision/models/resnet.py:102: out += identity
+            Tensor t8 = relu.call(t7);
+            return t8.MoveToOuterDisposeScope();
         }
     }
 
@@ -165,9 +165,9 @@ namespace TorchLinear.Tests.Ports.ResNet
             Tensor t7 = layer3.call(t6);
             Tensor t8 = layer4.call(t7);
             Tensor t9 = avgpool.call(t8);
-            Tensor input = t9.flatten(1, -1);  // torchvision/models/resnet.py:279: x = torch.flatten(x, 1)
-            Tensor t10 = fc.call(input);
-            return t10.MoveToOuterDisposeScope();
+            Tensor t10 = t9.flatten(1, -1);  // torchvision/models/resnet.py:279: x = torch.flatten(x, 1)
+            Tensor t11 = fc.call(t10);
+            return t11.MoveToOuterDisposeScope();
         }
     }
 }

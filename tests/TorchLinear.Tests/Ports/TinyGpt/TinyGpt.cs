@@ -59,14 +59,14 @@ namespace TorchLinear.Tests.Ports.TinyGpt
             Tensor t13 = t12.slice(2, 0, T, 1);  // tiny_gpt.py:30: att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
             Tensor t14 = t13.slice(3, 0, T, 1);  // tiny_gpt.py:30: att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
             Tensor t15 = t14.eq(0);  // tiny_gpt.py:30: att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-            Tensor input = att.masked_fill(t15, fill_value);  // tiny_gpt.py:30: att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
-            Tensor att2 = input.softmax(-1);  // tiny_gpt.py:31: att = F.softmax(att, dim=-1)
-            Tensor t16 = att2.matmul(v2);  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-            Tensor t17 = t16.transpose(1, 2);  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-            Tensor t18 = t17.contiguous();  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-            Tensor input2 = t18.view(new long[] { B, T, C });  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
-            Tensor t19 = c_proj.call(input2);
-            return t19.MoveToOuterDisposeScope();
+            Tensor t16 = att.masked_fill(t15, fill_value);  // tiny_gpt.py:30: att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+            Tensor att2 = t16.softmax(-1);  // tiny_gpt.py:31: att = F.softmax(att, dim=-1)
+            Tensor t17 = att2.matmul(v2);  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+            Tensor t18 = t17.transpose(1, 2);  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+            Tensor t19 = t18.contiguous();  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+            Tensor t20 = t19.view(new long[] { B, T, C });  // tiny_gpt.py:32: y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+            Tensor t21 = c_proj.call(t20);
+            return t21.MoveToOuterDisposeScope();
         }
     }
 
@@ -121,16 +121,16 @@ namespace TorchLinear.Tests.Ports.TinyGpt
         }
 
         /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
-        public override Tensor forward(Tensor input)
+        public override Tensor forward(Tensor t)
         {
             using var scope = NewDisposeScope();
-            Tensor t = ln_1.call(input);
-            Tensor t2 = attn.call(t);
-            Tensor input2 = input.add(t2);  // tiny_gpt.py:56: x = x + self.attn(self.ln_1(x))
-            Tensor t3 = ln_2.call(input2);
-            Tensor t4 = mlp.call(t3);
-            Tensor input3 = input2.add(t4);  // tiny_gpt.py:57: return x + self.mlp(self.ln_2(x))
-            return input3.MoveToOuterDisposeScope();
+            Tensor t2 = ln_1.call(t);
+            Tensor t3 = attn.call(t2);
+            Tensor t4 = t.add(t3);  // tiny_gpt.py:56: x = x + self.attn(self.ln_1(x))
+            Tensor t5 = ln_2.call(t4);
+            Tensor t6 = mlp.call(t5);
+            Tensor t7 = t4.add(t6);  // tiny_gpt.py:57: return x + self.mlp(self.ln_2(x))
+            return t7.MoveToOuterDisposeScope();
         }
     }
 
@@ -161,11 +161,11 @@ namespace TorchLinear.Tests.Ports.TinyGpt
             using var scope = NewDisposeScope();
             Tensor t = ln_1.call(x);
             Tensor t2 = attn.call(t);
-            Tensor input = x.add(t2);  // tiny_gpt.py:56: x = x + self.attn(self.ln_1(x))
-            Tensor t3 = ln_2.call(input);
-            Tensor t4 = mlp.call(t3);
-            Tensor input2 = input.add(t4);  // tiny_gpt.py:57: return x + self.mlp(self.ln_2(x))
-            return input2.MoveToOuterDisposeScope();
+            Tensor t3 = x.add(t2);  // tiny_gpt.py:56: x = x + self.attn(self.ln_1(x))
+            Tensor t4 = ln_2.call(t3);
+            Tensor t5 = mlp.call(t4);
+            Tensor t6 = t3.add(t5);  // tiny_gpt.py:57: return x + self.mlp(self.ln_2(x))
+            return t6.MoveToOuterDisposeScope();
         }
     }
 
@@ -200,14 +200,14 @@ namespace TorchLinear.Tests.Ports.TinyGpt
             long T = idx.size(1);  // tiny_gpt.py:70: T = idx.size(1)
             Tensor t = wte.call(idx);
             Tensor t2 = torch.arange(T, dtype: ScalarType.Int64);  // tiny_gpt.py:71: x = self.wte(idx) + self.wpe(torch.arange(T, dtype=torch.long).unsqueeze(0))
-            Tensor input = t2.unsqueeze(0);  // tiny_gpt.py:71: x = self.wte(idx) + self.wpe(torch.arange(T, dtype=torch.long).unsqueeze(0))
-            Tensor t3 = wpe.call(input);
-            Tensor input2 = t.add(t3);  // tiny_gpt.py:71: x = self.wte(idx) + self.wpe(torch.arange(T, dtype=torch.long).unsqueeze(0))
-            Tensor t4 = h[0].call(input2);
-            Tensor t5 = h[1].call(t4);
-            Tensor t6 = ln_f.call(t5);
-            Tensor t7 = lm_head.call(t6);
-            return t7.MoveToOuterDisposeScope();
+            Tensor t3 = t2.unsqueeze(0);  // tiny_gpt.py:71: x = self.wte(idx) + self.wpe(torch.arange(T, dtype=torch.long).unsqueeze(0))
+            Tensor t4 = wpe.call(t3);
+            Tensor t5 = t.add(t4);  // tiny_gpt.py:71: x = self.wte(idx) + self.wpe(torch.arange(T, dtype=torch.long).unsqueeze(0))
+            Tensor t6 = h[0].call(t5);
+            Tensor t7 = h[1].call(t6);
+            Tensor t8 = ln_f.call(t7);
+            Tensor t9 = lm_head.call(t8);
+            return t9.MoveToOuterDisposeScope();
         }
     }
 }

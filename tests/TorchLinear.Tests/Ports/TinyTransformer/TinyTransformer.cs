@@ -54,9 +54,9 @@ namespace TorchLinear.Tests.Ports.TinyTransformer
             Tensor weights = scores.softmax(-1);  // tiny_transformer.py:31: weights = torch.softmax(scores, dim=-1)
             Tensor t9 = weights.matmul(v);  // tiny_transformer.py:32: mixed = (weights @ v).transpose(1, 2).reshape(batch, time, d_model)
             Tensor t10 = t9.transpose(1, 2);  // tiny_transformer.py:32: mixed = (weights @ v).transpose(1, 2).reshape(batch, time, d_model)
-            Tensor input = t10.reshape(new long[] { batch, time, d_model });  // tiny_transformer.py:32: mixed = (weights @ v).transpose(1, 2).reshape(batch, time, d_model)
-            Tensor t11 = o_proj.call(input);
-            return t11.MoveToOuterDisposeScope();
+            Tensor t11 = t10.reshape(new long[] { batch, time, d_model });  // tiny_transformer.py:32: mixed = (weights @ v).transpose(1, 2).reshape(batch, time, d_model)
+            Tensor t12 = o_proj.call(t11);
+            return t12.MoveToOuterDisposeScope();
         }
     }
 
@@ -116,11 +116,11 @@ namespace TorchLinear.Tests.Ports.TinyTransformer
             using var scope = NewDisposeScope();
             Tensor t = ln1.call(x);
             Tensor t2 = attn.call(t);
-            Tensor input = x.add(t2);  // tiny_transformer.py:56: x = x + self.attn(self.ln1(x))
-            Tensor t3 = ln2.call(input);
-            Tensor t4 = mlp.call(t3);
-            Tensor input2 = input.add(t4);  // tiny_transformer.py:57: return x + self.mlp(self.ln2(x))
-            return input2.MoveToOuterDisposeScope();
+            Tensor t3 = x.add(t2);  // tiny_transformer.py:56: x = x + self.attn(self.ln1(x))
+            Tensor t4 = ln2.call(t3);
+            Tensor t5 = mlp.call(t4);
+            Tensor t6 = t3.add(t5);  // tiny_transformer.py:57: return x + self.mlp(self.ln2(x))
+            return t6.MoveToOuterDisposeScope();
         }
     }
 
