@@ -1084,10 +1084,11 @@ def _trace(model, inputs):
         warnings.simplefilter("always")
         with torch.no_grad():
             traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
-    problems = []
+    problems, seen = [], set()
     for w in caught:
         text = str(w.message)
-        if "Python boolean" in text:
+        if "Python boolean" in text and (w.filename, w.lineno) not in seen:
+            seen.add((w.filename, w.lineno))
             problems.append(f"a branch on a tensor's value (data-dependent control flow the trace would freeze) at "
                             f"{_module_of_line(model, w.filename, w.lineno)}, {_describe_line(w.filename, w.lineno)}")
     return traced, problems

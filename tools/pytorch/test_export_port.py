@@ -187,6 +187,30 @@ class RefusalTests(unittest.TestCase):
         self.assert_refused(Both(), (torch.randn(4, 4),), "aten::fft_fft", "aten::linalg_svd", "at a (Fft)", "at b (Svd)")
 
 
+class TransformersTests(unittest.TestCase):
+    """transformers' tiny Llama (the RealModels recording's, through /work/shared/realpeft: source its env.sh first):
+    not yet written, and refused by name rather than written wrong."""
+
+    def test_tiny_llama_is_refused_naming_its_tuple_outputs_and_shape_branches(self):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            self.skipTest("transformers is not importable: source /work/realpeft-site/env.sh")
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests",
+                                        "ReferenceData", "Parity", "RealModels"))
+        import make_real_models
+
+        model, ids = make_real_models.tiny_llama()
+        with self.assertRaises(ExportRefused) as caught:
+            generate(model, (ids,), "TinyLlama")
+        message = str(caught.exception)
+        self.assertIn("returns a tuple, not one tensor, at model.layers.0.self_attn (LlamaAttention)", message)
+        self.assertIn("returns a tuple, not one tensor, at model.rotary_emb (LlamaRotaryEmbedding)", message)
+        self.assertIn("a branch on a tensor's value", message)
+        self.assertIn("modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):", message)
+        self.assertEqual(message.count("modeling_llama.py:306:"), 1)   # each line once
+
+
 class WrittenTests(unittest.TestCase):
     def test_writes_the_three_files_with_the_fixed_interface(self):
         torch.manual_seed(0)
