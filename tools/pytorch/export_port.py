@@ -867,15 +867,19 @@ class Exporter:
     def render(self, text, slot_text):
         return re.sub(r"@@(\d+)@@", lambda m: slot_text(int(m.group(1))), text)
 
-    def ctor_expr(self, d, offset, slot_text):
-        """The expression that builds child draft d, whose slots start at `offset` in the parent's slots."""
+    def ctor_expr(self, d, offset, slot_text, indent=12):
+        """The expression that builds child draft d, whose slots start at `offset` in the parent's slots; a container
+        too long for one line gets one line per module, indented from `indent`."""
         if d.kind == "leaf":
             return self.render(d.ctor, lambda i: slot_text(offset + i))
         if d.kind in ("seq", "list"):
-            inner = [self.ctor_expr(cd, offset + off, slot_text) for cd, off in d.parts]
-            if d.kind == "list":
-                return f"new TorchSharp.Modules.ModuleList<{self.list_type(d)}>(" + ", ".join(inner) + ")"
-            return f"new {d.group['name']}(" + ", ".join(inner) + ")"
+            inner = [self.ctor_expr(cd, offset + off, slot_text, indent + 4) for cd, off in d.parts]
+            head = f"new TorchSharp.Modules.ModuleList<{self.list_type(d)}>(" if d.kind == "list" else f"new {d.group['name']}("
+            one_line = head + ", ".join(inner) + ")"
+            if len(one_line) + indent <= 120 and "\n" not in one_line:
+                return one_line
+            pad = "\n" + " " * (indent + 4)
+            return head + pad + ("," + pad).join(inner) + ")"
         group = d.group
         return f"new {group['name']}(" + ", ".join(slot_text(offset + i) for i in group["params"]) + ")"
 

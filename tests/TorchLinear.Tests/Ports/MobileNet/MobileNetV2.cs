@@ -62,7 +62,13 @@ namespace TorchLinear.Tests.Ports.MobileNet
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public InvertedResidual() : base("InvertedResidual")
         {
-            conv = new Sequential(new Conv2dNormActivation(nn.Conv2d(8, 8, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 8, bias: false), nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true), nn.ReLU6(inplace: true)), nn.Conv2d(8, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
+            conv = new Sequential(
+                new Conv2dNormActivation(
+                    nn.Conv2d(8, 8, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 8, bias: false),
+                    nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                    nn.ReLU6(inplace: true)),
+                nn.Conv2d(8, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
             register_module("conv", conv);
         }
 
@@ -84,7 +90,17 @@ namespace TorchLinear.Tests.Ports.MobileNet
         /// <summary>Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict).</summary>
         public InvertedResidual_2(long in_channels, long out_channels, (long, long) stride, long out_channels2) : base("InvertedResidual")
         {
-            conv = new Sequential(new Conv2dNormActivation(nn.Conv2d(in_channels, out_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true), nn.ReLU6(inplace: true)), new Conv2dNormActivation(nn.Conv2d(out_channels, out_channels, (3, 3), stride: stride, padding: (1, 1), dilation: (1, 1), groups: out_channels, bias: false), nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true), nn.ReLU6(inplace: true)), nn.Conv2d(out_channels, out_channels2, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(out_channels2, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
+            conv = new Sequential(
+                new Conv2dNormActivation(
+                    nn.Conv2d(in_channels, out_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                    nn.ReLU6(inplace: true)),
+                new Conv2dNormActivation(
+                    nn.Conv2d(out_channels, out_channels, (3, 3), stride: stride, padding: (1, 1), dilation: (1, 1), groups: out_channels, bias: false),
+                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                    nn.ReLU6(inplace: true)),
+                nn.Conv2d(out_channels, out_channels2, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                nn.BatchNorm2d(out_channels2, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
             register_module("conv", conv);
         }
 
@@ -105,7 +121,17 @@ namespace TorchLinear.Tests.Ports.MobileNet
         /// <summary>Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict).</summary>
         public InvertedResidual_3(long in_channels, long out_channels) : base("InvertedResidual")
         {
-            conv = new Sequential(new Conv2dNormActivation(nn.Conv2d(in_channels, out_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true), nn.ReLU6(inplace: true)), new Conv2dNormActivation(nn.Conv2d(out_channels, out_channels, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: out_channels, bias: false), nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true), nn.ReLU6(inplace: true)), nn.Conv2d(out_channels, in_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(in_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
+            conv = new Sequential(
+                new Conv2dNormActivation(
+                    nn.Conv2d(in_channels, out_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                    nn.ReLU6(inplace: true)),
+                new Conv2dNormActivation(
+                    nn.Conv2d(out_channels, out_channels, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: out_channels, bias: false),
+                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                    nn.ReLU6(inplace: true)),
+                nn.Conv2d(out_channels, in_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                nn.BatchNorm2d(in_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
             register_module("conv", conv);
         }
 
@@ -128,9 +154,36 @@ namespace TorchLinear.Tests.Ports.MobileNet
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public MobileNetV2() : base("MobileNetV2")
         {
-            features = new Sequential(new Conv2dNormActivation(nn.Conv2d(3, 8, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true), nn.ReLU6(inplace: true)), new InvertedResidual(), new InvertedResidual_2(8, 48, (2, 2), 8), new InvertedResidual_3(8, 48), new InvertedResidual_2(8, 48, (2, 2), 8), new InvertedResidual_3(8, 48), new InvertedResidual_3(8, 48), new InvertedResidual_2(8, 48, (2, 2), 16), new InvertedResidual_3(16, 96), new InvertedResidual_3(16, 96), new InvertedResidual_3(16, 96), new InvertedResidual_2(16, 96, (1, 1), 24), new InvertedResidual_3(24, 144), new InvertedResidual_3(24, 144), new InvertedResidual_2(24, 144, (2, 2), 40), new InvertedResidual_3(40, 240), new InvertedResidual_3(40, 240), new InvertedResidual_2(40, 240, (1, 1), 80), new Conv2dNormActivation(nn.Conv2d(80, 1280, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(1280, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true), nn.ReLU6(inplace: true)));
+            features = new Sequential(
+                new Conv2dNormActivation(
+                    nn.Conv2d(3, 8, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false),
+                    nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                    nn.ReLU6(inplace: true)),
+                new InvertedResidual(),
+                new InvertedResidual_2(8, 48, (2, 2), 8),
+                new InvertedResidual_3(8, 48),
+                new InvertedResidual_2(8, 48, (2, 2), 8),
+                new InvertedResidual_3(8, 48),
+                new InvertedResidual_3(8, 48),
+                new InvertedResidual_2(8, 48, (2, 2), 16),
+                new InvertedResidual_3(16, 96),
+                new InvertedResidual_3(16, 96),
+                new InvertedResidual_3(16, 96),
+                new InvertedResidual_2(16, 96, (1, 1), 24),
+                new InvertedResidual_3(24, 144),
+                new InvertedResidual_3(24, 144),
+                new InvertedResidual_2(24, 144, (2, 2), 40),
+                new InvertedResidual_3(40, 240),
+                new InvertedResidual_3(40, 240),
+                new InvertedResidual_2(40, 240, (1, 1), 80),
+                new Conv2dNormActivation(
+                    nn.Conv2d(80, 1280, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                    nn.BatchNorm2d(1280, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                    nn.ReLU6(inplace: true)));
             register_module("features", features);
-            classifier = new Sequential(nn.Dropout(0.2, inplace: false), new CustomLinear(1280, 10, bias: true) { Dispatch = LinearDispatch.PyTorch });
+            classifier = new Sequential(
+                nn.Dropout(0.2, inplace: false),
+                new CustomLinear(1280, 10, bias: true) { Dispatch = LinearDispatch.PyTorch });
             register_module("classifier", classifier);
         }
 

@@ -93,7 +93,9 @@ namespace TorchLinear.Tests.Ports.ResNet
             register_module("conv2", conv2);
             bn2 = nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true);
             register_module("bn2", bn2);
-            downsample = new Sequential(nn.Conv2d(in_channels, out_channels, (1, 1), stride: (2, 2), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false), nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
+            downsample = new Sequential(
+                nn.Conv2d(in_channels, out_channels, (1, 1), stride: (2, 2), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
             register_module("downsample", downsample);
         }
 
