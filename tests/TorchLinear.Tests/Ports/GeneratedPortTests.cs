@@ -134,7 +134,7 @@ namespace TorchLinear.Tests
                                .Select(line => line.Split("  ", 2))
                                .ToDictionary(parts => parts[1], parts => parts[0]);
             var onDisk = Directory.GetDirectories(PortsFolder)
-                                  .SelectMany(Directory.GetFiles)
+                                  .SelectMany(folder => Directory.GetFiles(folder, "*", SearchOption.AllDirectories))
                                   .Select(path => Path.GetRelativePath(PortsFolder, path).Replace('\\', '/'))
                                   .ToList();
             Assert.Equal(manifest.Keys.OrderBy(k => k, StringComparer.Ordinal), onDisk.OrderBy(k => k, StringComparer.Ordinal));
@@ -145,6 +145,35 @@ namespace TorchLinear.Tests
                             $"{file} is not the file make_ports.py wrote (sha256 differs from ports.sha256): regenerate with make_ports.py, do not edit");
             }
             Assert.Contains("ResNet/ResNet.cs", manifest.Keys);
+        }
+
+        /// <summary>
+        /// End to end with LoRA: an adapter made by real PEFT in Python on the TinyTransformer (make_ports.py) loads into
+        /// the generated port with TorchLinear.Lora (every generated linear layer is a CustomLinear, which takes an
+        /// adapter however it is invoked) and gives PEFT's adapted output; with the adapters disabled, the base model's.
+        /// </summary>
+        [Fact]
+        public void APeftAdapter_LoadsIntoTheGeneratedTinyTransformer_AndGivesPeftsOutput()
+        {
+            string folder = PortFile("TinyTransformer", "peft-adapter");
+            using var port = Eval(new Ports.TinyTransformer.TinyTransformer());
+            StateDicts.LoadPyTorchFile(port, PortFile("TinyTransformer", "TinyTransformer.safetensors"));
+            var cases = StateDicts.ReadPyTorchFile(Path.Combine(folder, "cases.pt"));
+            using var noGrad = no_grad();
+            using Tensor baseOutput = port.call(cases["input"]);
+            var adapted = Lora.LoraModel.load_adapter(port, folder);
+            Assert.Equal(6, adapted.Count);   // q_proj and v_proj of both blocks, and both fc1
+            Assert.Contains("blocks.0.attn.q_proj.lora_A.default.weight", port.state_dict().Keys);
+            using Tensor output = port.call(cases["input"]);
+            Equivalence.AssertClose(output, cases["adapted_output"]);
+            Assert.True((output - baseOutput).abs().max().item<float>() > 1e-3f, "the adapter changes the output");
+            using (Lora.LoraModel.disable_adapters(port))
+            {
+                using Tensor disabled = port.call(cases["input"]);
+                Assert.True(Equivalence.Compare(baseOutput, disabled).DifferingElements == 0);
+            }
+            foreach (var t in cases.Values)
+                t.Dispose();
         }
 
         [Fact]

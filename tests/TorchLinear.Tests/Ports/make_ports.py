@@ -8,7 +8,8 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
 
   TinyTransformer/  samples/ParityCheck/pytorch/tiny_transformer.py, weights as samples/ParityCheck/pytorch/record.py
                     makes them, input (2, 6, 8): TinyTransformer.cs, .safetensors, .parity.pt, and .second.parity.pt
-                    (a recording at (1, 9, 8))
+                    (a recording at (1, 9, 8)); peft-adapter/: a LoRA adapter made by real PEFT on it (needs
+                    `source /work/realpeft-site/env.sh`; without it the committed adapter is kept, and said)
   TinyGpt/          samples/TrainingParity/pytorch/tiny_gpt.py, seed 0, token ids (2, 6): the same four files, the
                     second recording at (1, 4)
   ResNet/           torchvision ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10) as ReferenceData/Parity/RealModels/
@@ -19,6 +20,7 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
 """
 import copy
 import hashlib
+import json
 import os
 import sys
 
@@ -82,6 +84,40 @@ PORTS = [
 ]
 
 
+def peft_adapter(folder):
+    """A LoRA adapter made by real PEFT (through /work/shared/realpeft) on the TinyTransformer: r=4, alpha 8 on q_proj,
+    v_proj and fc1, lora_B drawn (seed 11) so that it changes the output; PEFT's own folder (adapter_config.json,
+    adapter_model.safetensors) and cases.pt: the input and PEFT's adapted output. Returns the files written, or the
+    committed ones when PEFT is not importable (said, not silent)."""
+    out = os.path.join(HERE, folder, "peft-adapter")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print(f"peft is not importable (source /work/realpeft-site/env.sh): kept the committed {os.path.relpath(out, HERE)}")
+        return [os.path.join(out, f) for f in sorted(os.listdir(out))]
+    model, x, _ = tiny_transformer()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], lora_dropout=0.0))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=g))
+    peft_model.eval()
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))   # PEFT's model-card template: not part of the adapter
+    # PEFT writes target_modules from a set, in hash order: sorted, the file is byte for byte reproducible.
+    config_path = os.path.join(out, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["target_modules"] = sorted(config["target_modules"])
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
+    with torch.no_grad():
+        adapted = peft_model(x)
+    torch.save({"input": x, "adapted_output": adapted}, os.path.join(out, "cases.pt"))
+    return [os.path.join(out, f) for f in ("adapter_config.json", "adapter_model.safetensors", "cases.pt")]
+
+
 def main():
     written = []
     for folder, class_name, build, own_files in PORTS:
@@ -104,6 +140,7 @@ def main():
         written.append(second)
         print(f"{class_name}: " + ", ".join(f"{os.path.basename(p)} ({os.path.getsize(p)} bytes)" for p in paths.values())
               + f", {os.path.basename(second)}")
+    written += peft_adapter("TinyTransformer")
     lines = []
     for path in sorted(written):
         with open(path, "rb") as f:
