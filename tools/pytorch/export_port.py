@@ -1098,26 +1098,38 @@ def _trace(model, inputs):
     return traced, problems
 
 
-def _non_tensor_outputs(model, inputs):
-    """Submodules whose call returns something other than one tensor (the port's submodules return one tensor; the
-    trace may even drop a returned input from a tuple)."""
-    problems, handles = [], []
+def _calls_the_port_cannot_make(model, inputs):
+    """Submodules called with keyword arguments (the port calls positionally, and the replay matches a call's inputs
+    by name) or returning something other than one tensor (the port's submodules return one tensor; the trace may even
+    drop a returned input from a tuple). Watched as the recorder watches, by wrapping each instance's forward (torch
+    1.13's hooks do not see keyword arguments); the wrappers are removed afterwards."""
+    problems, wrapped = [], []
+
+    def note(text):
+        if text not in problems:
+            problems.append(text)
+
     for path, m in model.named_modules():
         if not path:
             continue
 
-        def hook(module, args, output, path=path):
+        def forward(*args, _original=m.forward, _path=path, _module=m, **kwargs):
+            if kwargs:
+                note(f"called with keyword arguments ({', '.join(kwargs)}) at {_path} ({type(_module).__name__}): the port calls "
+                     f"submodules positionally")
+            output = _original(*args, **kwargs)
             if not isinstance(output, torch.Tensor):
-                text = f"returns a {type(output).__name__}, not one tensor, at {path} ({type(module).__name__}): only the root's several outputs are reduced (to the first tensor)"
-                if text not in problems:
-                    problems.append(text)
-        handles.append(m.register_forward_hook(hook))
+                note(f"returns a {type(output).__name__}, not one tensor, at {_path} ({type(_module).__name__}): only the root's "
+                     f"several outputs are reduced (to the first tensor)")
+            return output
+        m.forward = forward
+        wrapped.append(m)
     try:
         with torch.no_grad():
             model(*inputs)
     finally:
-        for h in handles:
-            h.remove()
+        for m in wrapped:
+            del m.forward
     return problems
 
 
@@ -1165,7 +1177,7 @@ def generate(model, example_inputs, class_name, namespace="Ports"):
     inputs = _normalise_inputs(example_inputs)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", class_name):
         raise ExportRefused(f"class_name {class_name!r} is not a C# identifier")
-    texts, problems = [], _non_tensor_outputs(model, inputs)
+    texts, problems = [], _calls_the_port_cannot_make(model, inputs)
     for run, ins in enumerate((inputs, second_inputs(model, inputs))):
         traced, trace_problems = _trace(model, ins)
         problems += [p for p in trace_problems if p not in problems]

@@ -165,7 +165,12 @@ class RefusalTests(unittest.TestCase):
         self.assert_refused(BakedValue(), (torch.randn(2, 4),), "the trace froze a value that depends on the input")
 
     def test_a_module_called_with_keyword_arguments_is_refused(self):
-        self.assert_refused(KeywordCaller(), (torch.randn(2, 4),), "keyword arguments", "inner (Plus): other")
+        self.assert_refused(KeywordCaller(), (torch.randn(2, 4),), "called with keyword arguments (other) at inner (Plus)")
+        # Also without a recording (export_port's recording=False): generate() itself watches the calls.
+        model = KeywordCaller().eval()
+        with self.assertRaises(ExportRefused):
+            generate(model, (torch.randn(2, 4),), "Port")
+        self.assertNotIn("forward", vars(model.inner))   # the watching wrapper is gone
 
     def test_a_submodule_returning_a_tuple_is_refused(self):
         self.assert_refused(UsesPair(), (torch.randn(2, 4),), "returns a tuple, not one tensor, at pair (Pair)")
