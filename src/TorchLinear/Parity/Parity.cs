@@ -112,7 +112,7 @@ namespace TorchLinear
             if (kind is null || arguments[..^1].Any(t => t != typeof(Tensor)))
                 throw new ArgumentException($"Parity.Replay drives modules whose forward takes tensors (nn.Module<Tensor, TResult>, nn.Module<Tensor, Tensor, TResult>, ...); {module.GetType().Name} is not one.", nameof(module));
             if (recording.InputCount != arguments.Length - 1)
-                throw new ArgumentException($"The recording '{recording.Path}' has {recording.InputCount} inputs; {module.GetType().Name}'s forward takes {arguments.Length - 1} tensors.", nameof(recording));
+                throw new ArgumentException($"The recording '{recording.Path}' has {recording.InputCount} inputs; {module.GetType().Name}'s forward takes {arguments.Length - 1} tensor{(arguments.Length == 2 ? "" : "s")}.", nameof(recording));
 
             CheckModes(module, recording.Training, options, recording.Path);
             using var scope = NewDisposeScope();
@@ -152,7 +152,8 @@ namespace TorchLinear
             var backward = BackwardOrder(gradients, recorded);
             string? rounding = recording.HasRoundingReference ? null
                 : recording.FormatVersion == 1 ? "a version 1 recording has no rounding reference"
-                : $"the recorder could not run the model in float64 ({recording.NoiseUnavailable ?? "no reason given"})";
+                : recording.NoiseUnavailable is { } why ? $"the recorder could not run the model in float64 ({why})"
+                : "the recording has no float64 reference (recorded with reference64=False)";
             return new ParityReport(recording.Path, recording.TorchVersion, recording.ModuleType, rows, gradients, backward, suggestions,
                                     rounding, options.NoiseFactor);
         }

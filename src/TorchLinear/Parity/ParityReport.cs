@@ -180,7 +180,7 @@ namespace TorchLinear
         private string Judged() =>
             NoRoundingReference is not null ? $"judged by tolerances alone: {NoRoundingReference}"
             : NoiseFactor == 0 ? "judged by tolerances alone: the rounding rule is off (NoiseFactor 0)"
-            : $"tolerances, or within {NoiseFactor.ToString(CultureInfo.InvariantCulture)} × PyTorch's own rounding error (NoiseFactor)";
+            : $"judged by the tolerances, or within {NoiseFactor.ToString(CultureInfo.InvariantCulture)} × PyTorch's own rounding error (NoiseFactor)";
 
         /// <summary>A table of every row (gradients in backward order), then the first divergence.</summary>
         public override string ToString()

@@ -172,5 +172,50 @@ namespace TorchLinear
             text.AppendLine(FirstDivergence is { } first ? $"first divergence: {first}" : "no divergence");
             return text.ToString();
         }
+
+        /// <summary>
+        /// A short Markdown summary to paste into a pull request: the verdict with the first divergence (step, phase,
+        /// parameter or module, causes), a table of at most <paramref name="worstSteps"/> steps (the divergent ones first,
+        /// then those whose gradients differ most; in step order), and the counts.
+        /// </summary>
+        public string ToMarkdown(int worstSteps = 10)
+        {
+            var text = new StringBuilder();
+            string file = System.IO.Path.GetFileName(Recording);
+            string run = $"{Steps.Count} step{(Steps.Count == 1 ? "" : "s")} of `{file}` (PyTorch {TorchVersion}, {RecordedOptimizer}; the port: {PortOptimizer}), " +
+                         (TeacherForcing ? "each from the recorded state" : "free-running");
+            if (FirstDivergence is not { } first)
+                text.AppendLine($"**Training parity: no divergence** — {run}.");
+            else
+                text.AppendLine($"**Training parity: diverges** — {run}; first at step {first.Step}, {first.Phase}, `{first.Name}`" +
+                                (first.Causes.Count > 0 ? $": {Escape(string.Join("; ", first.Causes))}" : "") + ".");
+            text.AppendLine();
+            var shown = Steps.OrderByDescending(s => s.Divergence is not null).ThenByDescending(s => s.GradientMaxAbs)
+                             .Take(Math.Max(0, worstSteps)).OrderBy(s => s.Step).ToList();
+            if (shown.Count > 0)
+            {
+                text.AppendLine("| step | PyTorch loss | port loss | worst gradient | max \\|diff\\| | worst update | max \\|diff\\| | verdict |");
+                text.AppendLine("|---:|---:|---:|---|---:|---|---:|---|");
+                foreach (var row in shown)
+                {
+                    string verdict = row.Divergence is { } d ? $"**{d.Phase} diverges**: `{d.Name}`" : "close";
+                    text.AppendLine($"| {row.Step} | {row.RecordedLoss.ToString("F6", CultureInfo.InvariantCulture)} | {row.PortLoss.ToString("F6", CultureInfo.InvariantCulture)} | " +
+                                    $"{(row.WorstGradient is null ? "–" : $"`{row.WorstGradient}`")} | {ParityReport.Number(row.GradientMaxAbs)} | " +
+                                    $"{(row.WorstUpdate is null ? "–" : $"`{row.WorstUpdate}`")} | {ParityReport.Number(row.UpdateMaxAbs)} | {verdict} |");
+                }
+                text.AppendLine();
+            }
+            int divergent = Steps.Count(s => s.Divergence is not null);
+            var forward = Steps.SelectMany(s => s.Forward.Modules).ToList();
+            text.AppendLine($"{Steps.Count} steps: {Steps.Count - divergent} close, {divergent} diverged" +
+                            (shown.Count < Steps.Count ? $" ({Steps.Count - shown.Count} steps not shown)" : "") +
+                            $"; forward calls over all steps: {forward.Count(r => r.Status == ParityStatus.BitExact)} bit-exact, " +
+                            $"{forward.Count(r => r.Status == ParityStatus.Close)} close, {forward.Count(r => r.Status == ParityStatus.WithinRounding)} within rounding, " +
+                            $"{forward.Count(r => r.IsDivergent)} diverged, {forward.Count(r => r.Status is ParityStatus.NotCalledInDotNet or ParityStatus.NoModuleInPort)} not seen in .NET; " +
+                            $"update elements let through as gradient noise: {Steps.Sum(s => s.ExcusedUpdateElements)}.");
+            return text.ToString();
+        }
+
+        private static string Escape(string text) => text.Replace("|", "\\|", StringComparison.Ordinal);
     }
 }

@@ -1,0 +1,130 @@
+using System;
+using System.IO;
+using System.Linq;
+using TorchSharp;
+using TorchSharp.Modules;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Tests
+{
+    /// <summary>
+    /// Format 2 on a root of two inputs returning a tuple, with a child of two inputs (one passed by keyword in PyTorch)
+    /// returning a tuple, and an in-place ReLU (ReferenceData/Parity/V2/make_v2.py).
+    /// </summary>
+    public class ParityV2Tests
+    {
+        private static readonly string Folder = Path.Combine(AppContext.BaseDirectory, "ReferenceData", "Parity", "V2");
+
+        /// <summary>The port of make_v2.py's TwoInputs.</summary>
+        private sealed class TwoInputs : nn.Module<Tensor, Tensor, (Tensor Output, Tensor Difference)>
+        {
+            private readonly Mix mix;
+            private readonly Linear proj = nn.Linear(4, 4);
+            private readonly ReLU act = nn.ReLU(inplace: true);
+            private readonly Linear head = nn.Linear(4, 3);
+
+            public TwoInputs(bool swapped = false) : base(nameof(TwoInputs))
+            {
+                mix = new Mix(swapped);
+                RegisterComponents();
+            }
+
+            public override (Tensor Output, Tensor Difference) forward(Tensor x, Tensor y)
+            {
+                var (gate, difference) = mix.call(x, y);
+                return (head.call(act.call(proj.call(gate))), difference);
+            }
+        }
+
+        /// <summary>(a, b) → (a·w + b, a − b); <c>swapped</c> plants b − a.</summary>
+        private sealed class Mix : nn.Module<Tensor, Tensor, (Tensor, Tensor)>
+        {
+            private readonly Parameter w = new(zeros(4));
+            private readonly bool _swapped;
+
+            public Mix(bool swapped) : base(nameof(Mix))
+            {
+                _swapped = swapped;
+                RegisterComponents();
+            }
+
+            public override (Tensor, Tensor) forward(Tensor a, Tensor b) => (a * w + b, _swapped ? b - a : a - b);
+        }
+
+        [Fact]
+        public void AFormat2Recording_IsRead_WithNamesModesAndNoise()
+        {
+            using var recording = ParityRecording.Load(Path.Combine(Folder, "two_inputs.parity.pt"));
+            Assert.Equal(2, recording.FormatVersion);
+            Assert.Equal(2, recording.InputCount);
+            Assert.Equal(new[] { "mix", "proj", "act", "head", "" }, recording.CallOrder);
+            Assert.Equal(new[] { "", "mix", "proj", "act", "head" }, recording.CallStartOrder);
+            Assert.Equal(new[] { "0", "b" }, recording.CallInputNames("mix"));
+            Assert.Equal(new[] { "0", "1" }, recording.CallOutputNames("mix"));
+            Assert.Equal(new[] { "0", "1" }, recording.CallOutputNames(""));
+            Assert.All(recording.Training!.Values, Assert.False);
+            Assert.Equal(new[] { "", "mix", "proj", "act", "head" }, recording.Training!.Keys);
+            Assert.True(recording.HasRoundingReference);
+            Assert.Equal("float64", recording.NoiseReference);
+            Assert.Empty(recording.Tied);
+            Assert.Equal(0, recording.OutputIndex);
+            Assert.True(recording.NoiseOf("grad/input/1") > 0);
+            Assert.NotNull(recording.NoiseOf("call/mix/output/1"));
+            Assert.Null(recording.NoiseOf("no such key"));
+
+            using var without = ParityRecording.Load(Path.Combine(Folder, "two_inputs_no64.parity.pt"));
+            Assert.False(without.HasRoundingReference);
+            Assert.Null(without.NoiseUnavailable);
+            Assert.Empty(without.Noise);
+        }
+
+        [Fact]
+        public void ARootOfTwoInputsReturningATuple_IsReplayed_CallByCallAndTensorByTensor()
+        {
+            using var port = new TwoInputs();
+            port.eval();
+            var report = Parity.Replay(port, Path.Combine(Folder, "two_inputs.parity.pt"));
+            Assert.True(report.AllClose, string.Join("; ", report.Modules.Concat(report.Gradients).Select(r => $"{r.Path} {r.Status} {r.Detail}")));
+            Assert.Equal(new[] { "mix", "proj", "act", "head", "(model)" }, report.Modules.Select(r => r.Path));
+            // Every call compared, with its inputs (the in-place ReLU's copied before it ran).
+            Assert.All(report.Modules, r => Assert.True(r.InputsMatch, r.Path));
+            Assert.Equal(new[] { "input 0", "input 1", "mix.w", "proj.weight", "proj.bias", "head.weight", "head.bias" }, report.Gradients.Select(r => r.Path));
+            Assert.Equal(new[] { "head.weight", "head.bias", "proj.weight", "proj.bias", "mix.w", "input 0", "input 1" }, report.GradientsInBackwardOrder.Select(r => r.Path));
+            Assert.Contains("Values judged by the tolerances, or within 4 × PyTorch's own rounding error", report.ToString());
+        }
+
+        [Fact]
+        public void AMistakeInACallsSecondOutput_IsNamed_WithWhichOutput()
+        {
+            using var port = new TwoInputs(swapped: true);
+            port.eval();
+            var report = Parity.Replay(port, Path.Combine(Folder, "two_inputs.parity.pt"));
+            Assert.Equal("mix", report.FirstDivergence);
+            Assert.StartsWith("mix output 1: Tensor-likes are not close!", report.FirstDivergenceRow!.Detail);
+            // The root's second output diverges too; its first, and the gradients, do not depend on it.
+            Assert.Equal(ParityStatus.Diverged, report.Modules.Single(r => r.Path == "(model)").Status);
+            Assert.All(report.Gradients, r => Assert.True(r.IsClose, r.Path));
+        }
+
+        [Fact]
+        public void WithoutAFloat64Reference_TheReportSaysItJudgesByTolerancesAlone()
+        {
+            using var port = new TwoInputs();
+            port.eval();
+            var report = Parity.Replay(port, Path.Combine(Folder, "two_inputs_no64.parity.pt"));
+            Assert.True(report.AllClose);
+            Assert.Equal("the recording has no float64 reference (recorded with reference64=False)", report.NoRoundingReference);
+            Assert.Contains("Values judged by tolerances alone: the recording has no float64 reference", report.ToString());
+            Assert.All(report.Modules.Concat(report.Gradients), r => Assert.Null(r.NoiseBound));
+        }
+
+        [Fact]
+        public void APortOfAnotherArity_IsRefused_NamingBoth()
+        {
+            using var port = nn.Sequential(nn.Linear(4, 4));
+            var error = Assert.Throws<ArgumentException>(() => Parity.Replay(port, Path.Combine(Folder, "two_inputs.parity.pt")));
+            Assert.Contains("has 2 inputs; Sequential's forward takes 1 tensor.", error.Message);
+        }
+    }
+}

@@ -1,0 +1,58 @@
+"""Small format-2 recordings for the replay of modules of several tensor inputs and outputs (ParityV2Tests), made with
+tools/pytorch/record_parity.py (format torchlinear-parity/2) and Debian's PyTorch 1.13:
+
+    LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/blas:/usr/lib/x86_64-linux-gnu/lapack \\
+        /usr/bin/python3 tests/TorchLinear.Tests/ReferenceData/Parity/V2/make_v2.py
+
+two_inputs.parity.pt        TwoInputs: a root of two inputs returning a tuple (backward from its first tensor); "mix"
+                            takes (a, b=...) with b a keyword argument and returns a tuple of two tensors; an in-place
+                            ReLU; with the float64 reference (noise).
+two_inputs_no64.parity.pt   the same run recorded with reference64=False: no rounding reference.
+"""
+import os
+import sys
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOOLS = os.path.join(HERE, "..", "..", "..", "..", "..", "tools", "pytorch")
+sys.path.insert(0, TOOLS)
+
+from record_parity import record  # noqa: E402
+
+
+class Mix(nn.Module):
+    """(a, b) -> (a * w + b, a - b)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, a, b):
+        return a * self.w + b, a - b
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = Mix()
+        self.proj = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, y):
+        gate, difference = self.mix(x, b=y)
+        return self.head(self.act(self.proj(gate))), difference
+
+
+def main():
+    torch.manual_seed(2)
+    model = TwoInputs().eval()
+    x, y = torch.randn(5, 4), torch.randn(5, 4)
+    record(model, (x, y), os.path.join(HERE, "two_inputs.parity.pt"))
+    record(model, (x, y), os.path.join(HERE, "two_inputs_no64.parity.pt"), reference64=False)
+
+
+if __name__ == "__main__":
+    main()
