@@ -345,8 +345,6 @@ class Translator:
         akind = node.kindOf("value")
         if akind == "i":
             v = node.i("value")
-            if str(t) == "ScalarType" or str(t) == "int" and False:
-                pass
             return Value("long", cs_literal(v), nonneg=v >= 0, const=v)
         if akind == "f":
             v = node.f("value")
@@ -366,9 +364,7 @@ class Translator:
                     return Value("bool", cs_literal(bool(v)), const=bool(v))
                 return Value("long", cs_literal(int(v)), nonneg=v >= 0, const=int(v))
             return Value("tensorconst", None, const=tensor)
-        if akind == "ival" or akind == "ss" or akind == "is":
-            return Value("unknown", None)
-        return Value("unknown", None)
+        return Value("unknown", None)   # lists, strings lists, IValues: an argument the walk refuses where used
 
     def v(self, value):
         return self.values[value.unique()]
@@ -396,7 +392,7 @@ class Translator:
         if val.kind == "longs":
             items = []
             for i, item in enumerate(val.items):
-                if config and item.const is not None and not item.nonneg is False:
+                if config and item.const is not None and item.const >= 0:   # -1 (inferred) stays a literal
                     items.append(self.config_value(item.const, f"{hint}_{i}"))
                 else:
                     items.append(item.expr)
@@ -511,9 +507,7 @@ class Translator:
             if out_type.kind() != "TensorType":
                 self.refuse(node, f"{child.expr} returns {out_type} (a port's submodule returns one tensor)")
                 return
-            self.x.child_arity[id(child.module)] = len(args)
-            hint = None
-            self.set(node, "tensor", f"{child.expr}.call({', '.join(a.expr for a in args)})", statement_type="Tensor", name_hint=hint)
+            self.set(node, "tensor", f"{child.expr}.call({', '.join(a.expr for a in args)})", statement_type="Tensor")
             return
         if k in ("prim::NumToTensor", "aten::Int", "aten::ScalarImplicit", "aten::Float"):
             val = self.v(ins[0])
@@ -584,7 +578,6 @@ class Translator:
             if a[0].kind != "tensor" or a[1].kind != "long":
                 self.refuse(node, "aten::size without a constant dimension")
                 return
-            hint = None
             users = [u.user for u in node.output().uses()]
             named = [u.output().debugName() for u in users if u.kind() == "prim::NumToTensor" and not u.output().debugName().split(".")[0].isdigit()]
             hint = named[0] if named else "size"
@@ -728,7 +721,6 @@ class Exporter:
     def __init__(self, model, traced, class_name, namespace):
         self.model, self.traced, self.class_name, self.namespace = model, traced, class_name, namespace
         self.refusals = Refusals()
-        self.child_arity = {}
         self.drafts = []
         self.groups = {}        # sig -> Group
 
