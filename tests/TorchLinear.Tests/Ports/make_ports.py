@@ -1,0 +1,154 @@
+"""Regenerates every generated port in this folder with tools/pytorch/export_port.py, and ports.sha256 (the manifest
+PortFilesTests checks: the committed files are the ones this script last wrote; review a regeneration with git diff).
+
+    LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/blas:/usr/lib/x86_64-linux-gnu/lapack \\
+        /usr/bin/python3 tests/TorchLinear.Tests/Ports/make_ports.py
+
+(reference BLAS makes the weights and recordings byte for byte reproducible; the .cs files do not depend on it).
+
+  TinyTransformer/  samples/ParityCheck/pytorch/tiny_transformer.py, weights as samples/ParityCheck/pytorch/record.py
+                    makes them, input (2, 6, 8): TinyTransformer.cs, .safetensors, .parity.pt, and .second.parity.pt
+                    (a recording at (1, 9, 8)); peft-adapter/: a LoRA adapter made by real PEFT on it (needs
+                    `source /work/realpeft-site/env.sh`; without it the committed adapter is kept, and said)
+  TinyGpt/          samples/TrainingParity/pytorch/tiny_gpt.py, seed 0, token ids (2, 6): the same four files, the
+                    second recording at (1, 4)
+  ResNet/           torchvision ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10) as ReferenceData/Parity/RealModels/
+                    make_real_models.py builds it (same seed): ResNet.cs only (weights and recording at (2, 3, 32, 32)
+                    are the RealModels recording's), and ResNet.second.pt: an input (1, 3, 48, 48), the model's output and its noise
+                    (max |output - the float64 model's|)
+  MobileNet/        torchvision mobilenet_v2(width_mult=0.25, num_classes=10), likewise: MobileNetV2.cs, MobileNetV2.second.pt
+"""
+import copy
+import hashlib
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+sys.path.insert(0, os.path.join(ROOT, "tools", "pytorch"))
+sys.path.insert(0, os.path.join(ROOT, "samples", "ParityCheck", "pytorch"))
+sys.path.insert(0, os.path.join(ROOT, "samples", "TrainingParity", "pytorch"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "TorchLinear.Tests", "ReferenceData", "Parity", "RealModels"))
+
+from export_port import export_port  # noqa: E402
+from record_parity import record  # noqa: E402
+
+
+def tiny_transformer():
+    from tiny_transformer import TinyTransformer
+
+    torch.manual_seed(0)  # as samples/ParityCheck/pytorch/record.py
+    model = TinyTransformer()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "ln" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    model.eval()
+    return model, torch.randn(2, 6, 8), torch.randn(1, 9, 8)
+
+
+def tiny_gpt():
+    from tiny_gpt import TinyGpt
+
+    torch.manual_seed(0)
+    model = TinyGpt().eval()
+    return model, torch.randint(0, 8, (2, 6)), torch.randint(0, 8, (1, 4))
+
+
+def resnet():
+    import make_real_models
+
+    model, x = make_real_models.resnet_basic_1111()
+    torch.manual_seed(48)
+    return model, x, torch.randn(1, 3, 48, 48)
+
+
+def mobilenet():
+    import make_real_models
+
+    model, x = make_real_models.mobilenet_v2_025()
+    torch.manual_seed(48)
+    return model, x, torch.randn(1, 3, 48, 48)
+
+
+# folder, class name, builder, whether the weights and recordings are committed here (the tiny models) or are
+# RealModels' (ResNet, MobileNetV2: a second input and output only)
+PORTS = [
+    ("TinyTransformer", "TinyTransformer", tiny_transformer, True),
+    ("TinyGpt", "TinyGpt", tiny_gpt, True),
+    ("ResNet", "ResNet", resnet, False),
+    ("MobileNet", "MobileNetV2", mobilenet, False),
+]
+
+
+def peft_adapter(folder):
+    """A LoRA adapter made by real PEFT (through /work/shared/realpeft) on the TinyTransformer: r=4, alpha 8 on q_proj,
+    v_proj and fc1, lora_B drawn (seed 11) so that it changes the output; PEFT's own folder (adapter_config.json,
+    adapter_model.safetensors) and cases.pt: the input and PEFT's adapted output. Returns the files written, or the
+    committed ones when PEFT is not importable (said, not silent)."""
+    out = os.path.join(HERE, folder, "peft-adapter")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print(f"peft is not importable (source /work/realpeft-site/env.sh): kept the committed {os.path.relpath(out, HERE)}")
+        return [os.path.join(out, f) for f in sorted(os.listdir(out))]
+    model, x, _ = tiny_transformer()
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], lora_dropout=0.0))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=g))
+    peft_model.eval()
+    peft_model.save_pretrained(out)
+    os.remove(os.path.join(out, "README.md"))   # PEFT's model-card template: not part of the adapter
+    # PEFT writes target_modules from a set, in hash order: sorted, the file is byte for byte reproducible.
+    config_path = os.path.join(out, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["target_modules"] = sorted(config["target_modules"])
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
+    with torch.no_grad():
+        adapted = peft_model(x)
+    torch.save({"input": x, "adapted_output": adapted}, os.path.join(out, "cases.pt"))
+    return [os.path.join(out, f) for f in ("adapter_config.json", "adapter_model.safetensors", "cases.pt")]
+
+
+def main():
+    written = []
+    for folder, class_name, build, own_files in PORTS:
+        model, x, x2 = build()
+        out = os.path.join(HERE, folder)
+        paths = export_port(model, (x,), out, class_name, namespace=f"TorchLinear.Tests.Ports.{folder}",
+                            weights=own_files, recording=own_files)
+        written += list(paths.values())
+        if own_files:
+            second = os.path.join(out, f"{class_name}.second.parity.pt")
+            record(model, x2, second)
+        else:
+            second = os.path.join(out, f"{class_name}.second.pt")
+            with torch.no_grad():
+                y = model(x2)
+                y64 = copy.deepcopy(model).double()(x2.double())
+            # noise: PyTorch's own rounding error on this output, max |float32 - float64 run| (as record()'s noise)
+            noise = (y.double() - y64).abs().max()
+            torch.save({"input": x2.contiguous(), "output": y.contiguous(), "noise": noise}, second)
+        written.append(second)
+        print(f"{class_name}: " + ", ".join(f"{os.path.basename(p)} ({os.path.getsize(p)} bytes)" for p in paths.values())
+              + f", {os.path.basename(second)}")
+    written += peft_adapter("TinyTransformer")
+    lines = []
+    for path in sorted(written):
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        lines.append(f"{digest}  {os.path.relpath(path, HERE)}")
+    with open(os.path.join(HERE, "ports.sha256"), "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

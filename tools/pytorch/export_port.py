@@ -1,0 +1,1280 @@
+"""Write a TorchSharp port of a PyTorch module, its weights and its parity recording, for TorchLinear's Parity.Replay to
+prove the port right.
+
+Needs only torch >= 1.13. From your own script (this folder on sys.path):
+
+    from export_port import export_port
+    model.eval()
+    export_port(model, (example_input,), "out_dir", "MyModel")
+
+or from the command line, for a module that a Python file builds (as record_parity.py):
+
+    python export_port.py my_model.py:build_model_and_input out_dir MyModel [--namespace My.Ports]
+
+(`build_model_and_input()` returns `(module, inputs)`; inputs a tensor or a tuple of one or two tensors).
+
+It writes into out_dir:
+  <MyModel>.cs            the port: public class MyModel : nn.Module<Tensor, Tensor> (two inputs: <Tensor, Tensor, Tensor>)
+                          with a public parameterless constructor, and one class per PyTorch module class it uses
+  <MyModel>.safetensors   the model's state_dict
+  <MyModel>.parity.pt     record_parity.record(model, example_inputs, ...)
+
+How it sees the model: torch.jit.trace(model, example_inputs, strict=False), which keeps the module hierarchy (every
+submodule has its own graph of aten operations, each with its Python source line). Each module is written from its own
+graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, Conv2d, BatchNorm2d, LayerNorm, Embedding,
+ReLU, ...) are constructed, not translated. Nothing silent: every operation or module it cannot write, every branch on
+a tensor's value (TracerWarning "Converting a tensor to a Python boolean"), every value the trace froze that changes with
+the input's shape or values (found by tracing again at a second shape with other values and comparing the generated C#)
+and every module called with keyword arguments is refused with ExportRefused, before anything is written. docs/porting.md
+has the rules.
+"""
+import hashlib
+import importlib.util
+import inspect
+import keyword
+import linecache
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import warnings
+import json
+
+import torch
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from record_parity import record  # noqa: E402
+
+
+class ExportRefused(Exception):
+    """The generator cannot write a faithful port: the message names every operation or module, its path and its
+    Python source line. Nothing has been written."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# C# literals and names
+
+CS_KEYWORDS = {
+    "abstract", "as", "base", "bool", "break", "byte", "case", "catch", "char", "checked", "class", "const", "continue",
+    "decimal", "default", "delegate", "do", "double", "else", "enum", "event", "explicit", "extern", "false", "finally",
+    "fixed", "float", "for", "foreach", "goto", "if", "implicit", "in", "int", "interface", "internal", "is", "lock",
+    "long", "namespace", "new", "null", "object", "operator", "out", "override", "params", "private", "protected",
+    "public", "readonly", "ref", "return", "sbyte", "sealed", "short", "sizeof", "stackalloc", "static", "string",
+    "struct", "switch", "this", "throw", "true", "try", "typeof", "uint", "ulong", "unchecked", "unsafe", "ushort",
+    "using", "virtual", "void", "volatile", "while", "var", "value", "torch", "nn", "scope",
+}
+# Members of TorchSharp's nn.Module that a field must not hide.
+MODULE_MEMBERS = {
+    "train", "eval", "to", "apply", "call", "forward", "name", "parameters", "buffers", "modules", "children",
+    "state_dict", "load_state_dict", "cuda", "cpu", "half", "@float", "@double", "zero_grad", "training", "register_module",
+    "register_buffer", "register_parameter", "named_modules", "named_children", "named_parameters", "named_buffers",
+    "Dispose", "GetType", "ToString", "Equals", "GetHashCode", "bfloat16", "requires_grad", "get_submodule",
+}
+
+SCALAR_TYPES = {0: "Byte", 1: "Int8", 2: "Int16", 3: "Int32", 4: "Int64", 5: "Float16", 6: "Float32", 7: "Float64",
+                11: "Bool", 15: "BFloat16"}
+TORCH_DTYPES = {torch.float32: "Float32", torch.float64: "Float64", torch.float16: "Float16", torch.bfloat16: "BFloat16",
+                torch.int64: "Int64", torch.int32: "Int32", torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Int8"}
+
+
+def cs_ident(name):
+    """A C# identifier for a PyTorch name: '0' -> '_0', a keyword or a Module member -> name + '_'."""
+    ident = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if not ident or ident[0].isdigit():
+        ident = "_" + ident
+    if ident in CS_KEYWORDS or ident in MODULE_MEMBERS:
+        ident += "_"
+    return ident
+
+
+def cs_literal(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if -2**31 <= value < 2**31 else (f"{value}L" if value != 2**63 - 1 else "long.MaxValue")
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "double.PositiveInfinity" if value > 0 else "double.NegativeInfinity"
+        if math.isnan(value):
+            return "double.NaN"
+        text = repr(value)
+        return text if any(c in text for c in ".eE") else text + ".0"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(cs_literal(v) for v in value) + ")"
+    raise TypeError(f"no C# literal for {value!r}")
+
+
+def cs_type_of(value):
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "long"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(cs_type_of(v) for v in value) + ")"
+    raise TypeError(value)
+
+
+def _source_of(node):
+    """'file.py:line: source text' for a graph node: the innermost frame of the tracer's Python stack that is not in
+    torch itself (F.softmax's caller rather than torch/nn/functional.py), or ''."""
+    text = str(node.sourceRange()) if hasattr(node, "sourceRange") else ""
+    frames = [(m.group(1), int(m.group(2))) for m in re.finditer(r"(\S+\.py)\((\d+)\)", text)]
+    if not frames:
+        return ""
+    own = [f for f in frames if "/torch/" not in f[0]]
+    path, line = own[0] if own else frames[0]
+    return _describe_line(path, line)
+
+
+def _describe_line(path, line):
+    short = path
+    for marker in ("dist-packages/", "site-packages/"):
+        if marker in path:
+            short = path.rsplit(marker, 1)[1]
+            break
+    else:
+        short = os.path.basename(path)
+    code = linecache.getline(path, line).strip()
+    return f"{short}:{line}: {code}" if code else f"{short}:{line}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Slots: the numbers a class body holds. Instances of one PyTorch class with the same code share one C# class; a slot
+# whose value differs between them becomes a constructor parameter, one that does not stays a literal (or a named field).
+
+class Body:
+    """A class body under construction: text with @@i@@ markers for slots."""
+
+    def __init__(self):
+        self.slots = []   # [name, value, kind] kind: "inline" (a literal where used) or "field" (a named field)
+
+    def slot(self, name, value, kind="inline"):
+        self.slots.append([name, value, kind])
+        return f"@@{len(self.slots) - 1}@@"
+
+    def adopt(self, child_slots):
+        """Take a child's slots as this body's; returns the marker offset."""
+        offset = len(self.slots)
+        self.slots.extend([list(s) for s in child_slots])
+        return offset
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Modules TorchSharp has: constructed, not translated (exact types only: a subclass may override forward).
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _leaf(module, body, path):
+    """(C# field type, constructor expression with slot markers) for a module TorchSharp has, or None."""
+    t = type(module)
+    s = body.slot
+    if t is nn.Linear:
+        return ("CustomLinear", f"new CustomLinear({s('in_features', module.in_features)}, {s('out_features', module.out_features)}, "
+                f"bias: {s('bias', module.bias is not None)}) {{ Dispatch = LinearDispatch.PyTorch }}")
+    if t is nn.Conv2d:
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ExportRefused(f"{path} (Conv2d): padding {module.padding!r}, padding_mode {module.padding_mode!r}: only numeric zero padding is written")
+        return ("TorchSharp.Modules.Conv2d",
+                f"nn.Conv2d({s('in_channels', module.in_channels)}, {s('out_channels', module.out_channels)}, {s('kernel_size', _pair(module.kernel_size))}, "
+                f"stride: {s('stride', _pair(module.stride))}, padding: {s('padding', _pair(module.padding))}, dilation: {s('dilation', _pair(module.dilation))}, "
+                f"groups: {s('groups', module.groups)}, bias: {s('bias', module.bias is not None)})")
+    if t is nn.BatchNorm2d:
+        if module.momentum is None:
+            raise ExportRefused(f"{path} (BatchNorm2d): momentum None (cumulative average) is not written")
+        return ("TorchSharp.Modules.BatchNorm2d",
+                f"nn.BatchNorm2d({s('num_features', module.num_features)}, eps: {s('eps', float(module.eps))}, momentum: {s('momentum', float(module.momentum))}, "
+                f"affine: {s('affine', module.affine)}, track_running_stats: {s('track_running_stats', module.track_running_stats)})")
+    if t is nn.LayerNorm:
+        shape = tuple(module.normalized_shape)
+        shape_text = s("normalized_shape", shape[0]) if len(shape) == 1 else "new long[] { " + ", ".join(s("normalized_shape", d) for d in shape) + " }"
+        return ("TorchSharp.Modules.LayerNorm",
+                f"nn.LayerNorm({shape_text}, eps: {s('eps', float(module.eps))}, elementwise_affine: {s('elementwise_affine', module.elementwise_affine)})")
+    if t is nn.Embedding:
+        if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+            raise ExportRefused(f"{path} (Embedding): max_norm, scale_grad_by_freq and sparse are not written")
+        pad = "" if module.padding_idx is None else f", padding_idx: {s('padding_idx', module.padding_idx)}"
+        return ("TorchSharp.Modules.Embedding",
+                f"nn.Embedding({s('num_embeddings', module.num_embeddings)}, {s('embedding_dim', module.embedding_dim)}{pad})")
+    if t is nn.ReLU:
+        return ("TorchSharp.Modules.ReLU", f"nn.ReLU(inplace: {s('inplace', module.inplace)})")
+    if t is nn.ReLU6:
+        return ("TorchSharp.Modules.ReLU6", f"nn.ReLU6(inplace: {s('inplace', module.inplace)})")
+    if t is nn.GELU:
+        approximate = getattr(module, "approximate", "none")
+        return ("TorchSharp.Modules.GELU", "nn.GELU()" if approximate == "none" else "nn.GELU(TorchSharp.Modules.GELU.Approximate.tanh)")
+    if t is nn.SiLU:
+        return ("TorchSharp.Modules.SiLU", "nn.SiLU()")
+    if t is nn.Tanh:
+        return ("TorchSharp.Modules.Tanh", "nn.Tanh()")
+    if t is nn.Sigmoid:
+        return ("TorchSharp.Modules.Sigmoid", "nn.Sigmoid()")
+    if t is nn.Identity:
+        return ("TorchSharp.Modules.Identity", "nn.Identity()")
+    if t is nn.Dropout:
+        return ("TorchSharp.Modules.Dropout", f"nn.Dropout({s('p', float(module.p))}, inplace: {s('inplace', module.inplace)})")
+    if t is nn.Flatten:
+        return ("TorchSharp.Modules.Flatten", f"nn.Flatten({s('start_dim', module.start_dim)}, {s('end_dim', module.end_dim)})")
+    if t is nn.MaxPool2d:
+        if module.return_indices:
+            raise ExportRefused(f"{path} (MaxPool2d): return_indices=True is not written")
+        return ("TorchSharp.Modules.MaxPool2d",
+                f"nn.MaxPool2d({s('kernel_size', _pair(module.kernel_size))}, stride: {s('stride', _pair(module.stride))}, "
+                f"padding: {s('padding', _pair(module.padding))}, dilation: {s('dilation', _pair(module.dilation))}, ceil_mode: {s('ceil_mode', module.ceil_mode)})")
+    if t is nn.AdaptiveAvgPool2d:
+        size = _pair(module.output_size)
+        if None in size:
+            raise ExportRefused(f"{path} (AdaptiveAvgPool2d): output_size {module.output_size!r} with None is not written")
+        return ("TorchSharp.Modules.AdaptiveAvgPool2d", f"nn.AdaptiveAvgPool2d({s('output_size', size)})")
+    return None
+
+
+LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh,
+              nn.Sigmoid, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
+
+
+def _is_leaf(module):
+    return type(module) in LEAF_TYPES
+
+
+def _is_sequential(module):
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Translation of one module's traced graph into a C# forward.
+
+class Value:
+    """What a graph value is in C#: kind 'tensor', 'long', 'double', 'bool', 'none', 'longs' (long[]), 'tensors'
+    (Tensor[]), 'dtype', 'device', 'module' (expr is the C# expression of the child), 'tuple' (items)."""
+
+    def __init__(self, kind, expr, nonneg=False, items=None, module=None, const=None):
+        self.kind, self.expr, self.nonneg, self.items, self.module, self.const = kind, expr, nonneg, items, module, const
+
+
+class Refusals:
+    def __init__(self):
+        self.items = []
+
+    def add(self, text):
+        if text not in self.items:
+            self.items.append(text)
+
+
+class Translator:
+    """Turns module `module` (at `path`) with its traced graph into C# forward lines (with slot markers)."""
+
+    def __init__(self, exporter, module, traced, path, body, field_of, refusals, is_root):
+        self.x, self.module, self.traced, self.path, self.body = exporter, module, traced, path, body
+        self.field_of = field_of            # PyTorch child/param/buffer name -> C# field name
+        self.refusals, self.is_root = refusals, is_root
+        self.lines = []
+        self.names = set(field_of.values()) | {"scope"}
+        self.values = {}
+        self.config = {}                    # (name, value) -> marker, to reuse a named field
+        self.called = []                    # (child name, argument count, output count)
+        self.input_names = []
+        self.locals = []
+
+    # -- naming
+    def canonical(self):
+        """The forward with its locals renamed in order of definition: instances of one class whose tracer-given names
+        differ (a value named after the module it flows into) still group together; the first instance's names are
+        written."""
+        mapping = {name: f"v{i}" for i, name in enumerate(self.locals)}
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, self.locals)) + r")\b") if self.locals else None
+        lines = tuple(pattern.sub(lambda m: mapping[m.group(1)], line) if pattern else line for line in self.lines)
+        return lines, pattern.sub(lambda m: mapping[m.group(1)], self.result or "") if pattern else self.result
+
+    def fresh(self, debug):
+        base = debug.split(".")[0] if not debug.split(".")[0].isdigit() else "t"
+        base = cs_ident(base) if base != "t" else "t"
+        if base in ("self", "this"):
+            base = "self_"
+        if base == "input":
+            base = "t"   # the tracer names a value after the parameter of the module it flows into: misleading here
+        name, i = base, 1
+        while name in self.names or name in CS_KEYWORDS:
+            i += 1
+            name = f"{base}{i}"
+        self.names.add(name)
+        self.locals.append(name)
+        return name
+
+    def where(self, node):
+        src = _source_of(node)
+        return f"{self.path or '(root)'} ({type(self.module).__name__})" + (f", {src}" if src else "")
+
+    def refuse(self, node, why):
+        self.refusals.add(f"{why} at {self.where(node)}")
+
+    def emit(self, node, text):
+        src = _source_of(node)
+        self.lines.append(f"{text}" + (f"  // {src}" if src else ""))
+
+    # -- config values (named fields)
+    def config_value(self, value, hint):
+        """A number the code holds: named after the module attribute equal to it when exactly one is, else `hint`."""
+        names = [k for k, v in vars(self.module).items()
+                 if not k.startswith("_") and type(v) is type(value) and not isinstance(v, bool) and v == value]
+        name = names[0] if len(names) == 1 else hint
+        key = (name, value)
+        if key not in self.config:
+            self.config[key] = self.body.slot(name, value, "field")
+        return self.config[key]
+
+    # -- values
+    def const_of(self, node):
+        out = node.output()
+        t = out.type()
+        kind = t.kind()
+        if kind == "NoneType":
+            return Value("none", "null", const=None)
+        if "value" not in node.attributeNames():
+            return Value("none", "null", const=None)
+        akind = node.kindOf("value")
+        if akind == "i":
+            v = node.i("value")
+            return Value("long", cs_literal(v), nonneg=v >= 0, const=v)
+        if akind == "f":
+            v = node.f("value")
+            return Value("double", cs_literal(v), const=v)
+        if akind == "s":
+            v = node.s("value")
+            if kind == "DeviceObjType":
+                return Value("device", f'"{v}"', const=v)
+            return Value("string", f'"{v}"', const=v)
+        if akind == "t":
+            tensor = node.t("value")
+            if tensor.dim() == 0:
+                v = tensor.item()
+                if tensor.dtype.is_floating_point:
+                    return Value("double", cs_literal(float(v)), const=float(v))
+                if tensor.dtype == torch.bool:
+                    return Value("bool", cs_literal(bool(v)), const=bool(v))
+                return Value("long", cs_literal(int(v)), nonneg=v >= 0, const=int(v))
+            return Value("tensorconst", None, const=tensor)
+        return Value("unknown", None)   # lists, strings lists, IValues: an argument the walk refuses where used
+
+    def v(self, value):
+        return self.values[value.unique()]
+
+    def as_tensor(self, val, node, what):
+        if val.kind == "tensor":
+            return val.expr
+        if val.kind == "long":
+            return f"torch.tensor({val.expr})"
+        self.refuse(node, f"{node.kind()}: {what} is a {val.kind}, not a tensor")
+        return "null!"
+
+    def scalar(self, val, node, hint, config=True):
+        """A number argument: a config field for a constant float, the expression otherwise."""
+        if val.kind == "double" and val.const is not None and config:
+            return self.config_value(val.const, hint)
+        if val.kind in ("long", "double", "bool"):
+            return val.expr
+        if val.kind == "tensor":
+            return val.expr
+        self.refuse(node, f"{node.kind()}: argument {hint} is a {val.kind}")
+        return "0"
+
+    def longs(self, val, node, hint, config=False):
+        if val.kind == "longs":
+            items = []
+            for i, item in enumerate(val.items):
+                if config and item.const is not None and item.const >= 0:   # -1 (inferred) stays a literal
+                    items.append(self.config_value(item.const, f"{hint}_{i}"))
+                else:
+                    items.append(item.expr)
+            return "new long[] { " + ", ".join(items) + " }"
+        if val.kind == "long":
+            return "new long[] { " + val.expr + " }"
+        self.refuse(node, f"{node.kind()}: {hint} is a {val.kind}, not a list of ints")
+        return "null!"
+
+    def dtype(self, val, node):
+        if val.kind == "none":
+            return None
+        if val.kind == "long" and val.const in SCALAR_TYPES:
+            return "ScalarType." + SCALAR_TYPES[val.const]
+        self.refuse(node, f"{node.kind()}: dtype {val.expr}")
+        return None
+
+    # -- the walk
+    def run(self):
+        graph = self.traced.graph
+        inputs = list(graph.inputs())
+        self.values[inputs[0].unique()] = Value("module", "this", module=self.module)
+        for inp in inputs[1:]:
+            debug = inp.debugName()
+            name = self.fresh("x" if debug.split(".")[0].isdigit() else debug)
+            self.input_names.append(name)
+            self.values[inp.unique()] = Value("tensor", name)
+        uses = {}
+        for node in graph.nodes():
+            for inp in node.inputs():
+                uses[inp.unique()] = uses.get(inp.unique(), 0) + 1
+        for out in graph.outputs():
+            uses[out.unique()] = uses.get(out.unique(), 0) + 1
+        self.uses = uses
+        for node in graph.nodes():
+            self.node(node)
+        ret = list(graph.outputs())[0]
+        val = self.values.get(ret.unique())
+        if val is None:
+            return None
+        if val.kind == "tuple":
+            tensors = [it for it in val.items if it.kind == "tensor"]
+            if not self.is_root:
+                self.refusals.add(f"returns {len(val.items)} values (a tuple) at {self.path} ({type(self.module).__name__}): only the root's "
+                                  f"several outputs are reduced (to the first tensor)")
+                return None
+            if not tensors:
+                self.refusals.add(f"returns no tensor at {self.path or '(root)'}")
+                return None
+            return tensors[0].expr
+        if val.kind != "tensor":
+            self.refusals.add(f"returns a {val.kind} at {self.path or '(root)'} ({type(self.module).__name__})")
+            return None
+        return val.expr
+
+    def set(self, node, kind, expr, nonneg=False, statement_type=None, name_hint=None):
+        out = node.output()
+        if statement_type is None:
+            self.values[out.unique()] = Value(kind, expr, nonneg=nonneg)
+            return
+        if self.uses.get(out.unique(), 0) == 0 and not node.kind().endswith("_"):
+            return
+        name = self.fresh(name_hint or out.debugName())
+        self.emit(node, f"{statement_type} {name} = {expr};")
+        self.values[out.unique()] = Value(kind, name, nonneg=nonneg)
+
+    def node(self, node):
+        k = node.kind()
+        ins = list(node.inputs())
+        if k == "prim::Constant":
+            self.values[node.output().unique()] = self.const_of(node)
+            return
+        if k == "prim::GetAttr":
+            owner = self.v(ins[0])
+            name = node.s("name")
+            if owner.kind != "module":
+                self.refuse(node, f"prim::GetAttr {name} of a {owner.kind}")
+                return
+            target = getattr(owner.module, name)
+            if owner.expr == "this":
+                field = self.field_of.get(name)
+                if field is None:
+                    self.refuse(node, f"attribute {name!r} that is not a submodule, parameter or buffer")
+                    return
+                expr = field
+            else:
+                expr = f"{owner.expr}[{int(name)}]" if name.isdigit() else f"{owner.expr}.{cs_ident(name)}"
+                if not name.isdigit():
+                    self.refuse(node, f"attribute {name!r} of a child module")
+            if isinstance(target, nn.Module):
+                self.values[node.output().unique()] = Value("module", expr, module=target)
+            else:
+                self.values[node.output().unique()] = Value("tensor", expr)
+            return
+        if k == "prim::CallMethod":
+            child = self.v(ins[0])
+            method = node.s("name")
+            if method != "forward" and not (re.fullmatch(r"forward\d+", method) and _is_leaf(child.module)):
+                # The tracer names a module's second traced call forward1, ...: a module TorchSharp has is one
+                # operation whatever the call; a translated module is written from its first call's graph only.
+                self.refuse(node, f"a second call of {child.expr} ({type(child.module).__name__}, traced as {method})")
+                return
+            args = [self.v(a) for a in ins[1:]]
+            bad = [a.kind for a in args if a.kind != "tensor"]
+            if bad:
+                self.refuse(node, f"{child.expr} called with a non-tensor argument ({', '.join(bad)})")
+                return
+            if len(args) > 2:
+                self.refuse(node, f"{child.expr} called with {len(args)} tensors (at most 2 are written)")
+                return
+            out_type = node.output().type()
+            if out_type.kind() != "TensorType":
+                self.refuse(node, f"{child.expr} returns {out_type} (a port's submodule returns one tensor)")
+                return
+            self.set(node, "tensor", f"{child.expr}.call({', '.join(a.expr for a in args)})", statement_type="Tensor")
+            return
+        if k in ("prim::NumToTensor", "aten::Int", "aten::ScalarImplicit", "aten::Float"):
+            val = self.v(ins[0])
+            if val.kind == "tensor":
+                if k == "aten::Int":
+                    self.refuse(node, "aten::Int of a tensor's value (a value the trace froze)")
+                    return
+                self.values[node.output().unique()] = val
+                return
+            self.values[node.output().unique()] = val
+            return
+        if k == "prim::ListConstruct":
+            items = [self.v(a) for a in ins]
+            if all(i.kind == "long" for i in items):
+                self.values[node.output().unique()] = Value("longs", None, items=items)
+            elif all(i.kind == "tensor" for i in items):
+                self.values[node.output().unique()] = Value("tensors", "new[] { " + ", ".join(i.expr for i in items) + " }", items=items)
+            else:
+                self.refuse(node, "a list of " + ", ".join(i.kind for i in items))
+            return
+        if k == "prim::TupleConstruct":
+            self.values[node.output().unique()] = Value("tuple", None, items=[self.v(a) for a in ins])
+            return
+        if k in ("prim::ListUnpack", "prim::TupleUnpack"):
+            src = self.v(ins[0])
+            if src.kind == "tuple":
+                for out, item in zip(node.outputs(), src.items):
+                    self.values[out.unique()] = item
+                return
+            if src.kind != "tensors":
+                self.refuse(node, f"{k} of a {src.kind}")
+                return
+            for i, out in enumerate(node.outputs()):
+                if self.uses.get(out.unique(), 0) == 0:
+                    continue
+                name = self.fresh(out.debugName())
+                self.emit(node, f"Tensor {name} = {src.expr}[{i}];")
+                self.values[out.unique()] = Value("tensor", name)
+            return
+        if k.startswith("aten::"):
+            self.aten(node, k[6:], [self.v(a) if a.unique() in self.values else Value("unknown", None) for a in ins])
+            return
+        self.refuse(node, f"operation {k}")
+
+    # -- aten operations
+    def aten(self, node, op, a):
+        T = lambda i: self.as_tensor(a[i], node, f"argument {i}")  # noqa: E731
+        ints = all(x.kind in ("long",) for x in a) and op in ("floor_divide", "mul", "add", "sub", "remainder")
+        if ints and a:
+            x, y = a[0], a[1]
+            if op == "floor_divide":
+                if not (x.nonneg and y.nonneg):
+                    self.refuse(node, "aten::floor_divide of numbers that may be negative")
+                    return
+                yexpr = self.config_value(y.const, "floor_divide_by") if y.const is not None else y.expr
+                self.set(node, "long", f"{x.expr} / {yexpr}", nonneg=True, statement_type="long")
+                return
+            if op in ("add", "sub") and len(a) > 2 and a[2].const not in (1, None):
+                self.refuse(node, f"aten::{op} of numbers with alpha")
+                return
+            sym = {"mul": "*", "add": "+", "sub": "-", "remainder": "%"}[op]
+            self.set(node, "long", f"{x.expr} {sym} {y.expr}", nonneg=x.nonneg and y.nonneg and op != "sub", statement_type="long")
+            return
+        if any(x.kind == "unknown" for x in a):
+            self.refuse(node, f"aten::{op} with an argument the generator cannot read")
+            return
+        if op == "size":
+            if a[0].kind != "tensor" or a[1].kind != "long":
+                self.refuse(node, "aten::size without a constant dimension")
+                return
+            users = [u.user for u in node.output().uses()]
+            named = [u.output().debugName() for u in users if u.kind() == "prim::NumToTensor" and not u.output().debugName().split(".")[0].isdigit()]
+            hint = named[0] if named else "size"
+            self.set(node, "long", f"{a[0].expr}.size({a[1].expr})", nonneg=True, statement_type="long", name_hint=hint)
+            return
+        simple = {
+            "view": lambda: f"{T(0)}.view({self.longs(a[1], node, 'shape', config=True)})",
+            "reshape": lambda: f"{T(0)}.reshape({self.longs(a[1], node, 'shape', config=True)})",
+            "expand": lambda: f"{T(0)}.expand({self.longs(a[1], node, 'shape', config=True)})",
+            "permute": lambda: f"{T(0)}.permute({self.longs(a[1], node, 'dims')})",
+            "transpose": lambda: f"{T(0)}.transpose({a[1].expr}, {a[2].expr})",
+            "matmul": lambda: f"{T(0)}.matmul({T(1)})",
+            "mm": lambda: f"{T(0)}.mm({T(1)})",
+            "bmm": lambda: f"{T(0)}.bmm({T(1)})",
+            "contiguous": lambda: f"{T(0)}.contiguous()",
+            "unsqueeze": lambda: f"{T(0)}.unsqueeze({a[1].expr})",
+            "squeeze": lambda: f"{T(0)}.squeeze({a[1].expr})" if len(a) > 1 else f"{T(0)}.squeeze()",
+            "flatten": lambda: f"{T(0)}.flatten({a[1].expr}, {a[2].expr})",
+            "relu": lambda: f"{T(0)}.relu()",
+            "relu_": lambda: f"{T(0)}.relu_()",
+            "sigmoid": lambda: f"{T(0)}.sigmoid()",
+            "tanh": lambda: f"{T(0)}.tanh()",
+            "neg": lambda: f"{T(0)}.neg()",
+            "rsqrt": lambda: f"{T(0)}.rsqrt()",
+            "sqrt": lambda: f"{T(0)}.sqrt()",
+            "exp": lambda: f"{T(0)}.exp()",
+            "cos": lambda: f"{T(0)}.cos()",
+            "sin": lambda: f"{T(0)}.sin()",
+            "silu": lambda: f"torch.nn.functional.silu({T(0)})",
+            "select": lambda: f"{T(0)}.select({a[1].expr}, {a[2].expr})",
+            "masked_fill": lambda: f"{T(0)}.masked_fill({T(1)}, {self.scalar(a[2], node, 'fill_value')})",
+            "adaptive_avg_pool2d": lambda: f"torch.nn.functional.adaptive_avg_pool2d({T(0)}, {self.longs(a[1], node, 'output_size')})",
+            "cat": lambda: f"torch.cat({a[0].expr}, {a[1].expr})" if a[0].kind == "tensors" else self.refuse(node, "aten::cat of a non-list"),
+            "embedding": lambda: f"torch.nn.functional.embedding({T(1)}, {T(0)})" if a[2].const == -1 else self.refuse(node, "aten::embedding with padding_idx"),
+        }
+        if op in simple:
+            expr = simple[op]()
+            if expr is not None:
+                self.set(node, "tensor", expr, statement_type="Tensor")
+            return
+        if op in ("add", "sub", "add_", "sub_", "mul", "div", "mul_", "div_", "eq", "ne", "lt", "gt", "le", "ge", "pow"):
+            base = op.rstrip("_")
+            if a[0].kind != "tensor":
+                self.refuse(node, f"aten::{op} with a {a[0].kind} first")
+                return
+            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, f"{base}_other")
+            extra = ""
+            if base in ("add", "sub") and len(a) > 2 and a[2].const != 1:
+                extra = f", {self.scalar(a[2], node, 'alpha', config=False)}"
+            if base == "div" and len(a) > 2:
+                if a[2].kind != "none":
+                    self.refuse(node, "aten::div with a rounding mode")
+                    return
+            self.set(node, "tensor", f"{a[0].expr}.{op}({other}{extra})", statement_type="Tensor")
+            return
+        if op == "rsub":
+            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, "rsub_other")
+            if len(a) > 2 and a[2].const != 1:
+                self.refuse(node, "aten::rsub with alpha")
+                return
+            self.set(node, "tensor", f"torch.rsub({a[0].expr}, {other})", statement_type="Tensor")
+            return
+        if op == "softmax":
+            dtype = self.dtype(a[2], node)
+            self.set(node, "tensor", f"{T(0)}.softmax({a[1].expr}" + (f", {dtype})" if dtype else ")"), statement_type="Tensor")
+            return
+        if op == "split":
+            size = a[1].expr if a[1].kind == "long" else self.longs(a[1], node, "split_size")
+            self.set(node, "tensors", f"{T(0)}.split({size}, {a[2].expr})", statement_type="Tensor[]")
+            return
+        if op == "chunk":
+            self.set(node, "tensors", f"{T(0)}.chunk({a[1].expr}, {a[2].expr})", statement_type="Tensor[]")
+            return
+        if op == "slice":
+            start = "0" if a[2].kind == "none" else a[2].expr
+            end = "long.MaxValue" if a[3].kind == "none" else a[3].expr
+            self.set(node, "tensor", f"{T(0)}.slice({a[1].expr}, {start}, {end}, {a[4].expr})", statement_type="Tensor")
+            return
+        if op == "arange":
+            # arange(end, dtype, layout, device, pin) | arange(start, end, ...) | arange(start, end, step, ...)
+            n = len(a) - 4
+            nums = [x.expr for x in a[:n]]
+            dtype = self.dtype(a[n], node)
+            dt = f", dtype: {dtype}" if dtype else ""
+            self.set(node, "tensor", f"torch.arange({', '.join(nums)}{dt})", statement_type="Tensor")
+            return
+        if op == "layer_norm":
+            w = "null" if a[2].kind == "none" else T(2)
+            b = "null" if a[3].kind == "none" else T(3)
+            self.set(node, "tensor", f"torch.nn.functional.layer_norm({T(0)}, {self.longs(a[1], node, 'normalized_shape')}, {w}, {b}, "
+                                     f"{self.scalar(a[4], node, 'eps')})", statement_type="Tensor")
+            return
+        if op == "linear":
+            b = "null" if a[2].kind == "none" else T(2)
+            self.set(node, "tensor", f"torch.nn.functional.linear({T(0)}, {T(1)}, {b})", statement_type="Tensor")
+            return
+        if op == "gelu":
+            approx = a[1].const if len(a) > 1 else "none"
+            self.set(node, "tensor", f"torch.nn.functional.gelu({T(0)})" if approx == "none" else
+                     f"torch.nn.functional.gelu({T(0)}, TorchSharp.Modules.GELU.Approximate.tanh)", statement_type="Tensor")
+            return
+        if op in ("dropout", "dropout_"):
+            if a[2].const is not False:
+                self.refuse(node, "aten::dropout in training mode")
+                return
+            self.set(node, "tensor", f"torch.nn.functional.dropout({T(0)}, {self.scalar(a[1], node, 'dropout_p')}, training: false)", statement_type="Tensor")
+            return
+        if op == "mean":
+            dtype = self.dtype(a[3], node) if len(a) > 3 else None
+            if dtype:
+                self.refuse(node, "aten::mean with a dtype")
+                return
+            self.set(node, "tensor", f"{T(0)}.mean({self.longs(a[1], node, 'dims')}, keepdim: {a[2].expr})", statement_type="Tensor")
+            return
+        if op == "to":
+            # to(self, dtype, non_blocking, copy, memory_format)
+            if len(a) == 5 and a[1].kind == "long":
+                dtype = self.dtype(a[1], node)
+                self.set(node, "tensor", f"{T(0)}.to({dtype})", statement_type="Tensor")
+                return
+            self.refuse(node, "aten::to with a device or another tensor")
+            return
+        self.refuse(node, f"operation aten::{op}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The exporter: drafts of every module instance, grouped into classes, written as one C# file.
+
+class Draft:
+    def __init__(self, module, path):
+        self.module, self.path = module, path
+        self.kind = None        # "leaf" | "seq" | "list" | "gen"
+        self.sig = None         # everything but slot values
+        self.slots = []
+        self.field_type = None  # C# type of a field holding it
+        self.ctor = None        # constructor expression (with markers into self.slots)
+        self.group = None
+
+
+class Exporter:
+    def __init__(self, model, traced, class_name, namespace):
+        self.model, self.traced, self.class_name, self.namespace = model, traced, class_name, namespace
+        self.refusals = Refusals()
+        self.drafts = []
+        self.groups = {}        # sig -> Group
+
+    def traced_child(self, traced, name):
+        return getattr(traced, name)
+
+    def draft(self, module, traced, path, is_root=False):
+        d = Draft(module, path)
+        if not is_root and _is_leaf(module):
+            body = Body()
+            try:
+                leaf = _leaf(module, body, path)
+            except ExportRefused as e:
+                self.refusals.add(str(e))
+                leaf = ("object", "null!")
+            d.kind, d.slots = "leaf", body.slots
+            d.field_type, d.ctor = leaf
+            d.sig = ("leaf", d.ctor, tuple(s[0] for s in d.slots))
+            return d
+        children = list(module.named_children())
+        if not is_root and isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (not is_root and _is_sequential(module)
+                                                                               and [n for n, _ in children] == [str(i) for i in range(len(children))]):
+            if isinstance(module, nn.ModuleDict):
+                self.refusals.add(f"{path} (ModuleDict): a ModuleDict is not written")
+            body = Body()
+            parts, subs = [], []
+            for name, child in children:
+                cd = self.draft(child, self.traced_child(traced, name), f"{path}.{name}")
+                off = body.adopt(cd.slots)
+                parts.append((cd, off))
+                subs.append(cd.sig)
+            d.slots = body.slots
+            d.kind = "list" if isinstance(module, nn.ModuleList) else "seq"
+            d.parts = parts
+            # One Sequential class per PyTorch class: it takes its modules as constructor arguments.
+            d.sig = ("seq", type(module).__name__) if d.kind == "seq" else ("list", type(module).__name__, tuple(subs))
+            return d
+        # A module written from its graph.
+        d.kind = "gen"
+        body = Body()
+        field_of, parts = {}, []
+        taken = set()
+
+        def field(name):
+            f = cs_ident(name)
+            while f in taken:
+                f += "_"
+            taken.add(f)
+            field_of[name] = f
+            return f
+
+        params = []
+        for name, p in module.named_parameters(recurse=False):
+            params.append((field(name), name, tuple(p.shape), TORCH_DTYPES.get(p.dtype), p.requires_grad))
+        buffers = []
+        persistent_names = set(module.state_dict(keep_vars=True).keys())
+        for name, b in module.named_buffers(recurse=False):
+            persistent = name in persistent_names
+            init = None
+            if not persistent:
+                if b.numel() > 4096 or not b.dtype.is_floating_point:
+                    self.refusals.add(f"{path}.{name}: a non-persistent buffer of {b.numel()} {b.dtype} elements (not in the state_dict; "
+                                      f"only floating-point buffers of at most 4096 elements are written out as literals)")
+                init = [float(v) for v in b.detach().reshape(-1).tolist()]
+            buffers.append((field(name), name, tuple(b.shape), TORCH_DTYPES.get(b.dtype), persistent, init))
+        shapes_text = {}
+        for f, name, shape, dt, *_ in params + buffers:
+            shapes_text[name] = ", ".join(body.slot(f"{f}_shape", s) for s in shape)
+        for name, child in children:
+            cd = self.draft(child, self.traced_child(traced, name), f"{path}.{name}" if path else name)
+            off = body.adopt(cd.slots)
+            parts.append((field(name), name, cd, off))
+        tr = Translator(self, module, traced, path, body, field_of, self.refusals, is_root)
+        try:
+            result = tr.run()
+        except ExportRefused as e:
+            self.refusals.add(str(e))
+            result = None
+        tr.result = result
+        d.params, d.buffers, d.parts, d.shapes_text = params, buffers, parts, shapes_text
+        d.forward_lines, d.result, d.inputs = tr.lines, result, tr.input_names
+        d.slots = body.slots
+        d.sig = ("gen", type(module).__name__, tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in params),
+                 tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in buffers),
+                 tuple((f, n, cd.sig) for f, n, cd, _ in parts), tr.canonical(), tuple(tr.input_names),
+                 tuple((s[0], s[2]) for s in body.slots))
+        return d
+
+    # -- grouping
+    def collect(self, d, out):
+        if d.kind in ("gen", "seq", "list"):
+            for part in d.parts:
+                self.collect(part[-2], out)
+        out.append(d)
+
+    def group_all(self, root):
+        every = []
+        self.collect(root, every)
+        self.root = root
+        by_sig = {}
+        for d in every:
+            if d.kind in ("gen", "seq"):
+                by_sig.setdefault(d.sig, []).append(d)
+        names_used = {self.class_name}
+        self.classes = []
+        for sig, members in by_sig.items():
+            if root in members:
+                name = self.class_name
+            else:
+                base = cs_ident(sig[1]) if sig[1] != self.class_name else sig[1] + "Module"
+                name, i = base, 1
+                while name in names_used:
+                    i += 1
+                    name = f"{base}_{i}"
+                names_used.add(name)
+            varying = [] if sig[0] == "seq" else [i for i in range(len(members[0].slots))
+                                                  if len({repr(m.slots[i][1]) for m in members}) > 1]
+            # Varying values that are equal in every instance (a block's out_channels and its BatchNorm's num_features)
+            # are one constructor parameter, named after the first.
+            columns, alias = {}, {}
+            for i in varying:
+                column = tuple(repr(m.slots[i][1]) for m in members)
+                alias[i] = columns.setdefault(column, i)
+            group = {"name": name, "members": members, "varying": varying, "sig": sig,
+                     "params": sorted(set(alias.values())), "alias": alias}
+            for m in members:
+                m.group = group
+            self.classes.append(group)
+        # Children first: classes in the order their first instance finishes.
+        order = {id(d): i for i, d in enumerate(every)}
+        self.classes.sort(key=lambda g: order[id(g["members"][0])])
+        if len(by_sig[root.sig]) > 1:
+            self.refusals.add("the root module's class is used inside it")
+
+    # -- emission
+    def render(self, text, slot_text):
+        return re.sub(r"@@(\d+)@@", lambda m: slot_text(int(m.group(1))), text)
+
+    def ctor_expr(self, d, offset, slot_text, indent=12):
+        """The expression that builds child draft d, whose slots start at `offset` in the parent's slots; a container
+        too long for one line gets one line per module, indented from `indent`."""
+        if d.kind == "leaf":
+            return self.render(d.ctor, lambda i: slot_text(offset + i))
+        if d.kind in ("seq", "list"):
+            inner = [self.ctor_expr(cd, offset + off, slot_text, indent + 4) for cd, off in d.parts]
+            head = f"new TorchSharp.Modules.ModuleList<{self.list_type(d)}>(" if d.kind == "list" else f"new {d.group['name']}("
+            one_line = head + ", ".join(inner) + ")"
+            if len(one_line) + indent <= 120 and "\n" not in one_line:
+                return one_line
+            pad = "\n" + " " * (indent + 4)
+            return head + pad + ("," + pad).join(inner) + ")"
+        group = d.group
+        return f"new {group['name']}(" + ", ".join(slot_text(offset + i) for i in group["params"]) + ")"
+
+    def field_type(self, d):
+        if d.kind == "leaf":
+            return d.field_type
+        if d.kind == "list":
+            return f"TorchSharp.Modules.ModuleList<{self.list_type(d)}>"
+        return d.group["name"]
+
+    def list_type(self, d):
+        types = {self.field_type(cd) for cd, _ in d.parts}
+        if len(types) == 1:
+            return types.pop()
+        return "nn.Module<Tensor, Tensor>"
+
+    def emit_class(self, group):
+        d = group["members"][0]
+        name = group["name"]
+        is_root = d is self.root
+        pyname = type(d.module).__name__
+        lines = []
+        if d.kind == "seq":
+            lines += [
+                f"    /// <summary>PyTorch's <c>{pyname}</c> (a Sequential): its modules, registered as \"0\", \"1\", ..., called in order.</summary>",
+                f"    public sealed class {name} : nn.Module<Tensor, Tensor>",
+                "    {",
+                "        private readonly nn.Module<Tensor, Tensor>[] _modules;",
+                "",
+                "        /// <summary>Registers <paramref name=\"modules\"/> under their positions, as PyTorch's Sequential does.</summary>",
+                f"        public {name}(params nn.Module<Tensor, Tensor>[] modules) : base(\"{pyname}\")",
+                "        {",
+                "            _modules = modules;",
+                "            for (int i = 0; i < modules.Length; i++)",
+                "                register_module(i.ToString(System.Globalization.CultureInfo.InvariantCulture), modules[i]);",
+                "        }",
+                "",
+                "        /// <summary>Each module on the previous one's output, as torch.nn.Sequential.forward.</summary>",
+                "        public override Tensor forward(Tensor input)",
+                "        {",
+                "            Tensor x = input;",
+                "            foreach (var module in _modules)",
+                "                x = module.call(x);",
+                "            return x;",
+                "        }",
+                "    }",
+            ]
+            return lines
+        slots = d.slots
+        varying = set(group["varying"])
+        used_names = set()
+        for f, *_ in d.params + d.buffers:
+            used_names.add(f)
+        for f, *_ in d.parts:
+            used_names.add(f)
+        slot_names = {}
+        # Only slots that appear in this class's own text need names.
+        own_text = "\n".join(d.forward_lines) + "\n" + "\n".join(d.shapes_text.values())
+        for f, n, cd, off in d.parts:
+            own_text += self.ctor_expr(cd, off, lambda i: f"@@{i}@@")
+        referenced = sorted({int(m) for m in re.findall(r"@@(\d+)@@", own_text)})
+        alias = group["alias"]
+        # A parameter's representative first, so that its aliases find its name.
+        referenced = sorted(set(referenced) | {alias[i] for i in referenced if i in alias}, key=lambda i: (alias.get(i, i), i != alias.get(i, i)))
+        params_decl, fields_decl, assigns, fielded = [], [], [], set()
+        for i in referenced:
+            sname, value, kind = slots[i]
+            if i in varying and alias[i] != i:
+                slot_names[i] = slot_names[alias[i]]
+                if kind == "field" and slot_names[i] not in fielded:
+                    fielded.add(slot_names[i])
+                    fields_decl.append(f"        private readonly {cs_type_of(value)} {slot_names[i]};")
+                    assigns.append(f"            this.{slot_names[i]} = {slot_names[i]};")
+                continue
+            if i in varying or kind == "field":
+                base = cs_ident(sname)
+                key = (base, repr(value)) if i not in varying else None
+                if key is not None and key in slot_names:
+                    slot_names[i] = slot_names[key]
+                    continue
+                nm, j = base, 1
+                while nm in used_names or nm in CS_KEYWORDS:
+                    j += 1
+                    nm = f"{base}{j}"
+                used_names.add(nm)
+                slot_names[i] = nm
+                if key is not None:
+                    slot_names[key] = nm
+                ctype = cs_type_of(value)
+                if i in varying:
+                    params_decl.append(f"{ctype} {nm}")
+                    if kind == "field":
+                        fielded.add(nm)
+                        fields_decl.append(f"        private readonly {ctype} {nm};")
+                        assigns.append(f"            this.{nm} = {nm};")
+                else:
+                    fields_decl.append(f"        private const {ctype} {nm} = {cs_literal(value)};" if ctype in ("long", "double", "bool")
+                                       else f"        private static readonly {ctype} {nm} = {cs_literal(value)};")
+
+        def slot_text(i):
+            if i in slot_names:
+                return slot_names[i]
+            return cs_literal(slots[i][1])
+
+        arity = max(1, len(d.inputs))
+        generic = "nn.Module<Tensor, Tensor>" if arity == 1 else "nn.Module<Tensor, Tensor, Tensor>"
+        what = "The exported model" if is_root else f"PyTorch's <c>{pyname}</c>"
+        lines.append(f"    /// <summary>{what} ({type(d.module).__module__}.{pyname}), written from its traced forward.</summary>")
+        lines.append(f"    public sealed class {name} : {generic}")
+        lines.append("    {")
+        if fields_decl:
+            lines += fields_decl
+        for f, n, shape, dt, rg in d.params:
+            lines.append(f"        private readonly TorchSharp.Modules.Parameter {f};")
+        for f, n, shape, dt, ps, init in d.buffers:
+            lines.append(f"        private readonly Tensor {f};")
+        for f, n, cd, off in d.parts:
+            lines.append(f"        private readonly {self.field_type(cd)} {f};")
+        lines.append("")
+        summary = "Builds the architecture (weights are loaded from the exported state_dict)." if not params_decl else \
+            "Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict)."
+        lines.append(f"        /// <summary>{summary}</summary>")
+        lines.append(f"        public {name}({', '.join(params_decl)}) : base(\"{pyname}\")")
+        lines.append("        {")
+        lines += assigns
+        for f, n, shape, dt, rg in d.params:
+            dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
+            shape_text = self.render(d.shapes_text[n], slot_text)
+            lines.append(f"            {f} = nn.Parameter(torch.zeros(new long[] {{ {shape_text} }}{dtype}), requires_grad: {cs_literal(rg)});")
+            lines.append(f"            register_parameter(\"{n}\", {f});")
+        for f, n, shape, dt, ps, init in d.buffers:
+            shape_text = self.render(d.shapes_text[n], slot_text)
+            if init is None:
+                dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
+                lines.append(f"            {f} = torch.zeros(new long[] {{ {shape_text} }}{dtype});")
+            else:
+                values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else cs_literal(v) for v in init)
+                ctype = "float" if dt == "Float32" else "double"
+                lines.append(f"            {f} = torch.tensor(new {ctype}[] {{ {values} }}).reshape(new long[] {{ {shape_text} }});")
+            lines.append(f"            register_buffer(\"{n}\", {f}, persistent: {cs_literal(ps)});")
+        for f, n, cd, off in d.parts:
+            lines.append(f"            {f} = {self.ctor_expr(cd, off, slot_text)};")
+            lines.append(f"            register_module(\"{n}\", {f});")
+        lines.append("        }")
+        lines.append("")
+        ins = d.inputs if d.inputs else ["input"]
+        lines.append("        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>")
+        lines.append(f"        public override Tensor forward({', '.join('Tensor ' + i for i in ins)})")
+        lines.append("        {")
+        lines.append("            using var scope = NewDisposeScope();")
+        for line in d.forward_lines:
+            lines.append("            " + self.render(line, slot_text))
+        lines.append(f"            return {d.result}.MoveToOuterDisposeScope();")
+        lines.append("        }")
+        lines.append("    }")
+        return lines
+
+    def write_cs(self):
+        out = [
+            f"// <auto-generated> by tools/pytorch/export_port.py from {type(self.model).__module__}.{type(self.model).__name__}",
+            f"// (PyTorch {torch.__version__}); regenerate rather than edit. </auto-generated>",
+            "#nullable enable",
+            "using System;",
+            "using TorchLinear;",
+            "using TorchSharp;",
+            "using static TorchSharp.torch;",
+            "",
+            f"namespace {self.namespace}",
+            "{",
+        ]
+        for i, group in enumerate(self.classes):
+            if i:
+                out.append("")
+            out += self.emit_class(group)
+        out.append("}")
+        return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tracing, the checks, and the files.
+
+def _normalise_inputs(example_inputs):
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if not 1 <= len(example_inputs) <= 2 or not all(isinstance(t, torch.Tensor) for t in example_inputs):
+        raise ExportRefused(f"example_inputs must be a tuple of one or two tensors, not {[type(t).__name__ for t in example_inputs]}")
+    return example_inputs
+
+
+def _module_of_line(model, filename, lineno):
+    for path, m in model.named_modules():
+        fwd = type(m).forward
+        try:
+            lines, start = inspect.getsourcelines(fwd)
+            file = inspect.getsourcefile(fwd)
+        except (OSError, TypeError):
+            continue
+        if file and os.path.abspath(file) == os.path.abspath(filename) and start <= lineno < start + len(lines):
+            return f"{path or '(root)'} ({type(m).__name__})"
+    return "a module"
+
+
+def _trace(model, inputs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
+    problems, seen = [], set()
+    for w in caught:
+        text = str(w.message)
+        if "Python boolean" in text and (w.filename, w.lineno) not in seen:
+            seen.add((w.filename, w.lineno))
+            problems.append(f"a branch on a tensor's value (data-dependent control flow the trace would freeze) at "
+                            f"{_module_of_line(model, w.filename, w.lineno)}, {_describe_line(w.filename, w.lineno)}")
+    return traced, problems
+
+
+def _calls_the_port_cannot_make(model, inputs):
+    """Submodules called with keyword arguments (the port calls positionally, and the replay matches a call's inputs
+    by name) or returning something other than one tensor (the port's submodules return one tensor; the trace may even
+    drop a returned input from a tuple). Watched as the recorder watches, by wrapping each instance's forward (torch
+    1.13's hooks do not see keyword arguments); the wrappers are removed afterwards."""
+    problems, wrapped = [], []
+
+    def note(text):
+        if text not in problems:
+            problems.append(text)
+
+    for path, m in model.named_modules():
+        if not path:
+            continue
+
+        def forward(*args, _original=m.forward, _path=path, _module=m, **kwargs):
+            if kwargs:
+                note(f"called with keyword arguments ({', '.join(kwargs)}) at {_path} ({type(_module).__name__}): the port calls "
+                     f"submodules positionally")
+            output = _original(*args, **kwargs)
+            if not isinstance(output, torch.Tensor):
+                note(f"returns a {type(output).__name__}, not one tensor, at {_path} ({type(_module).__name__}): only the root's "
+                     f"several outputs are reduced (to the first tensor)")
+            return output
+        m.forward = forward
+        wrapped.append(m)
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for m in wrapped:
+            del m.forward
+    return problems
+
+
+def _run_ok(model, inputs):
+    try:
+        with torch.no_grad():
+            model(*inputs)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means this size is not free
+        return False
+
+
+def second_inputs(model, inputs, seed=1234):
+    """Inputs of another shape and other values: each dimension that the model accepts at another size (+1, else -1)
+    changes (all such dimensions together); the values are drawn again (integers within the example's range)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(t, shape):
+        if t.dtype.is_floating_point:
+            return torch.randn(shape, generator=g, dtype=t.dtype)
+        if t.dtype == torch.bool:
+            return torch.randint(0, 2, shape, generator=g).bool()
+        high = int(t.max()) + 1 if t.numel() else 2
+        return torch.randint(int(t.min()) if t.numel() else 0, max(high, 1), shape, generator=g, dtype=t.dtype)
+
+    shapes = [list(t.shape) for t in inputs]
+    for i, t in enumerate(inputs):
+        for dim in range(t.dim()):
+            for delta in (1, -1):
+                if t.shape[dim] + delta < 1:
+                    continue
+                trial = [list(s) for s in shapes]
+                trial[i][dim] = t.shape[dim] + delta
+                candidate = tuple(draw(x, s) for x, s in zip(inputs, trial))
+                if _run_ok(model, candidate):
+                    shapes = trial
+                    break
+    return tuple(draw(t, s) for t, s in zip(inputs, shapes))
+
+
+def generate(model, example_inputs, class_name, namespace="Ports"):
+    """The C# text of the port, after every check; raises ExportRefused listing every problem."""
+    if model.training:
+        raise ExportRefused(f"{type(model).__name__} is in training mode: call model.eval() first (a port is written from the eval forward)")
+    inputs = _normalise_inputs(example_inputs)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", class_name):
+        raise ExportRefused(f"class_name {class_name!r} is not a C# identifier")
+    texts, problems = [], _calls_the_port_cannot_make(model, inputs)
+    for run, ins in enumerate((inputs, second_inputs(model, inputs))):
+        traced, trace_problems = _trace(model, ins)
+        problems += [p for p in trace_problems if p not in problems]
+        if trace_problems:
+            continue
+        exporter = Exporter(model, traced, class_name, namespace)
+        root = exporter.draft(model, traced, "", is_root=True)
+        exporter.group_all(root)
+        problems += [p for p in exporter.refusals.items if p not in problems]
+        if exporter.refusals.items:
+            break
+        texts.append((ins, exporter.write_cs()))
+    if problems:
+        raise ExportRefused("cannot write a faithful port of " + type(model).__name__ + ":\n  " + "\n  ".join(problems))
+    (ins1, first), (ins2, second) = texts
+    if first != second:
+        a, b = first.splitlines(), second.splitlines()
+        diff = next(i for i in range(min(len(a), len(b)) + 1) if i >= min(len(a), len(b)) or a[i] != b[i])
+        where = a[diff].strip() if diff < len(a) else "(end)"
+        other = b[diff].strip() if diff < len(b) else "(end)"
+        cls = next((l.strip() for l in reversed(a[:diff]) if l.strip().startswith("public sealed class")), "?")
+        raise ExportRefused(
+            f"cannot write a faithful port of {type(model).__name__}: the trace froze a value that depends on the input "
+            f"(shape {[tuple(t.shape) for t in ins1]} vs {[tuple(t.shape) for t in ins2]}, other values): in {cls},\n"
+            f"  first trace:  {where}\n  second trace: {other}")
+    return first
+
+
+def _write_safetensors(state, path):
+    """The safetensors format: 8-byte little-endian header length, a JSON header, the raw little-endian data."""
+    names = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+             torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+    header, blobs, offset = {}, [], 0
+    for key in sorted(state):
+        t = state[key].detach().contiguous().cpu()
+        if t.dtype not in names:
+            raise ExportRefused(f"state_dict key {key}: dtype {t.dtype} has no safetensors name")
+        data = t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+
+
+def export_port(model, example_inputs, out_dir, class_name, *, namespace="Ports", weights=True, recording=True, reference64=True):
+    """Writes <class_name>.cs (the TorchSharp port), <class_name>.safetensors (the state_dict) and <class_name>.parity.pt
+    (record_parity.record of the model on example_inputs) into out_dir. Raises ExportRefused, naming every operation or
+    module it cannot write with its module path and Python source line, before anything is written. Returns the paths.
+
+    namespace: the C# namespace of the port. weights=False / recording=False leave out the .safetensors / .parity.pt
+    (when the same weights and recording exist elsewhere); reference64 is record()'s."""
+    inputs = _normalise_inputs(example_inputs)
+    code = generate(model, inputs, class_name, namespace)
+    with tempfile.TemporaryDirectory() as tmp:
+        rec = os.path.join(tmp, "recording.parity.pt")
+        if recording:
+            metadata = record(model, inputs, rec, reference64=reference64)
+            keyword_calls = [f"{key} ({metadata['module_types'][key]}): {', '.join(n for n in call['inputs'] if not n.split('.')[0].isdigit())}"
+                             for key, call in metadata["calls"].items()
+                             if any(not n.split(".")[0].isdigit() for n in call["inputs"])]
+            if keyword_calls:
+                raise ExportRefused("cannot write a faithful port: modules called with keyword arguments (the port calls them "
+                                    "positionally, and the replay matches inputs by name):\n  " + "\n  ".join(keyword_calls))
+        st = os.path.join(tmp, "weights.safetensors")
+        _write_safetensors(model.state_dict(), st)
+        os.makedirs(out_dir, exist_ok=True)
+        paths = {"cs": os.path.join(out_dir, f"{class_name}.cs"), "safetensors": os.path.join(out_dir, f"{class_name}.safetensors")}
+        with open(paths["cs"], "w", encoding="utf-8", newline="\n") as f:
+            f.write(code)
+        if weights:
+            shutil.copyfile(st, paths["safetensors"])
+        else:
+            del paths["safetensors"]
+        if recording:
+            paths["parity"] = os.path.join(out_dir, f"{class_name}.parity.pt")
+            shutil.copyfile(rec, paths["parity"])
+    return paths
+
+
+def _main(argv):
+    args = [a for a in argv[1:] if not a.startswith("--")]
+    options = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
+    if len(args) != 3 or ":" not in args[0]:
+        print(__doc__)
+        return 2
+    file, function = args[0].rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location("port_subject", file)
+    subject = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(subject)
+    built = getattr(subject, function)()
+    module, inputs = built[0], built[1]
+    try:
+        paths = export_port(module, inputs, args[1], args[2], namespace=options.get("namespace", "Ports"))
+    except ExportRefused as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv))
