@@ -210,7 +210,7 @@ namespace TorchLinear
 
         /// <summary>A port's module path as the recording names it (<see cref="ParityOptions.NameMap"/>).</summary>
         private static string MapPath(string portPath, ParityOptions options) =>
-            options.NameMap.TryGetValue(portPath, out string? recorded) ? recorded : portPath;
+            portPath;
 
         /// <summary>A port's call key as the recording names it: the module path mapped, the <c>#k</c> suffix kept.</summary>
         private static string MapKey(CapturedCall call, ParityOptions options)

@@ -186,8 +186,7 @@ namespace TorchLinear
         public override string ToString()
         {
             var text = new StringBuilder();
-            text.AppendLine($"Parity of {ModuleType} against {System.IO.Path.GetFileName(Recording)} (PyTorch {TorchVersion}): {Modules.Count} module calls, {Gradients.Count} gradients");
-            text.AppendLine($"Values {Judged()}.");
+            text.AppendLine($"Parity of {ModuleType} against {System.IO.Path.GetFileName(Recording)} (PyTorch {TorchVersion}): {Modules.Count} module calls, {Gradients.Count} gradients; values {Judged()}");
             int width = Math.Max(24, Modules.Concat(Gradients).Select(r => r.Path.Length).DefaultIfEmpty(0).Max() + 2);
             string Line(string path, string type, string status, string abs, string rel, string ulp, string bound, string inputs) =>
                 $"{path.PadRight(width)}{type,-14}{status,-18}{abs,11}{rel,11}{ulp,14}{bound,11}  {inputs}";

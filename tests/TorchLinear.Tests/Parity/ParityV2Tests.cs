@@ -91,7 +91,7 @@ namespace TorchLinear.Tests
             Assert.All(report.Modules, r => Assert.True(r.InputsMatch, r.Path));
             Assert.Equal(new[] { "input 0", "input 1", "mix.w", "proj.weight", "proj.bias", "head.weight", "head.bias" }, report.Gradients.Select(r => r.Path));
             Assert.Equal(new[] { "head.weight", "head.bias", "proj.weight", "proj.bias", "mix.w", "input 0", "input 1" }, report.GradientsInBackwardOrder.Select(r => r.Path));
-            Assert.Contains("Values judged by the tolerances, or within 4 × PyTorch's own rounding error", report.ToString());
+            Assert.Contains("7 gradients; values judged by the tolerances, or within 4 × PyTorch's own rounding error (NoiseFactor)", report.ToString());
         }
 
         [Fact]
@@ -115,7 +115,7 @@ namespace TorchLinear.Tests
             var report = Parity.Replay(port, Path.Combine(Folder, "two_inputs_no64.parity.pt"));
             Assert.True(report.AllClose);
             Assert.Equal("the recording has no float64 reference (recorded with reference64=False)", report.NoRoundingReference);
-            Assert.Contains("Values judged by tolerances alone: the recording has no float64 reference", report.ToString());
+            Assert.Contains("7 gradients; values judged by tolerances alone: the recording has no float64 reference", report.ToString());
             Assert.All(report.Modules.Concat(report.Gradients), r => Assert.Null(r.NoiseBound));
         }
 
