@@ -583,8 +583,9 @@ namespace TorchLinear.Lora
         /// Runs without any adapter until the returned scope is disposed, as PEFT's <c>disable_adapter()</c>: no low-rank
         /// updates — merged adapters are taken out of the weights for the while, bit for bit, and put back after — and
         /// <c>modules_to_save</c> modules with their original values. No adapter tensor (A, B, DoRA's magnitude, an
-        /// embedding's A and B) requires grad within the scope, and each gets its own flag back after, as PEFT's
-        /// <c>enable_adapters(False)</c> and <c>(True)</c> do. Biases trained with <c>bias</c> = all or lora_only are
+        /// embedding's A and B) requires grad within the scope, as with PEFT's <c>enable_adapters(False)</c>, and each gets
+        /// exactly its own flag back after (PEFT's re-enabling makes the active adapters trainable, even ones loaded for
+        /// inference). Biases trained with <c>bias</c> = all or lora_only are
         /// the base layers' own and stay trained (PEFT warns of the same).
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>

@@ -366,6 +366,11 @@ namespace TorchLinear.Lora.Tests
             LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0" }, use_dora = true }, "dora");  // inactive: frozen
             using var embed = Pretrained("embedding");
             LoraModel.inject(embed, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" } });
+            // Loaded for inference: frozen before, and after (PEFT's re-enabling makes an active adapter trainable).
+            using var loaded = Pretrained("mlp");
+            LoraModel.load_adapter(loaded, Path.Combine(Folder, "mlp"));
+            using (LoraModel.disable_adapters(loaded)) { }
+            Assert.DoesNotContain(loaded.parameters(), p => p.requires_grad);
             foreach (var model in new nn.Module[] { mlp, embed })
             {
                 var flags = model.named_parameters().ToDictionary(p => p.name, p => p.parameter.requires_grad);
