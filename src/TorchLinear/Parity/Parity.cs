@@ -210,7 +210,7 @@ namespace TorchLinear
 
         /// <summary>A port's module path as the recording names it (<see cref="ParityOptions.NameMap"/>).</summary>
         private static string MapPath(string portPath, ParityOptions options) =>
-            portPath;
+            options.NameMap.TryGetValue(portPath, out string? recorded) ? recorded : portPath;
 
         /// <summary>A port's call key as the recording names it: the module path mapped, the <c>#k</c> suffix kept.</summary>
         private static string MapKey(CapturedCall call, ParityOptions options)
@@ -362,6 +362,8 @@ namespace TorchLinear
             // Gradients PyTorch computed for parameters the port does not differentiate: a buffer where PyTorch has a
             // parameter (a frozen BatchNorm), or requires_grad turned off.
             var differentiated = new HashSet<string>(parameters.Select(p => p.name));
+            // A tied parameter is listed by TorchSharp 0.107 under every name it was assigned to (as PyTorch's state_dict
+            // lists it; ParityV2Tests measures it), so each recorded name has its row above.
             foreach (string name in recording.GradientNames.Where(n => !differentiated.Contains(n)))
                 rows.Add(new ParityRow(name, "gradient", ParityStatus.Diverged, null, 0, 0, 0,
                     $"PyTorch computed a gradient of {name}; the port has no parameter {name} that requires grad (a buffer, or requires_grad off: frozen?)."));

@@ -126,5 +126,50 @@ namespace TorchLinear.Tests
             var error = Assert.Throws<ArgumentException>(() => Parity.Replay(port, Path.Combine(Folder, "two_inputs.parity.pt")));
             Assert.Contains("has 2 inputs; Sequential's forward takes 1 tensor.", error.Message);
         }
+
+        /// <summary>The port of make_v2.py's TiedLm: the head's weight is the embedding's, one parameter.</summary>
+        private sealed class TiedLm : nn.Module<Tensor, Tensor>
+        {
+            private readonly Embedding embed = nn.Embedding(10, 4);
+            private readonly LayerNorm norm = nn.LayerNorm(4);
+            private readonly Linear head = nn.Linear(4, 10, hasBias: false);
+
+            public TiedLm(bool tied = true) : base(nameof(TiedLm))
+            {
+                if (tied)
+                    head.weight = embed.weight!;
+                RegisterComponents();
+            }
+
+            public override Tensor forward(Tensor ids) => head.call(norm.call(embed.call(ids)));
+        }
+
+        [Fact]
+        public void ATiedPort_ComparesTheSharedGradient_UnderEachName()
+        {
+            using var recording = ParityRecording.Load(Path.Combine(Folder, "tied.parity.pt"));
+            Assert.Equal("embed.weight", recording.Tied["head.weight"]);
+            using var port = new TiedLm();
+            port.eval();
+            // TorchSharp 0.107 lists the shared parameter under both names, as PyTorch's state_dict and the recording do:
+            // each name's gradient is the whole gradient of the one tensor.
+            Assert.Equal(new[] { "embed.weight", "norm.weight", "norm.bias", "head.weight" }, port.named_parameters().Select(p => p.name));
+            var report = Parity.Replay(port, recording);
+            Assert.True(report.AllClose, report.ToString());
+            Assert.Null(report.FirstDivergence);
+            Assert.Equal(new[] { "embed.weight", "head.weight", "norm.bias", "norm.weight" }, report.Gradients.Select(r => r.Path).OrderBy(p => p, StringComparer.Ordinal));
+        }
+
+        [Fact]
+        public void APortThatDoesNotTie_IsNamedAtTheUntiedGradient()
+        {
+            // The head's own weight, loaded with the same values, gets only the head's share of the gradient.
+            using var port = new TiedLm(tied: false);
+            port.eval();
+            var report = Parity.Replay(port, Path.Combine(Folder, "tied.parity.pt"));
+            Assert.False(report.AllClose);
+            Assert.All(report.Modules, r => Assert.True(r.IsClose, r.Path));
+            Assert.Equal("head.weight", report.FirstDivergence);
+        }
     }
 }

@@ -8,6 +8,8 @@ two_inputs.parity.pt        TwoInputs: a root of two inputs returning a tuple (b
                             takes (a, b=...) with b a keyword argument and returns a tuple of two tensors; an in-place
                             ReLU; with the float64 reference (noise).
 two_inputs_no64.parity.pt   the same run recorded with reference64=False: no rounding reference.
+tied.parity.pt              TiedLm: an embedding whose weight is also the head's (lm_head tied to the embedding, as
+                            GPT-2 and OPT tie them): state_dict and gradients under both names, metadata "tied".
 """
 import os
 import sys
@@ -46,12 +48,26 @@ class TwoInputs(nn.Module):
         return self.head(self.act(self.proj(gate))), difference
 
 
+class TiedLm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)))
+
+
 def main():
     torch.manual_seed(2)
     model = TwoInputs().eval()
     x, y = torch.randn(5, 4), torch.randn(5, 4)
     record(model, (x, y), os.path.join(HERE, "two_inputs.parity.pt"))
     record(model, (x, y), os.path.join(HERE, "two_inputs_no64.parity.pt"), reference64=False)
+    torch.manual_seed(3)
+    record(TiedLm().eval(), (torch.randint(0, 10, (2, 3)),), os.path.join(HERE, "tied.parity.pt"))
 
 
 if __name__ == "__main__":
