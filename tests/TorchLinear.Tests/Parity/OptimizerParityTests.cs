@@ -74,27 +74,6 @@ namespace TorchLinear.Tests
         }
 
         /// <summary>
-        /// Whether libtorch's vectorised elementwise kernels round <c>a + α·b</c> once (a fused multiply-add), as those
-        /// PyTorch 1.13 recorded with did: the AVX2 and AVX-512 kernels do, the portable ones
-        /// (<c>ATEN_CPU_CAPABILITY=default</c>, a CPU without AVX2) round twice, and then no elementwise result with such a
-        /// step is PyTorch 1.13's bit for bit.
-        /// </summary>
-        private static bool LibTorchFusesMultiplyAdd()
-        {
-            // α·b is exact in 34 bits; 1 + α·b lies just past a point halfway between two floats, and α·b rounded to a float
-            // first lands it on the other side: one rounding gives 1.5006601, two give 1.50066. 64 elements: the vectorised path.
-            float alpha = 1 + 5 * MathF.Pow(2, -12), b = 0.5f + 52 * MathF.Pow(2, -20);
-            using var ones = torch.ones(64);
-            using var bs = torch.full(64, b);
-            using var sum = ones.add(bs, alpha: alpha);
-            float fused = MathF.FusedMultiplyAdd(alpha, b, 1), twice = 1 + alpha * b;
-            Assert.NotEqual(fused, twice);
-            float[] values = sum.data<float>().ToArray();
-            Assert.All(values, v => Assert.True(v == fused || v == twice, $"{v:R} is neither {fused:R} nor {twice:R}"));
-            return values[0] == fused;
-        }
-
-        /// <summary>
         /// The largest ratio, over elements and steps, of a trajectory's distance from PyTorch's parameter to what a few
         /// operations rounded differently in each step can account for (docs/parity.md): per step t,
         /// <c>c · 2⁻²⁴ · (|u_t| + μ|u_{t−1}|) / (1 − μ) + 2 ULP(p_t)</c>, summed over the steps so far, with u_t PyTorch's
@@ -145,7 +124,7 @@ namespace TorchLinear.Tests
             // SGD takes no root: the same elementwise operations as PyTorch 1.13's, rounded alike where libtorch's kernels
             // fuse the multiply-adds as PyTorch's recording did; otherwise within the rounding bound.
             var trajectory = Trajectory(name);
-            if (LibTorchFusesMultiplyAdd())
+            if (KernelFacts.FusesMultiplyAdd)
                 Assert.All(UlpByStep(name, trajectory), ulp => Assert.Equal(0, ulp));
             else
                 Assert.InRange(RoundingBoundRatio(name, trajectory), 0, 1);
@@ -266,7 +245,7 @@ namespace TorchLinear.Tests
             // With a correctly rounded square root (float64's, rounded to float32) it is PyTorch 1.13's, bit for bit, where
             // libtorch's kernels fuse the multiply-adds as PyTorch's recording did; otherwise within the rounding bound.
             var (exactUlp, _, exact) = Formula(name, x => x.to(ScalarType.Float64).sqrt().to(x.dtype));
-            if (LibTorchFusesMultiplyAdd())
+            if (KernelFacts.FusesMultiplyAdd)
                 Assert.True(exactUlp.All(u => u == 0), $"{name}: {string.Join(", ", exactUlp)} ULP by step with a correctly rounded sqrt");
             else
                 Assert.InRange(RoundingBoundRatio(name, exact), 0, 1);
