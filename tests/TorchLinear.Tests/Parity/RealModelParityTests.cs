@@ -112,20 +112,30 @@ namespace TorchLinear.Tests
             var report = Parity.Replay(port, _recordings.ResNet, new ParityOptions { NoiseFactor = 0 });
             Assert.False(report.AllClose);
             Assert.Contains("judged by tolerances alone: the rounding rule is off", report.ToString());
-            Assert.All(report.Modules, r => Assert.False(r.IsDivergent, $"{r.Path}: {r.Status}"));
             var divergent = report.Gradients.Where(r => r.IsDivergent).ToList();
             Assert.True(divergent.Count > 1, $"{divergent.Count} gradients diverge");
-            // The first divergence is the divergent gradient backward computes first, not the first in state_dict order.
-            Assert.Equal(report.GradientsInBackwardOrder.First(r => r.IsDivergent).Path, report.FirstDivergence);
-            Assert.NotEqual(divergent[0].Path, report.FirstDivergence);
-            Assert.Equal(report.FirstDivergenceRow!.Module, report.FirstDivergentModule);
+            // Everything that diverges without the rule is within rounding with it (the faithful-port test above).
+            // Whether some forward outputs diverge too depends on the CPU's kernels: with AVX2 and FMA none does; with
+            // ATEN_CPU_CAPABILITY=default (BatchNorm without fused multiply-adds) a few BatchNorm outputs do, and the
+            // first of them is then the first divergence. Without one, the first divergence is the divergent gradient
+            // backward computes first, not the first in state_dict order (conv1.weight, computed last).
+            if (!report.Modules.Any(r => r.IsDivergent))
+            {
+                Assert.Equal(report.GradientsInBackwardOrder.First(r => r.IsDivergent).Path, report.FirstDivergence);
+                Assert.NotEqual(divergent[0].Path, report.FirstDivergence);
+                Assert.Equal(report.FirstDivergenceRow!.Module, report.FirstDivergentModule);
+                Assert.Contains($"First divergence: {report.FirstDivergence} (gradient of {report.FirstDivergentModule})", report.ToString());
+            }
+            else
+            {
+                Assert.Equal(report.Modules.First(r => r.IsDivergent && r.InputsMatch != false).Path, report.FirstDivergence);
+            }
             // Backward order: fc first, the stem's conv1 last among the parameters, the input after everything.
             var order = report.GradientsInBackwardOrder.Select(r => r.Path).ToList();
             Assert.Equal(new[] { "fc.weight", "fc.bias" }, order.Take(2));
             Assert.Equal("input 0", order[^1]);
             Assert.Equal("conv1.weight", order[^2]);
             Assert.True(order.IndexOf("layer4.0.bn2.weight") < order.IndexOf("layer4.0.conv1.weight"));
-            Assert.Contains($"First divergence: {report.FirstDivergence} (gradient of {report.FirstDivergentModule})", report.ToString());
         }
 
         [Fact]
