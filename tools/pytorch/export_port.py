@@ -29,7 +29,6 @@ and every module called with keyword arguments is refused with ExportRefused, be
 has the rules.
 """
 import hashlib
-import importlib.util
 import inspect
 import keyword
 import linecache
@@ -50,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from record_parity import record  # noqa: E402
+from record_parity import build_from_spec, record  # noqa: E402
 
 
 class ExportRefused(Exception):
@@ -1261,11 +1260,7 @@ def _main(argv):
     if len(args) != 3 or ":" not in args[0]:
         print(__doc__)
         return 2
-    file, function = args[0].rsplit(":", 1)
-    spec = importlib.util.spec_from_file_location("port_subject", file)
-    subject = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(subject)
-    built = getattr(subject, function)()
+    built = build_from_spec(args[0])
     module, inputs = built[0], built[1]
     try:
         paths = export_port(module, inputs, args[1], args[2], namespace=options.get("namespace", "Ports"))

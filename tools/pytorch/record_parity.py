@@ -419,15 +419,21 @@ def record_training(model, optimizer, batches, loss_fn, path, scheduler=None, ma
     return metadata
 
 
+def build_from_spec(spec):
+    """Calls `function` of the Python file in a command line's `file.py:function` and returns what it built: `(module,
+    inputs)` or `(module, inputs, grad_output)`. Shared with export_port.py's command line."""
+    file, function = spec.rsplit(":", 1)
+    loader = importlib.util.spec_from_file_location("parity_subject", file)
+    subject = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(subject)
+    return getattr(subject, function)()
+
+
 def _main(argv):
     if len(argv) != 3 or ":" not in argv[1]:
         print(__doc__)
         return 2
-    file, function = argv[1].rsplit(":", 1)
-    spec = importlib.util.spec_from_file_location("parity_subject", file)
-    subject = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(subject)
-    built = getattr(subject, function)()
+    built = build_from_spec(argv[1])
     module, inputs = built[0], built[1]
     grad_output = built[2] if len(built) > 2 else None
     metadata = record(module, inputs, argv[2], grad_output)
