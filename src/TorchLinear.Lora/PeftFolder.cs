@@ -59,7 +59,6 @@ namespace TorchLinear.Lora
             var own = model.state_dict();
             var targetByPath = targets.ToDictionary(t => t.Path);
             var plan = new List<Step>();
-            var adaptedPaths = new HashSet<string>(targets.Select(t => t.Path).Concat(state?.Layers.Select(l => l.Path) ?? Enumerable.Empty<string>()), StringComparer.Ordinal);
             var keyOf = new Dictionary<string, string>(StringComparer.Ordinal);
             var copies = new List<(string Key, string Saved, string Wrapper, string Inner)>();
             foreach (var (key, tensor) in tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal))
@@ -121,7 +120,7 @@ namespace TorchLinear.Lora
                 }
                 // PEFT's layer holds the adapted Linear as base_layer: its bias is saved as <path>.base_layer.bias. Older
                 // folders (PEFT before its base_layer, this library before reading it) hold the plain <path>.bias.
-                if (BaseLayerName(name, adaptedPaths) is { } plain)
+                if (BaseLayerName(name) is { } plain)
                     name = plain;
                 if (!own.TryGetValue(name, out Tensor? destination))
                 {
@@ -206,18 +205,15 @@ namespace TorchLinear.Lora
             a.dtype == b.dtype && a.shape.SequenceEqual(b.shape) && Equivalence.Compare(a, b).BitExact;
 
         /// <summary>
-        /// The model's name for a file key's name under an adapted layer's <c>base_layer</c> (<c>q_proj.base_layer.bias</c>
-        /// → <c>q_proj.bias</c>), or null when the name is not under one.
+        /// The model's name for a bias saved under a layer's <c>base_layer</c> (<c>q_proj.base_layer.bias</c> →
+        /// <c>q_proj.bias</c>), or null for any other name. Only a bias: a folder never carries a base layer's weight, and
+        /// one that does is refused as naming nothing, never loaded over the pretrained weight. Any layer's: a folder saved
+        /// from a model where another adapter wrapped the layer holds its bias under base_layer too.
         /// </summary>
-        private static string? BaseLayerName(string name, HashSet<string> adaptedPaths)
+        private static string? BaseLayerName(string name)
         {
-            const string Part = ".base_layer.";
-            for (int at = name.IndexOf(Part, StringComparison.Ordinal); at > 0; at = name.IndexOf(Part, at + 1, StringComparison.Ordinal))
-            {
-                if (adaptedPaths.Contains(name[..at]))
-                    return name[..at] + "." + name[(at + Part.Length)..];
-            }
-            return null;
+            const string Part = ".base_layer.bias";
+            return name.EndsWith(Part, StringComparison.Ordinal) && name.Length > Part.Length ? name[..^Part.Length] + ".bias" : null;
         }
 
         /// <summary>The key PEFT saves a model tensor under: an adapted layer's own tensors are its <c>base_layer</c>'s.</summary>
@@ -293,7 +289,9 @@ namespace TorchLinear.Lora
                 }
             }
             var adaptedBiases = new HashSet<string>(state.Layers.Where(l => l.Find(entry.Name) is not null).Select(l => l.Path + ".bias"), StringComparer.Ordinal);
-            var adaptedPaths = new HashSet<string>(state.Layers.Select(l => l.Path), StringComparer.Ordinal);
+            // Under base_layer: the layers this adapter adapts, which PEFT's from_pretrained wraps when it loads the folder
+            // into a fresh base model (a layer only another adapter wraps keeps its plain key, which that model has).
+            var adaptedPaths = new HashSet<string>(state.Layers.Where(l => l.Find(entry.Name) is not null).Select(l => l.Path), StringComparer.Ordinal);
             foreach (var (name, parameter) in model.named_parameters())
             {
                 if (adapterParameters.Contains(parameter.Handle))

@@ -244,12 +244,15 @@ namespace TorchLinear.Lora.Tests
         }
 
         /// <summary>
-        /// How far a mixed batch's rows may be from the same row computed alone, or in the whole batch with its adapter
-        /// active: in units in the last place of the row's largest magnitude. A GEMM's rows depend in their last bits on
-        /// how many rows it multiplies (its kernels block the batch), and a mixed batch multiplies each adapter's rows apart,
-        /// as PEFT does, so no batched forward is bit for bit either way (docs/lora.md gives the measured figures).
+        /// How far a mixed batch's row may be from the exact result (the same model, weights and adapters in float64), in
+        /// multiples of how far the float32 computations it stands for are: the same row computed alone, and in the whole
+        /// batch with its adapter active. A GEMM's rows depend in their last bits on how many rows it multiplies (its
+        /// kernels block the batch), and a mixed batch multiplies each adapter's rows apart, as PEFT does, so no batched
+        /// forward is bit for bit either way, and by how much depends on the CPU's kernels. What does not: the same
+        /// arithmetic in another order has rounding errors of the same size. The factor is Parity's NoiseFactor rule
+        /// (docs/parity.md, "Rounding"), each error taken with one ULP of the row's largest value for its final rounding.
         /// </summary>
-        internal const double MixedRowUlps = 16;
+        internal const double MixedRowErrorFactor = 4;
 
         /// <summary>max |expected − actual| over a row, in ULPs of the row's largest |expected|.</summary>
         internal static double RowUlps(Tensor expected, Tensor actual)
@@ -259,10 +262,15 @@ namespace TorchLinear.Lora.Tests
             return (expected - actual).abs().max().item<float>() / ulp;
         }
 
-        /// <summary>Each row of <paramref name="mixed"/> against the model run on that row alone and on the whole batch with its adapter.</summary>
-        private static (double Alone, double Whole) MixedRowErrors(nn.Module<Tensor, Tensor> model, Tensor x, string[] rows, Tensor mixed)
+        /// <summary>
+        /// The largest, over the rows of <paramref name="mixed"/>, of its error against <paramref name="exact"/> divided by
+        /// the larger error of the same row computed alone or in the whole batch with its adapter (each plus one ULP of the
+        /// row's largest value), with where it was.
+        /// </summary>
+        private static (double Ratio, string Where) MixedRowErrors(nn.Module<Tensor, Tensor> model, Tensor x, string[] rows, Tensor mixed, Tensor exact)
         {
-            double alone = 0, whole = 0;
+            double worst = 0;
+            string where = "";
             for (int row = 0; row < rows.Length; row++)
             {
                 using var rowScope = NewDisposeScope();
@@ -281,10 +289,30 @@ namespace TorchLinear.Lora.Tests
                     wholeBatch = Run(model, x);
                     oneRow = Run(model, x.narrow(0, row, 1));
                 }
-                alone = Math.Max(alone, RowUlps(oneRow[0], mixed[row]));
-                whole = Math.Max(whole, RowUlps(wholeBatch[row], mixed[row]));
+                Tensor truth = exact[row];
+                double Error(Tensor value) => (value.to(ScalarType.Float64) - truth).abs().max().item<double>();
+                float scale = (float)truth.abs().max().item<double>();
+                double ulp = MathF.BitIncrement(scale) - scale;
+                double mixedError = Error(mixed[row]), aloneError = Error(oneRow[0]), wholeError = Error(wholeBatch[row]);
+                double ratio = mixedError / (Math.Max(aloneError, wholeError) + ulp);
+                if (ratio > worst)
+                {
+                    worst = ratio;
+                    where = $"row {row} ({rows[row]}): mixed {mixedError:G3}, alone {aloneError:G3}, whole batch {wholeError:G3} from exact ({RowUlps(oneRow[0], mixed[row]):F1} ULP from the row alone)";
+                }
             }
-            return (alone, whole);
+            return (worst, where);
+        }
+
+        /// <summary>The float64 twin of <see cref="ThreeAdapters"/>: the port converted before its adapters are loaded.</summary>
+        private static nn.Module<Tensor, Tensor> ThreeAdapters64()
+        {
+            var model = Pretrained("named");
+            model.to(ScalarType.Float64);
+            LoraModel.load_adapter(model, Named);
+            LoraModel.load_adapter(model, Path.Combine(Named, "other"), "other");
+            LoraModel.load_adapter(model, Path.Combine(Named, "third"), "third");
+            return model;
         }
 
         [Fact]
@@ -293,30 +321,41 @@ namespace TorchLinear.Lora.Tests
             using var scope = NewDisposeScope();
             var cases = Cases("named");
             using var model = ThreeAdapters();
+            using var model64 = ThreeAdapters64();
             var x = cases["input"];
-            Tensor mixed;
+            Tensor mixed, exact;
             using (LoraModel.mixed_batch(model, MixedRows))
                 mixed = Run(model, x);
-            var (alone, whole) = MixedRowErrors(model, x, MixedRows, mixed);
-            Assert.True(alone <= MixedRowUlps && whole <= MixedRowUlps, $"rows differ by up to {alone:F1} ULP from the row alone and {whole:F1} from the batch with its adapter; the bound is {MixedRowUlps}");
+            using (LoraModel.mixed_batch(model64, MixedRows))
+                exact = Run(model64, x.to(ScalarType.Float64));
+            var (ratio, where) = MixedRowErrors(model, x, MixedRows, mixed, exact);
+            Assert.True(ratio <= MixedRowErrorFactor, $"a mixed row's error is {ratio:F2} times the row's own alone or in its batch, above {MixedRowErrorFactor}: {where}");
 
             // The benchmark's shape: four 512-wide layers, 64 rows over 8 adapters and the base model, rows interleaved;
             // r = 8 takes the stacked products, r = 16 one pair of products per adapter (AdaptedLayer.Stacks). (Random
             // data: compared in the test, never snapshotted.)
             foreach (int rank in new[] { 8, 16 })
             {
-                manual_seed(0);
-                using var wide = nn.Sequential(("0", nn.Linear(512, 512)), ("1", nn.ReLU()), ("2", nn.Linear(512, 512)), ("3", nn.ReLU()),
-                                               ("4", nn.Linear(512, 512)), ("5", nn.ReLU()), ("6", nn.Linear(512, 512)));
                 var names = Enumerable.Range(0, 8).Select(i => i == 0 ? LoraModel.DefaultAdapter : $"adapter{i}").ToArray();
-                foreach (string name in names)
-                    LoraModel.inject(wide, new LoraConfig { r = rank, lora_alpha = 2 * rank, target_modules_regex = "all-linear" }, name);
+                nn.Module<Tensor, Tensor> Wide(ScalarType dtype)
+                {
+                    var wide = nn.Sequential(("0", nn.Linear(512, 512)), ("1", nn.ReLU()), ("2", nn.Linear(512, 512)), ("3", nn.ReLU()),
+                                             ("4", nn.Linear(512, 512)), ("5", nn.ReLU()), ("6", nn.Linear(512, 512)));
+                    wide.to(dtype);
+                    foreach (string name in names)
+                        LoraModel.inject(wide, new LoraConfig { r = rank, lora_alpha = 2 * rank, target_modules_regex = "all-linear" }, name);
+                    wide.eval();
+                    return wide;
+                }
+                manual_seed(0);
+                using var wide = Wide(ScalarType.Float32);
                 using (no_grad())
                 {
                     foreach (var (_, parameter) in wide.named_parameters().Where(p => p.name.Contains(".lora_B.", StringComparison.Ordinal)))
                         parameter.normal_(0, 0.05);
                 }
-                wide.eval();
+                using var wide64 = Wide(ScalarType.Float64);
+                wide64.load_state_dict(wide.state_dict());  // TorchSharp's copy_ widens every float32 value exactly
                 var rows = Enumerable.Range(0, 64).Select(r => r % 9 == 8 ? LoraModel.BaseModel : names[r % 9]).ToArray();
                 var input = randn(64, 512);
                 using (LoraModel.mixed_batch(wide, rows))
@@ -324,11 +363,13 @@ namespace TorchLinear.Lora.Tests
                     mixed = Run(wide, input);
                     Assert.True(Equivalence.Compare(mixed, wide.call(input)).BitExact, "the same in grad mode");
                 }
-                (alone, whole) = MixedRowErrors(wide, input, rows, mixed);
-                Assert.True(alone <= MixedRowUlps && whole <= MixedRowUlps, $"r = {rank}: rows differ by up to {alone:F1} ULP from the row alone and {whole:F1} from the batch with its adapter; the bound is {MixedRowUlps}");
-                // Every row got its own adapter's term: another adapter's output is far outside the bound.
+                using (LoraModel.mixed_batch(wide64, rows))
+                    exact = Run(wide64, input.to(ScalarType.Float64));
+                (ratio, where) = MixedRowErrors(wide, input, rows, mixed, exact);
+                Assert.True(ratio <= MixedRowErrorFactor, $"r = {rank}: a mixed row's error is {ratio:F2} times the row's own alone or in its batch, above {MixedRowErrorFactor}: {where}");
+                // Every row got its own adapter's term: another adapter's output is another function, thousands of ULP away.
                 LoraModel.set_adapter(wide, names[1]);
-                Assert.True(RowUlps(Run(wide, input)[0], mixed[0]) > 100 * MixedRowUlps, $"r = {rank}: row 0 is adapter default's, not adapter1's");
+                Assert.True(RowUlps(Run(wide, input)[0], mixed[0]) > 1000, $"r = {rank}: row 0 is adapter default's, not adapter1's");
             }
         }
 

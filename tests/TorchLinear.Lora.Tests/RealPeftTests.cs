@@ -115,6 +115,65 @@ namespace TorchLinear.Lora.Tests
             }
         }
 
+        [Fact]
+        public void ABaseLayersWeightInAFolder_IsRefused_NeverLoadedOverThePretrainedWeight()
+        {
+            using var scope = NewDisposeScope();
+            string folder = Directory.CreateTempSubdirectory("torchlinear-realpeft-weight-").FullName;
+            try
+            {
+                File.Copy(Path.Combine(Folder, "bias_all", "adapter_config.json"), Path.Combine(folder, "adapter_config.json"));
+                var tensors = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "bias_all", "adapter_model.safetensors"));
+                tensors["base_model.model.0.base_layer.weight"] = zeros(32, 16);
+                Safetensors.SaveStateDict(Path.Combine(folder, "adapter_model.safetensors"), tensors);
+                using var model = Base();
+                var before = Ports.Bits(model);
+                var error = Assert.Throws<InvalidOperationException>(() => LoraModel.load_adapter(model, folder));
+                Assert.Contains("'base_model.model.0.base_layer.weight' names no parameter or buffer", error.Message);
+                Assert.Equal(before, Ports.Bits(model));
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        [Fact]
+        public void ABiasAdapterSavedBesideAnotherAdapter_KeepsThePlainKeyOfALayerOnlyTheOtherAdapts_AndLoadsIntoAFreshModel()
+        {
+            using var scope = NewDisposeScope();
+            string folder = Directory.CreateTempSubdirectory("torchlinear-realpeft-two-").FullName;
+            try
+            {
+                using var model = Base();
+                // Another adapter, without a bias, wraps layer 2; the saved adapter adapts layer 0 and trains every bias.
+                LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "2" } }, "other");
+                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0" }, bias = "all" });
+                using (no_grad())
+                {
+                    foreach (var (key, parameter) in model.named_parameters().Where(p => p.name.EndsWith("bias", StringComparison.Ordinal) || p.name.Contains(".default.", StringComparison.Ordinal)))
+                        parameter.add_(0.25);
+                }
+                LoraModel.set_adapter(model, LoraModel.DefaultAdapter);
+                LoraModel.save_adapter(model, folder, new[] { LoraModel.DefaultAdapter });
+                var keys = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors")).Keys.OrderBy(k => k, StringComparer.Ordinal);
+                // PEFT's from_pretrained on a fresh base model wraps layer 0 only: 0's bias under base_layer, 2's plain.
+                Assert.Equal(new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight", "base_model.model.2.bias" }, keys);
+                using var fresh = Base();
+                LoraModel.load_adapter(fresh, folder);
+                using var x = Cases()["input"];
+                using (LoraModel.disable_adapters(model))
+                using (LoraModel.disable_adapters(fresh))
+                    Assert.True(Equivalence.Compare(Ports.Run(model, x), Ports.Run(fresh, x)).BitExact, "the trained biases came back");
+                LoraModel.delete_adapter(model, "other");
+                Assert.True(Equivalence.Compare(Ports.Run(model, x), Ports.Run(fresh, x)).BitExact, "the adapter came back");
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
         // ---- The way back: folders written here, loaded by real PEFT ------------------------------------------------
 
         /// <summary>
