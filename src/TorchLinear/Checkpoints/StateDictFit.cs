@@ -156,7 +156,9 @@ namespace TorchLinear
             var result = loaded.to(target);
             long lost;
             if (KindOf(target) == Kind.Integer)
-                lost = result.to(loaded.dtype).ne(loaded).sum().item<long>();
+                // Compared as int64, which holds every value of every integer dtype: a round trip through the target
+                // would miss a wrap that comes back (int8 -1 -> uint8 255 -> int8 -1).
+                lost = result.to(ScalarType.Int64).ne(loaded.to(ScalarType.Int64)).sum().item<long>();
             else
                 lost = loaded.isfinite().logical_and(result.isfinite().logical_not()).sum().item<long>();
             if (lost > 0)

@@ -283,10 +283,23 @@ namespace TorchLinear.Tests
             error = Refused(net, () => StateDicts.LoadChecked(net, across, options: options));
             Assert.Contains("'stem_bn.num_batches_tracked' is Float32, this module's is Int64 (not converted: Float32 to Int64 is a conversion between kinds", error.Message);
 
+            // An integer that wraps into the target and back (int8 -1 is uint8 255, uint8 200 is int8 -56) is lost too.
+            using var flags = new ByteBuffer();
+            error = Refused(flags, () => StateDicts.LoadChecked(flags, new Dictionary<string, Tensor> { ["flags"] = tensor(new sbyte[] { -1, 0, 1 }) }, options: options));
+            Assert.Contains("'flags' is Int8, this module's is Byte (not converted: 1 of its values do not fit in Byte)", error.Message);
+            StateDicts.LoadChecked(flags, new Dictionary<string, Tensor> { ["flags"] = tensor(new sbyte[] { 7, 0, 1 }) }, options: options);
+            Assert.Equal(new byte[] { 7, 0, 1 }, flags.get_buffer("flags")!.data<byte>().ToArray());
+
             // Without the option, the same float tensor for an integer buffer: no option converts it, and none is offered.
             error = Refused(net, () => StateDicts.LoadChecked(net, across));
             Assert.Contains("which no option converts", error.Message);
             Assert.DoesNotContain("CastDtypes = true", error.Message);
+        }
+
+        /// <summary>A module whose one state entry is a uint8 buffer.</summary>
+        private sealed class ByteBuffer : nn.Module
+        {
+            public ByteBuffer() : base(nameof(ByteBuffer)) => register_buffer("flags", zeros(3, dtype: ScalarType.Byte));
         }
 
         // ---- A checkpoint from before num_batches_tracked ---------------------------------------------------------
