@@ -171,5 +171,32 @@ namespace TorchLinear.Tests
             Assert.All(report.Modules, r => Assert.True(r.IsClose, r.Path));
             Assert.Equal("head.weight", report.FirstDivergence);
         }
+
+        /// <summary>The port of make_v2.py's Twice: x * 2, exact.</summary>
+        private sealed class Twice : nn.Module<Tensor, Tensor>
+        {
+            public Twice() : base(nameof(Twice)) { }
+
+            public override Tensor forward(Tensor x) => x * 2;
+        }
+
+        [Theory]
+        [InlineData("boundary_3.996.parity.pt", ParityStatus.WithinRounding)]
+        [InlineData("boundary_4.008.parity.pt", ParityStatus.Diverged)]
+        public void TheRoundingRule_AdmitsUpToNoiseFactorTimesPyTorchsOwnError_AndNoMore(string file, ParityStatus expected)
+        {
+            // The recorded output was moved by hand by 3.996 or 4.008 times the noise recorded beside it (2^-12), all
+            // exact in float32: either side of the default NoiseFactor 4.
+            using var port = new Twice();
+            port.eval();
+            var report = Parity.Replay(port, Path.Combine(Folder, file));
+            ParityRow root = report.Modules.Single(r => r.Path == "(model)");
+            Assert.Equal(expected, root.Status);
+            Assert.Equal(4 * Math.Pow(2, -12), root.NoiseBound);
+            Assert.Equal(ParityOptions.DefaultNoiseFactor * Math.Pow(2, -12), root.NoiseBound);
+            // Without the rule both are divergences (about 1e-3 apart, where assert_close allows 1e-5).
+            var off = Parity.Replay(port, Path.Combine(Folder, file), new ParityOptions { NoiseFactor = 0 });
+            Assert.Equal(ParityStatus.Diverged, off.Modules.Single(r => r.Path == "(model)").Status);
+        }
     }
 }
