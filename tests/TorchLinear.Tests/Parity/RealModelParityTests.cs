@@ -72,17 +72,6 @@ namespace TorchLinear.Tests
             field.SetValue(parent, replacement);
         }
 
-        /// <summary>
-        /// The rounding rule's margin on a faithful port: every compared value is within <c>NoiseFactor / 1.5</c> ×
-        /// PyTorch's own rounding error (measured at most 2.19 ×, docs/parity.md), so a CPU that rounds a little
-        /// differently still passes.
-        /// </summary>
-        private static void AssertMargin(ParityReport report)
-        {
-            foreach (var row in report.Modules.Concat(report.Gradients).Where(r => r.NoiseBound is not null))
-                Assert.True(row.MaxAbs <= row.NoiseBound!.Value / 1.5, $"{row.Path}: max |diff| {row.MaxAbs:G3} against the bound {row.NoiseBound:G3}");
-        }
-
         private static string Rows(ParityReport report) =>
             string.Join(Environment.NewLine, report.Modules.Concat(report.Gradients).Where(r => !r.IsClose).Select(r => $"{r.Path}: {r.Status} {r.Detail}"));
 
@@ -99,7 +88,6 @@ namespace TorchLinear.Tests
             Assert.Equal(39, report.Gradients.Count);
             Assert.All(report.Gradients, r => Assert.True(r.IsClose, $"{r.Path}: {r.Status}"));
             Assert.Contains(report.Gradients, r => r.Status == ParityStatus.WithinRounding && r.NoiseBound is > 0);
-            AssertMargin(report);
             // Forward: every recorded call but the second ReLU of each block was compared (TorchVision.NET applies it functionally).
             var compared = report.Modules.Where(r => r.Status is ParityStatus.BitExact or ParityStatus.Close or ParityStatus.WithinRounding).ToList();
             Assert.Equal(48 - 8, compared.Count);
@@ -186,7 +174,6 @@ namespace TorchLinear.Tests
                          report.Gradients.Count);
             // The in-place ReLU6: its recorded input, copied before the call, holds negatives; the port's too.
             Assert.True(report.Modules.Single(r => r.Path == "features.0.2").InputsMatch);
-            AssertMargin(report);
             // Without the rounding rule, the faithful port's forward diverges (in features.13, whose inputs match).
             Assert.Contains(Parity.Replay(port, _recordings.MobileNet, new ParityOptions { NoiseFactor = 0 }).Modules, r => r.IsDivergent);
         }
