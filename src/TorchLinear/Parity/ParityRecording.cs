@@ -57,7 +57,9 @@ namespace TorchLinear
                 : new Dictionary<string, double>();
             NoiseReference = Optional(metadata, "noise_reference") is { ValueKind: JsonValueKind.String } reference ? reference.GetString() : null;
             NoiseUnavailable = Optional(metadata, "noise_unavailable") is { ValueKind: JsonValueKind.String } why ? why.GetString() : null;
-            OutputIndex = Optional(metadata, "output_index") is { ValueKind: JsonValueKind.Number } index ? index.GetInt32() : 0;
+            OutputIndex = Optional(metadata, "output_index") is { ValueKind: JsonValueKind.Number } index
+                ? index.TryGetInt32(out int at) && at >= 0 ? at : throw new InvalidOperationException($"output_index {index.GetRawText()} is not an index of the root's output tensors")
+                : 0;
             foreach (var call in metadata.GetProperty("calls").EnumerateObject())
             {
                 var names = (call.Value.GetProperty("inputs").EnumerateArray().Select(e => e.GetString()!).ToList(),

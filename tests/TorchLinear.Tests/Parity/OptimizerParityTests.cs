@@ -272,10 +272,11 @@ namespace TorchLinear.Tests
                     worst = Math.Max(worst, Math.Abs(BitConverter.SingleToInt32Bits(exact) - BitConverter.SingleToInt32Bits(roots[i])));
                 }
             }
-            // How many round the other way is a measurement (17,040 on an AVX-512 machine, about as many here, docs/parity.md),
-            // not a bound: asserted are the two facts the optimizers' distances rest on, some do, and by one ULP at most.
-            Assert.InRange(wrong, 1, values.Length);
-            Assert.Equal(1, worst);
+            // How many round the other way is a measurement of MKL's vsSqrt on a CPU (17,040 on an AVX-512 machine, about
+            // as many here, docs/parity.md), not a bound, and a kernel that rounds correctly would give none: asserted is the
+            // fact the optimizers' distances rest on, that a miss is by one ULP at most.
+            Assert.InRange(wrong, 0, values.Length);
+            Assert.InRange(worst, 0, 1);
         }
 
         [Fact]

@@ -181,6 +181,7 @@ namespace TorchLinear.Tests
             var exact = Parity.Replay(port, Transformer, new ParityOptions { Rtol = 0, Atol = 0, NoiseFactor = 0 });
             Assert.NotNull(exact.FirstDivergence);
             int first = exact.Modules.ToList().FindIndex(r => r.Path == exact.FirstDivergence);
+            Assert.True(first >= 0, $"the first divergence {exact.FirstDivergence} is no call: every output was bit-exact");
             Assert.All(exact.Modules.Take(first), r => Assert.Equal(ParityStatus.BitExact, r.Status));
             Assert.Equal(ParityStatus.Diverged, exact.Modules[first].Status);
             // ...and a module-specific exact tolerance fails there, while the rest keep the defaults.

@@ -198,5 +198,28 @@ namespace TorchLinear.Tests
             var off = Parity.Replay(port, Path.Combine(Folder, file), new ParityOptions { NoiseFactor = 0 });
             Assert.Equal(ParityStatus.Diverged, off.Modules.Single(r => r.Path == "(model)").Status);
         }
+
+        [Fact]
+        public void ARecordingWhoseOutputIndexIsNoIndex_IsRefusedNamingTheFile()
+        {
+            var tensors = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "two_inputs.parity.pt"));
+            string json = System.Text.Encoding.UTF8.GetString(tensors["metadata"].bytes).Replace("\"output_index\": 0", "\"output_index\": -1");
+            Assert.Contains("\"output_index\": -1", json);
+            tensors["metadata"] = tensor(System.Text.Encoding.UTF8.GetBytes(json));
+            string file = Path.Combine(Path.GetTempPath(), $"torchlinear-output-index-{Environment.ProcessId}.safetensors");
+            try
+            {
+                TorchSharp.PyBridge.Safetensors.SaveStateDict(file, tensors);
+                var error = Assert.Throws<CheckpointFormatException>(() => ParityRecording.Load(file));
+                Assert.Contains(file, error.Message);
+                Assert.Contains("output_index -1 is not an index of the root's output tensors", error.Message);
+            }
+            finally
+            {
+                File.Delete(file);
+                foreach (var t in tensors.Values)
+                    t.Dispose();
+            }
+        }
     }
 }

@@ -68,10 +68,12 @@ namespace TorchLinear.Tests
             // Excused as gradient noise: only update elements beyond the default tolerance (how many is the CPU's
             // kernels' business: no count is asserted), and each of those the arithmetic explains (AuditUpdates): a
             // key-bias element, whose gradient is rounding noise, or one whose update differs by no more than its
-            // gradients' difference can move AdamW's step. At least one per step: the two libraries' key-bias noise
-            // differs, and Adam turns it into steps of ordinary size, so the rule is exercised at every step.
+            // gradients' difference can move AdamW's step. Some over the run: the two libraries' key-bias noise differs
+            // (no two kernels share it), and Adam turns it into steps of ordinary size, so the rule is exercised; how many
+            // a step is the CPU's business.
             Assert.Equal(20, steps.Count);
-            Assert.All(report.Steps, row => Assert.InRange(row.ExcusedUpdateElements, 1, steps[row.Step].BeyondTolerance));
+            Assert.All(report.Steps, row => Assert.InRange(row.ExcusedUpdateElements, 0, steps[row.Step].BeyondTolerance));
+            Assert.True(report.Steps.Sum(row => row.ExcusedUpdateElements) > 0, "no update element was excused as gradient noise");
             Assert.Empty(steps.SelectMany(audit => audit.Unexplained));
             // The forward of every step is compared module by module: wte, wpe, 10 calls in each of the 2 blocks (ln_1,
             // c_attn, c_proj, attn, ln_2, c_fc, act, c_proj, mlp, the block), ln_f, lm_head and the model: 25.
