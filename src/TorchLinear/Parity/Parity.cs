@@ -408,7 +408,7 @@ namespace TorchLinear
             if (actualMissing)
                 return new ParityRow(name, "gradient", ParityStatus.Diverged, null, 0, 0, 0, $"{name} has a gradient in PyTorch but the port's output does not depend on it.");
             if (expected is null)
-                return new ParityRow(name, "gradient", ParityStatus.NotRecorded, null, 0, 0, 0, $"{name} has no recorded gradient (PyTorch's output did not depend on it).");
+                return new ParityRow(name, "gradient", ParityStatus.NotRecorded, null, 0, 0, 0, $"{name} has no recorded gradient: PyTorch's output did not depend on it, or PyTorch did not differentiate it (requires_grad off there: the port trains a parameter PyTorch froze?).");
             var (status, scan, failure, bound) = Compare(actual!, expected, tolerance, options, noise);
             return Row(name, "gradient", status, scan, failure, bound, null);
         }
