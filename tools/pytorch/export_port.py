@@ -564,6 +564,10 @@ class Translator:
                 yexpr = self.config_value(y.const, "floor_divide_by") if y.const is not None else y.expr
                 self.set(node, "long", f"{x.expr} / {yexpr}", nonneg=True, statement_type="long")
                 return
+            if op == "remainder" and not (x.nonneg and y.nonneg):
+                # Python's % floors, C#'s truncates: they agree only on numbers that are not negative.
+                self.refuse(node, "aten::remainder of numbers that may be negative")
+                return
             if op in ("add", "sub") and len(a) > 2 and a[2].const not in (1, None):
                 self.refuse(node, f"aten::{op} of numbers with alpha")
                 return
@@ -1158,6 +1162,9 @@ def second_inputs(model, inputs, seed=1234):
                 if _run_ok(model, candidate):
                     shapes = trial
                     break
+    if shapes == [list(t.shape) for t in inputs]:
+        warnings.warn("export_port: the model accepts no input dimension at another size, so the second trace runs at the "
+                      "example's shape and cannot find a shape the trace froze (values still differ)")
     return tuple(draw(t, s) for t, s in zip(inputs, shapes))
 
 
