@@ -287,13 +287,19 @@ class Translator:
 
     # -- naming
     def canonical(self):
-        """The forward with its locals renamed in order of definition: instances of one class whose tracer-given names
-        differ (a value named after the module it flows into) still group together; the first instance's names are
-        written."""
+        """The forward with its inputs and locals renamed in order of definition: instances of one class whose
+        tracer-given names differ (a value named after the module it flows into, an input named after the caller's
+        variable) still group together; the first instance's names are written."""
         mapping = {name: f"v{i}" for i, name in enumerate(self.locals)}
         pattern = re.compile(r"\b(" + "|".join(map(re.escape, self.locals)) + r")\b") if self.locals else None
-        lines = tuple(pattern.sub(lambda m: mapping[m.group(1)], line) if pattern else line for line in self.lines)
-        return lines, pattern.sub(lambda m: mapping[m.group(1)], self.result or "") if pattern else self.result
+
+        def rename(line):
+            # The code only: a line's comment quotes the Python source, whose names are not the C# locals.
+            code, sep, comment = line.partition("  // ")
+            return pattern.sub(lambda m: mapping[m.group(1)], code) + sep + comment
+
+        lines = tuple(rename(line) if pattern else line for line in self.lines)
+        return lines, rename(self.result or "") if pattern else self.result
 
     def fresh(self, debug):
         base = debug.split(".")[0] if not debug.split(".")[0].isdigit() else "t"
@@ -808,7 +814,7 @@ class Exporter:
         d.slots = body.slots
         d.sig = ("gen", type(module).__name__, tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in params),
                  tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in buffers),
-                 tuple((f, n, cd.sig) for f, n, cd, _ in parts), tr.canonical(), tuple(tr.input_names),
+                 tuple((f, n, cd.sig) for f, n, cd, _ in parts), tr.canonical(), len(tr.input_names),
                  tuple((s[0], s[2]) for s in body.slots))
         return d
 

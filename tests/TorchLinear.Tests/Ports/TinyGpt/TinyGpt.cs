@@ -134,47 +134,12 @@ namespace TorchLinear.Tests.Ports.TinyGpt
         }
     }
 
-    /// <summary>PyTorch's <c>Block</c> (tiny_gpt.Block), written from its traced forward.</summary>
-    public sealed class Block_2 : nn.Module<Tensor, Tensor>
-    {
-        private readonly TorchSharp.Modules.LayerNorm ln_1;
-        private readonly CausalSelfAttention attn;
-        private readonly TorchSharp.Modules.LayerNorm ln_2;
-        private readonly Mlp mlp;
-
-        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
-        public Block_2() : base("Block")
-        {
-            ln_1 = nn.LayerNorm(12, eps: 1e-05, elementwise_affine: true);
-            register_module("ln_1", ln_1);
-            attn = new CausalSelfAttention();
-            register_module("attn", attn);
-            ln_2 = nn.LayerNorm(12, eps: 1e-05, elementwise_affine: true);
-            register_module("ln_2", ln_2);
-            mlp = new Mlp();
-            register_module("mlp", mlp);
-        }
-
-        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
-        public override Tensor forward(Tensor x)
-        {
-            using var scope = NewDisposeScope();
-            Tensor t = ln_1.call(x);
-            Tensor t2 = attn.call(t);
-            Tensor t3 = x.add(t2);  // tiny_gpt.py:56: x = x + self.attn(self.ln_1(x))
-            Tensor t4 = ln_2.call(t3);
-            Tensor t5 = mlp.call(t4);
-            Tensor t6 = t3.add(t5);  // tiny_gpt.py:57: return x + self.mlp(self.ln_2(x))
-            return t6.MoveToOuterDisposeScope();
-        }
-    }
-
     /// <summary>The exported model (tiny_gpt.TinyGpt), written from its traced forward.</summary>
     public sealed class TinyGpt : nn.Module<Tensor, Tensor>
     {
         private readonly TorchSharp.Modules.Embedding wte;
         private readonly TorchSharp.Modules.Embedding wpe;
-        private readonly TorchSharp.Modules.ModuleList<nn.Module<Tensor, Tensor>> h;
+        private readonly TorchSharp.Modules.ModuleList<Block> h;
         private readonly TorchSharp.Modules.LayerNorm ln_f;
         private readonly CustomLinear lm_head;
 
@@ -185,7 +150,7 @@ namespace TorchLinear.Tests.Ports.TinyGpt
             register_module("wte", wte);
             wpe = nn.Embedding(6, 12);
             register_module("wpe", wpe);
-            h = new TorchSharp.Modules.ModuleList<nn.Module<Tensor, Tensor>>(new Block(), new Block_2());
+            h = new TorchSharp.Modules.ModuleList<Block>(new Block(), new Block());
             register_module("h", h);
             ln_f = nn.LayerNorm(12, eps: 1e-05, elementwise_affine: true);
             register_module("ln_f", ln_f);
