@@ -66,6 +66,9 @@ namespace TorchLinear.Lora.Tests
         [InlineData("named/third")]
         [InlineData("dora")]
         [InlineData("embedding")]
+        [InlineData("../RealPeft/bias_all")]
+        [InlineData("../RealPeft/bias_lora_only")]
+        [InlineData("../RealPeft/bias_all_saved")]
         public void EveryReferenceFolder_WasWrittenByRealPeft0181(string adapter)
         {
             // save_pretrained writes its version into the config; the project's own writer (LoraConfig.save) does not
