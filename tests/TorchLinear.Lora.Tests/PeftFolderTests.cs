@@ -114,8 +114,8 @@ namespace TorchLinear.Lora.Tests
                 // PEFT's folder, key for key and bit for bit. With bias = "lora_only" PEFT 0.18.1 saves no bias; this
                 // library saves the biases that mode trains, under PEFT's key <path>.base_layer.bias (a difference listed
                 // in docs/lora.md): here the pretrained ones, as nothing trained them.
-                var config0 = LoraConfig.load(Path.Combine(Folder, adapter));
-                var added = config0.bias == "lora_only" ? adapted.Select(p => $"base_model.model.{p}.base_layer.bias").ToArray() : Array.Empty<string>();
+                var peftConfig = LoraConfig.load(Path.Combine(Folder, adapter));
+                var added = peftConfig.bias == "lora_only" ? adapted.Select(p => $"base_model.model.{p}.base_layer.bias").ToArray() : Array.Empty<string>();
                 Assert.Equal(before.Keys.Concat(added).OrderBy(k => k, StringComparer.Ordinal), after.Keys.OrderBy(k => k, StringComparer.Ordinal));
                 foreach (var (key, tensor) in before)
                 {
