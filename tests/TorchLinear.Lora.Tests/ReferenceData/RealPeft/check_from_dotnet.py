@@ -74,18 +74,25 @@ def hashes(folder):
 
 
 def load(build, folder, others):
-    """PeftModel.from_pretrained of the folder on a fresh model, the other adapters with load_adapter; the adapter keys
-    PEFT did not use and the adapter tensors of its model the folder did not give."""
+    """The model whose outputs are compared: PeftModel.from_pretrained of the folder on a fresh model, the other adapters
+    with load_adapter, nothing loaded twice."""
     model = PeftModel.from_pretrained(build(), folder)
     for name in others:
         model.load_adapter(os.path.join(folder, name), adapter_name=name)
-    model.eval()
+    return model.eval()
+
+
+def key_check(build, folder, others):
+    """On a separate instance loaded the same way: the adapter keys PEFT did not use and the adapter tensors of its model
+    the folder did not give (from_pretrained discards its load result; set_peft_model_state_dict is what its load_adapter
+    calls, with the same arguments)."""
+    model = load(build, folder, others)
     unexpected, missing = [], []
     for name, path in [("default", folder)] + [(n, os.path.join(folder, n)) for n in others]:
         result = set_peft_model_state_dict(model, load_peft_weights(path), adapter_name=name)
         unexpected += sorted(result.unexpected_keys)
         missing += sorted(k for k in result.missing_keys if f".{name}" in k and ("lora_" in k or "modules_to_save" in k))
-    return model, unexpected, missing
+    return unexpected, missing
 
 
 def plain_key_control(build, folder, x, expected):
@@ -114,7 +121,8 @@ def main():
         build, input_key, others, comparisons = CASES[name]
         folder = os.path.join(FROM_DOTNET, name)
         x = outputs[input_key]
-        model, unexpected, missing = load(build, folder, others)
+        model = load(build, folder, others)
+        unexpected, missing = key_check(build, folder, others)
         case = {"name": name, "files": hashes(folder), "checks": []}
         for what, adapter, rows in comparisons:
             key = name if what == "default" and not others else f"{name}/{what}"
