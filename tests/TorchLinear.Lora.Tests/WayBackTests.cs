@@ -16,9 +16,10 @@ namespace TorchLinear.Lora.Tests
     /// The way back: adapter folders written by this library (ReferenceData/RealPeft/from_dotnet), loaded by real PEFT
     /// 0.18.1's <c>PeftModel.from_pretrained</c> / <c>load_adapter</c> in <c>check_from_dotnet.py</c> (run by hand), which
     /// compares PEFT's outputs with the ones .NET computed (<c>from_dotnet/outputs.safetensors</c>) and writes
-    /// <c>from_dotnet/results.json</c> with the sha256 of every file it checked. This test fails on any disagreement PEFT
-    /// found, on a folder the results do not cover, on a results file older than the folders, and when the library now
-    /// writes other tensors or computes other outputs than the ones PEFT checked.
+    /// <c>from_dotnet/results.json</c> with the sha256 of every file it checked and its own. This test fails on any
+    /// disagreement PEFT found, on a folder the results do not cover, on a results file older than the folders or the
+    /// script, on a case whose checks are not the expected ones, and when the library now writes other tensors or
+    /// computes other outputs than the ones PEFT checked.
     /// Rewrite the folders with <c>TORCHLINEAR_WRITE_FROM_DOTNET=1 dotnet test tests/TorchLinear.Lora.Tests --filter WayBack</c>,
     /// then run <c>check_from_dotnet.py</c> (its docstring) and commit both.
     /// </summary>
@@ -34,6 +35,16 @@ namespace TorchLinear.Lora.Tests
         internal static readonly string[] CaseNames = { "plain", "rslora", "dora", "embedding", "named", "bias_all", "bias_lora_only" };
 
         internal static readonly string[] NamedMixedRows = { "third", LoraModel.BaseModel, "default", "third" };
+
+        /// <summary>
+        /// The comparisons check_from_dotnet.py must have made for a case, in its order, with the key of the .NET output
+        /// each compared: one "default" (output &lt;case&gt;) unless listed here (outputs &lt;case&gt;/&lt;what&gt;).
+        /// </summary>
+        private static (string What, string Output)[] ExpectedChecks(string name) => name switch
+        {
+            "named" => new[] { ("default", "named/default"), ("third", "named/third"), ("mixed", "named/mixed") },
+            _ => new[] { ("default", name) },
+        };
 
         /// <summary>
         /// Sets every selected parameter to small exact values (multiples of 1/64, different for each parameter), as if
@@ -224,6 +235,10 @@ namespace TorchLinear.Lora.Tests
             var results = JsonNode.Parse(File.ReadAllText(Path.Combine(Committed, "results.json")))!.AsObject();
             Assert.Equal("0.18.1", (string?)results["peft"]);
             Assert.Equal("all matched", (string?)results["result"]);
+            // The results are the committed script's: a script changed (a check loosened, a case dropped) fails here until
+            // it is rerun.
+            Assert.True(Sha256(Path.Combine(RealPeft, "check_from_dotnet.py")) == (string?)results["script_sha256"],
+                        "check_from_dotnet.py changed since it wrote results.json: rerun it");
             // The results are of these very files: a folder rewritten after the check fails here until it is checked again.
             Assert.Equal(Hashes(Committed)["outputs.safetensors"], (string?)results["outputs_sha256"]);
             var cases = results["cases"]!.AsArray().Select(c => c!.AsObject()).ToDictionary(c => (string)c["name"]!);
@@ -237,14 +252,16 @@ namespace TorchLinear.Lora.Tests
                 Assert.True(now.Count == recorded.Count && now.All(kv => recorded.TryGetValue(kv.Key, out var sha) && sha == kv.Value),
                             $"from_dotnet/{name} is not the folder check_from_dotnet.py checked (rerun it): files now {string.Join(", ", now.Keys)}");
                 var checks = result["checks"]!.AsArray().Select(c => c!.AsObject()).ToList();
-                Assert.NotEmpty(checks);
+                var made = checks.Select(c => ((string)c["what"]!, (string)c["output"]!)).ToArray();
+                Assert.True(made.SequenceEqual(ExpectedChecks(name)),
+                            $"{name}: check_from_dotnet.py compared {string.Join(", ", made)}; expected {string.Join(", ", ExpectedChecks(name))} (what, output)");
                 foreach (var check in checks)
                 {
+                    // One rule: matched is torch.testing.assert_close's float32 tolerances (the script's), no key unused, none missing.
                     string what = $"{name}: {(string?)check["what"]}";
                     Assert.True((bool)check["matched"]!, $"{what}: PEFT's output differs from .NET's by {(double)check["max_abs_diff"]!}");
                     Assert.Empty(check["unexpected_keys"]!.AsArray());
                     Assert.Empty(check["missing_adapter_keys"]!.AsArray());
-                    Assert.True((double)check["max_abs_diff"]! < 1e-4, what);
                 }
                 Assert.True((bool)result["matched"]!, name);
             }

@@ -10,9 +10,10 @@ outputs .NET computed with them.
         pretrained model, runs PEFT, compares with .NET's outputs (torch.testing.assert_close's float32 tolerances), and
         writes from_dotnet/results.json: per case the sha256 of every file it read, each comparison's largest difference,
         the adapter keys PEFT left unused (load_state_dict(strict=False) drops them silently) and the adapter tensors PEFT
-        did not find in the folder; and the sha256 of outputs.safetensors. Commit the folders and results.json together:
-        WayBackTests fails on a disagreement, on a folder the results do not cover, and on a results file older than the
-        folders (their hashes differ).
+        did not find in the folder (counted on a separate instance: the compared one is loaded once); the sha256 of
+        outputs.safetensors and of this script. Commit the folders and results.json together:
+        WayBackTests fails on a disagreement, on a folder the results do not cover, on a results file older than the
+        folders or than this script (their hashes differ), and on a case whose checks are not the ones it expects.
 Exit status 0 when everything matched.
 
 Cases (CASES below; WayBackTests.CaseNames lists the same): plain, rslora (rank/alpha patterns, modules_to_save),
@@ -114,8 +115,10 @@ def main():
     folders = sorted(n for n in os.listdir(FROM_DOTNET) if os.path.isdir(os.path.join(FROM_DOTNET, n)))
     unknown = [n for n in folders if n not in CASES]
     assert not unknown, f"from_dotnet has folders no case describes: {unknown} (add them to CASES)"
-    results = {"checked_by": "check_from_dotnet.py", "peft": peft.__version__, "torch": torch.__version__,
-               "outputs_sha256": sha256(outputs_file), "cases": []}
+    # The script's own sha256: WayBackTests compares it with the committed script's, so a script changed (a check
+    # loosened, a case dropped) without being rerun fails there.
+    results = {"checked_by": "check_from_dotnet.py", "script_sha256": sha256(os.path.abspath(__file__)),
+               "peft": peft.__version__, "torch": torch.__version__, "outputs_sha256": sha256(outputs_file), "cases": []}
     ok = True
     for name in folders:
         build, input_key, others, comparisons = CASES[name]
