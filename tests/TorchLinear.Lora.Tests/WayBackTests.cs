@@ -176,6 +176,27 @@ namespace TorchLinear.Lora.Tests
 
         private static string Sha256(string file) => Convert.ToHexString(SHA256.HashData(File.ReadAllBytes(file))).ToLowerInvariant();
 
+        private static Dictionary<string, JsonObject> RecordedCases() =>
+            JsonNode.Parse(File.ReadAllText(Path.Combine(Committed, "results.json")))!["cases"]!.AsArray()
+                    .Select(c => c!.AsObject()).ToDictionary(c => (string)c["name"]!);
+
+        private static SortedDictionary<string, string> RecordedFiles(JsonObject recordedCase) => new(
+            recordedCase["files"]!.AsObject().ToDictionary(kv => kv.Key, kv => (string)kv.Value!), StringComparer.Ordinal);
+
+        /// <summary>What differs between a committed file and the one written now, for the failure message.</summary>
+        private static string Difference(string committed, string written)
+        {
+            if (!written.EndsWith(".safetensors", StringComparison.Ordinal))
+                return "another config (or the committed file is not the one checked)";
+            using var scope = NewDisposeScope();
+            var before = StateDicts.ReadPyTorchFile(committed);
+            var after = StateDicts.ReadPyTorchFile(written);
+            if (!before.Keys.OrderBy(k => k, StringComparer.Ordinal).SequenceEqual(after.Keys.OrderBy(k => k, StringComparer.Ordinal), StringComparer.Ordinal))
+                return $"other keys: {string.Join(", ", after.Keys.Except(before.Keys).Concat(before.Keys.Except(after.Keys)))}";
+            var changed = after.Where(kv => kv.Value.dtype != before[kv.Key].dtype || !Equivalence.Compare(before[kv.Key], kv.Value).BitExact).Select(kv => kv.Key).ToList();
+            return changed.Count > 0 ? $"other values or dtypes in {string.Join(", ", changed)}" : "the same tensors, another header or __metadata__";
+        }
+
         [Fact]
         public void FoldersWrittenHere_AreWhatThisLibraryWritesNow_AndComputesNow()
         {
@@ -206,21 +227,18 @@ namespace TorchLinear.Lora.Tests
                     else
                         Equivalence.AssertClose(output, committedOutputs[key], msg: $"{key}: .NET now computes other outputs than the ones PEFT checked");
                 }
+                // The folders byte for byte as check_from_dotnet.py hashed them (results.json), header and __metadata__ included.
+                var recordedCases = RecordedCases();
                 foreach (string name in CaseNames)
                 {
-                    var files = Hashes(Path.Combine(fresh, name)).Keys;
-                    Assert.Equal(files, Hashes(Path.Combine(Committed, name)).Keys);
-                    foreach (string file in files.Where(f => f.EndsWith(".safetensors", StringComparison.Ordinal)))
-                    {
-                        var written = StateDicts.ReadPyTorchFile(Path.Combine(fresh, name, file));
-                        var stored = StateDicts.ReadPyTorchFile(Path.Combine(Committed, name, file));
-                        Assert.Equal(stored.Keys.OrderBy(k => k, StringComparer.Ordinal), written.Keys.OrderBy(k => k, StringComparer.Ordinal));
-                        foreach (var (key, tensor) in written)
-                            Assert.True(Equivalence.Compare(stored[key], tensor).BitExact, $"{name}/{file} {key}: .NET now writes other values than the committed folder PEFT checked");
-                    }
-                    foreach (string file in files.Where(f => f.EndsWith(".json", StringComparison.Ordinal)))
-                        Assert.True(File.ReadAllText(Path.Combine(Committed, name, file)) == File.ReadAllText(Path.Combine(fresh, name, file)),
-                                    $"{name}/{file}: .NET now writes another config than the one PEFT checked");
+                    Assert.True(recordedCases.ContainsKey(name), $"results.json has no case '{name}': run check_from_dotnet.py");
+                    var recorded = RecordedFiles(recordedCases[name]);
+                    var written = Hashes(Path.Combine(fresh, name));
+                    Assert.True(written.Keys.SequenceEqual(recorded.Keys),
+                                $"{name}: .NET now writes the files {string.Join(", ", written.Keys)}; PEFT checked {string.Join(", ", recorded.Keys)}");
+                    foreach (var (file, sha) in written)
+                        Assert.True(sha == recorded[file],
+                                    $"{name}/{file}: .NET now writes other bytes than the file PEFT checked (sha256 {sha}, results.json {recorded[file]}): {Difference(Path.Combine(Committed, name, file), Path.Combine(fresh, name, file))}");
                 }
             }
             finally
@@ -241,13 +259,13 @@ namespace TorchLinear.Lora.Tests
                         "check_from_dotnet.py changed since it wrote results.json: rerun it");
             // The results are of these very files: a folder rewritten after the check fails here until it is checked again.
             Assert.Equal(Hashes(Committed)["outputs.safetensors"], (string?)results["outputs_sha256"]);
-            var cases = results["cases"]!.AsArray().Select(c => c!.AsObject()).ToDictionary(c => (string)c["name"]!);
+            var cases = RecordedCases();
             var folders = Directory.EnumerateDirectories(Committed).Select(Path.GetFileName).OrderBy(n => n, StringComparer.Ordinal);
             Assert.Equal(folders, cases.Keys.OrderBy(n => n, StringComparer.Ordinal));
             Assert.Equal(CaseNames.OrderBy(n => n, StringComparer.Ordinal), cases.Keys.OrderBy(n => n, StringComparer.Ordinal));
             foreach (var (name, result) in cases)
             {
-                var recorded = result["files"]!.AsObject().ToDictionary(kv => kv.Key, kv => (string)kv.Value!);
+                var recorded = RecordedFiles(result);
                 var now = Hashes(Path.Combine(Committed, name));
                 Assert.True(now.Count == recorded.Count && now.All(kv => recorded.TryGetValue(kv.Key, out var sha) && sha == kv.Value),
                             $"from_dotnet/{name} is not the folder check_from_dotnet.py checked (rerun it): files now {string.Join(", ", now.Keys)}");
