@@ -155,9 +155,11 @@ class Body:
 
     def __init__(self):
         self.slots = []   # [name, value, kind] kind: "inline" (a literal where used) or "field" (a named field)
+        self.own = []     # indices of the slots made here (shapes, configuration values), not adopted from children
 
     def slot(self, name, value, kind="inline"):
         self.slots.append([name, value, kind])
+        self.own.append(len(self.slots) - 1)
         return f"@@{len(self.slots) - 1}@@"
 
     def adopt(self, child_slots):
@@ -713,6 +715,243 @@ class Translator:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# One class per PyTorch class: the instances' forwards as programs, and their merge.
+
+class Unmergeable(Exception):
+    """Instances of one PyTorch class that one C# class cannot express safely; the message says why (the extra class
+    carries it as a comment)."""
+
+
+_TOKEN = re.compile(r"(@@c\d+@@|(?<![\w.@])[A-Za-z_]\w*)")
+_STATEMENT = re.compile(r"^(\w+(?:\[\])?) (\w+) = (.*);$")
+
+
+def _tokens(code, variables):
+    """code as a list of strings and ("v", name) for its locals and inputs (consecutive strings joined)."""
+    out = []
+    for i, part in enumerate(_TOKEN.split(code)):
+        if not part:
+            continue
+        if i % 2 == 1 and part in variables:
+            out.append(("v", part))
+        elif out and not isinstance(out[-1], tuple):
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
+
+
+class Program:
+    """One instance's forward: inputs, statements [type, var, tokens, comment] (type "" and var None for a statement
+    that declares nothing) and the returned expression, with configuration values as @@c<k>@@."""
+
+    def __init__(self, inputs, lines, result):
+        self.inputs, self.lines, self.result = inputs, lines, result
+
+    def key(self):
+        names = {n: f"v{i}" for i, n in enumerate(list(self.inputs) + [line[1] for line in self.lines if line[1]])}
+        canon = lambda tokens: tuple(names[t[1]] if isinstance(t, tuple) else t for t in tokens)  # noqa: E731
+        return len(self.inputs), tuple((line[0], canon(line[2])) for line in self.lines), canon(self.result)
+
+
+def _program(d):
+    config = {i: k for k, i in enumerate(d.config_slots)}
+
+    def marker(m):
+        i = int(m.group(1))
+        if i not in config:
+            raise Unmergeable("a forward holds a value that is not a configuration value")
+        return f"@@c{config[i]}@@"
+    variables = set(d.inputs)
+    lines = []
+    for line in d.forward_lines:
+        code, _, comment = line.partition("  // ")
+        code = re.sub(r"@@(\d+)@@", marker, code)
+        m = _STATEMENT.match(code)
+        if m:
+            variables.add(m.group(2))
+            lines.append([m.group(1), m.group(2), _tokens(m.group(3), variables), comment])
+        else:
+            lines.append(["", None, _tokens(code, variables), comment])
+    return Program(list(d.inputs), lines, _tokens(re.sub(r"@@(\d+)@@", marker, d.result or ""), variables))
+
+
+def _literal_in_source(value, k, lines):
+    """Whether float `value` (configuration value k) is written as a literal in every Python line that uses it."""
+    if not isinstance(value, float):
+        return False
+    sources = [line[3].split(": ", 1)[1] for line in lines
+               if any(not isinstance(t, tuple) and f"@@c{k}@@" in t for t in line[2]) and ": " in line[3]]
+    if not sources:
+        return False
+    for code in sources:
+        if math.isinf(value):
+            if not re.search(r"\binf\b", code):
+                return False
+            continue
+        numbers = re.findall(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)", code)
+        if not any(float(n) == abs(value) for n in numbers):
+            return False
+    return True
+
+
+def _fresh_name(base, used):
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}{i}"
+    used.add(name)
+    return name
+
+
+def _class_name(pyname, used, root_name):
+    base = cs_ident(pyname) if pyname != root_name else pyname + "Module"
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+def _gen_descendants(d):
+    out = []
+    for part in getattr(d, "parts", None) or []:
+        child = part[-2]
+        if child.kind == "gen":
+            out.append(child)
+        out += _gen_descendants(child)
+    return out
+
+
+def _merge_programs(programs, reserved):
+    """One forward for several programs: [type, var, tokens, comment, present, passthrough] where present is the set of
+    programs that run the statement; the others take `passthrough` (a tensor the statement would have been computed
+    from) as its value. Raises Unmergeable when they do not align that way."""
+    first = programs[0]
+    lines = [[t, v, list(tokens), c, frozenset([0]), None] for t, v, tokens, c in first.lines]
+    result = list(first.result)
+    names = set(reserved) | set(first.inputs) | {line[1] for line in lines if line[1]}
+    types = {n: "Tensor" for n in first.inputs}
+    types.update({line[1]: line[0] for line in lines if line[1]})
+    for k, program in enumerate(programs[1:], 1):
+        lines, result = _merge_one(first.inputs, lines, result, program, k, types, names)
+    # Locals named t, t2, ... (the tracer's unnamed values) renumbered in order, as a person would.
+    plain = [line[1] for line in lines if line[1] and re.fullmatch(r"t\d*", line[1]) and line[1] not in first.inputs]
+    taken = (names - set(plain)) | set(first.inputs)
+    rename, n = {}, 1
+    for var in plain:
+        while (candidate := "t" if n == 1 else f"t{n}") in taken:
+            n += 1
+        rename[var] = candidate
+        n += 1
+    fix = lambda tokens: [("v", rename.get(t[1], t[1])) if isinstance(t, tuple) else t for t in tokens]  # noqa: E731
+    lines = [[t, rename.get(v, v), fix(tokens), c, present, rename.get(p, p)] for t, v, tokens, c, present, p in lines]
+    return list(first.inputs), lines, fix(result)
+
+
+def _merge_one(inputs, merged, merged_result, program, k, types, names):
+    own_types = {n: "Tensor" for n in program.inputs}
+    own_types.update({line[1]: line[0] for line in program.lines if line[1]})
+    budget = [20000]
+
+    def copy(st):
+        return {"out": list(st["out"]), "bval": dict(st["bval"]), "mvar": dict(st["mvar"]), "newpass": dict(st["newpass"]),
+                "names": set(st["names"])}
+
+    def resolve(u, st):
+        while u in st["newpass"]:
+            u = st["newpass"][u]
+        return u
+
+    def match(mt, bt, st):
+        """The merged statement's tokens if merged tokens mt compute, in this program, what its tokens bt do."""
+        if len(mt) != len(bt):
+            return None
+        out = []
+        for x, y in zip(mt, bt):
+            if isinstance(x, tuple) and isinstance(y, tuple):
+                if st["bval"].get(x[1]) == y[1]:
+                    out.append(x)
+                elif st["mvar"].get(y[1]) in st["newpass"] and resolve(st["mvar"][y[1]], st) == x[1]:
+                    out.append(("v", st["mvar"][y[1]]))   # a statement only this program runs, x elsewhere
+                else:
+                    return None
+            elif isinstance(x, tuple) or isinstance(y, tuple) or x != y:
+                return None
+            else:
+                out.append(x)
+        return out
+
+    def tensors(tokens, kinds):
+        seen = []
+        for t in tokens:
+            if isinstance(t, tuple) and kinds.get(t[1], "Tensor") == "Tensor" and t[1] not in seen:
+                seen.append(t[1])
+        return seen
+
+    def dfs(i, j, st):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise Unmergeable("their forwards are too different to align")
+        if i == len(merged) and j == len(program.lines):
+            r = match(merged_result, program.result, st)
+            return None if r is None else (st["out"], r)
+        if i < len(merged) and j < len(program.lines):
+            ml, bl = merged[i], program.lines[j]
+            if ml[0] == bl[0] and (ml[1] is None) == (bl[1] is None):
+                tokens = match(ml[2], bl[2], st)
+                if tokens is not None:
+                    st2 = copy(st)
+                    if ml[1]:
+                        st2["bval"][ml[1]] = bl[1]
+                        st2["mvar"][bl[1]] = ml[1]
+                    st2["out"].append([ml[0], ml[1], tokens, ml[3], ml[4] | {k}, ml[5]])
+                    r = dfs(i + 1, j + 1, st2)
+                    if r:
+                        return r
+        if j < len(program.lines) and program.lines[j][0] == "Tensor":
+            bl = program.lines[j]
+            if all(not isinstance(t, tuple) or t[1] in st["mvar"] for t in bl[2]):
+                tokens = [("v", st["mvar"][t[1]]) if isinstance(t, tuple) else t for t in bl[2]]
+                for cand in tensors(bl[2], own_types):
+                    st2 = copy(st)
+                    u = _fresh_name(re.sub(r"\d+$", "", bl[1]) or "t", st2["names"])
+                    st2["mvar"][bl[1]] = u
+                    st2["bval"][u] = bl[1]
+                    st2["newpass"][u] = st["mvar"][cand]
+                    st2["out"].append(["Tensor", u, tokens, bl[3], frozenset([k]), st["mvar"][cand]])
+                    r = dfs(i, j + 1, st2)
+                    if r:
+                        return r
+        if i < len(merged) and merged[i][0] == "Tensor":
+            ml = merged[i]
+            candidates = [ml[5]] if ml[5] is not None else tensors(ml[2], types)
+            for cand in candidates:
+                if cand not in st["bval"]:
+                    continue
+                st2 = copy(st)
+                st2["bval"][ml[1]] = st["bval"][cand]
+                st2["out"].append([ml[0], ml[1], ml[2], ml[3], ml[4], cand])
+                r = dfs(i + 1, j, st2)
+                if r:
+                    return r
+        return None
+
+    start = {"out": [], "bval": dict(zip(inputs, program.inputs)), "mvar": dict(zip(program.inputs, inputs)), "newpass": {},
+             "names": set(names)}
+    found = dfs(0, 0, start)
+    if found is None:
+        raise Unmergeable("their forwards differ in more than statements some of them leave out")
+    out, result = found
+    for line in out:
+        if line[1]:
+            names.add(line[1])
+            types.setdefault(line[1], line[0])
+    return out, result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The exporter: drafts of every module instance, grouped into classes, written as one C# file.
 
 class Draft:
@@ -811,6 +1050,7 @@ class Exporter:
         tr.result = result
         d.params, d.buffers, d.parts, d.shapes_text = params, buffers, parts, shapes_text
         d.forward_lines, d.result, d.inputs = tr.lines, result, tr.input_names
+        d.config_slots = [i for i in body.own if body.slots[i][2] == "field"]
         d.slots = body.slots
         d.sig = ("gen", type(module).__name__, tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in params),
                  tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in buffers),
@@ -818,7 +1058,7 @@ class Exporter:
                  tuple((s[0], s[2]) for s in body.slots))
         return d
 
-    # -- grouping
+    # -- grouping: one C# class per PyTorch class where its instances allow it
     def collect(self, d, out):
         if d.kind in ("gen", "seq", "list"):
             for part in d.parts:
@@ -826,70 +1066,85 @@ class Exporter:
         out.append(d)
 
     def group_all(self, root):
+        """Decides the C# classes: one per Sequential class; for every other PyTorch class one class for all its
+        instances where _plan can merge them (children's classes first), else as few as it can (each extra class says
+        why in a comment)."""
+        self.root, self.classes = root, []
+        if self.refusals.items:
+            return
         every = []
         self.collect(root, every)
-        self.root = root
-        by_sig = {}
-        for d in every:
-            if d.kind in ("gen", "seq"):
-                by_sig.setdefault(d.sig, []).append(d)
+        self.order = {id(d): i for i, d in enumerate(every)}
         names_used = {self.class_name}
-        self.classes = []
-        for sig, members in by_sig.items():
-            if root in members:
-                name = self.class_name
-            else:
-                base = cs_ident(sig[1]) if sig[1] != self.class_name else sig[1] + "Module"
-                name, i = base, 1
-                while name in names_used:
-                    i += 1
-                    name = f"{base}_{i}"
-                names_used.add(name)
-            varying = [] if sig[0] == "seq" else [i for i in range(len(members[0].slots))
-                                                  if len({repr(m.slots[i][1]) for m in members}) > 1]
-            # Varying values that are equal in every instance (a block's out_channels and its BatchNorm's num_features)
-            # are one constructor parameter, named after the first.
-            columns, alias = {}, {}
-            for i in varying:
-                column = tuple(repr(m.slots[i][1]) for m in members)
-                alias[i] = columns.setdefault(column, i)
-            group = {"name": name, "members": members, "varying": varying, "sig": sig,
-                     "params": sorted(set(alias.values())), "alias": alias}
-            for m in members:
-                m.group = group
-            self.classes.append(group)
-        # Children first: classes in the order their first instance finishes.
-        order = {id(d): i for i, d in enumerate(every)}
-        self.classes.sort(key=lambda g: order[id(g["members"][0])])
-        if len(by_sig[root.sig]) > 1:
+        seq_plans = {}
+        for d in every:
+            if d.kind == "seq":
+                t = type(d.module)
+                if t not in seq_plans:
+                    seq_plans[t] = {"kind": "seq", "name": _class_name(t.__name__, names_used, self.class_name), "members": [d]}
+                    self.classes.append(seq_plans[t])
+                else:
+                    seq_plans[t]["members"].append(d)
+                d.plan = seq_plans[t]
+        families, deps = {}, {}
+        for d in every:
+            if d.kind == "gen":
+                key = "root" if d is root else type(d.module)
+                families.setdefault(key, []).append(d)
+        if type(root.module) in families:
             self.refusals.add("the root module's class is used inside it")
+            return
+        for key, members in families.items():
+            inner = set()
+            for d in members:
+                for g in _gen_descendants(d):
+                    inner.add("root" if g is root else type(g.module))
+            inner.discard(key)
+            deps[key] = inner
+        done = set()
+        while len(done) < len(families):
+            ready = [k for k in families if k not in done and deps[k] <= done]
+            if not ready:
+                self.refusals.add("module classes that contain each other: " + ", ".join(
+                    sorted(k.__name__ for k in families if k not in done and k != "root")))
+                return
+            for key in ready:
+                self.group_family(families[key], names_used)
+                done.add(key)
+        # Children first: classes in the order their first instance finishes.
+        self.classes.sort(key=lambda p: self.order[id(p["members"][0])])
 
-    # -- emission
-    def render(self, text, slot_text):
-        return re.sub(r"@@(\d+)@@", lambda m: slot_text(int(m.group(1))), text)
-
-    def ctor_expr(self, d, offset, slot_text, indent=12):
-        """The expression that builds child draft d, whose slots start at `offset` in the parent's slots; a container
-        too long for one line gets one line per module, indented from `indent`."""
-        if d.kind == "leaf":
-            return self.render(d.ctor, lambda i: slot_text(offset + i))
-        if d.kind in ("seq", "list"):
-            inner = [self.ctor_expr(cd, offset + off, slot_text, indent + 4) for cd, off in d.parts]
-            head = f"new TorchSharp.Modules.ModuleList<{self.list_type(d)}>(" if d.kind == "list" else f"new {d.group['name']}("
-            one_line = head + ", ".join(inner) + ")"
-            if len(one_line) + indent <= 120 and "\n" not in one_line:
-                return one_line
-            pad = "\n" + " " * (indent + 4)
-            return head + pad + ("," + pad).join(inner) + ")"
-        group = d.group
-        return f"new {group['name']}(" + ", ".join(slot_text(offset + i) for i in group["params"]) + ")"
+    def group_family(self, members, names_used):
+        plans, reason = [], None
+        for d in members:
+            for i, plan in enumerate(plans):
+                try:
+                    plans[i] = self.plan(plan["members"] + [d])
+                    break
+                except Unmergeable as e:
+                    if i == 0 and reason is None:
+                        reason = str(e)
+            else:
+                plans.append(self.plan([d]))
+        pyname = type(members[0].module).__name__
+        for i, plan in enumerate(plans):
+            if members[0] is self.root:
+                plan["name"] = self.class_name
+            else:
+                plan["name"] = _class_name(pyname, names_used, self.class_name)
+            if i:
+                plan["reason"] = (f"A class of its own: these instances of {pyname} are not written as {plans[0]['name']} "
+                                  f"because {reason}.")
+            for d in plan["members"]:
+                d.plan = plan
+            self.classes.append(plan)
 
     def field_type(self, d):
         if d.kind == "leaf":
             return d.field_type
         if d.kind == "list":
             return f"TorchSharp.Modules.ModuleList<{self.list_type(d)}>"
-        return d.group["name"]
+        return d.plan["name"]
 
     def list_type(self, d):
         types = {self.field_type(cd) for cd, _ in d.parts}
@@ -897,14 +1152,206 @@ class Exporter:
             return types.pop()
         return "nn.Module<Tensor, Tensor>"
 
-    def emit_class(self, group):
-        d = group["members"][0]
-        name = group["name"]
-        is_root = d is self.root
+    def template(self, d, vals):
+        """The expression that builds draft d, as a tree whose values are @@j@@ markers into vals (name, value): equal
+        trees build equal structures; the values may differ."""
+        if d.kind == "leaf":
+            def sub(m):
+                vals.append(tuple(d.slots[int(m.group(1))][:2]))
+                return f"@@{len(vals) - 1}@@"
+            return ("text", re.sub(r"@@(\d+)@@", sub, d.ctor))
+        if d.kind in ("seq", "list"):
+            parts = tuple(self.template(cd, vals) for cd, _ in d.parts)
+            head = f"new TorchSharp.Modules.ModuleList<{self.list_type(d)}>(" if d.kind == "list" else f"new {d.plan['name']}("
+            return ("seq", head, parts)
+        plan = d.plan
+        i = plan["index"][id(d)]
+        args = []
+        for p in plan["params"]:
+            if p["kind"] == "child":
+                cd = p["drafts"][i]
+                args.append((p["name"], None if cd is None else self.template(cd, vals)))
+            else:
+                vals.append((p["name"], p["values"][i]))
+                args.append((p["name"], ("text", f"@@{len(vals) - 1}@@")))
+        return ("gen", f"new {plan['name']}(", tuple(args))
+
+    def structure(self, d):
+        vals = []
+        tree = self.template(d, vals)
+        return repr(tree) + repr(tuple(cs_type_of(v) for _, v in vals))
+
+    def plan(self, members):
+        """One C# class for `members` (instances of one PyTorch class), or Unmergeable saying why not: the values in
+        which they differ become constructor parameters, a submodule whose structure differs (or that some lack) is
+        passed in (null where absent), and a statement some instances' forwards have and others lack is written once,
+        under the condition that tells them apart (the submodule it calls is not null, or a bool attribute of the
+        module), with the value it replaces where the condition is false."""
+        d0 = members[0]
+        pb = lambda d: (tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in d.params),  # noqa: E731
+                        tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in d.buffers))
+        if any(pb(d) != pb(d0) for d in members):
+            raise Unmergeable("their parameters or buffers differ")
+        if any(len(d.inputs) != len(d0.inputs) for d in members):
+            raise Unmergeable("their forwards take different numbers of inputs")
+        if any(len(d.config_slots) != len(d0.config_slots) for d in members):
+            raise Unmergeable("their forwards hold different numbers of configuration values")
+        # Submodules, in registration order.
+        kids = [{n: (f, cd) for f, n, cd, _ in d.parts} for d in members]
+        union = []
+        for d in members:
+            names = [n for _, n, _, _ in d.parts]
+            for k, n in enumerate(names):
+                if n not in union:
+                    union.insert(union.index(names[k - 1]) + 1 if k else 0, n)
+        for d in members:
+            positions = [union.index(n) for _, n, _, _ in d.parts]
+            if positions != sorted(positions):
+                raise Unmergeable("their submodules are registered in different orders")
+        children = []   # (field, name, mode, nullable, [draft or None per member], field type)
+        for n in union:
+            drafts = [k[n][1] if n in k else None for k in kids]
+            field = next(k[n][0] for k in kids if n in k)
+            types = {self.field_type(cd) for cd in drafts if cd is not None}
+            if len(types) > 1:
+                raise Unmergeable(f"their {n} are of different classes ({', '.join(sorted(types))})")
+            nullable = any(cd is None for cd in drafts)
+            built = not nullable and len({self.structure(cd) for cd in drafts}) == 1
+            children.append((field, n, "built" if built else "passed", nullable, drafts, types.pop()))
+        # The values each instance's class text holds, column by column: parameter shapes, built submodules, the
+        # forward's configuration values.
+        columns, shape_tpl, child_tpl, config_cols = None, {}, {}, []
+        for m, d in enumerate(members):
+            vals = []
+
+            def own(m_):
+                vals.append(tuple(d.slots[int(m_.group(1))][:2]))
+                return f"@@{len(vals) - 1}@@"
+            shapes = {n: re.sub(r"@@(\d+)@@", own, d.shapes_text[n]) for _, n, *_ in d.params + d.buffers}
+            trees = {}
+            for field, n, mode, nullable, drafts, _ in children:
+                if mode == "built":
+                    trees[n] = self.template(drafts[m], vals)
+            first_config = len(vals)
+            for i in d.config_slots:
+                vals.append(tuple(d.slots[i][:2]))
+            if columns is None:
+                columns = [(name, [value]) for name, value in vals]
+                shape_tpl, child_tpl = shapes, trees
+                config_cols = list(range(first_config, len(vals)))
+            else:
+                if len(vals) != len(columns) or shapes != shape_tpl or trees != child_tpl:
+                    raise Unmergeable("their submodules differ in structure")   # not expected: structures were compared
+                for j, (name, value) in enumerate(vals):
+                    if cs_type_of(value) != cs_type_of(columns[j][1][0]):
+                        raise Unmergeable(f"their {name} values are of different types")
+                    columns[j][1].append(value)
+        # The forwards: one per distinct program, merged.
+        programs, index, member_program = [], {}, []
+        for d in members:
+            program = _program(d)
+            key = program.key()
+            if key not in index:
+                index[key] = len(programs)
+                programs.append(program)
+            member_program.append(index[key])
+        reserved = ({f for f, *_ in d0.params + d0.buffers} | {c[0] for c in children} | {"scope", "this"})
+        inputs, lines, result = _merge_programs(programs, reserved)
+        everyone = frozenset(range(len(programs)))
+        # Conditions of the statements only some instances have.
+        fields_of = {c[0]: c for c in children}
+        flags, conditions = {}, {}
+        for k, line in enumerate(lines):
+            text = "".join(t for t in line[2] if not isinstance(t, tuple))
+            called = [c for c in re.findall(r"(?<![\w.])(\w+)(?:\[\d+\])?\.call\(", text) if c in fields_of]
+            runs = {m for m in range(len(members)) if member_program[m] in line[4]}
+            for c in called:
+                has = {m for m, cd in enumerate(fields_of[c][4]) if cd is not None}
+                if not runs <= has:
+                    raise Unmergeable(f"a statement calls {c}, which some instances lack")
+            if line[4] == everyone:
+                continue
+            condition = None
+            if len(called) == 1 and fields_of[called[0]][3] and runs == {m for m, cd in enumerate(fields_of[called[0]][4]) if cd is not None}:
+                condition = f"{called[0]} is not null"
+            else:
+                for attr, value in vars(d0.module).items():
+                    if attr.startswith("_") or not all(type(vars(d.module).get(attr)) is bool for d in members):
+                        continue
+                    truth = {m for m, d in enumerate(members) if vars(d.module)[attr]}
+                    if truth == runs or truth == set(range(len(members))) - runs:
+                        flags.setdefault(attr, [vars(d.module)[attr] for d in members])
+                        condition = ("", attr) if truth == runs else ("!", attr)
+                        break
+            if condition is None:
+                src = f" ({line[3]})" if line[3] else ""
+                raise Unmergeable(f"some of their forwards have a statement{src} that the others lack, and neither a submodule "
+                                  f"nor a bool attribute tells which")
+            conditions[k] = condition
+        locals_ = set(inputs) | {line[1] for line in lines if line[1]}
+        # Constructor parameters: values that differ between instances (equal columns are one parameter, named after
+        # the first) and every configuration value of the forward (a named setting, kept in a field).
+        used = set(reserved) | locals_ | set(CS_KEYWORDS)
+        params, alias, consts = [], {}, []
+        by_column = {}
+        for j, (name, values) in enumerate(columns):
+            varying = len({repr(v) for v in values}) > 1
+            if not varying and j not in config_cols:
+                continue
+            if not varying and all(name not in vars(d.module) for d in members) and \
+                    _literal_in_source(values[0], config_cols.index(j), lines):
+                # A float the Python line writes as a literal (`y * 2.0`, `float("-inf")`), not a setting.
+                alias[j] = {"name": _fresh_name(cs_ident(name), used), "values": values, "ctype": cs_type_of(values[0])}
+                consts.append(alias[j])
+                continue
+            key = tuple(repr(v) for v in values) if varying else None
+            if key is not None and key in by_column:
+                alias[j] = by_column[key]
+                if j in config_cols:
+                    by_column[key]["field"] = True
+                continue
+            p = {"kind": "value", "name": _fresh_name(cs_ident(name), used), "values": values, "field": j in config_cols,
+                 "ctype": cs_type_of(values[0])}
+            params.append(p)
+            alias[j] = p
+            if key is not None:
+                by_column[key] = p
+        for field, n, mode, nullable, drafts, ftype in children:
+            if mode == "passed" and not nullable:
+                params.append({"kind": "child", "name": field, "drafts": drafts, "ctype": ftype, "nullable": False})
+        for attr, values in flags.items():
+            flags[attr] = {"kind": "flag", "name": _fresh_name(cs_ident(attr), used), "values": values, "field": True, "ctype": "bool"}
+            params.append(flags[attr])
+        for field, n, mode, nullable, drafts, ftype in children:
+            if mode == "passed" and nullable:
+                params.append({"kind": "child", "name": field, "drafts": drafts, "ctype": ftype, "nullable": True})
+        return {"kind": "gen", "members": members, "index": {id(d): i for i, d in enumerate(members)}, "params": params,
+                "columns": columns, "alias": alias, "shape_tpl": shape_tpl, "child_tpl": child_tpl, "children": children,
+                "config_cols": config_cols, "inputs": inputs, "lines": lines, "result": result, "conditions": conditions,
+                "flags": flags, "consts": consts, "reason": None}
+
+    # -- emission
+    def render(self, tree, value_text, indent=12):
+        """A template tree as C#: on one line when it fits in 120 columns, else one line per module or argument."""
+        if tree[0] == "text":
+            return re.sub(r"@@(\d+)@@", lambda m: value_text(int(m.group(1))), tree[1])
+        if tree[0] == "seq":
+            inner = [self.render(t, value_text, indent + 4) for t in tree[2]]
+        else:
+            inner = [f"{name}: {self.render(t, value_text, indent + 4)}" for name, t in tree[2] if t is not None]
+        head = tree[1]
+        one_line = head + ", ".join(inner) + ")"
+        if len(one_line) + indent <= 120 and "\n" not in one_line:
+            return one_line
+        pad = "\n" + " " * (indent + 4)
+        return head + pad + ("," + pad).join(inner) + ")"
+
+    def emit_class(self, plan):
+        d = plan["members"][0]
+        name = plan["name"]
         pyname = type(d.module).__name__
-        lines = []
-        if d.kind == "seq":
-            lines += [
+        if plan["kind"] == "seq":
+            return [
                 f"    /// <summary>PyTorch's <c>{pyname}</c> (a Sequential): its modules, registered as \"0\", \"1\", ..., called in order.</summary>",
                 f"    public sealed class {name} : nn.Module<Tensor, Tensor>",
                 "    {",
@@ -928,91 +1375,59 @@ class Exporter:
                 "        }",
                 "    }",
             ]
-            return lines
-        slots = d.slots
-        varying = set(group["varying"])
-        used_names = set()
-        for f, *_ in d.params + d.buffers:
-            used_names.add(f)
-        for f, *_ in d.parts:
-            used_names.add(f)
-        slot_names = {}
-        # Only slots that appear in this class's own text need names.
-        own_text = "\n".join(d.forward_lines) + "\n" + "\n".join(d.shapes_text.values())
-        for f, n, cd, off in d.parts:
-            own_text += self.ctor_expr(cd, off, lambda i: f"@@{i}@@")
-        referenced = sorted({int(m) for m in re.findall(r"@@(\d+)@@", own_text)})
-        alias = group["alias"]
-        # A parameter's representative first, so that its aliases find its name.
-        referenced = sorted(set(referenced) | {alias[i] for i in referenced if i in alias}, key=lambda i: (alias.get(i, i), i != alias.get(i, i)))
-        params_decl, fields_decl, assigns, fielded = [], [], [], set()
-        for i in referenced:
-            sname, value, kind = slots[i]
-            if i in varying and alias[i] != i:
-                slot_names[i] = slot_names[alias[i]]
-                if kind == "field" and slot_names[i] not in fielded:
-                    fielded.add(slot_names[i])
-                    fields_decl.append(f"        private readonly {cs_type_of(value)} {slot_names[i]};")
-                    assigns.append(f"            this.{slot_names[i]} = {slot_names[i]};")
-                continue
-            if i in varying or kind == "field":
-                base = cs_ident(sname)
-                key = (base, repr(value)) if i not in varying else None
-                if key is not None and key in slot_names:
-                    slot_names[i] = slot_names[key]
-                    continue
-                nm, j = base, 1
-                while nm in used_names or nm in CS_KEYWORDS:
-                    j += 1
-                    nm = f"{base}{j}"
-                used_names.add(nm)
-                slot_names[i] = nm
-                if key is not None:
-                    slot_names[key] = nm
-                ctype = cs_type_of(value)
-                if i in varying:
-                    params_decl.append(f"{ctype} {nm}")
-                    if kind == "field":
-                        fielded.add(nm)
-                        fields_decl.append(f"        private readonly {ctype} {nm};")
-                        assigns.append(f"            this.{nm} = {nm};")
-                else:
-                    fields_decl.append(f"        private const {ctype} {nm} = {cs_literal(value)};" if ctype in ("long", "double", "bool")
-                                       else f"        private static readonly {ctype} {nm} = {cs_literal(value)};")
+        is_root = d is self.root
+        columns, alias = plan["columns"], plan["alias"]
 
-        def slot_text(i):
-            if i in slot_names:
-                return slot_names[i]
-            return cs_literal(slots[i][1])
+        def value_text(j):
+            return alias[j]["name"] if j in alias else cs_literal(columns[j][1][0])
 
-        arity = max(1, len(d.inputs))
+        lines = []
+        if plan["reason"]:
+            lines.append(f"    // {plan['reason']}")
+        arity = max(1, len(plan["inputs"]))
         generic = "nn.Module<Tensor, Tensor>" if arity == 1 else "nn.Module<Tensor, Tensor, Tensor>"
         what = "The exported model" if is_root else f"PyTorch's <c>{pyname}</c>"
         lines.append(f"    /// <summary>{what} ({type(d.module).__module__}.{pyname}), written from its traced forward.</summary>")
         lines.append(f"    public sealed class {name} : {generic}")
         lines.append("    {")
-        if fields_decl:
-            lines += fields_decl
+        params = plan["params"]
+        for c in plan["consts"]:
+            lines.append(f"        private const {c['ctype']} {c['name']} = {cs_literal(c['values'][0])};")
+        for p in params:
+            if p.get("field"):
+                lines.append(f"        private readonly {p['ctype']} {p['name']};")
         for f, n, shape, dt, rg in d.params:
             lines.append(f"        private readonly TorchSharp.Modules.Parameter {f};")
         for f, n, shape, dt, ps, init in d.buffers:
             lines.append(f"        private readonly Tensor {f};")
-        for f, n, cd, off in d.parts:
-            lines.append(f"        private readonly {self.field_type(cd)} {f};")
+        for f, n, mode, nullable, drafts, ftype in plan["children"]:
+            lines.append(f"        private readonly {ftype}{'?' if nullable else ''} {f};")
         lines.append("")
-        summary = "Builds the architecture (weights are loaded from the exported state_dict)." if not params_decl else \
-            "Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict)."
+        decls = [f"{p['ctype']}{'?' if p.get('nullable') else ''} {p['name']}{' = null' if p.get('nullable') else ''}" for p in params]
+        if is_root and params:
+            defaults = ", ".join(f"{p['name']}: {cs_literal(p['values'][0])}" for p in params)
+            lines.append("        /// <summary>Builds the exported architecture (weights are loaded from the exported state_dict).</summary>")
+            lines.append(f"        public {name}() : this({defaults})")
+            lines.append("        {")
+            lines.append("        }")
+            lines.append("")
+        if not params:
+            summary = "Builds the architecture (weights are loaded from the exported state_dict)."
+        else:
+            summary = "Builds the architecture from its settings (weights are loaded from the exported state_dict)."
         lines.append(f"        /// <summary>{summary}</summary>")
-        lines.append(f"        public {name}({', '.join(params_decl)}) : base(\"{pyname}\")")
+        lines.append(f"        public {name}({', '.join(decls)}) : base(\"{pyname}\")")
         lines.append("        {")
-        lines += assigns
+        for p in params:
+            if p.get("field"):
+                lines.append(f"            this.{p['name']} = {p['name']};")
         for f, n, shape, dt, rg in d.params:
             dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
-            shape_text = self.render(d.shapes_text[n], slot_text)
+            shape_text = self.render(("text", plan["shape_tpl"][n]), value_text)
             lines.append(f"            {f} = nn.Parameter(torch.zeros(new long[] {{ {shape_text} }}{dtype}), requires_grad: {cs_literal(rg)});")
             lines.append(f"            register_parameter(\"{n}\", {f});")
         for f, n, shape, dt, ps, init in d.buffers:
-            shape_text = self.render(d.shapes_text[n], slot_text)
+            shape_text = self.render(("text", plan["shape_tpl"][n]), value_text)
             if init is None:
                 dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
                 lines.append(f"            {f} = torch.zeros(new long[] {{ {shape_text} }}{dtype});")
@@ -1021,19 +1436,50 @@ class Exporter:
                 ctype = "float" if dt == "Float32" else "double"
                 lines.append(f"            {f} = torch.tensor(new {ctype}[] {{ {values} }}).reshape(new long[] {{ {shape_text} }});")
             lines.append(f"            register_buffer(\"{n}\", {f}, persistent: {cs_literal(ps)});")
-        for f, n, cd, off in d.parts:
-            lines.append(f"            {f} = {self.ctor_expr(cd, off, slot_text)};")
-            lines.append(f"            register_module(\"{n}\", {f});")
+        for f, n, mode, nullable, drafts, ftype in plan["children"]:
+            if mode == "built":
+                lines.append(f"            {f} = {self.render(plan['child_tpl'][n], value_text)};")
+                lines.append(f"            register_module(\"{n}\", {f});")
+            elif nullable:
+                lines.append(f"            this.{f} = {f};")
+                lines.append(f"            if ({f} is not null)")
+                lines.append(f"                register_module(\"{n}\", {f});")
+            else:
+                lines.append(f"            this.{f} = {f};")
+                lines.append(f"            register_module(\"{n}\", {f});")
         lines.append("        }")
         lines.append("")
-        ins = d.inputs if d.inputs else ["input"]
+        config_cols = set(plan["config_cols"])
+        config_order = plan["config_cols"]
+        nullable_children = {f for f, n, mode, nullable, *_ in plan["children"] if nullable}
+
+        def code(tokens):
+            text = "".join(t[1] if isinstance(t, tuple) else t for t in tokens)
+            return re.sub(r"@@c(\d+)@@", lambda m: value_text(config_order[int(m.group(1))]), text)
+
+        ins = plan["inputs"] if plan["inputs"] else ["input"]
         lines.append("        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>")
         lines.append(f"        public override Tensor forward({', '.join('Tensor ' + i for i in ins)})")
         lines.append("        {")
         lines.append("            using var scope = NewDisposeScope();")
-        for line in d.forward_lines:
-            lines.append("            " + self.render(line, slot_text))
-        lines.append(f"            return {d.result}.MoveToOuterDisposeScope();")
+        for k, line in enumerate(plan["lines"]):
+            ltype, var, tokens, comment, present, passthrough = line
+            expr = code(tokens)
+            if k in plan["conditions"]:
+                condition = plan["conditions"][k]
+                if isinstance(condition, tuple):
+                    neg, attr = condition
+                    condition = neg + plan["flags"][attr]["name"]
+                    for c in nullable_children:   # a flag guards it: the compiler cannot know the submodule is there
+                        expr = re.sub(rf"(?<![\w.]){c}\.call\(", f"{c}!.call(", expr)
+                statement = f"{ltype} {var} = {condition} ? {expr} : {passthrough};"
+            elif var is None:
+                statement = expr
+            else:
+                statement = f"{ltype} {var} = {expr};"
+            lines.append("            " + statement + (f"  // {comment}" if comment else ""))
+        del config_cols
+        lines.append(f"            return {code(plan['result'])}.MoveToOuterDisposeScope();")
         lines.append("        }")
         lines.append("    }")
         return lines

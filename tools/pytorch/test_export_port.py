@@ -130,6 +130,74 @@ class Stack(nn.Module):
         return x
 
 
+class MaybeNorm(nn.Module):
+    """Instances with and without a submodule, as torchvision's BasicBlock with and without downsample."""
+
+    def __init__(self, width, norm):
+        super().__init__()
+        self.fc = nn.Linear(4, width)
+        self.back = nn.Linear(width, 4)
+        self.norm = nn.LayerNorm(4) if norm else None
+
+    def forward(self, x):
+        y = self.back(self.fc(x))
+        if self.norm is not None:
+            y = self.norm(y)
+        return y * 2.0
+
+
+class MaybeResidual(nn.Module):
+    """Instances with and without a residual, told apart by a bool attribute (MobileNetV2's use_res_connect)."""
+
+    def __init__(self, residual):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.residual = residual
+
+    def forward(self, x):
+        if self.residual:
+            return x + self.fc(x)
+        return self.fc(x)
+
+
+class Activation(nn.Module):
+    """Instances whose forwards differ by a statement that nothing (no bool attribute, no submodule) tells: two classes."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        return x + torch.relu(x) if self.kind == "residual" else torch.relu(x)
+
+
+class Unary(nn.Module):
+    """Instances whose forwards are different operations: two classes."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        return torch.relu(x) if self.kind == "relu" else torch.tanh(x)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = MaybeNorm(8, True)
+        self.b = MaybeNorm(16, False)
+        self.c = MaybeResidual(True)
+        self.d = MaybeResidual(False)
+        self.e = Activation("residual")
+        self.f = Activation("plain")
+        self.g = Unary("relu")
+        self.h = Unary("tanh")
+
+    def forward(self, x):
+        return self.h(self.g(self.f(self.e(self.d(self.c(self.b(self.a(x))))))))
+
+
 class RefusalTests(unittest.TestCase):
     def assert_refused(self, model, inputs, *fragments):
         with tempfile.TemporaryDirectory() as tmp:
@@ -232,10 +300,13 @@ class WrittenTests(unittest.TestCase):
         self.assertIn("public StackPort() : base(\"Stack\")", code)
         # The three Layers: two with 8, one with 16 hidden: one class, the width a constructor parameter.
         self.assertEqual(code.count("public sealed class Layer"), 1)
-        self.assertIn("public Layer(long out_features)", code)
-        self.assertIn("new TorchSharp.Modules.ModuleList<Layer>(new Layer(8), new Layer(8), new Layer(16))", code)
-        # eps is a named field (the module's attribute name), the source line a comment, Linear a CustomLinear.
-        self.assertIn("private const double eps = 0.001;", code)
+        self.assertIn("public Layer(long out_features, double eps)", code)
+        self.assertIn("new Layer(out_features: 8, eps: 0.001),", code)
+        self.assertIn("new Layer(out_features: 16, eps: 0.001));", code)
+        # eps is a setting: a constructor parameter kept in a readonly field named as the module's attribute; the source
+        # line a comment, Linear a CustomLinear.
+        self.assertIn("private readonly double eps;", code)
+        self.assertIn("this.eps = eps;", code)
         self.assertIn(f"// {THIS}:{line_of('* self.eps')}: return x + self.back(torch.relu(self.fc(x))) * self.eps", code)
         self.assertIn("new CustomLinear(4, out_features, bias: true) { Dispatch = LinearDispatch.PyTorch }", code)
         self.assertIn('register_module("layers", layers);', code)
@@ -246,7 +317,10 @@ class WrittenTests(unittest.TestCase):
         code = generate(TwoInputs().eval(), (torch.randn(2, 4), torch.randn(2, 4)), "Two")
         self.assertIn("public sealed class Two : nn.Module<Tensor, Tensor, Tensor>", code)
         self.assertIn("public override Tensor forward(Tensor x, Tensor y)", code)
-        self.assertIn("private const double scale = 0.5;", code)
+        # The root's setting: a field set by its constructor, and the parameterless constructor builds the exported model.
+        self.assertIn("private readonly double scale;", code)
+        self.assertIn("public Two() : this(scale: 0.5)", code)
+        self.assertIn("public Two(double scale) : base(\"TwoInputs\")", code)
         body = code[code.index("public override Tensor forward"):]
         returned = re.search(r"return (\w+)\.MoveToOuterDisposeScope", body).group(1)
         self.assertRegex(body, rf"Tensor {returned} = \w+\.add\(y\);")   # the first output: proj(x) * scale + y
@@ -256,6 +330,97 @@ class WrittenTests(unittest.TestCase):
         a = generate(Stack().eval(), (torch.randn(2, 3, 4),), "StackPort")
         b = generate(Stack().eval(), (torch.randn(5, 1, 4),), "StackPort")
         self.assertEqual(a, b)
+
+
+class OneClassPerPyTorchClassTests(unittest.TestCase):
+    """Instances of one PyTorch class are one C# class: what differs is a constructor parameter, a submodule some lack
+    is passed in (null where absent), a statement only some run is written under the condition that tells them apart;
+    where nothing tells them apart, a second class says why."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.code = generate(Mixed().eval(), (torch.randn(2, 4),), "MixedPort")
+
+    def test_a_submodule_some_instances_lack_is_a_nullable_parameter_and_its_call_a_condition(self):
+        self.assertEqual(self.code.count("public sealed class MaybeNorm"), 1)
+        self.assertIn("public MaybeNorm(long out_features, TorchSharp.Modules.LayerNorm? norm = null)", self.code)
+        self.assertRegex(self.code, r"Tensor \w+ = norm is not null \? norm\.call\((\w+)\) : \1;")
+        self.assertIn("a = new MaybeNorm(out_features: 8, norm: nn.LayerNorm(4, eps: 1e-05, elementwise_affine: true));", self.code)
+        self.assertIn("b = new MaybeNorm(out_features: 16);", self.code)
+        self.assertIn("if (norm is not null)", self.code)
+
+    def test_a_statement_only_some_instances_run_is_conditioned_on_the_bool_attribute_that_tells_them_apart(self):
+        self.assertEqual(self.code.count("public sealed class MaybeResidual"), 1)
+        self.assertIn("public MaybeResidual(bool residual)", self.code)
+        self.assertIn("private readonly bool residual;", self.code)
+        self.assertRegex(self.code, r"Tensor \w+ = residual \? x\.add\((\w+)\) : \1;")
+        self.assertIn("c = new MaybeResidual(residual: true);", self.code)
+        self.assertIn("d = new MaybeResidual(residual: false);", self.code)
+
+    def test_instances_that_nothing_tells_apart_are_two_classes_and_the_second_says_why(self):
+        self.assertIn("public sealed class Activation : ", self.code)
+        self.assertIn("public sealed class Activation_2 : ", self.code)
+        self.assertIn("// A class of its own: these instances of Activation are not written as Activation because some of "
+                      "their forwards have a statement", self.code)
+        self.assertIn("neither a submodule nor a bool attribute tells which.", self.code)
+        self.assertIn("public sealed class Unary_2 : ", self.code)
+        self.assertIn("// A class of its own: these instances of Unary are not written as Unary because their forwards differ "
+                      "in more than statements some of them leave out.", self.code)
+
+    def test_a_float_literal_of_the_python_line_is_a_constant_and_other_values_are_settings(self):
+        self.assertIn("private const double mul_other = 2.0;", self.code)   # return y * 2.0
+        self.assertNotIn("mul_other: 2.0", self.code)
+
+
+def _torchvision():
+    try:
+        import torchvision  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@unittest.skipUnless(_torchvision(), "torchvision is not importable (Debian: apt-get install python3-torchvision)")
+class TorchvisionClassTests(unittest.TestCase):
+    def test_resnets_blocks_are_one_class_with_downsample_optional(self):
+        from torchvision.models.resnet import BasicBlock, ResNet
+
+        torch.manual_seed(0)
+        code = generate(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval(), (torch.randn(1, 3, 32, 32),), "ResNet")
+        self.assertEqual(code.count("public sealed class BasicBlock"), 1)
+        self.assertIn("public BasicBlock(long in_channels, long out_channels, (long, long) stride, Sequential? downsample = null)", code)
+        self.assertIn("Tensor t6 = downsample is not null ? downsample.call(x) : x;", code)
+        self.assertIn("Tensor t7 = t5.add_(t6);", code)
+        self.assertIn("new BasicBlock(in_channels: 64, out_channels: 64, stride: (1, 1))", code)
+
+    def test_mobilenets_inverted_residuals_are_one_class_with_use_res_connect(self):
+        from torchvision.models import mobilenet_v2
+
+        code = generate(mobilenet_v2(width_mult=0.25, num_classes=10).eval(), (torch.randn(1, 3, 32, 32),), "MobileNetV2")
+        self.assertEqual(code.count("public sealed class InvertedResidual"), 1)
+        self.assertIn("public InvertedResidual(Sequential conv, bool use_res_connect)", code)
+        self.assertIn("Tensor t2 = use_res_connect ? x.add(t) : t;", code)
+        self.assertEqual(code.count("use_res_connect: true"), 11)
+        self.assertEqual(code.count("use_res_connect: false"), 6)
+
+
+@unittest.skipUnless(_torchvision(), "torchvision is not importable (make_ports.py's ResNet and MobileNetV2 need it)")
+class CommittedPortsTests(unittest.TestCase):
+    """The committed generated ports are what the generator writes now (make_ports.py's models): a generator change
+    that is not regenerated and reviewed fails here (and the .NET snapshot tests show the diff)."""
+
+    def test_regenerating_the_committed_ports_gives_the_committed_files(self):
+        ports = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports")
+        sys.path.insert(0, ports)
+        import make_ports
+
+        for folder, class_name, build, _ in make_ports.PORTS:
+            with self.subTest(folder):
+                model, x, _ = build()
+                code = generate(model, (x,), class_name, namespace=f"TorchLinear.Tests.Ports.{folder}")
+                with open(os.path.join(ports, folder, f"{class_name}.cs"), encoding="utf-8", newline="") as f:
+                    self.assertEqual(code, f.read(), f"{folder}/{class_name}.cs is not what export_port.py writes now: "
+                                                     f"run make_ports.py and review the diff")
 
 
 if __name__ == "__main__":

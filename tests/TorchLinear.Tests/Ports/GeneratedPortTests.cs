@@ -185,6 +185,8 @@ namespace TorchLinear.Tests
         public void GeneratedResNet_ReplaysTheRealModelRecording_WithNoDivergence_AndMatchesTorchvisionAtASecondShape()
         {
             using var port = Eval(new Ports.ResNet.ResNet());
+            // torchvision's BasicBlocks, with and without downsample, are one class (downsample a nullable parameter).
+            AssertOneClass(port, "layer1.0", "layer2.0", "layer3.0", "layer4.0");
             using var recording = ParityRecording.Load(Path.Combine(RealModelRecordings.Folder, "resnet_basic_1111.parity.pt"));
             var report = Parity.Replay(port, recording);
             // Every recorded call, the block's second ReLU call (relu#1) included, under torchvision's own paths.
@@ -198,11 +200,20 @@ namespace TorchLinear.Tests
         public void GeneratedMobileNetV2_ReplaysTheRealModelRecording_WithNoDivergence_AndMatchesTorchvisionAtASecondShape()
         {
             using var port = Eval(new Ports.MobileNet.MobileNetV2());
+            // Its 17 InvertedResiduals (with and without the expanding convolution and the residual) are one class.
+            AssertOneClass(port, Enumerable.Range(1, 17).Select(i => $"features.{i}").ToArray());
             using var recording = ParityRecording.Load(Path.Combine(RealModelRecordings.Folder, "mobilenet_v2_025.parity.pt"));
             var report = Parity.Replay(port, recording);
             AssertFaithful(report, 213);
             Assert.All(report.Gradients, r => Assert.True(r.IsClose, $"{r.Path}: {r.Status}"));
             AssertSecondShape(port, recording, PortFile("MobileNet", "MobileNetV2.second.pt"));
+        }
+
+        private static void AssertOneClass(nn.Module port, params string[] paths)
+        {
+            var types = port.named_modules().Where(m => paths.Contains(m.name)).Select(m => m.module.GetType()).Distinct().ToList();
+            Assert.True(port.named_modules().Count(m => paths.Contains(m.name)) == paths.Length, "every path is a module of the port");
+            Assert.Single(types);
         }
 
         /// <summary>The port, with the recording's weights, on the second file's input gives its output (assert_close's tolerances).</summary>
