@@ -749,9 +749,20 @@ class Program:
         self.inputs, self.lines, self.result = inputs, lines, result
 
     def key(self):
-        names = {n: f"v{i}" for i, n in enumerate(list(self.inputs) + [line[1] for line in self.lines if line[1]])}
-        canon = lambda tokens: tuple(names[t[1]] if isinstance(t, tuple) else t for t in tokens)  # noqa: E731
-        return len(self.inputs), tuple((line[0], canon(line[2])) for line in self.lines), canon(self.result)
+        """The program with its locals renamed in order of first appearance (a statement of another form may declare
+        one in its text): equal keys, equal code up to names."""
+        names = {n: f"v{i}" for i, n in enumerate(self.inputs)}
+
+        def canon(tokens):
+            for t in tokens:
+                if isinstance(t, tuple) and t[1] not in names:
+                    names[t[1]] = f"v{len(names)}"
+            return tuple(names[t[1]] if isinstance(t, tuple) else t for t in tokens)
+        lines = []
+        for line in self.lines:
+            expression = canon(line[2])
+            lines.append((line[0], canon([("v", line[1])]) if line[1] else None, expression))
+        return len(self.inputs), tuple(lines), canon(self.result)
 
 
 def _program(d):
@@ -762,7 +773,7 @@ def _program(d):
         if i not in config:
             raise Unmergeable("a forward holds a value that is not a configuration value")
         return f"@@c{config[i]}@@"
-    variables = set(d.inputs)
+    variables = set(d.inputs) | set(getattr(d, "locals", ()))
     lines = []
     for line in d.forward_lines:
         code, _, comment = line.partition("  // ")
@@ -865,13 +876,18 @@ def _merge_one(inputs, merged, merged_result, program, k, types, names):
         return u
 
     def match(mt, bt, st):
-        """The merged statement's tokens if merged tokens mt compute, in this program, what its tokens bt do."""
+        """The merged statement's tokens if merged tokens mt compute, in this program, what its tokens bt do; a local
+        that first appears here on both sides (declared by a statement of another form) is bound in st."""
         if len(mt) != len(bt):
             return None
         out = []
         for x, y in zip(mt, bt):
             if isinstance(x, tuple) and isinstance(y, tuple):
-                if st["bval"].get(x[1]) == y[1]:
+                if x[1] not in st["bval"] and y[1] not in st["mvar"]:
+                    st["bval"][x[1]] = y[1]
+                    st["mvar"][y[1]] = x[1]
+                    out.append(x)
+                elif st["bval"].get(x[1]) == y[1]:
                     out.append(x)
                 elif st["mvar"].get(y[1]) in st["newpass"] and resolve(st["mvar"][y[1]], st) == x[1]:
                     out.append(("v", st["mvar"][y[1]]))   # a statement only this program runs, x elsewhere
@@ -895,14 +911,14 @@ def _merge_one(inputs, merged, merged_result, program, k, types, names):
         if budget[0] < 0:
             raise Unmergeable("their forwards are too different to align")
         if i == len(merged) and j == len(program.lines):
-            r = match(merged_result, program.result, st)
+            r = match(merged_result, program.result, copy(st))
             return None if r is None else (st["out"], r)
         if i < len(merged) and j < len(program.lines):
             ml, bl = merged[i], program.lines[j]
             if ml[0] == bl[0] and (ml[1] is None) == (bl[1] is None):
-                tokens = match(ml[2], bl[2], st)
+                st2 = copy(st)
+                tokens = match(ml[2], bl[2], st2)
                 if tokens is not None:
-                    st2 = copy(st)
                     if ml[1]:
                         st2["bval"][ml[1]] = bl[1]
                         st2["mvar"][bl[1]] = ml[1]
@@ -1051,6 +1067,7 @@ class Exporter:
         d.params, d.buffers, d.parts, d.shapes_text = params, buffers, parts, shapes_text
         d.forward_lines, d.result, d.inputs = tr.lines, result, tr.input_names
         d.config_slots = [i for i in body.own if body.slots[i][2] == "field"]
+        d.locals = list(tr.locals)
         d.slots = body.slots
         d.sig = ("gen", type(module).__name__, tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in params),
                  tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in buffers),
