@@ -1466,7 +1466,6 @@ class Exporter:
                 lines.append(f"            register_module(\"{n}\", {f});")
         lines.append("        }")
         lines.append("")
-        config_cols = set(plan["config_cols"])
         config_order = plan["config_cols"]
         nullable_children = {f for f, n, mode, nullable, *_ in plan["children"] if nullable}
 
@@ -1495,7 +1494,6 @@ class Exporter:
             else:
                 statement = f"{ltype} {var} = {expr};"
             lines.append("            " + statement + (f"  // {comment}" if comment else ""))
-        del config_cols
         lines.append(f"            return {code(plan['result'])}.MoveToOuterDisposeScope();")
         lines.append("        }")
         lines.append("    }")
