@@ -130,74 +130,6 @@ class Stack(nn.Module):
         return x
 
 
-class MaybeNorm(nn.Module):
-    """Instances with and without a submodule, as torchvision's BasicBlock with and without downsample."""
-
-    def __init__(self, width, norm):
-        super().__init__()
-        self.fc = nn.Linear(4, width)
-        self.back = nn.Linear(width, 4)
-        self.norm = nn.LayerNorm(4) if norm else None
-
-    def forward(self, x):
-        y = self.back(self.fc(x))
-        if self.norm is not None:
-            y = self.norm(y)
-        return y * 2.0
-
-
-class MaybeResidual(nn.Module):
-    """Instances with and without a residual, told apart by a bool attribute (MobileNetV2's use_res_connect)."""
-
-    def __init__(self, residual):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.residual = residual
-
-    def forward(self, x):
-        if self.residual:
-            return x + self.fc(x)
-        return self.fc(x)
-
-
-class Activation(nn.Module):
-    """Instances whose forwards differ by a statement that nothing (no bool attribute, no submodule) tells: two classes."""
-
-    def __init__(self, kind):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x):
-        return x + torch.relu(x) if self.kind == "residual" else torch.relu(x)
-
-
-class Unary(nn.Module):
-    """Instances whose forwards are different operations: two classes."""
-
-    def __init__(self, kind):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x):
-        return torch.relu(x) if self.kind == "relu" else torch.tanh(x)
-
-
-class Mixed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = MaybeNorm(8, True)
-        self.b = MaybeNorm(16, False)
-        self.c = MaybeResidual(True)
-        self.d = MaybeResidual(False)
-        self.e = Activation("residual")
-        self.f = Activation("plain")
-        self.g = Unary("relu")
-        self.h = Unary("tanh")
-
-    def forward(self, x):
-        return self.h(self.g(self.f(self.e(self.d(self.c(self.b(self.a(x))))))))
-
-
 class RefusalTests(unittest.TestCase):
     def assert_refused(self, model, inputs, *fragments):
         with tempfile.TemporaryDirectory() as tmp:
@@ -339,7 +271,8 @@ class OneClassPerPyTorchClassTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.code = generate(Mixed().eval(), (torch.randn(2, 4),), "MixedPort")
+        model, x, _ = make_ports().merged_classes()   # compiled and replayed by the .NET tests (Ports/MergedClasses)
+        cls.code = generate(model, (x,), "MergedClasses")
 
     def test_a_submodule_some_instances_lack_is_a_nullable_parameter_and_its_call_a_condition(self):
         self.assertEqual(self.code.count("public sealed class MaybeNorm"), 1)
@@ -370,6 +303,14 @@ class OneClassPerPyTorchClassTests(unittest.TestCase):
     def test_a_float_literal_of_the_python_line_is_a_constant_and_other_values_are_settings(self):
         self.assertIn("private const double mul_other = 2.0;", self.code)   # return y * 2.0
         self.assertNotIn("mul_other: 2.0", self.code)
+
+
+def make_ports():
+    ports = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports")
+    if ports not in sys.path:
+        sys.path.insert(0, ports)
+    import make_ports as module
+    return module
 
 
 def _torchvision():
@@ -411,10 +352,7 @@ class CommittedPortsTests(unittest.TestCase):
 
     def test_regenerating_the_committed_ports_gives_the_committed_files(self):
         ports = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports")
-        sys.path.insert(0, ports)
-        import make_ports
-
-        for folder, class_name, build, _ in make_ports.PORTS:
+        for folder, class_name, build, _ in make_ports().PORTS:
             with self.subTest(folder):
                 model, x, _ = build()
                 code = generate(model, (x,), class_name, namespace=f"TorchLinear.Tests.Ports.{folder}")

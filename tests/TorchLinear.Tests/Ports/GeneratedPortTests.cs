@@ -44,12 +44,14 @@ namespace TorchLinear.Tests
         {
             new object[] { "TinyTransformer" },
             new object[] { "TinyGpt" },
+            new object[] { "MergedClasses" },
         };
 
         private static nn.Module<Tensor, Tensor> NewTiny(string name) => name switch
         {
             "TinyTransformer" => new Ports.TinyTransformer.TinyTransformer(),
             "TinyGpt" => new Ports.TinyGpt.TinyGpt(),
+            "MergedClasses" => new Ports.MergedClasses.MergedClasses(),
             _ => throw new ArgumentOutOfRangeException(nameof(name), name, "no such generated port"),
         };
 
@@ -80,6 +82,24 @@ namespace TorchLinear.Tests
             foreach (var t in tensors.Values)
                 t.Dispose();
             return shape;
+        }
+
+        /// <summary>
+        /// make_ports.py's MergedClasses (replayed above at two shapes): the instances with and without a submodule are one
+        /// class (the submodule a nullable parameter, not registered where absent), so are those a bool attribute tells
+        /// apart; the ones nothing tells apart are two classes.
+        /// </summary>
+        [Fact]
+        public void GeneratedMergedClasses_AreOneClassWherePossible_AndRegisterOnlyTheSubmodulesAnInstanceHas()
+        {
+            using var port = new Ports.MergedClasses.MergedClasses();
+            AssertOneClass(port, "a", "b");
+            AssertOneClass(port, "c", "d");
+            var types = port.named_children().ToDictionary(c => c.name, c => c.module.GetType());
+            Assert.NotEqual(types["e"], types["f"]);
+            Assert.NotEqual(types["g"], types["h"]);
+            Assert.Contains("a.norm.weight", port.state_dict().Keys);
+            Assert.DoesNotContain(port.state_dict().Keys, key => key.StartsWith("b.norm", StringComparison.Ordinal));
         }
 
         [Fact]
