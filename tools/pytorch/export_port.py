@@ -849,7 +849,8 @@ def _merge_programs(programs, reserved):
         lines, result = _merge_one(first.inputs, lines, result, program, k, types, names)
     # Locals named t, t2, ... (the tracer's unnamed values) renumbered in order, as a person would.
     plain = [line[1] for line in lines if line[1] and re.fullmatch(r"t\d*", line[1]) and line[1] not in first.inputs]
-    taken = (names - set(plain)) | set(first.inputs)
+    every = {t[1] for line in lines for t in line[2] if isinstance(t, tuple)} | {t[1] for t in result if isinstance(t, tuple)}
+    taken = ((names | every) - set(plain)) | set(first.inputs)   # a local another form of statement declares is taken
     rename, n = {}, 1
     for var in plain:
         while (candidate := "t" if n == 1 else f"t{n}") in taken:
@@ -1130,6 +1131,7 @@ class Exporter:
                 done.add(key)
         # Children first: classes in the order their first instance finishes.
         self.classes.sort(key=lambda p: self.order[id(p["members"][0])])
+        self.ties = self.tie_lines() if hasattr(self, "tie_lines") else []
 
     def group_family(self, members, names_used):
         plans, reason = [], None
@@ -1211,6 +1213,8 @@ class Exporter:
             raise Unmergeable("their parameters or buffers differ")
         if any(len(d.inputs) != len(d0.inputs) for d in members):
             raise Unmergeable("their forwards take different numbers of inputs")
+        if any(getattr(d, "n_outputs", 1) != getattr(d0, "n_outputs", 1) for d in members):
+            raise Unmergeable("their forwards return different numbers of tensors")
         if any(len(d.config_slots) != len(d0.config_slots) for d in members):
             raise Unmergeable("their forwards hold different numbers of configuration values")
         # Submodules, in registration order.
@@ -1402,7 +1406,9 @@ class Exporter:
         if plan["reason"]:
             lines.append(f"    // {plan['reason']}")
         arity = max(1, len(plan["inputs"]))
-        generic = "nn.Module<Tensor, Tensor>" if arity == 1 else "nn.Module<Tensor, Tensor, Tensor>"
+        n_outputs = getattr(d, "n_outputs", 1)
+        result_type = "Tensor" if n_outputs == 1 else "(" + ", ".join(["Tensor"] * n_outputs) + ")"
+        generic = f"nn.Module<{', '.join(['Tensor'] * arity)}, {result_type}>"
         what = "The exported model" if is_root else f"PyTorch's <c>{pyname}</c>"
         lines.append(f"    /// <summary>{what} ({type(d.module).__module__}.{pyname}), written from its traced forward.</summary>")
         lines.append(f"    public sealed class {name} : {generic}")
@@ -1415,8 +1421,10 @@ class Exporter:
                 lines.append(f"        private readonly {p['ctype']} {p['name']};")
         for f, n, shape, dt, rg in d.params:
             lines.append(f"        private readonly TorchSharp.Modules.Parameter {f};")
+        exposed = set().union(*(getattr(m, "exposed", set()) for m in plan["members"]))
         for f, n, shape, dt, ps, init in d.buffers:
-            lines.append(f"        private readonly Tensor {f};")
+            access = "internal" if n in exposed else "private"   # a buffer its parent reads
+            lines.append(f"        {access} readonly Tensor {f};")
         for f, n, mode, nullable, drafts, ftype in plan["children"]:
             lines.append(f"        private readonly {ftype}{'?' if nullable else ''} {f};")
         lines.append("")
@@ -1448,9 +1456,12 @@ class Exporter:
             if init is None:
                 dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
                 lines.append(f"            {f} = torch.zeros(new long[] {{ {shape_text} }}{dtype});")
+            elif init[0] == "tril":
+                lines.append(f"            {f} = torch.ones({init[1]}, {init[2]}, dtype: ScalarType.Bool).tril().expand(new long[] {{ {shape_text} }}).contiguous();")
             else:
-                values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else cs_literal(v) for v in init)
-                ctype = "float" if dt == "Float32" else "double"
+                values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else
+                                   f"{v}L" if dt == "Int64" else cs_literal(v) for v in init)
+                ctype = {"Float32": "float", "Int64": "long"}.get(dt, "double")
                 lines.append(f"            {f} = torch.tensor(new {ctype}[] {{ {values} }}).reshape(new long[] {{ {shape_text} }});")
             lines.append(f"            register_buffer(\"{n}\", {f}, persistent: {cs_literal(ps)});")
         for f, n, mode, nullable, drafts, ftype in plan["children"]:
@@ -1464,7 +1475,44 @@ class Exporter:
             else:
                 lines.append(f"            this.{f} = {f};")
                 lines.append(f"            register_module(\"{n}\", {f});")
+        ties = getattr(self, "ties", []) if is_root else []
+        lines += ties
         lines.append("        }")
+        renamed = [n for f, n, *_ in d.params + d.buffers if f != n] + [n for f, n, *_ in plan["children"] if f != n]
+        if renamed:
+            # register_module(name, this) calls this.RegisterComponents(), which registers every Module, Parameter and
+            # Tensor field once more under the field's name: a field not named as PyTorch names it would get a second key.
+            lines += [
+                "",
+                f"        /// <summary>Registers nothing more: everything is registered under PyTorch's names above ({', '.join(renamed)} under another field name).</summary>",
+                "        protected override void RegisterComponents() { }",
+            ]
+        if ties:
+            lines += [
+                "",
+                "        private nn.Module Submodule(string path)",
+                "        {",
+                "            foreach (var (name, module) in named_modules())",
+                "            {",
+                "                if (name == path)",
+                "                    return module;",
+                "            }",
+                "            throw new InvalidOperationException($\"{GetType().Name} has no submodule {path}.\");",
+                "        }",
+            ]
+            if any("Parameter(\"" in t for t in ties):
+                lines += [
+                    "",
+                    "        private TorchSharp.Modules.Parameter Parameter(string name)",
+                    "        {",
+                    "            foreach (var (key, parameter) in named_parameters())",
+                    "            {",
+                    "                if (key == name)",
+                    "                    return parameter;",
+                    "            }",
+                    "            throw new InvalidOperationException($\"{GetType().Name} has no parameter {name}.\");",
+                    "        }",
+                ]
         lines.append("")
         config_order = plan["config_cols"]
         nullable_children = {f for f, n, mode, nullable, *_ in plan["children"] if nullable}
@@ -1475,7 +1523,7 @@ class Exporter:
 
         ins = plan["inputs"] if plan["inputs"] else ["input"]
         lines.append("        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>")
-        lines.append(f"        public override Tensor forward({', '.join('Tensor ' + i for i in ins)})")
+        lines.append(f"        public override {result_type} forward({', '.join('Tensor ' + i for i in ins)})")
         lines.append("        {")
         lines.append("            using var scope = NewDisposeScope();")
         for k, line in enumerate(plan["lines"]):
@@ -1494,7 +1542,10 @@ class Exporter:
             else:
                 statement = f"{ltype} {var} = {expr};"
             lines.append("            " + statement + (f"  // {comment}" if comment else ""))
-        lines.append(f"            return {code(plan['result'])}.MoveToOuterDisposeScope();")
+        returned = code(plan["result"])
+        if "MoveToOuterDisposeScope" not in returned:   # a translator that moves each returned tensor itself
+            returned += ".MoveToOuterDisposeScope()"
+        lines.append(f"            return {returned};")
         lines.append("        }")
         lines.append("    }")
         return lines
