@@ -85,7 +85,7 @@ namespace TorchLinear.Tests
         }
 
         /// <summary>
-        /// make_ports.py's MergedClasses (replayed above at two shapes): the instances with and without a submodule are one
+        /// Ports/merged_classes.py's MergedClasses (replayed above at two shapes): the instances with and without a submodule are one
         /// class (the submodule a nullable parameter, not registered where absent), so are those a bool attribute tells
         /// apart; the ones nothing tells apart are two classes.
         /// </summary>

@@ -17,7 +17,7 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
                     are the RealModels recording's), and ResNet.second.pt: an input (1, 3, 48, 48), the model's output and its noise
                     (max |output - the float64 model's|)
   MobileNet/        torchvision mobilenet_v2(width_mult=0.25, num_classes=10), likewise: MobileNetV2.cs, MobileNetV2.second.pt
-  MergedClasses/    MergedClasses below: two instances of each class the generator merges (a submodule some lack, a
+  MergedClasses/    merged_classes.py's MergedClasses: two instances of each class the generator merges (a submodule some lack, a
                     statement a bool attribute turns on) or keeps apart (a second class that says why), input (2, 3, 4):
                     the four files as TinyTransformer's, the second recording at (1, 5, 4)
 """
@@ -28,7 +28,6 @@ import os
 import sys
 
 import torch
-from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -39,6 +38,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "TorchLinear.Tests", "ReferenceDa
 
 from export_port import export_port  # noqa: E402
 from record_parity import record  # noqa: E402
+from merged_classes import merged_classes  # noqa: E402
 
 
 def tiny_transformer():
@@ -76,86 +76,6 @@ def mobilenet():
     model, x = make_real_models.mobilenet_v2_025()
     torch.manual_seed(48)
     return model, x, torch.randn(1, 3, 48, 48)
-
-
-class MaybeNorm(nn.Module):
-    """Instances with and without a submodule, as torchvision's BasicBlock with and without downsample."""
-
-    def __init__(self, width, norm):
-        super().__init__()
-        self.fc = nn.Linear(4, width)
-        self.back = nn.Linear(width, 4)
-        self.norm = nn.LayerNorm(4) if norm else None
-
-    def forward(self, x):
-        y = self.back(self.fc(x))
-        if self.norm is not None:
-            y = self.norm(y)
-        return y * 2.0
-
-
-class MaybeResidual(nn.Module):
-    """Instances with and without a residual, told apart by a bool attribute (MobileNetV2's use_res_connect)."""
-
-    def __init__(self, residual):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.residual = residual
-
-    def forward(self, x):
-        if self.residual:
-            return x + self.fc(x)
-        return self.fc(x)
-
-
-class Activation(nn.Module):
-    """Instances whose forwards differ by a statement that nothing (no bool attribute, no submodule) tells: two classes."""
-
-    def __init__(self, kind):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x):
-        return x + torch.relu(x) if self.kind == "residual" else torch.relu(x)
-
-
-class Unary(nn.Module):
-    """Instances whose forwards are different operations: two classes."""
-
-    def __init__(self, kind):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x):
-        return torch.relu(x) if self.kind == "relu" else torch.tanh(x)
-
-
-class MergedClasses(nn.Module):
-    """Two instances of each: one class with an optional submodule, one with a bool flag, one class each."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = MaybeNorm(8, True)
-        self.b = MaybeNorm(16, False)
-        self.c = MaybeResidual(True)
-        self.d = MaybeResidual(False)
-        self.e = Activation("residual")
-        self.f = Activation("plain")
-        self.g = Unary("relu")
-        self.h = Unary("tanh")
-
-    def forward(self, x):
-        return self.h(self.g(self.f(self.e(self.d(self.c(self.b(self.a(x))))))))
-
-
-def merged_classes():
-    torch.manual_seed(5)
-    model = MergedClasses()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval(), torch.randn(2, 3, 4), torch.randn(1, 5, 4)
 
 
 # folder, class name, builder, whether the weights and recordings are committed here (the tiny models) or are
@@ -236,7 +156,4 @@ def main():
 
 
 if __name__ == "__main__":
-    # Runs as the module make_ports, so that the models defined here are make_ports.MergedClasses..., in the generated
-    # code as when test_export_port.py imports this file (not __main__.MergedClasses).
-    import make_ports
-    make_ports.main()
+    main()
