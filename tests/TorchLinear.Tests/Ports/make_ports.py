@@ -17,6 +17,9 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
                     are the RealModels recording's), and ResNet.second.pt: an input (1, 3, 48, 48), the model's output and its noise
                     (max |output - the float64 model's|)
   MobileNet/        torchvision mobilenet_v2(width_mult=0.25, num_classes=10), likewise: MobileNetV2.cs, MobileNetV2.second.pt
+  Llama/            transformers LlamaForCausalLM, tiny and random (see llama()), token ids (2, 7): LlamaForCausalLM.cs,
+                    .safetensors, .parity.pt, and .second.parity.pt at (3, 5) (needs `source /work/realpeft-site/env.sh`;
+                    without it the committed files are kept, and said)
 """
 import copy
 import hashlib
@@ -74,6 +77,21 @@ def mobilenet():
     return model, x, torch.randn(1, 3, 48, 48)
 
 
+def llama():
+    """transformers' LlamaForCausalLM (the real modeling_llama.py, needs `source /work/realpeft-site/env.sh`), tiny and
+    random: hidden 32, 2 layers, 4 heads over 2 key/value heads (grouped-query attention), intermediate 64, vocab 100,
+    eager attention, no cache, tuple output; RMSNorm weights drawn U(0.5, 1.5) as make_real_models.py does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import make_real_models
+
+    torch.manual_seed(32)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         attn_implementation="eager", use_cache=False, return_dict=False)
+    model = make_real_models.randomise_norms(LlamaForCausalLM(config)).eval()
+    return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
+
+
 # folder, class name, builder, whether the weights and recordings are committed here (the tiny models) or are
 # RealModels' (ResNet, MobileNetV2: a second input and output only)
 PORTS = [
@@ -81,7 +99,11 @@ PORTS = [
     ("TinyGpt", "TinyGpt", tiny_gpt, True),
     ("ResNet", "ResNet", resnet, False),
     ("MobileNet", "MobileNetV2", mobilenet, False),
+    ("Llama", "LlamaForCausalLM", llama, True),
 ]
+
+# The transformers models: without transformers importable, their committed files are kept (and said).
+NEEDS_TRANSFORMERS = {"Llama"}
 
 
 def peft_adapter(folder):
@@ -121,8 +143,15 @@ def peft_adapter(folder):
 def main():
     written = []
     for folder, class_name, build, own_files in PORTS:
-        model, x, x2 = build()
         out = os.path.join(HERE, folder)
+        if folder in NEEDS_TRANSFORMERS:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                print(f"transformers is not importable (source /work/realpeft-site/env.sh): kept the committed {folder}/")
+                written += [os.path.join(out, f) for f in sorted(os.listdir(out)) if os.path.isfile(os.path.join(out, f))]
+                continue
+        model, x, x2 = build()
         paths = export_port(model, (x,), out, class_name, namespace=f"TorchLinear.Tests.Ports.{folder}",
                             weights=own_files, recording=own_files)
         written += list(paths.values())
