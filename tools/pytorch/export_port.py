@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from record_parity import _flatten, build_from_spec, record  # noqa: E402
+from record_parity import _flatten, _parameter_names, build_from_spec, record  # noqa: E402
 
 
 class ExportRefused(Exception):
@@ -604,7 +604,15 @@ class Translator:
                 expr = field
             else:
                 expr = f"{owner.expr}[{int(name)}]" if name.isdigit() else f"{owner.expr}.{cs_ident(name)}"
+                if isinstance(target, nn.Parameter) and id(target) in self.x.tied:
+                    # A tied parameter handed to another module's call (GPT-2's lm_head gets transformer.wte.weight):
+                    # the port ties the two in its constructor, and the call drops it (see prim::CallMethod).
+                    self.values[node.output().unique()] = Value("tied", None, module=target)
+                    return
                 if not name.isdigit():
+                    if isinstance(target, nn.Module):   # refused when called: it may lead to a tied parameter only
+                        self.values[node.output().unique()] = Value("module", expr, module=target, const="nested")
+                        return
                     self.refuse(node, f"attribute {name!r} of a child module")
             if isinstance(target, nn.Module):
                 self.values[node.output().unique()] = Value("module", expr, module=target)
@@ -614,12 +622,17 @@ class Translator:
         if k == "prim::CallMethod":
             child = self.v(ins[0])
             method = node.s("name")
+            if child.const == "nested":
+                self.refuse(node, f"a call of {child.expr}, a submodule of a child module")
+                return
             if method != "forward" and not (re.fullmatch(r"forward\d+", method) and _is_leaf(child.module)):
                 # The tracer names a module's second traced call forward1, ...: a module TorchSharp has is one
                 # operation whatever the call; a translated module is written from its first call's graph only.
                 self.refuse(node, f"a second call of {child.expr} ({type(child.module).__name__}, traced as {method})")
                 return
             args = [self.v(a) for a in ins[1:]]
+            own = {id(p) for p in child.module.parameters()} if isinstance(child.module, nn.Module) else set()
+            args = [a for a in args if not (a.kind == "tied" and id(a.module) in own)]
             bad = [a.kind for a in args if a.kind != "tensor"]
             if bad:
                 self.refuse(node, f"{child.expr} called with a non-tensor argument ({', '.join(bad)})")
@@ -733,6 +746,10 @@ class Translator:
         if any(x.kind == "unknown" for x in a):
             self.refuse(node, f"aten::{op} with an argument the generator cannot read")
             return
+        if op == "pow" and len(a) == 2 and a[0].kind == "long" and a[1].kind == "double":
+            # `size ** 0.5` in the trace: the size is a 0-dim int64 tensor there, raised in PyTorch's default dtype
+            self.set(node, "tensor", f"torch.tensor({a[0].expr}).pow({self.scalar(a[1], node, 'pow_exponent')})", statement_type="Tensor")
+            return
         if op == "size":
             if a[0].kind != "tensor" or a[1].kind != "long":
                 self.refuse(node, "aten::size without a constant dimension")
@@ -828,12 +845,29 @@ class Translator:
         if op == "full":
             # full(size, fill_value, dtype, layout, device, pin_memory)
             dtype = self.dtype(a[2], node)
-            if a[1].kind != "double" or a[1].const is None:
-                self.refuse(node, "aten::full with a fill value that is not a constant number")
+            if a[1].kind == "double" and a[1].const is not None:
+                fill = self.config_value(a[1].const, "fill_value")
+            elif a[1].kind == "tensor":
+                fill = f"{a[1].expr}.ToScalar()"   # a number PyTorch computed as a 0-dim tensor (below), as it is
+            else:
+                self.refuse(node, f"aten::full with a fill value that is a {a[1].kind}")
                 return
             dt = f", dtype: {dtype}" if dtype else ""
-            self.set(node, "tensor", f"torch.full({self.longs(a[0], node, 'size')}, {self.config_value(a[1].const, 'fill_value')}{dt})",
-                     statement_type="Tensor")
+            size = "System.Array.Empty<long>()" if a[0].kind == "longs" and not a[0].items else self.longs(a[0], node, 'size')
+            self.set(node, "tensor", f"torch.full({size}, {fill}{dt})", statement_type="Tensor")
+            return
+        if op == "addmm":
+            if any(x.kind != "long" or x.const != 1 for x in a[3:5]):
+                self.refuse(node, "aten::addmm with beta or alpha other than 1")
+                return
+            self.set(node, "tensor", f"{T(0)}.addmm({T(1)}, {T(2)})", statement_type="Tensor")
+            return
+        if op == "where" and len(a) == 3:
+            other = a[2].expr if a[2].kind == "tensor" else None
+            if other is None:
+                self.refuse(node, "aten::where with a number")
+                return
+            self.set(node, "tensor", f"torch.where({T(0)}, {T(1)}, {other})", statement_type="Tensor")
             return
         if op in ("triu", "tril"):
             self.set(node, "tensor", f"{T(0)}.{op}({a[1].expr})", statement_type="Tensor")
@@ -872,6 +906,11 @@ class Translator:
                 dtype = self.dtype(a[1], node)
                 self.set(node, "tensor", f"{T(0)}.to({dtype})", statement_type="Tensor")
                 return
+            # to(self, device, dtype, non_blocking, copy, memory_format) on the CPU (the trace's own device)
+            if len(a) == 6 and a[1].kind == "device" and a[1].const == "cpu" and a[2].kind == "long":
+                dtype = self.dtype(a[2], node)
+                self.set(node, "tensor", f"{T(0)}.to({dtype})", statement_type="Tensor")
+                return
             self.refuse(node, "aten::to with a device or another tensor")
             return
         self.refuse(node, f"operation aten::{op}")
@@ -896,6 +935,11 @@ class Exporter:
         self.model, self.traced, self.class_name, self.namespace = model, traced, class_name, namespace
         self.calls = calls if calls is not None else TraceCalls()
         self.draft_of = {}      # id(module) -> its Draft
+        # Parameters listed under several names (a tied LM head): id -> the names, the first the owner's.
+        names = {}
+        for name, p in _parameter_names(model):
+            names.setdefault(id(p), []).append(name)
+        self.tied = {k: v for k, v in names.items() if len(v) > 1}
         self.refusals = Refusals()
         self.drafts = []
         self.groups = {}        # sig -> Group
@@ -957,6 +1001,11 @@ class Exporter:
         for name, b in module.named_buffers(recurse=False):
             persistent = name in persistent_names
             init = None
+            if not persistent and b.dtype == torch.bool and b.dim() >= 2 and \
+                    torch.equal(b, torch.ones(b.shape[-2:], dtype=torch.bool).tril().expand(b.shape)):
+                # a causal mask (GPT-2's `bias`): written as the lower triangle it is, not element by element
+                buffers.append((field(name), name, tuple(b.shape), "Bool", persistent, ("tril", b.shape[-2], b.shape[-1])))
+                continue
             if not persistent:
                 if b.numel() > 4096 or not b.dtype.is_floating_point:
                     self.refusals.add(f"{path}.{name}: a non-persistent buffer of {b.numel()} {b.dtype} elements (not in the state_dict; "
@@ -1033,6 +1082,7 @@ class Exporter:
         self.classes.sort(key=lambda g: order[id(g["members"][0])])
         if len(by_sig[root.sig]) > 1:
             self.refusals.add("the root module's class is used inside it")
+        self.ties = self.tie_lines()
 
     # -- emission
     def render(self, text, slot_text):
@@ -1188,6 +1238,8 @@ class Exporter:
             if init is None:
                 dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
                 lines.append(f"            {f} = torch.zeros(new long[] {{ {shape_text} }}{dtype});")
+            elif init[0] == "tril":
+                lines.append(f"            {f} = torch.ones({init[1]}, {init[2]}, dtype: ScalarType.Bool).tril().expand(new long[] {{ {shape_text} }}).contiguous();")
             else:
                 values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else cs_literal(v) for v in init)
                 ctype = "float" if dt == "Float32" else "double"
@@ -1196,7 +1248,22 @@ class Exporter:
         for f, n, cd, off in d.parts:
             lines.append(f"            {f} = {self.ctor_expr(cd, off, slot_text)};")
             lines.append(f"            register_module(\"{n}\", {f});")
+        ties = self.ties if is_root else []
+        lines += ties
         lines.append("        }")
+        if ties:
+            lines += [
+                "",
+                "        private nn.Module Submodule(string path)",
+                "        {",
+                "            foreach (var (name, module) in named_modules())",
+                "            {",
+                "                if (name == path)",
+                "                    return module;",
+                "            }",
+                "            throw new InvalidOperationException($\"{GetType().Name} has no submodule {path}.\");",
+                "        }",
+            ]
         lines.append("")
         ins = d.inputs if d.inputs else ["input"]
         lines.append("        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>")
@@ -1208,6 +1275,28 @@ class Exporter:
         lines.append(f"            return {d.result};")
         lines.append("        }")
         lines.append("    }")
+        return lines
+
+    def tie_lines(self):
+        """The constructor lines that tie parameters PyTorch's model shares (its state_dict lists one under each name,
+        as TorchSharp's does once they are one Parameter): a leaf's `weight` is set to the owner's."""
+        lines = []
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        for names in self.tied.values():
+            owner = names[0]
+            for name in names[1:]:
+                path, _, attr = name.rpartition(".")
+                opath, _, oattr = owner.rpartition(".")
+                d, od = self.draft_of.get(id(modules.get(path))), self.draft_of.get(id(modules.get(opath)))
+                settable = ("CustomLinear", "TorchSharp.Modules.Embedding")
+                if attr != "weight" or d is None or od is None or d.kind != "leaf" or od.kind != "leaf" \
+                        or d.field_type not in settable or od.field_type not in settable:
+                    self.refusals.add(f"{name} is {owner} (a tied parameter): only the weight of one Linear or Embedding "
+                                      f"set to another's is written")
+                    continue
+                bang = "!" if od.field_type.endswith("Embedding") else ""
+                lines.append(f"            (({d.field_type})Submodule(\"{path}\")).weight = "
+                             f"(({od.field_type})Submodule(\"{opath}\")).{oattr}{bang};  // tied: {name} is {owner}")
         return lines
 
     def write_cs(self):

@@ -243,6 +243,22 @@ class TransformersTests(unittest.TestCase):
         self.assertIn("long batch_size = t.size(0);", code)
         self.assertIn("long sequence_length = t.size(1);", code)
 
+    def test_gpt2_conv1d_keeps_its_layout_the_causal_mask_is_a_triangle_and_the_head_is_tied(self):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, attn_implementation="eager",
+                            use_cache=False, return_dict=False)
+        code = generate(GPT2LMHeadModel(config).eval(), (torch.randint(0, 50, (2, 5)),), "Gpt2")
+        # Conv1D written from its own graph: PyTorch's (in, out) weight and addmm, no transposed copy.
+        self.assertIn("torch.zeros(new long[] { weight_shape, weight_shape2 })", code)
+        self.assertRegex(code, r"Tensor \w+ = bias\.addmm\(\w+, weight\);  // pytorch_utils.py:\d+: x = torch.addmm\(self.bias")
+        # The non-persistent causal mask (16 x 16 booleans) as the lower triangle it is.
+        self.assertIn("bias = torch.ones(16, 16, dtype: ScalarType.Bool).tril().expand(new long[] { 1, 1, 16, 16 }).contiguous();", code)
+        self.assertIn('register_buffer("bias", bias, persistent: false);', code)
+        # The LM head shares the token embedding's weight, as in transformers.
+        self.assertIn('((CustomLinear)Submodule("lm_head")).weight = ((TorchSharp.Modules.Embedding)Submodule("transformer.wte")).weight!;', code)
+
     def test_a_branch_on_values_is_still_refused_when_shape_branches_are_not(self):
         class Mixed(nn.Module):
             def forward(self, x):

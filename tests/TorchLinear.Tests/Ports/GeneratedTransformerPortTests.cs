@@ -96,5 +96,40 @@ namespace TorchLinear.Tests
             Assert.Equal(2 * 7 + 1, linears.Count);
             Assert.All(linears, m => Assert.IsType<CustomLinear>(m.Value));
         }
+
+        [Fact]
+        public void GeneratedGpt2_LoadsEveryKey_AndReplaysWithNoDivergence_AtBothShapes()
+        {
+            using var port = Loaded(new Ports.Gpt2.GPT2LMHeadModel(), "Gpt2", "GPT2LMHeadModel");
+            using (var recording = ParityRecording.Load(PortFile("Gpt2", "GPT2LMHeadModel.parity.pt")))
+                Assert.Equal(recording.StateDict().Keys.OrderBy(k => k, StringComparer.Ordinal),
+                             port.state_dict().Keys.OrderBy(k => k, StringComparer.Ordinal));
+            string first = PortFile("Gpt2", "GPT2LMHeadModel.parity.pt"), second = PortFile("Gpt2", "GPT2LMHeadModel.second.parity.pt");
+            Assert.NotEqual(InputShape(first)[0], InputShape(second)[0]);
+            Assert.NotEqual(InputShape(first)[1], InputShape(second)[1]);
+            AssertNoDivergence(port, first);
+            AssertNoDivergence(port, second);
+        }
+
+        /// <summary>
+        /// GPT-2's Conv1D keeps PyTorch's layout (weight (in, out), `x Wᵀ`-free: addmm(bias, x, weight)), so its
+        /// state_dict keys and shapes are transformers'; the LM head is tied to the token embedding as in transformers
+        /// (one Parameter under both names, so its gradient is the sum of both uses, as PyTorch's).
+        /// </summary>
+        [Fact]
+        public void GeneratedGpt2_Conv1DKeepsTheInOutLayout_AndTheLmHeadIsTiedToTheTokenEmbedding()
+        {
+            using var port = new Ports.Gpt2.GPT2LMHeadModel();
+            var state = port.state_dict();
+            Assert.Equal(new long[] { 32, 96 }, state["transformer.h.0.attn.c_attn.weight"].shape);
+            Assert.Equal(new long[] { 96 }, state["transformer.h.0.attn.c_attn.bias"].shape);
+            Assert.Equal(new long[] { 32, 128 }, state["transformer.h.0.mlp.c_fc.weight"].shape);
+            Assert.Equal(new long[] { 128, 32 }, state["transformer.h.0.mlp.c_proj.weight"].shape);
+            var parameters = port.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+            using (no_grad())
+                parameters["transformer.wte.weight"].fill_(0.25);   // one tensor: the head sees the write
+            Assert.True(parameters["lm_head.weight"].eq(0.25).all().item<bool>());
+            Assert.DoesNotContain("transformer.h.0.attn.bias", state.Keys);   // the causal mask: a non-persistent buffer
+        }
     }
 }

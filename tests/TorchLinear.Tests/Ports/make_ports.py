@@ -20,6 +20,8 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
   Llama/            transformers LlamaForCausalLM, tiny and random (see llama()), token ids (2, 7): LlamaForCausalLM.cs,
                     .safetensors, .parity.pt, and .second.parity.pt at (3, 5) (needs `source /work/realpeft-site/env.sh`;
                     without it the committed files are kept, and said)
+  Gpt2/             transformers GPT2LMHeadModel, tiny and random (see gpt2()), token ids (2, 7), likewise; the second
+                    recording at (3, 5)
 """
 import copy
 import hashlib
@@ -92,6 +94,23 @@ def llama():
     return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
 
 
+def gpt2():
+    """transformers' GPT2LMHeadModel (real modeling_gpt2.py), tiny and random: 32 wide, 2 layers, 4 heads, 32 positions,
+    vocab 100, its Conv1D layers (weight stored (in, out)), the LM head tied to the token embedding; eager attention,
+    no cache, tuple output; LayerNorm weights and biases drawn (seed 2) so that no normalisation is an identity."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, attn_implementation="eager",
+                        use_cache=False, return_dict=False)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".ln_" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
+
+
 # folder, class name, builder, whether the weights and recordings are committed here (the tiny models) or are
 # RealModels' (ResNet, MobileNetV2: a second input and output only)
 PORTS = [
@@ -100,10 +119,11 @@ PORTS = [
     ("ResNet", "ResNet", resnet, False),
     ("MobileNet", "MobileNetV2", mobilenet, False),
     ("Llama", "LlamaForCausalLM", llama, True),
+    ("Gpt2", "GPT2LMHeadModel", gpt2, True),
 ]
 
 # The transformers models: without transformers importable, their committed files are kept (and said).
-NEEDS_TRANSFORMERS = {"Llama"}
+NEEDS_TRANSFORMERS = {"Llama", "Gpt2"}
 
 
 def peft_adapter(folder):
