@@ -604,16 +604,19 @@ class Translator:
                 expr = field
             else:
                 expr = f"{owner.expr}[{int(name)}]" if name.isdigit() else f"{owner.expr}.{cs_ident(name)}"
-                if isinstance(target, nn.Parameter) and id(target) in self.x.tied:
-                    # A tied parameter handed to another module's call (GPT-2's lm_head gets transformer.wte.weight):
-                    # the port ties the two in its constructor, and the call drops it (see prim::CallMethod).
-                    self.values[node.output().unique()] = Value("tied", None, module=target)
-                    return
                 if not name.isdigit():
-                    if isinstance(target, nn.Module):   # refused when called: it may lead to a tied parameter only
+                    if isinstance(target, nn.Module):   # refused when called
                         self.values[node.output().unique()] = Value("module", expr, module=target, const="nested")
                         return
-                    self.refuse(node, f"attribute {name!r} of a child module")
+                    cd = self.x.draft_of.get(id(owner.module))
+                    buffer = cd is not None and cd.kind == "gen" and owner.const != "nested" and \
+                        any(n == name for _, n, *_ in getattr(cd, "buffers", []))
+                    if not buffer:
+                        self.refuse(node, f"attribute {name!r} of a child module")
+                        return
+                    # A child's buffer the parent reads (BERT's embeddings.token_type_ids): an internal field there.
+                    cd.exposed.add(name)
+                    expr = f"{owner.expr}.{next(f for f, n, *_ in cd.buffers if n == name)}"
             if isinstance(target, nn.Module):
                 self.values[node.output().unique()] = Value("module", expr, module=target)
             else:
@@ -631,8 +634,6 @@ class Translator:
                 self.refuse(node, f"a second call of {child.expr} ({type(child.module).__name__}, traced as {method})")
                 return
             args = [self.v(a) for a in ins[1:]]
-            own = {id(p) for p in child.module.parameters()} if isinstance(child.module, nn.Module) else set()
-            args = [a for a in args if not (a.kind == "tied" and id(a.module) in own)]
             bad = [a.kind for a in args if a.kind != "tensor"]
             if bad:
                 self.refuse(node, f"{child.expr} called with a non-tensor argument ({', '.join(bad)})")
@@ -814,7 +815,9 @@ class Translator:
             if len(a) > 2 and a[2].const != 1:
                 self.refuse(node, "aten::rsub with alpha")
                 return
-            self.set(node, "tensor", f"torch.rsub({a[0].expr}, {other})", statement_type="Tensor")
+            # TorchSharp has no rsub: other - x is (-x) + other exactly (IEEE subtraction is the addition of the negation)
+            self.set(node, "tensor", f"{other}.sub({a[0].expr})" if a[1].kind == "tensor" else f"{a[0].expr}.neg().add({other})",
+                     statement_type="Tensor")
             return
         if op == "softmax":
             dtype = self.dtype(a[2], node)
@@ -868,6 +871,12 @@ class Translator:
                 self.refuse(node, "aten::where with a number")
                 return
             self.set(node, "tensor", f"torch.where({T(0)}, {T(1)}, {other})", statement_type="Tensor")
+            return
+        if op in ("ones", "zeros") and len(a) == 5:
+            # ones(size, dtype, layout, device, pin_memory)
+            dtype = self.dtype(a[1], node)
+            dt = f", dtype: {dtype}" if dtype else ""
+            self.set(node, "tensor", f"torch.{op}({self.longs(a[0], node, 'size')}{dt})", statement_type="Tensor")
             return
         if op in ("triu", "tril"):
             self.set(node, "tensor", f"{T(0)}.{op}({a[1].expr})", statement_type="Tensor")
@@ -926,6 +935,7 @@ class Draft:
         self.sig = None         # everything but slot values
         self.slots = []
         self.field_type = None  # C# type of a field holding it
+        self.exposed = set()    # buffers its parent reads (internal fields)
         self.ctor = None        # constructor expression (with markers into self.slots)
         self.group = None
 
@@ -1007,10 +1017,10 @@ class Exporter:
                 buffers.append((field(name), name, tuple(b.shape), "Bool", persistent, ("tril", b.shape[-2], b.shape[-1])))
                 continue
             if not persistent:
-                if b.numel() > 4096 or not b.dtype.is_floating_point:
+                if b.numel() > 4096 or not (b.dtype.is_floating_point or b.dtype == torch.int64):
                     self.refusals.add(f"{path}.{name}: a non-persistent buffer of {b.numel()} {b.dtype} elements (not in the state_dict; "
-                                      f"only floating-point buffers of at most 4096 elements are written out as literals)")
-                init = [float(v) for v in b.detach().reshape(-1).tolist()]
+                                      f"only floating-point and int64 buffers of at most 4096 elements are written out as literals)")
+                init = [float(v) if b.dtype.is_floating_point else int(v) for v in b.detach().reshape(-1).tolist()]
             buffers.append((field(name), name, tuple(b.shape), TORCH_DTYPES.get(b.dtype), persistent, init))
         shapes_text = {}
         for f, name, shape, dt, *_ in params + buffers:
@@ -1218,7 +1228,8 @@ class Exporter:
         for f, n, shape, dt, rg in d.params:
             lines.append(f"        private readonly TorchSharp.Modules.Parameter {f};")
         for f, n, shape, dt, ps, init in d.buffers:
-            lines.append(f"        private readonly Tensor {f};")
+            access = "internal" if n in d.exposed else "private"
+            lines.append(f"        {access} readonly Tensor {f};")
         for f, n, cd, off in d.parts:
             lines.append(f"        private readonly {self.field_type(cd)} {f};")
         lines.append("")
@@ -1241,8 +1252,9 @@ class Exporter:
             elif init[0] == "tril":
                 lines.append(f"            {f} = torch.ones({init[1]}, {init[2]}, dtype: ScalarType.Bool).tril().expand(new long[] {{ {shape_text} }}).contiguous();")
             else:
-                values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else cs_literal(v) for v in init)
-                ctype = "float" if dt == "Float32" else "double"
+                values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else
+                                   f"{v}L" if dt == "Int64" else cs_literal(v) for v in init)
+                ctype = {"Float32": "float", "Int64": "long"}.get(dt, "double")
                 lines.append(f"            {f} = torch.tensor(new {ctype}[] {{ {values} }}).reshape(new long[] {{ {shape_text} }});")
             lines.append(f"            register_buffer(\"{n}\", {f}, persistent: {cs_literal(ps)});")
         for f, n, cd, off in d.parts:
@@ -1251,6 +1263,15 @@ class Exporter:
         ties = self.ties if is_root else []
         lines += ties
         lines.append("        }")
+        renamed = [n for f, n, *_ in d.params + d.buffers if f != n] + [n for f, n, cd, off in d.parts if f != n]
+        if renamed:
+            # register_module(name, this) calls this.RegisterComponents(), which registers every Module, Parameter and
+            # Tensor field once more under the field's name: a field not named as PyTorch names it would get a second key.
+            lines += [
+                "",
+                f"        /// <summary>Registers nothing more: everything is registered under PyTorch's names above ({', '.join(renamed)} under another field name).</summary>",
+                "        protected override void RegisterComponents() { }",
+            ]
         if ties:
             lines += [
                 "",
@@ -1264,6 +1285,21 @@ class Exporter:
                 "            throw new InvalidOperationException($\"{GetType().Name} has no submodule {path}.\");",
                 "        }",
             ]
+            if any("Parameter(\"" in t for t in ties):
+                lines += [
+                    "",
+                    "        private TorchSharp.Modules.Parameter Parameter(string name)",
+                    "        {",
+                    "            foreach (var (key, parameter) in named_parameters())",
+                    "            {",
+                    "                if (key == name)",
+                    "                    return parameter;",
+                    "            }",
+                    "            throw new InvalidOperationException($\"{GetType().Name} has no parameter {name}.\");",
+                    "        }",
+                ]
+                # contiguous() of a contiguous tensor is that tensor (the same autograd leaf) under a new handle: TorchSharp's
+                # named_parameters skips a handle it has seen, so the tied name is listed only with a handle of its own.
         lines.append("")
         ins = d.inputs if d.inputs else ["input"]
         lines.append("        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>")
@@ -1288,15 +1324,15 @@ class Exporter:
                 path, _, attr = name.rpartition(".")
                 opath, _, oattr = owner.rpartition(".")
                 d, od = self.draft_of.get(id(modules.get(path))), self.draft_of.get(id(modules.get(opath)))
-                settable = ("CustomLinear", "TorchSharp.Modules.Embedding")
-                if attr != "weight" or d is None or od is None or d.kind != "leaf" or od.kind != "leaf" \
-                        or d.field_type not in settable or od.field_type not in settable:
-                    self.refusals.add(f"{name} is {owner} (a tied parameter): only the weight of one Linear or Embedding "
-                                      f"set to another's is written")
+                settable = {"CustomLinear": ("weight", "bias"), "TorchSharp.Modules.Embedding": ("weight",)}
+                if d is None or od is None or d.kind != "leaf" or attr not in settable.get(d.field_type, ()) \
+                        or od.kind not in ("leaf", "gen") or od.kind == "leaf" and oattr not in settable.get(od.field_type, ()):
+                    self.refusals.add(f"{name} is {owner} (a tied parameter): only a Linear's or an Embedding's weight or "
+                                      f"bias set to another's, or to a translated module's own parameter, is written")
                     continue
-                bang = "!" if od.field_type.endswith("Embedding") else ""
-                lines.append(f"            (({d.field_type})Submodule(\"{path}\")).weight = "
-                             f"(({od.field_type})Submodule(\"{opath}\")).{oattr}{bang};  // tied: {name} is {owner}")
+                source = f"(({od.field_type})Submodule(\"{opath}\")).{oattr}" + ("!" if od.field_type.endswith("Embedding") else "") \
+                    if od.kind == "leaf" else f"new TorchSharp.Modules.Parameter(Parameter(\"{owner}\").contiguous())"
+                lines.append(f"            (({d.field_type})Submodule(\"{path}\")).{attr} = {source};  // tied: {name} is {owner}")
         return lines
 
     def write_cs(self):
@@ -1483,6 +1519,19 @@ class TraceCalls:
 def _trace(model, inputs):
     """The trace, its problems, and the TraceCalls seen during it."""
     calls = TraceCalls()
+    # A parameter shared by two modules (a tied LM head) is lifted by the tracer into the second module's call as an
+    # input; traced with its own copy instead, each module reads its own attribute, and the port ties the two again
+    # in its constructor (Exporter.tie_lines). The copies are the same numbers; the model is restored afterwards.
+    untied, groups = [], {}
+    for name, p in _parameter_names(model):
+        groups.setdefault(id(p), []).append(name)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for names in groups.values():
+        for name in names[1:]:
+            path, _, attr = name.rpartition(".")
+            owner = modules[path]
+            untied.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = nn.Parameter(owner._parameters[attr].detach().clone(), owner._parameters[attr].requires_grad)
     wrapped = calls.wrap(model)
     original_bool = torch.Tensor.__bool__
     torch.Tensor.__bool__ = calls.boolean(original_bool)
@@ -1495,6 +1544,8 @@ def _trace(model, inputs):
         torch.Tensor.__bool__ = original_bool
         for m in wrapped:
             del m.forward
+        for owner, attr, parameter in untied:
+            owner._parameters[attr] = parameter
     # The tracer's warning "Converting a tensor to a Python boolean" comes from the wrapped __bool__, which has sorted
     # each such branch: one on shapes only is written as the path taken (listed in the port's header); one on a
     # tensor's values is refused. A warning from elsewhere (a conversion that bypasses __bool__) is refused too.

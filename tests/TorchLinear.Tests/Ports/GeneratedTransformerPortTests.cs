@@ -131,5 +131,35 @@ namespace TorchLinear.Tests
             Assert.True(parameters["lm_head.weight"].eq(0.25).all().item<bool>());
             Assert.DoesNotContain("transformer.h.0.attn.bias", state.Keys);   // the causal mask: a non-persistent buffer
         }
+
+        [Fact]
+        public void GeneratedBert_LoadsEveryKey_AndReplaysWithNoDivergence_AtBothShapes()
+        {
+            using var port = Loaded(new Ports.Bert.BertForMaskedLM(), "Bert", "BertForMaskedLM");
+            using (var recording = ParityRecording.Load(PortFile("Bert", "BertForMaskedLM.parity.pt")))
+                Assert.Equal(recording.StateDict().Keys.OrderBy(k => k, StringComparer.Ordinal),
+                             port.state_dict().Keys.OrderBy(k => k, StringComparer.Ordinal));
+            string first = PortFile("Bert", "BertForMaskedLM.parity.pt"), second = PortFile("Bert", "BertForMaskedLM.second.parity.pt");
+            Assert.NotEqual(InputShape(first)[0], InputShape(second)[0]);
+            Assert.NotEqual(InputShape(first)[1], InputShape(second)[1]);
+            AssertNoDivergence(port, first);
+            AssertNoDivergence(port, second);
+        }
+
+        /// <summary>BERT's two ties, as in transformers: the decoder's weight is the word embeddings', its bias is
+        /// cls.predictions.bias (a parameter of the translated BertLMPredictionHead itself).</summary>
+        [Fact]
+        public void GeneratedBert_TiesTheDecoderToTheWordEmbeddings_AndItsBiasToThePredictionHeads()
+        {
+            using var port = new Ports.Bert.BertForMaskedLM();
+            var parameters = port.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+            using (no_grad())
+            {
+                parameters["bert.embeddings.word_embeddings.weight"].fill_(0.25);
+                parameters["cls.predictions.bias"].fill_(-0.5);
+            }
+            Assert.True(parameters["cls.predictions.decoder.weight"].eq(0.25).all().item<bool>());
+            Assert.True(parameters["cls.predictions.decoder.bias"].eq(-0.5).all().item<bool>());
+        }
     }
 }

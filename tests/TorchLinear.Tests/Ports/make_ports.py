@@ -22,6 +22,7 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
                     without it the committed files are kept, and said)
   Gpt2/             transformers GPT2LMHeadModel, tiny and random (see gpt2()), token ids (2, 7), likewise; the second
                     recording at (3, 5)
+  Bert/             transformers BertForMaskedLM, tiny and random (see bert()), token ids (2, 7) and (3, 5), likewise
 """
 import copy
 import hashlib
@@ -111,6 +112,23 @@ def gpt2():
     return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
 
 
+def bert():
+    """transformers' BertForMaskedLM (real modeling_bert.py), tiny and random: hidden 32, 2 layers, 4 heads, intermediate
+    64, 32 positions, vocab 100; eager attention, tuple output (the prediction scores); its decoder tied to the word
+    embeddings and its bias to cls.predictions.bias as in transformers; LayerNorm weights and biases drawn (seed 3)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(3)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=32, attn_implementation="eager", return_dict=False)
+    model = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "LayerNorm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
+
+
 # folder, class name, builder, whether the weights and recordings are committed here (the tiny models) or are
 # RealModels' (ResNet, MobileNetV2: a second input and output only)
 PORTS = [
@@ -120,10 +138,11 @@ PORTS = [
     ("MobileNet", "MobileNetV2", mobilenet, False),
     ("Llama", "LlamaForCausalLM", llama, True),
     ("Gpt2", "GPT2LMHeadModel", gpt2, True),
+    ("Bert", "BertForMaskedLM", bert, True),
 ]
 
 # The transformers models: without transformers importable, their committed files are kept (and said).
-NEEDS_TRANSFORMERS = {"Llama", "Gpt2"}
+NEEDS_TRANSFORMERS = {"Llama", "Gpt2", "Bert"}
 
 
 def peft_adapter(folder):
