@@ -161,5 +161,49 @@ namespace TorchLinear.Tests
             Assert.True(parameters["cls.predictions.decoder.weight"].eq(0.25).all().item<bool>());
             Assert.True(parameters["cls.predictions.decoder.bias"].eq(-0.5).all().item<bool>());
         }
+
+        /// <summary>
+        /// End to end with real PEFT: an adapter made by PEFT 0.18.1 on transformers' Llama (make_ports.py's
+        /// peft_llama_adapter: r 4 on all seven projections of both layers, B drawn by PEFT) loads into the generated
+        /// port with TorchLinear.Lora and gives PEFT's logits, unmerged and merged into the weights (float32 default
+        /// tolerances); with the adapters disabled or unloaded, the base model's logits.
+        /// </summary>
+        [Fact]
+        public void APeftAdapterOnTransformersLlama_LoadsIntoTheGeneratedPort_AndGivesPeftsLogits_UnmergedAndMerged()
+        {
+            string folder = PortFile("Llama", "peft-adapter");
+            using var port = Loaded(new Ports.Llama.LlamaForCausalLM(), "Llama", "LlamaForCausalLM");
+            var cases = StateDicts.ReadPyTorchFile(Path.Combine(folder, "cases.pt"));
+            try
+            {
+                using var noGrad = no_grad();
+                using Tensor baseLogits = port.call(cases["input"]);
+                var adapted = Lora.LoraModel.load_adapter(port, folder);
+                Assert.Equal(2 * 7, adapted.Count);
+                Assert.Contains("model.layers.1.mlp.down_proj.lora_B.default.weight", port.state_dict().Keys);
+                using (Tensor unmerged = port.call(cases["input"]))
+                {
+                    Equivalence.AssertClose(unmerged, cases["adapted_output"]);
+                    Assert.True((unmerged - baseLogits).abs().max().item<float>() > 1e-2f, "the adapter changes the logits");
+                }
+                using (Lora.LoraModel.disable_adapters(port))
+                {
+                    using Tensor disabled = port.call(cases["input"]);
+                    Assert.Equal(0, Equivalence.Compare(baseLogits, disabled).DifferingElements);
+                }
+                Lora.LoraModel.merge(port);
+                using (Tensor merged = port.call(cases["input"]))
+                    Equivalence.AssertClose(merged, cases["adapted_output"]);
+                Lora.LoraModel.unmerge(port);
+                Lora.LoraModel.unload(port);
+                using Tensor unloaded = port.call(cases["input"]);
+                Equivalence.AssertClose(unloaded, baseLogits);
+            }
+            finally
+            {
+                foreach (var t in cases.Values)
+                    t.Dispose();
+            }
+        }
     }
 }

@@ -23,6 +23,7 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
   Gpt2/             transformers GPT2LMHeadModel, tiny and random (see gpt2()), token ids (2, 7), likewise; the second
                     recording at (3, 5)
   Bert/             transformers BertForMaskedLM, tiny and random (see bert()), token ids (2, 7) and (3, 5), likewise
+  Llama/peft-adapter/  a LoRA adapter made by real PEFT on that Llama (peft_llama_adapter()), as TinyTransformer's
 """
 import copy
 import hashlib
@@ -163,6 +164,12 @@ def peft_adapter(folder):
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=g))
+    return save_peft(peft_model, out, x)
+
+
+def save_peft(peft_model, out, x):
+    """PEFT's own folder for an adapted model, made reproducible, and cases.pt (the input and PEFT's adapted output,
+    the first tensor of a tuple output)."""
     peft_model.eval()
     peft_model.save_pretrained(out)
     os.remove(os.path.join(out, "README.md"))   # PEFT's model-card template: not part of the adapter
@@ -175,8 +182,28 @@ def peft_adapter(folder):
         f.write(json.dumps(config, indent=2, sort_keys=True))
     with torch.no_grad():
         adapted = peft_model(x)
+    if isinstance(adapted, tuple):
+        adapted = adapted[0]
     torch.save({"input": x, "adapted_output": adapted}, os.path.join(out, "cases.pt"))
     return [os.path.join(out, f) for f in ("adapter_config.json", "adapter_model.safetensors", "cases.pt")]
+
+
+def peft_llama_adapter():
+    """A LoRA adapter made by real PEFT on the Llama port's model (llama()): r=4, alpha 8 on every projection of
+    attention and MLP (q, k, v, o, gate, up, down), init_lora_weights=False (PEFT draws B too, seed 12), so that it
+    changes the output; PEFT's own folder and cases.pt as for the TinyTransformer. Needs PEFT (as peft_adapter)."""
+    out = os.path.join(HERE, "Llama", "peft-adapter")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print(f"peft is not importable (source /work/realpeft-site/env.sh): kept the committed {os.path.relpath(out, HERE)}")
+        return [os.path.join(out, f) for f in sorted(os.listdir(out))]
+    model, x, _ = llama()
+    torch.manual_seed(12)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                                  init_lora_weights=False))
+    return save_peft(peft_model, out, x)
 
 
 def main():
@@ -209,6 +236,7 @@ def main():
         print(f"{class_name}: " + ", ".join(f"{os.path.basename(p)} ({os.path.getsize(p)} bytes)" for p in paths.values())
               + f", {os.path.basename(second)}")
     written += peft_adapter("TinyTransformer")
+    written += peft_llama_adapter()
     lines = []
     for path in sorted(written):
         with open(path, "rb") as f:
