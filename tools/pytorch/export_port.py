@@ -22,11 +22,13 @@ It writes into out_dir:
 How it sees the model: torch.jit.trace(model, example_inputs, strict=False), which keeps the module hierarchy (every
 submodule has its own graph of aten operations, each with its Python source line). Each module is written from its own
 graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, Conv2d, BatchNorm2d, LayerNorm, Embedding,
-ReLU, ...) are constructed, not translated. Nothing silent: every operation or module it cannot write, every branch on
-a tensor's value (TracerWarning "Converting a tensor to a Python boolean"), every value the trace froze that changes with
-the input's shape or values (found by tracing again at a second shape with other values and comparing the generated C#)
-and every module called with keyword arguments is refused with ExportRefused, before anything is written. docs/porting.md
-has the rules.
+ReLU, ...) are constructed, not translated. A submodule's C# forward takes every tensor argument of its Python call
+(keyword arguments too, in the recorder's order) and returns what Python returns (several tensors as a ValueTuple);
+the trace is watched to recover both (TraceCalls). Nothing silent: every operation or module it cannot write, every
+branch on a tensor's value (a branch on shapes only is written as the path taken and listed in the port's header), every
+value the trace froze that changes with the input's shape or values (found by tracing again at a second shape with other
+values and comparing the generated C#) and every call the port cannot make (one tensor as two arguments, more than six)
+is refused with ExportRefused, before anything is written. docs/porting.md has the rules.
 """
 import hashlib
 import inspect

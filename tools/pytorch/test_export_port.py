@@ -259,6 +259,27 @@ class TransformersTests(unittest.TestCase):
         # The LM head shares the token embedding's weight, as in transformers.
         self.assertIn('((CustomLinear)Submodule("lm_head")).weight = ((TorchSharp.Modules.Embedding)Submodule("transformer.wte")).weight!;', code)
 
+    def test_bert_buffers_ties_and_a_keyword_named_module(self):
+        from transformers import BertConfig, BertForMaskedLM
+
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                            max_position_embeddings=16, attn_implementation="eager", return_dict=False)
+        code = generate(BertForMaskedLM(config).eval(), (torch.randint(0, 50, (2, 5)),), "Bert")
+        # int64 non-persistent buffers as literals; the one BertModel reads from its embeddings is internal there.
+        self.assertIn("position_ids = torch.tensor(new long[] { 0L, 1L, 2L,", code)
+        self.assertIn("internal readonly Tensor token_type_ids;", code)
+        # Both ties, the second to the prediction head's own parameter under a handle of its own.
+        self.assertIn('((CustomLinear)Submodule("cls.predictions.decoder")).weight = '
+                      '((TorchSharp.Modules.Embedding)Submodule("bert.embeddings.word_embeddings")).weight!;', code)
+        self.assertIn('((CustomLinear)Submodule("cls.predictions.decoder")).bias = '
+                      'new TorchSharp.Modules.Parameter(Parameter("cls.predictions.bias").contiguous());', code)
+        # `value` is a C# contextual keyword: the field is value_, registered as "value", and nothing registers it again.
+        self.assertIn('register_module("value", value_);', code)
+        self.assertIn("protected override void RegisterComponents() { }", code)
+        # 1.0 - mask, which TorchSharp has no rsub for, as the same IEEE operation.
+        self.assertRegex(code, r"Tensor \w+ = \w+\.neg\(\)\.add\(rsub_other\);  // modeling_utils.py:\d+: extended_attention_mask = \(1.0 - ")
+
     def test_a_branch_on_values_is_still_refused_when_shape_branches_are_not(self):
         class Mixed(nn.Module):
             def forward(self, x):
