@@ -1343,10 +1343,10 @@ class Exporter:
             f"// (PyTorch {torch.__version__}); regenerate rather than edit. </auto-generated>",
         ]
         if self.calls.shape_conditions:
-            out.append("// Truth values of shapes the trace took (each branch is written as the path taken: the port computes the")
-            out.append("// model for inputs whose shapes give every one of these the same value):")
+            out.append("// Conditions on sizes only that the trace evaluated (each branch is written as the path taken: the port")
+            out.append("// computes the model for inputs whose shapes give every one of them the value it had here):")
             for file, line, outcome in self.calls.shape_conditions:
-                out.append(f"//   {_describe_line(file, line)}  ->  {outcome}")
+                out.append(f"//   {_describe_line(file, line)}  (a size comparison there was {outcome})")
         out += [
             "#nullable enable",
             "using System;",
