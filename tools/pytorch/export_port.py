@@ -22,11 +22,13 @@ It writes into out_dir:
 How it sees the model: torch.jit.trace(model, example_inputs, strict=False), which keeps the module hierarchy (every
 submodule has its own graph of aten operations, each with its Python source line). Each module is written from its own
 graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, Conv2d, BatchNorm2d, LayerNorm, Embedding,
-ReLU, ...) are constructed, not translated. Nothing silent: every operation or module it cannot write, every branch on
-a tensor's value (TracerWarning "Converting a tensor to a Python boolean"), every value the trace froze that changes with
-the input's shape or values (found by tracing again at a second shape with other values and comparing the generated C#)
-and every module called with keyword arguments is refused with ExportRefused, before anything is written. docs/porting.md
-has the rules.
+ReLU, ...) are constructed, not translated. A submodule's C# forward takes every tensor argument of its Python call
+(keyword arguments too, in the recorder's order) and returns what Python returns (several tensors as a ValueTuple);
+the trace is watched to recover both (TraceCalls). Nothing silent: every operation or module it cannot write, every
+branch on a tensor's value (a branch on shapes only is written as the path taken and listed in the port's header), every
+value the trace froze that changes with the input's shape or values (found by tracing again at a second shape with other
+values and comparing the generated C#) and every call the port cannot make (one tensor as two arguments, more than six)
+is refused with ExportRefused, before anything is written. docs/porting.md has the rules.
 """
 import hashlib
 import inspect
@@ -49,7 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from record_parity import build_from_spec, record  # noqa: E402
+from record_parity import _flatten, _parameter_names, build_from_spec, record  # noqa: E402
 
 
 class ExportRefused(Exception):
@@ -304,6 +306,8 @@ class Translator:
         return lines, rename(self.result or "") if pattern else self.result
 
     def fresh(self, debug):
+        if debug.startswith("tlout"):   # a marker of a submodule's output (TraceCalls): the name it replaced
+            debug = self.x.calls.original.get(debug.split(".")[0], "t")
         base = debug.split(".")[0] if not debug.split(".")[0].isdigit() else "t"
         base = cs_ident(base) if base != "t" else "t"
         if base in ("self", "this"):
@@ -350,6 +354,9 @@ class Translator:
         if "value" not in node.attributeNames():
             return Value("none", "null", const=None)
         akind = node.kindOf("value")
+        if akind == "i" and kind == "BoolType":
+            v = bool(node.i("value"))
+            return Value("bool", cs_literal(v), const=v)
         if akind == "i":
             v = node.i("value")
             return Value("long", cs_literal(v), nonneg=v >= 0, const=v)
@@ -374,7 +381,8 @@ class Translator:
         return Value("unknown", None)   # lists, strings lists, IValues: an argument the walk refuses where used
 
     def v(self, value):
-        return self.values[value.unique()]
+        # A value missing here comes from an operation already refused (listed): unknown, refused where used.
+        return self.values.get(value.unique()) or Value("unknown", None)
 
     def as_tensor(self, val, node, what):
         if val.kind == "tensor":
@@ -422,11 +430,33 @@ class Translator:
         graph = self.traced.graph
         inputs = list(graph.inputs())
         self.values[inputs[0].unique()] = Value("module", "this", module=self.module)
-        for inp in inputs[1:]:
-            debug = inp.debugName()
-            name = self.fresh("x" if debug.split(".")[0].isdigit() else debug)
-            self.input_names.append(name)
-            self.values[inp.unique()] = Value("tensor", name)
+        info = None if self.is_root else self.x.calls.calls.get(self.path)
+        self.info = info
+        if info is None:
+            for inp in inputs[1:]:
+                debug = inp.debugName()
+                name = self.fresh("x" if debug.split(".")[0].isdigit() else debug)
+                self.input_names.append(name)
+                self.values[inp.unique()] = Value("tensor", name)
+        else:
+            # Every tensor argument of the Python call, in the recorder's order (keyword arguments by their names); the
+            # graph lifted the distinct ones in that order (TraceCalls).
+            lifted = inputs[1:]
+            if len(lifted) != info["n_unique"]:
+                self.refusals.add(f"the trace gave {self.path} ({type(self.module).__name__}) {len(lifted)} inputs for its "
+                                  f"{info['n_unique']} distinct tensor arguments ({', '.join(info['in_names'])}): it uses a value of "
+                                  f"its caller that is not an argument")
+                return None
+            for p, (arg, u) in enumerate(zip(info["in_names"], info["unique"])):
+                if arg.split(".")[0].isdigit():
+                    debug = lifted[u].debugName()
+                    hint = "x" if debug.split(".")[0].isdigit() or debug.startswith("tlout") else debug
+                else:
+                    hint = arg.replace(".", "_")
+                name = self.fresh(hint)
+                self.input_names.append(name)
+                if lifted[u].unique() not in self.values:
+                    self.values[lifted[u].unique()] = Value("tensor", name)
         uses = {}
         for node in graph.nodes():
             for inp in node.inputs():
@@ -440,6 +470,8 @@ class Translator:
         val = self.values.get(ret.unique())
         if val is None:
             return None
+        if info is not None:
+            return self.python_outputs(ret, val, info)
         if val.kind == "tuple":
             tensors = [it for it in val.items if it.kind == "tensor"]
             if not self.is_root:
@@ -449,11 +481,100 @@ class Translator:
             if not tensors:
                 self.refusals.add(f"returns no tensor at {self.path or '(root)'}")
                 return None
-            return tensors[0].expr
+            return tensors[0].expr + ".MoveToOuterDisposeScope()"
         if val.kind != "tensor":
             self.refusals.add(f"returns a {val.kind} at {self.path or '(root)'} ({type(self.module).__name__})")
             return None
-        return val.expr
+        return val.expr + ".MoveToOuterDisposeScope()"
+
+    # -- a submodule's outputs: the graph's against the Python call's
+    def resolve(self, traced, value):
+        """The final marker (TraceCalls) of a graph value of `traced`, following submodule calls into their graphs."""
+        name = value.debugName()
+        if name.startswith("tlout"):
+            return self.x.calls.final(name.split(".")[0])
+        node = value.node()
+        index = None
+        if node.kind() == "prim::TupleUnpack":
+            index = [o.unique() for o in node.outputs()].index(value.unique())
+            node = node.input().node()
+        if node.kind() != "prim::CallMethod":
+            return None
+        owner, chain = node.inputsAt(0), []
+        while owner.node().kind() == "prim::GetAttr":
+            chain.append(owner.node().s("name"))
+            owner = owner.node().input()
+        target = traced
+        for attr in reversed(chain):
+            target = getattr(target, attr)
+        try:
+            ret = list(getattr(target, node.s("name")).graph.outputs())[0]
+        except (AttributeError, RuntimeError):
+            return None
+        if index is not None:
+            if ret.node().kind() != "prim::TupleConstruct":
+                return None
+            ret = list(ret.node().inputs())[index]
+        return self.resolve(target, ret)
+
+    def alias_of_input(self, value):
+        """The flat argument index a graph output is (through conversions to its own dtype, which return the tensor
+        itself: the tracer then hands the converted value back to the caller, for its later uses), or None."""
+        inputs = [v.unique() for v in list(self.traced.graph.inputs())[1:]]
+        while value.unique() not in inputs:
+            node = value.node()
+            if node.kind() != "aten::to" or len(list(node.inputs())) != 5:
+                return None
+            source = node.inputsAt(0)
+            dtype = node.inputsAt(1).toIValue() if node.inputsAt(1).node().kind() == "prim::Constant" else None
+            if source.type().kind() != "TensorType" or SCALAR_TYPES.get(dtype) != TORCH_DTYPES.get(getattr(torch, str(source.type().scalarType()).lower(), None)):
+                return None
+            value = source
+        return self.info["unique"].index(inputs.index(value.unique()))
+
+    def python_outputs(self, ret, val, info):
+        """The return statement with the Python call's outputs, in its order, and self.graph_out_map: for each of the
+        graph's outputs, ("out", k) (the Python output k) or ("in", p) (an alias of the argument p, see
+        alias_of_input); refused when the graph returns something else."""
+        items = list(ret.node().inputs()) if ret.node().kind() == "prim::TupleConstruct" else [ret]
+        item_values = val.items if val.kind == "tuple" else [val]
+        marks = info["outputs"]
+        exprs, self.graph_out_map = [None] * len(marks), []
+        where = f"{self.path} ({type(self.module).__name__})"
+        for item, value in zip(items, item_values):
+            marker = self.resolve(self.traced, item)
+            k = next((k for k, m in enumerate(marks) if isinstance(m, str) and self.x.calls.final(m) == marker), None) if marker else None
+            if k is None:
+                p = self.alias_of_input(item)
+                if p is not None:
+                    self.graph_out_map.append(("in", p))
+                    continue
+                k = next((k for k, m in enumerate(marks) if m is None and exprs[k] is None), None)
+            if k is None or value.kind != "tensor":
+                self.refusals.add(f"the trace of {where} returns a value that is none of its Python outputs "
+                                  f"({', '.join(info['out_names'])}) and no argument")
+                return None
+            exprs[k] = value.expr
+            self.graph_out_map.append(("out", k))
+        for k, m in enumerate(marks):
+            if exprs[k] is not None:
+                continue
+            if isinstance(m, tuple):
+                exprs[k] = self.input_names[m[1]]
+                continue
+            # An output the caller does not use is no output of the graph: found among the graph's values.
+            for node in self.traced.graph.nodes():
+                for out in node.outputs():
+                    if exprs[k] is None and out.unique() in self.values and self.values[out.unique()].kind == "tensor" \
+                            and isinstance(m, str) and self.resolve(self.traced, out) == self.x.calls.final(m):
+                        exprs[k] = self.values[out.unique()].expr
+            if exprs[k] is None:
+                self.refusals.add(f"output {info['out_names'][k]} of {where} is not found in its trace")
+                return None
+        self.n_outputs = len(exprs)
+        # An argument returned as it came is the caller's: not moved out of this scope (it never was in it).
+        moved = [e if isinstance(m, tuple) else f"{e}.MoveToOuterDisposeScope()" for e, m in zip(exprs, marks)]
+        return moved[0] if len(moved) == 1 else "(" + ", ".join(moved) + ")"
 
     def set(self, node, kind, expr, nonneg=False, statement_type=None, name_hint=None):
         out = node.output()
@@ -488,7 +609,18 @@ class Translator:
             else:
                 expr = f"{owner.expr}[{int(name)}]" if name.isdigit() else f"{owner.expr}.{cs_ident(name)}"
                 if not name.isdigit():
-                    self.refuse(node, f"attribute {name!r} of a child module")
+                    if isinstance(target, nn.Module):   # refused when called
+                        self.values[node.output().unique()] = Value("module", expr, module=target, const="nested")
+                        return
+                    cd = self.x.draft_of.get(id(owner.module))
+                    buffer = cd is not None and cd.kind == "gen" and owner.const != "nested" and \
+                        any(n == name for _, n, *_ in getattr(cd, "buffers", []))
+                    if not buffer:
+                        self.refuse(node, f"attribute {name!r} of a child module")
+                        return
+                    # A child's buffer the parent reads (BERT's embeddings.token_type_ids): an internal field there.
+                    cd.exposed.add(name)
+                    expr = f"{owner.expr}.{next(f for f, n, *_ in cd.buffers if n == name)}"
             if isinstance(target, nn.Module):
                 self.values[node.output().unique()] = Value("module", expr, module=target)
             else:
@@ -497,6 +629,9 @@ class Translator:
         if k == "prim::CallMethod":
             child = self.v(ins[0])
             method = node.s("name")
+            if child.const == "nested":
+                self.refuse(node, f"a call of {child.expr}, a submodule of a child module")
+                return
             if method != "forward" and not (re.fullmatch(r"forward\d+", method) and _is_leaf(child.module)):
                 # The tracer names a module's second traced call forward1, ...: a module TorchSharp has is one
                 # operation whatever the call; a translated module is written from its first call's graph only.
@@ -506,6 +641,11 @@ class Translator:
             bad = [a.kind for a in args if a.kind != "tensor"]
             if bad:
                 self.refuse(node, f"{child.expr} called with a non-tensor argument ({', '.join(bad)})")
+                return
+            cd = self.x.draft_of.get(id(child.module))
+            info = self.x.calls.calls.get(cd.path) if cd is not None and cd.kind == "gen" else None
+            if info is not None:
+                self.call_generated(node, child, cd, info, args)
                 return
             if len(args) > 2:
                 self.refuse(node, f"{child.expr} called with {len(args)} tensors (at most 2 are written)")
@@ -559,6 +699,32 @@ class Translator:
             return
         self.refuse(node, f"operation {k}")
 
+    def call_generated(self, node, child, cd, info, args):
+        """A call of a translated submodule: every tensor argument of the Python call in the recorder's order (the
+        graph passes the distinct ones), its outputs deconstructed from the tuple it returns, and the graph's outputs
+        mapped onto them (an output that is an argument's alias is that argument)."""
+        if getattr(cd, "graph_out_map", None) is None:
+            return   # the submodule was refused (listed with its reasons)
+        if len(args) != info["n_unique"]:
+            self.refuse(node, f"{child.expr} ({type(child.module).__name__}) called with {len(args)} values for its "
+                              f"{info['n_unique']} distinct tensor arguments")
+            return
+        flat = [args[u].expr for u in info["unique"]]
+        call = f"{child.expr}.call({', '.join(flat)})"
+        if cd.n_outputs == 1:
+            names = [self.fresh(node.output().debugName() if node.output().type().kind() == "TensorType" else "t")]
+            self.emit(node, f"Tensor {names[0]} = {call};")
+        else:
+            names = [self.fresh(f"{child.expr.split('[')[0]}_{n.replace('.', '_')}") for n in info["out_names"]]
+            self.emit(node, f"var ({', '.join(names)}) = {call};")
+        items = [Value("tensor", names[k]) if kind == "out" else Value("tensor", flat[k]) for kind, k in cd.graph_out_map]
+        if node.output().type().kind() == "TupleType":
+            self.values[node.output().unique()] = Value("tuple", None, items=items)
+        elif len(items) == 1:
+            self.values[node.output().unique()] = items[0]
+        else:
+            self.refuse(node, f"{child.expr} returns {len(items)} values where its call has one")
+
     # -- aten operations
     def aten(self, node, op, a):
         T = lambda i: self.as_tensor(a[i], node, f"argument {i}")  # noqa: E731
@@ -584,6 +750,10 @@ class Translator:
             return
         if any(x.kind == "unknown" for x in a):
             self.refuse(node, f"aten::{op} with an argument the generator cannot read")
+            return
+        if op == "pow" and len(a) == 2 and a[0].kind == "long" and a[1].kind == "double":
+            # `size ** 0.5` in the trace: the size is a 0-dim int64 tensor there, raised in PyTorch's default dtype
+            self.set(node, "tensor", f"torch.tensor({a[0].expr}).pow({self.scalar(a[1], node, 'pow_exponent')})", statement_type="Tensor")
             return
         if op == "size":
             if a[0].kind != "tensor" or a[1].kind != "long":
@@ -649,7 +819,9 @@ class Translator:
             if len(a) > 2 and a[2].const != 1:
                 self.refuse(node, "aten::rsub with alpha")
                 return
-            self.set(node, "tensor", f"torch.rsub({a[0].expr}, {other})", statement_type="Tensor")
+            # TorchSharp has no rsub: other - x is (-x) + other exactly (IEEE subtraction is the addition of the negation)
+            self.set(node, "tensor", f"{other}.sub({a[0].expr})" if a[1].kind == "tensor" else f"{a[0].expr}.neg().add({other})",
+                     statement_type="Tensor")
             return
         if op == "softmax":
             dtype = self.dtype(a[2], node)
@@ -672,8 +844,46 @@ class Translator:
             n = len(a) - 4
             nums = [x.expr for x in a[:n]]
             dtype = self.dtype(a[n], node)
+            if dtype is None and all(x.kind == "long" for x in a[:n]):
+                dtype = "ScalarType.Int64"   # PyTorch's arange of integers is int64 (TorchSharp's default is not said)
             dt = f", dtype: {dtype}" if dtype else ""
             self.set(node, "tensor", f"torch.arange({', '.join(nums)}{dt})", statement_type="Tensor")
+            return
+        if op == "full":
+            # full(size, fill_value, dtype, layout, device, pin_memory)
+            dtype = self.dtype(a[2], node)
+            if a[1].kind == "double" and a[1].const is not None:
+                fill = self.config_value(a[1].const, "fill_value")
+            elif a[1].kind == "tensor":
+                fill = f"{a[1].expr}.ToScalar()"   # a number PyTorch computed as a 0-dim tensor (below), as it is
+            else:
+                self.refuse(node, f"aten::full with a fill value that is a {a[1].kind}")
+                return
+            dt = f", dtype: {dtype}" if dtype else ""
+            size = "System.Array.Empty<long>()" if a[0].kind == "longs" and not a[0].items else self.longs(a[0], node, 'size')
+            self.set(node, "tensor", f"torch.full({size}, {fill}{dt})", statement_type="Tensor")
+            return
+        if op == "addmm":
+            if any(x.kind != "long" or x.const != 1 for x in a[3:5]):
+                self.refuse(node, "aten::addmm with beta or alpha other than 1")
+                return
+            self.set(node, "tensor", f"{T(0)}.addmm({T(1)}, {T(2)})", statement_type="Tensor")
+            return
+        if op == "where" and len(a) == 3:
+            other = a[2].expr if a[2].kind == "tensor" else None
+            if other is None:
+                self.refuse(node, "aten::where with a number")
+                return
+            self.set(node, "tensor", f"torch.where({T(0)}, {T(1)}, {other})", statement_type="Tensor")
+            return
+        if op in ("ones", "zeros") and len(a) == 5:
+            # ones(size, dtype, layout, device, pin_memory)
+            dtype = self.dtype(a[1], node)
+            dt = f", dtype: {dtype}" if dtype else ""
+            self.set(node, "tensor", f"torch.{op}({self.longs(a[0], node, 'size')}{dt})", statement_type="Tensor")
+            return
+        if op in ("triu", "tril"):
+            self.set(node, "tensor", f"{T(0)}.{op}({a[1].expr})", statement_type="Tensor")
             return
         if op == "layer_norm":
             w = "null" if a[2].kind == "none" else T(2)
@@ -691,7 +901,7 @@ class Translator:
                      f"torch.nn.functional.gelu({T(0)}, TorchSharp.Modules.GELU.Approximate.tanh)", statement_type="Tensor")
             return
         if op in ("dropout", "dropout_"):
-            if a[2].const is not False:
+            if a[2].kind not in ("bool", "long") or a[2].const != 0:   # the tracer writes False as the integer 0
                 self.refuse(node, "aten::dropout in training mode")
                 return
             self.set(node, "tensor", f"torch.nn.functional.dropout({T(0)}, {self.scalar(a[1], node, 'dropout_p')}, training: false)", statement_type="Tensor")
@@ -707,6 +917,11 @@ class Translator:
             # to(self, dtype, non_blocking, copy, memory_format)
             if len(a) == 5 and a[1].kind == "long":
                 dtype = self.dtype(a[1], node)
+                self.set(node, "tensor", f"{T(0)}.to({dtype})", statement_type="Tensor")
+                return
+            # to(self, device, dtype, non_blocking, copy, memory_format) on the CPU (the trace's own device)
+            if len(a) == 6 and a[1].kind == "device" and a[1].const == "cpu" and a[2].kind == "long":
+                dtype = self.dtype(a[2], node)
                 self.set(node, "tensor", f"{T(0)}.to({dtype})", statement_type="Tensor")
                 return
             self.refuse(node, "aten::to with a device or another tensor")
@@ -978,13 +1193,21 @@ class Draft:
         self.sig = None         # everything but slot values
         self.slots = []
         self.field_type = None  # C# type of a field holding it
+        self.exposed = set()    # buffers its parent reads (internal fields)
         self.ctor = None        # constructor expression (with markers into self.slots)
         self.group = None
 
 
 class Exporter:
-    def __init__(self, model, traced, class_name, namespace):
+    def __init__(self, model, traced, class_name, namespace, calls=None):
         self.model, self.traced, self.class_name, self.namespace = model, traced, class_name, namespace
+        self.calls = calls if calls is not None else TraceCalls()
+        self.draft_of = {}      # id(module) -> its Draft
+        # Parameters listed under several names (a tied LM head): id -> the names, the first the owner's.
+        names = {}
+        for name, p in _parameter_names(model):
+            names.setdefault(id(p), []).append(name)
+        self.tied = {k: v for k, v in names.items() if len(v) > 1}
         self.refusals = Refusals()
         self.drafts = []
         self.groups = {}        # sig -> Group
@@ -994,6 +1217,7 @@ class Exporter:
 
     def draft(self, module, traced, path, is_root=False):
         d = Draft(module, path)
+        self.draft_of.setdefault(id(module), d)
         if not is_root and _is_leaf(module):
             body = Body()
             try:
@@ -1045,11 +1269,16 @@ class Exporter:
         for name, b in module.named_buffers(recurse=False):
             persistent = name in persistent_names
             init = None
+            if not persistent and b.dtype == torch.bool and b.dim() >= 2 and \
+                    torch.equal(b, torch.ones(b.shape[-2:], dtype=torch.bool).tril().expand(b.shape)):
+                # a causal mask (GPT-2's `bias`): written as the lower triangle it is, not element by element
+                buffers.append((field(name), name, tuple(b.shape), "Bool", persistent, ("tril", b.shape[-2], b.shape[-1])))
+                continue
             if not persistent:
-                if b.numel() > 4096 or not b.dtype.is_floating_point:
+                if b.numel() > 4096 or not (b.dtype.is_floating_point or b.dtype == torch.int64):
                     self.refusals.add(f"{path}.{name}: a non-persistent buffer of {b.numel()} {b.dtype} elements (not in the state_dict; "
-                                      f"only floating-point buffers of at most 4096 elements are written out as literals)")
-                init = [float(v) for v in b.detach().reshape(-1).tolist()]
+                                      f"only floating-point and int64 buffers of at most 4096 elements are written out as literals)")
+                init = [float(v) if b.dtype.is_floating_point else int(v) for v in b.detach().reshape(-1).tolist()]
             buffers.append((field(name), name, tuple(b.shape), TORCH_DTYPES.get(b.dtype), persistent, init))
         shapes_text = {}
         for f, name, shape, dt, *_ in params + buffers:
@@ -1065,6 +1294,8 @@ class Exporter:
             self.refusals.add(str(e))
             result = None
         tr.result = result
+        d.n_outputs = getattr(tr, "n_outputs", 1)
+        d.graph_out_map = getattr(tr, "graph_out_map", None)
         d.params, d.buffers, d.parts, d.shapes_text = params, buffers, parts, shapes_text
         d.forward_lines, d.result, d.inputs = tr.lines, result, tr.input_names
         d.config_slots = [i for i in body.own if body.slots[i][2] == "field"]
@@ -1550,10 +1781,39 @@ class Exporter:
         lines.append("    }")
         return lines
 
+    def tie_lines(self):
+        """The constructor lines that tie parameters PyTorch's model shares (its state_dict lists one under each name,
+        as TorchSharp's does once they are one Parameter): a leaf's `weight` is set to the owner's."""
+        lines = []
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        for names in self.tied.values():
+            owner = names[0]
+            for name in names[1:]:
+                path, _, attr = name.rpartition(".")
+                opath, _, oattr = owner.rpartition(".")
+                d, od = self.draft_of.get(id(modules.get(path))), self.draft_of.get(id(modules.get(opath)))
+                settable = {"CustomLinear": ("weight", "bias"), "TorchSharp.Modules.Embedding": ("weight",)}
+                if d is None or od is None or d.kind != "leaf" or attr not in settable.get(d.field_type, ()) \
+                        or od.kind not in ("leaf", "gen") or od.kind == "leaf" and oattr not in settable.get(od.field_type, ()):
+                    self.refusals.add(f"{name} is {owner} (a tied parameter): only a Linear's or an Embedding's weight or "
+                                      f"bias set to another's, or to a translated module's own parameter, is written")
+                    continue
+                source = f"(({od.field_type})Submodule(\"{opath}\")).{oattr}" + ("!" if od.field_type.endswith("Embedding") else "") \
+                    if od.kind == "leaf" else f"new TorchSharp.Modules.Parameter(Parameter(\"{owner}\").contiguous())"
+                lines.append(f"            (({d.field_type})Submodule(\"{path}\")).{attr} = {source};  // tied: {name} is {owner}")
+        return lines
+
     def write_cs(self):
         out = [
             f"// <auto-generated> by tools/pytorch/export_port.py from {type(self.model).__module__}.{type(self.model).__name__}",
             f"// (PyTorch {torch.__version__}); regenerate rather than edit. </auto-generated>",
+        ]
+        if self.calls.shape_conditions:
+            out.append("// Conditions on sizes only that the trace evaluated (each branch is written as the path taken: the port")
+            out.append("// computes the model for inputs whose shapes give every one of them the value it had here):")
+            for file, line, outcome in self.calls.shape_conditions:
+                out.append(f"//   {_describe_line(file, line)}  (a size comparison there was {outcome})")
+        out += [
             "#nullable enable",
             "using System;",
             "using TorchLinear;",
@@ -1596,44 +1856,220 @@ def _module_of_line(model, filename, lineno):
     return "a module"
 
 
+# Operations a shape condition may consist of: a branch whose condition is made of these (and of tensors' sizes) depends
+# on the input's shape only, never on its values.
+SHAPE_OPS = {"aten::size", "prim::NumToTensor", "prim::Constant", "aten::Int", "aten::ScalarImplicit", "aten::Float",
+             "aten::eq", "aten::ne", "aten::lt", "aten::gt", "aten::le", "aten::ge", "aten::add", "aten::sub", "aten::mul",
+             "aten::floor_divide", "aten::div", "aten::remainder", "aten::neg", "aten::__and__", "aten::__or__",
+             "aten::__not__", "aten::logical_and", "aten::logical_or", "aten::logical_not", "prim::ListConstruct",
+             "prim::TupleConstruct", "aten::all", "aten::any", "aten::to", "aten::detach", "aten::clone"}
+
+
+def _shape_only(value, seen=None):
+    """Whether a traced value is computed from tensors' sizes and constants only (never from a tensor's values)."""
+    seen = set() if seen is None else seen
+    if value.unique() in seen:
+        return True
+    seen.add(value.unique())
+    node = value.node()
+    if node.kind() not in SHAPE_OPS:
+        return False
+    if node.kind() == "aten::size":
+        return True
+    return all(_shape_only(v, seen) for v in node.inputs())
+
+
+def _caller_line():
+    """(file, line) of the innermost frame outside torch and this file."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if "/torch/" not in file and os.path.abspath(file) != os.path.abspath(__file__):
+            return file, frame.f_lineno
+        frame = frame.f_back
+    return "?", 0
+
+
+class TraceCalls:
+    """What the trace hides and the port needs: how each submodule was called in Python. During the trace every
+    submodule's forward is wrapped (as record_parity's recorder watches): its tensor arguments (positional and keyword,
+    flattened as the recorder names them) are touched first thing in the module's scope, so that the tracer lifts every
+    one into the submodule's graph in that order, used or not; each returned tensor's traced value gets a marker name, so
+    that the submodule's Python outputs are found in the graphs afterwards (a tensor returned by several nested modules is
+    renamed by each; `renamed` keeps the chain). Branches taken on a tensor's truth value are sorted into shape conditions
+    (computed from sizes only) and data-dependent ones."""
+
+    def __init__(self):
+        self.calls = {}         # path -> {"in_names", "unique", "n_unique", "out_names", "outputs": [marker | ("in", j)]}
+        self.renamed = {}       # marker -> the marker that replaced it
+        self.original = {}      # marker -> the value's name before it
+        self.counter = 0
+        self.shape_conditions = []   # (file, line, outcome)
+        self.data_lines = []         # (file, line) of branches on tensor values
+
+    def final(self, marker):
+        while marker in self.renamed:
+            marker = self.renamed[marker]
+        return marker
+
+    def wrap(self, model):
+        wrapped = []
+        for path, m in model.named_modules():
+            if not path:
+                continue
+
+            def forward(*args, _original=m.forward, _path=path, **kwargs):
+                # No local variable holds a tensor here: the tracer names a value after a local that holds it.
+                names, tensors = [], []
+                for i in range(len(args)):
+                    _flatten(args[i], str(i), names, tensors)
+                for key in kwargs:
+                    _flatten(kwargs[key], key, names, tensors)
+                unique, firsts = [], []
+                for p in range(len(tensors)):
+                    j = next((u for u in range(len(firsts)) if firsts[u] is tensors[p]), None)
+                    if j is None:
+                        firsts.append(tensors[p])
+                        j = len(firsts) - 1
+                        if torch._C._get_tracing_state() is not None:
+                            torch.ops.aten.alias(firsts[j])   # the first use in this scope: lifted in argument order
+                    unique.append(j)
+                results = [_original(*args, **kwargs)]
+                out_names, outs = [], []
+                _flatten(results[0], "0" if isinstance(results[0], torch.Tensor) else "", out_names, outs)
+                marks = []
+                for k in range(len(outs)):
+                    j = next((p for p in range(len(tensors)) if tensors[p] is outs[k]), None)
+                    if j is not None:
+                        marks.append(("in", j))
+                    elif len(outs) == 1 or torch._C._get_tracing_state() is None:
+                        marks.append(None)   # the one output: found as the graph's output that is not an input's alias
+                    else:
+                        value = torch._C._get_value_trace(outs[k])
+                        self.counter += 1
+                        marker = f"tlout{self.counter}"
+                        old = value.debugName()
+                        if old.startswith("tlout"):
+                            self.renamed[old.split(".")[0]] = marker
+                            self.original[marker] = self.original.get(old.split(".")[0], "t")
+                        else:
+                            self.original[marker] = old
+                        value.setDebugName(marker)
+                        marks.append(marker)
+                if _path not in self.calls:
+                    self.calls[_path] = {"in_names": names, "unique": unique, "n_unique": len(firsts),
+                                         "out_names": out_names, "outputs": marks}
+                return results[0]
+            m.forward = forward
+            wrapped.append(m)
+        return wrapped
+
+    def boolean(self, original):
+        def __bool__(tensor):
+            if torch._C._get_tracing_state() is not None:
+                where = _caller_line()
+                try:
+                    shape_only = _shape_only(torch._C._get_value_trace(tensor))
+                except RuntimeError:
+                    shape_only = False
+                outcome = original(tensor)
+                if shape_only:
+                    entry = (where[0], where[1], bool(outcome))
+                    if entry not in self.shape_conditions:
+                        self.shape_conditions.append(entry)
+                elif where not in self.data_lines:
+                    self.data_lines.append(where)
+                return outcome
+            return original(tensor)
+        return __bool__
+
+
 def _trace(model, inputs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad():
-            traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
-    problems, seen = [], set()
+    """The trace, its problems, and the TraceCalls seen during it."""
+    calls = TraceCalls()
+    # A parameter shared by two modules (a tied LM head) is lifted by the tracer into the second module's call as an
+    # input; traced with its own copy instead, each module reads its own attribute, and the port ties the two again
+    # in its constructor (Exporter.tie_lines). The copies are the same numbers; the model is restored afterwards.
+    untied, groups = [], {}
+    for name, p in _parameter_names(model):
+        groups.setdefault(id(p), []).append(name)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for names in groups.values():
+        for name in names[1:]:
+            path, _, attr = name.rpartition(".")
+            owner = modules[path]
+            untied.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = nn.Parameter(owner._parameters[attr].detach().clone(), owner._parameters[attr].requires_grad)
+    wrapped = calls.wrap(model)
+    original_bool = torch.Tensor.__bool__
+    torch.Tensor.__bool__ = calls.boolean(original_bool)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
+    finally:
+        torch.Tensor.__bool__ = original_bool
+        for m in wrapped:
+            del m.forward
+        for owner, attr, parameter in untied:
+            owner._parameters[attr] = parameter
+    # The tracer's warning "Converting a tensor to a Python boolean" comes from the wrapped __bool__, which has sorted
+    # each such branch: one on shapes only is written as the path taken (listed in the port's header); one on a
+    # tensor's values is refused. A warning from elsewhere (a conversion that bypasses __bool__) is refused too.
+    lines = list(calls.data_lines)
     for w in caught:
-        text = str(w.message)
-        if "Python boolean" in text and (w.filename, w.lineno) not in seen:
-            seen.add((w.filename, w.lineno))
-            problems.append(f"a branch on a tensor's value (data-dependent control flow the trace would freeze) at "
-                            f"{_module_of_line(model, w.filename, w.lineno)}, {_describe_line(w.filename, w.lineno)}")
-    return traced, problems
+        if "Python boolean" in str(w.message) and os.path.abspath(w.filename) != os.path.abspath(__file__) \
+                and (w.filename, w.lineno) not in lines:
+            lines.append((w.filename, w.lineno))
+    problems = [f"a branch on a tensor's value (data-dependent control flow the trace would freeze) at "
+                f"{_module_of_line(model, file, line)}, {_describe_line(file, line)}" for file, line in lines]
+    return traced, problems, calls
+
+
+MAX_ARGUMENTS = 6   # TorchSharp's nn.Module<T1, ..., T6, TResult>, and what Parity's CallCapture watches
 
 
 def _calls_the_port_cannot_make(model, inputs):
-    """Submodules called with keyword arguments (the port calls positionally, and the replay matches a call's inputs
-    by name) or returning something other than one tensor (the port's submodules return one tensor; the trace may even
-    drop a returned input from a tuple). Watched as the recorder watches, by wrapping each instance's forward (torch
-    1.13's hooks do not see keyword arguments); the wrappers are removed afterwards."""
+    """Submodules whose calls a port cannot make: more than six tensor arguments (positional and keyword, flattened as
+    the recorder names them), or a result that is not a tensor or a tuple or list of tensors (None items are dropped,
+    as the recorder drops them). Keyword arguments are fine: the port's module takes every tensor argument in the
+    recorder's order, which is how the replay matches them. Watched as the recorder watches, by wrapping each
+    instance's forward; the wrappers are removed afterwards."""
     problems, wrapped = [], []
 
     def note(text):
         if text not in problems:
             problems.append(text)
 
+    def plain(output):
+        if output is None or isinstance(output, torch.Tensor):
+            return True
+        return isinstance(output, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in output)
+
     for path, m in model.named_modules():
         if not path:
             continue
 
         def forward(*args, _original=m.forward, _path=path, _module=m, **kwargs):
-            if kwargs:
-                note(f"called with keyword arguments ({', '.join(kwargs)}) at {_path} ({type(_module).__name__}): the port calls "
-                     f"submodules positionally")
+            names, tensors = [], []
+            for i, a in enumerate(args):
+                _flatten(a, str(i), names, tensors)
+            for key, a in kwargs.items():
+                _flatten(a, key, names, tensors)
+            twice = [names[p] for p in range(len(tensors)) if any(tensors[q] is tensors[p] for q in range(p))]
+            if twice:
+                note(f"called with one tensor as several arguments ({', '.join(twice)} repeat an earlier one) at {_path} "
+                     f"({type(_module).__name__}): the trace cannot tell which of them the module uses where")
+            if len(tensors) > MAX_ARGUMENTS:
+                note(f"called with {len(tensors)} tensors ({', '.join(names)}) at {_path} ({type(_module).__name__}): a port's module "
+                     f"takes at most {MAX_ARGUMENTS}")
             output = _original(*args, **kwargs)
-            if not isinstance(output, torch.Tensor):
-                note(f"returns a {type(output).__name__}, not one tensor, at {_path} ({type(_module).__name__}): only the root's "
-                     f"several outputs are reduced (to the first tensor)")
+            if not plain(output):
+                note(f"returns a {type(output).__name__} at {_path} ({type(_module).__name__}): a port's module returns a tensor "
+                     f"or a tuple of tensors")
+            elif output is None or not isinstance(output, torch.Tensor) and not any(isinstance(o, torch.Tensor) for o in output):
+                note(f"returns no tensor at {_path} ({type(_module).__name__})")
             return output
         m.forward = forward
         wrapped.append(m)
@@ -1695,11 +2131,11 @@ def generate(model, example_inputs, class_name, namespace="Ports"):
         raise ExportRefused(f"class_name {class_name!r} is not a C# identifier")
     texts, problems = [], _calls_the_port_cannot_make(model, inputs)
     for run, ins in enumerate((inputs, second_inputs(model, inputs))):
-        traced, trace_problems = _trace(model, ins)
+        traced, trace_problems, calls = _trace(model, ins)
         problems += [p for p in trace_problems if p not in problems]
         if trace_problems:
             continue
-        exporter = Exporter(model, traced, class_name, namespace)
+        exporter = Exporter(model, traced, class_name, namespace, calls)
         root = exporter.draft(model, traced, "", is_root=True)
         exporter.group_all(root)
         problems += [p for p in exporter.refusals.items if p not in problems]
@@ -1756,13 +2192,7 @@ def export_port(model, example_inputs, out_dir, class_name, *, namespace="Ports"
     with tempfile.TemporaryDirectory() as tmp:
         rec = os.path.join(tmp, "recording.parity.pt")
         if recording:
-            metadata = record(model, inputs, rec, reference64=reference64)
-            keyword_calls = [f"{key} ({metadata['module_types'][key]}): {', '.join(n for n in call['inputs'] if not n.split('.')[0].isdigit())}"
-                             for key, call in metadata["calls"].items()
-                             if any(not n.split(".")[0].isdigit() for n in call["inputs"])]
-            if keyword_calls:
-                raise ExportRefused("cannot write a faithful port: modules called with keyword arguments (the port calls them "
-                                    "positionally, and the replay matches inputs by name):\n  " + "\n  ".join(keyword_calls))
+            record(model, inputs, rec, reference64=reference64)
         st = os.path.join(tmp, "weights.safetensors")
         _write_safetensors(model.state_dict(), st)
         os.makedirs(out_dir, exist_ok=True)
