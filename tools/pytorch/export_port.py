@@ -22,11 +22,13 @@ It writes into out_dir:
 How it sees the model: torch.jit.trace(model, example_inputs, strict=False), which keeps the module hierarchy (every
 submodule has its own graph of aten operations, each with its Python source line). Each module is written from its own
 graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, Conv2d, BatchNorm2d, LayerNorm, Embedding,
-ReLU, ...) are constructed, not translated. Nothing silent: every operation or module it cannot write, every branch on
-a tensor's value (TracerWarning "Converting a tensor to a Python boolean"), every value the trace froze that changes with
-the input's shape or values (found by tracing again at a second shape with other values and comparing the generated C#)
-and every module called with keyword arguments is refused with ExportRefused, before anything is written. docs/porting.md
-has the rules.
+ReLU, ...) are constructed, not translated. A submodule's C# forward takes every tensor argument of its Python call
+(keyword arguments too, in the recorder's order) and returns what Python returns (several tensors as a ValueTuple);
+the trace is watched to recover both (TraceCalls). Nothing silent: every operation or module it cannot write, every
+branch on a tensor's value (a branch on shapes only is written as the path taken and listed in the port's header), every
+value the trace froze that changes with the input's shape or values (found by tracing again at a second shape with other
+values and comparing the generated C#) and every call the port cannot make (one tensor as two arguments, more than six)
+is refused with ExportRefused, before anything is written. docs/porting.md has the rules.
 """
 import hashlib
 import inspect
@@ -49,7 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from record_parity import build_from_spec, record  # noqa: E402
+from record_parity import _flatten, _parameter_names, build_from_spec, record  # noqa: E402
 
 
 class ExportRefused(Exception):
@@ -155,9 +157,11 @@ class Body:
 
     def __init__(self):
         self.slots = []   # [name, value, kind] kind: "inline" (a literal where used) or "field" (a named field)
+        self.own = []     # indices of the slots made here (shapes, configuration values), not adopted from children
 
     def slot(self, name, value, kind="inline"):
         self.slots.append([name, value, kind])
+        self.own.append(len(self.slots) - 1)
         return f"@@{len(self.slots) - 1}@@"
 
     def adopt(self, child_slots):
@@ -302,6 +306,8 @@ class Translator:
         return lines, rename(self.result or "") if pattern else self.result
 
     def fresh(self, debug):
+        if debug.startswith("tlout"):   # a marker of a submodule's output (TraceCalls): the name it replaced
+            debug = self.x.calls.original.get(debug.split(".")[0], "t")
         base = debug.split(".")[0] if not debug.split(".")[0].isdigit() else "t"
         base = cs_ident(base) if base != "t" else "t"
         if base in ("self", "this"):
@@ -348,6 +354,9 @@ class Translator:
         if "value" not in node.attributeNames():
             return Value("none", "null", const=None)
         akind = node.kindOf("value")
+        if akind == "i" and kind == "BoolType":
+            v = bool(node.i("value"))
+            return Value("bool", cs_literal(v), const=v)
         if akind == "i":
             v = node.i("value")
             return Value("long", cs_literal(v), nonneg=v >= 0, const=v)
@@ -372,7 +381,8 @@ class Translator:
         return Value("unknown", None)   # lists, strings lists, IValues: an argument the walk refuses where used
 
     def v(self, value):
-        return self.values[value.unique()]
+        # A value missing here comes from an operation already refused (listed): unknown, refused where used.
+        return self.values.get(value.unique()) or Value("unknown", None)
 
     def as_tensor(self, val, node, what):
         if val.kind == "tensor":
@@ -420,11 +430,33 @@ class Translator:
         graph = self.traced.graph
         inputs = list(graph.inputs())
         self.values[inputs[0].unique()] = Value("module", "this", module=self.module)
-        for inp in inputs[1:]:
-            debug = inp.debugName()
-            name = self.fresh("x" if debug.split(".")[0].isdigit() else debug)
-            self.input_names.append(name)
-            self.values[inp.unique()] = Value("tensor", name)
+        info = None if self.is_root else self.x.calls.calls.get(self.path)
+        self.info = info
+        if info is None:
+            for inp in inputs[1:]:
+                debug = inp.debugName()
+                name = self.fresh("x" if debug.split(".")[0].isdigit() else debug)
+                self.input_names.append(name)
+                self.values[inp.unique()] = Value("tensor", name)
+        else:
+            # Every tensor argument of the Python call, in the recorder's order (keyword arguments by their names); the
+            # graph lifted the distinct ones in that order (TraceCalls).
+            lifted = inputs[1:]
+            if len(lifted) != info["n_unique"]:
+                self.refusals.add(f"the trace gave {self.path} ({type(self.module).__name__}) {len(lifted)} inputs for its "
+                                  f"{info['n_unique']} distinct tensor arguments ({', '.join(info['in_names'])}): it uses a value of "
+                                  f"its caller that is not an argument")
+                return None
+            for p, (arg, u) in enumerate(zip(info["in_names"], info["unique"])):
+                if arg.split(".")[0].isdigit():
+                    debug = lifted[u].debugName()
+                    hint = "x" if debug.split(".")[0].isdigit() or debug.startswith("tlout") else debug
+                else:
+                    hint = arg.replace(".", "_")
+                name = self.fresh(hint)
+                self.input_names.append(name)
+                if lifted[u].unique() not in self.values:
+                    self.values[lifted[u].unique()] = Value("tensor", name)
         uses = {}
         for node in graph.nodes():
             for inp in node.inputs():
@@ -438,6 +470,8 @@ class Translator:
         val = self.values.get(ret.unique())
         if val is None:
             return None
+        if info is not None:
+            return self.python_outputs(ret, val, info)
         if val.kind == "tuple":
             tensors = [it for it in val.items if it.kind == "tensor"]
             if not self.is_root:
@@ -447,11 +481,100 @@ class Translator:
             if not tensors:
                 self.refusals.add(f"returns no tensor at {self.path or '(root)'}")
                 return None
-            return tensors[0].expr
+            return tensors[0].expr + ".MoveToOuterDisposeScope()"
         if val.kind != "tensor":
             self.refusals.add(f"returns a {val.kind} at {self.path or '(root)'} ({type(self.module).__name__})")
             return None
-        return val.expr
+        return val.expr + ".MoveToOuterDisposeScope()"
+
+    # -- a submodule's outputs: the graph's against the Python call's
+    def resolve(self, traced, value):
+        """The final marker (TraceCalls) of a graph value of `traced`, following submodule calls into their graphs."""
+        name = value.debugName()
+        if name.startswith("tlout"):
+            return self.x.calls.final(name.split(".")[0])
+        node = value.node()
+        index = None
+        if node.kind() == "prim::TupleUnpack":
+            index = [o.unique() for o in node.outputs()].index(value.unique())
+            node = node.input().node()
+        if node.kind() != "prim::CallMethod":
+            return None
+        owner, chain = node.inputsAt(0), []
+        while owner.node().kind() == "prim::GetAttr":
+            chain.append(owner.node().s("name"))
+            owner = owner.node().input()
+        target = traced
+        for attr in reversed(chain):
+            target = getattr(target, attr)
+        try:
+            ret = list(getattr(target, node.s("name")).graph.outputs())[0]
+        except (AttributeError, RuntimeError):
+            return None
+        if index is not None:
+            if ret.node().kind() != "prim::TupleConstruct":
+                return None
+            ret = list(ret.node().inputs())[index]
+        return self.resolve(target, ret)
+
+    def alias_of_input(self, value):
+        """The flat argument index a graph output is (through conversions to its own dtype, which return the tensor
+        itself: the tracer then hands the converted value back to the caller, for its later uses), or None."""
+        inputs = [v.unique() for v in list(self.traced.graph.inputs())[1:]]
+        while value.unique() not in inputs:
+            node = value.node()
+            if node.kind() != "aten::to" or len(list(node.inputs())) != 5:
+                return None
+            source = node.inputsAt(0)
+            dtype = node.inputsAt(1).toIValue() if node.inputsAt(1).node().kind() == "prim::Constant" else None
+            if source.type().kind() != "TensorType" or SCALAR_TYPES.get(dtype) != TORCH_DTYPES.get(getattr(torch, str(source.type().scalarType()).lower(), None)):
+                return None
+            value = source
+        return self.info["unique"].index(inputs.index(value.unique()))
+
+    def python_outputs(self, ret, val, info):
+        """The return statement with the Python call's outputs, in its order, and self.graph_out_map: for each of the
+        graph's outputs, ("out", k) (the Python output k) or ("in", p) (an alias of the argument p, see
+        alias_of_input); refused when the graph returns something else."""
+        items = list(ret.node().inputs()) if ret.node().kind() == "prim::TupleConstruct" else [ret]
+        item_values = val.items if val.kind == "tuple" else [val]
+        marks = info["outputs"]
+        exprs, self.graph_out_map = [None] * len(marks), []
+        where = f"{self.path} ({type(self.module).__name__})"
+        for item, value in zip(items, item_values):
+            marker = self.resolve(self.traced, item)
+            k = next((k for k, m in enumerate(marks) if isinstance(m, str) and self.x.calls.final(m) == marker), None) if marker else None
+            if k is None:
+                p = self.alias_of_input(item)
+                if p is not None:
+                    self.graph_out_map.append(("in", p))
+                    continue
+                k = next((k for k, m in enumerate(marks) if m is None and exprs[k] is None), None)
+            if k is None or value.kind != "tensor":
+                self.refusals.add(f"the trace of {where} returns a value that is none of its Python outputs "
+                                  f"({', '.join(info['out_names'])}) and no argument")
+                return None
+            exprs[k] = value.expr
+            self.graph_out_map.append(("out", k))
+        for k, m in enumerate(marks):
+            if exprs[k] is not None:
+                continue
+            if isinstance(m, tuple):
+                exprs[k] = self.input_names[m[1]]
+                continue
+            # An output the caller does not use is no output of the graph: found among the graph's values.
+            for node in self.traced.graph.nodes():
+                for out in node.outputs():
+                    if exprs[k] is None and out.unique() in self.values and self.values[out.unique()].kind == "tensor" \
+                            and isinstance(m, str) and self.resolve(self.traced, out) == self.x.calls.final(m):
+                        exprs[k] = self.values[out.unique()].expr
+            if exprs[k] is None:
+                self.refusals.add(f"output {info['out_names'][k]} of {where} is not found in its trace")
+                return None
+        self.n_outputs = len(exprs)
+        # An argument returned as it came is the caller's: not moved out of this scope (it never was in it).
+        moved = [e if isinstance(m, tuple) else f"{e}.MoveToOuterDisposeScope()" for e, m in zip(exprs, marks)]
+        return moved[0] if len(moved) == 1 else "(" + ", ".join(moved) + ")"
 
     def set(self, node, kind, expr, nonneg=False, statement_type=None, name_hint=None):
         out = node.output()
@@ -486,7 +609,18 @@ class Translator:
             else:
                 expr = f"{owner.expr}[{int(name)}]" if name.isdigit() else f"{owner.expr}.{cs_ident(name)}"
                 if not name.isdigit():
-                    self.refuse(node, f"attribute {name!r} of a child module")
+                    if isinstance(target, nn.Module):   # refused when called
+                        self.values[node.output().unique()] = Value("module", expr, module=target, const="nested")
+                        return
+                    cd = self.x.draft_of.get(id(owner.module))
+                    buffer = cd is not None and cd.kind == "gen" and owner.const != "nested" and \
+                        any(n == name for _, n, *_ in getattr(cd, "buffers", []))
+                    if not buffer:
+                        self.refuse(node, f"attribute {name!r} of a child module")
+                        return
+                    # A child's buffer the parent reads (BERT's embeddings.token_type_ids): an internal field there.
+                    cd.exposed.add(name)
+                    expr = f"{owner.expr}.{next(f for f, n, *_ in cd.buffers if n == name)}"
             if isinstance(target, nn.Module):
                 self.values[node.output().unique()] = Value("module", expr, module=target)
             else:
@@ -495,6 +629,9 @@ class Translator:
         if k == "prim::CallMethod":
             child = self.v(ins[0])
             method = node.s("name")
+            if child.const == "nested":
+                self.refuse(node, f"a call of {child.expr}, a submodule of a child module")
+                return
             if method != "forward" and not (re.fullmatch(r"forward\d+", method) and _is_leaf(child.module)):
                 # The tracer names a module's second traced call forward1, ...: a module TorchSharp has is one
                 # operation whatever the call; a translated module is written from its first call's graph only.
@@ -504,6 +641,11 @@ class Translator:
             bad = [a.kind for a in args if a.kind != "tensor"]
             if bad:
                 self.refuse(node, f"{child.expr} called with a non-tensor argument ({', '.join(bad)})")
+                return
+            cd = self.x.draft_of.get(id(child.module))
+            info = self.x.calls.calls.get(cd.path) if cd is not None and cd.kind == "gen" else None
+            if info is not None:
+                self.call_generated(node, child, cd, info, args)
                 return
             if len(args) > 2:
                 self.refuse(node, f"{child.expr} called with {len(args)} tensors (at most 2 are written)")
@@ -557,6 +699,32 @@ class Translator:
             return
         self.refuse(node, f"operation {k}")
 
+    def call_generated(self, node, child, cd, info, args):
+        """A call of a translated submodule: every tensor argument of the Python call in the recorder's order (the
+        graph passes the distinct ones), its outputs deconstructed from the tuple it returns, and the graph's outputs
+        mapped onto them (an output that is an argument's alias is that argument)."""
+        if getattr(cd, "graph_out_map", None) is None:
+            return   # the submodule was refused (listed with its reasons)
+        if len(args) != info["n_unique"]:
+            self.refuse(node, f"{child.expr} ({type(child.module).__name__}) called with {len(args)} values for its "
+                              f"{info['n_unique']} distinct tensor arguments")
+            return
+        flat = [args[u].expr for u in info["unique"]]
+        call = f"{child.expr}.call({', '.join(flat)})"
+        if cd.n_outputs == 1:
+            names = [self.fresh(node.output().debugName() if node.output().type().kind() == "TensorType" else "t")]
+            self.emit(node, f"Tensor {names[0]} = {call};")
+        else:
+            names = [self.fresh(f"{child.expr.split('[')[0]}_{n.replace('.', '_')}") for n in info["out_names"]]
+            self.emit(node, f"var ({', '.join(names)}) = {call};")
+        items = [Value("tensor", names[k]) if kind == "out" else Value("tensor", flat[k]) for kind, k in cd.graph_out_map]
+        if node.output().type().kind() == "TupleType":
+            self.values[node.output().unique()] = Value("tuple", None, items=items)
+        elif len(items) == 1:
+            self.values[node.output().unique()] = items[0]
+        else:
+            self.refuse(node, f"{child.expr} returns {len(items)} values where its call has one")
+
     # -- aten operations
     def aten(self, node, op, a):
         T = lambda i: self.as_tensor(a[i], node, f"argument {i}")  # noqa: E731
@@ -582,6 +750,10 @@ class Translator:
             return
         if any(x.kind == "unknown" for x in a):
             self.refuse(node, f"aten::{op} with an argument the generator cannot read")
+            return
+        if op == "pow" and len(a) == 2 and a[0].kind == "long" and a[1].kind == "double":
+            # `size ** 0.5` in the trace: the size is a 0-dim int64 tensor there, raised in PyTorch's default dtype
+            self.set(node, "tensor", f"torch.tensor({a[0].expr}).pow({self.scalar(a[1], node, 'pow_exponent')})", statement_type="Tensor")
             return
         if op == "size":
             if a[0].kind != "tensor" or a[1].kind != "long":
@@ -647,7 +819,9 @@ class Translator:
             if len(a) > 2 and a[2].const != 1:
                 self.refuse(node, "aten::rsub with alpha")
                 return
-            self.set(node, "tensor", f"torch.rsub({a[0].expr}, {other})", statement_type="Tensor")
+            # TorchSharp has no rsub: other - x is (-x) + other exactly (IEEE subtraction is the addition of the negation)
+            self.set(node, "tensor", f"{other}.sub({a[0].expr})" if a[1].kind == "tensor" else f"{a[0].expr}.neg().add({other})",
+                     statement_type="Tensor")
             return
         if op == "softmax":
             dtype = self.dtype(a[2], node)
@@ -670,8 +844,46 @@ class Translator:
             n = len(a) - 4
             nums = [x.expr for x in a[:n]]
             dtype = self.dtype(a[n], node)
+            if dtype is None and all(x.kind == "long" for x in a[:n]):
+                dtype = "ScalarType.Int64"   # PyTorch's arange of integers is int64 (TorchSharp's default is not said)
             dt = f", dtype: {dtype}" if dtype else ""
             self.set(node, "tensor", f"torch.arange({', '.join(nums)}{dt})", statement_type="Tensor")
+            return
+        if op == "full":
+            # full(size, fill_value, dtype, layout, device, pin_memory)
+            dtype = self.dtype(a[2], node)
+            if a[1].kind == "double" and a[1].const is not None:
+                fill = self.config_value(a[1].const, "fill_value")
+            elif a[1].kind == "tensor":
+                fill = f"{a[1].expr}.ToScalar()"   # a number PyTorch computed as a 0-dim tensor (below), as it is
+            else:
+                self.refuse(node, f"aten::full with a fill value that is a {a[1].kind}")
+                return
+            dt = f", dtype: {dtype}" if dtype else ""
+            size = "System.Array.Empty<long>()" if a[0].kind == "longs" and not a[0].items else self.longs(a[0], node, 'size')
+            self.set(node, "tensor", f"torch.full({size}, {fill}{dt})", statement_type="Tensor")
+            return
+        if op == "addmm":
+            if any(x.kind != "long" or x.const != 1 for x in a[3:5]):
+                self.refuse(node, "aten::addmm with beta or alpha other than 1")
+                return
+            self.set(node, "tensor", f"{T(0)}.addmm({T(1)}, {T(2)})", statement_type="Tensor")
+            return
+        if op == "where" and len(a) == 3:
+            other = a[2].expr if a[2].kind == "tensor" else None
+            if other is None:
+                self.refuse(node, "aten::where with a number")
+                return
+            self.set(node, "tensor", f"torch.where({T(0)}, {T(1)}, {other})", statement_type="Tensor")
+            return
+        if op in ("ones", "zeros") and len(a) == 5:
+            # ones(size, dtype, layout, device, pin_memory)
+            dtype = self.dtype(a[1], node)
+            dt = f", dtype: {dtype}" if dtype else ""
+            self.set(node, "tensor", f"torch.{op}({self.longs(a[0], node, 'size')}{dt})", statement_type="Tensor")
+            return
+        if op in ("triu", "tril"):
+            self.set(node, "tensor", f"{T(0)}.{op}({a[1].expr})", statement_type="Tensor")
             return
         if op == "layer_norm":
             w = "null" if a[2].kind == "none" else T(2)
@@ -689,7 +901,7 @@ class Translator:
                      f"torch.nn.functional.gelu({T(0)}, TorchSharp.Modules.GELU.Approximate.tanh)", statement_type="Tensor")
             return
         if op in ("dropout", "dropout_"):
-            if a[2].const is not False:
+            if a[2].kind not in ("bool", "long") or a[2].const != 0:   # the tracer writes False as the integer 0
                 self.refuse(node, "aten::dropout in training mode")
                 return
             self.set(node, "tensor", f"torch.nn.functional.dropout({T(0)}, {self.scalar(a[1], node, 'dropout_p')}, training: false)", statement_type="Tensor")
@@ -707,9 +919,268 @@ class Translator:
                 dtype = self.dtype(a[1], node)
                 self.set(node, "tensor", f"{T(0)}.to({dtype})", statement_type="Tensor")
                 return
+            # to(self, device, dtype, non_blocking, copy, memory_format) on the CPU (the trace's own device)
+            if len(a) == 6 and a[1].kind == "device" and a[1].const == "cpu" and a[2].kind == "long":
+                dtype = self.dtype(a[2], node)
+                self.set(node, "tensor", f"{T(0)}.to({dtype})", statement_type="Tensor")
+                return
             self.refuse(node, "aten::to with a device or another tensor")
             return
         self.refuse(node, f"operation aten::{op}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One class per PyTorch class: the instances' forwards as programs, and their merge.
+
+class Unmergeable(Exception):
+    """Instances of one PyTorch class that one C# class cannot express safely; the message says why (the extra class
+    carries it as a comment)."""
+
+
+_TOKEN = re.compile(r"(@@c\d+@@|(?<![\w.@])[A-Za-z_]\w*)")
+_STATEMENT = re.compile(r"^(\w+(?:\[\])?) (\w+) = (.*);$")
+
+
+def _tokens(code, variables):
+    """code as a list of strings and ("v", name) for its locals and inputs (consecutive strings joined)."""
+    out = []
+    for i, part in enumerate(_TOKEN.split(code)):
+        if not part:
+            continue
+        if i % 2 == 1 and part in variables:
+            out.append(("v", part))
+        elif out and not isinstance(out[-1], tuple):
+            out[-1] += part
+        else:
+            out.append(part)
+    return out
+
+
+class Program:
+    """One instance's forward: inputs, statements [type, var, tokens, comment] (type "" and var None for a statement
+    that declares nothing) and the returned expression, with configuration values as @@c<k>@@."""
+
+    def __init__(self, inputs, lines, result):
+        self.inputs, self.lines, self.result = inputs, lines, result
+
+    def key(self):
+        """The program with its locals renamed in order of first appearance (a statement of another form may declare
+        one in its text): equal keys, equal code up to names."""
+        names = {n: f"v{i}" for i, n in enumerate(self.inputs)}
+
+        def canon(tokens):
+            for t in tokens:
+                if isinstance(t, tuple) and t[1] not in names:
+                    names[t[1]] = f"v{len(names)}"
+            return tuple(names[t[1]] if isinstance(t, tuple) else t for t in tokens)
+        lines = []
+        for line in self.lines:
+            expression = canon(line[2])
+            lines.append((line[0], canon([("v", line[1])]) if line[1] else None, expression))
+        return len(self.inputs), tuple(lines), canon(self.result)
+
+
+def _program(d):
+    config = {i: k for k, i in enumerate(d.config_slots)}
+
+    def marker(m):
+        i = int(m.group(1))
+        if i not in config:
+            raise Unmergeable("a forward holds a value that is not a configuration value")
+        return f"@@c{config[i]}@@"
+    variables = set(d.inputs) | set(getattr(d, "locals", ()))
+    lines = []
+    for line in d.forward_lines:
+        code, _, comment = line.partition("  // ")
+        code = re.sub(r"@@(\d+)@@", marker, code)
+        m = _STATEMENT.match(code)
+        if m:
+            variables.add(m.group(2))
+            lines.append([m.group(1), m.group(2), _tokens(m.group(3), variables), comment])
+        else:
+            lines.append(["", None, _tokens(code, variables), comment])
+    return Program(list(d.inputs), lines, _tokens(re.sub(r"@@(\d+)@@", marker, d.result or ""), variables))
+
+
+def _literal_in_source(value, k, lines):
+    """Whether float `value` (configuration value k) is written as a literal in every Python line that uses it."""
+    if not isinstance(value, float):
+        return False
+    sources = [line[3].split(": ", 1)[1] for line in lines
+               if any(not isinstance(t, tuple) and f"@@c{k}@@" in t for t in line[2]) and ": " in line[3]]
+    if not sources:
+        return False
+    for code in sources:
+        if math.isinf(value):
+            if not re.search(r"\binf\b", code):
+                return False
+            continue
+        numbers = re.findall(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)", code)
+        if not any(float(n) == abs(value) for n in numbers):
+            return False
+    return True
+
+
+def _fresh_name(base, used):
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}{i}"
+    used.add(name)
+    return name
+
+
+def _class_name(pyname, used, root_name):
+    base = cs_ident(pyname) if pyname != root_name else pyname + "Module"
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+def _gen_descendants(d):
+    out = []
+    for part in getattr(d, "parts", None) or []:
+        child = part[-2]
+        if child.kind == "gen":
+            out.append(child)
+        out += _gen_descendants(child)
+    return out
+
+
+def _merge_programs(programs, reserved):
+    """One forward for several programs: [type, var, tokens, comment, present, passthrough] where present is the set of
+    programs that run the statement; the others take `passthrough` (a tensor the statement would have been computed
+    from) as its value. Raises Unmergeable when they do not align that way."""
+    first = programs[0]
+    lines = [[t, v, list(tokens), c, frozenset([0]), None] for t, v, tokens, c in first.lines]
+    result = list(first.result)
+    names = set(reserved) | set(first.inputs) | {line[1] for line in lines if line[1]}
+    types = {n: "Tensor" for n in first.inputs}
+    types.update({line[1]: line[0] for line in lines if line[1]})
+    for k, program in enumerate(programs[1:], 1):
+        lines, result = _merge_one(first.inputs, lines, result, program, k, types, names)
+    # Locals named t, t2, ... (the tracer's unnamed values) renumbered in order, as a person would.
+    plain = [line[1] for line in lines if line[1] and re.fullmatch(r"t\d*", line[1]) and line[1] not in first.inputs]
+    every = {t[1] for line in lines for t in line[2] if isinstance(t, tuple)} | {t[1] for t in result if isinstance(t, tuple)}
+    taken = ((names | every) - set(plain)) | set(first.inputs)   # a local another form of statement declares is taken
+    rename, n = {}, 1
+    for var in plain:
+        while (candidate := "t" if n == 1 else f"t{n}") in taken:
+            n += 1
+        rename[var] = candidate
+        n += 1
+    fix = lambda tokens: [("v", rename.get(t[1], t[1])) if isinstance(t, tuple) else t for t in tokens]  # noqa: E731
+    lines = [[t, rename.get(v, v), fix(tokens), c, present, rename.get(p, p)] for t, v, tokens, c, present, p in lines]
+    return list(first.inputs), lines, fix(result)
+
+
+def _merge_one(inputs, merged, merged_result, program, k, types, names):
+    own_types = {n: "Tensor" for n in program.inputs}
+    own_types.update({line[1]: line[0] for line in program.lines if line[1]})
+    budget = [20000]
+
+    def copy(st):
+        return {"out": list(st["out"]), "bval": dict(st["bval"]), "mvar": dict(st["mvar"]), "newpass": dict(st["newpass"]),
+                "names": set(st["names"])}
+
+    def resolve(u, st):
+        while u in st["newpass"]:
+            u = st["newpass"][u]
+        return u
+
+    def match(mt, bt, st):
+        """The merged statement's tokens if merged tokens mt compute, in this program, what its tokens bt do; a local
+        that first appears here on both sides (declared by a statement of another form) is bound in st."""
+        if len(mt) != len(bt):
+            return None
+        out = []
+        for x, y in zip(mt, bt):
+            if isinstance(x, tuple) and isinstance(y, tuple):
+                if x[1] not in st["bval"] and y[1] not in st["mvar"]:
+                    st["bval"][x[1]] = y[1]
+                    st["mvar"][y[1]] = x[1]
+                    out.append(x)
+                elif st["bval"].get(x[1]) == y[1]:
+                    out.append(x)
+                elif st["mvar"].get(y[1]) in st["newpass"] and resolve(st["mvar"][y[1]], st) == x[1]:
+                    out.append(("v", st["mvar"][y[1]]))   # a statement only this program runs, x elsewhere
+                else:
+                    return None
+            elif isinstance(x, tuple) or isinstance(y, tuple) or x != y:
+                return None
+            else:
+                out.append(x)
+        return out
+
+    def tensors(tokens, kinds):
+        seen = []
+        for t in tokens:
+            if isinstance(t, tuple) and kinds.get(t[1], "Tensor") == "Tensor" and t[1] not in seen:
+                seen.append(t[1])
+        return seen
+
+    def dfs(i, j, st):
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise Unmergeable("their forwards are too different to align")
+        if i == len(merged) and j == len(program.lines):
+            r = match(merged_result, program.result, copy(st))
+            return None if r is None else (st["out"], r)
+        if i < len(merged) and j < len(program.lines):
+            ml, bl = merged[i], program.lines[j]
+            if ml[0] == bl[0] and (ml[1] is None) == (bl[1] is None):
+                st2 = copy(st)
+                tokens = match(ml[2], bl[2], st2)
+                if tokens is not None:
+                    if ml[1]:
+                        st2["bval"][ml[1]] = bl[1]
+                        st2["mvar"][bl[1]] = ml[1]
+                    st2["out"].append([ml[0], ml[1], tokens, ml[3], ml[4] | {k}, ml[5]])
+                    r = dfs(i + 1, j + 1, st2)
+                    if r:
+                        return r
+        if j < len(program.lines) and program.lines[j][0] == "Tensor":
+            bl = program.lines[j]
+            if all(not isinstance(t, tuple) or t[1] in st["mvar"] for t in bl[2]):
+                tokens = [("v", st["mvar"][t[1]]) if isinstance(t, tuple) else t for t in bl[2]]
+                for cand in tensors(bl[2], own_types):
+                    st2 = copy(st)
+                    u = _fresh_name(re.sub(r"\d+$", "", bl[1]) or "t", st2["names"])
+                    st2["mvar"][bl[1]] = u
+                    st2["bval"][u] = bl[1]
+                    st2["newpass"][u] = st["mvar"][cand]
+                    st2["out"].append(["Tensor", u, tokens, bl[3], frozenset([k]), st["mvar"][cand]])
+                    r = dfs(i, j + 1, st2)
+                    if r:
+                        return r
+        if i < len(merged) and merged[i][0] == "Tensor":
+            ml = merged[i]
+            candidates = [ml[5]] if ml[5] is not None else tensors(ml[2], types)
+            for cand in candidates:
+                if cand not in st["bval"]:
+                    continue
+                st2 = copy(st)
+                st2["bval"][ml[1]] = st["bval"][cand]
+                st2["out"].append([ml[0], ml[1], ml[2], ml[3], ml[4], cand])
+                r = dfs(i + 1, j, st2)
+                if r:
+                    return r
+        return None
+
+    start = {"out": [], "bval": dict(zip(inputs, program.inputs)), "mvar": dict(zip(program.inputs, inputs)), "newpass": {},
+             "names": set(names)}
+    found = dfs(0, 0, start)
+    if found is None:
+        raise Unmergeable("their forwards differ in more than statements some of them leave out")
+    out, result = found
+    for line in out:
+        if line[1]:
+            names.add(line[1])
+            types.setdefault(line[1], line[0])
+    return out, result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -722,13 +1193,21 @@ class Draft:
         self.sig = None         # everything but slot values
         self.slots = []
         self.field_type = None  # C# type of a field holding it
+        self.exposed = set()    # buffers its parent reads (internal fields)
         self.ctor = None        # constructor expression (with markers into self.slots)
         self.group = None
 
 
 class Exporter:
-    def __init__(self, model, traced, class_name, namespace):
+    def __init__(self, model, traced, class_name, namespace, calls=None):
         self.model, self.traced, self.class_name, self.namespace = model, traced, class_name, namespace
+        self.calls = calls if calls is not None else TraceCalls()
+        self.draft_of = {}      # id(module) -> its Draft
+        # Parameters listed under several names (a tied LM head): id -> the names, the first the owner's.
+        names = {}
+        for name, p in _parameter_names(model):
+            names.setdefault(id(p), []).append(name)
+        self.tied = {k: v for k, v in names.items() if len(v) > 1}
         self.refusals = Refusals()
         self.drafts = []
         self.groups = {}        # sig -> Group
@@ -738,6 +1217,7 @@ class Exporter:
 
     def draft(self, module, traced, path, is_root=False):
         d = Draft(module, path)
+        self.draft_of.setdefault(id(module), d)
         if not is_root and _is_leaf(module):
             body = Body()
             try:
@@ -789,11 +1269,16 @@ class Exporter:
         for name, b in module.named_buffers(recurse=False):
             persistent = name in persistent_names
             init = None
+            if not persistent and b.dtype == torch.bool and b.dim() >= 2 and \
+                    torch.equal(b, torch.ones(b.shape[-2:], dtype=torch.bool).tril().expand(b.shape)):
+                # a causal mask (GPT-2's `bias`): written as the lower triangle it is, not element by element
+                buffers.append((field(name), name, tuple(b.shape), "Bool", persistent, ("tril", b.shape[-2], b.shape[-1])))
+                continue
             if not persistent:
-                if b.numel() > 4096 or not b.dtype.is_floating_point:
+                if b.numel() > 4096 or not (b.dtype.is_floating_point or b.dtype == torch.int64):
                     self.refusals.add(f"{path}.{name}: a non-persistent buffer of {b.numel()} {b.dtype} elements (not in the state_dict; "
-                                      f"only floating-point buffers of at most 4096 elements are written out as literals)")
-                init = [float(v) for v in b.detach().reshape(-1).tolist()]
+                                      f"only floating-point and int64 buffers of at most 4096 elements are written out as literals)")
+                init = [float(v) if b.dtype.is_floating_point else int(v) for v in b.detach().reshape(-1).tolist()]
             buffers.append((field(name), name, tuple(b.shape), TORCH_DTYPES.get(b.dtype), persistent, init))
         shapes_text = {}
         for f, name, shape, dt, *_ in params + buffers:
@@ -809,8 +1294,12 @@ class Exporter:
             self.refusals.add(str(e))
             result = None
         tr.result = result
+        d.n_outputs = getattr(tr, "n_outputs", 1)
+        d.graph_out_map = getattr(tr, "graph_out_map", None)
         d.params, d.buffers, d.parts, d.shapes_text = params, buffers, parts, shapes_text
         d.forward_lines, d.result, d.inputs = tr.lines, result, tr.input_names
+        d.config_slots = [i for i in body.own if body.slots[i][2] == "field"]
+        d.locals = list(tr.locals)
         d.slots = body.slots
         d.sig = ("gen", type(module).__name__, tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in params),
                  tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in buffers),
@@ -818,7 +1307,7 @@ class Exporter:
                  tuple((s[0], s[2]) for s in body.slots))
         return d
 
-    # -- grouping
+    # -- grouping: one C# class per PyTorch class where its instances allow it
     def collect(self, d, out):
         if d.kind in ("gen", "seq", "list"):
             for part in d.parts:
@@ -826,70 +1315,86 @@ class Exporter:
         out.append(d)
 
     def group_all(self, root):
+        """Decides the C# classes: one per Sequential class; for every other PyTorch class one class for all its
+        instances where _plan can merge them (children's classes first), else as few as it can (each extra class says
+        why in a comment)."""
+        self.root, self.classes = root, []
+        if self.refusals.items:
+            return
         every = []
         self.collect(root, every)
-        self.root = root
-        by_sig = {}
-        for d in every:
-            if d.kind in ("gen", "seq"):
-                by_sig.setdefault(d.sig, []).append(d)
+        self.order = {id(d): i for i, d in enumerate(every)}
         names_used = {self.class_name}
-        self.classes = []
-        for sig, members in by_sig.items():
-            if root in members:
-                name = self.class_name
-            else:
-                base = cs_ident(sig[1]) if sig[1] != self.class_name else sig[1] + "Module"
-                name, i = base, 1
-                while name in names_used:
-                    i += 1
-                    name = f"{base}_{i}"
-                names_used.add(name)
-            varying = [] if sig[0] == "seq" else [i for i in range(len(members[0].slots))
-                                                  if len({repr(m.slots[i][1]) for m in members}) > 1]
-            # Varying values that are equal in every instance (a block's out_channels and its BatchNorm's num_features)
-            # are one constructor parameter, named after the first.
-            columns, alias = {}, {}
-            for i in varying:
-                column = tuple(repr(m.slots[i][1]) for m in members)
-                alias[i] = columns.setdefault(column, i)
-            group = {"name": name, "members": members, "varying": varying, "sig": sig,
-                     "params": sorted(set(alias.values())), "alias": alias}
-            for m in members:
-                m.group = group
-            self.classes.append(group)
-        # Children first: classes in the order their first instance finishes.
-        order = {id(d): i for i, d in enumerate(every)}
-        self.classes.sort(key=lambda g: order[id(g["members"][0])])
-        if len(by_sig[root.sig]) > 1:
+        seq_plans = {}
+        for d in every:
+            if d.kind == "seq":
+                t = type(d.module)
+                if t not in seq_plans:
+                    seq_plans[t] = {"kind": "seq", "name": _class_name(t.__name__, names_used, self.class_name), "members": [d]}
+                    self.classes.append(seq_plans[t])
+                else:
+                    seq_plans[t]["members"].append(d)
+                d.plan = seq_plans[t]
+        families, deps = {}, {}
+        for d in every:
+            if d.kind == "gen":
+                key = "root" if d is root else type(d.module)
+                families.setdefault(key, []).append(d)
+        if type(root.module) in families:
             self.refusals.add("the root module's class is used inside it")
+            return
+        for key, members in families.items():
+            inner = set()
+            for d in members:
+                for g in _gen_descendants(d):
+                    inner.add("root" if g is root else type(g.module))
+            inner.discard(key)
+            deps[key] = inner
+        done = set()
+        while len(done) < len(families):
+            ready = [k for k in families if k not in done and deps[k] <= done]
+            if not ready:
+                self.refusals.add("module classes that contain each other: " + ", ".join(
+                    sorted(k.__name__ for k in families if k not in done and k != "root")))
+                return
+            for key in ready:
+                self.group_family(families[key], names_used)
+                done.add(key)
+        # Children first: classes in the order their first instance finishes.
+        self.classes.sort(key=lambda p: self.order[id(p["members"][0])])
+        self.ties = self.tie_lines() if hasattr(self, "tie_lines") else []
 
-    # -- emission
-    def render(self, text, slot_text):
-        return re.sub(r"@@(\d+)@@", lambda m: slot_text(int(m.group(1))), text)
-
-    def ctor_expr(self, d, offset, slot_text, indent=12):
-        """The expression that builds child draft d, whose slots start at `offset` in the parent's slots; a container
-        too long for one line gets one line per module, indented from `indent`."""
-        if d.kind == "leaf":
-            return self.render(d.ctor, lambda i: slot_text(offset + i))
-        if d.kind in ("seq", "list"):
-            inner = [self.ctor_expr(cd, offset + off, slot_text, indent + 4) for cd, off in d.parts]
-            head = f"new TorchSharp.Modules.ModuleList<{self.list_type(d)}>(" if d.kind == "list" else f"new {d.group['name']}("
-            one_line = head + ", ".join(inner) + ")"
-            if len(one_line) + indent <= 120 and "\n" not in one_line:
-                return one_line
-            pad = "\n" + " " * (indent + 4)
-            return head + pad + ("," + pad).join(inner) + ")"
-        group = d.group
-        return f"new {group['name']}(" + ", ".join(slot_text(offset + i) for i in group["params"]) + ")"
+    def group_family(self, members, names_used):
+        plans, reason = [], None
+        for d in members:
+            for i, plan in enumerate(plans):
+                try:
+                    plans[i] = self.plan(plan["members"] + [d])
+                    break
+                except Unmergeable as e:
+                    if i == 0 and reason is None:
+                        reason = str(e)
+            else:
+                plans.append(self.plan([d]))
+        pyname = type(members[0].module).__name__
+        for i, plan in enumerate(plans):
+            if members[0] is self.root:
+                plan["name"] = self.class_name
+            else:
+                plan["name"] = _class_name(pyname, names_used, self.class_name)
+            if i:
+                plan["reason"] = (f"A class of its own: these instances of {pyname} are not written as {plans[0]['name']} "
+                                  f"because {reason}.")
+            for d in plan["members"]:
+                d.plan = plan
+            self.classes.append(plan)
 
     def field_type(self, d):
         if d.kind == "leaf":
             return d.field_type
         if d.kind == "list":
             return f"TorchSharp.Modules.ModuleList<{self.list_type(d)}>"
-        return d.group["name"]
+        return d.plan["name"]
 
     def list_type(self, d):
         types = {self.field_type(cd) for cd, _ in d.parts}
@@ -897,14 +1402,208 @@ class Exporter:
             return types.pop()
         return "nn.Module<Tensor, Tensor>"
 
-    def emit_class(self, group):
-        d = group["members"][0]
-        name = group["name"]
-        is_root = d is self.root
+    def template(self, d, vals):
+        """The expression that builds draft d, as a tree whose values are @@j@@ markers into vals (name, value): equal
+        trees build equal structures; the values may differ."""
+        if d.kind == "leaf":
+            def sub(m):
+                vals.append(tuple(d.slots[int(m.group(1))][:2]))
+                return f"@@{len(vals) - 1}@@"
+            return ("text", re.sub(r"@@(\d+)@@", sub, d.ctor))
+        if d.kind in ("seq", "list"):
+            parts = tuple(self.template(cd, vals) for cd, _ in d.parts)
+            head = f"new TorchSharp.Modules.ModuleList<{self.list_type(d)}>(" if d.kind == "list" else f"new {d.plan['name']}("
+            return ("seq", head, parts)
+        plan = d.plan
+        i = plan["index"][id(d)]
+        args = []
+        for p in plan["params"]:
+            if p["kind"] == "child":
+                cd = p["drafts"][i]
+                args.append((p["name"], None if cd is None else self.template(cd, vals)))
+            else:
+                vals.append((p["name"], p["values"][i]))
+                args.append((p["name"], ("text", f"@@{len(vals) - 1}@@")))
+        return ("gen", f"new {plan['name']}(", tuple(args))
+
+    def structure(self, d):
+        vals = []
+        tree = self.template(d, vals)
+        return repr(tree) + repr(tuple(cs_type_of(v) for _, v in vals))
+
+    def plan(self, members):
+        """One C# class for `members` (instances of one PyTorch class), or Unmergeable saying why not: the values in
+        which they differ become constructor parameters, a submodule whose structure differs (or that some lack) is
+        passed in (null where absent), and a statement some instances' forwards have and others lack is written once,
+        under the condition that tells them apart (the submodule it calls is not null, or a bool attribute of the
+        module), with the value it replaces where the condition is false."""
+        d0 = members[0]
+        pb = lambda d: (tuple((f, n, len(s), dt, rg) for f, n, s, dt, rg in d.params),  # noqa: E731
+                        tuple((f, n, len(s), dt, ps, None if init is None else tuple(init)) for f, n, s, dt, ps, init in d.buffers))
+        if any(pb(d) != pb(d0) for d in members):
+            raise Unmergeable("their parameters or buffers differ")
+        if any(len(d.inputs) != len(d0.inputs) for d in members):
+            raise Unmergeable("their forwards take different numbers of inputs")
+        if any(getattr(d, "n_outputs", 1) != getattr(d0, "n_outputs", 1) for d in members):
+            raise Unmergeable("their forwards return different numbers of tensors")
+        if any(len(d.config_slots) != len(d0.config_slots) for d in members):
+            raise Unmergeable("their forwards hold different numbers of configuration values")
+        # Submodules, in registration order.
+        kids = [{n: (f, cd) for f, n, cd, _ in d.parts} for d in members]
+        union = []
+        for d in members:
+            names = [n for _, n, _, _ in d.parts]
+            for k, n in enumerate(names):
+                if n not in union:
+                    union.insert(union.index(names[k - 1]) + 1 if k else 0, n)
+        for d in members:
+            positions = [union.index(n) for _, n, _, _ in d.parts]
+            if positions != sorted(positions):
+                raise Unmergeable("their submodules are registered in different orders")
+        children = []   # (field, name, mode, nullable, [draft or None per member], field type)
+        for n in union:
+            drafts = [k[n][1] if n in k else None for k in kids]
+            field = next(k[n][0] for k in kids if n in k)
+            types = {self.field_type(cd) for cd in drafts if cd is not None}
+            if len(types) > 1:
+                raise Unmergeable(f"their {n} are of different classes ({', '.join(sorted(types))})")
+            nullable = any(cd is None for cd in drafts)
+            built = not nullable and len({self.structure(cd) for cd in drafts}) == 1
+            children.append((field, n, "built" if built else "passed", nullable, drafts, types.pop()))
+        # The values each instance's class text holds, column by column: parameter shapes, built submodules, the
+        # forward's configuration values.
+        columns, shape_tpl, child_tpl, config_cols = None, {}, {}, []
+        for m, d in enumerate(members):
+            vals = []
+
+            def own(m_):
+                vals.append(tuple(d.slots[int(m_.group(1))][:2]))
+                return f"@@{len(vals) - 1}@@"
+            shapes = {n: re.sub(r"@@(\d+)@@", own, d.shapes_text[n]) for _, n, *_ in d.params + d.buffers}
+            trees = {}
+            for field, n, mode, nullable, drafts, _ in children:
+                if mode == "built":
+                    trees[n] = self.template(drafts[m], vals)
+            first_config = len(vals)
+            for i in d.config_slots:
+                vals.append(tuple(d.slots[i][:2]))
+            if columns is None:
+                columns = [(name, [value]) for name, value in vals]
+                shape_tpl, child_tpl = shapes, trees
+                config_cols = list(range(first_config, len(vals)))
+            else:
+                if len(vals) != len(columns) or shapes != shape_tpl or trees != child_tpl:
+                    raise Unmergeable("their submodules differ in structure")   # not expected: structures were compared
+                for j, (name, value) in enumerate(vals):
+                    if cs_type_of(value) != cs_type_of(columns[j][1][0]):
+                        raise Unmergeable(f"their {name} values are of different types")
+                    columns[j][1].append(value)
+        # The forwards: one per distinct program, merged.
+        programs, index, member_program = [], {}, []
+        for d in members:
+            program = _program(d)
+            key = program.key()
+            if key not in index:
+                index[key] = len(programs)
+                programs.append(program)
+            member_program.append(index[key])
+        reserved = ({f for f, *_ in d0.params + d0.buffers} | {c[0] for c in children} | {"scope", "this"})
+        inputs, lines, result = _merge_programs(programs, reserved)
+        everyone = frozenset(range(len(programs)))
+        # Conditions of the statements only some instances have.
+        fields_of = {c[0]: c for c in children}
+        flags, conditions = {}, {}
+        for k, line in enumerate(lines):
+            text = "".join(t for t in line[2] if not isinstance(t, tuple))
+            called = [c for c in re.findall(r"(?<![\w.])(\w+)(?:\[\d+\])?\.call\(", text) if c in fields_of]
+            runs = {m for m in range(len(members)) if member_program[m] in line[4]}
+            for c in called:
+                has = {m for m, cd in enumerate(fields_of[c][4]) if cd is not None}
+                if not runs <= has:
+                    raise Unmergeable(f"a statement calls {c}, which some instances lack")
+            if line[4] == everyone:
+                continue
+            condition = None
+            if len(called) == 1 and fields_of[called[0]][3] and runs == {m for m, cd in enumerate(fields_of[called[0]][4]) if cd is not None}:
+                condition = f"{called[0]} is not null"
+            else:
+                for attr, value in vars(d0.module).items():
+                    if attr.startswith("_") or not all(type(vars(d.module).get(attr)) is bool for d in members):
+                        continue
+                    truth = {m for m, d in enumerate(members) if vars(d.module)[attr]}
+                    if truth == runs or truth == set(range(len(members))) - runs:
+                        flags.setdefault(attr, [vars(d.module)[attr] for d in members])
+                        condition = ("", attr) if truth == runs else ("!", attr)
+                        break
+            if condition is None:
+                src = f" ({line[3]})" if line[3] else ""
+                raise Unmergeable(f"some of their forwards have a statement{src} that the others lack, and neither a submodule "
+                                  f"nor a bool attribute tells which")
+            conditions[k] = condition
+        locals_ = set(inputs) | {line[1] for line in lines if line[1]}
+        # Constructor parameters: values that differ between instances (equal columns are one parameter, named after
+        # the first) and every configuration value of the forward (a named setting, kept in a field).
+        used = set(reserved) | locals_ | set(CS_KEYWORDS)
+        params, alias, consts = [], {}, []
+        by_column = {}
+        for j, (name, values) in enumerate(columns):
+            varying = len({repr(v) for v in values}) > 1
+            if not varying and j not in config_cols:
+                continue
+            if not varying and all(name not in vars(d.module) for d in members) and \
+                    _literal_in_source(values[0], config_cols.index(j), lines):
+                # A float the Python line writes as a literal (`y * 2.0`, `float("-inf")`), not a setting.
+                alias[j] = {"name": _fresh_name(cs_ident(name), used), "values": values, "ctype": cs_type_of(values[0])}
+                consts.append(alias[j])
+                continue
+            key = tuple(repr(v) for v in values) if varying else None
+            if key is not None and key in by_column:
+                alias[j] = by_column[key]
+                if j in config_cols:
+                    by_column[key]["field"] = True
+                continue
+            p = {"kind": "value", "name": _fresh_name(cs_ident(name), used), "values": values, "field": j in config_cols,
+                 "ctype": cs_type_of(values[0])}
+            params.append(p)
+            alias[j] = p
+            if key is not None:
+                by_column[key] = p
+        for field, n, mode, nullable, drafts, ftype in children:
+            if mode == "passed" and not nullable:
+                params.append({"kind": "child", "name": field, "drafts": drafts, "ctype": ftype, "nullable": False})
+        for attr, values in flags.items():
+            flags[attr] = {"kind": "flag", "name": _fresh_name(cs_ident(attr), used), "values": values, "field": True, "ctype": "bool"}
+            params.append(flags[attr])
+        for field, n, mode, nullable, drafts, ftype in children:
+            if mode == "passed" and nullable:
+                params.append({"kind": "child", "name": field, "drafts": drafts, "ctype": ftype, "nullable": True})
+        return {"kind": "gen", "members": members, "index": {id(d): i for i, d in enumerate(members)}, "params": params,
+                "columns": columns, "alias": alias, "shape_tpl": shape_tpl, "child_tpl": child_tpl, "children": children,
+                "config_cols": config_cols, "inputs": inputs, "lines": lines, "result": result, "conditions": conditions,
+                "flags": flags, "consts": consts, "reason": None}
+
+    # -- emission
+    def render(self, tree, value_text, indent=12):
+        """A template tree as C#: on one line when it fits in 120 columns, else one line per module or argument."""
+        if tree[0] == "text":
+            return re.sub(r"@@(\d+)@@", lambda m: value_text(int(m.group(1))), tree[1])
+        if tree[0] == "seq":
+            inner = [self.render(t, value_text, indent + 4) for t in tree[2]]
+        else:
+            inner = [f"{name}: {self.render(t, value_text, indent + 4)}" for name, t in tree[2] if t is not None]
+        head = tree[1]
+        one_line = head + ", ".join(inner) + ")"
+        if len(one_line) + indent <= 120 and "\n" not in one_line:
+            return one_line
+        pad = "\n" + " " * (indent + 4)
+        return head + pad + ("," + pad).join(inner) + ")"
+
+    def emit_class(self, plan):
+        d = plan["members"][0]
+        name = plan["name"]
         pyname = type(d.module).__name__
-        lines = []
-        if d.kind == "seq":
-            lines += [
+        if plan["kind"] == "seq":
+            return [
                 f"    /// <summary>PyTorch's <c>{pyname}</c> (a Sequential): its modules, registered as \"0\", \"1\", ..., called in order.</summary>",
                 f"    public sealed class {name} : nn.Module<Tensor, Tensor>",
                 "    {",
@@ -928,120 +1627,193 @@ class Exporter:
                 "        }",
                 "    }",
             ]
-            return lines
-        slots = d.slots
-        varying = set(group["varying"])
-        used_names = set()
-        for f, *_ in d.params + d.buffers:
-            used_names.add(f)
-        for f, *_ in d.parts:
-            used_names.add(f)
-        slot_names = {}
-        # Only slots that appear in this class's own text need names.
-        own_text = "\n".join(d.forward_lines) + "\n" + "\n".join(d.shapes_text.values())
-        for f, n, cd, off in d.parts:
-            own_text += self.ctor_expr(cd, off, lambda i: f"@@{i}@@")
-        referenced = sorted({int(m) for m in re.findall(r"@@(\d+)@@", own_text)})
-        alias = group["alias"]
-        # A parameter's representative first, so that its aliases find its name.
-        referenced = sorted(set(referenced) | {alias[i] for i in referenced if i in alias}, key=lambda i: (alias.get(i, i), i != alias.get(i, i)))
-        params_decl, fields_decl, assigns, fielded = [], [], [], set()
-        for i in referenced:
-            sname, value, kind = slots[i]
-            if i in varying and alias[i] != i:
-                slot_names[i] = slot_names[alias[i]]
-                if kind == "field" and slot_names[i] not in fielded:
-                    fielded.add(slot_names[i])
-                    fields_decl.append(f"        private readonly {cs_type_of(value)} {slot_names[i]};")
-                    assigns.append(f"            this.{slot_names[i]} = {slot_names[i]};")
-                continue
-            if i in varying or kind == "field":
-                base = cs_ident(sname)
-                key = (base, repr(value)) if i not in varying else None
-                if key is not None and key in slot_names:
-                    slot_names[i] = slot_names[key]
-                    continue
-                nm, j = base, 1
-                while nm in used_names or nm in CS_KEYWORDS:
-                    j += 1
-                    nm = f"{base}{j}"
-                used_names.add(nm)
-                slot_names[i] = nm
-                if key is not None:
-                    slot_names[key] = nm
-                ctype = cs_type_of(value)
-                if i in varying:
-                    params_decl.append(f"{ctype} {nm}")
-                    if kind == "field":
-                        fielded.add(nm)
-                        fields_decl.append(f"        private readonly {ctype} {nm};")
-                        assigns.append(f"            this.{nm} = {nm};")
-                else:
-                    fields_decl.append(f"        private const {ctype} {nm} = {cs_literal(value)};" if ctype in ("long", "double", "bool")
-                                       else f"        private static readonly {ctype} {nm} = {cs_literal(value)};")
+        is_root = d is self.root
+        columns, alias = plan["columns"], plan["alias"]
 
-        def slot_text(i):
-            if i in slot_names:
-                return slot_names[i]
-            return cs_literal(slots[i][1])
+        def value_text(j):
+            return alias[j]["name"] if j in alias else cs_literal(columns[j][1][0])
 
-        arity = max(1, len(d.inputs))
-        generic = "nn.Module<Tensor, Tensor>" if arity == 1 else "nn.Module<Tensor, Tensor, Tensor>"
+        lines = []
+        if plan["reason"]:
+            lines.append(f"    // {plan['reason']}")
+        arity = max(1, len(plan["inputs"]))
+        n_outputs = getattr(d, "n_outputs", 1)
+        result_type = "Tensor" if n_outputs == 1 else "(" + ", ".join(["Tensor"] * n_outputs) + ")"
+        generic = f"nn.Module<{', '.join(['Tensor'] * arity)}, {result_type}>"
         what = "The exported model" if is_root else f"PyTorch's <c>{pyname}</c>"
         lines.append(f"    /// <summary>{what} ({type(d.module).__module__}.{pyname}), written from its traced forward.</summary>")
         lines.append(f"    public sealed class {name} : {generic}")
         lines.append("    {")
-        if fields_decl:
-            lines += fields_decl
+        params = plan["params"]
+        for c in plan["consts"]:
+            lines.append(f"        private const {c['ctype']} {c['name']} = {cs_literal(c['values'][0])};")
+        for p in params:
+            if p.get("field"):
+                lines.append(f"        private readonly {p['ctype']} {p['name']};")
         for f, n, shape, dt, rg in d.params:
             lines.append(f"        private readonly TorchSharp.Modules.Parameter {f};")
+        exposed = set().union(*(getattr(m, "exposed", set()) for m in plan["members"]))
         for f, n, shape, dt, ps, init in d.buffers:
-            lines.append(f"        private readonly Tensor {f};")
-        for f, n, cd, off in d.parts:
-            lines.append(f"        private readonly {self.field_type(cd)} {f};")
+            access = "internal" if n in exposed else "private"   # a buffer its parent reads
+            lines.append(f"        {access} readonly Tensor {f};")
+        for f, n, mode, nullable, drafts, ftype in plan["children"]:
+            lines.append(f"        private readonly {ftype}{'?' if nullable else ''} {f};")
         lines.append("")
-        summary = "Builds the architecture (weights are loaded from the exported state_dict)." if not params_decl else \
-            "Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict)."
+        decls = [f"{p['ctype']}{'?' if p.get('nullable') else ''} {p['name']}{' = null' if p.get('nullable') else ''}" for p in params]
+        if is_root and params:
+            defaults = ", ".join(f"{p['name']}: {cs_literal(p['values'][0])}" for p in params)
+            lines.append("        /// <summary>Builds the exported architecture (weights are loaded from the exported state_dict).</summary>")
+            lines.append(f"        public {name}() : this({defaults})")
+            lines.append("        {")
+            lines.append("        }")
+            lines.append("")
+        if not params:
+            summary = "Builds the architecture (weights are loaded from the exported state_dict)."
+        else:
+            summary = "Builds the architecture from its settings (weights are loaded from the exported state_dict)."
         lines.append(f"        /// <summary>{summary}</summary>")
-        lines.append(f"        public {name}({', '.join(params_decl)}) : base(\"{pyname}\")")
+        lines.append(f"        public {name}({', '.join(decls)}) : base(\"{pyname}\")")
         lines.append("        {")
-        lines += assigns
+        for p in params:
+            if p.get("field"):
+                lines.append(f"            this.{p['name']} = {p['name']};")
         for f, n, shape, dt, rg in d.params:
             dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
-            shape_text = self.render(d.shapes_text[n], slot_text)
+            shape_text = self.render(("text", plan["shape_tpl"][n]), value_text)
             lines.append(f"            {f} = nn.Parameter(torch.zeros(new long[] {{ {shape_text} }}{dtype}), requires_grad: {cs_literal(rg)});")
             lines.append(f"            register_parameter(\"{n}\", {f});")
         for f, n, shape, dt, ps, init in d.buffers:
-            shape_text = self.render(d.shapes_text[n], slot_text)
+            shape_text = self.render(("text", plan["shape_tpl"][n]), value_text)
             if init is None:
                 dtype = "" if dt in (None, "Float32") else f", dtype: ScalarType.{dt}"
                 lines.append(f"            {f} = torch.zeros(new long[] {{ {shape_text} }}{dtype});")
+            elif init[0] == "tril":
+                lines.append(f"            {f} = torch.ones({init[1]}, {init[2]}, dtype: ScalarType.Bool).tril().expand(new long[] {{ {shape_text} }}).contiguous();")
             else:
-                values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else cs_literal(v) for v in init)
-                ctype = "float" if dt == "Float32" else "double"
+                values = ", ".join(repr(struct.unpack("f", struct.pack("f", v))[0]) + "f" if dt == "Float32" else
+                                   f"{v}L" if dt == "Int64" else cs_literal(v) for v in init)
+                ctype = {"Float32": "float", "Int64": "long"}.get(dt, "double")
                 lines.append(f"            {f} = torch.tensor(new {ctype}[] {{ {values} }}).reshape(new long[] {{ {shape_text} }});")
             lines.append(f"            register_buffer(\"{n}\", {f}, persistent: {cs_literal(ps)});")
-        for f, n, cd, off in d.parts:
-            lines.append(f"            {f} = {self.ctor_expr(cd, off, slot_text)};")
-            lines.append(f"            register_module(\"{n}\", {f});")
+        for f, n, mode, nullable, drafts, ftype in plan["children"]:
+            if mode == "built":
+                lines.append(f"            {f} = {self.render(plan['child_tpl'][n], value_text)};")
+                lines.append(f"            register_module(\"{n}\", {f});")
+            elif nullable:
+                lines.append(f"            this.{f} = {f};")
+                lines.append(f"            if ({f} is not null)")
+                lines.append(f"                register_module(\"{n}\", {f});")
+            else:
+                lines.append(f"            this.{f} = {f};")
+                lines.append(f"            register_module(\"{n}\", {f});")
+        ties = getattr(self, "ties", []) if is_root else []
+        lines += ties
         lines.append("        }")
+        renamed = [n for f, n, *_ in d.params + d.buffers if f != n] + [n for f, n, *_ in plan["children"] if f != n]
+        if renamed:
+            # register_module(name, this) calls this.RegisterComponents(), which registers every Module, Parameter and
+            # Tensor field once more under the field's name: a field not named as PyTorch names it would get a second key.
+            lines += [
+                "",
+                f"        /// <summary>Registers nothing more: everything is registered under PyTorch's names above ({', '.join(renamed)} under another field name).</summary>",
+                "        protected override void RegisterComponents() { }",
+            ]
+        if ties:
+            lines += [
+                "",
+                "        private nn.Module Submodule(string path)",
+                "        {",
+                "            foreach (var (name, module) in named_modules())",
+                "            {",
+                "                if (name == path)",
+                "                    return module;",
+                "            }",
+                "            throw new InvalidOperationException($\"{GetType().Name} has no submodule {path}.\");",
+                "        }",
+            ]
+            if any("Parameter(\"" in t for t in ties):
+                lines += [
+                    "",
+                    "        private TorchSharp.Modules.Parameter Parameter(string name)",
+                    "        {",
+                    "            foreach (var (key, parameter) in named_parameters())",
+                    "            {",
+                    "                if (key == name)",
+                    "                    return parameter;",
+                    "            }",
+                    "            throw new InvalidOperationException($\"{GetType().Name} has no parameter {name}.\");",
+                    "        }",
+                ]
         lines.append("")
-        ins = d.inputs if d.inputs else ["input"]
+        config_order = plan["config_cols"]
+        nullable_children = {f for f, n, mode, nullable, *_ in plan["children"] if nullable}
+
+        def code(tokens):
+            text = "".join(t[1] if isinstance(t, tuple) else t for t in tokens)
+            return re.sub(r"@@c(\d+)@@", lambda m: value_text(config_order[int(m.group(1))]), text)
+
+        ins = plan["inputs"] if plan["inputs"] else ["input"]
         lines.append("        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>")
-        lines.append(f"        public override Tensor forward({', '.join('Tensor ' + i for i in ins)})")
+        lines.append(f"        public override {result_type} forward({', '.join('Tensor ' + i for i in ins)})")
         lines.append("        {")
         lines.append("            using var scope = NewDisposeScope();")
-        for line in d.forward_lines:
-            lines.append("            " + self.render(line, slot_text))
-        lines.append(f"            return {d.result}.MoveToOuterDisposeScope();")
+        for k, line in enumerate(plan["lines"]):
+            ltype, var, tokens, comment, present, passthrough = line
+            expr = code(tokens)
+            if k in plan["conditions"]:
+                condition = plan["conditions"][k]
+                if isinstance(condition, tuple):
+                    neg, attr = condition
+                    condition = neg + plan["flags"][attr]["name"]
+                    for c in nullable_children:   # a flag guards it: the compiler cannot know the submodule is there
+                        expr = re.sub(rf"(?<![\w.]){c}\.call\(", f"{c}!.call(", expr)
+                statement = f"{ltype} {var} = {condition} ? {expr} : {passthrough};"
+            elif var is None:
+                statement = expr
+            else:
+                statement = f"{ltype} {var} = {expr};"
+            lines.append("            " + statement + (f"  // {comment}" if comment else ""))
+        returned = code(plan["result"])
+        if "MoveToOuterDisposeScope" not in returned:   # a translator that moves each returned tensor itself
+            returned += ".MoveToOuterDisposeScope()"
+        lines.append(f"            return {returned};")
         lines.append("        }")
         lines.append("    }")
+        return lines
+
+    def tie_lines(self):
+        """The constructor lines that tie parameters PyTorch's model shares (its state_dict lists one under each name,
+        as TorchSharp's does once they are one Parameter): a leaf's `weight` is set to the owner's."""
+        lines = []
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        for names in self.tied.values():
+            owner = names[0]
+            for name in names[1:]:
+                path, _, attr = name.rpartition(".")
+                opath, _, oattr = owner.rpartition(".")
+                d, od = self.draft_of.get(id(modules.get(path))), self.draft_of.get(id(modules.get(opath)))
+                settable = {"CustomLinear": ("weight", "bias"), "TorchSharp.Modules.Embedding": ("weight",)}
+                if d is None or od is None or d.kind != "leaf" or attr not in settable.get(d.field_type, ()) \
+                        or od.kind not in ("leaf", "gen") or od.kind == "leaf" and oattr not in settable.get(od.field_type, ()):
+                    self.refusals.add(f"{name} is {owner} (a tied parameter): only a Linear's or an Embedding's weight or "
+                                      f"bias set to another's, or to a translated module's own parameter, is written")
+                    continue
+                source = f"(({od.field_type})Submodule(\"{opath}\")).{oattr}" + ("!" if od.field_type.endswith("Embedding") else "") \
+                    if od.kind == "leaf" else f"new TorchSharp.Modules.Parameter(Parameter(\"{owner}\").contiguous())"
+                lines.append(f"            (({d.field_type})Submodule(\"{path}\")).{attr} = {source};  // tied: {name} is {owner}")
         return lines
 
     def write_cs(self):
         out = [
             f"// <auto-generated> by tools/pytorch/export_port.py from {type(self.model).__module__}.{type(self.model).__name__}",
             f"// (PyTorch {torch.__version__}); regenerate rather than edit. </auto-generated>",
+        ]
+        if self.calls.shape_conditions:
+            out.append("// Conditions on sizes only that the trace evaluated (each branch is written as the path taken: the port")
+            out.append("// computes the model for inputs whose shapes give every one of them the value it had here):")
+            for file, line, outcome in self.calls.shape_conditions:
+                out.append(f"//   {_describe_line(file, line)}  (a size comparison there was {outcome})")
+        out += [
             "#nullable enable",
             "using System;",
             "using TorchLinear;",
@@ -1084,44 +1856,220 @@ def _module_of_line(model, filename, lineno):
     return "a module"
 
 
+# Operations a shape condition may consist of: a branch whose condition is made of these (and of tensors' sizes) depends
+# on the input's shape only, never on its values.
+SHAPE_OPS = {"aten::size", "prim::NumToTensor", "prim::Constant", "aten::Int", "aten::ScalarImplicit", "aten::Float",
+             "aten::eq", "aten::ne", "aten::lt", "aten::gt", "aten::le", "aten::ge", "aten::add", "aten::sub", "aten::mul",
+             "aten::floor_divide", "aten::div", "aten::remainder", "aten::neg", "aten::__and__", "aten::__or__",
+             "aten::__not__", "aten::logical_and", "aten::logical_or", "aten::logical_not", "prim::ListConstruct",
+             "prim::TupleConstruct", "aten::all", "aten::any", "aten::to", "aten::detach", "aten::clone"}
+
+
+def _shape_only(value, seen=None):
+    """Whether a traced value is computed from tensors' sizes and constants only (never from a tensor's values)."""
+    seen = set() if seen is None else seen
+    if value.unique() in seen:
+        return True
+    seen.add(value.unique())
+    node = value.node()
+    if node.kind() not in SHAPE_OPS:
+        return False
+    if node.kind() == "aten::size":
+        return True
+    return all(_shape_only(v, seen) for v in node.inputs())
+
+
+def _caller_line():
+    """(file, line) of the innermost frame outside torch and this file."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if "/torch/" not in file and os.path.abspath(file) != os.path.abspath(__file__):
+            return file, frame.f_lineno
+        frame = frame.f_back
+    return "?", 0
+
+
+class TraceCalls:
+    """What the trace hides and the port needs: how each submodule was called in Python. During the trace every
+    submodule's forward is wrapped (as record_parity's recorder watches): its tensor arguments (positional and keyword,
+    flattened as the recorder names them) are touched first thing in the module's scope, so that the tracer lifts every
+    one into the submodule's graph in that order, used or not; each returned tensor's traced value gets a marker name, so
+    that the submodule's Python outputs are found in the graphs afterwards (a tensor returned by several nested modules is
+    renamed by each; `renamed` keeps the chain). Branches taken on a tensor's truth value are sorted into shape conditions
+    (computed from sizes only) and data-dependent ones."""
+
+    def __init__(self):
+        self.calls = {}         # path -> {"in_names", "unique", "n_unique", "out_names", "outputs": [marker | ("in", j)]}
+        self.renamed = {}       # marker -> the marker that replaced it
+        self.original = {}      # marker -> the value's name before it
+        self.counter = 0
+        self.shape_conditions = []   # (file, line, outcome)
+        self.data_lines = []         # (file, line) of branches on tensor values
+
+    def final(self, marker):
+        while marker in self.renamed:
+            marker = self.renamed[marker]
+        return marker
+
+    def wrap(self, model):
+        wrapped = []
+        for path, m in model.named_modules():
+            if not path:
+                continue
+
+            def forward(*args, _original=m.forward, _path=path, **kwargs):
+                # No local variable holds a tensor here: the tracer names a value after a local that holds it.
+                names, tensors = [], []
+                for i in range(len(args)):
+                    _flatten(args[i], str(i), names, tensors)
+                for key in kwargs:
+                    _flatten(kwargs[key], key, names, tensors)
+                unique, firsts = [], []
+                for p in range(len(tensors)):
+                    j = next((u for u in range(len(firsts)) if firsts[u] is tensors[p]), None)
+                    if j is None:
+                        firsts.append(tensors[p])
+                        j = len(firsts) - 1
+                        if torch._C._get_tracing_state() is not None:
+                            torch.ops.aten.alias(firsts[j])   # the first use in this scope: lifted in argument order
+                    unique.append(j)
+                results = [_original(*args, **kwargs)]
+                out_names, outs = [], []
+                _flatten(results[0], "0" if isinstance(results[0], torch.Tensor) else "", out_names, outs)
+                marks = []
+                for k in range(len(outs)):
+                    j = next((p for p in range(len(tensors)) if tensors[p] is outs[k]), None)
+                    if j is not None:
+                        marks.append(("in", j))
+                    elif len(outs) == 1 or torch._C._get_tracing_state() is None:
+                        marks.append(None)   # the one output: found as the graph's output that is not an input's alias
+                    else:
+                        value = torch._C._get_value_trace(outs[k])
+                        self.counter += 1
+                        marker = f"tlout{self.counter}"
+                        old = value.debugName()
+                        if old.startswith("tlout"):
+                            self.renamed[old.split(".")[0]] = marker
+                            self.original[marker] = self.original.get(old.split(".")[0], "t")
+                        else:
+                            self.original[marker] = old
+                        value.setDebugName(marker)
+                        marks.append(marker)
+                if _path not in self.calls:
+                    self.calls[_path] = {"in_names": names, "unique": unique, "n_unique": len(firsts),
+                                         "out_names": out_names, "outputs": marks}
+                return results[0]
+            m.forward = forward
+            wrapped.append(m)
+        return wrapped
+
+    def boolean(self, original):
+        def __bool__(tensor):
+            if torch._C._get_tracing_state() is not None:
+                where = _caller_line()
+                try:
+                    shape_only = _shape_only(torch._C._get_value_trace(tensor))
+                except RuntimeError:
+                    shape_only = False
+                outcome = original(tensor)
+                if shape_only:
+                    entry = (where[0], where[1], bool(outcome))
+                    if entry not in self.shape_conditions:
+                        self.shape_conditions.append(entry)
+                elif where not in self.data_lines:
+                    self.data_lines.append(where)
+                return outcome
+            return original(tensor)
+        return __bool__
+
+
 def _trace(model, inputs):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad():
-            traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
-    problems, seen = [], set()
+    """The trace, its problems, and the TraceCalls seen during it."""
+    calls = TraceCalls()
+    # A parameter shared by two modules (a tied LM head) is lifted by the tracer into the second module's call as an
+    # input; traced with its own copy instead, each module reads its own attribute, and the port ties the two again
+    # in its constructor (Exporter.tie_lines). The copies are the same numbers; the model is restored afterwards.
+    untied, groups = [], {}
+    for name, p in _parameter_names(model):
+        groups.setdefault(id(p), []).append(name)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for names in groups.values():
+        for name in names[1:]:
+            path, _, attr = name.rpartition(".")
+            owner = modules[path]
+            untied.append((owner, attr, owner._parameters[attr]))
+            owner._parameters[attr] = nn.Parameter(owner._parameters[attr].detach().clone(), owner._parameters[attr].requires_grad)
+    wrapped = calls.wrap(model)
+    original_bool = torch.Tensor.__bool__
+    torch.Tensor.__bool__ = calls.boolean(original_bool)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
+    finally:
+        torch.Tensor.__bool__ = original_bool
+        for m in wrapped:
+            del m.forward
+        for owner, attr, parameter in untied:
+            owner._parameters[attr] = parameter
+    # The tracer's warning "Converting a tensor to a Python boolean" comes from the wrapped __bool__, which has sorted
+    # each such branch: one on shapes only is written as the path taken (listed in the port's header); one on a
+    # tensor's values is refused. A warning from elsewhere (a conversion that bypasses __bool__) is refused too.
+    lines = list(calls.data_lines)
     for w in caught:
-        text = str(w.message)
-        if "Python boolean" in text and (w.filename, w.lineno) not in seen:
-            seen.add((w.filename, w.lineno))
-            problems.append(f"a branch on a tensor's value (data-dependent control flow the trace would freeze) at "
-                            f"{_module_of_line(model, w.filename, w.lineno)}, {_describe_line(w.filename, w.lineno)}")
-    return traced, problems
+        if "Python boolean" in str(w.message) and os.path.abspath(w.filename) != os.path.abspath(__file__) \
+                and (w.filename, w.lineno) not in lines:
+            lines.append((w.filename, w.lineno))
+    problems = [f"a branch on a tensor's value (data-dependent control flow the trace would freeze) at "
+                f"{_module_of_line(model, file, line)}, {_describe_line(file, line)}" for file, line in lines]
+    return traced, problems, calls
+
+
+MAX_ARGUMENTS = 6   # TorchSharp's nn.Module<T1, ..., T6, TResult>, and what Parity's CallCapture watches
 
 
 def _calls_the_port_cannot_make(model, inputs):
-    """Submodules called with keyword arguments (the port calls positionally, and the replay matches a call's inputs
-    by name) or returning something other than one tensor (the port's submodules return one tensor; the trace may even
-    drop a returned input from a tuple). Watched as the recorder watches, by wrapping each instance's forward (torch
-    1.13's hooks do not see keyword arguments); the wrappers are removed afterwards."""
+    """Submodules whose calls a port cannot make: more than six tensor arguments (positional and keyword, flattened as
+    the recorder names them), or a result that is not a tensor or a tuple or list of tensors (None items are dropped,
+    as the recorder drops them). Keyword arguments are fine: the port's module takes every tensor argument in the
+    recorder's order, which is how the replay matches them. Watched as the recorder watches, by wrapping each
+    instance's forward; the wrappers are removed afterwards."""
     problems, wrapped = [], []
 
     def note(text):
         if text not in problems:
             problems.append(text)
 
+    def plain(output):
+        if output is None or isinstance(output, torch.Tensor):
+            return True
+        return isinstance(output, (tuple, list)) and all(o is None or isinstance(o, torch.Tensor) for o in output)
+
     for path, m in model.named_modules():
         if not path:
             continue
 
         def forward(*args, _original=m.forward, _path=path, _module=m, **kwargs):
-            if kwargs:
-                note(f"called with keyword arguments ({', '.join(kwargs)}) at {_path} ({type(_module).__name__}): the port calls "
-                     f"submodules positionally")
+            names, tensors = [], []
+            for i, a in enumerate(args):
+                _flatten(a, str(i), names, tensors)
+            for key, a in kwargs.items():
+                _flatten(a, key, names, tensors)
+            twice = [names[p] for p in range(len(tensors)) if any(tensors[q] is tensors[p] for q in range(p))]
+            if twice:
+                note(f"called with one tensor as several arguments ({', '.join(twice)} repeat an earlier one) at {_path} "
+                     f"({type(_module).__name__}): the trace cannot tell which of them the module uses where")
+            if len(tensors) > MAX_ARGUMENTS:
+                note(f"called with {len(tensors)} tensors ({', '.join(names)}) at {_path} ({type(_module).__name__}): a port's module "
+                     f"takes at most {MAX_ARGUMENTS}")
             output = _original(*args, **kwargs)
-            if not isinstance(output, torch.Tensor):
-                note(f"returns a {type(output).__name__}, not one tensor, at {_path} ({type(_module).__name__}): only the root's "
-                     f"several outputs are reduced (to the first tensor)")
+            if not plain(output):
+                note(f"returns a {type(output).__name__} at {_path} ({type(_module).__name__}): a port's module returns a tensor "
+                     f"or a tuple of tensors")
+            elif output is None or not isinstance(output, torch.Tensor) and not any(isinstance(o, torch.Tensor) for o in output):
+                note(f"returns no tensor at {_path} ({type(_module).__name__})")
             return output
         m.forward = forward
         wrapped.append(m)
@@ -1183,11 +2131,11 @@ def generate(model, example_inputs, class_name, namespace="Ports"):
         raise ExportRefused(f"class_name {class_name!r} is not a C# identifier")
     texts, problems = [], _calls_the_port_cannot_make(model, inputs)
     for run, ins in enumerate((inputs, second_inputs(model, inputs))):
-        traced, trace_problems = _trace(model, ins)
+        traced, trace_problems, calls = _trace(model, ins)
         problems += [p for p in trace_problems if p not in problems]
         if trace_problems:
             continue
-        exporter = Exporter(model, traced, class_name, namespace)
+        exporter = Exporter(model, traced, class_name, namespace, calls)
         root = exporter.draft(model, traced, "", is_root=True)
         exporter.group_all(root)
         problems += [p for p in exporter.refusals.items if p not in problems]
@@ -1244,13 +2192,7 @@ def export_port(model, example_inputs, out_dir, class_name, *, namespace="Ports"
     with tempfile.TemporaryDirectory() as tmp:
         rec = os.path.join(tmp, "recording.parity.pt")
         if recording:
-            metadata = record(model, inputs, rec, reference64=reference64)
-            keyword_calls = [f"{key} ({metadata['module_types'][key]}): {', '.join(n for n in call['inputs'] if not n.split('.')[0].isdigit())}"
-                             for key, call in metadata["calls"].items()
-                             if any(not n.split(".")[0].isdigit() for n in call["inputs"])]
-            if keyword_calls:
-                raise ExportRefused("cannot write a faithful port: modules called with keyword arguments (the port calls them "
-                                    "positionally, and the replay matches inputs by name):\n  " + "\n  ".join(keyword_calls))
+            record(model, inputs, rec, reference64=reference64)
         st = os.path.join(tmp, "weights.safetensors")
         _write_safetensors(model.state_dict(), st)
         os.makedirs(out_dir, exist_ok=True)

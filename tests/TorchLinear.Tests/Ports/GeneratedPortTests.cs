@@ -44,12 +44,14 @@ namespace TorchLinear.Tests
         {
             new object[] { "TinyTransformer" },
             new object[] { "TinyGpt" },
+            new object[] { "MergedClasses" },
         };
 
         private static nn.Module<Tensor, Tensor> NewTiny(string name) => name switch
         {
             "TinyTransformer" => new Ports.TinyTransformer.TinyTransformer(),
             "TinyGpt" => new Ports.TinyGpt.TinyGpt(),
+            "MergedClasses" => new Ports.MergedClasses.MergedClasses(),
             _ => throw new ArgumentOutOfRangeException(nameof(name), name, "no such generated port"),
         };
 
@@ -80,6 +82,24 @@ namespace TorchLinear.Tests
             foreach (var t in tensors.Values)
                 t.Dispose();
             return shape;
+        }
+
+        /// <summary>
+        /// Ports/merged_classes.py's MergedClasses (replayed above at two shapes): the instances with and without a submodule are one
+        /// class (the submodule a nullable parameter, not registered where absent), so are those a bool attribute tells
+        /// apart; the ones nothing tells apart are two classes.
+        /// </summary>
+        [Fact]
+        public void GeneratedMergedClasses_AreOneClassWherePossible_AndRegisterOnlyTheSubmodulesAnInstanceHas()
+        {
+            using var port = new Ports.MergedClasses.MergedClasses();
+            AssertOneClass(port, "a", "b");
+            AssertOneClass(port, "c", "d");
+            var types = port.named_children().ToDictionary(c => c.name, c => c.module.GetType());
+            Assert.NotEqual(types["e"], types["f"]);
+            Assert.NotEqual(types["g"], types["h"]);
+            Assert.Contains("a.norm.weight", port.state_dict().Keys);
+            Assert.DoesNotContain(port.state_dict().Keys, key => key.StartsWith("b.norm", StringComparison.Ordinal));
         }
 
         [Fact]
@@ -185,6 +205,8 @@ namespace TorchLinear.Tests
         public void GeneratedResNet_ReplaysTheRealModelRecording_WithNoDivergence_AndMatchesTorchvisionAtASecondShape()
         {
             using var port = Eval(new Ports.ResNet.ResNet());
+            // torchvision's BasicBlocks, with and without downsample, are one class (downsample a nullable parameter).
+            AssertOneClass(port, "layer1.0", "layer2.0", "layer3.0", "layer4.0");
             using var recording = ParityRecording.Load(Path.Combine(RealModelRecordings.Folder, "resnet_basic_1111.parity.pt"));
             var report = Parity.Replay(port, recording);
             // Every recorded call, the block's second ReLU call (relu#1) included, under torchvision's own paths.
@@ -198,11 +220,20 @@ namespace TorchLinear.Tests
         public void GeneratedMobileNetV2_ReplaysTheRealModelRecording_WithNoDivergence_AndMatchesTorchvisionAtASecondShape()
         {
             using var port = Eval(new Ports.MobileNet.MobileNetV2());
+            // Its 17 InvertedResiduals (with and without the expanding convolution and the residual) are one class.
+            AssertOneClass(port, Enumerable.Range(1, 17).Select(i => $"features.{i}").ToArray());
             using var recording = ParityRecording.Load(Path.Combine(RealModelRecordings.Folder, "mobilenet_v2_025.parity.pt"));
             var report = Parity.Replay(port, recording);
             AssertFaithful(report, 213);
             Assert.All(report.Gradients, r => Assert.True(r.IsClose, $"{r.Path}: {r.Status}"));
             AssertSecondShape(port, recording, PortFile("MobileNet", "MobileNetV2.second.pt"));
+        }
+
+        private static void AssertOneClass(nn.Module port, params string[] paths)
+        {
+            var types = port.named_modules().Where(m => paths.Contains(m.name)).Select(m => m.module.GetType()).Distinct().ToList();
+            Assert.True(port.named_modules().Count(m => paths.Contains(m.name)) == paths.Length, "every path is a module of the port");
+            Assert.Single(types);
         }
 
         /// <summary>The port, with the recording's weights, on the second file's input gives its output (assert_close's tolerances).</summary>

@@ -17,6 +17,16 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
                     are the RealModels recording's), and ResNet.second.pt: an input (1, 3, 48, 48), the model's output and its noise
                     (max |output - the float64 model's|)
   MobileNet/        torchvision mobilenet_v2(width_mult=0.25, num_classes=10), likewise: MobileNetV2.cs, MobileNetV2.second.pt
+  MergedClasses/    merged_classes.py's MergedClasses: two instances of each class the generator merges (a submodule some lack, a
+                    statement a bool attribute turns on) or keeps apart (a second class that says why), input (2, 3, 4):
+                    the four files as TinyTransformer's, the second recording at (1, 5, 4)
+  Llama/            transformers LlamaForCausalLM, tiny and random (see llama()), token ids (2, 7): LlamaForCausalLM.cs,
+                    .safetensors, .parity.pt, and .second.parity.pt at (3, 5) (needs `source /work/realpeft-site/env.sh`;
+                    without it the committed files are kept, and said)
+  Gpt2/             transformers GPT2LMHeadModel, tiny and random (see gpt2()), token ids (2, 7), likewise; the second
+                    recording at (3, 5)
+  Bert/             transformers BertForMaskedLM, tiny and random (see bert()), token ids (2, 7) and (3, 5), likewise
+  Llama/peft-adapter/  a LoRA adapter made by real PEFT on that Llama (peft_llama_adapter()), as TinyTransformer's
 """
 import copy
 import hashlib
@@ -35,6 +45,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "TorchLinear.Tests", "ReferenceDa
 
 from export_port import export_port  # noqa: E402
 from record_parity import record  # noqa: E402
+from merged_classes import merged_classes  # noqa: E402
 
 
 def tiny_transformer():
@@ -74,6 +85,55 @@ def mobilenet():
     return model, x, torch.randn(1, 3, 48, 48)
 
 
+def llama():
+    """transformers' LlamaForCausalLM (the real modeling_llama.py, needs `source /work/realpeft-site/env.sh`), tiny and
+    random: hidden 32, 2 layers, 4 heads over 2 key/value heads (grouped-query attention), intermediate 64, vocab 100,
+    eager attention, no cache, tuple output; RMSNorm weights drawn U(0.5, 1.5) as make_real_models.py does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import make_real_models
+
+    torch.manual_seed(32)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         attn_implementation="eager", use_cache=False, return_dict=False)
+    model = make_real_models.randomise_norms(LlamaForCausalLM(config)).eval()
+    return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
+
+
+def gpt2():
+    """transformers' GPT2LMHeadModel (real modeling_gpt2.py), tiny and random: 32 wide, 2 layers, 4 heads, 32 positions,
+    vocab 100, its Conv1D layers (weight stored (in, out)), the LM head tied to the token embedding; eager attention,
+    no cache, tuple output; LayerNorm weights and biases drawn (seed 2) so that no normalisation is an identity."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    config = GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4, attn_implementation="eager",
+                        use_cache=False, return_dict=False)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".ln_" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
+
+
+def bert():
+    """transformers' BertForMaskedLM (real modeling_bert.py), tiny and random: hidden 32, 2 layers, 4 heads, intermediate
+    64, 32 positions, vocab 100; eager attention, tuple output (the prediction scores); its decoder tied to the word
+    embeddings and its bias to cls.predictions.bias as in transformers; LayerNorm weights and biases drawn (seed 3)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(3)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=32, attn_implementation="eager", return_dict=False)
+    model = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "LayerNorm" in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model, torch.randint(0, 100, (2, 7)), torch.randint(0, 100, (3, 5))
+
+
 # folder, class name, builder, whether the weights and recordings are committed here (the tiny models) or are
 # RealModels' (ResNet, MobileNetV2: a second input and output only)
 PORTS = [
@@ -81,7 +141,14 @@ PORTS = [
     ("TinyGpt", "TinyGpt", tiny_gpt, True),
     ("ResNet", "ResNet", resnet, False),
     ("MobileNet", "MobileNetV2", mobilenet, False),
+    ("MergedClasses", "MergedClasses", merged_classes, True),
+    ("Llama", "LlamaForCausalLM", llama, True),
+    ("Gpt2", "GPT2LMHeadModel", gpt2, True),
+    ("Bert", "BertForMaskedLM", bert, True),
 ]
+
+# The transformers models: without transformers importable, their committed files are kept (and said).
+NEEDS_TRANSFORMERS = {"Llama", "Gpt2", "Bert"}
 
 
 def peft_adapter(folder):
@@ -102,6 +169,12 @@ def peft_adapter(folder):
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=g))
+    return save_peft(peft_model, out, x)
+
+
+def save_peft(peft_model, out, x):
+    """PEFT's own folder for an adapted model, made reproducible, and cases.pt (the input and PEFT's adapted output,
+    the first tensor of a tuple output)."""
     peft_model.eval()
     peft_model.save_pretrained(out)
     os.remove(os.path.join(out, "README.md"))   # PEFT's model-card template: not part of the adapter
@@ -114,15 +187,42 @@ def peft_adapter(folder):
         f.write(json.dumps(config, indent=2, sort_keys=True))
     with torch.no_grad():
         adapted = peft_model(x)
+    if isinstance(adapted, tuple):
+        adapted = adapted[0]
     torch.save({"input": x, "adapted_output": adapted}, os.path.join(out, "cases.pt"))
     return [os.path.join(out, f) for f in ("adapter_config.json", "adapter_model.safetensors", "cases.pt")]
+
+
+def peft_llama_adapter():
+    """A LoRA adapter made by real PEFT on the Llama port's model (llama()): r=4, alpha 8 on every projection of
+    attention and MLP (q, k, v, o, gate, up, down), init_lora_weights=False (PEFT draws B too, seed 12), so that it
+    changes the output; PEFT's own folder and cases.pt as for the TinyTransformer. Needs PEFT (as peft_adapter)."""
+    out = os.path.join(HERE, "Llama", "peft-adapter")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print(f"peft is not importable (source /work/realpeft-site/env.sh): kept the committed {os.path.relpath(out, HERE)}")
+        return [os.path.join(out, f) for f in sorted(os.listdir(out))]
+    model, x, _ = llama()
+    torch.manual_seed(12)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
+                                                  init_lora_weights=False))
+    return save_peft(peft_model, out, x)
 
 
 def main():
     written = []
     for folder, class_name, build, own_files in PORTS:
-        model, x, x2 = build()
         out = os.path.join(HERE, folder)
+        if folder in NEEDS_TRANSFORMERS:
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                print(f"transformers is not importable (source /work/realpeft-site/env.sh): kept the committed {folder}/")
+                written += [os.path.join(out, f) for f in sorted(os.listdir(out)) if os.path.isfile(os.path.join(out, f))]
+                continue
+        model, x, x2 = build()
         paths = export_port(model, (x,), out, class_name, namespace=f"TorchLinear.Tests.Ports.{folder}",
                             weights=own_files, recording=own_files)
         written += list(paths.values())
@@ -141,6 +241,7 @@ def main():
         print(f"{class_name}: " + ", ".join(f"{os.path.basename(p)} ({os.path.getsize(p)} bytes)" for p in paths.values())
               + f", {os.path.basename(second)}")
     written += peft_adapter("TinyTransformer")
+    written += peft_llama_adapter()
     lines = []
     for path in sorted(written):
         with open(path, "rb") as f:

@@ -57,18 +57,14 @@ namespace TorchLinear.Tests.Ports.MobileNet
     /// <summary>PyTorch's <c>InvertedResidual</c> (torchvision.models.mobilenetv2.InvertedResidual), written from its traced forward.</summary>
     public sealed class InvertedResidual : nn.Module<Tensor, Tensor>
     {
+        private readonly bool use_res_connect;
         private readonly Sequential conv;
 
-        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
-        public InvertedResidual() : base("InvertedResidual")
+        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
+        public InvertedResidual(Sequential conv, bool use_res_connect) : base("InvertedResidual")
         {
-            conv = new Sequential(
-                new Conv2dNormActivation(
-                    nn.Conv2d(8, 8, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 8, bias: false),
-                    nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
-                    nn.ReLU6(inplace: true)),
-                nn.Conv2d(8, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
-                nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
+            this.use_res_connect = use_res_connect;
+            this.conv = conv;
             register_module("conv", conv);
         }
 
@@ -77,70 +73,7 @@ namespace TorchLinear.Tests.Ports.MobileNet
         {
             using var scope = NewDisposeScope();
             Tensor t = conv.call(x);
-            Tensor t2 = x.add(t);  // torchvision/models/mobilenetv2.py:62: return x + self.conv(x)
-            return t2.MoveToOuterDisposeScope();
-        }
-    }
-
-    /// <summary>PyTorch's <c>InvertedResidual</c> (torchvision.models.mobilenetv2.InvertedResidual), written from its traced forward.</summary>
-    public sealed class InvertedResidual_2 : nn.Module<Tensor, Tensor>
-    {
-        private readonly Sequential conv;
-
-        /// <summary>Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict).</summary>
-        public InvertedResidual_2(long in_channels, long out_channels, (long, long) stride, long out_channels2) : base("InvertedResidual")
-        {
-            conv = new Sequential(
-                new Conv2dNormActivation(
-                    nn.Conv2d(in_channels, out_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
-                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
-                    nn.ReLU6(inplace: true)),
-                new Conv2dNormActivation(
-                    nn.Conv2d(out_channels, out_channels, (3, 3), stride: stride, padding: (1, 1), dilation: (1, 1), groups: out_channels, bias: false),
-                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
-                    nn.ReLU6(inplace: true)),
-                nn.Conv2d(out_channels, out_channels2, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
-                nn.BatchNorm2d(out_channels2, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
-            register_module("conv", conv);
-        }
-
-        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
-        public override Tensor forward(Tensor x)
-        {
-            using var scope = NewDisposeScope();
-            Tensor t = conv.call(x);
-            return t.MoveToOuterDisposeScope();
-        }
-    }
-
-    /// <summary>PyTorch's <c>InvertedResidual</c> (torchvision.models.mobilenetv2.InvertedResidual), written from its traced forward.</summary>
-    public sealed class InvertedResidual_3 : nn.Module<Tensor, Tensor>
-    {
-        private readonly Sequential conv;
-
-        /// <summary>Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict).</summary>
-        public InvertedResidual_3(long in_channels, long out_channels) : base("InvertedResidual")
-        {
-            conv = new Sequential(
-                new Conv2dNormActivation(
-                    nn.Conv2d(in_channels, out_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
-                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
-                    nn.ReLU6(inplace: true)),
-                new Conv2dNormActivation(
-                    nn.Conv2d(out_channels, out_channels, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: out_channels, bias: false),
-                    nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
-                    nn.ReLU6(inplace: true)),
-                nn.Conv2d(out_channels, in_channels, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
-                nn.BatchNorm2d(in_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
-            register_module("conv", conv);
-        }
-
-        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
-        public override Tensor forward(Tensor x)
-        {
-            using var scope = NewDisposeScope();
-            Tensor t = conv.call(x);
-            Tensor t2 = x.add(t);  // torchvision/models/mobilenetv2.py:62: return x + self.conv(x)
+            Tensor t2 = use_res_connect ? x.add(t) : t;  // torchvision/models/mobilenetv2.py:62: return x + self.conv(x)
             return t2.MoveToOuterDisposeScope();
         }
     }
@@ -159,23 +92,223 @@ namespace TorchLinear.Tests.Ports.MobileNet
                     nn.Conv2d(3, 8, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false),
                     nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
                     nn.ReLU6(inplace: true)),
-                new InvertedResidual(),
-                new InvertedResidual_2(8, 48, (2, 2), 8),
-                new InvertedResidual_3(8, 48),
-                new InvertedResidual_2(8, 48, (2, 2), 8),
-                new InvertedResidual_3(8, 48),
-                new InvertedResidual_3(8, 48),
-                new InvertedResidual_2(8, 48, (2, 2), 16),
-                new InvertedResidual_3(16, 96),
-                new InvertedResidual_3(16, 96),
-                new InvertedResidual_3(16, 96),
-                new InvertedResidual_2(16, 96, (1, 1), 24),
-                new InvertedResidual_3(24, 144),
-                new InvertedResidual_3(24, 144),
-                new InvertedResidual_2(24, 144, (2, 2), 40),
-                new InvertedResidual_3(40, 240),
-                new InvertedResidual_3(40, 240),
-                new InvertedResidual_2(40, 240, (1, 1), 80),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(8, 8, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 8, bias: false),
+                            nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(8, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(8, 48, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(48, 48, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 48, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(48, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: false),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(8, 48, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(48, 48, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 48, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(48, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(8, 48, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(48, 48, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 48, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(48, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: false),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(8, 48, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(48, 48, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 48, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(48, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(8, 48, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(48, 48, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 48, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(48, 8, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(8, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(8, 48, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(48, 48, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 48, bias: false),
+                            nn.BatchNorm2d(48, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(48, 16, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(16, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: false),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(16, 96, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(96, 96, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 96, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(96, 16, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(16, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(16, 96, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(96, 96, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 96, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(96, 16, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(16, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(16, 96, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(96, 96, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 96, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(96, 16, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(16, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(16, 96, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(96, 96, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 96, bias: false),
+                            nn.BatchNorm2d(96, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(96, 24, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(24, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: false),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(24, 144, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(144, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(144, 144, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 144, bias: false),
+                            nn.BatchNorm2d(144, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(144, 24, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(24, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(24, 144, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(144, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(144, 144, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 144, bias: false),
+                            nn.BatchNorm2d(144, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(144, 24, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(24, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(24, 144, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(144, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(144, 144, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 144, bias: false),
+                            nn.BatchNorm2d(144, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(144, 40, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(40, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: false),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(40, 240, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(240, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(240, 240, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 240, bias: false),
+                            nn.BatchNorm2d(240, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(240, 40, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(40, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(40, 240, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(240, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(240, 240, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 240, bias: false),
+                            nn.BatchNorm2d(240, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(240, 40, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(40, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: true),
+                new InvertedResidual(
+                    conv: new Sequential(
+                        new Conv2dNormActivation(
+                            nn.Conv2d(40, 240, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                            nn.BatchNorm2d(240, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        new Conv2dNormActivation(
+                            nn.Conv2d(240, 240, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 240, bias: false),
+                            nn.BatchNorm2d(240, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),
+                            nn.ReLU6(inplace: true)),
+                        nn.Conv2d(240, 80, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(80, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true)),
+                    use_res_connect: false),
                 new Conv2dNormActivation(
                     nn.Conv2d(80, 1280, (1, 1), stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
                     nn.BatchNorm2d(1280, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true),

@@ -16,20 +16,24 @@ namespace TorchLinear.Tests.Ports.ResNet
         private readonly TorchSharp.Modules.ReLU relu;
         private readonly TorchSharp.Modules.Conv2d conv2;
         private readonly TorchSharp.Modules.BatchNorm2d bn2;
+        private readonly Sequential? downsample;
 
-        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
-        public BasicBlock() : base("BasicBlock")
+        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
+        public BasicBlock(long in_channels, long out_channels, (long, long) stride, Sequential? downsample = null) : base("BasicBlock")
         {
-            conv1 = nn.Conv2d(64, 64, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false);
+            conv1 = nn.Conv2d(in_channels, out_channels, (3, 3), stride: stride, padding: (1, 1), dilation: (1, 1), groups: 1, bias: false);
             register_module("conv1", conv1);
-            bn1 = nn.BatchNorm2d(64, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true);
+            bn1 = nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true);
             register_module("bn1", bn1);
             relu = nn.ReLU(inplace: true);
             register_module("relu", relu);
-            conv2 = nn.Conv2d(64, 64, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false);
+            conv2 = nn.Conv2d(out_channels, out_channels, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false);
             register_module("conv2", conv2);
-            bn2 = nn.BatchNorm2d(64, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true);
+            bn2 = nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true);
             register_module("bn2", bn2);
+            this.downsample = downsample;
+            if (downsample is not null)
+                register_module("downsample", downsample);
         }
 
         /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
@@ -41,9 +45,10 @@ namespace TorchLinear.Tests.Ports.ResNet
             Tensor t3 = relu.call(t2);
             Tensor t4 = conv2.call(t3);
             Tensor t5 = bn2.call(t4);
-            Tensor t6 = t5.add_(x);  // torchvision/models/resnet.py:102: out += identity
-            Tensor t7 = relu.call(t6);
-            return t7.MoveToOuterDisposeScope();
+            Tensor t6 = downsample is not null ? downsample.call(x) : x;
+            Tensor t7 = t5.add_(t6);  // torchvision/models/resnet.py:102: out += identity
+            Tensor t8 = relu.call(t7);
+            return t8.MoveToOuterDisposeScope();
         }
     }
 
@@ -67,51 +72,6 @@ namespace TorchLinear.Tests.Ports.ResNet
             foreach (var module in _modules)
                 x = module.call(x);
             return x;
-        }
-    }
-
-    /// <summary>PyTorch's <c>BasicBlock</c> (torchvision.models.resnet.BasicBlock), written from its traced forward.</summary>
-    public sealed class BasicBlock_2 : nn.Module<Tensor, Tensor>
-    {
-        private readonly TorchSharp.Modules.Conv2d conv1;
-        private readonly TorchSharp.Modules.BatchNorm2d bn1;
-        private readonly TorchSharp.Modules.ReLU relu;
-        private readonly TorchSharp.Modules.Conv2d conv2;
-        private readonly TorchSharp.Modules.BatchNorm2d bn2;
-        private readonly Sequential downsample;
-
-        /// <summary>Builds the architecture with the values in which its instances differ (weights are loaded from the exported state_dict).</summary>
-        public BasicBlock_2(long in_channels, long out_channels) : base("BasicBlock")
-        {
-            conv1 = nn.Conv2d(in_channels, out_channels, (3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false);
-            register_module("conv1", conv1);
-            bn1 = nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true);
-            register_module("bn1", bn1);
-            relu = nn.ReLU(inplace: true);
-            register_module("relu", relu);
-            conv2 = nn.Conv2d(out_channels, out_channels, (3, 3), stride: (1, 1), padding: (1, 1), dilation: (1, 1), groups: 1, bias: false);
-            register_module("conv2", conv2);
-            bn2 = nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true);
-            register_module("bn2", bn2);
-            downsample = new Sequential(
-                nn.Conv2d(in_channels, out_channels, (1, 1), stride: (2, 2), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
-                nn.BatchNorm2d(out_channels, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true));
-            register_module("downsample", downsample);
-        }
-
-        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
-        public override Tensor forward(Tensor x)
-        {
-            using var scope = NewDisposeScope();
-            Tensor t = conv1.call(x);
-            Tensor t2 = bn1.call(t);
-            Tensor t3 = relu.call(t2);
-            Tensor t4 = conv2.call(t3);
-            Tensor t5 = bn2.call(t4);
-            Tensor t6 = downsample.call(x);
-            Tensor t7 = t5.add_(t6);  // torchvision/models/resnet.py:102: out += identity
-            Tensor t8 = relu.call(t7);
-            return t8.MoveToOuterDisposeScope();
         }
     }
 
@@ -140,13 +100,34 @@ namespace TorchLinear.Tests.Ports.ResNet
             register_module("relu", relu);
             maxpool = nn.MaxPool2d((3, 3), stride: (2, 2), padding: (1, 1), dilation: (1, 1), ceil_mode: false);
             register_module("maxpool", maxpool);
-            layer1 = new Sequential(new BasicBlock());
+            layer1 = new Sequential(new BasicBlock(in_channels: 64, out_channels: 64, stride: (1, 1)));
             register_module("layer1", layer1);
-            layer2 = new Sequential(new BasicBlock_2(64, 128));
+            layer2 = new Sequential(
+                new BasicBlock(
+                    in_channels: 64,
+                    out_channels: 128,
+                    stride: (2, 2),
+                    downsample: new Sequential(
+                        nn.Conv2d(64, 128, (1, 1), stride: (2, 2), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(128, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true))));
             register_module("layer2", layer2);
-            layer3 = new Sequential(new BasicBlock_2(128, 256));
+            layer3 = new Sequential(
+                new BasicBlock(
+                    in_channels: 128,
+                    out_channels: 256,
+                    stride: (2, 2),
+                    downsample: new Sequential(
+                        nn.Conv2d(128, 256, (1, 1), stride: (2, 2), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(256, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true))));
             register_module("layer3", layer3);
-            layer4 = new Sequential(new BasicBlock_2(256, 512));
+            layer4 = new Sequential(
+                new BasicBlock(
+                    in_channels: 256,
+                    out_channels: 512,
+                    stride: (2, 2),
+                    downsample: new Sequential(
+                        nn.Conv2d(256, 512, (1, 1), stride: (2, 2), padding: (0, 0), dilation: (1, 1), groups: 1, bias: false),
+                        nn.BatchNorm2d(512, eps: 1e-05, momentum: 0.1, affine: true, track_running_stats: true))));
             register_module("layer4", layer4);
             avgpool = nn.AdaptiveAvgPool2d((1, 1));
             register_module("avgpool", avgpool);

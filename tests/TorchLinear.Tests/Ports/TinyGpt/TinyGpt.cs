@@ -11,17 +11,20 @@ namespace TorchLinear.Tests.Ports.TinyGpt
     /// <summary>PyTorch's <c>CausalSelfAttention</c> (tiny_gpt.CausalSelfAttention), written from its traced forward.</summary>
     public sealed class CausalSelfAttention : nn.Module<Tensor, Tensor>
     {
-        private const long floor_divide_by = 2;
-        private const long shape_2 = 2;
-        private const double mul_other = 0.4082482904638631;
         private const double fill_value = double.NegativeInfinity;
+        private readonly long floor_divide_by;
+        private readonly long shape_2;
+        private readonly double mul_other;
         private readonly Tensor bias;
         private readonly CustomLinear c_attn;
         private readonly CustomLinear c_proj;
 
-        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
-        public CausalSelfAttention() : base("CausalSelfAttention")
+        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
+        public CausalSelfAttention(long floor_divide_by, long shape_2, double mul_other) : base("CausalSelfAttention")
         {
+            this.floor_divide_by = floor_divide_by;
+            this.shape_2 = shape_2;
+            this.mul_other = mul_other;
             bias = torch.zeros(new long[] { 1, 1, 6, 6 });
             register_buffer("bias", bias, persistent: true);
             c_attn = new CustomLinear(12, 36, bias: true) { Dispatch = LinearDispatch.PyTorch };
@@ -112,7 +115,7 @@ namespace TorchLinear.Tests.Ports.TinyGpt
         {
             ln_1 = nn.LayerNorm(12, eps: 1e-05, elementwise_affine: true);
             register_module("ln_1", ln_1);
-            attn = new CausalSelfAttention();
+            attn = new CausalSelfAttention(floor_divide_by: 2, shape_2: 2, mul_other: 0.4082482904638631);
             register_module("attn", attn);
             ln_2 = nn.LayerNorm(12, eps: 1e-05, elementwise_affine: true);
             register_module("ln_2", ln_2);

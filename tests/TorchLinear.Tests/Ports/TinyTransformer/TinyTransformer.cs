@@ -11,16 +11,18 @@ namespace TorchLinear.Tests.Ports.TinyTransformer
     /// <summary>PyTorch's <c>Attention</c> (tiny_transformer.Attention), written from its traced forward.</summary>
     public sealed class Attention : nn.Module<Tensor, Tensor>
     {
-        private const long heads = 4;
-        private const double div_other = 2.8284271247461903;
+        private readonly long heads;
+        private readonly double div_other;
         private readonly CustomLinear q_proj;
         private readonly CustomLinear k_proj;
         private readonly CustomLinear v_proj;
         private readonly CustomLinear o_proj;
 
-        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
-        public Attention() : base("Attention")
+        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
+        public Attention(long heads, double div_other) : base("Attention")
         {
+            this.heads = heads;
+            this.div_other = div_other;
             q_proj = new CustomLinear(32, 32, bias: true) { Dispatch = LinearDispatch.PyTorch };
             register_module("q_proj", q_proj);
             k_proj = new CustomLinear(32, 32, bias: true) { Dispatch = LinearDispatch.PyTorch };
@@ -102,7 +104,7 @@ namespace TorchLinear.Tests.Ports.TinyTransformer
         {
             ln1 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln1", ln1);
-            attn = new Attention();
+            attn = new Attention(heads: 4, div_other: 2.8284271247461903);
             register_module("attn", attn);
             ln2 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln2", ln2);
