@@ -1,0 +1,264 @@
+using System;
+using System.Collections.Generic;
+using System.IO;
+using System.Linq;
+using TorchLinear.Tests;
+using TorchSharp;
+using TorchSharp.Modules;
+using Xunit;
+using static TorchSharp.torch;
+
+namespace TorchLinear.Lora.Tests
+{
+    /// <summary>
+    /// TorchSharp twins of make_conv.py's nets (ReferenceData/RealPeft/conv): the convolutions are held as PyTorch
+    /// ports hold them, some in fields of TorchSharp's sealed <c>Conv2d</c>/<c>Conv1d</c> types, some in fields typed
+    /// <c>nn.Module&lt;Tensor, Tensor&gt;</c>.
+    /// </summary>
+    internal static class ConvNets
+    {
+        public static readonly string Folder = Path.Combine(AppContext.BaseDirectory, "ReferenceData", "RealPeft", "conv");
+
+        /// <summary>make_conv.py's ConvNet2d: stem, side (Conv2d fields), down, mix (module-typed fields), head.</summary>
+        internal sealed class ConvNet2d : nn.Module<Tensor, Tensor>
+        {
+            public Conv2d stem = nn.Conv2d(3, 8, 3, padding: 1);
+            public nn.Module<Tensor, Tensor> down = nn.Conv2d(8, 16, 3, stride: 2, padding: 1, bias: false);
+            public Conv2d side = nn.Conv2d(16, 16, (3, 1), stride: (1, 2), padding: (0, 1));
+            public nn.Module<Tensor, Tensor> mix = nn.Conv2d(16, 16, 1);
+            public nn.Module<Tensor, Tensor> head = nn.Linear(16, 5);
+
+            public ConvNet2d() : base(nameof(ConvNet2d)) => RegisterComponents();
+
+            public override Tensor forward(Tensor x)
+            {
+                using var scope = NewDisposeScope();
+                x = nn.functional.relu(stem.call(x));
+                x = nn.functional.relu(down.call(x));
+                x = nn.functional.relu(side.call(x));
+                x = mix.call(x);
+                return head.call(x.mean(new long[] { 2, 3 })).MoveToOuterDisposeScope();
+            }
+        }
+
+        /// <summary>make_conv.py's ConvNet1d: conv1 (a Conv1d field), conv2 (module-typed), head.</summary>
+        internal sealed class ConvNet1d : nn.Module<Tensor, Tensor>
+        {
+            public Conv1d conv1 = nn.Conv1d(4, 8, 3, padding: 1);
+            public nn.Module<Tensor, Tensor> conv2 = nn.Conv1d(8, 8, 3, stride: 2, bias: false);
+            public nn.Module<Tensor, Tensor> head = nn.Linear(8, 3);
+
+            public ConvNet1d() : base(nameof(ConvNet1d)) => RegisterComponents();
+
+            public override Tensor forward(Tensor x)
+            {
+                using var scope = NewDisposeScope();
+                x = nn.functional.relu(conv1.call(x));
+                x = nn.functional.relu(conv2.call(x));
+                return head.call(x.mean(new long[] { 2 })).MoveToOuterDisposeScope();
+            }
+        }
+
+        public static readonly Dictionary<string, string[]> Targets = new()
+        {
+            ["conv2d"] = new[] { "stem", "down", "side", "mix" },
+            ["conv1d"] = new[] { "conv1", "conv2" },
+        };
+
+        /// <summary>The net with make_conv.py's base weights, in eval mode.</summary>
+        public static nn.Module<Tensor, Tensor> Base(string net)
+        {
+            nn.Module<Tensor, Tensor> model = net == "conv2d" ? new ConvNet2d() : new ConvNet1d();
+            StateDicts.LoadPyTorchFile(model, Path.Combine(Folder, $"base_{net}.safetensors"));
+            model.eval();
+            return model;
+        }
+
+        /// <summary>What PEFT computed (cases.safetensors; the caller disposes them).</summary>
+        public static Dictionary<string, Tensor> Cases() => StateDicts.ReadPyTorchFile(Path.Combine(Folder, "cases.safetensors"));
+
+        public static Convolution Conv(nn.Module model, string path) =>
+            (Convolution)model.named_modules().Single(m => m.name == path).module;
+    }
+
+    /// <summary>
+    /// LoRA on Conv1d and Conv2d against real PEFT 0.18.1 (make_conv.py): the adapter's arithmetic
+    /// (<see cref="LoraConvLayer"/>) on PEFT's own adapter tensors gives PEFT's outputs unmerged and merged, PEFT's merged
+    /// weights, and unmerges bit for bit.
+    /// </summary>
+    public class ConvLoraTests
+    {
+        /// <summary>Each target's adapter made from PEFT's saved tensors, run from a forward hook on the convolution.</summary>
+        private static List<(string Path, Convolution Conv, LoraConvLayer Adapter)> AdaptByHand(nn.Module<Tensor, Tensor> model, string net, string folder)
+        {
+            var tensors = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+            var adapted = new List<(string, Convolution, LoraConvLayer)>();
+            foreach (string path in ConvNets.Targets[net])
+            {
+                Convolution conv = ConvNets.Conv(model, path);
+                var adapter = new LoraConvLayer(conv, r: 4, lora_alpha: 8);
+                using (no_grad())
+                {
+                    adapter.lora_A.weight.copy_(tensors[$"base_model.model.{path}.lora_A.weight"]);
+                    adapter.lora_B.weight.copy_(tensors[$"base_model.model.{path}.lora_B.weight"]);
+                }
+                conv.register_forward_hook((module, input, output) => adapter.add_to(output, input, module.training));
+                adapted.Add((path, conv, adapter));
+            }
+            return adapted;
+        }
+
+        [Theory]
+        [InlineData("conv2d")]
+        [InlineData("conv1d")]
+        public void PeftsConvAdapter_GivesPeftsOutput_Unmerged_Merged_AndUnmergesBitForBit(string net)
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            using var model = ConvNets.Base(net);
+            Tensor x = cases[$"{net}.input"];
+            Equivalence.AssertClose(Ports.Run(model, x), cases[$"{net}.base"]);
+            var before = Ports.Bits(model);
+            var adapted = AdaptByHand(model, net, Path.Combine(ConvNets.Folder, net));
+
+            Tensor unmerged = Ports.Run(model, x);
+            Equivalence.AssertClose(unmerged, cases[$"{net}.unmerged"]);
+            Assert.True(Equivalence.Compare(unmerged, cases[$"{net}.base"]).MaxAbsDiff > 0.01, "the adapter changes the output");
+
+            foreach (var (path, conv, adapter) in adapted)
+            {
+                adapter.merge(conv.weight);
+                Assert.True(adapter.merged);
+                // PEFT's W + get_delta_weight, for the 1×1 kernel (mix) and the general case alike.
+                Equivalence.AssertClose(conv.weight, cases[$"{net}.merged.{path}.weight"]);
+            }
+            Equivalence.AssertClose(Ports.Run(model, x), cases[$"{net}.merged"]);
+
+            foreach (var (_, conv, adapter) in adapted)
+                adapter.unmerge(conv.weight);
+            Assert.Equal(before, Ports.Bits(model));
+            Assert.True(Equivalence.Compare(Ports.Run(model, x), unmerged).BitExact, "unmerged back: the same bits as before the merge");
+            Equivalence.AssertClose(unmerged, cases[$"{net}.unmerged_back"]);
+            foreach (var (_, _, adapter) in adapted)
+                adapter.Dispose();
+        }
+
+        /// <summary>Σⱼ B[o, j] A[j, i, …] · scaling in float64, by broadcasting: not PEFT's conv trick nor its matmul.</summary>
+        private static Tensor DeltaByHand(LoraConvLayer adapter)
+        {
+            Tensor a = adapter.lora_A.weight.detach().to(ScalarType.Float64);  // (r, in, *k)
+            Tensor b = adapter.lora_B.weight.detach().to(ScalarType.Float64).flatten(1);  // (out, r)
+            long[] shape = b.shape.Concat(Enumerable.Repeat(1L, (int)a.dim() - 1)).ToArray();  // (out, r, 1, 1[, 1])
+            return (b.reshape(shape) * a.unsqueeze(0)).sum(new long[] { 1 }) * adapter.scaling;
+        }
+
+        [Theory]
+        [InlineData(2, 3, 1, 1)]  // PEFT's 1×1 special case: a matrix product
+        [InlineData(2, 3, 3, 3)]  // the conv trick
+        [InlineData(2, 3, 3, 1)]
+        [InlineData(1, 5, 0, 0)]  // Conv1d, kernel 5: always the conv trick (PEFT's size()[2:4] has one entry)
+        [InlineData(1, 1, 0, 0)]  // Conv1d, kernel 1
+        public void DeltaWeight_IsTheSumOverTheRank_ForEveryKernel(int dims, long k0, long k1, long k2)
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(3);
+            Convolution conv = dims == 1 ? nn.Conv1d(6, 5, k0) : nn.Conv2d(6, 5, (k1 == 0 ? k0 : k1, k2 == 0 ? k0 : k2));
+            using var adapter = new LoraConvLayer(conv, r: 3, lora_alpha: 5, init_lora_weights: "false");
+            Tensor delta = adapter.delta_weight();
+            Assert.Equal(conv.weight.shape, delta.shape);
+            Equivalence.AssertClose(delta, DeltaByHand(adapter).to(ScalarType.Float32));
+            conv.Dispose();
+        }
+
+        [Fact]
+        public void AddTo_IsTheUpdateOfTheMergedWeight()
+        {
+            // conv(x, W + Δ) = conv(x, W) + lora_B(lora_A(x)) · scaling, for stride and padding.
+            using var scope = NewDisposeScope();
+            manual_seed(4);
+            using var conv = nn.Conv2d(4, 6, (3, 2), stride: (2, 1), padding: (1, 0));
+            using var adapter = new LoraConvLayer(conv, r: 2, lora_alpha: 3, init_lora_weights: "false");
+            Tensor x = randn(2, 4, 7, 5);
+            Tensor unmerged = adapter.add_to(conv.call(x), x, training: false);
+            Tensor merged = nn.functional.conv2d(x, conv.weight + adapter.delta_weight(), conv.bias, new long[] { 2, 1 }, new long[] { 1, 0 });
+            Equivalence.AssertClose(unmerged, merged);
+        }
+
+        [Fact]
+        public void AMergeThatWouldNotBeFinite_IsRefused_AndChangesNothing()
+        {
+            using var scope = NewDisposeScope();
+            using var conv = nn.Conv2d(2, 2, 3);
+            using var adapter = new LoraConvLayer(conv, r: 1, lora_alpha: 3e38, init_lora_weights: "false");
+            using (no_grad())
+            {
+                adapter.lora_A.weight.fill_(10);
+                adapter.lora_B.weight.fill_(10);
+            }
+            var before = TensorText.Bits(conv.weight);
+            var error = Assert.Throws<InvalidOperationException>(() => adapter.merge(conv.weight));
+            Assert.Contains("would put NaN or infinity into its weight; no weight was changed", error.Message);
+            Assert.Equal(before, TensorText.Bits(conv.weight));
+            Assert.False(adapter.merged);
+        }
+
+        public static TheoryData<string, string> UnsupportedConvolutions => new()
+        {
+            { "groups", "a Conv2d with groups=2; PEFT builds lora_B with the base's groups and cannot merge such an adapter" },
+            { "dilation", "a Conv2d with dilation=(2, 2); PEFT builds lora_A without the dilation" },
+            { "reflect", "a Conv1d with padding_mode=Reflect; PEFT's lora_A pads with zeros whatever the base does" },
+            { "transposed", "a transposed convolution (ConvTranspose2d); LoRA is implemented for nn.Conv1d and nn.Conv2d" },
+            { "conv3d", "a Conv3d; LoRA is implemented for nn.Conv1d and nn.Conv2d (PEFT's Conv3d is not)" },
+        };
+
+        [Theory]
+        [MemberData(nameof(UnsupportedConvolutions))]
+        public void ConvolutionsPeftDoesNotAdaptConsistently_AreRefusedByName(string kind, string message)
+        {
+            using var scope = NewDisposeScope();
+            using Convolution conv = kind switch
+            {
+                "groups" => nn.Conv2d(4, 8, 3, groups: 2),
+                "dilation" => nn.Conv2d(4, 8, 3, padding: 2, dilation: 2),
+                "reflect" => nn.Conv1d(4, 8, 3, padding: 1, padding_mode: PaddingModes.Reflect),
+                "transposed" => nn.ConvTranspose2d(4, 8, 3),
+                _ => nn.Conv3d(4, 8, 3),
+            };
+            Assert.Contains(message, LoraConvLayer.Unsupported(conv));
+            var error = Assert.Throws<NotSupportedException>(() => new LoraConvLayer(conv, r: 4));
+            Assert.Contains(message, error.Message);
+        }
+
+        [Fact]
+        public void PeftsOwnBehaviour_ForWhatIsRefused_IsRecorded()
+        {
+            // make_conv.py ran PEFT 0.18.1 on a groups=2 and a dilated conv: what the refusals above stand on.
+            string facts = File.ReadAllText(Path.Combine(ConvNets.Folder, "peft_facts.json"));
+            Assert.Contains("\"peft\": \"0.18.1\"", facts);
+            Assert.Contains("NotImplementedError: Merging is not supported for _ConvNd layers with groups > 1!", facts);
+            Assert.Contains("\"dilated_lora_A_dilation\": [\n  1,\n  1\n ]", facts);
+            Assert.Contains("\"dilated_forward\": \"RuntimeError: The size of tensor a", facts);
+        }
+
+        [Fact]
+        public void ADilationOnAKernelOfOne_IsAccepted_AsItChangesNothing()
+        {
+            using var scope = NewDisposeScope();
+            using var conv = nn.Conv2d(4, 8, 1, dilation: 2);
+            Assert.Null(LoraConvLayer.Unsupported(conv));
+        }
+
+        [Fact]
+        public void SamePadding_IsPassedOnToLoraA()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(5);
+            using var conv = nn.Conv2d(3, 4, 3, Padding.Same);
+            using var adapter = new LoraConvLayer(conv, r: 2, init_lora_weights: "false");
+            Tensor x = randn(1, 3, 6, 5);
+            Tensor output = adapter.add_to(conv.call(x), x, training: false);
+            Tensor merged = nn.functional.conv2d_padding(x, conv.weight + adapter.delta_weight(), conv.bias, null, Padding.Same);
+            Equivalence.AssertClose(output, merged);
+        }
+    }
+}
