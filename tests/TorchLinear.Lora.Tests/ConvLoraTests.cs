@@ -143,6 +143,31 @@ namespace TorchLinear.Lora.Tests
                 adapter.Dispose();
         }
 
+        [Fact]
+        public void ANewAdapter_DrawsPeftsNumbersUnderTheSameSeed()
+        {
+            // make_conv.py: torch.manual_seed(11), a new ConvNet2d (its own init draws first; then its base weights are
+            // loaded), then get_peft_model with init_lora_weights=False on stem, down, side, mix in that order; PEFT's
+            // update_layer makes lora_A, then lora_B, as convolutions (each draws kaiming-uniform).
+            using var scope = NewDisposeScope();
+            var saved = StateDicts.ReadPyTorchFile(Path.Combine(ConvNets.Folder, "conv2d", "adapter_model.safetensors"));
+            manual_seed(11);
+            using var model = new ConvNets.ConvNet2d();
+            foreach (string path in ConvNets.Targets["conv2d"])
+            {
+                using var adapter = new LoraConvLayer(ConvNets.Conv(model, path), r: 4, lora_alpha: 8, init_lora_weights: "false");
+                foreach (var (part, ours) in new[] { ("lora_A", adapter.lora_A.weight), ("lora_B", adapter.lora_B.weight) })
+                {
+                    Tensor theirs = saved[$"base_model.model.{path}.{part}.weight"];
+                    // PyTorch's bits with kernels that round from + u · (to − from) once (KernelFacts); else within that rounding.
+                    if (KernelFacts.FusesMultiplyAdd)
+                        Assert.True(Equivalence.Compare(theirs, ours).BitExact, $"{path}.{part}");
+                    else
+                        Assert.True(KernelFacts.WithinUniformRounding(theirs.data<float>().ToArray(), ours.data<float>().ToArray(), 1 / Math.Sqrt(theirs[0].numel())), $"{path}.{part}");
+                }
+            }
+        }
+
         /// <summary>Σⱼ B[o, j] A[j, i, …] · scaling in float64, by broadcasting: not PEFT's conv trick nor its matmul.</summary>
         private static Tensor DeltaByHand(LoraConvLayer adapter)
         {
