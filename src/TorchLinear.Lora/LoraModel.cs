@@ -435,6 +435,14 @@ namespace TorchLinear.Lora
             Install(model, state, new AdapterEntry { Name = adapter_name, Config = config, Trainable = false }, targets, built);
         }
 
+        /// <summary>The shape that puts one weight per stacked factor: (-1, 1, ..., 1), one 1 per dimension of a factor.</summary>
+        private static long[] PerFactor(long dimensions)
+        {
+            var shape = Enumerable.Repeat(1L, (int)dimensions + 1).ToArray();
+            shape[0] = -1;
+            return shape;
+        }
+
         /// <summary>Fills a new adapter with the combination of <paramref name="parts"/> (PEFT's formulas, see add_weighted_adapter).</summary>
         private static void Combine(ILoraLayerType type, IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
         {
@@ -461,8 +469,8 @@ namespace TorchLinear.Lora
                     // PEFT's task_arithmetic: the tensors stacked, times float32 weights, summed.
                     var weightsA = parts.Select(p => p.Weight * p.Adapter.scaling).Select(w => (float)(Math.Sqrt(Math.Abs(w)) * (w >= 0 ? 1 : -1))).ToArray();
                     var weightsB = parts.Select(p => (float)Math.Sqrt(Math.Abs(p.Weight * p.Adapter.scaling))).ToArray();
-                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(-1, 1, 1)).sum(0L).to(dtype);
-                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(-1, 1, 1)).sum(0L).to(dtype);
+                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(PerFactor(targetA.dim()))).sum(0L).to(dtype);
+                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(PerFactor(targetB.dim()))).sum(0L).to(dtype);
                     targetA.copy_(a);
                     targetB.copy_(b);
                     break;
@@ -473,12 +481,14 @@ namespace TorchLinear.Lora
                         throw new NotSupportedException($"LoraModel.add_weighted_adapter: {path} is {dtype}; the svd combination needs float32 or float64 layers.");
                     var weightsSvd = tensor(parts.Select(p => (float)(p.Weight * p.Adapter.scaling)).ToArray()).to(targetA.device);
                     Tensor deltas = stack(parts.Select(p => p.Adapter.delta_weight()).ToList());
-                    Tensor delta = type.DeltaMatrix(deltas.mul(weightsSvd.to(deltas.dtype).view(-1, 1, 1)).sum(0L));
+                    Tensor delta = type.DeltaMatrix(deltas.mul(weightsSvd.to(deltas.dtype).view(PerFactor(deltas.dim() - 1))).sum(0L));
                     var (u, s, vh) = linalg.svd(delta, fullMatrices: true);
                     int k = (int)Math.Min(rank, s.size(0));
                     Tensor left = u.narrow(1, 0, k).matmul(diag(s.narrow(0, 0, k)));
-                    targetB.narrow(1, 0, k).copy_(left);
-                    targetA.narrow(0, 0, k).copy_(vh.narrow(0, 0, k));
+                    // A layer type whose factors are not matrices (a convolution's kernels) gets them in its own shapes.
+                    Tensor intoB = targetB.narrow(1, 0, k), intoA = targetA.narrow(0, 0, k);
+                    intoB.copy_(left.reshape(intoB.shape));
+                    intoA.copy_(vh.narrow(0, 0, k).reshape(intoA.shape));
                     break;
                 }
             }
