@@ -8,33 +8,6 @@ using static TorchSharp.torch;
 
 namespace TorchLinear.Lora
 {
-    /// <summary>What a model's adapted layer asks of one adapter, whether it adapts a linear layer or an embedding.</summary>
-    internal interface IAdapter : IDisposable
-    {
-        string Name { get; }
-        string Owner { get; set; }
-        int r { get; }
-        double lora_alpha { get; }
-        double scaling { get; }
-        double lora_dropout { get; }
-        bool merged { get; }
-        IEnumerable<Parameter> Parameters();
-        Tensor delta_weight();
-        bool MergesFinite(Tensor weight);
-
-        /// <summary>
-        /// Whether the update <c>scaling · B A</c> is finite in the adapter's dtype, and for DoRA the rescaled weight
-        /// <c>m / ‖W + ΔW‖ · (W + ΔW)</c> too: otherwise the layer's output would hold NaN or infinity.
-        /// </summary>
-        bool UpdateFinite(Tensor weight);
-        void MergeChecked(Parameter weight, bool keep = true);
-        void unmerge(Parameter weight);
-        void ForgetUnmerged();
-
-        /// <summary>What a merge writes, applied to <paramref name="weight"/> (a side copy), without becoming merged.</summary>
-        void ApplyMerge(Tensor weight);
-    }
-
     /// <summary>
     /// One LoRA adapter of an embedding (PEFT's <c>lora.Embedding</c>): <c>lora_embedding_A</c> (r, num_embeddings) and
     /// <c>lora_embedding_B</c> (embedding_dim, r), the update <c>embedding(x, Aᵀ) Bᵀ · scaling</c> added to the base
@@ -116,7 +89,7 @@ namespace TorchLinear.Lora
 
         internal string Owner { get; set; } = nameof(LoraEmbeddingLayer);
 
-        string IAdapter.Name => adapter_name;
+        string IAdapter.Name { get => adapter_name; set => adapter_name = value; }
 
         string IAdapter.Owner { get => Owner; set => Owner = value; }
 
@@ -127,6 +100,24 @@ namespace TorchLinear.Lora
             yield return lora_embedding_A;
             yield return lora_embedding_B;
         }
+
+        IEnumerable<(string Attribute, nn.Module? Module, Parameter? Parameter)> IAdapter.Registrations()
+        {
+            yield return ("lora_embedding_A", null, lora_embedding_A);
+            yield return ("lora_embedding_B", null, lora_embedding_B);
+        }
+
+        IEnumerable<(string Part, Tensor Value)> IAdapter.Tensors()
+        {
+            yield return ("lora_embedding_A", lora_embedding_A);
+            yield return ("lora_embedding_B", lora_embedding_B);
+        }
+
+        (Tensor A, Tensor B) IAdapter.Factors => (lora_embedding_A, lora_embedding_B);
+
+        (string Formula, string Part)? IAdapter.Rescaled => null;
+
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => add_to(output, input);
 
         /// <summary>
         /// Adds <c>embedding(indices, Aᵀ) · scaling · Bᵀ</c> to <paramref name="output"/> (the base lookup) in place and
@@ -187,7 +178,9 @@ namespace TorchLinear.Lora
             return isfinite(weight.detach() + delta_weight()).all().item<bool>();
         }
 
-        bool IAdapter.UpdateFinite(Tensor weight)
+        bool IAdapter.UpdateFinite(Tensor weight) => ((IAdapter)this).DeltaFinite();
+
+        bool IAdapter.DeltaFinite()
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
@@ -247,52 +240,5 @@ namespace TorchLinear.Lora
         /// <summary>For example <c>LoraEmbeddingLayer(r=4, lora_alpha=8, scaling=2, merged=False)</c>.</summary>
         public override string ToString() =>
             $"LoraEmbeddingLayer(r={r}, lora_alpha={lora_alpha.ToString(CultureInfo.InvariantCulture)}, scaling={scaling.ToString(CultureInfo.InvariantCulture)}, merged={(merged ? "True" : "False")})";
-    }
-
-    /// <summary>
-    /// Modules by adapter name under one attribute of an adapted layer, as PEFT's <c>ModuleDict</c>s hold them
-    /// (<c>lora_A</c>, <c>lora_B</c>, <c>lora_magnitude_vector</c>): the state_dict keys are
-    /// <c>&lt;attribute&gt;.&lt;adapter&gt;.weight</c>. Unlike TorchSharp's ModuleDict, an entry added or removed later is
-    /// registered or unregistered at once.
-    /// </summary>
-    internal sealed class AdapterModules : nn.Module
-    {
-        internal AdapterModules() : base("ModuleDict")
-        {
-        }
-
-        internal void Add(string name, nn.Module module) => register_module(name, module);
-
-        internal void Remove(string name) => register_module(name, null!);
-
-        /// <summary>For an adapted layer's <c>lora_layer</c> container: the model's bookkeeping, released when it is disposed.</summary>
-        internal AdaptedModel? Model { get; set; }
-
-        protected override void RegisterComponents()
-        {
-        }
-
-        protected override void Dispose(bool disposing)
-        {
-            if (disposing)
-                Model?.Release();
-            base.Dispose(disposing);
-        }
-    }
-
-    /// <summary>Parameters by adapter name (PEFT's <c>ParameterDict</c>s <c>lora_embedding_A</c> / <c>_B</c>): keys <c>&lt;attribute&gt;.&lt;adapter&gt;</c>.</summary>
-    internal sealed class AdapterParameters : nn.Module
-    {
-        internal AdapterParameters() : base("ParameterDict")
-        {
-        }
-
-        internal void Add(string name, Parameter parameter) => register_parameter(name, parameter);
-
-        internal void Remove(string name) => ConditionallyRegisterParameter(name, (Parameter?)null);
-
-        protected override void RegisterComponents()
-        {
-        }
     }
 }

@@ -38,6 +38,7 @@ namespace TorchLinear.Lora
         private static readonly Scalar One = 1;
         private readonly Scalar _scaling;
         private readonly MergeState _merge = new();
+        private ILoraVariant<LoraLayer> _variant = PlainLora.Instance;
         private bool _disposed;
 
         /// <summary>Creates an adapter for a layer of <paramref name="in_features"/> → <paramref name="out_features"/>, initialised with <see cref="reset_lora_parameters"/>.</summary>
@@ -148,18 +149,26 @@ namespace TorchLinear.Lora
         public string adapter_name { get; internal set; } = "default";
 
         /// <summary>DoRA's magnitude, one per output row (PEFT's <c>lora_magnitude_vector</c>), or null for plain LoRA.</summary>
-        public DoraMagnitude? lora_magnitude_vector { get; private set; }
+        public DoraMagnitude? lora_magnitude_vector => (_variant as DoraLinear)?.Magnitude;
 
         /// <summary>Whether this is a DoRA adapter (see <see cref="lora_magnitude_vector"/>).</summary>
-        public bool use_dora => lora_magnitude_vector is not null;
+        public bool use_dora => _variant is DoraLinear;
 
-        string IAdapter.Name => adapter_name;
+        /// <summary>The variant: how the term enters the output and what a merge writes (<see cref="PlainLora"/>, <see cref="DoraLinear"/>).</summary>
+        internal ILoraVariant<LoraLayer> Variant => _variant;
+
+        /// <summary>The scaling as a <see cref="Scalar"/> made once (TorchSharp's <c>mul_(double)</c> would make one per call).</summary>
+        internal Scalar ScalingScalar => _scaling;
+
+        string IAdapter.Name { get => adapter_name; set => adapter_name = value; }
 
         string IAdapter.Owner { get => Owner; set => Owner = value; }
 
         bool IAdapter.MergesFinite(Tensor weight) => MergesFinite(weight);
 
         bool IAdapter.UpdateFinite(Tensor weight) => UpdateFinite(weight);
+
+        bool IAdapter.DeltaFinite() => DeltaFinite();
 
         void IAdapter.MergeChecked(Parameter weight, bool keep) => MergeChecked(weight, keep);
 
@@ -175,37 +184,47 @@ namespace TorchLinear.Lora
         {
             yield return lora_A.weight;
             yield return lora_B.weight;
-            if (lora_magnitude_vector is { } magnitude)
-                yield return magnitude.weight;
+            foreach (var (_, _, parameter) in _variant.Parts())
+                yield return parameter;
         }
 
+        IEnumerable<(string Attribute, nn.Module? Module, Parameter? Parameter)> IAdapter.Registrations()
+        {
+            yield return ("lora_A", lora_A, null);
+            yield return ("lora_B", lora_B, null);
+            foreach (var (attribute, module, _) in _variant.Parts())
+                yield return (attribute, module, null);
+        }
+
+        IEnumerable<(string Part, Tensor Value)> IAdapter.Tensors()
+        {
+            yield return ("lora_A", lora_A.weight);
+            yield return ("lora_B", lora_B.weight);
+            foreach (var (attribute, _, parameter) in _variant.Parts())
+                yield return (attribute, parameter);
+        }
+
+        (Tensor A, Tensor B) IAdapter.Factors => (lora_A.weight, lora_B.weight);
+
+        (string Formula, string Part)? IAdapter.Rescaled => _variant.Rescaled;
+
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => add_to(output, input, training, weight, bias);
+
         /// <summary>
-        /// Makes this a DoRA adapter for <paramref name="weight"/>, the host's weight: the magnitude starts as the rows'
-        /// norm ‖W + scaling · B A‖ (PEFT's <c>DoraLinearLayer.update_layer</c>), so the layer computes what it did. The
-        /// host registers the magnitude under its own name.
+        /// Makes this a DoRA adapter for <paramref name="weight"/>, the host's weight (<see cref="DoraLinear"/>): the
+        /// magnitude starts as the rows' norm ‖W + scaling · B A‖ (PEFT's <c>DoraLinearLayer.update_layer</c>), so the layer
+        /// computes what it did; with <paramref name="compute"/> false (its values are loaded next) it is only allocated.
+        /// The host registers the magnitude under its own name.
         /// </summary>
         /// <exception cref="InvalidOperationException">It is DoRA already, or merged.</exception>
-        internal void EnableDora(Tensor weight)
+        internal void EnableDora(Tensor weight, bool compute = true)
         {
             ThrowIfDisposed();
             if (use_dora || merged)
                 throw new InvalidOperationException($"{Owner}: the adapter is {(use_dora ? "DoRA already" : "merged")}.");
             CheckWeight(weight);
-            using var noGrad = no_grad();
-            using var scope = NewDisposeScope();
-            Tensor norm = WeightNorm(weight.detach(), LoraWeight(), scaling);
-            lora_magnitude_vector = new DoraMagnitude(norm);
+            _variant = new DoraLinear(this, weight, compute);
         }
-
-        /// <summary>B A (out_features, in_features), unscaled: DoRA's lora_weight.</summary>
-        private Tensor LoraWeight() => lora_B.weight.matmul(lora_A.weight);
-
-        /// <summary>
-        /// DoRA's ‖W + scaling · lora_weight‖ over each output row (<c>torch.linalg.norm(weight, dim=1)</c>), in W's dtype,
-        /// as PEFT's <c>get_weight_norm</c> computes it.
-        /// </summary>
-        private static Tensor WeightNorm(Tensor weight, Tensor loraWeight, double scaling) =>
-            linalg.vector_norm(weight + loraWeight * scaling, 2, new long[] { 1 }).to(weight.dtype);
 
         /// <summary>
         /// Re-initialises the adapter as PEFT does: <c>"true"</c> — A kaiming-uniform (a = √5), B zero (the adapter then
@@ -293,29 +312,30 @@ namespace TorchLinear.Lora
                 return output;
             CheckRunsIn(output);
             using var scope = NewDisposeScope();
-            Tensor a = lora_A.weight, b = lora_B.weight;
             bool dropped = training && lora_dropout > 0;
             Tensor x = dropped ? nn.functional.dropout(input, lora_dropout, training: true) : input;
-            if (lora_magnitude_vector is { } magnitude)
-            {
-                ArgumentNullException.ThrowIfNull(weight);
-                Tensor norm;
-                using (no_grad())
-                    norm = WeightNorm(weight.detach().to(x.dtype), LoraWeight().to(x.dtype), scaling);
-                Tensor scale = (magnitude.weight / norm).view(1, -1);
-                Tensor loraResult = x.matmul(a.t()).matmul(b.t());
-                // Not detached: as in PEFT, the gradient reaches the input (and a trainable weight) through x Wᵀ too. Without
-                // a bias, a copy: the product below keeps it for the magnitude's gradient, and output is written next.
-                Tensor baseResult = dropped ? LinearFunctional.linear(x, weight) : bias is null ? output.clone() : output - bias;
-                output.add_((scale - 1) * baseResult + scale * loraResult * scaling, One);
-                return output;
-            }
-            Tensor h = nn.functional.linear(x, a).mul_(_scaling);  // libtorch: linear without a bias is matmul(x, aᵀ), in one call
+            _variant.AddTerm(this, output, x, dropped, weight, bias);
+            return output;
+        }
+
+        /// <summary>
+        /// The low-rank term, written once for every path that adds it (one adapter, and a mixed batch's stacked adapters):
+        /// <c>h = (x Aᵀ) · scale</c>, then <c>h Bᵀ</c> added to <paramref name="output"/> — for a float32 2-D batch accumulated
+        /// into it by one <c>addmm_</c>, with no full-size temporary. <paramref name="scale"/> is the adapter's scaling.
+        /// </summary>
+        internal static void AddLowRank(Tensor output, Tensor x, Tensor a, Tensor b, Scalar scale) =>
+            Accumulate(output, nn.functional.linear(x, a).mul_(scale), b);  // libtorch: linear without a bias is matmul(x, aᵀ), in one call
+
+        /// <summary>As <see cref="AddLowRank(Tensor, Tensor, Tensor, Tensor, Scalar)"/>, with a scale per row and rank column (broadcast over <c>x Aᵀ</c>).</summary>
+        internal static void AddLowRank(Tensor output, Tensor x, Tensor a, Tensor b, Tensor scales) =>
+            Accumulate(output, nn.functional.linear(x, a).mul_(scales), b);
+
+        private static void Accumulate(Tensor output, Tensor h, Tensor b)
+        {
             if (output.dtype == ScalarType.Float32 && h.dim() == 2 && output.dim() == 2)
                 output.addmm_(h, b.t(), 1, 1);  // accumulated into the output: no full-size temporary
             else
                 output.add_(h.matmul(b.t()), One);
-            return output;
         }
 
         /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
@@ -383,7 +403,7 @@ namespace TorchLinear.Lora
             static double Largest(Tensor t) => t.numel() == 0 ? 0 : Math.Max(Math.Abs(t.max().to(ScalarType.Float64).item<double>()), Math.Abs(t.min().to(ScalarType.Float64).item<double>()));
             double bound = Largest(weight.detach()) + r * Largest(a.detach()) * Largest(b.detach()) * Math.Abs(scaling);
             // DoRA divides by the rows' norm: only the merged weight itself can tell.
-            if (!use_dora && double.IsFinite(bound) && bound < finfo(weight.dtype).max)
+            if (_variant.MergeIsAdditive && double.IsFinite(bound) && bound < finfo(weight.dtype).max)
                 return true;
             using Tensor side = weight.detach().clone();
             AddDelta(side);
@@ -397,9 +417,9 @@ namespace TorchLinear.Lora
         /// </summary>
         internal bool UpdateFinite(Tensor weight)
         {
-            if (!UpdateFiniteWithoutDora())
+            if (!DeltaFinite())
                 return false;
-            if (!use_dora)
+            if (_variant.MergeIsAdditive)
                 return true;
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
@@ -409,7 +429,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Whether <c>scaling · B A</c> alone is finite in the adapter's dtype.</summary>
-        internal bool UpdateFiniteWithoutDora()
+        internal bool DeltaFinite()
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
@@ -429,27 +449,8 @@ namespace TorchLinear.Lora
             return double.IsFinite(bound) && bound < finfo(b.dtype).max / 2;
         }
 
-        /// <summary>
-        /// <c>W += Δ</c>. For float32, as in the forward, fused: one <c>addmm_</c> with the scaling as its alpha, no
-        /// full-size temporary (PEFT adds the product times the scaling, which can differ in the last bit); every other
-        /// dtype adds <see cref="delta_weight"/>, PEFT's formula.
-        /// </summary>
-        private void AddDelta(Tensor weight)
-        {
-            if (lora_magnitude_vector is { } magnitude)
-            {
-                // PEFT's DoraLinearVariant.merge: W' = m / ‖W + Δ‖ · (W + Δ), row by row, the norm from the weight before.
-                using var scope = NewDisposeScope();
-                Tensor adapted = weight + delta_weight().to(weight.dtype);
-                Tensor norm = linalg.vector_norm(adapted, 2, new long[] { 1 }).to(weight.dtype);
-                weight.copy_((magnitude.weight.detach() / norm).view(-1, 1) * adapted);
-                return;
-            }
-            if (weight.dtype == ScalarType.Float32 && lora_B.weight.dtype == ScalarType.Float32)
-                weight.addmm_(lora_B.weight, lora_A.weight, 1, (float)scaling);
-            else
-                weight.add_(delta_weight(), One);
-        }
+        /// <summary>Writes the merged weight into <paramref name="weight"/>, as the variant merges (<c>W += Δ</c> for plain LoRA).</summary>
+        private void AddDelta(Tensor weight) => _variant.Merge(this, weight);
 
         /// <summary>The weight a host passes must be the one this adapter was made for.</summary>
         internal void CheckWeight(Tensor weight)
@@ -522,7 +523,7 @@ namespace TorchLinear.Lora
                 _merge.Dispose();
                 lora_A.Dispose();
                 lora_B.Dispose();
-                lora_magnitude_vector?.Dispose();
+                _variant.Dispose();
             }
             base.Dispose(disposing);
             _disposed = true;
@@ -588,27 +589,5 @@ namespace TorchLinear.Lora
 
         /// <summary>For example <c>LoraProjection(in_features=16, out_features=4)</c>.</summary>
         public override string ToString() => $"LoraProjection(in_features={_weight.size(1)}, out_features={_weight.size(0)})";
-    }
-
-    /// <summary>
-    /// DoRA's magnitude vector (PEFT's <c>DoraLinearLayer</c>): one parameter, <c>weight</c> (out_features), so that an
-    /// adapted layer's state_dict has PEFT's key <c>&lt;path&gt;.lora_magnitude_vector.&lt;adapter&gt;.weight</c>.
-    /// </summary>
-    public sealed class DoraMagnitude : nn.Module
-    {
-        internal DoraMagnitude(Tensor norm) : base(nameof(DoraMagnitude))
-        {
-            using (NewDisposeScope())
-                weight = (Parameter)new Parameter(norm.detach().clone()).DetachFromDisposeScope();
-            register_parameter("weight", weight);
-        }
-
-        /// <summary>The magnitude of each output row of the adapted weight.</summary>
-        public Parameter weight { get; }
-
-        /// <summary>Registers nothing beyond <c>weight</c>.</summary>
-        protected override void RegisterComponents()
-        {
-        }
     }
 }

@@ -76,13 +76,9 @@ namespace TorchLinear.Lora
                 foreach (var target in targets)
                 {
                     var weight = target.Weight;
-                    IAdapter adapter = target.IsEmbedding
-                        ? new LoraEmbeddingLayer(weight.size(0), weight.size(1), target.Rank, target.Alpha, kept.use_rslora, weight.dtype, weight.device, kept.init_lora_weights, draw: true)
-                        : LoraLayer.ForInject(weight.size(1), weight.size(0), target.Rank, target.Alpha, kept.lora_dropout, kept.use_rslora, weight.dtype, weight.device, kept.init_lora_weights);
-                    Name(adapter, adapter_name);
+                    IAdapter adapter = target.Type.Create(target.Module, target.Rank, target.Alpha, kept, draw: true);
+                    adapter.Name = adapter_name;
                     adapters.Add(adapter);
-                    if (kept.use_dora)
-                        ((LoraLayer)adapter).EnableDora(weight);
                     // A drawn B is not zero with init_lora_weights false: a large alpha can overflow scaling · B A.
                     if (!adapter.UpdateFinite(weight))
                         throw new ArgumentException($"LoraModel.inject: {kept.AlphaKey(target.Path)}: {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(config));
@@ -147,27 +143,13 @@ namespace TorchLinear.Lora
                 var plan = PeftFolder.Plan(model, config, targets, tensors, file, state);
                 foreach (var target in targets)
                 {
-                    var weight = target.Weight;
                     using var noGrad = no_grad();
-                    if (target.IsEmbedding)
-                    {
-                        var embedding = new LoraEmbeddingLayer(weight.size(0), weight.size(1), target.Rank, target.Alpha, config.use_rslora, weight.dtype, weight.device, "true", draw: false);
-                        built.Add(embedding);
-                        embedding.lora_embedding_A.copy_(tensors[PeftFolder.Key(target.Path, "lora_embedding_A")]);
-                        embedding.lora_embedding_B.copy_(tensors[PeftFolder.Key(target.Path, "lora_embedding_B")]);
-                        Name(embedding, adapter_name);
-                        continue;
-                    }
-                    var layer = LoraLayer.ForLoading(weight.size(1), weight.size(0), target.Rank, target.Alpha, config.lora_dropout, config.use_rslora, weight.dtype, weight.device);
-                    built.Add(layer);
-                    Name(layer, adapter_name);
-                    layer.lora_A.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_A")]);
-                    layer.lora_B.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_B")]);
-                    if (config.use_dora)
-                    {
-                        layer.EnableDora(weight);
-                        layer.lora_magnitude_vector!.weight.copy_(tensors[PeftFolder.Key(target.Path, "lora_magnitude_vector")]);
-                    }
+                    var adapter = target.Type.Create(target.Module, target.Rank, target.Alpha, config, draw: false);
+                    built.Add(adapter);
+                    adapter.Name = adapter_name;
+                    var parts = target.Type.FileParts.ToDictionary(p => p.Part);
+                    foreach (var (part, value) in adapter.Tensors())
+                        value.copy_(tensors[PeftFolder.Key(target.Path, parts[part])]);
                 }
                 var overflowing = targets.Zip(built).Where(t => !t.Second.UpdateFinite(t.First.Weight)).Select(t => UpdateProblem(t.First, t.Second, t.First.Weight.dtype)).ToList();
                 if (overflowing.Count > 0)
@@ -435,13 +417,11 @@ namespace TorchLinear.Lora
                 foreach (var target in targets)
                 {
                     var weight = target.Weight;
-                    IAdapter adapter = target.IsEmbedding
-                        ? new LoraEmbeddingLayer(weight.size(0), weight.size(1), rank, rank, config.use_rslora, weight.dtype, weight.device, "true", draw: false)
-                        : LoraLayer.ForLoading(weight.size(1), weight.size(0), rank, rank, config.lora_dropout, config.use_rslora, weight.dtype, weight.device);
-                    Name(adapter, adapter_name);
+                    IAdapter adapter = target.Type.Create(target.Module, rank, rank, config, draw: false);
+                    adapter.Name = adapter_name;
                     built.Add(adapter);
                     var parts = adapters.Select((name, i) => (Adapter: target.Existing?.Find(name), Weight: weights[i])).Where(p => p.Adapter is not null).Select(p => (p.Adapter!, p.Weight)).ToList();
-                    Combine(adapter, parts, combination, rank, target.Path);
+                    Combine(target.Type, adapter, parts, combination, rank, target.Path);
                     if (!adapter.UpdateFinite(weight))
                         throw new ArgumentException($"LoraModel.add_weighted_adapter: the combination {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(weights));
                 }
@@ -455,16 +435,19 @@ namespace TorchLinear.Lora
             Install(model, state, new AdapterEntry { Name = adapter_name, Config = config, Trainable = false }, targets, built);
         }
 
+        /// <summary>The shape that puts one weight per stacked factor: (-1, 1, ..., 1), one 1 per dimension of a factor.</summary>
+        private static long[] PerFactor(long dimensions)
+        {
+            var shape = Enumerable.Repeat(1L, (int)dimensions + 1).ToArray();
+            shape[0] = -1;
+            return shape;
+        }
+
         /// <summary>Fills a new adapter with the combination of <paramref name="parts"/> (PEFT's formulas, see add_weighted_adapter).</summary>
-        private static void Combine(IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
+        private static void Combine(ILoraLayerType type, IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
         {
             using var scope = NewDisposeScope();
-            static (Tensor A, Tensor B) Factors(IAdapter a) => a switch
-            {
-                LoraLayer l => (l.lora_A.weight, l.lora_B.weight),
-                LoraEmbeddingLayer e => (e.lora_embedding_A, e.lora_embedding_B),
-                _ => throw new InvalidOperationException(),
-            };
+            static (Tensor A, Tensor B) Factors(IAdapter a) => a.Factors;
             var (targetA, targetB) = Factors(target);
             targetA.zero_();
             targetB.zero_();
@@ -486,8 +469,8 @@ namespace TorchLinear.Lora
                     // PEFT's task_arithmetic: the tensors stacked, times float32 weights, summed.
                     var weightsA = parts.Select(p => p.Weight * p.Adapter.scaling).Select(w => (float)(Math.Sqrt(Math.Abs(w)) * (w >= 0 ? 1 : -1))).ToArray();
                     var weightsB = parts.Select(p => (float)Math.Sqrt(Math.Abs(p.Weight * p.Adapter.scaling))).ToArray();
-                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(-1, 1, 1)).sum(0L).to(dtype);
-                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(-1, 1, 1)).sum(0L).to(dtype);
+                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(PerFactor(targetA.dim()))).sum(0L).to(dtype);
+                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(PerFactor(targetB.dim()))).sum(0L).to(dtype);
                     targetA.copy_(a);
                     targetB.copy_(b);
                     break;
@@ -498,14 +481,14 @@ namespace TorchLinear.Lora
                         throw new NotSupportedException($"LoraModel.add_weighted_adapter: {path} is {dtype}; the svd combination needs float32 or float64 layers.");
                     var weightsSvd = tensor(parts.Select(p => (float)(p.Weight * p.Adapter.scaling)).ToArray()).to(targetA.device);
                     Tensor deltas = stack(parts.Select(p => p.Adapter.delta_weight()).ToList());
-                    Tensor delta = deltas.mul(weightsSvd.to(deltas.dtype).view(-1, 1, 1)).sum(0L);
-                    if (target is LoraEmbeddingLayer)
-                        delta = delta.t();
+                    Tensor delta = type.DeltaMatrix(deltas.mul(weightsSvd.to(deltas.dtype).view(PerFactor(deltas.dim() - 1))).sum(0L));
                     var (u, s, vh) = linalg.svd(delta, fullMatrices: true);
                     int k = (int)Math.Min(rank, s.size(0));
                     Tensor left = u.narrow(1, 0, k).matmul(diag(s.narrow(0, 0, k)));
-                    targetB.narrow(1, 0, k).copy_(left);
-                    targetA.narrow(0, 0, k).copy_(vh.narrow(0, 0, k));
+                    // A layer type whose factors are not matrices (a convolution's kernels) gets them in its own shapes.
+                    Tensor intoB = targetB.narrow(1, 0, k), intoA = targetA.narrow(0, 0, k);
+                    intoB.copy_(left.reshape(intoB.shape));
+                    intoA.copy_(vh.narrow(0, 0, k).reshape(intoA.shape));
                     break;
                 }
             }
@@ -718,19 +701,6 @@ namespace TorchLinear.Lora
         }
 
         // ---- The pieces ---------------------------------------------------------------------------------------------------
-
-        private static void Name(IAdapter adapter, string name)
-        {
-            switch (adapter)
-            {
-                case LoraLayer layer:
-                    layer.adapter_name = name;
-                    break;
-                case LoraEmbeddingLayer embedding:
-                    embedding.adapter_name = name;
-                    break;
-            }
-        }
 
         /// <summary>
         /// Puts a new adapter's pieces into the model: each target's host (made when the layer has none yet), the entry,
@@ -945,11 +915,11 @@ namespace TorchLinear.Lora
         private static string UpdateProblem(Target target, IAdapter adapter, ScalarType dtype)
         {
             string scale = string.Create(CultureInfo.InvariantCulture, $"(lora_alpha {adapter.lora_alpha}, r {adapter.r}, scaling {adapter.scaling})");
-            if (adapter is LoraEmbeddingLayer)
-                return $"scaling · B A of {target.Path} ('{PeftFolder.Key(target.Path, "lora_embedding_A")}', '{PeftFolder.Key(target.Path, "lora_embedding_B")}') is not finite in {dtype} {scale}";
-            if (adapter is LoraLayer { use_dora: true } dora && dora.UpdateFiniteWithoutDora())
-                return $"the DoRA weight m / ‖W + ΔW‖ · (W + ΔW) of {target.Path} ('{PeftFolder.Key(target.Path, "lora_magnitude_vector")}') is not finite in {dtype} {scale}";
-            return $"scaling · B A of {target.Path} ('{PeftFolder.LoraKey(target.Path, "lora_A")}', '{PeftFolder.LoraKey(target.Path, "lora_B")}') is not finite in {dtype} {scale}";
+            var parts = target.Type.FileParts.ToDictionary(p => p.Part);
+            if (adapter.Rescaled is { } rescaled && adapter.DeltaFinite())
+                return $"{rescaled.Formula} of {target.Path} ('{PeftFolder.Key(target.Path, parts[rescaled.Part])}') is not finite in {dtype} {scale}";
+            var factors = adapter.Tensors().Take(2).Select(t => $"'{PeftFolder.Key(target.Path, parts[t.Part])}'");
+            return $"scaling · B A of {target.Path} ({string.Join(", ", factors)}) is not finite in {dtype} {scale}";
         }
 
         /// <summary>A new adapter's name must be usable in keys and folder names, and not the model's already.</summary>

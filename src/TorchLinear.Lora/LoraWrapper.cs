@@ -13,7 +13,7 @@ namespace TorchLinear.Lora
     /// adapters' terms, and giving the base layer back whole when the adapters are taken out.
     /// </summary>
     /// <typeparam name="TBase">The wrapped layer's type.</typeparam>
-    public abstract class AdapterWrapper<TBase> : nn.Module<Tensor, Tensor> where TBase : nn.Module<Tensor, Tensor>
+    public abstract class AdapterWrapper<TBase> : nn.Module<Tensor, Tensor>, IAdapterWrapper where TBase : nn.Module<Tensor, Tensor>
     {
         private readonly AdaptedLayer _layer;
         private readonly string[] _registered;
@@ -71,6 +71,8 @@ namespace TorchLinear.Lora
             Dispose();
             return base_layer;
         }
+
+        nn.Module IAdapterWrapper.Unwrap() => Unwrap();
 
         /// <inheritdoc />
         protected override void Dispose(bool disposing)
@@ -161,5 +163,12 @@ namespace TorchLinear.Lora
 
         /// <summary>The base embedding's lookup.</summary>
         private protected override Tensor BaseOutput(Tensor input) => base_layer.forward(input);
+    }
+
+    /// <summary>A wrapper that gives its base layer back whole (<see cref="AdapterWrapper{TBase}.Unwrap"/>), whatever the base layer's type.</summary>
+    internal interface IAdapterWrapper
+    {
+        /// <summary>Takes the parameters' registrations out, frees the wrapper, and returns the base layer.</summary>
+        nn.Module Unwrap();
     }
 }
