@@ -125,7 +125,7 @@ namespace TorchLinear.Lora
 
         internal string Owner { get; set; } = nameof(LoraConvLayer);
 
-        string IAdapter.Name => adapter_name;
+        string IAdapter.Name { get => adapter_name; set => adapter_name = value; }
 
         string IAdapter.Owner { get => Owner; set => Owner = value; }
 
@@ -134,6 +134,24 @@ namespace TorchLinear.Lora
             yield return lora_A.weight;
             yield return lora_B.weight;
         }
+
+        IEnumerable<(string Attribute, nn.Module? Module, Parameter? Parameter)> IAdapter.Registrations()
+        {
+            yield return ("lora_A", lora_A, null);
+            yield return ("lora_B", lora_B, null);
+        }
+
+        IEnumerable<(string Part, Tensor Value)> IAdapter.Tensors()
+        {
+            yield return ("lora_A", lora_A.weight);
+            yield return ("lora_B", lora_B.weight);
+        }
+
+        (Tensor A, Tensor B) IAdapter.Factors => (lora_A.weight, lora_B.weight);
+
+        (string Formula, string Part)? IAdapter.Rescaled => null;
+
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => add_to(output, input, training);
 
         /// <summary>
         /// Why PEFT's LoRA cannot be put on <paramref name="conv"/> as it computes it, or null when it can: a Conv1d or
@@ -323,12 +341,16 @@ namespace TorchLinear.Lora
         bool IAdapter.MergesFinite(Tensor weight) => MergesFinite(weight);
 
         /// <summary>Whether <c>scaling · Δ</c> is finite in the adapter's dtype (each element is a sum of r products of A and B).</summary>
-        bool IAdapter.UpdateFinite(Tensor weight)
+        internal bool DeltaFinite()
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
             return LoraLayer.UpdateBounded(lora_A.weight, lora_B.weight, r, LoraLayer.ScalingIn(scaling, lora_B.weight.dtype)) || isfinite(delta_weight()).all().item<bool>();
         }
+
+        bool IAdapter.DeltaFinite() => DeltaFinite();
+
+        bool IAdapter.UpdateFinite(Tensor weight) => DeltaFinite();
 
         /// <summary>The weight a host passes must be the one this adapter was made for.</summary>
         internal void CheckWeight(Tensor weight)

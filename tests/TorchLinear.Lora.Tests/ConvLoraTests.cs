@@ -5,6 +5,7 @@ using System.Linq;
 using TorchLinear.Tests;
 using TorchSharp;
 using TorchSharp.Modules;
+using TorchSharp.PyBridge;
 using Xunit;
 using static TorchSharp.torch;
 
@@ -141,6 +142,320 @@ namespace TorchLinear.Lora.Tests
             Equivalence.AssertClose(unmerged, cases[$"{net}.unmerged_back"]);
             foreach (var (_, _, adapter) in adapted)
                 adapter.Dispose();
+        }
+
+        // ---- The model API: PEFT's folders loaded into the twins, and back ------------------------------------------
+
+        private static readonly string[] Mixed = { "second", "default", "__base__", "default" };
+        private static readonly double[] Weights = { 0.7, -0.4 };
+
+        [Theory]
+        [InlineData("conv2d")]
+        [InlineData("conv1d")]
+        public void PeftsConvFolder_Loads_AndGivesPeftsOutputs_Unmerged_Merged_UnmergedBack_Folded(string net)
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            Tensor x = cases[$"{net}.input"];
+            using var model = ConvNets.Base(net);
+            var before = Ports.Bits(model);
+
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, net));
+
+            // A Conv field of the sealed type keeps its type (a hook); a module-typed field holds a wrapper.
+            if (model is ConvNets.ConvNet2d twin)
+            {
+                Assert.IsType<Conv2d>(twin.stem);
+                Assert.IsType<LoraConvWrapper>(twin.down);
+                Assert.IsType<LoraConvWrapper>(twin.mix);
+            }
+            else
+            {
+                Assert.IsType<LoraConvWrapper>(((ConvNets.ConvNet1d)model).conv2);
+            }
+            Tensor unmerged = Ports.Run(model, x);
+            Equivalence.AssertClose(unmerged, cases[$"{net}.unmerged"]);
+            Equivalence.AssertClose(unmerged, cases[$"{net}.loaded"]);
+
+            LoraModel.merge(model);
+            var state = model.state_dict();
+            foreach (string path in ConvNets.Targets[net])
+                Equivalence.AssertClose(state[$"{path}.weight"], cases[$"{net}.merged.{path}.weight"]);
+            Equivalence.AssertClose(Ports.Run(model, x), cases[$"{net}.merged"]);
+
+            LoraModel.unmerge(model);
+            Assert.True(Equivalence.Compare(Ports.Run(model, x), unmerged).BitExact, "unmerged back: the bits of before the merge");
+            Equivalence.AssertClose(unmerged, cases[$"{net}.unmerged_back"]);
+
+            using (LoraModel.disable_adapters(model))
+                Equivalence.AssertClose(Ports.Run(model, x), cases[$"{net}.base"]);
+
+            LoraModel.merge_and_unload(model);
+            Assert.DoesNotContain(model.named_modules(), m => m.module is LoraConvWrapper || m.name.Contains("lora_", StringComparison.Ordinal));
+            Assert.Equal(before.Keys, Ports.Bits(model).Keys);
+            Equivalence.AssertClose(Ports.Run(model, x), cases[$"{net}.merged"]);
+        }
+
+        [Theory]
+        [InlineData("conv2d")]
+        [InlineData("conv1d")]
+        public void Unload_GivesTheBaseModelBack_BitForBit_InItsFieldsAndTypes(string net)
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            using var model = ConvNets.Base(net);
+            var before = Ports.Bits(model);
+            Tensor x = cases[$"{net}.input"];
+            Tensor baseOutput = Ports.Run(model, x);
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, net));
+            LoraModel.merge(model);
+            LoraModel.unload(model);
+            Assert.Equal(before, Ports.Bits(model));
+            if (model is ConvNets.ConvNet2d twin)
+            {
+                Assert.IsType<Conv2d>(twin.down);
+                Assert.IsType<Conv2d>(twin.mix);
+            }
+            else
+            {
+                Assert.IsType<Conv1d>(((ConvNets.ConvNet1d)model).conv2);
+            }
+            Assert.True(Equivalence.Compare(Ports.Run(model, x), baseOutput).BitExact);
+        }
+
+        [Fact]
+        public void ASecondAdapter_OnAConvAndALinear_RunsAsPefts_AndIsDeleted()
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            Tensor x = cases["conv2d.input"];
+            using var model = ConvNets.Base("conv2d");
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d"));
+            Tensor first = Ports.Run(model, x);
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d", "second"), "second");
+            LoraModel.set_adapter(model, "second");
+            Equivalence.AssertClose(Ports.Run(model, x), cases["conv2d.second"]);
+            LoraModel.set_adapter(model, "default");
+            LoraModel.delete_adapter(model, "second");
+            Assert.True(Equivalence.Compare(Ports.Run(model, x), first).BitExact);
+            Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains(".second.", StringComparison.Ordinal));
+        }
+
+        [Fact]
+        public void AMixedBatch_GivesEachRowItsAdaptersUpdate_AsPefts()
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            using var model = ConvNets.Base("conv2d");
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d"));
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d", "second"), "second");
+            using (LoraModel.mixed_batch(model, Mixed))
+                Equivalence.AssertClose(Ports.Run(model, cases["conv2d.mixed_input"]), cases["conv2d.mixed"]);
+        }
+
+        [Theory]
+        [InlineData("cat")]
+        [InlineData("svd")]
+        public void AWeightedCombination_OfConvAdapters_GivesPeftsOutput(string combination)
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            using var model = ConvNets.Base("conv2d");
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d"));
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d", "second"), "second");
+            LoraModel.add_weighted_adapter(model, new[] { "default", "second" }, Weights, combination, combination);
+            LoraModel.set_adapter(model, combination);
+            Equivalence.AssertClose(Ports.Run(model, cases["conv2d.input"]), cases[$"conv2d.{combination}"]);
+        }
+
+        [Fact]
+        public void LoadingPeftsConvFolder_ThenSaving_GivesItsKeysAndBytesBack()
+        {
+            using var scope = NewDisposeScope();
+            using var model = ConvNets.Base("conv2d");
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d"));
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d", "second"), "second");
+            string output = Directory.CreateTempSubdirectory("torchlinear-conv-").FullName;
+            try
+            {
+                LoraModel.save_adapter(model, output);
+                foreach (string sub in new[] { "", "second" })
+                {
+                    var theirs = StateDicts.ReadPyTorchFile(Path.Combine(ConvNets.Folder, "conv2d", sub, "adapter_model.safetensors"));
+                    var ours = StateDicts.ReadPyTorchFile(Path.Combine(output, sub, "adapter_model.safetensors"));
+                    Assert.Equal(theirs.Keys.OrderBy(k => k, StringComparer.Ordinal), ours.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                    foreach (var (key, tensor) in theirs)
+                        Assert.True(Equivalence.Compare(tensor, ours[key]).BitExact, key);
+                }
+            }
+            finally
+            {
+                Directory.Delete(output, recursive: true);
+            }
+        }
+
+        [Fact]
+        public void Inject_DrawsPeftsNumbersUnderTheSameSeed()
+        {
+            // make_conv.py: torch.manual_seed(11), a new ConvNet2d whose base weights are then loaded, get_peft_model.
+            using var scope = NewDisposeScope();
+            var saved = StateDicts.ReadPyTorchFile(Path.Combine(ConvNets.Folder, "conv2d", "adapter_model.safetensors"));
+            manual_seed(11);
+            using var model = new ConvNets.ConvNet2d();
+            StateDicts.LoadPyTorchFile(model, Path.Combine(ConvNets.Folder, "base_conv2d.safetensors"));
+            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"], init_lora_weights = "false" });
+            var state = model.state_dict();
+            foreach (var (key, theirs) in saved)
+            {
+                Tensor ours = state[key["base_model.model.".Length..].Replace(".weight", ".default.weight")];
+                if (KernelFacts.FusesMultiplyAdd)
+                    Assert.True(Equivalence.Compare(theirs, ours).BitExact, key);
+                else
+                    Assert.True(KernelFacts.WithinUniformRounding(theirs.data<float>().ToArray(), ours.data<float>().ToArray(), 1 / Math.Sqrt(theirs[0].numel())), key);
+            }
+        }
+
+        /// <summary>A model with one convolution <c>conv</c> of the given kind beside a Linear <c>head</c>.</summary>
+        private sealed class OneConv : nn.Module<Tensor, Tensor>
+        {
+            public nn.Module<Tensor, Tensor> conv;
+            public nn.Module<Tensor, Tensor> head = nn.Linear(8, 2);
+
+            public OneConv(nn.Module<Tensor, Tensor> conv) : base(nameof(OneConv))
+            {
+                this.conv = conv;
+                RegisterComponents();
+            }
+
+            public override Tensor forward(Tensor x) => head.call(conv.call(x).flatten(2).mean(new long[] { 2 }));
+        }
+
+        public static TheoryData<string, string> ModelRefusals => new()
+        {
+            { "groups", "cannot adapt conv is a Conv2d with groups=2; PEFT builds lora_B with the base's groups and cannot merge such an adapter" },
+            { "dilation", "cannot adapt conv is a Conv1d with dilation=(2); PEFT builds lora_A without the dilation" },
+            { "dora", "cannot adapt conv is an nn.Conv2d, and DoRA on convolutions is not implemented (use_dora)" },
+            { "conv3d", "cannot adapt conv is a Conv3d, neither nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d nor nn.Conv2d" },
+        };
+
+        [Theory]
+        [MemberData(nameof(ModelRefusals))]
+        public void WhatIsNotImplementedForConvolutions_IsRefusedByName_AndChangesNothing(string kind, string message)
+        {
+            using var scope = NewDisposeScope();
+            using var model = new OneConv(kind switch
+            {
+                "groups" => nn.Conv2d(4, 8, 3, groups: 2),
+                "dilation" => nn.Conv1d(4, 8, 3, dilation: 2),
+                "dora" => nn.Conv2d(4, 8, 3),
+                _ => nn.Conv3d(4, 8, 3),
+            });
+            var before = Ports.Bits(model);
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = 4, target_modules = new[] { "conv" }, use_dora = kind == "dora" }));
+            Assert.Contains(message, error.Message);
+            Assert.Equal(before, Ports.Bits(model));
+            Assert.IsNotType<LoraConvWrapper>(model.conv);
+        }
+
+        // ---- The way back: folders written here, loaded by real PEFT ------------------------------------------------
+
+        /// <summary>
+        /// An adapter "trained" here: injected on the net's convolutions, lora_A and lora_B then set to small exact values
+        /// (k/32), so that the file's bytes are the same on every machine.
+        /// </summary>
+        private static nn.Module<Tensor, Tensor> TrainedHere(string net)
+        {
+            var model = ConvNets.Base(net);
+            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets[net] });
+            using (no_grad())
+            {
+                foreach (var (key, parameter) in model.named_parameters().Where(p => p.parameter.requires_grad))
+                {
+                    using var values = (arange(parameter.numel(), ScalarType.Float64) * 7 % 11 - 5).div(32).to(parameter.dtype).reshape(parameter.shape);
+                    parameter.copy_(values);
+                }
+            }
+            model.eval();
+            return model;
+        }
+
+        private static string RepositoryRoot()
+        {
+            for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
+            {
+                if (File.Exists(Path.Combine(directory.FullName, "TorchLinear.sln")))
+                    return directory.FullName;
+            }
+            throw new InvalidOperationException($"No TorchLinear.sln above {AppContext.BaseDirectory}.");
+        }
+
+        /// <summary>Writes each net's adapter and the outputs .NET computes with it into <paramref name="folder"/>.</summary>
+        private static void WriteFromDotnet(string folder, Dictionary<string, Tensor> cases)
+        {
+            Directory.CreateDirectory(folder);
+            var outputs = new Dictionary<string, Tensor>();
+            foreach (string net in ConvNets.Targets.Keys)
+            {
+                using var model = TrainedHere(net);
+                LoraModel.save_adapter(model, Path.Combine(folder, net));
+                outputs[$"{net}.input"] = cases[$"{net}.input"];
+                outputs[$"{net}.output"] = Ports.Run(model, cases[$"{net}.input"]);
+            }
+            Safetensors.SaveStateDict(Path.Combine(folder, "outputs.safetensors"), outputs);
+        }
+
+        [Fact]
+        public void ConvAdaptersWrittenHere_HavePeftsKeys_AndRealPeftReproducesTheOutputs()
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            string fresh = Directory.CreateTempSubdirectory("torchlinear-conv-from-dotnet-").FullName;
+            try
+            {
+                WriteFromDotnet(fresh, cases);
+                if (Environment.GetEnvironmentVariable("TORCHLINEAR_WRITE_FROM_DOTNET") == "1")
+                    WriteFromDotnet(Path.Combine(RepositoryRoot(), "tests", "TorchLinear.Lora.Tests", "ReferenceData", "RealPeft", "conv", "from_dotnet"), cases);
+
+                string committed = Path.Combine(ConvNets.Folder, "from_dotnet");
+                var outputs = StateDicts.ReadPyTorchFile(Path.Combine(fresh, "outputs.safetensors"));
+                var committedOutputs = StateDicts.ReadPyTorchFile(Path.Combine(committed, "outputs.safetensors"));
+                foreach (string net in ConvNets.Targets.Keys)
+                {
+                    // PEFT's keys and shapes: those of the folder PEFT itself saved for this net.
+                    var peft = StateDicts.ReadPyTorchFile(Path.Combine(ConvNets.Folder, net, "adapter_model.safetensors"));
+                    var written = StateDicts.ReadPyTorchFile(Path.Combine(fresh, net, "adapter_model.safetensors"));
+                    var stored = StateDicts.ReadPyTorchFile(Path.Combine(committed, net, "adapter_model.safetensors"));
+                    Assert.Equal(peft.Keys.OrderBy(k => k, StringComparer.Ordinal), written.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                    foreach (var (key, tensor) in written)
+                    {
+                        Assert.Equal(peft[key].shape, tensor.shape);
+                        Assert.True(Equivalence.Compare(stored[key], tensor).BitExact, $"{net} {key}: .NET now writes other values than the committed folder PEFT checked");
+                    }
+                    // Ours reads it back to the same model.
+                    using var again = ConvNets.Base(net);
+                    LoraModel.load_adapter(again, Path.Combine(fresh, net));
+                    Assert.True(Equivalence.Compare(outputs[$"{net}.output"], Ports.Run(again, cases[$"{net}.input"])).BitExact, net);
+                    // The outputs PEFT was compared with are those .NET computes (a convolution's last bits are the CPU's).
+                    Equivalence.AssertClose(outputs[$"{net}.output"], committedOutputs[$"{net}.output"]);
+                }
+
+                // make_conv.py --check loaded the committed folders with PeftModel.from_pretrained and wrote this report.
+                string[] report = File.ReadAllLines(Path.Combine(committed, "check_report.txt"));
+                Assert.Contains("result: all matched", report);
+                foreach (string net in ConvNets.Targets.Keys)
+                {
+                    foreach (string mode in new[] { "unmerged", "merged" })
+                        Assert.Single(report, l => l.StartsWith($"{net} {mode}: matched: PeftModel.from_pretrained ({(net == "conv2d" ? "Conv2d" : "Conv1d")}) gives .NET's output", StringComparison.Ordinal) && l.EndsWith("unexpected keys: none", StringComparison.Ordinal));
+                    // The control: without the adapter PEFT's output is off by far more than assert_close lets through (1e-5
+                    // absolute plus 1.3e-6 relative for float32), so the match above is the adapter's.
+                    string control = Assert.Single(report, l => l.StartsWith($"{net}: control, the base model without the adapter: off by ", StringComparison.Ordinal));
+                    Assert.True(double.Parse(control[(control.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture) > 1e-3, control);
+                }
+            }
+            finally
+            {
+                Directory.Delete(fresh, recursive: true);
+            }
         }
 
         [Fact]

@@ -92,6 +92,8 @@ namespace TorchLinear.Lora
             new LinearLayerType(),
             new CustomLinearLayerType(),
             new EmbeddingLayerType(),
+            new ConvLayerType(1),
+            new ConvLayerType(2),
         };
 
         /// <summary>The type of <paramref name="module"/>, or null when no adapter fits it.</summary>

@@ -18,7 +18,9 @@ Two nets, twins of the tests' ConvNet2d and ConvNet1d (ConvLoraTests.cs):
         cases.safetensors: <net>.input; <net>.base (PEFT's base model), <net>.unmerged (get_peft_model, the adapter
         set as if trained), <net>.merged (after merge_adapter()), <net>.unmerged_back (after unmerge_adapter()),
         <net>.merged.<path>.weight (each adapted conv's weight while merged: W + get_delta_weight), <net>.loaded
-        (PeftModel.from_pretrained of the saved folder on a fresh base), conv2d.second (the second adapter active).
+        (PeftModel.from_pretrained of the saved folder on a fresh base), conv2d.second (the second adapter active),
+        conv2d.mixed (a mixed batch of conv2d.mixed_input, adapters MIXED by row), conv2d.cat and conv2d.svd
+        (add_weighted_adapter of default and second with WEIGHTS; not saved).
         peft_facts.json: what PEFT 0.18.1 does with a groups > 1 conv and with a dilated conv (its messages).
     /usr/bin/python3 make_conv.py --check
         after `TORCHLINEAR_WRITE_FROM_DOTNET=1 dotnet test tests/TorchLinear.Lora.Tests --filter ConvLora` has written
@@ -83,6 +85,8 @@ NETS = {
     "conv2d": (ConvNet2d, (2, 3, 9, 10), ["stem", "down", "side", "mix"]),
     "conv1d": (ConvNet1d, (3, 4, 11), ["conv1", "conv2"]),
 }
+MIXED = ("second", "default", "__base__", "default")
+WEIGHTS = (0.7, -0.4)
 SECOND = LoraConfig(r=2, lora_alpha=6, target_modules=["stem", "head"], init_lora_weights=False)
 
 
@@ -121,9 +125,24 @@ def adapt_and_record(name, cases):
             model.set_adapter("second")
             cases[f"{name}.second"] = model(x)
             model.set_adapter("default")
+            # A mixed batch (PEFT's adapter_names; torch 1.13 needs realpeft's hook shim): row i gets MIXED[i]'s update.
+            import realpeft_compat  # noqa: F401
+            torch.manual_seed(13)
+            cases[f"{name}.mixed_input"] = torch.randn(len(MIXED), *shape[1:])
+            cases[f"{name}.mixed"] = model(cases[f"{name}.mixed_input"], adapter_names=list(MIXED))
+    if name == "conv2d":
+        # Weighted combinations of the two adapters (their targets joined), saved with the rest (cat/, svd/).
+        for combination in ("cat", "svd"):
+            model.add_weighted_adapter(["default", "second"], list(WEIGHTS), combination, combination_type=combination)
+            model.set_adapter(combination)
+            with torch.no_grad():
+                cases[f"{name}.{combination}"] = model(x)
+        model.set_adapter("default")
     folder = os.path.join(HERE, name)
     shutil.rmtree(folder, ignore_errors=True)
-    model.save_pretrained(folder)
+    # Not the combinations: PEFT 0.18.1's svd combination of a conv leaves lora_A non-contiguous (a reshape of a slice
+    # of Vh), which its save_pretrained refuses ("You are trying to save a non contiguous tensor").
+    model.save_pretrained(folder, selected_adapters=[a for a in ("default", "second") if a in model.peft_config])
     for root, _, files in os.walk(folder):
         if "README.md" in files:
             os.remove(os.path.join(root, "README.md"))  # PEFT's model card: nothing the tests read
