@@ -357,6 +357,104 @@ namespace TorchLinear.Lora.Tests
             Assert.IsNotType<LoraConvWrapper>(model.conv);
         }
 
+        /// <summary>ConvNet2d whose stem, a field of the sealed Conv2d type, is invoked with forward(x): no hook runs.</summary>
+        private sealed class ForwardStem : nn.Module<Tensor, Tensor>
+        {
+            public Conv2d stem = nn.Conv2d(3, 8, 3, padding: 1);
+            public nn.Module<Tensor, Tensor> down = nn.Conv2d(8, 4, 3);
+
+            public ForwardStem() : base(nameof(ForwardStem)) => RegisterComponents();
+
+            public override Tensor forward(Tensor x)
+            {
+                using var h = stem.forward(x);
+                return down.forward(h);
+            }
+        }
+
+        [Fact]
+        public void ASealedConvInvokedWithForward_IsNamed_ForItsAdapterDidNotRun()
+        {
+            using var scope = NewDisposeScope();
+            using var model = new ForwardStem();
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "stem", "down" } });
+            // down is wrapped and runs its adapter from forward(x); stem keeps its type, and forward(x) runs no hook.
+            Assert.IsType<LoraConvWrapper>(model.down);
+            var error = Assert.Throws<InvalidOperationException>(() => model.call(randn(1, 3, 6, 6)));
+            Assert.Contains("did not run in this call of ForwardStem, so its output lacks their updates: stem ", error.Message);
+            Assert.DoesNotContain("down", error.Message[..error.Message.IndexOf(" (", StringComparison.Ordinal)]);
+            // Merged, the adapter needs no hook.
+            LoraModel.merge(model);
+            model.call(randn(1, 3, 6, 6));
+        }
+
+        [Fact]
+        public void InjectTrainMergeUnload_AndDisposingAnAdaptedConvNet_LeaveNoTensorAlive()
+        {
+            // TorchSharp's Conv2d constructor itself leaves a tensor alive per biased convolution (measured: a plain
+            // ConvNet2d made and disposed leaves 3): each block is held to what the same net without adapters leaves.
+            static long Live() => DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+            var config = new LoraConfig { r = 2, target_modules = ConvNets.Targets["conv2d"] };
+            long start = Live();
+            new ConvNets.ConvNet2d().Dispose();
+            long plain = Live() - start;
+
+            long before = Live();
+            using (var model = new ConvNets.ConvNet2d())
+            {
+                LoraModel.inject(model, config);
+                using (var x = randn(2, 3, 9, 10))
+                using (var output = model.call(x))
+                using (var squared = output.square())
+                using (var loss = squared.sum())
+                    loss.backward();
+                LoraModel.merge(model);
+                LoraModel.unmerge(model);
+                using (LoraModel.disable_adapters(model)) { }
+                LoraModel.unload(model);
+            }
+            Assert.True(Live() - before == plain, $"trained, merged, unmerged, disabled, unloaded: {Live() - before} tensors alive, {plain} without adapters");
+            before = Live();
+            using (var model = new ConvNets.ConvNet2d())
+            {
+                LoraModel.inject(model, config);
+                LoraModel.merge_and_unload(model);
+            }
+            Assert.True(Live() - before == plain, $"merge_and_unload: {Live() - before} tensors alive, {plain} without adapters");
+            // Disposed while adapted and merged: the adapters' state (and the kept weights) go with the model.
+            before = Live();
+            using (var model = new ConvNets.ConvNet2d())
+            {
+                LoraModel.inject(model, config);
+                LoraModel.merge(model);
+            }
+            Assert.True(Live() - before == plain, $"disposed while merged: {Live() - before} tensors alive, {plain} without adapters");
+        }
+
+        [Fact]
+        public void AFreshAdapter_AddsNothing_AndTrainsOnlyItsFactors()
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            Tensor x = cases["conv2d.input"];
+            using var model = ConvNets.Base("conv2d");
+            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"], lora_dropout = 0.5 });
+            var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).OrderBy(n => n, StringComparer.Ordinal).ToList();
+            Assert.Equal(ConvNets.Targets["conv2d"].SelectMany(t => new[] { $"{t}.lora_A.default.weight", $"{t}.lora_B.default.weight" }).OrderBy(n => n, StringComparer.Ordinal), trainable);
+            // lora_B starts at zero (init_lora_weights true): the model is the base model, bit for bit, in eval mode.
+            model.eval();
+            using (var baseModel = ConvNets.Base("conv2d"))
+                Assert.True(Equivalence.Compare(Ports.Run(model, x), Ports.Run(baseModel, x)).BitExact);
+            // Training mode: dropout on the adapters' input; the gradient reaches B (A's is zero while B is).
+            model.train();
+            manual_seed(7);
+            model.call(x).square().sum().backward();
+            var parameters = model.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+            foreach (string path in ConvNets.Targets["conv2d"])
+                Assert.True(parameters[$"{path}.lora_B.default.weight"].grad!.abs().max().item<float>() > 0, path);
+            Assert.Null(parameters["stem.weight"].grad);
+        }
+
         // ---- The way back: folders written here, loaded by real PEFT ------------------------------------------------
 
         /// <summary>
