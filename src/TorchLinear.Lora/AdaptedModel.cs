@@ -38,6 +38,12 @@ namespace TorchLinear.Lora
 
         internal AdaptedModel(nn.Module root) => Root = root;
 
+        /// <summary>The public object for this model's adapters, made on first asking.</summary>
+        internal PeftModel? Handle { get; set; }
+
+        /// <summary>Whether every adapter was taken out or the model disposed: the bookkeeping is no longer the model's.</summary>
+        internal bool Released => _released;
+
         internal nn.Module Root { get; }
 
         /// <summary>The adapters, in the order they were added.</summary>

@@ -3,6 +3,7 @@ using System.Collections.Generic;
 using System.Globalization;
 using System.IO;
 using System.Linq;
+using System.Runtime.CompilerServices;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -94,6 +95,18 @@ namespace TorchLinear.Lora
             var entry = new AdapterEntry { Name = adapter_name, Config = kept, Trainable = true };
             Install(model, state, entry, targets, adapters);
             return targets.Select(t => t.Path).ToList();
+        }
+
+        /// <summary>
+        /// PEFT's <c>get_peft_model</c>: puts a fresh adapter of <paramref name="peft_config"/> into <paramref name="model"/>, as
+        /// <see cref="inject"/> does, and returns the model's <see cref="PeftModel"/>, which holds its adapters and does
+        /// every operation on them.
+        /// </summary>
+        /// <exception cref="ArgumentException">As <see cref="inject"/>.</exception>
+        public static PeftModel get_peft_model(nn.Module model, LoraConfig peft_config, string adapter_name = DefaultAdapter)
+        {
+            inject(model, peft_config, adapter_name);
+            return PeftModel.For(model, nameof(get_peft_model));
         }
 
         /// <summary>
@@ -204,13 +217,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A selected adapter is not one of the model's.</exception>
         public static void save_adapter(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(directory);
-            var state = StateOf(model, nameof(save_adapter));
-            var names = selected_adapters ?? state.Adapters.Select(a => a.Name).ToList();
-            CheckKnown(state, names, nameof(save_adapter));
-            foreach (string name in names)
-                PeftFolder.Save(state, state.Entry(name)!, model, name == DefaultAdapter ? directory : Path.Combine(directory, name));
+            PeftModel.For(model, nameof(save_adapter)).save_pretrained(directory, selected_adapters);
         }
 
         // ---- Which adapters run ---------------------------------------------------------------------------------------
@@ -225,36 +232,21 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void set_adapter(nn.Module model, params string[] adapter_names)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapter_names);
-            var state = StateOf(model, nameof(set_adapter));
-            if (adapter_names.Length == 0)
-                throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapters runs the base model.", nameof(adapter_names));
-            CheckKnown(state, adapter_names, nameof(set_adapter));
-            UnmergeAll(state);
-            state.Active.Clear();
-            state.Active.AddRange(adapter_names.Distinct(StringComparer.Ordinal));
-            Refresh(model, state);
+            PeftModel.For(model, nameof(set_adapter)).set_adapter(adapter_names);
         }
 
         /// <summary>The active adapters, in order (PEFT's <c>active_adapters</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static IReadOnlyList<string> active_adapters(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            return StateOf(model, nameof(active_adapters)).Active.ToList();
+            return PeftModel.For(model, nameof(active_adapters)).active_adapters;
         }
 
         /// <summary>Every adapter of the model and a copy of its config, in the order they were added (PEFT's <c>peft_config</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static IReadOnlyDictionary<string, LoraConfig> peft_config(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(peft_config));
-            var configs = new Dictionary<string, LoraConfig>(StringComparer.Ordinal);
-            foreach (var entry in state.Adapters)
-                configs[entry.Name] = entry.Config.Clone();
-            return configs;
+            return PeftModel.For(model, nameof(peft_config)).peft_config;
         }
 
         /// <summary>
@@ -266,40 +258,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge first, as PEFT asks).</exception>
         public static void delete_adapter(nn.Module model, string adapter_name)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapter_name);
-            var state = StateOf(model, nameof(delete_adapter));
-            CheckKnown(state, new[] { adapter_name }, nameof(delete_adapter));
-            var merged = state.Layers.Where(l => l.Find(adapter_name) is { merged: true }).Select(l => l.Path).ToList();
-            if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.delete_adapter: '{adapter_name}' is merged into {string.Join(", ", merged)}: unmerge it first; nothing changed.");
-            if (state.Adapters.Count == 1)
-            {
-                unload(model);
-                return;
-            }
-            foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(adapter_name)).ToList())
-            {
-                if (saved.Current == adapter_name)
-                    saved.Switch(null);
-                saved.Drop(adapter_name);
-            }
-            foreach (var layer in state.Layers.ToList())
-            {
-                if (layer.Find(adapter_name) is { } adapter)
-                    layer.Remove(adapter);
-                if (layer.Adapters.Count == 0)
-                    RemoveLayer(state, layer);
-            }
-            foreach (var saved in state.Saved.Where(s => s.Adapters.Count == 0).ToList())
-            {
-                saved.DisposeCopies();
-                state.Saved.Remove(saved);
-            }
-            state.RemoveEntry(state.Entry(adapter_name)!);
-            if (state.Active.Remove(adapter_name) && state.Active.Count == 0)
-                state.Active.Add(state.Adapters.Select(a => a.Name).OrderBy(n => n, StringComparer.Ordinal).First());
-            Refresh(model, state);
+            PeftModel.For(model, nameof(delete_adapter)).delete_adapter(adapter_name);
         }
 
         /// <summary>
@@ -318,32 +277,7 @@ namespace TorchLinear.Lora
         /// training mode (as PEFT; a call of the model in training mode within the scope is refused too).</exception>
         public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapter_names);
-            var state = StateOf(model, nameof(mixed_batch));
-            if (model.training)
-                throw new InvalidOperationException("LoraModel.mixed_batch: the model is in training mode, and a mixed-adapter batch is for inference (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
-            var named = adapter_names.Where(n => n != BaseModel).Distinct(StringComparer.Ordinal).ToList();
-            var unknown = named.Where(n => state.Entry(n) is null).ToList();
-            if (unknown.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", unknown.Select(n => $"'{n}'"))} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}; \"{BaseModel}\" for no adapter).", nameof(adapter_names));
-            var merged = state.Layers.Where(l => l.Merged.Count > 0).Select(l => l.Path).ToList();
-            if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.mixed_batch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (unmerge first), as in PEFT.");
-            var dora = named.Where(n => state.Entry(n)!.Config.use_dora).ToList();
-            if (dora.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}, which a mixed batch does not run (as in PEFT).", nameof(adapter_names));
-            var saving = named.Where(n => state.Saved.Any(s => s.Adapters.Contains(n))).ToList();
-            if (saving.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", saving)} {(saving.Count == 1 ? "saves" : "save")} modules (modules_to_save), which a mixed batch here does not switch per row.", nameof(adapter_names));
-            var previous = state.Mixed;
-            var batch = new MixedBatch(adapter_names);
-            state.Mixed = batch;
-            return new Restore(() =>
-            {
-                state.Mixed = previous;
-                batch.Dispose();
-            });
+            return PeftModel.For(model, nameof(mixed_batch)).MixedBatch(adapter_names);
         }
 
         /// <summary>
@@ -363,80 +297,11 @@ namespace TorchLinear.Lora
         public static void add_weighted_adapter(nn.Module model, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name,
                                                 string combination_type = "svd", int? svd_rank = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapters);
-            ArgumentNullException.ThrowIfNull(weights);
-            ArgumentNullException.ThrowIfNull(combination_type);
-            var state = StateOf(model, nameof(add_weighted_adapter));
-            CheckNewName(model, adapter_name, nameof(add_weighted_adapter));
-            if (adapters.Count == 0)
-                throw new ArgumentException("LoraModel.add_weighted_adapter: name at least one adapter to combine.", nameof(adapters));
-            CheckKnown(state, adapters, nameof(add_weighted_adapter));
-            if (weights.Count != adapters.Count)
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: {adapters.Count} adapters but {weights.Count} weights.", nameof(weights));
-            if (weights.Any(w => !double.IsFinite(w)))
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: every weight must be finite, but they are {string.Join(", ", weights.Select(w => w.ToString(CultureInfo.InvariantCulture)))}.", nameof(weights));
-            var entries = adapters.Select(a => state.Entry(a)!).ToList();
-            var dora = entries.Where(e => e.Config.use_dora).Select(e => e.Name).ToList();
-            if (dora.Count > 0)
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}: a weighted combination would lose the magnitudes.", nameof(adapters));
-            var shared = state.Saved.Where(s => adapters.Count(s.Adapters.Contains) > 1).Select(s => s.Path).ToList();
-            if (shared.Count > 0)
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: several of the adapters save {string.Join(", ", shared)} (modules_to_save), which cannot be combined (as in PEFT).", nameof(adapters));
-            string combination = adapters.Count == 1 ? "linear" : combination_type;
-            if (combination is not ("linear" or "cat" or "svd"))
-                throw new NotSupportedException($"LoraModel.add_weighted_adapter: combination_type '{combination_type}' is not implemented here (linear, cat and svd are).");
-            var ranks = entries.Select(e => e.Config.rank_pattern.Count == 0 ? e.Config.r : Math.Max(e.Config.r, e.Config.rank_pattern.Values.Max())).ToList();
-            int rank = combination switch
-            {
-                "linear" => ranks.Distinct().Count() == 1 ? ranks[0] : throw new ArgumentException($"LoraModel.add_weighted_adapter: combination_type linear needs adapters of one rank, but theirs are {string.Join(", ", ranks)}.", nameof(adapters)),
-                "cat" => ranks.Sum(),
-                _ => svd_rank ?? ranks.Max(),
-            };
-            if (rank < 1)
-                throw new ArgumentOutOfRangeException(nameof(svd_rank), svd_rank, "LoraModel.add_weighted_adapter: svd_rank must be 1 or more.");
-            var regexes = entries.Select(e => e.Config.target_modules_regex).ToList();
-            if (regexes.Any(r => r is null) && regexes.Any(r => r is not null))
-                throw new ArgumentException("LoraModel.add_weighted_adapter: the adapters' target_modules are a mix of names and a regular expression, which cannot be joined (as in PEFT).", nameof(adapters));
-            var config = entries[0].Config.Clone();
-            config.r = rank;
-            config.lora_alpha = rank;
-            config.rank_pattern = new Dictionary<string, int>();
-            config.alpha_pattern = new Dictionary<string, double>();
-            if (regexes[0] is not null)
-                config.target_modules_regex = string.Join("|", regexes.Select(r => $"({r})"));
-            else
-                config.target_modules = entries.SelectMany(e => e.Config.target_modules ?? Array.Empty<string>()).Distinct(StringComparer.Ordinal).ToList();
-
-            CheckOneBias(state, config, adapter_name, nameof(add_weighted_adapter));
-            var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
-            var built = new List<IAdapter>();
-            try
-            {
-                using var noGrad = no_grad();
-                foreach (var target in targets)
-                {
-                    var weight = target.Weight;
-                    IAdapter adapter = target.Type.Create(target.Module, rank, rank, config, draw: false);
-                    adapter.Name = adapter_name;
-                    built.Add(adapter);
-                    var parts = adapters.Select((name, i) => (Adapter: target.Existing?.Find(name), Weight: weights[i])).Where(p => p.Adapter is not null).Select(p => (p.Adapter!, p.Weight)).ToList();
-                    Combine(target.Type, adapter, parts, combination, rank, target.Path);
-                    if (!adapter.UpdateFinite(weight))
-                        throw new ArgumentException($"LoraModel.add_weighted_adapter: the combination {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(weights));
-                }
-            }
-            catch
-            {
-                foreach (var adapter in built)
-                    adapter.Dispose();
-                throw;
-            }
-            Install(model, state, new AdapterEntry { Name = adapter_name, Config = config, Trainable = false }, targets, built);
+            PeftModel.For(model, nameof(add_weighted_adapter)).add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank);
         }
 
         /// <summary>The shape that puts one weight per stacked factor: (-1, 1, ..., 1), one 1 per dimension of a factor.</summary>
-        private static long[] PerFactor(long dimensions)
+        internal static long[] PerFactor(long dimensions)
         {
             var shape = Enumerable.Repeat(1L, (int)dimensions + 1).ToArray();
             shape[0] = -1;
@@ -444,7 +309,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Fills a new adapter with the combination of <paramref name="parts"/> (PEFT's formulas, see add_weighted_adapter).</summary>
-        private static void Combine(ILoraLayerType type, IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
+        internal static void Combine(ILoraLayerType type, IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
         {
             using var scope = NewDisposeScope();
             static (Tensor A, Tensor B) Factors(IAdapter a) => a.Factors;
@@ -507,19 +372,14 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public static void merge(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(merge));
-            var names = adapter_names ?? state.Active;
-            CheckKnown(state, names, nameof(merge));
-            MergeAll(state, nameof(merge), names);
+            PeftModel.For(model, nameof(merge)).merge_adapter(adapter_names);
         }
 
         /// <summary>Takes every merged adapter out of the weights again, last merged first, restoring each weight bit for bit (PEFT's <c>unmerge_adapter</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void unmerge(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            UnmergeAll(StateOf(model, nameof(unmerge)));
+            PeftModel.For(model, nameof(unmerge)).unmerge_adapter();
         }
 
         /// <summary>
@@ -531,18 +391,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public static void merge_and_unload(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(merge_and_unload));
-            var names = adapter_names ?? state.Active.ToList();
-            CheckKnown(state, names, nameof(merge_and_unload));
-            MergeAll(state, nameof(merge_and_unload), names, keep: false);
-            foreach (var layer in state.Layers)
-            {
-                foreach (var adapter in layer.Adapters)
-                    adapter.ForgetUnmerged();
-                layer.Merged.Clear();
-            }
-            RemoveAll(state);
+            PeftModel.For(model, nameof(merge_and_unload)).merge_and_unload(adapter_names);
         }
 
         /// <summary>
@@ -554,12 +403,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void unload(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(unload));
-            UnmergeAll(state);
-            foreach (var saved in state.Saved)
-                saved.Switch(null);
-            RemoveAll(state);
+            PeftModel.For(model, nameof(unload)).unload();
         }
 
         /// <summary>
@@ -574,37 +418,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static IDisposable disable_adapters(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(disable_adapters));
-            var merged = state.Layers.Select(l => (Layer: l, Order: l.Merged.Reverse().Select(a => a.Name).ToList())).Where(m => m.Order.Count > 0).ToList();
-            UnmergeAll(state);
-            bool wasDisabled = state.Disabled;
-            state.Disabled = true;
-            var currents = state.Saved.Select(s => (Saved: s, s.Current)).ToList();
-            foreach (var saved in state.Saved)
-                saved.Switch(null);
-            // As PEFT's enable_adapters(False): no adapter tensor requires grad while disabled; each gets its flag back after.
-            var flags = state.Layers.SelectMany(l => l.Adapters).SelectMany(a => a.Parameters()).Select(p => (Parameter: p, p.requires_grad)).ToList();
-            foreach (var (parameter, _) in flags)
-                parameter.requires_grad_(false);
-            return new Restore(() =>
-            {
-                foreach (var (parameter, requiresGrad) in flags)
-                    parameter.requires_grad_(requiresGrad);
-                foreach (var (saved, current) in currents)
-                    saved.Switch(current);
-                state.Disabled = wasDisabled;
-                // The weights are as they were when merged first: the same updates give the same bits again.
-                foreach (var (layer, order) in merged)
-                {
-                    foreach (string name in order)
-                    {
-                        var adapter = layer.Find(name)!;
-                        adapter.MergeChecked(layer.Weight);
-                        layer.Merged.Push(adapter);
-                    }
-                }
-            });
+            return PeftModel.For(model, nameof(disable_adapters)).disable_adapter();
         }
 
         // ---- Training ---------------------------------------------------------------------------------------------------
@@ -618,13 +432,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void mark_only_lora_as_trainable(nn.Module model, string? bias = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(mark_only_lora_as_trainable));
-            if (bias is not (null or "none" or "all" or "lora_only"))
-                throw new ArgumentException($"bias must be \"none\", \"all\" or \"lora_only\", but was \"{bias}\".", nameof(bias));
-            foreach (string name in state.Active)
-                state.Entry(name)!.Trainable = true;
-            MarkTrainable(model, state, bias);
+            PeftModel.For(model, nameof(mark_only_lora_as_trainable)).mark_only_lora_as_trainable(bias);
         }
 
         /// <summary>PEFT's <c>get_nb_trainable_parameters</c>: the number of elements in trainable parameters, and in all of them.</summary>
@@ -680,11 +488,8 @@ namespace TorchLinear.Lora
         /// </summary>
         public static void check_adapters_run(nn.Module model, Action forward)
         {
-            ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(forward);
-            var state = StateOf(model, nameof(check_adapters_run));
-            using var noGrad = no_grad();
-            state.RunChecked(forward);
+            PeftModel.For(model, nameof(check_adapters_run)).CheckAdaptersRun(forward);
         }
 
         /// <summary>
@@ -695,9 +500,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A path is not an adapted layer of the model.</exception>
         public static void allow_unused_adapters(nn.Module model, params string[] paths)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(paths);
-            StateOf(model, nameof(allow_unused_adapters)).AllowUnused(paths);
+            PeftModel.For(model, nameof(allow_unused_adapters)).AllowUnusedAdapters(paths);
         }
 
         // ---- The pieces ---------------------------------------------------------------------------------------------------
@@ -707,7 +510,7 @@ namespace TorchLinear.Lora
         /// its <c>modules_to_save</c> values (from <paramref name="savedValues"/>, else the originals), the active set (a
         /// model's first adapter becomes active), then which parameters train. Nothing here can fail on the model's data.
         /// </summary>
-        private static void Install(nn.Module model, AdaptedModel state, AdapterEntry entry, List<Target> targets, List<IAdapter> adapters,
+        internal static void Install(nn.Module model, AdaptedModel state, AdapterEntry entry, List<Target> targets, List<IAdapter> adapters,
                                     List<(string Module, string Name, Tensor Value)>? savedValues = null)
         {
             for (int i = 0; i < targets.Count; i++)
@@ -721,6 +524,7 @@ namespace TorchLinear.Lora
                 layer.Add(adapters[i]);
             }
             state.AddEntry(entry);
+            Track(state);
             KeepOriginals(model, state, entry);
             if (savedValues is not null)
             {
@@ -748,7 +552,7 @@ namespace TorchLinear.Lora
         /// first time) and giving the adapter its own copy of them to train (as PEFT's ModulesToSaveWrapper deep-copies the
         /// original module for each adapter).
         /// </summary>
-        private static void KeepOriginals(nn.Module model, AdaptedModel state, AdapterEntry entry)
+        internal static void KeepOriginals(nn.Module model, AdaptedModel state, AdapterEntry entry)
         {
             foreach (var (path, module) in model.named_modules())
             {
@@ -769,7 +573,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>After any change of the adapters or the active set: each saved module holds its owner's values, and which parameters train follows.</summary>
-        private static void Refresh(nn.Module model, AdaptedModel state)
+        internal static void Refresh(nn.Module model, AdaptedModel state)
         {
             if (!state.Disabled)
             {
@@ -784,7 +588,7 @@ namespace TorchLinear.Lora
         /// adapters that were made to train, the saved modules they own, and the biases their <c>bias</c> mode (or
         /// <paramref name="bias"/>) names train; every other parameter is frozen.
         /// </summary>
-        private static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias)
+        internal static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias)
         {
             var training = state.Active.Select(n => state.Entry(n)!).Where(e => e.Trainable).ToList();
             var names = new HashSet<string>(training.Select(e => e.Name), StringComparer.Ordinal);
@@ -818,7 +622,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Merges the named adapters wherever they are unmerged, after checking every merged weight stays finite.</summary>
-        private static void MergeAll(AdaptedModel state, string caller, IReadOnlyList<string> names, bool keep = true)
+        internal static void MergeAll(AdaptedModel state, string caller, IReadOnlyList<string> names, bool keep = true)
         {
             var pending = new List<(AdaptedLayer Layer, IAdapter Adapter)>();
             foreach (var layer in state.Layers)
@@ -856,7 +660,7 @@ namespace TorchLinear.Lora
             }
         }
 
-        private static void UnmergeAll(AdaptedModel state)
+        internal static void UnmergeAll(AdaptedModel state)
         {
             foreach (var layer in state.Layers)
             {
@@ -866,7 +670,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Takes one adapted layer (whose adapters are gone) out of the model: the original layer is where it was.</summary>
-        private static void RemoveLayer(AdaptedModel state, AdaptedLayer layer)
+        internal static void RemoveLayer(AdaptedModel state, AdaptedLayer layer)
         {
             layer.Unregister();
             layer.Detach();
@@ -876,7 +680,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Takes every adapter out of the model and frees it; the layers are the model's own again.</summary>
-        private static void RemoveAll(AdaptedModel state)
+        internal static void RemoveAll(AdaptedModel state)
         {
             foreach (var layer in state.Layers.ToList())
             {
@@ -889,7 +693,7 @@ namespace TorchLinear.Lora
             state.Release();
         }
 
-        private static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)
+        internal static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)
         {
             var unknown = names.Where(n => n is null || state.Entry(n) is null).Select(n => n is null ? "null" : $"'{n}'").ToList();
             if (unknown.Count > 0)
@@ -900,7 +704,7 @@ namespace TorchLinear.Lora
         /// PEFT's <c>BaseTuner._check_new_adapter_config</c>: a model holds at most one adapter whose <c>bias</c> is not
         /// <c>none</c> (the biases are the base layers' own, one set for all adapters).
         /// </summary>
-        private static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
+        internal static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
         {
             if (state is null || config.bias == "none")
                 return;
@@ -912,7 +716,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>What is not finite in an adapter's update, naming the layer, its file keys, the scaling and the dtype.</summary>
-        private static string UpdateProblem(Target target, IAdapter adapter, ScalarType dtype)
+        internal static string UpdateProblem(Target target, IAdapter adapter, ScalarType dtype)
         {
             string scale = string.Create(CultureInfo.InvariantCulture, $"(lora_alpha {adapter.lora_alpha}, r {adapter.r}, scaling {adapter.scaling})");
             var parts = target.Type.FileParts.ToDictionary(p => p.Part);
@@ -923,7 +727,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>A new adapter's name must be usable in keys and folder names, and not the model's already.</summary>
-        private static void CheckNewName(nn.Module model, string adapter_name, string caller)
+        internal static void CheckNewName(nn.Module model, string adapter_name, string caller)
         {
             ArgumentNullException.ThrowIfNull(adapter_name);
             if (adapter_name.Length == 0 || adapter_name.IndexOfAny(new[] { '.', '/', '\\' }) >= 0 || adapter_name == BaseModel || adapter_name.Any(char.IsControl))
@@ -936,21 +740,34 @@ namespace TorchLinear.Lora
         internal static AdaptedModel StateOf(nn.Module model, string caller) =>
             TryStateOf(model, caller) ?? throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: inject or load one first.");
 
-        private static AdaptedModel? TryStateOf(nn.Module model, string caller)
+        /// <summary>Each adapted model's bookkeeping, keyed by the root module the adapters were put into (weakly: it dies with the model).</summary>
+        private static readonly ConditionalWeakTable<nn.Module, AdaptedModel> States = new();
+
+        /// <summary>
+        /// The bookkeeping of <paramref name="model"/>'s adapters, or null: found in constant time from the model. Only a
+        /// model without adapters of its own is scanned, once, so that adapters put into a model that holds it (or that it
+        /// holds) are refused by name rather than taken for none.
+        /// </summary>
+        internal static AdaptedModel? TryStateOf(nn.Module model, string caller)
         {
+            if (States.TryGetValue(model, out var known))
+            {
+                if (!known.Released)
+                    return known;
+                States.Remove(model);
+            }
             foreach (var module in model.modules())
             {
-                if (module is AdapterModules { Model: { } state })
-                {
-                    if (!ReferenceEquals(state.Root, model))
-                        throw new InvalidOperationException($"LoraModel.{caller}: the adapters were put into a {state.Root.GetType().Name}, not into this {model.GetType().Name}: pass the model they were put into.");
-                    return state;
-                }
+                if (module is AdapterModules { Model: { Released: false } state } && !ReferenceEquals(state.Root, model))
+                    throw new InvalidOperationException($"LoraModel.{caller}: the adapters were put into a {state.Root.GetType().Name}, not into this {model.GetType().Name}: pass the model they were put into.");
             }
             return null;
         }
 
-        private sealed class Restore : IDisposable
+        /// <summary>Makes <paramref name="state"/> the bookkeeping <see cref="TryStateOf"/> finds for its root.</summary>
+        internal static void Track(AdaptedModel state) => States.AddOrUpdate(state.Root, state);
+
+        internal sealed class Restore : IDisposable
         {
             private Action? _action;
 
