@@ -197,6 +197,31 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Theory]
+        [InlineData(ScalarType.Float64)]
+        [InlineData(ScalarType.Float16)]
+        [InlineData(ScalarType.BFloat16)]
+        public void PeftsConvFolder_LoadsIntoANetOfAnotherDtype_AndRunsInIt(ScalarType dtype)
+        {
+            using var scope = NewDisposeScope();
+            var cases = ConvNets.Cases();
+            using var model = ConvNets.Base("conv2d");
+            model.to(dtype);
+            LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d"));
+            Assert.All(model.parameters(), p => Assert.Equal(dtype, p.dtype));
+            Tensor unmerged = Ports.Run(model, cases["conv2d.input"].to(dtype));
+            // Within a few roundings of the coarser dtype (this one, or the float32 of PEFT's output) relative to the
+            // output's size: 8 · eps · max|y| (the error is the roundings of the last products and sums, which the mean
+            // over the plane averages; measured here at about half of eps · max|y| for each dtype).
+            double eps = dtype switch { ScalarType.Float16 => Math.Pow(2, -10), ScalarType.BFloat16 => Math.Pow(2, -7), _ => Math.Pow(2, -23) };
+            double tolerance = 8 * eps * cases["conv2d.unmerged"].abs().max().item<float>();
+            Assert.True(Equivalence.Compare(unmerged.to(ScalarType.Float32), cases["conv2d.unmerged"]).MaxAbsDiff < tolerance);
+            LoraModel.merge(model);
+            Assert.True(Equivalence.Compare(Ports.Run(model, cases["conv2d.input"].to(dtype)).to(ScalarType.Float32), cases["conv2d.merged"]).MaxAbsDiff < tolerance);
+            LoraModel.unmerge(model);
+            Assert.True(Equivalence.Compare(Ports.Run(model, cases["conv2d.input"].to(dtype)), unmerged).BitExact);
+        }
+
+        [Theory]
         [InlineData("conv2d")]
         [InlineData("conv1d")]
         public void Unload_GivesTheBaseModelBack_BitForBit_InItsFieldsAndTypes(string net)
