@@ -648,6 +648,30 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
+        public void Dropout_AppliesToTheAdaptersInput_InTrainingModeOnly()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(6);
+            using var conv = nn.Conv1d(3, 4, 3, stride: 2, padding: 1);
+            using var adapter = new LoraConvLayer(conv, r: 2, lora_alpha: 4, lora_dropout: 0.5, init_lora_weights: "false");
+            Tensor x = randn(2, 3, 9);
+            Tensor Update(Tensor input) =>
+                nn.functional.conv1d(nn.functional.conv1d(input, adapter.lora_A.weight, null, 2, 1), adapter.lora_B.weight) * adapter.scaling;
+            using (no_grad())
+            {
+                // Eval: no dropout.
+                Equivalence.AssertClose(adapter.add_to(conv.call(x), x, training: false), conv.call(x) + Update(x));
+                // Training: PEFT's lora_B(lora_A(dropout(x))) · scaling, the base output untouched by the dropout.
+                manual_seed(8);
+                Tensor trained = adapter.add_to(conv.call(x), x, training: true);
+                manual_seed(8);
+                Tensor dropped = nn.functional.dropout(x, 0.5, training: true);
+                Equivalence.AssertClose(trained, conv.call(x) + Update(dropped));
+                Assert.True(Equivalence.Compare(trained, conv.call(x) + Update(x)).MaxAbsDiff > 1e-3, "the dropout changed the update");
+            }
+        }
+
+        [Fact]
         public void AMergeThatWouldNotBeFinite_IsRefused_AndChangesNothing()
         {
             using var scope = NewDisposeScope();
