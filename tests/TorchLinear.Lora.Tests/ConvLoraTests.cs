@@ -414,6 +414,20 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
+        public void ANetConvertedAfterInjection_IsRefusedAtTheFirstCall_NamingTheHookedConv()
+        {
+            // TorchSharp's Conv2d, like its Linear, does not pass .to(...) on to its children: the adapter of a hooked conv
+            // stays float32; a wrapper converts its adapters with it.
+            using var scope = NewDisposeScope();
+            using var model = new ConvNets.ConvNet2d();
+            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "stem", "down" } });
+            model.to(ScalarType.Float64);
+            var error = Assert.Throws<InvalidOperationException>(() => model.call(randn(1, 3, 9, 10, dtype: ScalarType.Float64)));
+            Assert.Contains("stem: the adapter is Float32 on cpu, but the convolution computes Float64 on cpu. TorchSharp's convolutions do not pass .to(...) on to their children", error.Message);
+            Assert.Equal(ScalarType.Float64, model.named_parameters().Single(p => p.name == "down.lora_A.default.weight").parameter.dtype);
+        }
+
+        [Fact]
         public void InjectTrainMergeUnload_AndDisposingAnAdaptedConvNet_LeaveNoTensorAlive()
         {
             // TorchSharp's Conv2d constructor itself leaves a tensor alive per biased convolution (measured: a plain
