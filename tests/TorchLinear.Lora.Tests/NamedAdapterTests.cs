@@ -11,10 +11,11 @@ using static TorchSharp.torch;
 namespace TorchLinear.Lora.Tests
 {
     /// <summary>
-    /// Several named adapters on one model, against ReferenceData/Peft/named (make_peft_breadth.py, PEFT's formulas in
-    /// PyTorch 1.13): "default" (r 4 on q_proj, v_proj), "other" (r 8 on q_proj, k_proj, o_proj) and "third" (r 4 on
-    /// q_proj, v_proj), each trained alone, in PEFT's save_pretrained layout (default in the folder, the others in
-    /// sub-folders). Switching, several active, deleting, saving, mixed batches and weighted combinations.
+    /// Several named adapters on one model, against ReferenceData/Peft/named (make_peft_breadth.py: made, saved, reloaded
+    /// and run by real PEFT 0.18.1): "default" (r 4 on q_proj, v_proj), "other" (r 8 on q_proj, k_proj, o_proj) and
+    /// "third" (r 4 on q_proj, v_proj), each trained alone, in PEFT's save_pretrained layout (default in the folder, the
+    /// others in sub-folders). Switching, several active, deleting, saving, mixed batches (PEFT's adapter_names=) and
+    /// weighted combinations (PEFT's add_weighted_adapter).
     /// </summary>
     public class NamedAdapterTests
     {
@@ -79,8 +80,9 @@ namespace TorchLinear.Lora.Tests
             using var model = ThreeAdapters();
             var before = Bits(model);
             LoraModel.set_adapter(model, "default", "other");
+            // PEFT's merge_adapter() with both active.
             LoraModel.merge(model);
-            Equivalence.AssertClose(Run(model, cases["input"]), cases["output_default_other"], rtol: 1e-5, atol: 1e-5);
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_default_other"]);
             Assert.NotEqual(before["model.layers.0.self_attn.q_proj.weight"], Bits(model)["model.layers.0.self_attn.q_proj.weight"]);
             LoraModel.unmerge(model);
             Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
@@ -100,7 +102,8 @@ namespace TorchLinear.Lora.Tests
             LoraModel.set_adapter(model, "other");
             LoraModel.merge_and_unload(model);
             Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains(".lora_"));
-            Equivalence.AssertClose(Run(model, cases["input"]), cases["output_other"], rtol: 1e-5, atol: 1e-5);
+            // PEFT's merge_and_unload(adapter_names: ["other"]).
+            Equivalence.AssertClose(Run(model, cases["input"]), cases["unloaded_other"]);
         }
 
         [Fact]
@@ -467,7 +470,7 @@ namespace TorchLinear.Lora.Tests
 
         [Theory]
         [InlineData("cat_mix", "cat", new[] { "default", "other" }, new[] { 1.0, 0.5 }, 0)]
-        [InlineData("linear_mix", "linear", new[] { "default", "third" }, new[] { 0.7, -0.4 }, 0)]
+        [InlineData("linear_pos", "linear", new[] { "default", "third" }, new[] { 0.7, 0.4 }, 0)]
         [InlineData("svd_mix", "svd", new[] { "default", "other" }, new[] { 0.6, 0.8 }, 6)]
         public void AddWeightedAdapter_GivesPeftsCombination(string name, string combination, string[] adapters, double[] weights, int svdRank)
         {
@@ -488,6 +491,24 @@ namespace TorchLinear.Lora.Tests
                 Equivalence.AssertClose(Run(model, cases["input"]), cases[$"output_{name}"], rtol: 1e-4, atol: 1e-5);
             else
                 Equivalence.AssertClose(Run(model, cases["input"]), cases[$"output_{name}"]);
+        }
+
+        [Fact]
+        public void ALinearCombinationWithANegativeWeight_IsPeft019s_NotPeft0181s()
+        {
+            // PEFT 0.18.1 gives √|w s| the weight's sign on lora_A and on lora_B, so a negative weight's sign cancels in
+            // B A; PEFT v0.19.0 fixed it (#2918, "apply sign only on one side"). This library signs lora_A only, as the
+            // fix does (docs/lora.md): it gives what PEFT 0.19.1 computes from PEFT 0.18.1's folders
+            // (make_peft_breadth.py --linear-negative), and not what PEFT 0.18.1 computes.
+            using var scope = NewDisposeScope();
+            var cases = Cases("named");
+            var fixedPeft = StateDicts.ReadPyTorchFile(Path.Combine(Named, "linear_mix_peft_0.19.1.safetensors"));
+            using var model = ThreeAdapters();
+            LoraModel.add_weighted_adapter(model, new[] { "default", "third" }, new[] { 0.7, -0.4 }, "linear_mix", "linear");
+            LoraModel.set_adapter(model, "linear_mix");
+            var output = Run(model, cases["input"]);
+            Equivalence.AssertClose(output, fixedPeft["output_linear_mix"]);
+            Assert.True(Equivalence.Compare(output, cases["output_linear_mix"]).MaxAbsDiff > 0.1, "PEFT 0.18.1's sign error is a large difference");
         }
 
         [Fact]

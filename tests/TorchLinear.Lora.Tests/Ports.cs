@@ -26,7 +26,7 @@ namespace TorchLinear.Lora.Tests
 
     /// <summary>
     /// .NET ports of make_peft_adapters.py's models (ReferenceData/Peft), written each way a port is written, and the
-    /// files that script wrote.
+    /// files real PEFT 0.18.1 wrote through that script.
     /// </summary>
     internal static class Ports
     {

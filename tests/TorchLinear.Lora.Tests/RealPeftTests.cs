@@ -13,7 +13,7 @@ namespace TorchLinear.Lora.Tests
 {
     /// <summary>
     /// Adapters with trained biases made by real PEFT 0.18.1 (ReferenceData/RealPeft, make_bias.py), and adapters written
-    /// here that real PEFT loaded (make_bias.py --check): the bias of an adapted layer is PEFT's
+    /// here that real PEFT loaded (check_from_dotnet.py, WayBackTests): the bias of an adapted layer is PEFT's
     /// <c>&lt;path&gt;.base_layer.bias</c> both ways, the bias of a layer no adapter adapts its plain key.
     /// </summary>
     public class RealPeftTests
@@ -174,102 +174,31 @@ namespace TorchLinear.Lora.Tests
             }
         }
 
-        // ---- The way back: folders written here, loaded by real PEFT ------------------------------------------------
-
-        /// <summary>
-        /// An adapter "trained" here: injected at 0 with the bias mode, then lora_A, lora_B and every bias the mode trains
-        /// set to small exact values (k/64), so that the file's bytes are the same on every machine.
-        /// </summary>
-        private static Sequential TrainedHere(string bias)
-        {
-            var model = Base();
-            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0" }, bias = bias });
-            using (no_grad())
-            {
-                foreach (var (key, parameter) in model.named_parameters().Where(p => p.parameter.requires_grad))
-                {
-                    using var values = (arange(parameter.numel(), ScalarType.Float64) * 7 % 11 - 5).div(64).to(parameter.dtype).reshape(parameter.shape);
-                    if (key.EndsWith(".bias", StringComparison.Ordinal))
-                        parameter.add_(values);
-                    else
-                        parameter.copy_(values);
-                }
-            }
-            return model;
-        }
-
-        private static string RepositoryRoot()
-        {
-            for (var directory = new DirectoryInfo(AppContext.BaseDirectory); directory is not null; directory = directory.Parent)
-            {
-                if (File.Exists(Path.Combine(directory.FullName, "TorchLinear.sln")))
-                    return directory.FullName;
-            }
-            throw new InvalidOperationException($"No TorchLinear.sln above {AppContext.BaseDirectory}.");
-        }
-
-        private static readonly string[] Names = { "bias_all", "bias_lora_only" };
-
-        /// <summary>Writes each adapter and the outputs .NET computes with it into <paramref name="folder"/>.</summary>
-        private static void WriteFromDotnet(string folder, Tensor input)
-        {
-            Directory.CreateDirectory(folder);
-            var outputs = new Dictionary<string, Tensor> { ["input"] = input };
-            foreach (string name in Names)
-            {
-                using var model = TrainedHere(name["bias_".Length..]);
-                LoraModel.save_adapter(model, Path.Combine(folder, name));
-                outputs[name] = Ports.Run(model, input);
-            }
-            Safetensors.SaveStateDict(Path.Combine(folder, "outputs.safetensors"), outputs);
-        }
+        // ---- The way back: folders written here, loaded by real PEFT (WayBackTests has PEFT's verdict) ---------------
 
         [Fact]
-        public void TrainedBiases_AreSavedUnderPeftsKeys_AndRealPeftReproducesTheOutputs()
+        public void TrainedBiases_AreSavedUnderPeftsKeys()
         {
             using var scope = NewDisposeScope();
-            var cases = Cases();
             string fresh = Directory.CreateTempSubdirectory("torchlinear-realpeft-from-dotnet-").FullName;
             try
             {
-                WriteFromDotnet(fresh, cases["input"]);
-                if (Environment.GetEnvironmentVariable("TORCHLINEAR_WRITE_FROM_DOTNET") == "1")
-                    WriteFromDotnet(Path.Combine(RepositoryRoot(), "tests", "TorchLinear.Lora.Tests", "ReferenceData", "RealPeft", "from_dotnet"), cases["input"]);
-
+                WayBackTests.Write(fresh);
                 // PEFT's keys: the adapted layer's bias under base_layer, the other layer's under its own name.
                 var expected = new Dictionary<string, string[]>
                 {
                     ["bias_all"] = new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight", "base_model.model.2.bias" },
                     ["bias_lora_only"] = new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight" },
                 };
-                string committed = Path.Combine(Folder, "from_dotnet");
-                var outputs = StateDicts.ReadPyTorchFile(Path.Combine(fresh, "outputs.safetensors"));
-                var committedOutputs = StateDicts.ReadPyTorchFile(Path.Combine(committed, "outputs.safetensors"));
-                foreach (string name in Names)
+                foreach (var (name, keys) in expected)
                 {
                     var written = StateDicts.ReadPyTorchFile(Path.Combine(fresh, name, "adapter_model.safetensors"));
-                    var stored = StateDicts.ReadPyTorchFile(Path.Combine(committed, name, "adapter_model.safetensors"));
-                    Assert.Equal(expected[name], written.Keys.OrderBy(k => k, StringComparer.Ordinal));
-                    Assert.Equal(expected[name], stored.Keys.OrderBy(k => k, StringComparer.Ordinal));
-                    foreach (var (key, tensor) in written)
-                        Assert.True(Equivalence.Compare(stored[key], tensor).BitExact, $"{name} {key}: .NET now writes other values than the committed folder PEFT checked");
+                    Assert.Equal(keys, written.Keys.OrderBy(k => k, StringComparer.Ordinal));
                     // Ours reads it back to the same model.
+                    var outputs = StateDicts.ReadPyTorchFile(Path.Combine(fresh, "outputs.safetensors"));
                     using var again = Base();
                     LoraModel.load_adapter(again, Path.Combine(fresh, name));
-                    Assert.True(Equivalence.Compare(outputs[name], Ports.Run(again, cases["input"])).BitExact, name);
-                    // The outputs PEFT was compared with are those .NET computes (a GEMM's last bits are the CPU's).
-                    Equivalence.AssertClose(outputs[name], committedOutputs[name]);
-                }
-
-                // make_bias.py --check loaded the committed folders with PeftModel.from_pretrained and wrote this report.
-                string[] report = File.ReadAllLines(Path.Combine(committed, "check_report.txt"));
-                Assert.Contains("result: all matched", report);
-                foreach (string name in Names)
-                {
-                    Assert.Single(report, l => l.StartsWith($"{name}: matched: PeftModel.from_pretrained gives .NET's output", StringComparison.Ordinal) && l.EndsWith("unexpected keys: none", StringComparison.Ordinal));
-                    // The control: under the plain key PEFT drops the trained bias of the adapted layer.
-                    string control = Assert.Single(report, l => l.StartsWith($"{name}: control, the plain '<path>.bias' key: PEFT's output off by ", StringComparison.Ordinal));
-                    Assert.True(double.Parse(control[(control.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture) > 0.01, control);
+                    Assert.True(Equivalence.Compare(outputs[name], Ports.Run(again, outputs["input/mlp"])).BitExact, name);
                 }
             }
             finally

@@ -13,22 +13,16 @@ The model is the tests' Mlp port (Ports.Mlp: Linear(16, 32), ReLU, Linear(32, 8)
         writes base.safetensors, bias_all/, bias_lora_only/ and bias_all_saved/ (PEFT's save_pretrained) and cases.safetensors:
         input; <name>_trained, PEFT's output of the model it trained; <name>_loaded, PEFT's output after
         PeftModel.from_pretrained of the saved folder on a fresh base model.
-    /usr/bin/python3 make_bias.py --check
-        after `TORCHLINEAR_WRITE_FROM_DOTNET=1 dotnet test tests/TorchLinear.Lora.Tests --filter RealPeft` has written
-        from_dotnet/: loads each .NET-written folder with PeftModel.from_pretrained, compares PEFT's output with the one
-        .NET computed (from_dotnet/outputs.safetensors), and writes from_dotnet/check_report.txt (commit it).
+The way back (folders written by TorchLinear.Lora, loaded by PEFT): check_from_dotnet.py, results in from_dotnet/.
 """
 import os
 import shutil
 import sys
-import tempfile
 
 import torch
 from torch import nn
 
-import peft
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,45 +79,5 @@ def make():
     write_safetensors(cases, os.path.join(HERE, "cases.safetensors"))
 
 
-def check():
-    """PEFT's own loading of the folders .NET wrote: every key used, and PEFT's outputs against .NET's."""
-    folder = os.path.join(HERE, "from_dotnet")
-    outputs = load_file(os.path.join(folder, "outputs.safetensors"))
-    lines = [f"check of .NET-written adapters by make_bias.py --check, peft {peft.__version__}, torch {torch.__version__}"]
-    ok = True
-    for name in NAMES:
-        path = os.path.join(folder, name)
-        model = PeftModel.from_pretrained(base_model(), path).eval()
-        # The keys PEFT's load_state_dict(strict=False) would leave out without a word.
-        unexpected = set_peft_model_state_dict(model, load_peft_weights(path)).unexpected_keys
-        with torch.no_grad():
-            got = model(outputs["input"])
-        expected = outputs[name]
-        diff = float((got - expected).abs().max())
-        try:
-            torch.testing.assert_close(got, expected)
-            matched = not unexpected
-        except AssertionError:
-            matched = False
-        ok &= matched
-        lines.append(f"{name}: {'matched' if matched else 'DIFFERS'}: PeftModel.from_pretrained gives .NET's output "
-                     f"within assert_close (max abs diff {diff:.3g}); unexpected keys: {sorted(unexpected) or 'none'}")
-        # The control: the same folder with the adapted layer's bias under its plain key, as this library wrote it before.
-        with tempfile.TemporaryDirectory() as old:
-            weights = load_file(os.path.join(path, "adapter_model.safetensors"))
-            write_safetensors({k.replace(".base_layer.bias", ".bias"): v for k, v in weights.items()},
-                              os.path.join(old, "adapter_model.safetensors"))
-            shutil.copy(os.path.join(path, "adapter_config.json"), old)
-            with torch.no_grad():
-                dropped = PeftModel.from_pretrained(base_model(), old).eval()(outputs["input"])
-            lines.append(f"{name}: control, the plain '<path>.bias' key: PEFT's output off by "
-                         f"{float((dropped - expected).abs().max()):.3g}")
-    lines.append("result: " + ("all matched" if ok else "MISMATCH"))
-    with open(os.path.join(folder, "check_report.txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0 if ok else 1
-
-
 if __name__ == "__main__":
-    sys.exit(check() if "--check" in sys.argv[1:] else make())
+    make()
