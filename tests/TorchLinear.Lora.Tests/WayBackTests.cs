@@ -30,11 +30,13 @@ namespace TorchLinear.Lora.Tests
 
         /// <summary>
         /// Each folder written here and what PEFT is asked to compare: the adapters to activate one after the other (or a
-        /// mixed batch's rows). Conv2d folders (helper lconv's) are added here and in check_from_dotnet.py's CASES.
+        /// mixed batch's rows). A case here is a case in check_from_dotnet.py's CASES.
         /// </summary>
-        internal static readonly string[] CaseNames = { "plain", "rslora", "dora", "embedding", "named", "bias_all", "bias_lora_only" };
+        internal static readonly string[] CaseNames = { "plain", "rslora", "dora", "embedding", "named", "bias_all", "bias_lora_only", "conv" };
 
         internal static readonly string[] NamedMixedRows = { "third", LoraModel.BaseModel, "default", "third" };
+
+        internal static readonly string[] ConvMixedRows = { "second", "default", LoraModel.BaseModel, "default" };
 
         /// <summary>
         /// The comparisons check_from_dotnet.py must have made for a case, in its order, with the key of the .NET output
@@ -43,6 +45,7 @@ namespace TorchLinear.Lora.Tests
         private static (string What, string Output)[] ExpectedChecks(string name) => name switch
         {
             "named" => new[] { ("default", "named/default"), ("third", "named/third"), ("mixed", "named/mixed") },
+            "conv" => new[] { ("default", "conv/default"), ("second", "conv/second"), ("mixed", "conv/mixed") },
             _ => new[] { ("default", name) },
         };
 
@@ -84,11 +87,13 @@ namespace TorchLinear.Lora.Tests
             var classifierInput = Ports.Cases("named")["input"];
             var embeddingInput = Ports.Cases("embedding")["input"];
             var mlpInput = StateDicts.ReadPyTorchFile(Path.Combine(RealPeft, "cases.safetensors"))["input"];
+            var convInput = ConvNets.Cases()["conv2d.mixed_input"];
             var outputs = new Dictionary<string, Tensor>
             {
                 ["input/classifier"] = classifierInput,
                 ["input/embedding"] = embeddingInput,
                 ["input/mlp"] = mlpInput,
+                ["input/conv2d"] = convInput,
             };
             static bool Trained(nn.Module model, string name) => model.named_parameters().Single(p => p.name == name).parameter.requires_grad;
 
@@ -153,6 +158,22 @@ namespace TorchLinear.Lora.Tests
                 Fill(model, name => Trained(model, name));
                 LoraModel.save_adapter(model, Path.Combine(folder, $"bias_{bias}"));
                 outputs[$"bias_{bias}"] = Ports.Run(model, mlpInput);
+            }
+            // conv: make_conv.py's ConvNet2d (Conv2d fields and module-typed fields), LoRA on its four convolutions and a
+            // second adapter on a conv and the Linear head, saved together, each run alone and in a mixed batch.
+            using (var model = ConvNets.Base("conv2d"))
+            {
+                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"] });
+                LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 6, target_modules = new[] { "stem", "head" } }, "second");
+                Fill(model, name => name.Contains(".lora_", StringComparison.Ordinal));
+                LoraModel.save_adapter(model, Path.Combine(folder, "conv"));
+                foreach (string name in new[] { "default", "second" })
+                {
+                    LoraModel.set_adapter(model, name);
+                    outputs[$"conv/{name}"] = Ports.Run(model, convInput);
+                }
+                using (LoraModel.mixed_batch(model, ConvMixedRows))
+                    outputs["conv/mixed"] = Ports.Run(model, convInput);
             }
             Safetensors.SaveStateDict(Path.Combine(folder, "outputs.safetensors"), outputs);
             return outputs;
@@ -289,6 +310,8 @@ namespace TorchLinear.Lora.Tests
             // The mixed batch was PEFT's adapter_names= on the same rows.
             var rows = cases["named"]["checks"]!.AsArray().Single(c => (string?)c!["what"] == "mixed")!["rows"]!.AsArray().Select(r => (string)r!);
             Assert.Equal(NamedMixedRows, rows);
+            rows = cases["conv"]["checks"]!.AsArray().Single(c => (string?)c!["what"] == "mixed")!["rows"]!.AsArray().Select(r => (string)r!);
+            Assert.Equal(ConvMixedRows, rows);
         }
     }
 }

@@ -43,9 +43,6 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# PEFT keeps target_modules as a set: its order in adapter_config.json follows the string hash seed.
-if os.environ.get("PYTHONHASHSEED") != "0":
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
 sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "..", "TorchLinear.Tests", "ReferenceData"))
 from safetensors_writer import write_safetensors  # noqa: E402
 
@@ -250,4 +247,7 @@ def check():
 
 
 if __name__ == "__main__":
+    # PEFT keeps target_modules as a set: its order in adapter_config.json follows the string hash seed.
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
     sys.exit(check() if "--check" in sys.argv[1:] else make())
