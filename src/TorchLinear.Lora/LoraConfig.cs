@@ -250,13 +250,13 @@ namespace TorchLinear.Lora
 
         // ---- The file ------------------------------------------------------------------------------------------------
 
-        /// <summary>Reads <c>adapter_config.json</c> (or a folder that holds one), checked as described on the class.</summary>
+        /// <summary>PEFT's <c>LoraConfig.from_pretrained</c>: reads <c>adapter_config.json</c> (or a folder that holds one), checked as described on the class.</summary>
         /// <exception cref="CheckpointFormatException">The file is not a usable LoRA configuration: not a regular file,
         /// too large, not strict JSON, not an object, a field of the wrong type or out of range, an invalid regular
         /// expression. The message names the file, the key and the rule.</exception>
         /// <exception cref="NotSupportedException">The configuration asks for a feature this library does not implement; the message names the key.</exception>
         /// <exception cref="FileNotFoundException">There is no such file.</exception>
-        public static LoraConfig load(string path)
+        public static LoraConfig from_pretrained(string path)
         {
             ArgumentNullException.ThrowIfNull(path);
             string file = Directory.Exists(path) ? Path.Combine(path, "adapter_config.json") : path;
@@ -291,10 +291,26 @@ namespace TorchLinear.Lora
             }
         }
 
-        /// <summary>Writes <c>adapter_config.json</c> (into <paramref name="path"/> when it is a folder), with PEFT's key names.</summary>
-        public void save(string path)
+        /// <summary>The old name of <see cref="from_pretrained"/>, which it calls.</summary>
+        /// <param name="path">As <see cref="from_pretrained"/>'s.</param>
+        [Obsolete("use LoraConfig.from_pretrained")]
+        public static LoraConfig load(string path) => from_pretrained(path);
+
+        /// <summary>The old name of <see cref="save_pretrained"/>, which it calls.</summary>
+        /// <param name="path">As <see cref="save_pretrained"/>'s.</param>
+        [Obsolete("use LoraConfig.save_pretrained")]
+        public void save(string path) => save_pretrained(path);
+
+        /// <summary>
+        /// PEFT's <c>save_pretrained</c>: writes <c>adapter_config.json</c> into the folder <paramref name="save_directory"/>
+        /// (made if missing), with PEFT's key names; a path ending in <c>.json</c> is the file itself.
+        /// </summary>
+        public void save_pretrained(string save_directory)
         {
-            ArgumentNullException.ThrowIfNull(path);
+            ArgumentNullException.ThrowIfNull(save_directory);
+            string path = save_directory;
+            if (!Directory.Exists(path) && !path.EndsWith(".json", StringComparison.OrdinalIgnoreCase))
+                Directory.CreateDirectory(path);
             string file = Directory.Exists(path) ? Path.Combine(path, "adapter_config.json") : path;
             static JsonNode? List(IReadOnlyList<string>? names) => names is null ? null : new JsonArray(names.Select(t => (JsonNode?)t).ToArray());
             var json = new JsonObject

@@ -25,7 +25,7 @@ namespace TorchLinear.Lora
     /// <para>The update is computed as <c>((x Aᵀ) · scaling) Bᵀ</c> and added to the output — for a float32 2-D batch
     /// accumulated into it by one <c>addmm_</c>, with no full-size temporary. PEFT scales after the second product
     /// (<c>(x Aᵀ Bᵀ) · scaling</c>): the last bit may differ. Scaling the r-wide product is what lets a batch whose rows
-    /// use different adapters (<see cref="LoraModel.mixed_batch"/>) give each row the bits it gets alone with its
+    /// use different adapters (<see cref="LoraModel.MixedBatch"/>) give each row the bits it gets alone with its
     /// adapter. A float32 merge is one <c>addmm_</c> into W with the scaling as its alpha; other dtypes add
     /// <see cref="delta_weight"/>, PEFT's formula.</para>
     /// <para>With <see cref="use_dora"/> the adapter is DoRA's (PEFT's <c>DoraLinearLayer</c>): a trainable magnitude per

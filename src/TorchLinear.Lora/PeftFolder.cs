@@ -190,7 +190,7 @@ namespace TorchLinear.Lora
             foreach (string wrapper in new[] { "modules_to_save", "original_module" })
             {
                 int at = name.IndexOf($".{wrapper}.", StringComparison.Ordinal);
-                if (at > 0 && ModuleMatching.is_module_to_save(config, name[..at]))
+                if (at > 0 && ModuleMatching.IsModuleToSave(config, name[..at]))
                     return (name[..at], wrapper, name[(at + wrapper.Length + 2)..]);
             }
             return null;
@@ -223,7 +223,7 @@ namespace TorchLinear.Lora
         {
             for (int end = name.IndexOf('.'); end >= 0; end = name.IndexOf('.', end + 1))
             {
-                if (ModuleMatching.is_module_to_save(config, name[..end]))
+                if (ModuleMatching.IsModuleToSave(config, name[..end]))
                     return name[..end];
             }
             return null;
@@ -281,7 +281,7 @@ namespace TorchLinear.Lora
                     Put($"{Prefix}{saved.Path}.{name}", tensor);
             }
             Directory.CreateDirectory(directory);
-            config.save(Path.Combine(directory, ConfigFile));
+            config.save_pretrained(Path.Combine(directory, ConfigFile));
             Safetensors.SaveStateDict(Path.Combine(directory, SafetensorsFile), tensors);
         }
     }

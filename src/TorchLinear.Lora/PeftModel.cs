@@ -90,7 +90,7 @@ namespace TorchLinear.Lora
         public IReadOnlyList<string> add_adapter(string adapter_name, LoraConfig peft_config)
         {
             Live(nameof(add_adapter));
-            return LoraModel.inject(Model, peft_config, adapter_name);
+            return LoraModel.Inject(Model, peft_config, adapter_name);
         }
 
         /// <summary>PEFT's <c>load_adapter</c>: another adapter from a PEFT folder, added inactive (see <see cref="LoraModel.load_adapter"/>).</summary>

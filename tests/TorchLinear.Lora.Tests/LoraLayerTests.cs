@@ -188,10 +188,10 @@ namespace TorchLinear.Lora.Tests
             manual_seed(9);
             using var model = nn.Sequential(("0", new CustomLinear(8, 4)));
             var original = model.state_dict()["0.weight"].detach().clone();
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" }, init_lora_weights = "false" });
-            LoraModel.merge(model);
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" }, init_lora_weights = "false" });
+            LoraModel.merge_adapter(model);
             model.to(ScalarType.Float64);
-            LoraModel.unmerge(model);
+            LoraModel.unmerge_adapter(model);
             Assert.True(Equivalence.Compare(original.to(ScalarType.Float64), model.state_dict()["0.weight"]).BitExact);
         }
 

@@ -38,12 +38,12 @@ namespace TorchLinear.Lora.Tests
             Assert.Equal(paths, adapted);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
             // Disabled as PEFT's disable_adapter(): no updates, modules_to_save as they were (the recorded disabled output).
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
 
             // Merged: W + Δ, one linear per layer; the same numbers up to the merge's rounding.
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"], rtol: 1e-5, atol: 1e-5);
             using var fresh = Pretrained(adapter);
             LoraModel.load_adapter(fresh, Path.Combine(Folder, adapter), merge: true);
@@ -62,7 +62,7 @@ namespace TorchLinear.Lora.Tests
             string output = Directory.CreateTempSubdirectory("torchlinear-peft-").FullName;
             try
             {
-                LoraModel.save_adapter(model, output);
+                LoraModel.save_pretrained(model, output);
                 string original = Path.Combine(Folder, adapter, File.Exists(Path.Combine(Folder, adapter, "adapter_model.safetensors")) ? "adapter_model.safetensors" : "adapter_model.bin");
                 var before = StateDicts.ReadPyTorchFile(original);
                 var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
@@ -76,8 +76,8 @@ namespace TorchLinear.Lora.Tests
                     Assert.True(Equivalence.Compare(tensor, after[Now(key)]).BitExact, key);
                 }
                 // The config reads back to the same adapter.
-                var config = LoraConfig.load(output);
-                var source = LoraConfig.load(Path.Combine(Folder, adapter));
+                var config = LoraConfig.from_pretrained(output);
+                var source = LoraConfig.from_pretrained(Path.Combine(Folder, adapter));
                 Assert.Equal(source.r, config.r);
                 Assert.Equal(source.rank_pattern, config.rank_pattern);
                 Assert.Equal(source.alpha_pattern, config.alpha_pattern);
@@ -105,7 +105,7 @@ namespace TorchLinear.Lora.Tests
             {
                 using var model = Pretrained("mlp");
                 LoraModel.load_adapter(model, folder);
-                LoraModel.save_adapter(model, output);
+                LoraModel.save_pretrained(model, output);
                 var before = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
                 var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
                 foreach (string path in new[] { "0", "2" })
@@ -221,7 +221,7 @@ namespace TorchLinear.Lora.Tests
                 // Unmerged, it loads; a merge then is refused with no weight written.
                 LoraModel.load_adapter(model, folder);
                 var loaded = Bits(model);
-                Assert.Contains("no weight was changed", Assert.Throws<InvalidOperationException>(() => LoraModel.merge(model)).Message);
+                Assert.Contains("no weight was changed", Assert.Throws<InvalidOperationException>(() => LoraModel.merge_adapter(model)).Message);
                 foreach (var (key, bits) in Bits(model))
                     Assert.Equal(loaded[key], bits);
             }
