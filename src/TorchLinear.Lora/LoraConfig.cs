@@ -66,7 +66,7 @@ namespace TorchLinear.Lora
         public string? exclude_modules_regex { get; set; }
 
         /// <summary>Which biases train and are saved with the adapter: <c>none</c>, <c>all</c> or <c>lora_only</c>.</summary>
-        public string bias { get; set; } = "none";
+        public string bias { get; set; } = LoraBias.None;
 
         /// <summary>Rank-stabilised LoRA: scaling = lora_alpha / √r.</summary>
         public bool use_rslora { get; set; }
@@ -91,7 +91,7 @@ namespace TorchLinear.Lora
         /// B both as <c>nn.Linear</c> initialises its weight: the adapter changes the output from the start). The JSON
         /// file holds <c>true</c>, <c>false</c> or <c>"gaussian"</c>.
         /// </summary>
-        public string init_lora_weights { get; set; } = "true";
+        public string init_lora_weights { get; set; } = LoraInit.True;
 
         /// <summary>Per-module ranks: a key matches a path that ends with it at a dot (PEFT's <c>(.*\.)?(key)$</c>, a regex).</summary>
         public Dictionary<string, int> rank_pattern { get; set; } = new();

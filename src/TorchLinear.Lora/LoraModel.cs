@@ -310,7 +310,7 @@ namespace TorchLinear.Lora
         /// or their target_modules are of different kinds; nothing changed.</exception>
         /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
         public static void add_weighted_adapter(nn.Module model, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name,
-                                                string combination_type = "svd", int? svd_rank = null)
+                                                string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
             PeftModel.For(model, nameof(add_weighted_adapter)).add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank);
         }
@@ -360,7 +360,7 @@ namespace TorchLinear.Lora
                     if (dtype is not (ScalarType.Float32 or ScalarType.Float64))
                         throw new NotSupportedException($"LoraModel.add_weighted_adapter: {path} is {dtype}; the svd combination needs float32 or float64 layers.");
                     var weightsSvd = tensor(parts.Select(p => (float)(p.Weight * p.Adapter.scaling)).ToArray()).to(targetA.device);
-                    Tensor deltas = stack(parts.Select(p => p.Adapter.delta_weight()).ToList());
+                    Tensor deltas = stack(parts.Select(p => p.Adapter.get_delta_weight()).ToList());
                     Tensor delta = type.DeltaMatrix(deltas.mul(weightsSvd.to(deltas.dtype).view(PerFactor(deltas.dim() - 1))).sum(0L));
                     var (u, s, vh) = linalg.svd(delta, fullMatrices: true);
                     int k = (int)Math.Min(rank, s.size(0));
@@ -651,9 +651,9 @@ namespace TorchLinear.Lora
                 foreach (var parameter in saved.Module.parameters())
                     trainable.Add(parameter.Handle);
             }
-            bool allBiases = training.Any(e => (bias ?? e.Config.bias) == "all");
+            bool allBiases = training.Any(e => (bias ?? e.Config.bias) == LoraBias.All);
             var adaptedBiases = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var entry in training.Where(e => (bias ?? e.Config.bias) == "lora_only"))
+            foreach (var entry in training.Where(e => (bias ?? e.Config.bias) == LoraBias.LoraOnly))
             {
                 foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
                     adaptedBiases.Add(layer.Path + ".bias");
@@ -751,9 +751,9 @@ namespace TorchLinear.Lora
         /// </summary>
         internal static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
         {
-            if (state is null || config.bias == "none")
+            if (state is null || config.bias == LoraBias.None)
                 return;
-            var others = state.Adapters.Where(a => a.Config.bias != "none").ToList();
+            var others = state.Adapters.Where(a => a.Config.bias != LoraBias.None).ToList();
             if (others.Count > 0)
                 throw new ArgumentException(
                     $"LoraModel.{caller}: '{adapter_name}' has bias \"{config.bias}\", and {string.Join(", ", others.Select(o => $"'{o.Name}' has bias \"{o.Config.bias}\""))} already: " +

@@ -283,7 +283,7 @@ namespace TorchLinear.Lora
         /// adapters or are not finite, the ranks differ for <c>linear</c>, an adapter is DoRA, several save the same module,
         /// or their target_modules are of different kinds; nothing changed.</exception>
         /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
-        public void add_weighted_adapter(IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name, string combination_type = "svd", int? svd_rank = null)
+        public void add_weighted_adapter(IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name, string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
             var model = Model;
             ArgumentNullException.ThrowIfNull(adapters);
