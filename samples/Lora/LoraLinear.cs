@@ -153,7 +153,7 @@ namespace TorchLinear.Samples
         public Tensor delta_weight()
         {
             ThrowIfDisposed();
-            return _lora.delta_weight();
+            return _lora.get_delta_weight();
         }
 
         /// <summary>
@@ -194,7 +194,7 @@ namespace TorchLinear.Samples
             }
             try
             {
-                return _lora.add_to(output, input, training);
+                return _lora.AddTo(output, input, training);
             }
             catch
             {
@@ -211,7 +211,7 @@ namespace TorchLinear.Samples
         {
             ThrowIfDisposed();
             var result = base.state_dict(destination, prefix);
-            if (_lora.weight_before_merge is { } unmerged)
+            if (_lora.WeightBeforeMerge is { } unmerged)
                 result[string.IsNullOrEmpty(prefix) ? "weight" : $"{prefix}.weight"] = unmerged;
             return result;
         }

@@ -161,7 +161,7 @@ namespace TorchLinear.Lora
         /// <summary>
         /// A batch whose rows use different adapters (PEFT's <c>adapter_names</c>): stacked (<see cref="Stacks"/>,
         /// <see cref="AddStacked"/>), or grouped by adapter as PEFT groups them — the rows put in the batch's group order
-        /// once (<see cref="MixedBatch.Order"/>), each adapter's own <c>add_to</c> adding its term to its group's
+        /// once (<see cref="MixedBatch.Order"/>), each adapter's own <c>AddTo</c> adding its term to its group's
         /// contiguous rows, and the rows put back in place. <c>"__base__"</c> rows, and rows whose adapter does not adapt
         /// this layer, keep the base output. Never a pass per row.
         /// </summary>

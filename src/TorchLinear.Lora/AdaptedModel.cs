@@ -162,7 +162,7 @@ namespace TorchLinear.Lora
                 $"LoRA adapters did not run in this call of {Root.GetType().Name}, so its output lacks their updates: {string.Join(", ", missing.Select(l => l.Path))} " +
                 $"({types}). Ways out: invoke these layers with call(x); hold them in a field typed nn.Module<Tensor, Tensor> or as CustomLinear, " +
                 "where the adapter runs inside the layer's forward; load the adapter merged (LoraModel.load_adapter(model, dir, merge: true)); " +
-                "or, if this forward legitimately skips these layers, say so with LoraModel.allow_unused_adapters(model, paths).");
+                "or, if this forward legitimately skips these layers, say so with LoraModel.AllowUnusedAdapters(model, paths).");
         }
 
         /// <summary>Lets the named adapted layers (or, with none named, all) not run in a model call.</summary>
@@ -175,7 +175,7 @@ namespace TorchLinear.Lora
             }
             var unknown = paths.Where(p => Layers.All(l => l.Path != p)).ToList();
             if (unknown.Count > 0)
-                throw new ArgumentException($"LoraModel.allow_unused_adapters: {string.Join(", ", unknown)} {(unknown.Count == 1 ? "is" : "are")} not an adapted layer of this model (its adapted layers: {string.Join(", ", Layers.Select(l => l.Path))}).", nameof(paths));
+                throw new ArgumentException($"LoraModel.AllowUnusedAdapters: {string.Join(", ", unknown)} {(unknown.Count == 1 ? "is" : "are")} not an adapted layer of this model (its adapted layers: {string.Join(", ", Layers.Select(l => l.Path))}).", nameof(paths));
             foreach (string path in paths)
                 _allowedUnused.Add(path);
         }

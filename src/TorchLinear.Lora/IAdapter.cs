@@ -45,7 +45,7 @@ namespace TorchLinear.Lora
         Tensor AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias);
 
         /// <summary>The update in the base weight's shape, PEFT's <c>get_delta_weight</c>. The caller owns it.</summary>
-        Tensor delta_weight();
+        Tensor get_delta_weight();
 
         bool MergesFinite(Tensor weight);
 

@@ -28,7 +28,7 @@ namespace TorchLinear.Lora
     /// mode other than zeros (PEFT's lora_A pads with zeros whatever the base does, so its merged layer computes something
     /// else than its unmerged one), transposed convolutions and Conv3d (not implemented here).</para>
     /// <para>The layer does not own the base weight: a host computes <c>conv(x, W) + b</c>, hands it to
-    /// <see cref="add_to"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The host registers
+    /// <see cref="AddTo"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The host registers
     /// <see cref="lora_A"/> and <see cref="lora_B"/> under its own names; this module registers nothing of its own.</para>
     /// </remarks>
     public sealed class LoraConvLayer : nn.Module, IAdapter
@@ -117,7 +117,7 @@ namespace TorchLinear.Lora
         /// <summary>The up-projection: a kernel-1 convolution, weight (out_channels, r, 1[, 1]).</summary>
         public LoraConvProjection lora_B { get; }
 
-        /// <summary>Whether the update is folded into the host's weight; a merged adapter adds nothing in <see cref="add_to"/>.</summary>
+        /// <summary>Whether the update is folded into the host's weight; a merged adapter adds nothing in <see cref="AddTo"/>.</summary>
         public bool merged => _merge.Merged;
 
         /// <summary>The adapter's name in its model (PEFT's adapter_name; <c>default</c> unless named).</summary>
@@ -151,7 +151,7 @@ namespace TorchLinear.Lora
 
         (string Formula, string Part)? IAdapter.Rescaled => null;
 
-        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => add_to(output, input, training);
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input, training);
 
         /// <summary>
         /// Why PEFT's LoRA cannot be put on <paramref name="conv"/> as it computes it, or null when it can: a Conv1d or
@@ -211,7 +211,7 @@ namespace TorchLinear.Lora
         /// <c>conv(Aᵀ, B)ᵀ · scaling</c> with the first two dimensions transposed (PEFT's "permute/conv trick"). On the CPU,
         /// float16 and bfloat16 adapters are computed in float32 and rounded back, as PEFT does. The caller owns the result.
         /// </summary>
-        public Tensor delta_weight()
+        public Tensor get_delta_weight()
         {
             ThrowIfDisposed();
             using var scope = NewDisposeScope();
@@ -244,7 +244,7 @@ namespace TorchLinear.Lora
         /// <param name="training">Whether the host is in training mode.</param>
         /// <exception cref="InvalidOperationException">The adapter's dtype or device differs from the output's, or its
         /// update has another shape than the output; the message names the layer.</exception>
-        public Tensor add_to(Tensor output, Tensor input, bool training)
+        public Tensor AddTo(Tensor output, Tensor input, bool training)
         {
             ThrowIfDisposed();
             if (_merge.Merged)
@@ -317,7 +317,7 @@ namespace TorchLinear.Lora
         private void AddDelta(Tensor weight)
         {
             using var scope = NewDisposeScope();
-            weight.add_(delta_weight().to(weight.dtype), One);
+            weight.add_(get_delta_weight().to(weight.dtype), One);
         }
 
         /// <summary>Whether W + Δ stays finite: cheap when W, A and B are finite and |W| + r · max|A| · max|B| · |scaling| is below the dtype's largest value.</summary>
@@ -345,7 +345,7 @@ namespace TorchLinear.Lora
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
-            return LoraLayer.UpdateBounded(lora_A.weight, lora_B.weight, r, LoraLayer.ScalingIn(scaling, lora_B.weight.dtype)) || isfinite(delta_weight()).all().item<bool>();
+            return LoraLayer.UpdateBounded(lora_A.weight, lora_B.weight, r, LoraLayer.ScalingIn(scaling, lora_B.weight.dtype)) || isfinite(get_delta_weight()).all().item<bool>();
         }
 
         bool IAdapter.DeltaFinite() => DeltaFinite();

@@ -117,7 +117,7 @@ namespace TorchLinear.Lora
 
         (string Formula, string Part)? IAdapter.Rescaled => null;
 
-        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => add_to(output, input);
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input);
 
         /// <summary>
         /// Adds <c>embedding(indices, Aᵀ) · scaling · Bᵀ</c> to <paramref name="output"/> (the base lookup) in place and
@@ -125,7 +125,7 @@ namespace TorchLinear.Lora
         /// </summary>
         /// <param name="output">The base embedding's output, (*, embedding_dim).</param>
         /// <param name="indices">The indices it looked up, (*).</param>
-        public Tensor add_to(Tensor output, Tensor indices)
+        public Tensor AddTo(Tensor output, Tensor indices)
         {
             ThrowIfDisposed();
             if (_merge.Merged)
@@ -135,6 +135,14 @@ namespace TorchLinear.Lora
             output.add_(Lookup(indices).mul_(_scaling).matmul(lora_embedding_B.t()), One);
             return output;
         }
+
+        /// <summary>The old name of <see cref="AddTo"/>, which it calls.</summary>
+        [Obsolete("use LoraEmbeddingLayer.AddTo")]
+        public Tensor add_to(Tensor output, Tensor indices) => AddTo(output, indices);
+
+        /// <summary>The old name of <see cref="get_delta_weight"/> (PEFT's name), which it calls.</summary>
+        [Obsolete("use LoraEmbeddingLayer.get_delta_weight")]
+        public Tensor delta_weight() => get_delta_weight();
 
         /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
         internal void CheckRunsIn(Tensor output)
@@ -156,7 +164,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary><c>(B A)ᵀ · scaling</c>, (num_embeddings, embedding_dim), PEFT's get_delta_weight (fp16 and bf16 via float32 on the CPU). The caller owns it.</summary>
-        public Tensor delta_weight()
+        public Tensor get_delta_weight()
         {
             ThrowIfDisposed();
             Tensor a = lora_embedding_A, b = lora_embedding_B;
@@ -175,7 +183,7 @@ namespace TorchLinear.Lora
             using var scope = NewDisposeScope();
             if (!isfinite(lora_embedding_A).all().item<bool>() || !isfinite(lora_embedding_B).all().item<bool>())
                 return false;
-            return isfinite(weight.detach() + delta_weight()).all().item<bool>();
+            return isfinite(weight.detach() + get_delta_weight()).all().item<bool>();
         }
 
         bool IAdapter.UpdateFinite(Tensor weight) => ((IAdapter)this).DeltaFinite();
@@ -186,13 +194,13 @@ namespace TorchLinear.Lora
             using var scope = NewDisposeScope();
             if (LoraLayer.UpdateBounded(lora_embedding_A, lora_embedding_B, r, LoraLayer.ScalingIn(scaling, lora_embedding_B.dtype)))
                 return true;
-            return isfinite(delta_weight()).all().item<bool>();
+            return isfinite(get_delta_weight()).all().item<bool>();
         }
 
         void IAdapter.MergeChecked(Parameter weight, bool keep)
         {
             CheckWeight(weight);
-            _merge.Merge(weight, keep, w => w.add_(delta_weight(), One));
+            _merge.Merge(weight, keep, w => w.add_(get_delta_weight(), One));
         }
 
         /// <summary>Takes a merged update out of <paramref name="weight"/> again, restoring it bit for bit.</summary>
@@ -206,7 +214,7 @@ namespace TorchLinear.Lora
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
-            weight.add_(delta_weight(), One);
+            weight.add_(get_delta_weight(), One);
         }
 
         void IAdapter.ForgetUnmerged() => _merge.Forget();

@@ -17,7 +17,7 @@ namespace TorchLinear.Lora
     /// <para>The layer does not own the base weight: a host (a <see cref="CustomLinear"/> through its
     /// <see cref="CustomLinear.Adapter"/> slot, a <see cref="LoraWrapper"/>, a sealed <c>nn.Linear</c> through a forward
     /// hook, or your own module such as the sample's <c>LoraLinear</c>) computes <c>x Wᵀ + b</c>, hands it to
-    /// <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
+    /// <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
     /// merge is kept by this module (one extra copy of W while merged), so that <see cref="unmerge"/> restores it bit for
     /// bit (PEFT subtracts Δ again, which can leave an element one rounding step off), and freed with it.</para>
     /// <para>The host registers <see cref="lora_A"/> and <see cref="lora_B"/> under its own names; this module registers
@@ -25,9 +25,9 @@ namespace TorchLinear.Lora
     /// <para>The update is computed as <c>((x Aᵀ) · scaling) Bᵀ</c> and added to the output — for a float32 2-D batch
     /// accumulated into it by one <c>addmm_</c>, with no full-size temporary. PEFT scales after the second product
     /// (<c>(x Aᵀ Bᵀ) · scaling</c>): the last bit may differ. Scaling the r-wide product is what lets a batch whose rows
-    /// use different adapters (<see cref="LoraModel.mixed_batch"/>) give each row the bits it gets alone with its
+    /// use different adapters (<see cref="LoraModel.MixedBatch"/>) give each row the bits it gets alone with its
     /// adapter. A float32 merge is one <c>addmm_</c> into W with the scaling as its alpha; other dtypes add
-    /// <see cref="delta_weight"/>, PEFT's formula.</para>
+    /// <see cref="get_delta_weight"/>, PEFT's formula.</para>
     /// <para>With <see cref="use_dora"/> the adapter is DoRA's (PEFT's <c>DoraLinearLayer</c>): a trainable magnitude per
     /// output row, <see cref="lora_magnitude_vector"/>, rescales the adapted weight's rows to it; the rows' norm
     /// ‖W + scaling · B A‖ is computed afresh in every forward and detached from the graph, as the DoRA paper and PEFT
@@ -136,11 +136,19 @@ namespace TorchLinear.Lora
         /// <summary>The up-projection, weight (out_features, r). Registered by the host, under its own name.</summary>
         public LoraProjection lora_B { get; }
 
-        /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>.</summary>
+        /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>.</summary>
         public bool merged => _merge.Merged;
 
-        /// <summary>While merged, the host's weight as it was before the merge; otherwise null.</summary>
-        public Tensor? weight_before_merge => _merge.Kept;
+        /// <summary>
+        /// While merged, the host's weight as it was before the merge (kept by this adapter, which frees it); otherwise null.
+        /// Public for hosts outside this package, such as samples/Lora's <c>LoraLinear</c>, whose state_dict describes the
+        /// unmerged layer.
+        /// </summary>
+        public Tensor? WeightBeforeMerge => _merge.Kept;
+
+        /// <summary>The old name of <see cref="WeightBeforeMerge"/>.</summary>
+        [Obsolete("use LoraLayer.WeightBeforeMerge")]
+        public Tensor? weight_before_merge => WeightBeforeMerge;
 
         /// <summary>Who hosts this adapter, for messages (the module's path in its model, or the host's description).</summary>
         internal string Owner { get; set; } = nameof(LoraLayer);
@@ -208,7 +216,7 @@ namespace TorchLinear.Lora
 
         (string Formula, string Part)? IAdapter.Rescaled => _variant.Rescaled;
 
-        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => add_to(output, input, training, weight, bias);
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input, training, weight, bias);
 
         /// <summary>
         /// Makes this a DoRA adapter for <paramref name="weight"/>, the host's weight (<see cref="DoraLinear"/>): the
@@ -261,7 +269,7 @@ namespace TorchLinear.Lora
         /// <c>get_delta_weight</c> computes it (on the CPU, float16 and bfloat16 adapters are multiplied in float32 and the
         /// result rounded back). The caller owns the result.
         /// </summary>
-        public Tensor delta_weight()
+        public Tensor get_delta_weight()
         {
             ThrowIfDisposed();
             Tensor a = lora_A.weight, b = lora_B.weight;
@@ -287,15 +295,15 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The adapter's dtype or device differs from the output's (a model
         /// converted with <c>.to(...)</c> after the adapter was put into a sealed <c>nn.Linear</c>, which does not convert its
         /// children), or it is a DoRA adapter; the message names the layer.</exception>
-        public Tensor add_to(Tensor output, Tensor input, bool training)
+        public Tensor AddTo(Tensor output, Tensor input, bool training)
         {
             if (use_dora)
-                throw new InvalidOperationException($"{Owner}: a DoRA adapter rescales the base layer's output: pass the base layer's weight and bias to add_to.");
-            return add_to(output, input, training, null!, null);
+                throw new InvalidOperationException($"{Owner}: a DoRA adapter rescales the base layer's output: pass the base layer's weight and bias to AddTo.");
+            return AddTo(output, input, training, null!, null);
         }
 
         /// <summary>
-        /// As <see cref="add_to(Tensor, Tensor, bool)"/>, for any adapter: a DoRA adapter adds
+        /// As <see cref="AddTo(Tensor, Tensor, bool)"/>, for any adapter: a DoRA adapter adds
         /// <c>(m / ‖W + scaling · B A‖ − 1) · (x Wᵀ) + m / ‖W + scaling · B A‖ · lora_B(lora_A(x)) · scaling</c>, PEFT's
         /// <c>DoraLinearLayer.forward</c>, where x Wᵀ is the output without its bias (or, with dropout in training,
         /// computed again from the dropped input).
@@ -305,7 +313,7 @@ namespace TorchLinear.Lora
         /// <param name="training">Whether the host is in training mode.</param>
         /// <param name="weight">The base layer's weight (only read by DoRA).</param>
         /// <param name="bias">The base layer's bias, or null (only read by DoRA).</param>
-        public Tensor add_to(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias)
+        public Tensor AddTo(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias)
         {
             ThrowIfDisposed();
             if (_merge.Merged)
@@ -337,6 +345,18 @@ namespace TorchLinear.Lora
             else
                 output.add_(h.matmul(b.t()), One);
         }
+
+        /// <summary>The old name of <see cref="AddTo(Tensor, Tensor, bool)"/>, which it calls.</summary>
+        [Obsolete("use LoraLayer.AddTo")]
+        public Tensor add_to(Tensor output, Tensor input, bool training) => AddTo(output, input, training);
+
+        /// <summary>The old name of <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>, which it calls.</summary>
+        [Obsolete("use LoraLayer.AddTo")]
+        public Tensor add_to(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input, training, weight, bias);
+
+        /// <summary>The old name of <see cref="get_delta_weight"/> (PEFT's name), which it calls.</summary>
+        [Obsolete("use LoraLayer.get_delta_weight")]
+        public Tensor delta_weight() => get_delta_weight();
 
         /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
         internal void CheckRunsIn(Tensor output)
@@ -433,7 +453,7 @@ namespace TorchLinear.Lora
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
-            return UpdateBounded(lora_A.weight, lora_B.weight, r, ScalingIn(lora_B.weight.dtype)) || isfinite(delta_weight()).all().item<bool>();
+            return UpdateBounded(lora_A.weight, lora_B.weight, r, ScalingIn(lora_B.weight.dtype)) || isfinite(get_delta_weight()).all().item<bool>();
         }
 
         /// <summary>

@@ -35,7 +35,7 @@ namespace TorchLinear.Lora
     /// LoraModel.load_adapter(model, "support-adapter");                          // "default", active
     /// LoraModel.load_adapter(model, "sales-adapter", adapter_name: "sales");     // added, not active
     /// LoraModel.set_adapter(model, "sales");
-    /// using (LoraModel.mixed_batch(model, new[] { "default", "sales", "__base__" })) { var y = model.call(x); }
+    /// using (LoraModel.MixedBatch(model, new[] { "default", "sales", "__base__" })) { var y = model.call(x); }
     /// </code>
     /// </remarks>
     public static partial class LoraModel
@@ -43,7 +43,7 @@ namespace TorchLinear.Lora
         /// <summary>The name of an adapter that is not given one (PEFT's).</summary>
         public const string DefaultAdapter = "default";
 
-        /// <summary>In <see cref="mixed_batch"/>, the name for a row that uses no adapter (PEFT's).</summary>
+        /// <summary>In <see cref="MixedBatch"/>, the name for a row that uses no adapter (PEFT's).</summary>
         public const string BaseModel = "__base__";
 
         // ---- Putting adapters in --------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ namespace TorchLinear.Lora
         /// names a module of another kind, a rank or alpha gives a scaling (or, with drawn B, an update scaling · B A) that
         /// is not finite in a layer's dtype, the model has an adapter of that name already (or the name is not a usable
         /// one), or the adapter and one of the model's both have a <c>bias</c> other than <c>none</c> (PEFT's rule).</exception>
-        public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter)
+        public static IReadOnlyList<string> Inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(config);
@@ -97,6 +97,11 @@ namespace TorchLinear.Lora
             return targets.Select(t => t.Path).ToList();
         }
 
+        /// <summary>The old name of <c>Inject</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.Inject")]
+        public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter) =>
+            Inject(model, config, adapter_name);
+
         /// <summary>
         /// PEFT's <c>get_peft_model</c>: puts a fresh adapter of <paramref name="peft_config"/> into <paramref name="model"/>, as
         /// <see cref="inject"/> does, and returns the model's <see cref="PeftModel"/>, which holds its adapters and does
@@ -105,7 +110,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">As <see cref="inject"/>.</exception>
         public static PeftModel get_peft_model(nn.Module model, LoraConfig peft_config, string adapter_name = DefaultAdapter)
         {
-            inject(model, peft_config, adapter_name);
+            Inject(model, peft_config, adapter_name);
             return PeftModel.For(model, nameof(get_peft_model));
         }
 
@@ -145,7 +150,7 @@ namespace TorchLinear.Lora
             if (merge && state is not null)
                 throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
-            var config = LoraConfig.load(configFile);
+            var config = LoraConfig.from_pretrained(configFile);
             CheckOneBias(state, config, adapter_name, nameof(load_adapter));
             var targets = Targets(model, config, state, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
             string file = PeftFolder.AdapterFile(directory);
@@ -215,10 +220,15 @@ namespace TorchLinear.Lora
         /// <param name="selected_adapters">The adapters to write; all by default.</param>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         /// <exception cref="ArgumentException">A selected adapter is not one of the model's.</exception>
-        public static void save_adapter(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null)
+        public static void save_pretrained(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null)
         {
             PeftModel.For(model, nameof(save_adapter)).save_pretrained(directory, selected_adapters);
         }
+
+        /// <summary>The old name of <c>save_pretrained</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.save_pretrained")]
+        public static void save_adapter(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null) =>
+            save_pretrained(model, directory, selected_adapters);
 
         // ---- Which adapters run ---------------------------------------------------------------------------------------
 
@@ -275,10 +285,15 @@ namespace TorchLinear.Lora
         /// adapter is DoRA, or saves modules (<c>modules_to_save</c>); the message names them.</exception>
         /// <exception cref="InvalidOperationException">The model has no adapters, adapters are merged, or the model is in
         /// training mode (as PEFT; a call of the model in training mode within the scope is refused too).</exception>
-        public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names)
+        public static IDisposable MixedBatch(nn.Module model, IReadOnlyList<string> adapter_names)
         {
             return PeftModel.For(model, nameof(mixed_batch)).MixedBatch(adapter_names);
         }
+
+        /// <summary>The old name of <c>MixedBatch</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.MixedBatch")]
+        public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names) =>
+            MixedBatch(model, adapter_names);
 
         /// <summary>
         /// A new adapter <paramref name="adapter_name"/> made of others, as PEFT's <c>add_weighted_adapter</c> makes it
@@ -295,7 +310,7 @@ namespace TorchLinear.Lora
         /// or their target_modules are of different kinds; nothing changed.</exception>
         /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
         public static void add_weighted_adapter(nn.Module model, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name,
-                                                string combination_type = "svd", int? svd_rank = null)
+                                                string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
             PeftModel.For(model, nameof(add_weighted_adapter)).add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank);
         }
@@ -345,7 +360,7 @@ namespace TorchLinear.Lora
                     if (dtype is not (ScalarType.Float32 or ScalarType.Float64))
                         throw new NotSupportedException($"LoraModel.add_weighted_adapter: {path} is {dtype}; the svd combination needs float32 or float64 layers.");
                     var weightsSvd = tensor(parts.Select(p => (float)(p.Weight * p.Adapter.scaling)).ToArray()).to(targetA.device);
-                    Tensor deltas = stack(parts.Select(p => p.Adapter.delta_weight()).ToList());
+                    Tensor deltas = stack(parts.Select(p => p.Adapter.get_delta_weight()).ToList());
                     Tensor delta = type.DeltaMatrix(deltas.mul(weightsSvd.to(deltas.dtype).view(PerFactor(deltas.dim() - 1))).sum(0L));
                     var (u, s, vh) = linalg.svd(delta, fullMatrices: true);
                     int k = (int)Math.Min(rank, s.size(0));
@@ -370,17 +385,27 @@ namespace TorchLinear.Lora
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
-        public static void merge(nn.Module model, IReadOnlyList<string>? adapter_names = null)
+        public static void merge_adapter(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
             PeftModel.For(model, nameof(merge)).merge_adapter(adapter_names);
         }
 
+        /// <summary>The old name of <c>merge_adapter</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.merge_adapter")]
+        public static void merge(nn.Module model, IReadOnlyList<string>? adapter_names = null) =>
+            merge_adapter(model, adapter_names);
+
         /// <summary>Takes every merged adapter out of the weights again, last merged first, restoring each weight bit for bit (PEFT's <c>unmerge_adapter</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
-        public static void unmerge(nn.Module model)
+        public static void unmerge_adapter(nn.Module model)
         {
             PeftModel.For(model, nameof(unmerge)).unmerge_adapter();
         }
+
+        /// <summary>The old name of <c>unmerge_adapter</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.unmerge_adapter")]
+        public static void unmerge(nn.Module model) =>
+            unmerge_adapter(model);
 
         /// <summary>
         /// The active adapters (or <paramref name="adapter_names"/>) folded into the weights, and every adapter taken out:
@@ -416,10 +441,15 @@ namespace TorchLinear.Lora
         /// the base layers' own and stay trained (PEFT warns of the same).
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
-        public static IDisposable disable_adapters(nn.Module model)
+        public static IDisposable disable_adapter(nn.Module model)
         {
             return PeftModel.For(model, nameof(disable_adapters)).disable_adapter();
         }
+
+        /// <summary>The old name of <c>disable_adapter</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.disable_adapter")]
+        public static IDisposable disable_adapters(nn.Module model) =>
+            disable_adapter(model);
 
         // ---- Training ---------------------------------------------------------------------------------------------------
 
@@ -471,26 +501,36 @@ namespace TorchLinear.Lora
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or an adapter did not run; the message
         /// names the layers and the ways out.</exception>
-        public static void check_adapters_run(nn.Module<Tensor, Tensor> model, Tensor example)
+        public static void CheckAdaptersRun(nn.Module<Tensor, Tensor> model, Tensor example)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(example);
-            check_adapters_run(model, () =>
+            CheckAdaptersRun(model, () =>
             {
                 using var scope = NewDisposeScope();
                 model.forward(example);
             });
         }
 
+        /// <summary>The old name of <c>CheckAdaptersRun</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.CheckAdaptersRun")]
+        public static void check_adapters_run(nn.Module<Tensor, Tensor> model, Tensor example) =>
+            CheckAdaptersRun(model, example);
+
         /// <summary>
         /// As <see cref="check_adapters_run(nn.Module{Tensor, Tensor}, Tensor)"/>, for a model whose forward takes other
         /// arguments: <paramref name="forward"/> runs it once (under no_grad here).
         /// </summary>
-        public static void check_adapters_run(nn.Module model, Action forward)
+        public static void CheckAdaptersRun(nn.Module model, Action forward)
         {
             ArgumentNullException.ThrowIfNull(forward);
             PeftModel.For(model, nameof(check_adapters_run)).CheckAdaptersRun(forward);
         }
+
+        /// <summary>The old name of <c>CheckAdaptersRun</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.CheckAdaptersRun")]
+        public static void check_adapters_run(nn.Module model, Action forward) =>
+            CheckAdaptersRun(model, forward);
 
         /// <summary>
         /// The opt-out for a model whose forward legitimately skips some adapted layers (a head chosen per task, an
@@ -498,10 +538,15 @@ namespace TorchLinear.Lora
         /// and the model's check is off.
         /// </summary>
         /// <exception cref="ArgumentException">A path is not an adapted layer of the model.</exception>
-        public static void allow_unused_adapters(nn.Module model, params string[] paths)
+        public static void AllowUnusedAdapters(nn.Module model, params string[] paths)
         {
             PeftModel.For(model, nameof(allow_unused_adapters)).AllowUnusedAdapters(paths);
         }
+
+        /// <summary>The old name of <c>AllowUnusedAdapters</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.AllowUnusedAdapters")]
+        public static void allow_unused_adapters(nn.Module model, params string[] paths) =>
+            AllowUnusedAdapters(model, paths);
 
         // ---- The pieces ---------------------------------------------------------------------------------------------------
 
@@ -556,7 +601,7 @@ namespace TorchLinear.Lora
         {
             foreach (var (path, module) in model.named_modules())
             {
-                if (!ModuleMatching.is_module_to_save(entry.Config, path))
+                if (!ModuleMatching.IsModuleToSave(entry.Config, path))
                     continue;
                 // A saved module inside another saved module is saved with that one.
                 if (state.Saved.Any(s => path.StartsWith(s.Path + ".", StringComparison.Ordinal)))
@@ -606,9 +651,9 @@ namespace TorchLinear.Lora
                 foreach (var parameter in saved.Module.parameters())
                     trainable.Add(parameter.Handle);
             }
-            bool allBiases = training.Any(e => (bias ?? e.Config.bias) == "all");
+            bool allBiases = training.Any(e => (bias ?? e.Config.bias) == LoraBias.All);
             var adaptedBiases = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var entry in training.Where(e => (bias ?? e.Config.bias) == "lora_only"))
+            foreach (var entry in training.Where(e => (bias ?? e.Config.bias) == LoraBias.LoraOnly))
             {
                 foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
                     adaptedBiases.Add(layer.Path + ".bias");
@@ -706,9 +751,9 @@ namespace TorchLinear.Lora
         /// </summary>
         internal static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
         {
-            if (state is null || config.bias == "none")
+            if (state is null || config.bias == LoraBias.None)
                 return;
-            var others = state.Adapters.Where(a => a.Config.bias != "none").ToList();
+            var others = state.Adapters.Where(a => a.Config.bias != LoraBias.None).ToList();
             if (others.Count > 0)
                 throw new ArgumentException(
                     $"LoraModel.{caller}: '{adapter_name}' has bias \"{config.bias}\", and {string.Join(", ", others.Select(o => $"'{o.Name}' has bias \"{o.Config.bias}\""))} already: " +

@@ -103,7 +103,11 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>The adapters of this layer, in the order they were added.</summary>
-        public IReadOnlyList<LoraLayer> lora_layers => Layer.Adapters.OfType<LoraLayer>().ToList();
+        public IReadOnlyList<LoraLayer> LoraLayers => Layer.Adapters.OfType<LoraLayer>().ToList();
+
+        /// <summary>The old name of <see cref="LoraLayers"/>.</summary>
+        [Obsolete("use LoraWrapper.LoraLayers")]
+        public IReadOnlyList<LoraLayer> lora_layers => LoraLayers;
 
         /// <summary>The base layer's weight, (out_features, in_features).</summary>
         public Parameter weight

@@ -10,7 +10,7 @@ using static TorchSharp.torch;
 namespace TorchLinear.Lora
 {
     /// <summary>
-    /// The rows of one <see cref="LoraModel.mixed_batch"/> scope, grouped by adapter: the groups in the order their adapters
+    /// The rows of one <see cref="LoraModel.MixedBatch"/> scope, grouped by adapter: the groups in the order their adapters
     /// first appear, each a contiguous range of <see cref="Order"/> (row indices, each group's rows in batch order).
     /// </summary>
     internal sealed class MixedBatch : IDisposable

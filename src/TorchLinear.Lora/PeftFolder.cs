@@ -185,12 +185,12 @@ namespace TorchLinear.Lora
         /// </summary>
         private static (string Saved, string Wrapper, string Inner)? WrapperCopy(LoraConfig config, string name)
         {
-            if (config.bias != "all" || !name.Contains("bias", StringComparison.Ordinal))
+            if (config.bias != LoraBias.All || !name.Contains("bias", StringComparison.Ordinal))
                 return null;
             foreach (string wrapper in new[] { "modules_to_save", "original_module" })
             {
                 int at = name.IndexOf($".{wrapper}.", StringComparison.Ordinal);
-                if (at > 0 && ModuleMatching.is_module_to_save(config, name[..at]))
+                if (at > 0 && ModuleMatching.IsModuleToSave(config, name[..at]))
                     return (name[..at], wrapper, name[(at + wrapper.Length + 2)..]);
             }
             return null;
@@ -223,7 +223,7 @@ namespace TorchLinear.Lora
         {
             for (int end = name.IndexOf('.'); end >= 0; end = name.IndexOf('.', end + 1))
             {
-                if (ModuleMatching.is_module_to_save(config, name[..end]))
+                if (ModuleMatching.IsModuleToSave(config, name[..end]))
                     return name[..end];
             }
             return null;
@@ -272,7 +272,7 @@ namespace TorchLinear.Lora
                 // PEFT's keys: an adapted layer's bias is its base_layer's (PEFT, loading with strict=False, drops the plain
                 // key of an adapted layer without a word); any other bias keeps its own name. PEFT's bias = "lora_only"
                 // saves none of the biases it trains (its key is <path>.bias, which its layer lacks); these are saved.
-                if ((config.bias == "all" && isBias) || (config.bias == "lora_only" && adaptedBiases.Contains(name)))
+                if ((config.bias == LoraBias.All && isBias) || (config.bias == LoraBias.LoraOnly && adaptedBiases.Contains(name)))
                     Put(SavedKey(name, adaptedPaths), parameter, Prefix + name);
             }
             foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(entry.Name)))
@@ -281,7 +281,7 @@ namespace TorchLinear.Lora
                     Put($"{Prefix}{saved.Path}.{name}", tensor);
             }
             Directory.CreateDirectory(directory);
-            config.save(Path.Combine(directory, ConfigFile));
+            config.save_pretrained(Path.Combine(directory, ConfigFile));
             Safetensors.SaveStateDict(Path.Combine(directory, SafetensorsFile), tensors);
         }
     }

@@ -90,7 +90,7 @@ namespace TorchLinear.Lora
         public IReadOnlyList<string> add_adapter(string adapter_name, LoraConfig peft_config)
         {
             Live(nameof(add_adapter));
-            return LoraModel.inject(Model, peft_config, adapter_name);
+            return LoraModel.Inject(Model, peft_config, adapter_name);
         }
 
         /// <summary>PEFT's <c>load_adapter</c>: another adapter from a PEFT folder, added inactive (see <see cref="LoraModel.load_adapter"/>).</summary>
@@ -283,7 +283,7 @@ namespace TorchLinear.Lora
         /// adapters or are not finite, the ranks differ for <c>linear</c>, an adapter is DoRA, several save the same module,
         /// or their target_modules are of different kinds; nothing changed.</exception>
         /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
-        public void add_weighted_adapter(IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name, string combination_type = "svd", int? svd_rank = null)
+        public void add_weighted_adapter(IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name, string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
             var model = Model;
             ArgumentNullException.ThrowIfNull(adapters);

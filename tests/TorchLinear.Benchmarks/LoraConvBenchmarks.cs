@@ -57,7 +57,7 @@ namespace TorchLinear.Benchmarks
         {
             var model = Model();
             manual_seed(1);
-            LoraModel.inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules = new[] { "stem", "down", "block", "mix" }, init_lora_weights = "false" });
+            LoraModel.Inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules = new[] { "stem", "down", "block", "mix" }, init_lora_weights = "false" });
             model.eval();
             return model;
         }

@@ -103,7 +103,7 @@ namespace TorchLinear.Lora.Tests
                     adapter.lora_A.weight.copy_(tensors[$"base_model.model.{path}.lora_A.weight"]);
                     adapter.lora_B.weight.copy_(tensors[$"base_model.model.{path}.lora_B.weight"]);
                 }
-                conv.register_forward_hook((module, input, output) => adapter.add_to(output, input, module.training));
+                conv.register_forward_hook((module, input, output) => adapter.AddTo(output, input, module.training));
                 adapted.Add((path, conv, adapter));
             }
             return adapted;
@@ -177,17 +177,17 @@ namespace TorchLinear.Lora.Tests
             Equivalence.AssertClose(unmerged, cases[$"{net}.unmerged"]);
             Equivalence.AssertClose(unmerged, cases[$"{net}.loaded"]);
 
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             var state = model.state_dict();
             foreach (string path in ConvNets.Targets[net])
                 Equivalence.AssertClose(state[$"{path}.weight"], cases[$"{net}.merged.{path}.weight"]);
             Equivalence.AssertClose(Ports.Run(model, x), cases[$"{net}.merged"]);
 
-            LoraModel.unmerge(model);
+            LoraModel.unmerge_adapter(model);
             Assert.True(Equivalence.Compare(Ports.Run(model, x), unmerged).BitExact, "unmerged back: the bits of before the merge");
             Equivalence.AssertClose(unmerged, cases[$"{net}.unmerged_back"]);
 
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Ports.Run(model, x), cases[$"{net}.base"]);
 
             LoraModel.merge_and_unload(model);
@@ -215,9 +215,9 @@ namespace TorchLinear.Lora.Tests
             double eps = dtype switch { ScalarType.Float16 => Math.Pow(2, -10), ScalarType.BFloat16 => Math.Pow(2, -7), _ => Math.Pow(2, -23) };
             double tolerance = 8 * eps * cases["conv2d.unmerged"].abs().max().item<float>();
             Assert.True(Equivalence.Compare(unmerged.to(ScalarType.Float32), cases["conv2d.unmerged"]).MaxAbsDiff < tolerance);
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             Assert.True(Equivalence.Compare(Ports.Run(model, cases["conv2d.input"].to(dtype)).to(ScalarType.Float32), cases["conv2d.merged"]).MaxAbsDiff < tolerance);
-            LoraModel.unmerge(model);
+            LoraModel.unmerge_adapter(model);
             Assert.True(Equivalence.Compare(Ports.Run(model, cases["conv2d.input"].to(dtype)), unmerged).BitExact);
         }
 
@@ -233,7 +233,7 @@ namespace TorchLinear.Lora.Tests
             Tensor x = cases[$"{net}.input"];
             Tensor baseOutput = Ports.Run(model, x);
             LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, net));
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             LoraModel.unload(model);
             Assert.Equal(before, Ports.Bits(model));
             if (model is ConvNets.ConvNet2d twin)
@@ -274,7 +274,7 @@ namespace TorchLinear.Lora.Tests
             using var model = ConvNets.Base("conv2d");
             LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d"));
             LoraModel.load_adapter(model, Path.Combine(ConvNets.Folder, "conv2d", "second"), "second");
-            using (LoraModel.mixed_batch(model, Mixed))
+            using (LoraModel.MixedBatch(model, Mixed))
                 Equivalence.AssertClose(Ports.Run(model, cases["conv2d.mixed_input"]), cases["conv2d.mixed"]);
         }
 
@@ -303,7 +303,7 @@ namespace TorchLinear.Lora.Tests
             string output = Directory.CreateTempSubdirectory("torchlinear-conv-").FullName;
             try
             {
-                LoraModel.save_adapter(model, output);
+                LoraModel.save_pretrained(model, output);
                 foreach (string sub in new[] { "", "second" })
                 {
                     var theirs = StateDicts.ReadPyTorchFile(Path.Combine(ConvNets.Folder, "conv2d", sub, "adapter_model.safetensors"));
@@ -328,7 +328,7 @@ namespace TorchLinear.Lora.Tests
             manual_seed(11);
             using var model = new ConvNets.ConvNet2d();
             StateDicts.LoadPyTorchFile(model, Path.Combine(ConvNets.Folder, "base_conv2d.safetensors"));
-            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"], init_lora_weights = "false" });
+            LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"], init_lora_weights = "false" });
             var state = model.state_dict();
             foreach (var (key, theirs) in saved)
             {
@@ -376,7 +376,7 @@ namespace TorchLinear.Lora.Tests
                 _ => nn.Conv3d(4, 8, 3),
             });
             var before = Ports.Bits(model);
-            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = 4, target_modules = new[] { "conv" }, use_dora = kind == "dora" }));
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { r = 4, target_modules = new[] { "conv" }, use_dora = kind == "dora" }));
             Assert.Contains(message, error.Message);
             Assert.Equal(before, Ports.Bits(model));
             Assert.IsNotType<LoraConvWrapper>(model.conv);
@@ -402,14 +402,14 @@ namespace TorchLinear.Lora.Tests
         {
             using var scope = NewDisposeScope();
             using var model = new ForwardStem();
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "stem", "down" } });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "stem", "down" } });
             // down is wrapped and runs its adapter from forward(x); stem keeps its type, and forward(x) runs no hook.
             Assert.IsType<LoraConvWrapper>(model.down);
             var error = Assert.Throws<InvalidOperationException>(() => model.call(randn(1, 3, 6, 6)));
             Assert.Contains("did not run in this call of ForwardStem, so its output lacks their updates: stem ", error.Message);
             Assert.DoesNotContain("down", error.Message[..error.Message.IndexOf(" (", StringComparison.Ordinal)]);
             // Merged, the adapter needs no hook.
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             model.call(randn(1, 3, 6, 6));
         }
 
@@ -420,7 +420,7 @@ namespace TorchLinear.Lora.Tests
             // stays float32; a wrapper converts its adapters with it.
             using var scope = NewDisposeScope();
             using var model = new ConvNets.ConvNet2d();
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "stem", "down" } });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "stem", "down" } });
             model.to(ScalarType.Float64);
             var error = Assert.Throws<InvalidOperationException>(() => model.call(randn(1, 3, 9, 10, dtype: ScalarType.Float64)));
             Assert.Contains("stem: the adapter is Float32 on cpu, but the convolution computes Float64 on cpu. TorchSharp's convolutions do not pass .to(...) on to their children", error.Message);
@@ -441,22 +441,22 @@ namespace TorchLinear.Lora.Tests
             long before = Live();
             using (var model = new ConvNets.ConvNet2d())
             {
-                LoraModel.inject(model, config);
+                LoraModel.Inject(model, config);
                 using (var x = randn(2, 3, 9, 10))
                 using (var output = model.call(x))
                 using (var squared = output.square())
                 using (var loss = squared.sum())
                     loss.backward();
-                LoraModel.merge(model);
-                LoraModel.unmerge(model);
-                using (LoraModel.disable_adapters(model)) { }
+                LoraModel.merge_adapter(model);
+                LoraModel.unmerge_adapter(model);
+                using (LoraModel.disable_adapter(model)) { }
                 LoraModel.unload(model);
             }
             Assert.True(Live() - before == plain, $"trained, merged, unmerged, disabled, unloaded: {Live() - before} tensors alive, {plain} without adapters");
             before = Live();
             using (var model = new ConvNets.ConvNet2d())
             {
-                LoraModel.inject(model, config);
+                LoraModel.Inject(model, config);
                 LoraModel.merge_and_unload(model);
             }
             Assert.True(Live() - before == plain, $"merge_and_unload: {Live() - before} tensors alive, {plain} without adapters");
@@ -464,8 +464,8 @@ namespace TorchLinear.Lora.Tests
             before = Live();
             using (var model = new ConvNets.ConvNet2d())
             {
-                LoraModel.inject(model, config);
-                LoraModel.merge(model);
+                LoraModel.Inject(model, config);
+                LoraModel.merge_adapter(model);
             }
             Assert.True(Live() - before == plain, $"disposed while merged: {Live() - before} tensors alive, {plain} without adapters");
         }
@@ -477,7 +477,7 @@ namespace TorchLinear.Lora.Tests
             var cases = ConvNets.Cases();
             Tensor x = cases["conv2d.input"];
             using var model = ConvNets.Base("conv2d");
-            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"], lora_dropout = 0.5 });
+            LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"], lora_dropout = 0.5 });
             var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).OrderBy(n => n, StringComparer.Ordinal).ToList();
             Assert.Equal(ConvNets.Targets["conv2d"].SelectMany(t => new[] { $"{t}.lora_A.default.weight", $"{t}.lora_B.default.weight" }).OrderBy(n => n, StringComparer.Ordinal), trainable);
             // lora_B starts at zero (init_lora_weights true): the model is the base model, bit for bit, in eval mode.
@@ -503,7 +503,7 @@ namespace TorchLinear.Lora.Tests
         private static nn.Module<Tensor, Tensor> TrainedHere(string net)
         {
             var model = ConvNets.Base(net);
-            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets[net] });
+            LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets[net] });
             using (no_grad())
             {
                 foreach (var (key, parameter) in model.named_parameters().Where(p => p.parameter.requires_grad))
@@ -534,7 +534,7 @@ namespace TorchLinear.Lora.Tests
             foreach (string net in ConvNets.Targets.Keys)
             {
                 using var model = TrainedHere(net);
-                LoraModel.save_adapter(model, Path.Combine(folder, net));
+                LoraModel.save_pretrained(model, Path.Combine(folder, net));
                 outputs[$"{net}.input"] = cases[$"{net}.input"];
                 outputs[$"{net}.output"] = Ports.Run(model, cases[$"{net}.input"]);
             }
@@ -641,7 +641,7 @@ namespace TorchLinear.Lora.Tests
             manual_seed(3);
             Convolution conv = dims == 1 ? nn.Conv1d(6, 5, k0) : nn.Conv2d(6, 5, (k1 == 0 ? k0 : k1, k2 == 0 ? k0 : k2));
             using var adapter = new LoraConvLayer(conv, r: 3, lora_alpha: 5, init_lora_weights: "false");
-            Tensor delta = adapter.delta_weight();
+            Tensor delta = adapter.get_delta_weight();
             Assert.Equal(conv.weight.shape, delta.shape);
             Equivalence.AssertClose(delta, DeltaByHand(adapter).to(ScalarType.Float32));
             conv.Dispose();
@@ -656,8 +656,8 @@ namespace TorchLinear.Lora.Tests
             using var conv = nn.Conv2d(4, 6, (3, 2), stride: (2, 1), padding: (1, 0));
             using var adapter = new LoraConvLayer(conv, r: 2, lora_alpha: 3, init_lora_weights: "false");
             Tensor x = randn(2, 4, 7, 5);
-            Tensor unmerged = adapter.add_to(conv.call(x), x, training: false);
-            Tensor merged = nn.functional.conv2d(x, conv.weight + adapter.delta_weight(), conv.bias, new long[] { 2, 1 }, new long[] { 1, 0 });
+            Tensor unmerged = adapter.AddTo(conv.call(x), x, training: false);
+            Tensor merged = nn.functional.conv2d(x, conv.weight + adapter.get_delta_weight(), conv.bias, new long[] { 2, 1 }, new long[] { 1, 0 });
             Equivalence.AssertClose(unmerged, merged);
         }
 
@@ -674,10 +674,10 @@ namespace TorchLinear.Lora.Tests
             using (no_grad())
             {
                 // Eval: no dropout.
-                Equivalence.AssertClose(adapter.add_to(conv.call(x), x, training: false), conv.call(x) + Update(x));
+                Equivalence.AssertClose(adapter.AddTo(conv.call(x), x, training: false), conv.call(x) + Update(x));
                 // Training: PEFT's lora_B(lora_A(dropout(x))) · scaling, the base output untouched by the dropout.
                 manual_seed(8);
-                Tensor trained = adapter.add_to(conv.call(x), x, training: true);
+                Tensor trained = adapter.AddTo(conv.call(x), x, training: true);
                 manual_seed(8);
                 Tensor dropped = nn.functional.dropout(x, 0.5, training: true);
                 Equivalence.AssertClose(trained, conv.call(x) + Update(dropped));
@@ -757,8 +757,8 @@ namespace TorchLinear.Lora.Tests
             using var conv = nn.Conv2d(3, 4, 3, Padding.Same);
             using var adapter = new LoraConvLayer(conv, r: 2, init_lora_weights: "false");
             Tensor x = randn(1, 3, 6, 5);
-            Tensor output = adapter.add_to(conv.call(x), x, training: false);
-            Tensor merged = nn.functional.conv2d_padding(x, conv.weight + adapter.delta_weight(), conv.bias, null, Padding.Same);
+            Tensor output = adapter.AddTo(conv.call(x), x, training: false);
+            Tensor merged = nn.functional.conv2d_padding(x, conv.weight + adapter.get_delta_weight(), conv.bias, null, Padding.Same);
             Equivalence.AssertClose(output, merged);
         }
     }

@@ -57,9 +57,9 @@ namespace TorchLinear.Lora.Tests
                 using var b = Mlp(7);
                 // The same seed before each, so both draw the same adapters.
                 manual_seed(11);
-                LoraModel.inject(a, Config(2));
+                LoraModel.Inject(a, Config(2));
                 manual_seed(12);
-                LoraModel.inject(a, Config(3), "other");
+                LoraModel.Inject(a, Config(3), "other");
                 manual_seed(11);
                 var peft = LoraModel.get_peft_model(b, Config(2));
                 manual_seed(12);
@@ -70,13 +70,13 @@ namespace TorchLinear.Lora.Tests
                 peft.set_adapter("default", "other");
                 Assert.True(Same(a.call(x), b.call(x)), "set_adapter");
 
-                LoraModel.merge(a);
+                LoraModel.merge_adapter(a);
                 peft.merge_adapter();
                 Assert.True(Same(a.call(x), b.call(x)), "merge / merge_adapter");
-                using (LoraModel.disable_adapters(a))
+                using (LoraModel.disable_adapter(a))
                 using (peft.disable_adapter())
                     Assert.True(Same(a.call(x), b.call(x)), "disable_adapters / disable_adapter");
-                LoraModel.unmerge(a);
+                LoraModel.unmerge_adapter(a);
                 peft.unmerge_adapter();
                 Assert.True(Same(a.call(x), b.call(x)), "unmerge / unmerge_adapter");
 
@@ -88,7 +88,7 @@ namespace TorchLinear.Lora.Tests
 
                 var rows = new[] { "default", "other", LoraModel.BaseModel, "mix", "default" };
                 Tensor fromStatic, fromObject;
-                using (LoraModel.mixed_batch(a, rows))
+                using (LoraModel.MixedBatch(a, rows))
                     fromStatic = a.call(x);
                 using (peft.MixedBatch(rows))
                     fromObject = b.call(x);
@@ -96,7 +96,7 @@ namespace TorchLinear.Lora.Tests
 
                 Assert.Equal(LoraModel.get_nb_trainable_parameters(a), peft.get_nb_trainable_parameters());
 
-                LoraModel.save_adapter(a, Path.Combine(root, "a"));
+                LoraModel.save_pretrained(a, Path.Combine(root, "a"));
                 peft.save_pretrained(Path.Combine(root, "b"));
                 foreach (string file in new[] { "adapter_model.safetensors", "other/adapter_model.safetensors", "mix/adapter_config.json" })
                     Assert.Equal(File.ReadAllBytes(Path.Combine(root, "a", file)), File.ReadAllBytes(Path.Combine(root, "b", file)));
@@ -153,7 +153,7 @@ namespace TorchLinear.Lora.Tests
             peft.unload();
             Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => peft.set_adapter("default")).Message);
             Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => PeftModel.Of(model)).Message);
-            LoraModel.inject(model, Config(4), "again");
+            LoraModel.Inject(model, Config(4), "again");
             Assert.Equal(new[] { "again" }, peft.active_adapters);  // the old object follows the model
             Assert.Equal(4, PeftModel.Of(model).peft_config["again"].r);
         }
@@ -162,7 +162,7 @@ namespace TorchLinear.Lora.Tests
         public void Of_AModelThatHoldsTheAdaptedOne_SaysWhereTheAdaptersAre()
         {
             using var inner = Mlp(6);
-            LoraModel.inject(inner, Config(2));
+            LoraModel.Inject(inner, Config(2));
             using var outer = nn.Sequential(("inner", inner));
             var error = Assert.Throws<InvalidOperationException>(() => PeftModel.Of(outer));
             Assert.Contains("the adapters were put into a Sequential, not into this Sequential", error.Message);

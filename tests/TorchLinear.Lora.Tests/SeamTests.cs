@@ -21,7 +21,7 @@ namespace TorchLinear.Lora.Tests
                                      ("4", nn.Linear(256, 256)), ("5", nn.ReLU()), ("6", nn.Linear(256, 256)));
             wide.to(ScalarType.Float64);
             for (int i = 0; i < names.Length; i++)
-                LoraModel.inject(wide, new LoraConfig { r = 4, lora_alpha = 3 + i, target_modules_regex = "all-linear" }, names[i]);
+                LoraModel.Inject(wide, new LoraConfig { r = 4, lora_alpha = 3 + i, target_modules_regex = "all-linear" }, names[i]);
             using (no_grad())
             {
                 foreach (var (_, parameter) in wide.named_parameters().Where(p => p.name.Contains(".lora_B.", StringComparison.Ordinal)))
@@ -42,7 +42,7 @@ namespace TorchLinear.Lora.Tests
             var input = randn(20, 256, dtype: ScalarType.Float64);
             Tensor mixed;
             using (no_grad())
-            using (LoraModel.mixed_batch(model, rows))
+            using (LoraModel.MixedBatch(model, rows))
                 mixed = model.call(input);
             foreach (string name in names.Append(LoraModel.BaseModel))
             {
@@ -51,7 +51,7 @@ namespace TorchLinear.Lora.Tests
                 {
                     if (name == LoraModel.BaseModel)
                     {
-                        using (LoraModel.disable_adapters(model))
+                        using (LoraModel.disable_adapter(model))
                             alone = model.call(input);
                     }
                     else

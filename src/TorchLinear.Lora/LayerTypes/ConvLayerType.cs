@@ -102,7 +102,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>The adapters of this layer, in the order they were added.</summary>
-        public IReadOnlyList<LoraConvLayer> lora_layers => Layer.Adapters.OfType<LoraConvLayer>().ToList();
+        public IReadOnlyList<LoraConvLayer> LoraLayers => Layer.Adapters.OfType<LoraConvLayer>().ToList();
 
         /// <summary>The base convolution's weight, (out_channels, in_channels, *kernel_size).</summary>
         public Parameter weight

@@ -66,7 +66,7 @@ namespace TorchLinear.Lora
         /// <summary>A wrapper (of <see cref="WrapperType"/>) that runs <paramref name="layer"/>'s adapters in its own forward.</summary>
         nn.Module Wrap(nn.Module module, AdaptedLayer layer);
 
-        /// <summary>The update <see cref="IAdapter.delta_weight"/> as the matrix B A (out × in) whose best low-rank factors a weighted <c>svd</c> combination takes.</summary>
+        /// <summary>The update <see cref="IAdapter.get_delta_weight"/> as the matrix B A (out × in) whose best low-rank factors a weighted <c>svd</c> combination takes.</summary>
         Tensor DeltaMatrix(Tensor delta);
 
         /// <summary>Whether a mixed batch may stack this type's plain adapters into one pair of products (<see cref="LoraLayer.AddLowRank(Tensor, Tensor, Tensor, Tensor, Tensor)"/>).</summary>

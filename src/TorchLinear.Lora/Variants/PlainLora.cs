@@ -33,7 +33,7 @@ namespace TorchLinear.Lora
         /// <summary>
         /// <c>W += Δ</c>. For float32, as in the forward, fused: one <c>addmm_</c> with the scaling as its alpha, no
         /// full-size temporary (PEFT adds the product times the scaling, which can differ in the last bit); every other
-        /// dtype adds <see cref="LoraLayer.delta_weight"/>, PEFT's formula.
+        /// dtype adds <see cref="LoraLayer.get_delta_weight"/>, PEFT's formula.
         /// </summary>
         public void Merge(LoraLayer adapter, Tensor weight)
         {
@@ -42,7 +42,7 @@ namespace TorchLinear.Lora
                 weight.addmm_(b, a, 1, (float)adapter.scaling);
             else
             {
-                using var delta = adapter.delta_weight();
+                using var delta = adapter.get_delta_weight();
                 weight.add_(delta, One);
             }
         }
