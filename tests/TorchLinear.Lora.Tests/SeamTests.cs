@@ -1,4 +1,5 @@
 using System;
+using System.Collections.Generic;
 using System.Linq;
 using TorchLinear.Tests;
 using TorchSharp;
@@ -68,6 +69,51 @@ namespace TorchLinear.Lora.Tests
                 double scale = expected.abs().max().item<double>();
                 double difference = (mine - expected).abs().max().item<double>();
                 Assert.True(difference <= 1e-12 * scale, $"rows of {name}: {difference:G3} from the rows computed alone (largest |y| {scale:G3})");
+            }
+        }
+    
+        /// <summary>
+        /// A layer type's update as a matrix (ILoraLayerType.DeltaMatrix: an embedding's ΔW is (B A)ᵀ): an svd combination of
+        /// full rank gives exactly Σ wᵢ sᵢ ΔWᵢ (PEFT's formula, each update weighed by its scaling again), on a non-square
+        /// embedding and a non-square Linear, checked against the adapters' own outputs.
+        /// </summary>
+        [Fact]
+        public void AFullRankSvdCombination_IsTheWeightedSumOfTheUpdates_ForEveryLayerType()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(3);
+            using var model = nn.Sequential(("emb", nn.Embedding(10, 6)), ("fc", nn.Linear(6, 9)));
+            model.to(ScalarType.Float64);
+            model.eval();
+            LoraModel.Inject(model, new LoraConfig { r = 2, lora_alpha = 3, target_modules = new[] { "emb", "fc" }, init_lora_weights = LoraInit.False });
+            LoraModel.Inject(model, new LoraConfig { r = 1, lora_alpha = 5, target_modules = new[] { "emb", "fc" }, init_lora_weights = LoraInit.False }, "b");
+            // Each layer alone, on its own input: the update of each adapter is its output less the base's.
+            var inputs = new Dictionary<string, Tensor> { ["emb"] = tensor(new long[] { 0, 3, 9, 4, 7 }), ["fc"] = randn(5, 6, dtype: ScalarType.Float64) };
+            Tensor Layer(string name, string? adapter)
+            {
+                using var noGrad = no_grad();
+                var layer = (nn.Module<Tensor, Tensor>)model.named_children().First(c => c.name == name).module;
+                if (adapter is null)
+                {
+                    using (LoraModel.disable_adapter(model))
+                        return layer.call(inputs[name]);
+                }
+                LoraModel.set_adapter(model, adapter);
+                return layer.call(inputs[name]);
+            }
+            var (w1, w2, s1, s2) = (0.7, -1.3, 3.0 / 2, 5.0 / 1);
+            var expected = inputs.Keys.ToDictionary(name => name, name =>
+            {
+                var plain = Layer(name, null);
+                return plain + (Layer(name, "default") - plain) * (w1 * s1) + (Layer(name, "b") - plain) * (w2 * s2);
+            });
+            LoraModel.add_weighted_adapter(model, new[] { "default", "b" }, new[] { w1, w2 }, "mix", CombinationType.Svd, svd_rank: 3);
+            foreach (string name in inputs.Keys)
+            {
+                var actual = Layer(name, "mix");
+                // PEFT's svd weighs the updates with float32 weights: 1e-7 relative; a transposed or misplaced factor is O(1).
+                double difference = (actual - expected[name]).abs().max().item<double>();
+                Assert.True(difference <= 1e-6 * expected[name].abs().max().item<double>(), $"{name}: the combined adapter's output is {difference:G3} from the weighted sum of the updates");
             }
         }
     }
