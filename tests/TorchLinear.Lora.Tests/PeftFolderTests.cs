@@ -174,6 +174,80 @@ namespace TorchLinear.Lora.Tests
             }
         }
 
+        [Fact]
+        public void AnAttentionFolder_WithLoraOnlyBiasesUnderTheOldPlainKey_LoadsThem_AndGivesTheBiasedOutput()
+        {
+            using var scope = NewDisposeScope();
+            // PEFT 0.18.1 saves no bias with bias = "lora_only", so PEFT's attention folder cannot show that trained
+            // lora_only biases load. Here they are put into PEFT's folder as this library wrote them before: under the
+            // plain key <path>.bias of each adapted layer, moved away from the pretrained values.
+            var pretrained = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "attention", "base.safetensors"));
+            var adapted = new[] { "q_proj", "v_proj", "o_proj" }.SelectMany(p => new[] { 0, 1 }.Select(l => $"model.layers.{l}.self_attn.{p}")).ToArray();
+            string folder = Mutated("attention", s =>
+            {
+                var tensors = new Dictionary<string, Tensor>(s);
+                foreach (string path in adapted)
+                {
+                    var bias = pretrained[$"{path}.bias"];
+                    tensors[$"base_model.model.{path}.bias"] = bias + (arange(bias.numel()) * 5 % 7 - 3).to(bias.dtype) / 16;
+                }
+                return tensors;
+            });
+            try
+            {
+                Assert.Equal("lora_only", (string?)JsonNode.Parse(File.ReadAllText(Path.Combine(folder, "adapter_config.json")))!["bias"]);
+                var cases = Cases("attention");
+                // The hand computation is PEFT's: on PEFT's own folder it gives PEFT's recorded output.
+                Equivalence.AssertClose(ByHand(Path.Combine(Folder, "attention"), cases["input"]), cases["adapted_output"]);
+
+                using var model = Pretrained("attention");
+                LoraModel.load_adapter(model, folder);
+                var output = Run(model, cases["input"]);
+
+                Equivalence.AssertClose(output, ByHand(folder, cases["input"]), msg: "the biases under <path>.bias were not loaded as they are in the file");
+                Assert.True(Equivalence.Compare(output, cases["adapted_output"]).MaxAbsDiff > 1e-2, "the moved biases do not show in the output");
+            }
+            finally
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+
+        /// <summary>
+        /// The attention classifier with an adapter folder applied by hand, in float64, without this library: each adapted
+        /// layer's weight W + s·B·A (rsLoRA: s = alpha/√r, r = lora_A's rows, alpha from alpha_pattern by the path's
+        /// suffix, else lora_alpha), and every parameter the file holds under its plain key (the saved classifier head, the
+        /// biases) copied in.
+        /// </summary>
+        private static Tensor ByHand(string folder, Tensor input)
+        {
+            using var scope = NewDisposeScope();
+            const string prefix = "base_model.model.";
+            var file = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+            var config = JsonNode.Parse(File.ReadAllText(Path.Combine(folder, "adapter_config.json")))!.AsObject();
+            Assert.True((bool)config["use_rslora"]! && !(bool)config["use_dora"]!, "ByHand computes rsLoRA without DoRA");
+            var alphas = config["alpha_pattern"]!.AsObject().ToDictionary(kv => kv.Key, kv => (double)kv.Value!);
+            using var model = Pretrained("attention");
+            model.to(ScalarType.Float64);
+            using (no_grad())
+            {
+                foreach (var (name, parameter) in model.named_parameters())
+                {
+                    string path = name[..name.LastIndexOf('.')];
+                    if (name.EndsWith(".weight", StringComparison.Ordinal) && file.TryGetValue($"{prefix}{path}.lora_A.weight", out var a))
+                    {
+                        var b = file[$"{prefix}{path}.lora_B.weight"];
+                        var pattern = alphas.Where(kv => path == kv.Key || path.EndsWith("." + kv.Key, StringComparison.Ordinal)).ToList();
+                        double alpha = pattern.Count == 1 ? pattern[0].Value : (double)config["lora_alpha"]!;
+                        parameter.add_(b.to(ScalarType.Float64).matmul(a.to(ScalarType.Float64)) * (alpha / Math.Sqrt(a.shape[0])));
+                    }
+                    if (file.TryGetValue(prefix + name, out var saved))
+                        parameter.copy_(saved);
+                }
+            }
+            return Run(model, input.to(ScalarType.Float64)).to(ScalarType.Float32).MoveToOuterDisposeScope();
+        }
+
         // ---- Files that do not fit: refused, every problem named, the model unchanged ---------------------------------
 
         /// <summary>A copy of a reference folder with its tensors and config changed.</summary>

@@ -20,8 +20,10 @@ namespace TorchLinear.Lora.Tests
     /// disagreement PEFT found, on a folder the results do not cover, on a results file older than the folders or the
     /// script, on a case whose checks are not the expected ones, and when the library now writes other tensors or
     /// computes other outputs than the ones PEFT checked.
-    /// Rewrite the folders with <c>TORCHLINEAR_WRITE_FROM_DOTNET=1 dotnet test tests/TorchLinear.Lora.Tests --filter WayBack</c>,
-    /// then run <c>check_from_dotnet.py</c> (its docstring) and commit both.
+    /// Rewrite the folders with <c>TORCHLINEAR_WRITE_FROM_DOTNET=1 dotnet test tests/TorchLinear.Lora.Tests --filter WayBack</c>
+    /// (it writes into the source tree, and the same run fails if any adapter file changed, as PEFT has not checked it yet), then
+    /// run <c>check_from_dotnet.py</c> (its docstring), run these tests again, and commit the folders with results.json
+    /// (ReferenceData/RealPeft/README.md).
     /// </summary>
     public class WayBackTests
     {
