@@ -502,11 +502,11 @@ namespace TorchLinear.Lora
 
         /// <summary>
         /// Throws what the constructor throws for these arguments, without making anything or drawing a random number:
-        /// for a host that checks its adapter's arguments before it initialises its own layer.
+        /// for this package's hosts, which check an adapter's arguments before they make anything.
         /// </summary>
         /// <exception cref="ArgumentOutOfRangeException">An argument is out of its range; the exception names it.</exception>
         /// <exception cref="ArgumentException">The dtype is not Float32, Float64, Float16 or BFloat16.</exception>
-        public static void CheckArguments(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, ScalarType dtype)
+        internal static void CheckArguments(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, ScalarType dtype)
         {
             if (in_features < 1)
                 throw new ArgumentOutOfRangeException(nameof(in_features), in_features, $"LoraLayer: in_features must be 1 or more, but is {in_features}.");
