@@ -7,6 +7,7 @@
 // with W (out, in) and b frozen, A (r, in) and B (out, r) trainable, A ~ kaiming_uniform(a = √5), B = 0 (loralib.Linear).
 using System;
 using System.Collections.Generic;
+using System.Globalization;
 using System.Linq;
 using TorchLinear.Lora;
 using TorchSharp;
@@ -77,7 +78,7 @@ namespace TorchLinear.Samples
         public static LoraLinear FromLinear(CustomLinear pretrained, int r, double lora_alpha = 1.0, double lora_dropout = 0.0, bool use_rslora = false)
         {
             ArgumentNullException.ThrowIfNull(pretrained);
-            LoraLayer.CheckArguments(pretrained.in_features, pretrained.out_features, r, lora_alpha, lora_dropout, pretrained.weight.dtype);
+            CheckArguments(pretrained.in_features, pretrained.out_features, r, lora_alpha, lora_dropout, pretrained.weight.dtype);
             return new LoraLinear(pretrained, r, lora_alpha, lora_dropout, use_rslora, ownsSource: false);
         }
 
@@ -88,7 +89,7 @@ namespace TorchLinear.Samples
             ArgumentNullException.ThrowIfNull(pretrained);
             if (pretrained.weight.dim() != 2)
                 throw new ArgumentException($"LoraLinear.FromLinear: the pretrained weight must be 2-D (out_features, in_features), but has shape [{string.Join(", ", pretrained.weight.shape)}].", nameof(pretrained));
-            LoraLayer.CheckArguments(pretrained.weight.size(1), pretrained.weight.size(0), r, lora_alpha, lora_dropout, pretrained.weight.dtype);
+            CheckArguments(pretrained.weight.size(1), pretrained.weight.size(0), r, lora_alpha, lora_dropout, pretrained.weight.dtype);
             // A temporary CustomLinear over copies of nn.Linear's tensors; the constructor copies again and disposes it.
             var copy = new CustomLinear(new Parameter(pretrained.weight.detach().clone()),
                                         pretrained.bias is null ? null : new Parameter(pretrained.bias.detach().clone()));
@@ -153,7 +154,7 @@ namespace TorchLinear.Samples
         public Tensor delta_weight()
         {
             ThrowIfDisposed();
-            return _lora.delta_weight();
+            return _lora.get_delta_weight();
         }
 
         /// <summary>
@@ -194,7 +195,7 @@ namespace TorchLinear.Samples
             }
             try
             {
-                return _lora.add_to(output, input, training);
+                return _lora.AddTo(output, input, training);
             }
             catch
             {
@@ -211,7 +212,7 @@ namespace TorchLinear.Samples
         {
             ThrowIfDisposed();
             var result = base.state_dict(destination, prefix);
-            if (_lora.weight_before_merge is { } unmerged)
+            if (_lora.WeightBeforeMerge is { } unmerged)
                 result[string.IsNullOrEmpty(prefix) ? "weight" : $"{prefix}.weight"] = unmerged;
             return result;
         }
@@ -334,8 +335,28 @@ namespace TorchLinear.Samples
         /// <summary>The base layer, made after the adapter's arguments are checked: a refused call draws no random numbers.</summary>
         private static CustomLinear BaseLayer(long in_features, long out_features, bool bias, Device? device, ScalarType? dtype, int r, double lora_alpha, double lora_dropout)
         {
-            LoraLayer.CheckArguments(in_features, out_features, r, lora_alpha, lora_dropout, dtype ?? get_default_dtype());
+            CheckArguments(in_features, out_features, r, lora_alpha, lora_dropout, dtype ?? get_default_dtype());
             return new CustomLinear(in_features, out_features, bias, device, dtype);
+        }
+
+        /// <summary>
+        /// The adapter's argument rules (those <see cref="LoraLayer"/>'s constructor applies), checked before the base layer
+        /// is made, so that a refused call draws no random numbers; the exception names the argument.
+        /// </summary>
+        private static void CheckArguments(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, ScalarType dtype)
+        {
+            if (in_features < 1)
+                throw new ArgumentOutOfRangeException(nameof(in_features), in_features, $"LoraLinear: in_features must be 1 or more, but is {in_features}.");
+            if (out_features < 1)
+                throw new ArgumentOutOfRangeException(nameof(out_features), out_features, $"LoraLinear: out_features must be 1 or more, but is {out_features}.");
+            if (r < 1)
+                throw new ArgumentOutOfRangeException(nameof(r), r, $"LoraLinear: the rank r must be 1 or more, but is {r}.");
+            if (!double.IsFinite(lora_alpha))
+                throw new ArgumentOutOfRangeException(nameof(lora_alpha), lora_alpha, $"LoraLinear: lora_alpha must be a finite number, but is {lora_alpha.ToString(CultureInfo.InvariantCulture)}.");
+            if (!(lora_dropout >= 0 && lora_dropout < 1))
+                throw new ArgumentOutOfRangeException(nameof(lora_dropout), lora_dropout, $"LoraLinear: lora_dropout must be in [0, 1), but is {lora_dropout.ToString(CultureInfo.InvariantCulture)}.");
+            if (dtype is not (ScalarType.Float32 or ScalarType.Float64 or ScalarType.Float16 or ScalarType.BFloat16))
+                throw new ArgumentException($"LoraLinear: adapters are made for Float32, Float64, Float16 and BFloat16 layers, not {dtype}.", nameof(dtype));
         }
     }
 }

@@ -31,13 +31,13 @@ Console.WriteLine($"{model.parameters().Sum(p => p.numel())} parameters; against
 // ---------------------------------------------------------------------------------------------------
 Console.WriteLine();
 Console.WriteLine("== 2. An adapter trained with PEFT in Python: adapter_config.json + adapter_model.safetensors");
-var config = LoraConfig.load(folder);
+var config = LoraConfig.from_pretrained(folder);
 Console.WriteLine($"r={config.r}, lora_alpha={config.lora_alpha}, use_rslora={config.use_rslora}, target_modules=[{string.Join(", ", config.target_modules!)}], " +
                   $"rank_pattern={{{string.Join(", ", config.rank_pattern.Select(kv => $"{kv.Key}: {kv.Value}"))}}}, modules_to_save=[{string.Join(", ", config.modules_to_save!)}]");
 var adapted = LoraModel.load_adapter(model, folder);
 Console.WriteLine($"adapted {adapted.Count} layers: {string.Join(", ", adapted)}");
 Console.WriteLine($"against PyTorch's adapted output: {Distance(Predict(model, x), cases["adapted_output"])}");
-using (LoraModel.disable_adapters(model))
+using (LoraModel.disable_adapter(model))
     Console.WriteLine($"with adapters disabled, against PyTorch's disable_adapter(): {Distance(Predict(model, x), cases["disabled_output"])}");
 
 // ---------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ Console.WriteLine();
 Console.WriteLine("== 3. A new adapter, fine-tuned in .NET: only lora_A and lora_B train");
 var tuned = Pretrained();
 var ourConfig = new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" }, task_type = "SEQ_CLS" };
-var ours = LoraModel.inject(tuned, ourConfig);
+var ours = LoraModel.Inject(tuned, ourConfig);
 LoraModel.mark_only_lora_as_trainable(tuned);
 long trainable = tuned.parameters().Where(p => p.requires_grad).Sum(p => p.numel());
 Console.WriteLine($"injected into {ours.Count} layers; trainable: {trainable} of {tuned.parameters().Sum(p => p.numel())} parameters");
@@ -78,7 +78,7 @@ Console.WriteLine($"loss on the shifted task: before {before:F5}, after {after:F
 Console.WriteLine();
 Console.WriteLine("== 4. Saved as PEFT files, reloaded into a fresh copy of the pretrained model");
 string saved = Path.Combine(Path.GetTempPath(), $"lora-model-sample-{Environment.ProcessId}");
-LoraModel.save_adapter(tuned, saved);
+LoraModel.save_pretrained(tuned, saved);
 Console.WriteLine($"wrote {string.Join(", ", Directory.GetFiles(saved).Select(Path.GetFileName).OrderBy(f => f))} " +
                   $"({new FileInfo(Path.Combine(saved, "adapter_model.safetensors")).Length} bytes of adapter)");
 var reloaded = Pretrained();

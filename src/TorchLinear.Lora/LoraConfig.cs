@@ -66,7 +66,7 @@ namespace TorchLinear.Lora
         public string? exclude_modules_regex { get; set; }
 
         /// <summary>Which biases train and are saved with the adapter: <c>none</c>, <c>all</c> or <c>lora_only</c>.</summary>
-        public string bias { get; set; } = "none";
+        public string bias { get; set; } = LoraBias.None;
 
         /// <summary>Rank-stabilised LoRA: scaling = lora_alpha / √r.</summary>
         public bool use_rslora { get; set; }
@@ -91,7 +91,7 @@ namespace TorchLinear.Lora
         /// B both as <c>nn.Linear</c> initialises its weight: the adapter changes the output from the start). The JSON
         /// file holds <c>true</c>, <c>false</c> or <c>"gaussian"</c>.
         /// </summary>
-        public string init_lora_weights { get; set; } = "true";
+        public string init_lora_weights { get; set; } = LoraInit.True;
 
         /// <summary>Per-module ranks: a key matches a path that ends with it at a dot (PEFT's <c>(.*\.)?(key)$</c>, a regex).</summary>
         public Dictionary<string, int> rank_pattern { get; set; } = new();
@@ -250,13 +250,13 @@ namespace TorchLinear.Lora
 
         // ---- The file ------------------------------------------------------------------------------------------------
 
-        /// <summary>Reads <c>adapter_config.json</c> (or a folder that holds one), checked as described on the class.</summary>
+        /// <summary>PEFT's <c>LoraConfig.from_pretrained</c>: reads <c>adapter_config.json</c> (or a folder that holds one), checked as described on the class.</summary>
         /// <exception cref="CheckpointFormatException">The file is not a usable LoRA configuration: not a regular file,
         /// too large, not strict JSON, not an object, a field of the wrong type or out of range, an invalid regular
         /// expression. The message names the file, the key and the rule.</exception>
         /// <exception cref="NotSupportedException">The configuration asks for a feature this library does not implement; the message names the key.</exception>
         /// <exception cref="FileNotFoundException">There is no such file.</exception>
-        public static LoraConfig load(string path)
+        public static LoraConfig from_pretrained(string path)
         {
             ArgumentNullException.ThrowIfNull(path);
             string file = Directory.Exists(path) ? Path.Combine(path, "adapter_config.json") : path;
@@ -291,10 +291,26 @@ namespace TorchLinear.Lora
             }
         }
 
-        /// <summary>Writes <c>adapter_config.json</c> (into <paramref name="path"/> when it is a folder), with PEFT's key names.</summary>
-        public void save(string path)
+        /// <summary>The old name of <see cref="from_pretrained"/>, which it calls.</summary>
+        /// <param name="path">As <see cref="from_pretrained"/>'s.</param>
+        [Obsolete("use LoraConfig.from_pretrained")]
+        public static LoraConfig load(string path) => from_pretrained(path);
+
+        /// <summary>The old name of <see cref="save_pretrained"/>, which it calls.</summary>
+        /// <param name="path">As <see cref="save_pretrained"/>'s.</param>
+        [Obsolete("use LoraConfig.save_pretrained")]
+        public void save(string path) => save_pretrained(path);
+
+        /// <summary>
+        /// PEFT's <c>save_pretrained</c>: writes <c>adapter_config.json</c> into the folder <paramref name="save_directory"/>
+        /// (made if missing), with PEFT's key names; a path ending in <c>.json</c> is the file itself.
+        /// </summary>
+        public void save_pretrained(string save_directory)
         {
-            ArgumentNullException.ThrowIfNull(path);
+            ArgumentNullException.ThrowIfNull(save_directory);
+            string path = save_directory;
+            if (!Directory.Exists(path) && !path.EndsWith(".json", StringComparison.OrdinalIgnoreCase))
+                Directory.CreateDirectory(path);
             string file = Directory.Exists(path) ? Path.Combine(path, "adapter_config.json") : path;
             static JsonNode? List(IReadOnlyList<string>? names) => names is null ? null : new JsonArray(names.Select(t => (JsonNode?)t).ToArray());
             var json = new JsonObject

@@ -8,33 +8,6 @@ using static TorchSharp.torch;
 
 namespace TorchLinear.Lora
 {
-    /// <summary>What a model's adapted layer asks of one adapter, whether it adapts a linear layer or an embedding.</summary>
-    internal interface IAdapter : IDisposable
-    {
-        string Name { get; }
-        string Owner { get; set; }
-        int r { get; }
-        double lora_alpha { get; }
-        double scaling { get; }
-        double lora_dropout { get; }
-        bool merged { get; }
-        IEnumerable<Parameter> Parameters();
-        Tensor delta_weight();
-        bool MergesFinite(Tensor weight);
-
-        /// <summary>
-        /// Whether the update <c>scaling · B A</c> is finite in the adapter's dtype, and for DoRA the rescaled weight
-        /// <c>m / ‖W + ΔW‖ · (W + ΔW)</c> too: otherwise the layer's output would hold NaN or infinity.
-        /// </summary>
-        bool UpdateFinite(Tensor weight);
-        void MergeChecked(Parameter weight, bool keep = true);
-        void unmerge(Parameter weight);
-        void ForgetUnmerged();
-
-        /// <summary>What a merge writes, applied to <paramref name="weight"/> (a side copy), without becoming merged.</summary>
-        void ApplyMerge(Tensor weight);
-    }
-
     /// <summary>
     /// One LoRA adapter of an embedding (PEFT's <c>lora.Embedding</c>): <c>lora_embedding_A</c> (r, num_embeddings) and
     /// <c>lora_embedding_B</c> (embedding_dim, r), the update <c>embedding(x, Aᵀ) Bᵀ · scaling</c> added to the base
@@ -116,7 +89,7 @@ namespace TorchLinear.Lora
 
         internal string Owner { get; set; } = nameof(LoraEmbeddingLayer);
 
-        string IAdapter.Name => adapter_name;
+        string IAdapter.Name { get => adapter_name; set => adapter_name = value; }
 
         string IAdapter.Owner { get => Owner; set => Owner = value; }
 
@@ -128,13 +101,31 @@ namespace TorchLinear.Lora
             yield return lora_embedding_B;
         }
 
+        IEnumerable<(string Attribute, nn.Module? Module, Parameter? Parameter)> IAdapter.Registrations()
+        {
+            yield return ("lora_embedding_A", null, lora_embedding_A);
+            yield return ("lora_embedding_B", null, lora_embedding_B);
+        }
+
+        IEnumerable<(string Part, Tensor Value)> IAdapter.Tensors()
+        {
+            yield return ("lora_embedding_A", lora_embedding_A);
+            yield return ("lora_embedding_B", lora_embedding_B);
+        }
+
+        (Tensor A, Tensor B) IAdapter.Factors => (lora_embedding_A, lora_embedding_B);
+
+        (string Formula, string Part)? IAdapter.Rescaled => null;
+
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input);
+
         /// <summary>
         /// Adds <c>embedding(indices, Aᵀ) · scaling · Bᵀ</c> to <paramref name="output"/> (the base lookup) in place and
         /// returns it; nothing while merged. (PEFT scales after the product with B; the last bit may differ.)
         /// </summary>
         /// <param name="output">The base embedding's output, (*, embedding_dim).</param>
         /// <param name="indices">The indices it looked up, (*).</param>
-        public Tensor add_to(Tensor output, Tensor indices)
+        public Tensor AddTo(Tensor output, Tensor indices)
         {
             ThrowIfDisposed();
             if (_merge.Merged)
@@ -144,6 +135,14 @@ namespace TorchLinear.Lora
             output.add_(Lookup(indices).mul_(_scaling).matmul(lora_embedding_B.t()), One);
             return output;
         }
+
+        /// <summary>The old name of <see cref="AddTo"/>, which it calls.</summary>
+        [Obsolete("use LoraEmbeddingLayer.AddTo")]
+        public Tensor add_to(Tensor output, Tensor indices) => AddTo(output, indices);
+
+        /// <summary>The old name of <see cref="get_delta_weight"/> (PEFT's name), which it calls.</summary>
+        [Obsolete("use LoraEmbeddingLayer.get_delta_weight")]
+        public Tensor delta_weight() => get_delta_weight();
 
         /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
         internal void CheckRunsIn(Tensor output)
@@ -165,7 +164,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary><c>(B A)ᵀ · scaling</c>, (num_embeddings, embedding_dim), PEFT's get_delta_weight (fp16 and bf16 via float32 on the CPU). The caller owns it.</summary>
-        public Tensor delta_weight()
+        public Tensor get_delta_weight()
         {
             ThrowIfDisposed();
             Tensor a = lora_embedding_A, b = lora_embedding_B;
@@ -184,22 +183,24 @@ namespace TorchLinear.Lora
             using var scope = NewDisposeScope();
             if (!isfinite(lora_embedding_A).all().item<bool>() || !isfinite(lora_embedding_B).all().item<bool>())
                 return false;
-            return isfinite(weight.detach() + delta_weight()).all().item<bool>();
+            return isfinite(weight.detach() + get_delta_weight()).all().item<bool>();
         }
 
-        bool IAdapter.UpdateFinite(Tensor weight)
+        bool IAdapter.UpdateFinite(Tensor weight) => ((IAdapter)this).DeltaFinite();
+
+        bool IAdapter.DeltaFinite()
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
             if (LoraLayer.UpdateBounded(lora_embedding_A, lora_embedding_B, r, LoraLayer.ScalingIn(scaling, lora_embedding_B.dtype)))
                 return true;
-            return isfinite(delta_weight()).all().item<bool>();
+            return isfinite(get_delta_weight()).all().item<bool>();
         }
 
         void IAdapter.MergeChecked(Parameter weight, bool keep)
         {
             CheckWeight(weight);
-            _merge.Merge(weight, keep, w => w.add_(delta_weight(), One));
+            _merge.Merge(weight, keep, w => w.add_(get_delta_weight(), One));
         }
 
         /// <summary>Takes a merged update out of <paramref name="weight"/> again, restoring it bit for bit.</summary>
@@ -213,7 +214,7 @@ namespace TorchLinear.Lora
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
-            weight.add_(delta_weight(), One);
+            weight.add_(get_delta_weight(), One);
         }
 
         void IAdapter.ForgetUnmerged() => _merge.Forget();
@@ -247,52 +248,5 @@ namespace TorchLinear.Lora
         /// <summary>For example <c>LoraEmbeddingLayer(r=4, lora_alpha=8, scaling=2, merged=False)</c>.</summary>
         public override string ToString() =>
             $"LoraEmbeddingLayer(r={r}, lora_alpha={lora_alpha.ToString(CultureInfo.InvariantCulture)}, scaling={scaling.ToString(CultureInfo.InvariantCulture)}, merged={(merged ? "True" : "False")})";
-    }
-
-    /// <summary>
-    /// Modules by adapter name under one attribute of an adapted layer, as PEFT's <c>ModuleDict</c>s hold them
-    /// (<c>lora_A</c>, <c>lora_B</c>, <c>lora_magnitude_vector</c>): the state_dict keys are
-    /// <c>&lt;attribute&gt;.&lt;adapter&gt;.weight</c>. Unlike TorchSharp's ModuleDict, an entry added or removed later is
-    /// registered or unregistered at once.
-    /// </summary>
-    internal sealed class AdapterModules : nn.Module
-    {
-        internal AdapterModules() : base("ModuleDict")
-        {
-        }
-
-        internal void Add(string name, nn.Module module) => register_module(name, module);
-
-        internal void Remove(string name) => register_module(name, null!);
-
-        /// <summary>For an adapted layer's <c>lora_layer</c> container: the model's bookkeeping, released when it is disposed.</summary>
-        internal AdaptedModel? Model { get; set; }
-
-        protected override void RegisterComponents()
-        {
-        }
-
-        protected override void Dispose(bool disposing)
-        {
-            if (disposing)
-                Model?.Release();
-            base.Dispose(disposing);
-        }
-    }
-
-    /// <summary>Parameters by adapter name (PEFT's <c>ParameterDict</c>s <c>lora_embedding_A</c> / <c>_B</c>): keys <c>&lt;attribute&gt;.&lt;adapter&gt;</c>.</summary>
-    internal sealed class AdapterParameters : nn.Module
-    {
-        internal AdapterParameters() : base("ParameterDict")
-        {
-        }
-
-        internal void Add(string name, Parameter parameter) => register_parameter(name, parameter);
-
-        internal void Remove(string name) => ConditionallyRegisterParameter(name, (Parameter?)null);
-
-        protected override void RegisterComponents()
-        {
-        }
     }
 }

@@ -17,7 +17,7 @@ namespace TorchLinear.Lora
     /// <para>The layer does not own the base weight: a host (a <see cref="CustomLinear"/> through its
     /// <see cref="CustomLinear.Adapter"/> slot, a <see cref="LoraWrapper"/>, a sealed <c>nn.Linear</c> through a forward
     /// hook, or your own module such as the sample's <c>LoraLinear</c>) computes <c>x Wᵀ + b</c>, hands it to
-    /// <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
+    /// <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
     /// merge is kept by this module (one extra copy of W while merged), so that <see cref="unmerge"/> restores it bit for
     /// bit (PEFT subtracts Δ again, which can leave an element one rounding step off), and freed with it.</para>
     /// <para>The host registers <see cref="lora_A"/> and <see cref="lora_B"/> under its own names; this module registers
@@ -25,9 +25,9 @@ namespace TorchLinear.Lora
     /// <para>The update is computed as <c>((x Aᵀ) · scaling) Bᵀ</c> and added to the output — for a float32 2-D batch
     /// accumulated into it by one <c>addmm_</c>, with no full-size temporary. PEFT scales after the second product
     /// (<c>(x Aᵀ Bᵀ) · scaling</c>): the last bit may differ. Scaling the r-wide product is what lets a batch whose rows
-    /// use different adapters (<see cref="LoraModel.mixed_batch"/>) give each row the bits it gets alone with its
+    /// use different adapters (<see cref="LoraModel.MixedBatch"/>) give each row the bits it gets alone with its
     /// adapter. A float32 merge is one <c>addmm_</c> into W with the scaling as its alpha; other dtypes add
-    /// <see cref="delta_weight"/>, PEFT's formula.</para>
+    /// <see cref="get_delta_weight"/>, PEFT's formula.</para>
     /// <para>With <see cref="use_dora"/> the adapter is DoRA's (PEFT's <c>DoraLinearLayer</c>): a trainable magnitude per
     /// output row, <see cref="lora_magnitude_vector"/>, rescales the adapted weight's rows to it; the rows' norm
     /// ‖W + scaling · B A‖ is computed afresh in every forward and detached from the graph, as the DoRA paper and PEFT
@@ -38,6 +38,7 @@ namespace TorchLinear.Lora
         private static readonly Scalar One = 1;
         private readonly Scalar _scaling;
         private readonly MergeState _merge = new();
+        private ILoraVariant<LoraLayer> _variant = PlainLora.Instance;
         private bool _disposed;
 
         /// <summary>Creates an adapter for a layer of <paramref name="in_features"/> → <paramref name="out_features"/>, initialised with <see cref="reset_lora_parameters"/>.</summary>
@@ -135,11 +136,19 @@ namespace TorchLinear.Lora
         /// <summary>The up-projection, weight (out_features, r). Registered by the host, under its own name.</summary>
         public LoraProjection lora_B { get; }
 
-        /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="add_to(Tensor, Tensor, bool, Tensor, Tensor?)"/>.</summary>
+        /// <summary>Whether the update is folded into the host's weight (<see cref="merge"/>); a merged adapter adds nothing in <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>.</summary>
         public bool merged => _merge.Merged;
 
-        /// <summary>While merged, the host's weight as it was before the merge; otherwise null.</summary>
-        public Tensor? weight_before_merge => _merge.Kept;
+        /// <summary>
+        /// While merged, the host's weight as it was before the merge (kept by this adapter, which frees it); otherwise null.
+        /// Public for hosts outside this package, such as samples/Lora's <c>LoraLinear</c>, whose state_dict describes the
+        /// unmerged layer.
+        /// </summary>
+        public Tensor? WeightBeforeMerge => _merge.Kept;
+
+        /// <summary>The old name of <see cref="WeightBeforeMerge"/>.</summary>
+        [Obsolete("use LoraLayer.WeightBeforeMerge")]
+        public Tensor? weight_before_merge => WeightBeforeMerge;
 
         /// <summary>Who hosts this adapter, for messages (the module's path in its model, or the host's description).</summary>
         internal string Owner { get; set; } = nameof(LoraLayer);
@@ -148,18 +157,26 @@ namespace TorchLinear.Lora
         public string adapter_name { get; internal set; } = "default";
 
         /// <summary>DoRA's magnitude, one per output row (PEFT's <c>lora_magnitude_vector</c>), or null for plain LoRA.</summary>
-        public DoraMagnitude? lora_magnitude_vector { get; private set; }
+        public DoraMagnitude? lora_magnitude_vector => (_variant as DoraLinear)?.Magnitude;
 
         /// <summary>Whether this is a DoRA adapter (see <see cref="lora_magnitude_vector"/>).</summary>
-        public bool use_dora => lora_magnitude_vector is not null;
+        public bool use_dora => _variant is DoraLinear;
 
-        string IAdapter.Name => adapter_name;
+        /// <summary>The variant: how the term enters the output and what a merge writes (<see cref="PlainLora"/>, <see cref="DoraLinear"/>).</summary>
+        internal ILoraVariant<LoraLayer> Variant => _variant;
+
+        /// <summary>The scaling as a <see cref="Scalar"/> made once (TorchSharp's <c>mul_(double)</c> would make one per call).</summary>
+        internal Scalar ScalingScalar => _scaling;
+
+        string IAdapter.Name { get => adapter_name; set => adapter_name = value; }
 
         string IAdapter.Owner { get => Owner; set => Owner = value; }
 
         bool IAdapter.MergesFinite(Tensor weight) => MergesFinite(weight);
 
         bool IAdapter.UpdateFinite(Tensor weight) => UpdateFinite(weight);
+
+        bool IAdapter.DeltaFinite() => DeltaFinite();
 
         void IAdapter.MergeChecked(Parameter weight, bool keep) => MergeChecked(weight, keep);
 
@@ -175,37 +192,47 @@ namespace TorchLinear.Lora
         {
             yield return lora_A.weight;
             yield return lora_B.weight;
-            if (lora_magnitude_vector is { } magnitude)
-                yield return magnitude.weight;
+            foreach (var (_, _, parameter) in _variant.Parts())
+                yield return parameter;
         }
 
+        IEnumerable<(string Attribute, nn.Module? Module, Parameter? Parameter)> IAdapter.Registrations()
+        {
+            yield return ("lora_A", lora_A, null);
+            yield return ("lora_B", lora_B, null);
+            foreach (var (attribute, module, _) in _variant.Parts())
+                yield return (attribute, module, null);
+        }
+
+        IEnumerable<(string Part, Tensor Value)> IAdapter.Tensors()
+        {
+            yield return ("lora_A", lora_A.weight);
+            yield return ("lora_B", lora_B.weight);
+            foreach (var (attribute, _, parameter) in _variant.Parts())
+                yield return (attribute, parameter);
+        }
+
+        (Tensor A, Tensor B) IAdapter.Factors => (lora_A.weight, lora_B.weight);
+
+        (string Formula, string Part)? IAdapter.Rescaled => _variant.Rescaled;
+
+        Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input, training, weight, bias);
+
         /// <summary>
-        /// Makes this a DoRA adapter for <paramref name="weight"/>, the host's weight: the magnitude starts as the rows'
-        /// norm ‖W + scaling · B A‖ (PEFT's <c>DoraLinearLayer.update_layer</c>), so the layer computes what it did. The
-        /// host registers the magnitude under its own name.
+        /// Makes this a DoRA adapter for <paramref name="weight"/>, the host's weight (<see cref="DoraLinear"/>): the
+        /// magnitude starts as the rows' norm ‖W + scaling · B A‖ (PEFT's <c>DoraLinearLayer.update_layer</c>), so the layer
+        /// computes what it did; with <paramref name="compute"/> false (its values are loaded next) it is only allocated.
+        /// The host registers the magnitude under its own name.
         /// </summary>
         /// <exception cref="InvalidOperationException">It is DoRA already, or merged.</exception>
-        internal void EnableDora(Tensor weight)
+        internal void EnableDora(Tensor weight, bool compute = true)
         {
             ThrowIfDisposed();
             if (use_dora || merged)
                 throw new InvalidOperationException($"{Owner}: the adapter is {(use_dora ? "DoRA already" : "merged")}.");
             CheckWeight(weight);
-            using var noGrad = no_grad();
-            using var scope = NewDisposeScope();
-            Tensor norm = WeightNorm(weight.detach(), LoraWeight(), scaling);
-            lora_magnitude_vector = new DoraMagnitude(norm);
+            _variant = new DoraLinear(this, weight, compute);
         }
-
-        /// <summary>B A (out_features, in_features), unscaled: DoRA's lora_weight.</summary>
-        private Tensor LoraWeight() => lora_B.weight.matmul(lora_A.weight);
-
-        /// <summary>
-        /// DoRA's ‖W + scaling · lora_weight‖ over each output row (<c>torch.linalg.norm(weight, dim=1)</c>), in W's dtype,
-        /// as PEFT's <c>get_weight_norm</c> computes it.
-        /// </summary>
-        private static Tensor WeightNorm(Tensor weight, Tensor loraWeight, double scaling) =>
-            linalg.vector_norm(weight + loraWeight * scaling, 2, new long[] { 1 }).to(weight.dtype);
 
         /// <summary>
         /// Re-initialises the adapter as PEFT does: <c>"true"</c> — A kaiming-uniform (a = √5), B zero (the adapter then
@@ -242,7 +269,7 @@ namespace TorchLinear.Lora
         /// <c>get_delta_weight</c> computes it (on the CPU, float16 and bfloat16 adapters are multiplied in float32 and the
         /// result rounded back). The caller owns the result.
         /// </summary>
-        public Tensor delta_weight()
+        public Tensor get_delta_weight()
         {
             ThrowIfDisposed();
             Tensor a = lora_A.weight, b = lora_B.weight;
@@ -268,15 +295,15 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The adapter's dtype or device differs from the output's (a model
         /// converted with <c>.to(...)</c> after the adapter was put into a sealed <c>nn.Linear</c>, which does not convert its
         /// children), or it is a DoRA adapter; the message names the layer.</exception>
-        public Tensor add_to(Tensor output, Tensor input, bool training)
+        public Tensor AddTo(Tensor output, Tensor input, bool training)
         {
             if (use_dora)
-                throw new InvalidOperationException($"{Owner}: a DoRA adapter rescales the base layer's output: pass the base layer's weight and bias to add_to.");
-            return add_to(output, input, training, null!, null);
+                throw new InvalidOperationException($"{Owner}: a DoRA adapter rescales the base layer's output: pass the base layer's weight and bias to AddTo.");
+            return AddTo(output, input, training, null!, null);
         }
 
         /// <summary>
-        /// As <see cref="add_to(Tensor, Tensor, bool)"/>, for any adapter: a DoRA adapter adds
+        /// As <see cref="AddTo(Tensor, Tensor, bool)"/>, for any adapter: a DoRA adapter adds
         /// <c>(m / ‖W + scaling · B A‖ − 1) · (x Wᵀ) + m / ‖W + scaling · B A‖ · lora_B(lora_A(x)) · scaling</c>, PEFT's
         /// <c>DoraLinearLayer.forward</c>, where x Wᵀ is the output without its bias (or, with dropout in training,
         /// computed again from the dropped input).
@@ -286,37 +313,50 @@ namespace TorchLinear.Lora
         /// <param name="training">Whether the host is in training mode.</param>
         /// <param name="weight">The base layer's weight (only read by DoRA).</param>
         /// <param name="bias">The base layer's bias, or null (only read by DoRA).</param>
-        public Tensor add_to(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias)
+        public Tensor AddTo(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias)
         {
             ThrowIfDisposed();
             if (_merge.Merged)
                 return output;
             CheckRunsIn(output);
             using var scope = NewDisposeScope();
-            Tensor a = lora_A.weight, b = lora_B.weight;
             bool dropped = training && lora_dropout > 0;
             Tensor x = dropped ? nn.functional.dropout(input, lora_dropout, training: true) : input;
-            if (lora_magnitude_vector is { } magnitude)
-            {
-                ArgumentNullException.ThrowIfNull(weight);
-                Tensor norm;
-                using (no_grad())
-                    norm = WeightNorm(weight.detach().to(x.dtype), LoraWeight().to(x.dtype), scaling);
-                Tensor scale = (magnitude.weight / norm).view(1, -1);
-                Tensor loraResult = x.matmul(a.t()).matmul(b.t());
-                // Not detached: as in PEFT, the gradient reaches the input (and a trainable weight) through x Wᵀ too. Without
-                // a bias, a copy: the product below keeps it for the magnitude's gradient, and output is written next.
-                Tensor baseResult = dropped ? LinearFunctional.linear(x, weight) : bias is null ? output.clone() : output - bias;
-                output.add_((scale - 1) * baseResult + scale * loraResult * scaling, One);
-                return output;
-            }
-            Tensor h = nn.functional.linear(x, a).mul_(_scaling);  // libtorch: linear without a bias is matmul(x, aᵀ), in one call
+            _variant.AddTerm(this, output, x, dropped, weight, bias);
+            return output;
+        }
+
+        /// <summary>
+        /// The low-rank term, written once for every path that adds it (one adapter, and a mixed batch's stacked adapters):
+        /// <c>h = (x Aᵀ) · scale</c>, then <c>h Bᵀ</c> added to <paramref name="output"/> — for a float32 2-D batch accumulated
+        /// into it by one <c>addmm_</c>, with no full-size temporary. <paramref name="scale"/> is the adapter's scaling.
+        /// </summary>
+        internal static void AddLowRank(Tensor output, Tensor x, Tensor a, Tensor b, Scalar scale) =>
+            Accumulate(output, nn.functional.linear(x, a).mul_(scale), b);  // libtorch: linear without a bias is matmul(x, aᵀ), in one call
+
+        /// <summary>As <see cref="AddLowRank(Tensor, Tensor, Tensor, Tensor, Scalar)"/>, with a scale per row and rank column (broadcast over <c>x Aᵀ</c>).</summary>
+        internal static void AddLowRank(Tensor output, Tensor x, Tensor a, Tensor b, Tensor scales) =>
+            Accumulate(output, nn.functional.linear(x, a).mul_(scales), b);
+
+        private static void Accumulate(Tensor output, Tensor h, Tensor b)
+        {
             if (output.dtype == ScalarType.Float32 && h.dim() == 2 && output.dim() == 2)
                 output.addmm_(h, b.t(), 1, 1);  // accumulated into the output: no full-size temporary
             else
                 output.add_(h.matmul(b.t()), One);
-            return output;
         }
+
+        /// <summary>The old name of <see cref="AddTo(Tensor, Tensor, bool)"/>, which it calls.</summary>
+        [Obsolete("use LoraLayer.AddTo")]
+        public Tensor add_to(Tensor output, Tensor input, bool training) => AddTo(output, input, training);
+
+        /// <summary>The old name of <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>, which it calls.</summary>
+        [Obsolete("use LoraLayer.AddTo")]
+        public Tensor add_to(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input, training, weight, bias);
+
+        /// <summary>The old name of <see cref="get_delta_weight"/> (PEFT's name), which it calls.</summary>
+        [Obsolete("use LoraLayer.get_delta_weight")]
+        public Tensor delta_weight() => get_delta_weight();
 
         /// <summary>Refuses an output of another dtype or device than the adapter's, naming the layer.</summary>
         internal void CheckRunsIn(Tensor output)
@@ -383,7 +423,7 @@ namespace TorchLinear.Lora
             static double Largest(Tensor t) => t.numel() == 0 ? 0 : Math.Max(Math.Abs(t.max().to(ScalarType.Float64).item<double>()), Math.Abs(t.min().to(ScalarType.Float64).item<double>()));
             double bound = Largest(weight.detach()) + r * Largest(a.detach()) * Largest(b.detach()) * Math.Abs(scaling);
             // DoRA divides by the rows' norm: only the merged weight itself can tell.
-            if (!use_dora && double.IsFinite(bound) && bound < finfo(weight.dtype).max)
+            if (_variant.MergeIsAdditive && double.IsFinite(bound) && bound < finfo(weight.dtype).max)
                 return true;
             using Tensor side = weight.detach().clone();
             AddDelta(side);
@@ -397,9 +437,9 @@ namespace TorchLinear.Lora
         /// </summary>
         internal bool UpdateFinite(Tensor weight)
         {
-            if (!UpdateFiniteWithoutDora())
+            if (!DeltaFinite())
                 return false;
-            if (!use_dora)
+            if (_variant.MergeIsAdditive)
                 return true;
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
@@ -409,11 +449,11 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Whether <c>scaling · B A</c> alone is finite in the adapter's dtype.</summary>
-        internal bool UpdateFiniteWithoutDora()
+        internal bool DeltaFinite()
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
-            return UpdateBounded(lora_A.weight, lora_B.weight, r, ScalingIn(lora_B.weight.dtype)) || isfinite(delta_weight()).all().item<bool>();
+            return UpdateBounded(lora_A.weight, lora_B.weight, r, ScalingIn(lora_B.weight.dtype)) || isfinite(get_delta_weight()).all().item<bool>();
         }
 
         /// <summary>
@@ -429,27 +469,8 @@ namespace TorchLinear.Lora
             return double.IsFinite(bound) && bound < finfo(b.dtype).max / 2;
         }
 
-        /// <summary>
-        /// <c>W += Δ</c>. For float32, as in the forward, fused: one <c>addmm_</c> with the scaling as its alpha, no
-        /// full-size temporary (PEFT adds the product times the scaling, which can differ in the last bit); every other
-        /// dtype adds <see cref="delta_weight"/>, PEFT's formula.
-        /// </summary>
-        private void AddDelta(Tensor weight)
-        {
-            if (lora_magnitude_vector is { } magnitude)
-            {
-                // PEFT's DoraLinearVariant.merge: W' = m / ‖W + Δ‖ · (W + Δ), row by row, the norm from the weight before.
-                using var scope = NewDisposeScope();
-                Tensor adapted = weight + delta_weight().to(weight.dtype);
-                Tensor norm = linalg.vector_norm(adapted, 2, new long[] { 1 }).to(weight.dtype);
-                weight.copy_((magnitude.weight.detach() / norm).view(-1, 1) * adapted);
-                return;
-            }
-            if (weight.dtype == ScalarType.Float32 && lora_B.weight.dtype == ScalarType.Float32)
-                weight.addmm_(lora_B.weight, lora_A.weight, 1, (float)scaling);
-            else
-                weight.add_(delta_weight(), One);
-        }
+        /// <summary>Writes the merged weight into <paramref name="weight"/>, as the variant merges (<c>W += Δ</c> for plain LoRA).</summary>
+        private void AddDelta(Tensor weight) => _variant.Merge(this, weight);
 
         /// <summary>The weight a host passes must be the one this adapter was made for.</summary>
         internal void CheckWeight(Tensor weight)
@@ -481,11 +502,11 @@ namespace TorchLinear.Lora
 
         /// <summary>
         /// Throws what the constructor throws for these arguments, without making anything or drawing a random number:
-        /// for a host that checks its adapter's arguments before it initialises its own layer.
+        /// for this package's hosts, which check an adapter's arguments before they make anything.
         /// </summary>
         /// <exception cref="ArgumentOutOfRangeException">An argument is out of its range; the exception names it.</exception>
         /// <exception cref="ArgumentException">The dtype is not Float32, Float64, Float16 or BFloat16.</exception>
-        public static void CheckArguments(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, ScalarType dtype)
+        internal static void CheckArguments(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, ScalarType dtype)
         {
             if (in_features < 1)
                 throw new ArgumentOutOfRangeException(nameof(in_features), in_features, $"LoraLayer: in_features must be 1 or more, but is {in_features}.");
@@ -522,7 +543,7 @@ namespace TorchLinear.Lora
                 _merge.Dispose();
                 lora_A.Dispose();
                 lora_B.Dispose();
-                lora_magnitude_vector?.Dispose();
+                _variant.Dispose();
             }
             base.Dispose(disposing);
             _disposed = true;
@@ -588,27 +609,5 @@ namespace TorchLinear.Lora
 
         /// <summary>For example <c>LoraProjection(in_features=16, out_features=4)</c>.</summary>
         public override string ToString() => $"LoraProjection(in_features={_weight.size(1)}, out_features={_weight.size(0)})";
-    }
-
-    /// <summary>
-    /// DoRA's magnitude vector (PEFT's <c>DoraLinearLayer</c>): one parameter, <c>weight</c> (out_features), so that an
-    /// adapted layer's state_dict has PEFT's key <c>&lt;path&gt;.lora_magnitude_vector.&lt;adapter&gt;.weight</c>.
-    /// </summary>
-    public sealed class DoraMagnitude : nn.Module
-    {
-        internal DoraMagnitude(Tensor norm) : base(nameof(DoraMagnitude))
-        {
-            using (NewDisposeScope())
-                weight = (Parameter)new Parameter(norm.detach().clone()).DetachFromDisposeScope();
-            register_parameter("weight", weight);
-        }
-
-        /// <summary>The magnitude of each output row of the adapted weight.</summary>
-        public Parameter weight { get; }
-
-        /// <summary>Registers nothing beyond <c>weight</c>.</summary>
-        protected override void RegisterComponents()
-        {
-        }
     }
 }

@@ -18,6 +18,9 @@ namespace TorchLinear.Lora
 
             /// <summary>The model's own layer: a Linear, CustomLinear or Embedding.</summary>
             internal required nn.Module Module { get; init; }
+
+            /// <summary>What the layer is (<see cref="LoraLayerTypes"/>).</summary>
+            internal required ILoraLayerType Type { get; init; }
             internal required nn.Module Parent { get; init; }
             internal required string Name { get; init; }
             internal required int Rank { get; init; }
@@ -30,15 +33,7 @@ namespace TorchLinear.Lora
             /// <summary>For <see cref="HostKind.Wrapper"/>: the parent's fields that hold the layer.</summary>
             internal List<FieldInfo> Fields { get; init; } = new();
 
-            internal bool IsEmbedding => Module is Embedding;
-
-            internal Parameter Weight => Module switch
-            {
-                CustomLinear custom => custom.weight,
-                Linear linear => linear.weight,
-                Embedding embedding => embedding.weight!,
-                _ => throw new InvalidOperationException(),
-            };
+            internal Parameter Weight => Type.Weight(Module);
         }
 
         /// <summary>A refusal found while targeting, as (config key, rule).</summary>
@@ -74,38 +69,32 @@ namespace TorchLinear.Lora
                 adapted.TryGetValue(path, out var existing);
                 nn.Module module = existing?.Module ?? found;
                 bool allLinear = config.target_modules_regex is { } regex && ModuleMatching.IsAllLinear(regex);
-                if (module is Embedding && allLinear)
+                var type = LoraLayerTypes.Of(module);
+                if (type is not null && !type.IsLinear && allLinear)
                     continue;  // PEFT's all-linear: linear layers only
-                if (module is not (Linear or CustomLinear or Embedding))
+                if (type is null)
                 {
                     // A regex or a suffix may name containers too (self_attn when q_proj is meant): only layers matter;
                     // "all-linear" means the linear layers only.
                     if (!allLinear && !module.named_children().Any())
-                        refused.Add($"{path} is a {module.GetType().Name}, neither nn.Linear, CustomLinear nor nn.Embedding");
+                        refused.Add($"{path} is a {module.GetType().Name}, {LoraLayerTypes.Neither}");
                     continue;
                 }
                 var (parent, name) = ParentOf(model, path);
-                Parameter weight = module switch { CustomLinear c => c.weight, Linear l => l.weight, _ => ((Embedding)module).weight! };
+                Parameter weight = type.Weight(module);
                 if (weight.dtype is not (ScalarType.Float32 or ScalarType.Float64 or ScalarType.Float16 or ScalarType.BFloat16))
                 {
                     refused.Add($"{path} is {weight.dtype}; adapters are made for Float32, Float64, Float16 and BFloat16 layers");
                     continue;
                 }
-                if (weight.dim() != 2)
+                if (type.Refusal(path, module, config, existing is not null) is { } refusal)
                 {
-                    refused.Add($"{path} has a weight of shape [{string.Join(", ", weight.shape)}], not 2-D");
-                    continue;
-                }
-                if (module is Embedding && config.use_dora)
-                {
-                    refused.Add($"{path} is an nn.Embedding, and DoRA on embeddings is not implemented (use_dora)");
+                    refused.Add(refusal);
                     continue;
                 }
                 if (existing is null)
                 {
-                    if (module is CustomLinear { Adapter: not null })
-                        refused.Add($"{path} already has an adapter in its Adapter slot");
-                    foreach (string child in new[] { "lora_A", "lora_B", "lora_layer", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B" })
+                    foreach (string child in LoraLayerTypes.ReservedChildren)
                     {
                         if (module.named_children().Any(m => m.name == child))
                             refused.Add($"{path} already has a child named {child}");
@@ -128,11 +117,11 @@ namespace TorchLinear.Lora
                     // |scaling| ≤ |alpha| (r ≥ 1): it is alpha that is too large for the dtype.
                     throw refuse(new Refusal(config.AlphaKey(path), $"{path}: scaling = {scaling.ToString(CultureInfo.InvariantCulture)} (alpha {alpha.ToString(CultureInfo.InvariantCulture)}, r {rank}) is not finite in the layer's dtype {weight.dtype}"));
                 }
-                var fields = existing is null && module is Linear or Embedding ? WrappableFields(parent, module) : null;
-                var kind = existing?.Kind ?? (module is CustomLinear ? HostKind.Slot : fields is not null ? HostKind.Wrapper : HostKind.Hook);
+                var fields = existing is null && type.WrapperType is { } wrapper ? WrappableFields(parent, module, wrapper) : null;
+                var kind = existing?.Kind ?? (type.WrapperType is null ? HostKind.Slot : fields is not null ? HostKind.Wrapper : HostKind.Hook);
                 targets.Add(new Target
                 {
-                    Path = path, Module = module, Parent = parent, Name = name, Rank = rank, Alpha = alpha, Kind = kind, Fields = fields ?? new(), Existing = existing,
+                    Path = path, Module = module, Type = type, Parent = parent, Name = name, Rank = rank, Alpha = alpha, Kind = kind, Fields = fields ?? new(), Existing = existing,
                 });
             }
             if (refused.Count > 0)
@@ -140,7 +129,7 @@ namespace TorchLinear.Lora
             if (targets.Count == 0)
             {
                 string what = config.target_modules_regex ?? $"[{string.Join(", ", config.target_modules ?? Array.Empty<string>())}]";
-                throw new ArgumentException($"{caller}: target_modules {what} matches no nn.Linear, CustomLinear or nn.Embedding in the model (its modules: {string.Join(", ", modules.Select(m => m.name).Take(20))}{(modules.Count > 20 ? ", ..." : "")}).");
+                throw new ArgumentException($"{caller}: target_modules {what} matches no {LoraLayerTypes.AnyOf} in the model (its modules: {string.Join(", ", modules.Select(m => m.name).Take(20))}{(modules.Count > 20 ? ", ..." : "")}).");
             }
             return targets;
         }
@@ -163,9 +152,8 @@ namespace TorchLinear.Lora
         /// hold the wrapper instead; null when the layer must keep its type (a field of the sealed <c>Linear</c> or
         /// <c>Embedding</c> type, a Sequential, a ModuleList or ModuleDict of them, or a layer no field holds).
         /// </summary>
-        private static List<FieldInfo>? WrappableFields(nn.Module parent, nn.Module layer)
+        private static List<FieldInfo>? WrappableFields(nn.Module parent, nn.Module layer, Type wrapper)
         {
-            Type wrapper = layer is Embedding ? typeof(LoraEmbeddingWrapper) : typeof(LoraWrapper);
             Type type = parent.GetType();
             if (parent is Sequential || IsContainer(type))
                 return ContainerAccepts(type, wrapper) && parent is not Sequential ? new List<FieldInfo>() : null;
@@ -213,29 +201,26 @@ namespace TorchLinear.Lora
         /// <summary>Makes the target's layer a host of adapters, as its kind says, and says how to take it out again.</summary>
         private static AdaptedLayer Attach(Target target)
         {
-            var layer = new AdaptedLayer(target.Path, target.Module, target.IsEmbedding) { Kind = target.Kind };
+            var layer = new AdaptedLayer(target.Path, target.Module, target.Type) { Kind = target.Kind };
             switch (target.Kind)
             {
                 case HostKind.Slot:
                 {
-                    var custom = (CustomLinear)target.Module;
-                    layer.Host = custom;
-                    custom.Adapter = (input, output) => layer.Apply(output, input, custom.training);
-                    layer.Detach = () => custom.Adapter = null;
+                    layer.Host = target.Module;
+                    layer.Detach = target.Type.AttachInPlace(target.Module, layer)
+                        ?? throw new InvalidOperationException($"{target.Path}: {target.Type.Name} has no adapter slot of its own.");
                     break;
                 }
                 case HostKind.Wrapper:
                 {
-                    nn.Module wrapper = target.Module is Embedding embedding
-                        ? new LoraEmbeddingWrapper(embedding, layer)
-                        : new LoraWrapper((Linear)target.Module, layer);
+                    nn.Module wrapper = target.Type.Wrap(target.Module, layer);
                     layer.Host = wrapper;
                     foreach (var field in target.Fields)
                         field.SetValue(target.Parent, wrapper);
                     ReplaceChild(target.Parent, target.Name, wrapper);
                     layer.Detach = () =>
                     {
-                        nn.Module original = wrapper is LoraEmbeddingWrapper e ? e.Unwrap() : ((LoraWrapper)wrapper).Unwrap();
+                        nn.Module original = ((IAdapterWrapper)wrapper).Unwrap();
                         foreach (var field in target.Fields)
                             field.SetValue(target.Parent, original);
                         ReplaceChild(target.Parent, target.Name, original);

@@ -3,6 +3,7 @@ using System.Collections.Generic;
 using System.Globalization;
 using System.IO;
 using System.Linq;
+using System.Runtime.CompilerServices;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -34,7 +35,7 @@ namespace TorchLinear.Lora
     /// LoraModel.load_adapter(model, "support-adapter");                          // "default", active
     /// LoraModel.load_adapter(model, "sales-adapter", adapter_name: "sales");     // added, not active
     /// LoraModel.set_adapter(model, "sales");
-    /// using (LoraModel.mixed_batch(model, new[] { "default", "sales", "__base__" })) { var y = model.call(x); }
+    /// using (LoraModel.MixedBatch(model, new[] { "default", "sales", "__base__" })) { var y = model.call(x); }
     /// </code>
     /// </remarks>
     public static partial class LoraModel
@@ -42,7 +43,7 @@ namespace TorchLinear.Lora
         /// <summary>The name of an adapter that is not given one (PEFT's).</summary>
         public const string DefaultAdapter = "default";
 
-        /// <summary>In <see cref="mixed_batch"/>, the name for a row that uses no adapter (PEFT's).</summary>
+        /// <summary>In <see cref="MixedBatch"/>, the name for a row that uses no adapter (PEFT's).</summary>
         public const string BaseModel = "__base__";
 
         // ---- Putting adapters in --------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ namespace TorchLinear.Lora
         /// names a module of another kind, a rank or alpha gives a scaling (or, with drawn B, an update scaling · B A) that
         /// is not finite in a layer's dtype, the model has an adapter of that name already (or the name is not a usable
         /// one), or the adapter and one of the model's both have a <c>bias</c> other than <c>none</c> (PEFT's rule).</exception>
-        public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter)
+        public static IReadOnlyList<string> Inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(config);
@@ -76,13 +77,9 @@ namespace TorchLinear.Lora
                 foreach (var target in targets)
                 {
                     var weight = target.Weight;
-                    IAdapter adapter = target.IsEmbedding
-                        ? new LoraEmbeddingLayer(weight.size(0), weight.size(1), target.Rank, target.Alpha, kept.use_rslora, weight.dtype, weight.device, kept.init_lora_weights, draw: true)
-                        : LoraLayer.ForInject(weight.size(1), weight.size(0), target.Rank, target.Alpha, kept.lora_dropout, kept.use_rslora, weight.dtype, weight.device, kept.init_lora_weights);
-                    Name(adapter, adapter_name);
+                    IAdapter adapter = target.Type.Create(target.Module, target.Rank, target.Alpha, kept, draw: true);
+                    adapter.Name = adapter_name;
                     adapters.Add(adapter);
-                    if (kept.use_dora)
-                        ((LoraLayer)adapter).EnableDora(weight);
                     // A drawn B is not zero with init_lora_weights false: a large alpha can overflow scaling · B A.
                     if (!adapter.UpdateFinite(weight))
                         throw new ArgumentException($"LoraModel.inject: {kept.AlphaKey(target.Path)}: {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(config));
@@ -98,6 +95,23 @@ namespace TorchLinear.Lora
             var entry = new AdapterEntry { Name = adapter_name, Config = kept, Trainable = true };
             Install(model, state, entry, targets, adapters);
             return targets.Select(t => t.Path).ToList();
+        }
+
+        /// <summary>The old name of <c>Inject</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.Inject")]
+        public static IReadOnlyList<string> inject(nn.Module model, LoraConfig config, string adapter_name = DefaultAdapter) =>
+            Inject(model, config, adapter_name);
+
+        /// <summary>
+        /// PEFT's <c>get_peft_model</c>: puts a fresh adapter of <paramref name="peft_config"/> into <paramref name="model"/>, as
+        /// <see cref="inject"/> does, and returns the model's <see cref="PeftModel"/>, which holds its adapters and does
+        /// every operation on them.
+        /// </summary>
+        /// <exception cref="ArgumentException">As <see cref="inject"/>.</exception>
+        public static PeftModel get_peft_model(nn.Module model, LoraConfig peft_config, string adapter_name = DefaultAdapter)
+        {
+            Inject(model, peft_config, adapter_name);
+            return PeftModel.For(model, nameof(get_peft_model));
         }
 
         /// <summary>
@@ -136,7 +150,7 @@ namespace TorchLinear.Lora
             if (merge && state is not null)
                 throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
-            var config = LoraConfig.load(configFile);
+            var config = LoraConfig.from_pretrained(configFile);
             CheckOneBias(state, config, adapter_name, nameof(load_adapter));
             var targets = Targets(model, config, state, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
             string file = PeftFolder.AdapterFile(directory);
@@ -147,27 +161,13 @@ namespace TorchLinear.Lora
                 var plan = PeftFolder.Plan(model, config, targets, tensors, file, state);
                 foreach (var target in targets)
                 {
-                    var weight = target.Weight;
                     using var noGrad = no_grad();
-                    if (target.IsEmbedding)
-                    {
-                        var embedding = new LoraEmbeddingLayer(weight.size(0), weight.size(1), target.Rank, target.Alpha, config.use_rslora, weight.dtype, weight.device, "true", draw: false);
-                        built.Add(embedding);
-                        embedding.lora_embedding_A.copy_(tensors[PeftFolder.Key(target.Path, "lora_embedding_A")]);
-                        embedding.lora_embedding_B.copy_(tensors[PeftFolder.Key(target.Path, "lora_embedding_B")]);
-                        Name(embedding, adapter_name);
-                        continue;
-                    }
-                    var layer = LoraLayer.ForLoading(weight.size(1), weight.size(0), target.Rank, target.Alpha, config.lora_dropout, config.use_rslora, weight.dtype, weight.device);
-                    built.Add(layer);
-                    Name(layer, adapter_name);
-                    layer.lora_A.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_A")]);
-                    layer.lora_B.weight.copy_(tensors[PeftFolder.LoraKey(target.Path, "lora_B")]);
-                    if (config.use_dora)
-                    {
-                        layer.EnableDora(weight);
-                        layer.lora_magnitude_vector!.weight.copy_(tensors[PeftFolder.Key(target.Path, "lora_magnitude_vector")]);
-                    }
+                    var adapter = target.Type.Create(target.Module, target.Rank, target.Alpha, config, draw: false);
+                    built.Add(adapter);
+                    adapter.Name = adapter_name;
+                    var parts = target.Type.FileParts.ToDictionary(p => p.Part);
+                    foreach (var (part, value) in adapter.Tensors())
+                        value.copy_(tensors[PeftFolder.Key(target.Path, parts[part])]);
                 }
                 var overflowing = targets.Zip(built).Where(t => !t.Second.UpdateFinite(t.First.Weight)).Select(t => UpdateProblem(t.First, t.Second, t.First.Weight.dtype)).ToList();
                 if (overflowing.Count > 0)
@@ -220,16 +220,15 @@ namespace TorchLinear.Lora
         /// <param name="selected_adapters">The adapters to write; all by default.</param>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         /// <exception cref="ArgumentException">A selected adapter is not one of the model's.</exception>
-        public static void save_adapter(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null)
+        public static void save_pretrained(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(directory);
-            var state = StateOf(model, nameof(save_adapter));
-            var names = selected_adapters ?? state.Adapters.Select(a => a.Name).ToList();
-            CheckKnown(state, names, nameof(save_adapter));
-            foreach (string name in names)
-                PeftFolder.Save(state, state.Entry(name)!, model, name == DefaultAdapter ? directory : Path.Combine(directory, name));
+            PeftModel.For(model, nameof(save_adapter)).save_pretrained(directory, selected_adapters);
         }
+
+        /// <summary>The old name of <c>save_pretrained</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.save_pretrained")]
+        public static void save_adapter(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null) =>
+            save_pretrained(model, directory, selected_adapters);
 
         // ---- Which adapters run ---------------------------------------------------------------------------------------
 
@@ -243,36 +242,21 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void set_adapter(nn.Module model, params string[] adapter_names)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapter_names);
-            var state = StateOf(model, nameof(set_adapter));
-            if (adapter_names.Length == 0)
-                throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapters runs the base model.", nameof(adapter_names));
-            CheckKnown(state, adapter_names, nameof(set_adapter));
-            UnmergeAll(state);
-            state.Active.Clear();
-            state.Active.AddRange(adapter_names.Distinct(StringComparer.Ordinal));
-            Refresh(model, state);
+            PeftModel.For(model, nameof(set_adapter)).set_adapter(adapter_names);
         }
 
         /// <summary>The active adapters, in order (PEFT's <c>active_adapters</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static IReadOnlyList<string> active_adapters(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            return StateOf(model, nameof(active_adapters)).Active.ToList();
+            return PeftModel.For(model, nameof(active_adapters)).active_adapters;
         }
 
         /// <summary>Every adapter of the model and a copy of its config, in the order they were added (PEFT's <c>peft_config</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static IReadOnlyDictionary<string, LoraConfig> peft_config(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(peft_config));
-            var configs = new Dictionary<string, LoraConfig>(StringComparer.Ordinal);
-            foreach (var entry in state.Adapters)
-                configs[entry.Name] = entry.Config.Clone();
-            return configs;
+            return PeftModel.For(model, nameof(peft_config)).peft_config;
         }
 
         /// <summary>
@@ -284,40 +268,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge first, as PEFT asks).</exception>
         public static void delete_adapter(nn.Module model, string adapter_name)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapter_name);
-            var state = StateOf(model, nameof(delete_adapter));
-            CheckKnown(state, new[] { adapter_name }, nameof(delete_adapter));
-            var merged = state.Layers.Where(l => l.Find(adapter_name) is { merged: true }).Select(l => l.Path).ToList();
-            if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.delete_adapter: '{adapter_name}' is merged into {string.Join(", ", merged)}: unmerge it first; nothing changed.");
-            if (state.Adapters.Count == 1)
-            {
-                unload(model);
-                return;
-            }
-            foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(adapter_name)).ToList())
-            {
-                if (saved.Current == adapter_name)
-                    saved.Switch(null);
-                saved.Drop(adapter_name);
-            }
-            foreach (var layer in state.Layers.ToList())
-            {
-                if (layer.Find(adapter_name) is { } adapter)
-                    layer.Remove(adapter);
-                if (layer.Adapters.Count == 0)
-                    RemoveLayer(state, layer);
-            }
-            foreach (var saved in state.Saved.Where(s => s.Adapters.Count == 0).ToList())
-            {
-                saved.DisposeCopies();
-                state.Saved.Remove(saved);
-            }
-            state.RemoveEntry(state.Entry(adapter_name)!);
-            if (state.Active.Remove(adapter_name) && state.Active.Count == 0)
-                state.Active.Add(state.Adapters.Select(a => a.Name).OrderBy(n => n, StringComparer.Ordinal).First());
-            Refresh(model, state);
+            PeftModel.For(model, nameof(delete_adapter)).delete_adapter(adapter_name);
         }
 
         /// <summary>
@@ -334,35 +285,15 @@ namespace TorchLinear.Lora
         /// adapter is DoRA, or saves modules (<c>modules_to_save</c>); the message names them.</exception>
         /// <exception cref="InvalidOperationException">The model has no adapters, adapters are merged, or the model is in
         /// training mode (as PEFT; a call of the model in training mode within the scope is refused too).</exception>
-        public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names)
+        public static IDisposable MixedBatch(nn.Module model, IReadOnlyList<string> adapter_names)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapter_names);
-            var state = StateOf(model, nameof(mixed_batch));
-            if (model.training)
-                throw new InvalidOperationException("LoraModel.mixed_batch: the model is in training mode, and a mixed-adapter batch is for inference (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
-            var named = adapter_names.Where(n => n != BaseModel).Distinct(StringComparer.Ordinal).ToList();
-            var unknown = named.Where(n => state.Entry(n) is null).ToList();
-            if (unknown.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", unknown.Select(n => $"'{n}'"))} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}; \"{BaseModel}\" for no adapter).", nameof(adapter_names));
-            var merged = state.Layers.Where(l => l.Merged.Count > 0).Select(l => l.Path).ToList();
-            if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.mixed_batch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (unmerge first), as in PEFT.");
-            var dora = named.Where(n => state.Entry(n)!.Config.use_dora).ToList();
-            if (dora.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}, which a mixed batch does not run (as in PEFT).", nameof(adapter_names));
-            var saving = named.Where(n => state.Saved.Any(s => s.Adapters.Contains(n))).ToList();
-            if (saving.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", saving)} {(saving.Count == 1 ? "saves" : "save")} modules (modules_to_save), which a mixed batch here does not switch per row.", nameof(adapter_names));
-            var previous = state.Mixed;
-            var batch = new MixedBatch(adapter_names);
-            state.Mixed = batch;
-            return new Restore(() =>
-            {
-                state.Mixed = previous;
-                batch.Dispose();
-            });
+            return PeftModel.For(model, nameof(mixed_batch)).MixedBatch(adapter_names);
         }
+
+        /// <summary>The old name of <c>MixedBatch</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.MixedBatch")]
+        public static IDisposable mixed_batch(nn.Module model, IReadOnlyList<string> adapter_names) =>
+            MixedBatch(model, adapter_names);
 
         /// <summary>
         /// A new adapter <paramref name="adapter_name"/> made of others, as PEFT's <c>add_weighted_adapter</c> makes it
@@ -379,92 +310,24 @@ namespace TorchLinear.Lora
         /// or their target_modules are of different kinds; nothing changed.</exception>
         /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
         public static void add_weighted_adapter(nn.Module model, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name,
-                                                string combination_type = "svd", int? svd_rank = null)
+                                                string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(adapters);
-            ArgumentNullException.ThrowIfNull(weights);
-            ArgumentNullException.ThrowIfNull(combination_type);
-            var state = StateOf(model, nameof(add_weighted_adapter));
-            CheckNewName(model, adapter_name, nameof(add_weighted_adapter));
-            if (adapters.Count == 0)
-                throw new ArgumentException("LoraModel.add_weighted_adapter: name at least one adapter to combine.", nameof(adapters));
-            CheckKnown(state, adapters, nameof(add_weighted_adapter));
-            if (weights.Count != adapters.Count)
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: {adapters.Count} adapters but {weights.Count} weights.", nameof(weights));
-            if (weights.Any(w => !double.IsFinite(w)))
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: every weight must be finite, but they are {string.Join(", ", weights.Select(w => w.ToString(CultureInfo.InvariantCulture)))}.", nameof(weights));
-            var entries = adapters.Select(a => state.Entry(a)!).ToList();
-            var dora = entries.Where(e => e.Config.use_dora).Select(e => e.Name).ToList();
-            if (dora.Count > 0)
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}: a weighted combination would lose the magnitudes.", nameof(adapters));
-            var shared = state.Saved.Where(s => adapters.Count(s.Adapters.Contains) > 1).Select(s => s.Path).ToList();
-            if (shared.Count > 0)
-                throw new ArgumentException($"LoraModel.add_weighted_adapter: several of the adapters save {string.Join(", ", shared)} (modules_to_save), which cannot be combined (as in PEFT).", nameof(adapters));
-            string combination = adapters.Count == 1 ? "linear" : combination_type;
-            if (combination is not ("linear" or "cat" or "svd"))
-                throw new NotSupportedException($"LoraModel.add_weighted_adapter: combination_type '{combination_type}' is not implemented here (linear, cat and svd are).");
-            var ranks = entries.Select(e => e.Config.rank_pattern.Count == 0 ? e.Config.r : Math.Max(e.Config.r, e.Config.rank_pattern.Values.Max())).ToList();
-            int rank = combination switch
-            {
-                "linear" => ranks.Distinct().Count() == 1 ? ranks[0] : throw new ArgumentException($"LoraModel.add_weighted_adapter: combination_type linear needs adapters of one rank, but theirs are {string.Join(", ", ranks)}.", nameof(adapters)),
-                "cat" => ranks.Sum(),
-                _ => svd_rank ?? ranks.Max(),
-            };
-            if (rank < 1)
-                throw new ArgumentOutOfRangeException(nameof(svd_rank), svd_rank, "LoraModel.add_weighted_adapter: svd_rank must be 1 or more.");
-            var regexes = entries.Select(e => e.Config.target_modules_regex).ToList();
-            if (regexes.Any(r => r is null) && regexes.Any(r => r is not null))
-                throw new ArgumentException("LoraModel.add_weighted_adapter: the adapters' target_modules are a mix of names and a regular expression, which cannot be joined (as in PEFT).", nameof(adapters));
-            var config = entries[0].Config.Clone();
-            config.r = rank;
-            config.lora_alpha = rank;
-            config.rank_pattern = new Dictionary<string, int>();
-            config.alpha_pattern = new Dictionary<string, double>();
-            if (regexes[0] is not null)
-                config.target_modules_regex = string.Join("|", regexes.Select(r => $"({r})"));
-            else
-                config.target_modules = entries.SelectMany(e => e.Config.target_modules ?? Array.Empty<string>()).Distinct(StringComparer.Ordinal).ToList();
+            PeftModel.For(model, nameof(add_weighted_adapter)).add_weighted_adapter(adapters, weights, adapter_name, combination_type, svd_rank);
+        }
 
-            CheckOneBias(state, config, adapter_name, nameof(add_weighted_adapter));
-            var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
-            var built = new List<IAdapter>();
-            try
-            {
-                using var noGrad = no_grad();
-                foreach (var target in targets)
-                {
-                    var weight = target.Weight;
-                    IAdapter adapter = target.IsEmbedding
-                        ? new LoraEmbeddingLayer(weight.size(0), weight.size(1), rank, rank, config.use_rslora, weight.dtype, weight.device, "true", draw: false)
-                        : LoraLayer.ForLoading(weight.size(1), weight.size(0), rank, rank, config.lora_dropout, config.use_rslora, weight.dtype, weight.device);
-                    Name(adapter, adapter_name);
-                    built.Add(adapter);
-                    var parts = adapters.Select((name, i) => (Adapter: target.Existing?.Find(name), Weight: weights[i])).Where(p => p.Adapter is not null).Select(p => (p.Adapter!, p.Weight)).ToList();
-                    Combine(adapter, parts, combination, rank, target.Path);
-                    if (!adapter.UpdateFinite(weight))
-                        throw new ArgumentException($"LoraModel.add_weighted_adapter: the combination {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(weights));
-                }
-            }
-            catch
-            {
-                foreach (var adapter in built)
-                    adapter.Dispose();
-                throw;
-            }
-            Install(model, state, new AdapterEntry { Name = adapter_name, Config = config, Trainable = false }, targets, built);
+        /// <summary>The shape that puts one weight per stacked factor: (-1, 1, ..., 1), one 1 per dimension of a factor.</summary>
+        internal static long[] PerFactor(long dimensions)
+        {
+            var shape = Enumerable.Repeat(1L, (int)dimensions + 1).ToArray();
+            shape[0] = -1;
+            return shape;
         }
 
         /// <summary>Fills a new adapter with the combination of <paramref name="parts"/> (PEFT's formulas, see add_weighted_adapter).</summary>
-        private static void Combine(IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
+        internal static void Combine(ILoraLayerType type, IAdapter target, List<(IAdapter Adapter, double Weight)> parts, string combination, int rank, string path)
         {
             using var scope = NewDisposeScope();
-            static (Tensor A, Tensor B) Factors(IAdapter a) => a switch
-            {
-                LoraLayer l => (l.lora_A.weight, l.lora_B.weight),
-                LoraEmbeddingLayer e => (e.lora_embedding_A, e.lora_embedding_B),
-                _ => throw new InvalidOperationException(),
-            };
+            static (Tensor A, Tensor B) Factors(IAdapter a) => a.Factors;
             var (targetA, targetB) = Factors(target);
             targetA.zero_();
             targetB.zero_();
@@ -486,8 +349,8 @@ namespace TorchLinear.Lora
                     // PEFT's task_arithmetic: the tensors stacked, times float32 weights, summed.
                     var weightsA = parts.Select(p => p.Weight * p.Adapter.scaling).Select(w => (float)(Math.Sqrt(Math.Abs(w)) * (w >= 0 ? 1 : -1))).ToArray();
                     var weightsB = parts.Select(p => (float)Math.Sqrt(Math.Abs(p.Weight * p.Adapter.scaling))).ToArray();
-                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(-1, 1, 1)).sum(0L).to(dtype);
-                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(-1, 1, 1)).sum(0L).to(dtype);
+                    Tensor a = stack(parts.Select(p => Factors(p.Adapter).A).ToList()).mul(tensor(weightsA).to(targetA.device).view(PerFactor(targetA.dim()))).sum(0L).to(dtype);
+                    Tensor b = stack(parts.Select(p => Factors(p.Adapter).B).ToList()).mul(tensor(weightsB).to(targetB.device).view(PerFactor(targetB.dim()))).sum(0L).to(dtype);
                     targetA.copy_(a);
                     targetB.copy_(b);
                     break;
@@ -497,15 +360,15 @@ namespace TorchLinear.Lora
                     if (dtype is not (ScalarType.Float32 or ScalarType.Float64))
                         throw new NotSupportedException($"LoraModel.add_weighted_adapter: {path} is {dtype}; the svd combination needs float32 or float64 layers.");
                     var weightsSvd = tensor(parts.Select(p => (float)(p.Weight * p.Adapter.scaling)).ToArray()).to(targetA.device);
-                    Tensor deltas = stack(parts.Select(p => p.Adapter.delta_weight()).ToList());
-                    Tensor delta = deltas.mul(weightsSvd.to(deltas.dtype).view(-1, 1, 1)).sum(0L);
-                    if (target is LoraEmbeddingLayer)
-                        delta = delta.t();
+                    Tensor deltas = stack(parts.Select(p => p.Adapter.get_delta_weight()).ToList());
+                    Tensor delta = type.DeltaMatrix(deltas.mul(weightsSvd.to(deltas.dtype).view(PerFactor(deltas.dim() - 1))).sum(0L));
                     var (u, s, vh) = linalg.svd(delta, fullMatrices: true);
                     int k = (int)Math.Min(rank, s.size(0));
                     Tensor left = u.narrow(1, 0, k).matmul(diag(s.narrow(0, 0, k)));
-                    targetB.narrow(1, 0, k).copy_(left);
-                    targetA.narrow(0, 0, k).copy_(vh.narrow(0, 0, k));
+                    // A layer type whose factors are not matrices (a convolution's kernels) gets them in its own shapes.
+                    Tensor intoB = targetB.narrow(1, 0, k), intoA = targetA.narrow(0, 0, k);
+                    intoB.copy_(left.reshape(intoB.shape));
+                    intoA.copy_(vh.narrow(0, 0, k).reshape(intoA.shape));
                     break;
                 }
             }
@@ -522,22 +385,27 @@ namespace TorchLinear.Lora
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
-        public static void merge(nn.Module model, IReadOnlyList<string>? adapter_names = null)
+        public static void merge_adapter(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(merge));
-            var names = adapter_names ?? state.Active;
-            CheckKnown(state, names, nameof(merge));
-            MergeAll(state, nameof(merge), names);
+            PeftModel.For(model, nameof(merge)).merge_adapter(adapter_names);
         }
+
+        /// <summary>The old name of <c>merge_adapter</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.merge_adapter")]
+        public static void merge(nn.Module model, IReadOnlyList<string>? adapter_names = null) =>
+            merge_adapter(model, adapter_names);
 
         /// <summary>Takes every merged adapter out of the weights again, last merged first, restoring each weight bit for bit (PEFT's <c>unmerge_adapter</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
-        public static void unmerge(nn.Module model)
+        public static void unmerge_adapter(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            UnmergeAll(StateOf(model, nameof(unmerge)));
+            PeftModel.For(model, nameof(unmerge)).unmerge_adapter();
         }
+
+        /// <summary>The old name of <c>unmerge_adapter</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.unmerge_adapter")]
+        public static void unmerge(nn.Module model) =>
+            unmerge_adapter(model);
 
         /// <summary>
         /// The active adapters (or <paramref name="adapter_names"/>) folded into the weights, and every adapter taken out:
@@ -548,18 +416,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public static void merge_and_unload(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(merge_and_unload));
-            var names = adapter_names ?? state.Active.ToList();
-            CheckKnown(state, names, nameof(merge_and_unload));
-            MergeAll(state, nameof(merge_and_unload), names, keep: false);
-            foreach (var layer in state.Layers)
-            {
-                foreach (var adapter in layer.Adapters)
-                    adapter.ForgetUnmerged();
-                layer.Merged.Clear();
-            }
-            RemoveAll(state);
+            PeftModel.For(model, nameof(merge_and_unload)).merge_and_unload(adapter_names);
         }
 
         /// <summary>
@@ -571,12 +428,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void unload(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(unload));
-            UnmergeAll(state);
-            foreach (var saved in state.Saved)
-                saved.Switch(null);
-            RemoveAll(state);
+            PeftModel.For(model, nameof(unload)).unload();
         }
 
         /// <summary>
@@ -589,40 +441,15 @@ namespace TorchLinear.Lora
         /// the base layers' own and stay trained (PEFT warns of the same).
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
-        public static IDisposable disable_adapters(nn.Module model)
+        public static IDisposable disable_adapter(nn.Module model)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(disable_adapters));
-            var merged = state.Layers.Select(l => (Layer: l, Order: l.Merged.Reverse().Select(a => a.Name).ToList())).Where(m => m.Order.Count > 0).ToList();
-            UnmergeAll(state);
-            bool wasDisabled = state.Disabled;
-            state.Disabled = true;
-            var currents = state.Saved.Select(s => (Saved: s, s.Current)).ToList();
-            foreach (var saved in state.Saved)
-                saved.Switch(null);
-            // As PEFT's enable_adapters(False): no adapter tensor requires grad while disabled; each gets its flag back after.
-            var flags = state.Layers.SelectMany(l => l.Adapters).SelectMany(a => a.Parameters()).Select(p => (Parameter: p, p.requires_grad)).ToList();
-            foreach (var (parameter, _) in flags)
-                parameter.requires_grad_(false);
-            return new Restore(() =>
-            {
-                foreach (var (parameter, requiresGrad) in flags)
-                    parameter.requires_grad_(requiresGrad);
-                foreach (var (saved, current) in currents)
-                    saved.Switch(current);
-                state.Disabled = wasDisabled;
-                // The weights are as they were when merged first: the same updates give the same bits again.
-                foreach (var (layer, order) in merged)
-                {
-                    foreach (string name in order)
-                    {
-                        var adapter = layer.Find(name)!;
-                        adapter.MergeChecked(layer.Weight);
-                        layer.Merged.Push(adapter);
-                    }
-                }
-            });
+            return PeftModel.For(model, nameof(disable_adapters)).disable_adapter();
         }
+
+        /// <summary>The old name of <c>disable_adapter</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.disable_adapter")]
+        public static IDisposable disable_adapters(nn.Module model) =>
+            disable_adapter(model);
 
         // ---- Training ---------------------------------------------------------------------------------------------------
 
@@ -635,13 +462,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void mark_only_lora_as_trainable(nn.Module model, string? bias = null)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            var state = StateOf(model, nameof(mark_only_lora_as_trainable));
-            if (bias is not (null or "none" or "all" or "lora_only"))
-                throw new ArgumentException($"bias must be \"none\", \"all\" or \"lora_only\", but was \"{bias}\".", nameof(bias));
-            foreach (string name in state.Active)
-                state.Entry(name)!.Trainable = true;
-            MarkTrainable(model, state, bias);
+            PeftModel.For(model, nameof(mark_only_lora_as_trainable)).mark_only_lora_as_trainable(bias);
         }
 
         /// <summary>PEFT's <c>get_nb_trainable_parameters</c>: the number of elements in trainable parameters, and in all of them.</summary>
@@ -680,29 +501,36 @@ namespace TorchLinear.Lora
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or an adapter did not run; the message
         /// names the layers and the ways out.</exception>
-        public static void check_adapters_run(nn.Module<Tensor, Tensor> model, Tensor example)
+        public static void CheckAdaptersRun(nn.Module<Tensor, Tensor> model, Tensor example)
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(example);
-            check_adapters_run(model, () =>
+            CheckAdaptersRun(model, () =>
             {
                 using var scope = NewDisposeScope();
                 model.forward(example);
             });
         }
 
+        /// <summary>The old name of <c>CheckAdaptersRun</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.CheckAdaptersRun")]
+        public static void check_adapters_run(nn.Module<Tensor, Tensor> model, Tensor example) =>
+            CheckAdaptersRun(model, example);
+
         /// <summary>
         /// As <see cref="check_adapters_run(nn.Module{Tensor, Tensor}, Tensor)"/>, for a model whose forward takes other
         /// arguments: <paramref name="forward"/> runs it once (under no_grad here).
         /// </summary>
-        public static void check_adapters_run(nn.Module model, Action forward)
+        public static void CheckAdaptersRun(nn.Module model, Action forward)
         {
-            ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(forward);
-            var state = StateOf(model, nameof(check_adapters_run));
-            using var noGrad = no_grad();
-            state.RunChecked(forward);
+            PeftModel.For(model, nameof(check_adapters_run)).CheckAdaptersRun(forward);
         }
+
+        /// <summary>The old name of <c>CheckAdaptersRun</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.CheckAdaptersRun")]
+        public static void check_adapters_run(nn.Module model, Action forward) =>
+            CheckAdaptersRun(model, forward);
 
         /// <summary>
         /// The opt-out for a model whose forward legitimately skips some adapted layers (a head chosen per task, an
@@ -710,34 +538,24 @@ namespace TorchLinear.Lora
         /// and the model's check is off.
         /// </summary>
         /// <exception cref="ArgumentException">A path is not an adapted layer of the model.</exception>
-        public static void allow_unused_adapters(nn.Module model, params string[] paths)
+        public static void AllowUnusedAdapters(nn.Module model, params string[] paths)
         {
-            ArgumentNullException.ThrowIfNull(model);
-            ArgumentNullException.ThrowIfNull(paths);
-            StateOf(model, nameof(allow_unused_adapters)).AllowUnused(paths);
+            PeftModel.For(model, nameof(allow_unused_adapters)).AllowUnusedAdapters(paths);
         }
+
+        /// <summary>The old name of <c>AllowUnusedAdapters</c>, which it calls.</summary>
+        [Obsolete("use LoraModel.AllowUnusedAdapters")]
+        public static void allow_unused_adapters(nn.Module model, params string[] paths) =>
+            AllowUnusedAdapters(model, paths);
 
         // ---- The pieces ---------------------------------------------------------------------------------------------------
-
-        private static void Name(IAdapter adapter, string name)
-        {
-            switch (adapter)
-            {
-                case LoraLayer layer:
-                    layer.adapter_name = name;
-                    break;
-                case LoraEmbeddingLayer embedding:
-                    embedding.adapter_name = name;
-                    break;
-            }
-        }
 
         /// <summary>
         /// Puts a new adapter's pieces into the model: each target's host (made when the layer has none yet), the entry,
         /// its <c>modules_to_save</c> values (from <paramref name="savedValues"/>, else the originals), the active set (a
         /// model's first adapter becomes active), then which parameters train. Nothing here can fail on the model's data.
         /// </summary>
-        private static void Install(nn.Module model, AdaptedModel state, AdapterEntry entry, List<Target> targets, List<IAdapter> adapters,
+        internal static void Install(nn.Module model, AdaptedModel state, AdapterEntry entry, List<Target> targets, List<IAdapter> adapters,
                                     List<(string Module, string Name, Tensor Value)>? savedValues = null)
         {
             for (int i = 0; i < targets.Count; i++)
@@ -751,6 +569,7 @@ namespace TorchLinear.Lora
                 layer.Add(adapters[i]);
             }
             state.AddEntry(entry);
+            Track(state);
             KeepOriginals(model, state, entry);
             if (savedValues is not null)
             {
@@ -778,11 +597,11 @@ namespace TorchLinear.Lora
         /// first time) and giving the adapter its own copy of them to train (as PEFT's ModulesToSaveWrapper deep-copies the
         /// original module for each adapter).
         /// </summary>
-        private static void KeepOriginals(nn.Module model, AdaptedModel state, AdapterEntry entry)
+        internal static void KeepOriginals(nn.Module model, AdaptedModel state, AdapterEntry entry)
         {
             foreach (var (path, module) in model.named_modules())
             {
-                if (!ModuleMatching.is_module_to_save(entry.Config, path))
+                if (!ModuleMatching.IsModuleToSave(entry.Config, path))
                     continue;
                 // A saved module inside another saved module is saved with that one.
                 if (state.Saved.Any(s => path.StartsWith(s.Path + ".", StringComparison.Ordinal)))
@@ -799,7 +618,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>After any change of the adapters or the active set: each saved module holds its owner's values, and which parameters train follows.</summary>
-        private static void Refresh(nn.Module model, AdaptedModel state)
+        internal static void Refresh(nn.Module model, AdaptedModel state)
         {
             if (!state.Disabled)
             {
@@ -814,7 +633,7 @@ namespace TorchLinear.Lora
         /// adapters that were made to train, the saved modules they own, and the biases their <c>bias</c> mode (or
         /// <paramref name="bias"/>) names train; every other parameter is frozen.
         /// </summary>
-        private static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias)
+        internal static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias)
         {
             var training = state.Active.Select(n => state.Entry(n)!).Where(e => e.Trainable).ToList();
             var names = new HashSet<string>(training.Select(e => e.Name), StringComparer.Ordinal);
@@ -832,9 +651,9 @@ namespace TorchLinear.Lora
                 foreach (var parameter in saved.Module.parameters())
                     trainable.Add(parameter.Handle);
             }
-            bool allBiases = training.Any(e => (bias ?? e.Config.bias) == "all");
+            bool allBiases = training.Any(e => (bias ?? e.Config.bias) == LoraBias.All);
             var adaptedBiases = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var entry in training.Where(e => (bias ?? e.Config.bias) == "lora_only"))
+            foreach (var entry in training.Where(e => (bias ?? e.Config.bias) == LoraBias.LoraOnly))
             {
                 foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
                     adaptedBiases.Add(layer.Path + ".bias");
@@ -848,7 +667,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Merges the named adapters wherever they are unmerged, after checking every merged weight stays finite.</summary>
-        private static void MergeAll(AdaptedModel state, string caller, IReadOnlyList<string> names, bool keep = true)
+        internal static void MergeAll(AdaptedModel state, string caller, IReadOnlyList<string> names, bool keep = true)
         {
             var pending = new List<(AdaptedLayer Layer, IAdapter Adapter)>();
             foreach (var layer in state.Layers)
@@ -886,7 +705,7 @@ namespace TorchLinear.Lora
             }
         }
 
-        private static void UnmergeAll(AdaptedModel state)
+        internal static void UnmergeAll(AdaptedModel state)
         {
             foreach (var layer in state.Layers)
             {
@@ -896,7 +715,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Takes one adapted layer (whose adapters are gone) out of the model: the original layer is where it was.</summary>
-        private static void RemoveLayer(AdaptedModel state, AdaptedLayer layer)
+        internal static void RemoveLayer(AdaptedModel state, AdaptedLayer layer)
         {
             layer.Unregister();
             layer.Detach();
@@ -906,7 +725,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Takes every adapter out of the model and frees it; the layers are the model's own again.</summary>
-        private static void RemoveAll(AdaptedModel state)
+        internal static void RemoveAll(AdaptedModel state)
         {
             foreach (var layer in state.Layers.ToList())
             {
@@ -919,7 +738,7 @@ namespace TorchLinear.Lora
             state.Release();
         }
 
-        private static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)
+        internal static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)
         {
             var unknown = names.Where(n => n is null || state.Entry(n) is null).Select(n => n is null ? "null" : $"'{n}'").ToList();
             if (unknown.Count > 0)
@@ -930,11 +749,11 @@ namespace TorchLinear.Lora
         /// PEFT's <c>BaseTuner._check_new_adapter_config</c>: a model holds at most one adapter whose <c>bias</c> is not
         /// <c>none</c> (the biases are the base layers' own, one set for all adapters).
         /// </summary>
-        private static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
+        internal static void CheckOneBias(AdaptedModel? state, LoraConfig config, string adapter_name, string caller)
         {
-            if (state is null || config.bias == "none")
+            if (state is null || config.bias == LoraBias.None)
                 return;
-            var others = state.Adapters.Where(a => a.Config.bias != "none").ToList();
+            var others = state.Adapters.Where(a => a.Config.bias != LoraBias.None).ToList();
             if (others.Count > 0)
                 throw new ArgumentException(
                     $"LoraModel.{caller}: '{adapter_name}' has bias \"{config.bias}\", and {string.Join(", ", others.Select(o => $"'{o.Name}' has bias \"{o.Config.bias}\""))} already: " +
@@ -942,18 +761,18 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>What is not finite in an adapter's update, naming the layer, its file keys, the scaling and the dtype.</summary>
-        private static string UpdateProblem(Target target, IAdapter adapter, ScalarType dtype)
+        internal static string UpdateProblem(Target target, IAdapter adapter, ScalarType dtype)
         {
             string scale = string.Create(CultureInfo.InvariantCulture, $"(lora_alpha {adapter.lora_alpha}, r {adapter.r}, scaling {adapter.scaling})");
-            if (adapter is LoraEmbeddingLayer)
-                return $"scaling · B A of {target.Path} ('{PeftFolder.Key(target.Path, "lora_embedding_A")}', '{PeftFolder.Key(target.Path, "lora_embedding_B")}') is not finite in {dtype} {scale}";
-            if (adapter is LoraLayer { use_dora: true } dora && dora.UpdateFiniteWithoutDora())
-                return $"the DoRA weight m / ‖W + ΔW‖ · (W + ΔW) of {target.Path} ('{PeftFolder.Key(target.Path, "lora_magnitude_vector")}') is not finite in {dtype} {scale}";
-            return $"scaling · B A of {target.Path} ('{PeftFolder.LoraKey(target.Path, "lora_A")}', '{PeftFolder.LoraKey(target.Path, "lora_B")}') is not finite in {dtype} {scale}";
+            var parts = target.Type.FileParts.ToDictionary(p => p.Part);
+            if (adapter.Rescaled is { } rescaled && adapter.DeltaFinite())
+                return $"{rescaled.Formula} of {target.Path} ('{PeftFolder.Key(target.Path, parts[rescaled.Part])}') is not finite in {dtype} {scale}";
+            var factors = adapter.Tensors().Take(2).Select(t => $"'{PeftFolder.Key(target.Path, parts[t.Part])}'");
+            return $"scaling · B A of {target.Path} ({string.Join(", ", factors)}) is not finite in {dtype} {scale}";
         }
 
         /// <summary>A new adapter's name must be usable in keys and folder names, and not the model's already.</summary>
-        private static void CheckNewName(nn.Module model, string adapter_name, string caller)
+        internal static void CheckNewName(nn.Module model, string adapter_name, string caller)
         {
             ArgumentNullException.ThrowIfNull(adapter_name);
             if (adapter_name.Length == 0 || adapter_name.IndexOfAny(new[] { '.', '/', '\\' }) >= 0 || adapter_name == BaseModel || adapter_name.Any(char.IsControl))
@@ -966,21 +785,34 @@ namespace TorchLinear.Lora
         internal static AdaptedModel StateOf(nn.Module model, string caller) =>
             TryStateOf(model, caller) ?? throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: inject or load one first.");
 
-        private static AdaptedModel? TryStateOf(nn.Module model, string caller)
+        /// <summary>Each adapted model's bookkeeping, keyed by the root module the adapters were put into (weakly: it dies with the model).</summary>
+        private static readonly ConditionalWeakTable<nn.Module, AdaptedModel> States = new();
+
+        /// <summary>
+        /// The bookkeeping of <paramref name="model"/>'s adapters, or null: found in constant time from the model. Only a
+        /// model without adapters of its own is scanned, once, so that adapters put into a model that holds it (or that it
+        /// holds) are refused by name rather than taken for none.
+        /// </summary>
+        internal static AdaptedModel? TryStateOf(nn.Module model, string caller)
         {
+            if (States.TryGetValue(model, out var known))
+            {
+                if (!known.Released)
+                    return known;
+                States.Remove(model);
+            }
             foreach (var module in model.modules())
             {
-                if (module is AdapterModules { Model: { } state })
-                {
-                    if (!ReferenceEquals(state.Root, model))
-                        throw new InvalidOperationException($"LoraModel.{caller}: the adapters were put into a {state.Root.GetType().Name}, not into this {model.GetType().Name}: pass the model they were put into.");
-                    return state;
-                }
+                if (module is AdapterModules { Model: { Released: false } state } && !ReferenceEquals(state.Root, model))
+                    throw new InvalidOperationException($"LoraModel.{caller}: the adapters were put into a {state.Root.GetType().Name}, not into this {model.GetType().Name}: pass the model they were put into.");
             }
             return null;
         }
 
-        private sealed class Restore : IDisposable
+        /// <summary>Makes <paramref name="state"/> the bookkeeping <see cref="TryStateOf"/> finds for its root.</summary>
+        internal static void Track(AdaptedModel state) => States.AddOrUpdate(state.Root, state);
+
+        internal sealed class Restore : IDisposable
         {
             private Action? _action;
 

@@ -13,7 +13,7 @@ namespace TorchLinear.Lora
     /// adapters' terms, and giving the base layer back whole when the adapters are taken out.
     /// </summary>
     /// <typeparam name="TBase">The wrapped layer's type.</typeparam>
-    public abstract class AdapterWrapper<TBase> : nn.Module<Tensor, Tensor> where TBase : nn.Module<Tensor, Tensor>
+    public abstract class AdapterWrapper<TBase> : nn.Module<Tensor, Tensor>, IAdapterWrapper where TBase : nn.Module<Tensor, Tensor>
     {
         private readonly AdaptedLayer _layer;
         private readonly string[] _registered;
@@ -72,6 +72,8 @@ namespace TorchLinear.Lora
             return base_layer;
         }
 
+        nn.Module IAdapterWrapper.Unwrap() => Unwrap();
+
         /// <inheritdoc />
         protected override void Dispose(bool disposing)
         {
@@ -101,7 +103,11 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>The adapters of this layer, in the order they were added.</summary>
-        public IReadOnlyList<LoraLayer> lora_layers => Layer.Adapters.OfType<LoraLayer>().ToList();
+        public IReadOnlyList<LoraLayer> LoraLayers => Layer.Adapters.OfType<LoraLayer>().ToList();
+
+        /// <summary>The old name of <see cref="LoraLayers"/>.</summary>
+        [Obsolete("use LoraWrapper.LoraLayers")]
+        public IReadOnlyList<LoraLayer> lora_layers => LoraLayers;
 
         /// <summary>The base layer's weight, (out_features, in_features).</summary>
         public Parameter weight
@@ -161,5 +167,12 @@ namespace TorchLinear.Lora
 
         /// <summary>The base embedding's lookup.</summary>
         private protected override Tensor BaseOutput(Tensor input) => base_layer.forward(input);
+    }
+
+    /// <summary>A wrapper that gives its base layer back whole (<see cref="AdapterWrapper{TBase}.Unwrap"/>), whatever the base layer's type.</summary>
+    internal interface IAdapterWrapper
+    {
+        /// <summary>Takes the parameters' registrations out, frees the wrapper, and returns the base layer.</summary>
+        nn.Module Unwrap();
     }
 }

@@ -42,7 +42,7 @@ namespace TorchLinear.Lora
         {
             ArgumentNullException.ThrowIfNull(config);
             ArgumentNullException.ThrowIfNull(key);
-            if (IsExcluded(config, key) || is_in_module_to_save(config, key))
+            if (IsExcluded(config, key) || IsInModuleToSave(config, key))
                 return false;
             if (config.target_modules_regex is { } regex)
                 return IsAllLinear(regex) || config.Patterns.FullMatch("target_modules", regex, key);
@@ -62,9 +62,19 @@ namespace TorchLinear.Lora
         /// <summary>
         /// Whether the module at <paramref name="key"/> is a <c>modules_to_save</c> module: its path equals an entry or
         /// ends with <c>"." + entry</c>, at any depth (<c>classifier</c> takes <c>head.classifier</c>). A module inside
-        /// another saved module is saved as part of that one, not on its own (see <see cref="is_in_module_to_save"/>).
+        /// another saved module is saved as part of that one, not on its own (see <see cref="IsInModuleToSave"/>).
         /// </summary>
-        public static bool is_module_to_save(LoraConfig config, string key)
+        public static bool IsModuleToSave(LoraConfig config, string key) => ModuleToSave(config, key);
+
+        /// <summary>The old name of <see cref="IsModuleToSave"/>, which it calls.</summary>
+        [Obsolete("use ModuleMatching.IsModuleToSave")]
+        public static bool is_module_to_save(LoraConfig config, string key) => IsModuleToSave(config, key);
+
+        /// <summary>The old name of <see cref="IsInModuleToSave"/>, which it calls.</summary>
+        [Obsolete("use ModuleMatching.IsInModuleToSave")]
+        public static bool is_in_module_to_save(LoraConfig config, string key) => IsInModuleToSave(config, key);
+
+        private static bool ModuleToSave(LoraConfig config, string key)
         {
             ArgumentNullException.ThrowIfNull(config);
             ArgumentNullException.ThrowIfNull(key);
@@ -75,7 +85,7 @@ namespace TorchLinear.Lora
         /// Whether <paramref name="key"/> is a <c>modules_to_save</c> module or lies inside one (PEFT's targeting rule
         /// <c>(^|.*\.)entry($|\..*)</c>, read as names): such a module never gets an adapter.
         /// </summary>
-        public static bool is_in_module_to_save(LoraConfig config, string key)
+        public static bool IsInModuleToSave(LoraConfig config, string key)
         {
             ArgumentNullException.ThrowIfNull(config);
             ArgumentNullException.ThrowIfNull(key);
@@ -84,10 +94,10 @@ namespace TorchLinear.Lora
             // The module itself or any of its ancestors: every prefix of the path that ends at a dot.
             for (int end = key.IndexOf('.'); end >= 0; end = key.IndexOf('.', end + 1))
             {
-                if (is_module_to_save(config, key[..end]))
+                if (IsModuleToSave(config, key[..end]))
                     return true;
             }
-            return is_module_to_save(config, key);
+            return IsModuleToSave(config, key);
         }
 
         /// <summary>

@@ -28,6 +28,9 @@ namespace TorchLinear.Lora
 
         internal static string LoraKey(string path, string part) => $"{Prefix}{path}.{part}.weight";
 
+        /// <summary>The file key of one adapter tensor of the layer at <paramref name="path"/>: the prefix, the path, the part's suffix (its layer type's).</summary>
+        internal static string Key(string path, FilePart part) => $"{Prefix}{path}{part.Suffix}";
+
         /// <summary>One tensor of the file that is not an adapter weight: where it goes.</summary>
         /// <param name="Key">Its key in the file.</param>
         /// <param name="Name">Its name in the model's state_dict.</param>
@@ -79,32 +82,26 @@ namespace TorchLinear.Lora
                     problems.Add($"'{key}' puts LoRA or weights inside a saved module's wrapper (a broken adapter: modules_to_save modules are saved under their plain names)");
                     continue;
                 }
-                if (AdapterPart(name) is var (path, part))
+                if (LoraLayerTypes.PartOf(name) is var (path, part))
                 {
                     if (!targetByPath.TryGetValue(path, out var target))
                     {
                         problems.Add($"'{key}' is an adapter tensor for {path}, which the config's target_modules does not select in this model");
                         continue;
                     }
-                    if (target.IsEmbedding != part.StartsWith("lora_embedding_", StringComparison.Ordinal))
+                    var filePart = target.Type.FileParts.FirstOrDefault(p => p.Part == part);
+                    if (filePart is null || !key.EndsWith(filePart.Suffix, StringComparison.Ordinal))
                     {
-                        problems.Add($"'{key}' is a{(target.IsEmbedding ? " linear layer's" : "n embedding's")} adapter tensor, but {path} is {(target.IsEmbedding ? "an nn.Embedding" : "a linear layer")}");
+                        string owners = string.Join(" or ", LoraLayerTypes.All.Where(t => t.FileParts.Any(p => p.Part == part)).Select(t => t.Name));
+                        problems.Add($"'{key}' is an adapter tensor of {owners} ({part}), but {path} is {(target.Type.Name.StartsWith("nn.", StringComparison.Ordinal) ? "an " : "a ")}{target.Type.Name}");
                         continue;
                     }
-                    if (part == "lora_magnitude_vector" && !config.use_dora)
+                    if (filePart.DoraOnly && !config.use_dora)
                     {
                         problems.Add($"'{key}' is a DoRA magnitude, but the config's use_dora is false");
                         continue;
                     }
-                    var weight = target.Weight;
-                    long[] expected = part switch
-                    {
-                        "lora_A" => new[] { (long)target.Rank, weight.size(1) },
-                        "lora_B" => new[] { weight.size(0), (long)target.Rank },
-                        "lora_magnitude_vector" => new[] { weight.size(0) },
-                        "lora_embedding_A" => new[] { (long)target.Rank, weight.size(0) },
-                        _ => new[] { weight.size(1), (long)target.Rank },
-                    };
+                    long[] expected = target.Type.PartShape(target.Module, part, target.Rank);
                     if (!tensor.shape.SequenceEqual(expected))
                         problems.Add($"'{key}' has shape [{string.Join(", ", tensor.shape)}], {path} needs [{string.Join(", ", expected)}] (r = {target.Rank})");
                     else if (!is_floating_point(tensor.dtype))
@@ -169,13 +166,11 @@ namespace TorchLinear.Lora
             }
             foreach (var target in targets)
             {
-                var parts = target.IsEmbedding ? new[] { "lora_embedding_A", "lora_embedding_B" }
-                          : config.use_dora ? new[] { "lora_A", "lora_B", "lora_magnitude_vector" } : new[] { "lora_A", "lora_B" };
-                foreach (string part in parts)
+                foreach (var part in target.Type.FileParts.Where(p => !p.DoraOnly || config.use_dora))
                 {
-                    string key = part.StartsWith("lora_embedding_", StringComparison.Ordinal) || part == "lora_magnitude_vector" ? Key(target.Path, part) : LoraKey(target.Path, part);
+                    string key = Key(target.Path, part);
                     if (!tensors.ContainsKey(key))
-                        problems.Add($"missing '{key}' for the targeted {target.Path}" + (part == "lora_magnitude_vector" ? " (use_dora is true: a DoRA adapter holds each layer's magnitude)" : ""));
+                        problems.Add($"missing '{key}' for the targeted {target.Path}" + (part.DoraOnly ? " (use_dora is true: a DoRA adapter holds each layer's magnitude)" : ""));
                 }
             }
             if (problems.Count > 0)
@@ -190,12 +185,12 @@ namespace TorchLinear.Lora
         /// </summary>
         private static (string Saved, string Wrapper, string Inner)? WrapperCopy(LoraConfig config, string name)
         {
-            if (config.bias != "all" || !name.Contains("bias", StringComparison.Ordinal))
+            if (config.bias != LoraBias.All || !name.Contains("bias", StringComparison.Ordinal))
                 return null;
             foreach (string wrapper in new[] { "modules_to_save", "original_module" })
             {
                 int at = name.IndexOf($".{wrapper}.", StringComparison.Ordinal);
-                if (at > 0 && ModuleMatching.is_module_to_save(config, name[..at]))
+                if (at > 0 && ModuleMatching.IsModuleToSave(config, name[..at]))
                     return (name[..at], wrapper, name[(at + wrapper.Length + 2)..]);
             }
             return null;
@@ -223,27 +218,12 @@ namespace TorchLinear.Lora
             return dot > 0 && adaptedPaths.Contains(name[..dot]) ? $"{Prefix}{name[..dot]}.base_layer.{name[(dot + 1)..]}" : Prefix + name;
         }
 
-        /// <summary>The layer path and part of an adapter key's name (<c>q_proj.lora_A.weight</c> → (q_proj, lora_A)), or null.</summary>
-        private static (string Path, string Part)? AdapterPart(string name)
-        {
-            foreach (var (suffix, part) in new[]
-            {
-                (".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B"), (".lora_magnitude_vector", "lora_magnitude_vector"),
-                (".lora_embedding_A", "lora_embedding_A"), (".lora_embedding_B", "lora_embedding_B"),
-            })
-            {
-                if (name.EndsWith(suffix, StringComparison.Ordinal) && name.Length > suffix.Length)
-                    return (name[..^suffix.Length], part);
-            }
-            return null;
-        }
-
         /// <summary>The outermost modules_to_save module that holds the state_dict entry <paramref name="name"/>, or null.</summary>
         private static string? SavedModuleOf(LoraConfig config, string name)
         {
             for (int end = name.IndexOf('.'); end >= 0; end = name.IndexOf('.', end + 1))
             {
-                if (ModuleMatching.is_module_to_save(config, name[..end]))
+                if (ModuleMatching.IsModuleToSave(config, name[..end]))
                     return name[..end];
             }
             return null;
@@ -274,18 +254,10 @@ namespace TorchLinear.Lora
                     foreach (var parameter in adapter.Parameters())
                         adapterParameters.Add(parameter.Handle);
                 }
-                switch (layer.Find(entry.Name))
+                if (layer.Find(entry.Name) is { } own)
                 {
-                    case LoraLayer lora:
-                        Put(LoraKey(layer.Path, "lora_A"), lora.lora_A.weight);
-                        Put(LoraKey(layer.Path, "lora_B"), lora.lora_B.weight);
-                        if (lora.lora_magnitude_vector is { } magnitude)
-                            Put(Key(layer.Path, "lora_magnitude_vector"), magnitude.weight);
-                        break;
-                    case LoraEmbeddingLayer embedding:
-                        Put(Key(layer.Path, "lora_embedding_A"), embedding.lora_embedding_A);
-                        Put(Key(layer.Path, "lora_embedding_B"), embedding.lora_embedding_B);
-                        break;
+                    foreach (var (part, value) in own.Tensors())
+                        Put(Key(layer.Path, layer.Type.FileParts.First(p => p.Part == part)), value);
                 }
             }
             var adaptedBiases = new HashSet<string>(state.Layers.Where(l => l.Find(entry.Name) is not null).Select(l => l.Path + ".bias"), StringComparer.Ordinal);
@@ -300,7 +272,7 @@ namespace TorchLinear.Lora
                 // PEFT's keys: an adapted layer's bias is its base_layer's (PEFT, loading with strict=False, drops the plain
                 // key of an adapted layer without a word); any other bias keeps its own name. PEFT's bias = "lora_only"
                 // saves none of the biases it trains (its key is <path>.bias, which its layer lacks); these are saved.
-                if ((config.bias == "all" && isBias) || (config.bias == "lora_only" && adaptedBiases.Contains(name)))
+                if ((config.bias == LoraBias.All && isBias) || (config.bias == LoraBias.LoraOnly && adaptedBiases.Contains(name)))
                     Put(SavedKey(name, adaptedPaths), parameter, Prefix + name);
             }
             foreach (var saved in state.Saved.Where(s => s.Adapters.Contains(entry.Name)))
@@ -309,7 +281,7 @@ namespace TorchLinear.Lora
                     Put($"{Prefix}{saved.Path}.{name}", tensor);
             }
             Directory.CreateDirectory(directory);
-            config.save(Path.Combine(directory, ConfigFile));
+            config.save_pretrained(Path.Combine(directory, ConfigFile));
             Safetensors.SaveStateDict(Path.Combine(directory, SafetensorsFile), tensors);
         }
     }

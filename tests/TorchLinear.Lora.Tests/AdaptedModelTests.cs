@@ -41,7 +41,7 @@ namespace TorchLinear.Lora.Tests
             Assert.Contains("call(x)", error.Message);
             Assert.Contains("merge: true", error.Message);
             Assert.Contains("nn.Module<Tensor, Tensor>", error.Message);
-            Assert.Contains("allow_unused_adapters", error.Message);
+            Assert.Contains("AllowUnusedAdapters", error.Message);
             // The next call says it again: no call gives a wrong number.
             Assert.Throws<InvalidOperationException>(() => Run(model, cases["input"]));
         }
@@ -56,7 +56,7 @@ namespace TorchLinear.Lora.Tests
             // PEFT's merge_adapter() of the same folder.
             Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_output"]);
             // disable_adapters unmerges inside (guards: the old sample kept the adapted output).
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_output"]);
         }
@@ -67,7 +67,7 @@ namespace TorchLinear.Lora.Tests
             using var scope = NewDisposeScope();
             var cases = Cases("attention");
             using var model = Pretrained("attention", PortStyle.LinearForward);
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
             model.train();
             var error = Assert.Throws<InvalidOperationException>(() => model.call(cases["input"]).square().mean().backward());
             Assert.Contains("model.layers.0.self_attn.q_proj", error.Message);
@@ -96,16 +96,16 @@ namespace TorchLinear.Lora.Tests
             using var scope = NewDisposeScope();
             manual_seed(4);
             using var model = new TwoHeads();
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules_regex = "all-linear" });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules_regex = "all-linear" });
             var x = randn(3, 8);
             Assert.Contains("right", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
-            Assert.Contains("nowhere is not an adapted layer of this model", Assert.Throws<ArgumentException>(() => LoraModel.allow_unused_adapters(model, "nowhere")).Message);
+            Assert.Contains("nowhere is not an adapted layer of this model", Assert.Throws<ArgumentException>(() => LoraModel.AllowUnusedAdapters(model, "nowhere")).Message);
 
-            LoraModel.allow_unused_adapters(model, "right");
+            LoraModel.AllowUnusedAdapters(model, "right");
             model.call(x);
             model.UseLeft = false;
             Assert.Contains("left", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
-            LoraModel.allow_unused_adapters(model);
+            LoraModel.AllowUnusedAdapters(model);
             model.call(x);
         }
 
@@ -117,14 +117,14 @@ namespace TorchLinear.Lora.Tests
             using var bad = Pretrained("attention", PortStyle.LinearForward);
             LoraModel.load_adapter(bad, AttentionAdapter);
             // model.forward(x) runs no hooks, the model's own check among them: the explicit check runs one forward.
-            var error = Assert.Throws<InvalidOperationException>(() => LoraModel.check_adapters_run(bad, cases["input"]));
+            var error = Assert.Throws<InvalidOperationException>(() => LoraModel.CheckAdaptersRun(bad, cases["input"]));
             Assert.Contains("model.layers.1.self_attn.o_proj", error.Message);
 
             using var good = Pretrained("attention", PortStyle.CustomForward);
             LoraModel.load_adapter(good, AttentionAdapter);
-            LoraModel.check_adapters_run(good, cases["input"]);
-            LoraModel.check_adapters_run(good, () => good.forward(cases["input"]));
-            Assert.Throws<InvalidOperationException>(() => LoraModel.check_adapters_run(bad, () => bad.forward(cases["input"])));
+            LoraModel.CheckAdaptersRun(good, cases["input"]);
+            LoraModel.CheckAdaptersRun(good, () => good.forward(cases["input"]));
+            Assert.Throws<InvalidOperationException>(() => LoraModel.CheckAdaptersRun(bad, () => bad.forward(cases["input"])));
         }
 
         [Fact]
@@ -182,7 +182,7 @@ namespace TorchLinear.Lora.Tests
         {
             using var scope = NewDisposeScope();
             using var model = new Fragile();
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "first", "second" } });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "first", "second" } });
             var x = randn(2, 4);
             model.Throw = true;
             Assert.Throws<InvalidTimeZoneException>(() => model.call(x));

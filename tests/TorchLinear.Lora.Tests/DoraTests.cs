@@ -38,14 +38,14 @@ namespace TorchLinear.Lora.Tests
             Assert.Contains("model.layers.1.self_attn.v_proj.lora_magnitude_vector.default.weight", model.state_dict().Keys);
             var unmerged = Run(model, cases["input"]);
             Equivalence.AssertClose(unmerged, cases["adapted_output"]);
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, cases["input"]), cases["base_output"]);
 
             // Merged: W' = m / ||W + ΔW|| · (W + ΔW), PEFT's merge.
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_output"]);
             // PEFT divides the merged weight by the factor again; here the weight kept at merging comes back.
-            LoraModel.unmerge(model);
+            LoraModel.unmerge_adapter(model);
             foreach (var (key, bits) in Bits(model).Where(kv => weights.ContainsKey(kv.Key)))
                 Assert.Equal(weights[key], bits);
             Assert.True(Equivalence.Compare(unmerged, Run(model, cases["input"])).BitExact);
@@ -95,7 +95,7 @@ namespace TorchLinear.Lora.Tests
             var cases = Cases("dora");
             using var model = Pretrained("dora");
             var before = Run(model, cases["input"]);
-            LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "q_proj", "o_proj" }, use_dora = true });
+            LoraModel.Inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "q_proj", "o_proj" }, use_dora = true });
             // B = 0 and m = ||W||: the rescaling is exactly 1 and the LoRA term exactly 0.
             Assert.True(Equivalence.Compare(before, Run(model, cases["input"])).BitExact);
             var state = model.state_dict();
@@ -108,11 +108,11 @@ namespace TorchLinear.Lora.Tests
             string folder = Directory.CreateTempSubdirectory("torchlinear-dora-").FullName;
             try
             {
-                LoraModel.save_adapter(model, folder);
+                LoraModel.save_pretrained(model, folder);
                 var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
                 Assert.Contains("base_model.model.model.layers.0.self_attn.o_proj.lora_magnitude_vector", saved.Keys);
                 Assert.DoesNotContain(saved.Keys, k => k.EndsWith("lora_magnitude_vector.weight", StringComparison.Ordinal));
-                Assert.True(LoraConfig.load(folder).use_dora);
+                Assert.True(LoraConfig.from_pretrained(folder).use_dora);
                 using var again = Pretrained("dora");
                 LoraModel.load_adapter(again, folder);
                 Assert.True(Equivalence.Compare(adapted, Run(again, cases["input"])).BitExact);

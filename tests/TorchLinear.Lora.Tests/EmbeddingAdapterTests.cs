@@ -36,14 +36,14 @@ namespace TorchLinear.Lora.Tests
             var x = cases["input"];
             var unmerged = Run(model, x);
             Equivalence.AssertClose(unmerged, cases["adapted_output"]);
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, x), cases["base_output"]);
-            using (LoraModel.mixed_batch(model, new[] { "default", LoraModel.BaseModel, "default" }))
+            using (LoraModel.MixedBatch(model, new[] { "default", LoraModel.BaseModel, "default" }))
                 Equivalence.AssertClose(Run(model, x), cases["output_mixed"]);
 
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             Equivalence.AssertClose(Run(model, x), cases["merged_output"]);
-            LoraModel.unmerge(model);
+            LoraModel.unmerge_adapter(model);
             foreach (var (key, bits) in Bits(model).Where(kv => weights.ContainsKey(kv.Key)))
                 Assert.Equal(weights[key], bits);
             Assert.True(Equivalence.Compare(unmerged, Run(model, x)).BitExact);
@@ -61,7 +61,7 @@ namespace TorchLinear.Lora.Tests
             using var model = Pretrained("embedding");
             var x = cases["input"];
             var before = Run(model, x);
-            LoraModel.inject(model, new LoraConfig { r = 3, lora_alpha = 6, target_modules = new[] { "emb" } });
+            LoraModel.Inject(model, new LoraConfig { r = 3, lora_alpha = 6, target_modules = new[] { "emb" } });
             // PEFT's initialisation for embeddings: A zeros, B normal, so the update starts at exactly zero.
             var state = model.state_dict();
             Assert.Equal(new long[] { 3, 10 }, state["emb.lora_embedding_A.default"].shape);
@@ -86,7 +86,7 @@ namespace TorchLinear.Lora.Tests
             string folder = Directory.CreateTempSubdirectory("torchlinear-embedding-").FullName;
             try
             {
-                LoraModel.save_adapter(model, folder);
+                LoraModel.save_pretrained(model, folder);
                 var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
                 Assert.Equal(new[] { "base_model.model.emb.lora_embedding_A", "base_model.model.emb.lora_embedding_B" }, saved.Keys.OrderBy(k => k, StringComparer.Ordinal));
                 using var again = Pretrained("embedding");
@@ -104,15 +104,15 @@ namespace TorchLinear.Lora.Tests
         {
             using var model = Pretrained("embedding");
             // PEFT's all-linear: the linear layers (less a top-level lm_head, docs/lora.md), never an embedding.
-            var adapted = LoraModel.inject(model, new LoraConfig { r = 2, target_modules_regex = "all-linear" });
+            var adapted = LoraModel.Inject(model, new LoraConfig { r = 2, target_modules_regex = "all-linear" });
             Assert.Equal(new[] { "fc", "head" }, adapted.OrderBy(p => p, StringComparer.Ordinal));
             LoraModel.unload(model);
             // DoRA on embeddings (PEFT's DoraEmbeddingLayer) is not implemented here: refused by name, nothing put in.
             var before = Bits(model);
-            var error = Assert.ThrowsAny<Exception>(() => LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" }, use_dora = true }));
+            var error = Assert.ThrowsAny<Exception>(() => LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" }, use_dora = true }));
             Assert.Contains("emb is an nn.Embedding, and DoRA on embeddings is not implemented (use_dora)", error.Message);
             Assert.Equal(before, Bits(model));
-            Assert.Equal(new[] { "emb", "fc" }, LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" } }).OrderBy(p => p, StringComparer.Ordinal));
+            Assert.Equal(new[] { "emb", "fc" }, LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" } }).OrderBy(p => p, StringComparer.Ordinal));
         }
     }
 }

@@ -20,7 +20,7 @@ namespace TorchLinear.Lora.Tests
             string file = Write(json);
             try
             {
-                return LoraConfig.load(file);
+                return LoraConfig.from_pretrained(file);
             }
             finally
             {
@@ -33,7 +33,7 @@ namespace TorchLinear.Lora.Tests
             string file = Write(json);
             try
             {
-                var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.load(file));
+                var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.from_pretrained(file));
                 Assert.Equal(file, error.Path);
                 Assert.Contains(file, error.Message);
                 return error;
@@ -84,7 +84,7 @@ namespace TorchLinear.Lora.Tests
             string file = Write($"{{\"r\": 4, \"target_modules\": [\"q\"], {setting}}}");
             try
             {
-                var error = Assert.Throws<NotSupportedException>(() => LoraConfig.load(file));
+                var error = Assert.Throws<NotSupportedException>(() => LoraConfig.from_pretrained(file));
                 Assert.Contains(named, error.Message);
             }
             finally
@@ -154,7 +154,7 @@ namespace TorchLinear.Lora.Tests
                 File.WriteAllBytes(file, bytes);
                 try
                 {
-                    var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.load(file));
+                    var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.from_pretrained(file));
                     Assert.Equal(file, error.Path);
                 }
                 finally
@@ -180,12 +180,12 @@ namespace TorchLinear.Lora.Tests
             {
                 string link = Path.Combine(folder, "adapter_config.json");
                 File.CreateSymbolicLink(link, "/dev/zero");
-                var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.load(folder));
+                var error = Assert.Throws<CheckpointFormatException>(() => LoraConfig.from_pretrained(folder));
                 Assert.Contains("not a regular file (a character device)", error.Message);
                 File.Delete(link);
                 using (var big = File.Create(link))
                     big.SetLength(LoraConfig.MaxFileBytes + 1);
-                Assert.Contains($"an adapter_config.json is read up to {LoraConfig.MaxFileBytes} bytes", Assert.Throws<CheckpointFormatException>(() => LoraConfig.load(link)).Message);
+                Assert.Contains($"an adapter_config.json is read up to {LoraConfig.MaxFileBytes} bytes", Assert.Throws<CheckpointFormatException>(() => LoraConfig.from_pretrained(link)).Message);
             }
             finally
             {
@@ -206,8 +206,8 @@ namespace TorchLinear.Lora.Tests
             string file = Path.Combine(Path.GetTempPath(), $"torchlinear-config-{Guid.NewGuid():N}.json");
             try
             {
-                config.save(file);
-                var back = LoraConfig.load(file);
+                config.save_pretrained(file);
+                var back = LoraConfig.from_pretrained(file);
                 Assert.Equal((config.r, config.lora_alpha, config.lora_dropout, config.target_modules_regex, config.bias, config.use_rslora, config.fan_in_fan_out, config.init_lora_weights, config.task_type, config.base_model_name_or_path),
                              (back.r, back.lora_alpha, back.lora_dropout, back.target_modules_regex, back.bias, back.use_rslora, back.fan_in_fan_out, back.init_lora_weights, back.task_type, back.base_model_name_or_path));
                 Assert.Equal(config.exclude_modules, back.exclude_modules);

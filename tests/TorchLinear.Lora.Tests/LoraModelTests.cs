@@ -46,7 +46,7 @@ namespace TorchLinear.Lora.Tests
 
             Assert.Equal(AttentionPaths, adapted);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
             // The base model's keys are all still there, with PEFT's adapter keys beside them.
@@ -56,9 +56,9 @@ namespace TorchLinear.Lora.Tests
             Assert.Contains("model.layers.0.self_attn.q_proj.lora_A.default.weight", keys);
 
             // PEFT's merge_adapter() of the same folder.
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_output"]);
-            LoraModel.unmerge(model);
+            LoraModel.unmerge_adapter(model);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
         }
 
@@ -108,7 +108,7 @@ namespace TorchLinear.Lora.Tests
             using var model = new Stack();
             var x = randn(4, 6);
             var before = Run(model, x);
-            LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "1" } });
+            LoraModel.Inject(model, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "1" } });
             Assert.IsType<LoraWrapper>(model.named_children().Single().module.named_children().ElementAt(1).module);
             using (no_grad())
                 model.named_parameters().Single(p => p.name == "layers.1.lora_B.default.weight").parameter.fill_(0.5);
@@ -138,7 +138,7 @@ namespace TorchLinear.Lora.Tests
             var cases = Cases("attention");
             using var model = Pretrained("attention", style);
             var baseOutput = Run(model, cases["input"]);
-            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" }, modules_to_save = new[] { "classifier" } });
+            LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" }, modules_to_save = new[] { "classifier" } });
             Assert.True(Equivalence.Compare(baseOutput, Run(model, cases["input"])).BitExact, "a fresh adapter changes nothing");
             var frozen = TensorText.Bits(model.state_dict()["model.layers.0.self_attn.q_proj.weight"]);
 
@@ -164,7 +164,7 @@ namespace TorchLinear.Lora.Tests
             string folder = Directory.CreateTempSubdirectory("torchlinear-trained-").FullName;
             try
             {
-                LoraModel.save_adapter(model, folder);
+                LoraModel.save_pretrained(model, folder);
                 var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
                 Assert.True(saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].abs().sum().item<float>() > 0, "the trained B is saved, not the initial zeros");
                 using var reloaded = Pretrained("attention", style);
@@ -186,7 +186,7 @@ namespace TorchLinear.Lora.Tests
             var recorded = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "seeded_init.safetensors"));
             using var model = Pretrained("attention");
             manual_seed(123);
-            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
+            LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
             var state = model.state_dict();
             Assert.Equal(4, recorded.Count);
             // Recorded under PEFT's in-memory keys without the adapter name; the model's have it (lora_A.default.weight).
@@ -239,7 +239,7 @@ namespace TorchLinear.Lora.Tests
             var x = randn(4, 6);
             var original = TensorText.Bits(model.state_dict()["head.classifier.weight"]);
             var config = new LoraConfig { r = 2, target_modules = new[] { "encoder", "classifier" }, modules_to_save = new[] { "classifier" } };
-            Assert.Equal(new[] { "encoder" }, LoraModel.inject(model, config));
+            Assert.Equal(new[] { "encoder" }, LoraModel.Inject(model, config));
             Assert.True(model.named_parameters().Single(p => p.name == "head.classifier.weight").parameter.requires_grad);
             Assert.False(model.named_parameters().Single(p => p.name == "encoder.weight").parameter.requires_grad);
 
@@ -255,7 +255,7 @@ namespace TorchLinear.Lora.Tests
             string folder = Directory.CreateTempSubdirectory("torchlinear-nested-").FullName;
             try
             {
-                LoraModel.save_adapter(model, folder);
+                LoraModel.save_pretrained(model, folder);
                 var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
                 Assert.Equal(trained, TensorText.Bits(saved["base_model.model.head.classifier.weight"]));
                 Assert.Contains("base_model.model.head.classifier.bias", saved.Keys);
@@ -264,7 +264,7 @@ namespace TorchLinear.Lora.Tests
             {
                 Directory.Delete(folder, recursive: true);
             }
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Assert.Equal(original, TensorText.Bits(model.state_dict()["head.classifier.weight"]));
             Assert.Equal(trained, TensorText.Bits(model.state_dict()["head.classifier.weight"]));
             LoraModel.unload(model);
@@ -272,7 +272,7 @@ namespace TorchLinear.Lora.Tests
 
             // merge_and_unload keeps the trained head: the fine-tuned model.
             using var other = new NestedHead();
-            LoraModel.inject(other, config);
+            LoraModel.Inject(other, config);
             using (no_grad())
                 other.named_parameters().Single(p => p.name == "head.classifier.bias").parameter.add_(1);
             var tuned = TensorText.Bits(other.state_dict()["head.classifier.bias"]);
@@ -287,9 +287,9 @@ namespace TorchLinear.Lora.Tests
             var cases = Cases("mlp");
             using var model = Pretrained("mlp");
             LoraModel.load_adapter(model, Path.Combine(Folder, "mlp"));
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             var merged = Bits(model);
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
             Assert.Equal(merged.Keys, Bits(model).Keys);
             foreach (var (key, bits) in Bits(model))
@@ -313,12 +313,12 @@ namespace TorchLinear.Lora.Tests
             Assert.All(model.named_modules().Where(m => m.name.EndsWith("_proj", StringComparison.Ordinal)), m => Assert.IsType<Linear>(m.module));
             // PEFT's merge_and_unload() of the same folder.
             Equivalence.AssertClose(Run(model, cases["input"]), cases["unloaded_output"]);
-            Assert.Throws<InvalidOperationException>(() => LoraModel.merge(model));
+            Assert.Throws<InvalidOperationException>(() => LoraModel.merge_adapter(model));
 
             using var other = Pretrained("attention");
             var baseClassifier = TensorText.Bits(other.state_dict()["classifier.weight"]);
             LoraModel.load_adapter(other, AttentionAdapter);
-            LoraModel.merge(other);
+            LoraModel.merge_adapter(other);
             LoraModel.unload(other);
             Assert.Equal(baseWeight, TensorText.Bits(other.state_dict()["model.layers.0.self_attn.q_proj.weight"]));
             Assert.Equal(baseClassifier, TensorText.Bits(other.state_dict()["classifier.weight"]));
@@ -331,9 +331,9 @@ namespace TorchLinear.Lora.Tests
             // Guards: the old sample accepted a second adapter and then saved a folder whose config described it alone.
             using var scope = NewDisposeScope();
             using var model = Pretrained("attention");
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
             var before = Bits(model);
-            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" } }));
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" } }));
             Assert.Contains("the model has an adapter named 'default' already (its adapters: default)", error.Message);
             Assert.Contains("'default' already", Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, AttentionAdapter)).Message);
             Assert.Equal(before.Keys, Bits(model).Keys);
@@ -349,7 +349,7 @@ namespace TorchLinear.Lora.Tests
             LoraModel.load_adapter(model, Path.Combine(Folder, "mlp"));   // bias "all"
             var before = Bits(model);
 
-            var injected = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" }, bias = "lora_only" }, "second"));
+            var injected = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" }, bias = "lora_only" }, "second"));
             Assert.Contains("'second' has bias \"lora_only\", and 'default' has bias \"all\" already", injected.Message);
             Assert.Contains("supports only 1 adapter with bias", injected.Message);
             var loaded = Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, Path.Combine(Folder, "mlp"), "again"));
@@ -362,7 +362,7 @@ namespace TorchLinear.Lora.Tests
             Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
 
             // An adapter without a bias is taken beside it, as PEFT takes it.
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" } }, "plain");
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" } }, "plain");
             Assert.Equal(new[] { "default", "plain" }, LoraModel.peft_config(model).Keys.OrderBy(k => k, StringComparer.Ordinal).ToArray());
         }
 
@@ -372,14 +372,14 @@ namespace TorchLinear.Lora.Tests
             // PEFT's enable_adapters(False) turns requires_grad off on the adapters' layers, and set_adapter turns it back on.
             using var scope = NewDisposeScope();
             using var mlp = Pretrained("mlp");
-            LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0", "2" }, bias = "all" });          // trains
-            LoraModel.inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0" }, use_dora = true }, "dora");  // inactive: frozen
+            LoraModel.Inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0", "2" }, bias = "all" });          // trains
+            LoraModel.Inject(mlp, new LoraConfig { r = 2, target_modules = new[] { "0" }, use_dora = true }, "dora");  // inactive: frozen
             using var embed = Pretrained("embedding");
-            LoraModel.inject(embed, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" } });
+            LoraModel.Inject(embed, new LoraConfig { r = 2, target_modules = new[] { "emb", "fc" } });
             // Loaded for inference: frozen before, and after (PEFT's re-enabling makes an active adapter trainable).
             using var loaded = Pretrained("mlp");
             LoraModel.load_adapter(loaded, Path.Combine(Folder, "mlp"));
-            using (LoraModel.disable_adapters(loaded)) { }
+            using (LoraModel.disable_adapter(loaded)) { }
             Assert.DoesNotContain(loaded.parameters(), p => p.requires_grad);
             foreach (var model in new nn.Module[] { mlp, embed })
             {
@@ -387,7 +387,7 @@ namespace TorchLinear.Lora.Tests
                 Assert.Contains(flags, f => f.Value && f.Key.Contains(".lora_", StringComparison.Ordinal));
                 if (model == mlp)
                     Assert.Contains(flags, f => !f.Value && f.Key.Contains(".lora_", StringComparison.Ordinal));
-                using (LoraModel.disable_adapters(model))
+                using (LoraModel.disable_adapter(model))
                 {
                     foreach (var (name, parameter) in model.named_parameters())
                     {
@@ -423,7 +423,7 @@ namespace TorchLinear.Lora.Tests
                 Assert.Throws<InvalidOperationException>(() => LoraModel.active_adapters(model));
 
                 // A weighted combination can overflow the same way: weight 1e38 on an adapter whose B A holds 4.
-                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 4, target_modules = new[] { "0" } });
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 4, target_modules = new[] { "0" } });
                 using (no_grad())
                 {
                     foreach (var (_, parameter) in model.named_parameters().Where(p => p.name.Contains(".lora_")))
@@ -438,7 +438,7 @@ namespace TorchLinear.Lora.Tests
                 // scaling 3.3e38 times some of the 4,000 rows of B A overflows float32 under this seed.
                 manual_seed(0);
                 using var wide = nn.Sequential(("fc", nn.Linear(1, 4000)));
-                var drawn = Assert.Throws<ArgumentException>(() => LoraModel.inject(wide, new LoraConfig { r = 64, lora_alpha = 64 * 3.3e38, target_modules = new[] { "fc" }, init_lora_weights = "false" }));
+                var drawn = Assert.Throws<ArgumentException>(() => LoraModel.Inject(wide, new LoraConfig { r = 64, lora_alpha = 64 * 3.3e38, target_modules = new[] { "fc" }, init_lora_weights = "false" }));
                 Assert.Contains("lora_alpha: scaling · B A of fc ('base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight') is not finite in Float32", drawn.Message);
                 Assert.DoesNotContain(wide.state_dict().Keys, k => k.Contains("lora_", StringComparison.Ordinal));
                 // In float64 the same adapter is finite, and loads.
@@ -459,10 +459,10 @@ namespace TorchLinear.Lora.Tests
         public void AConfigWithAValueOutOfRange_IsRefusedAtInject_NamingTheKey(int r, double alpha, double dropout, string key)
         {
             using var model = Mlp();
-            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { r = r, lora_alpha = alpha, lora_dropout = dropout, target_modules = new[] { "0" } }));
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { r = r, lora_alpha = alpha, lora_dropout = dropout, target_modules = new[] { "0" } }));
             Assert.Contains($"{key}: ", error.Message);
             Assert.DoesNotContain(model.named_modules(), m => m.module is LoraLayer);
-            var pattern = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { target_modules = new[] { "0" }, rank_pattern = new() { ["0"] = 0 } }));
+            var pattern = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { target_modules = new[] { "0" }, rank_pattern = new() { ["0"] = 0 } }));
             Assert.Contains("rank_pattern.0: the rank must be 1 or more", pattern.Message);
         }
 
@@ -472,11 +472,11 @@ namespace TorchLinear.Lora.Tests
             // Guards: lora_alpha 1e39 loaded and gave NaN in a float32 model (its float scaling, infinity, times B = 0).
             var config = new LoraConfig { r = 1, lora_alpha = 1e39, target_modules = new[] { "0" } };
             using var floats = Mlp();
-            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(floats, config));
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(floats, config));
             Assert.Contains("lora_alpha", error.Message);
             Assert.Contains("not finite in the layer's dtype Float32", error.Message);
             using var doubles = Mlp().to(ScalarType.Float64);
-            LoraModel.inject(doubles, config);
+            LoraModel.Inject(doubles, config);
         }
 
         /// <summary>One Linear of small integers: every product is exact, so the only rounding is the scaling's.</summary>
@@ -488,7 +488,7 @@ namespace TorchLinear.Lora.Tests
                 model.named_parameters().Single(p => p.name == "fc.weight").parameter.copy_(arange(12, dtype: dtype).reshape(3, 4) - 5);
                 model.named_parameters().Single(p => p.name == "fc.bias").parameter.copy_(tensor(new double[] { 1, -2, 3 }).to(dtype));
             }
-            LoraModel.inject(model, new LoraConfig { r = 3, lora_alpha = 1, target_modules = new[] { "fc" } });   // scaling 1/3
+            LoraModel.Inject(model, new LoraConfig { r = 3, lora_alpha = 1, target_modules = new[] { "fc" } });   // scaling 1/3
             var state = model.state_dict();
             using (no_grad())
             {
@@ -580,7 +580,7 @@ namespace TorchLinear.Lora.Tests
         {
             using var scope = NewDisposeScope();
             using var model = Mlp();
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" } });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "0" } });
             model.to(ScalarType.Float64);
             var error = Assert.Throws<InvalidOperationException>(() => Run(model, randn(new long[] { 2, 16 }, dtype: ScalarType.Float64)));
             Assert.Contains("0: the adapter is Float32", error.Message);
@@ -588,7 +588,7 @@ namespace TorchLinear.Lora.Tests
 
             // A CustomLinear or a wrapper passes it on.
             using var custom = nn.Sequential(("0", new CustomLinear(16, 4)));
-            LoraModel.inject(custom, new LoraConfig { r = 2, target_modules = new[] { "0" } });
+            LoraModel.Inject(custom, new LoraConfig { r = 2, target_modules = new[] { "0" } });
             custom.to(ScalarType.Float64);
             Assert.All(custom.parameters(), p => Assert.Equal(ScalarType.Float64, p.dtype));
             Assert.Equal(ScalarType.Float64, Run(custom, randn(new long[] { 2, 16 }, dtype: ScalarType.Float64)).dtype);
@@ -617,7 +617,7 @@ namespace TorchLinear.Lora.Tests
         public void TrainableParameters_AreCountedAndPrintedAsPeftDoes()
         {
             using var model = Mlp();   // 16·32 + 32 + 32·8 + 8 = 808 parameters
-            LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0", "2" } });
+            LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0", "2" } });
             // Adapters: 4·16 + 32·4 + 4·32 + 8·4 = 352.
             Assert.Equal((352L, 1160L), LoraModel.get_nb_trainable_parameters(model));
             var output = new StringWriter();
@@ -644,23 +644,23 @@ namespace TorchLinear.Lora.Tests
             long before = Live();
             using (var model = Mlp())
             {
-                LoraModel.inject(model, config);
-                LoraModel.merge(model);
-                LoraModel.unmerge(model);
-                using (LoraModel.disable_adapters(model)) { }
+                LoraModel.Inject(model, config);
+                LoraModel.merge_adapter(model);
+                LoraModel.unmerge_adapter(model);
+                using (LoraModel.disable_adapter(model)) { }
                 LoraModel.unload(model);
             }
             using (var model = Mlp())
             {
-                LoraModel.inject(model, config);
+                LoraModel.Inject(model, config);
                 LoraModel.merge_and_unload(model);
             }
             // Disposed while adapted and merged, with modules_to_save originals kept: the adapters' state goes with the model.
             foreach (var style in new[] { PortStyle.LinearCall, PortStyle.ModuleForward, PortStyle.CustomForward })
             {
                 using var model = Port("attention", style);
-                LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj", "v_proj" }, modules_to_save = new[] { "classifier" } });
-                LoraModel.merge(model);
+                LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj", "v_proj" }, modules_to_save = new[] { "classifier" } });
+                LoraModel.merge_adapter(model);
             }
             Assert.Equal(before, Live());
         }
@@ -669,11 +669,11 @@ namespace TorchLinear.Lora.Tests
         public void ARefusedInject_ForATargetOfAnotherKind_NamesIt()
         {
             using var model = new NestedHead();
-            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { target_modules = new[] { "head" } }));
-            Assert.Contains("matches no nn.Linear, CustomLinear or nn.Embedding", error.Message);
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { target_modules = new[] { "head" } }));
+            Assert.Contains("matches no nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d or nn.Conv2d", error.Message);
             using var sequential = nn.Sequential(("act", nn.ReLU()), ("fc", nn.Linear(2, 2)));
-            Assert.Contains("act is a ReLU, neither nn.Linear, CustomLinear nor nn.Embedding", Assert.Throws<ArgumentException>(() => LoraModel.inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
-            Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => LoraModel.save_adapter(sequential, "nowhere")).Message);
+            Assert.Contains("act is a ReLU, neither nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d nor nn.Conv2d", Assert.Throws<ArgumentException>(() => LoraModel.Inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
+            Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => LoraModel.save_pretrained(sequential, "nowhere")).Message);
         }
     }
 }

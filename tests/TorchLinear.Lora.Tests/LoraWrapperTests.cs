@@ -34,7 +34,7 @@ namespace TorchLinear.Lora.Tests
             var linear = nn.Linear(12, 5);
             using var reference = nn.Linear(linear.weight.detach().clone().AsParameter(), linear.bias!.detach().clone().AsParameter());
             using var model = new Holder(linear);
-            LoraModel.inject(model, new LoraConfig { r = 3, target_modules = new[] { "proj" } });
+            LoraModel.Inject(model, new LoraConfig { r = 3, target_modules = new[] { "proj" } });
             var wrapper = Assert.IsType<LoraWrapper>(model.Proj);
             Assert.Equal(new[] { "proj.weight", "proj.bias", "proj.lora_A.default.weight", "proj.lora_B.default.weight" }, model.state_dict().Keys);
             foreach (var shape in new[] { new long[] { 12 }, new long[] { 7, 12 }, new long[] { 2, 3, 12 } })
@@ -52,7 +52,7 @@ namespace TorchLinear.Lora.Tests
             manual_seed(11);
             var linear = nn.Linear(6, 4);
             using var model = new Holder(linear);
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "proj" }, init_lora_weights = "false" });
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "proj" }, init_lora_weights = "false" });
             model.to(ScalarType.Float64);
             Assert.All(model.parameters(), p => Assert.Equal(ScalarType.Float64, p.dtype));
             var wrapper = (LoraWrapper)model.Proj;

@@ -76,11 +76,11 @@ namespace TorchLinear.Lora.Tests
         {
             // The rule the old sample had in only one of five places: a nested head named by its last part.
             var config = new LoraConfig { target_modules = new[] { "dense", "classifier" }, modules_to_save = new[] { "classifier" } };
-            Assert.True(ModuleMatching.is_module_to_save(config, "classifier"));
-            Assert.True(ModuleMatching.is_module_to_save(config, "head.classifier"));
-            Assert.False(ModuleMatching.is_module_to_save(config, "head.my_classifier"));   // PEFT's own endswith would take it; at dots it is not
-            Assert.False(ModuleMatching.is_module_to_save(config, "head.classifier.dense"));
-            Assert.True(ModuleMatching.is_in_module_to_save(config, "head.classifier.dense"));
+            Assert.True(ModuleMatching.IsModuleToSave(config, "classifier"));
+            Assert.True(ModuleMatching.IsModuleToSave(config, "head.classifier"));
+            Assert.False(ModuleMatching.IsModuleToSave(config, "head.my_classifier"));   // PEFT's own endswith would take it; at dots it is not
+            Assert.False(ModuleMatching.IsModuleToSave(config, "head.classifier.dense"));
+            Assert.True(ModuleMatching.IsInModuleToSave(config, "head.classifier.dense"));
             Assert.False(config.Targets("head.classifier"));
             Assert.False(config.Targets("head.classifier.dense"));
             Assert.True(config.Targets("encoder.dense"));
@@ -134,10 +134,10 @@ namespace TorchLinear.Lora.Tests
         {
             using var model = TorchSharp.torch.nn.Sequential(("q_proj", TorchSharp.torch.nn.Linear(2, 2)));
             var paths = Enumerable.Range(0, 5000).ToDictionary(i => $"model.layers.{i}.self_attn.q_proj", _ => 2);
-            LoraModel.inject(model, new LoraConfig { target_modules = new[] { "q_proj" }, rank_pattern = paths });
+            LoraModel.Inject(model, new LoraConfig { target_modules = new[] { "q_proj" }, rank_pattern = paths });
             using var other = TorchSharp.torch.nn.Sequential(("q_proj", TorchSharp.torch.nn.Linear(2, 2)));
             var expressions = Enumerable.Range(0, LoraConfig.MaxPatternExpressions + 1).ToDictionary(i => $@"layers\.{i}\..*", _ => 2);
-            var error = Assert.Throws<ArgumentException>(() => LoraModel.inject(other, new LoraConfig { target_modules = new[] { "q_proj" }, rank_pattern = expressions }));
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(other, new LoraConfig { target_modules = new[] { "q_proj" }, rank_pattern = expressions }));
             Assert.Contains($"rank_pattern: rank_pattern and alpha_pattern hold {LoraConfig.MaxPatternExpressions + 1} keys that are regular expressions", error.Message);
         }
     }

@@ -52,7 +52,7 @@ namespace TorchLinear.Lora.Tests
             LoraModel.set_adapter(model, "default", "other");
             Assert.Equal(new[] { "default", "other" }, LoraModel.active_adapters(model));
             Equivalence.AssertClose(Run(model, x), cases["output_default_other"]);
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, x), cases["base_output"]);
             Equivalence.AssertClose(Run(model, x), cases["output_default_other"]);
         }
@@ -81,13 +81,13 @@ namespace TorchLinear.Lora.Tests
             var before = Bits(model);
             LoraModel.set_adapter(model, "default", "other");
             // PEFT's merge_adapter() with both active.
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_default_other"]);
             Assert.NotEqual(before["model.layers.0.self_attn.q_proj.weight"], Bits(model)["model.layers.0.self_attn.q_proj.weight"]);
-            LoraModel.unmerge(model);
+            LoraModel.unmerge_adapter(model);
             Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
             // set_adapter on a merged model unmerges it first, as PEFT does.
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             LoraModel.set_adapter(model, "third");
             Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
             Equivalence.AssertClose(Run(model, cases["input"]), cases["output_third"]);
@@ -114,7 +114,7 @@ namespace TorchLinear.Lora.Tests
             string folder = Directory.CreateTempSubdirectory("torchlinear-named-").FullName;
             try
             {
-                LoraModel.save_adapter(model, folder);
+                LoraModel.save_pretrained(model, folder);
                 foreach (var (sub, name) in new[] { ("", "default"), ("other", "other"), ("third", "third") })
                 {
                     var saved = StateDicts.ReadPyTorchFile(Path.Combine(folder, sub, "adapter_model.safetensors"));
@@ -122,7 +122,7 @@ namespace TorchLinear.Lora.Tests
                     // PEFT's keys, no adapter name in them, the same values bit for bit.
                     Assert.Equal(original.Keys.OrderBy(k => k), saved.Keys.OrderBy(k => k));
                     Assert.All(original, kv => Assert.True(Equivalence.Compare(kv.Value, saved[kv.Key]).BitExact, $"{name}: {kv.Key}"));
-                    Assert.Equal(LoraModel.peft_config(model)[name].r, LoraConfig.load(Path.Combine(folder, sub)).r);
+                    Assert.Equal(LoraModel.peft_config(model)[name].r, LoraConfig.from_pretrained(Path.Combine(folder, sub)).r);
                 }
                 // Loaded back as PEFT's from_pretrained and load_adapter read it: the same outputs.
                 using var again = Pretrained("named");
@@ -134,7 +134,7 @@ namespace TorchLinear.Lora.Tests
                 Assert.True(Equivalence.Compare(Run(model, x), Run(again, x)).BitExact);
                 // One adapter alone, selected.
                 string one = Path.Combine(folder, "selected");
-                LoraModel.save_adapter(model, one, new[] { "third" });
+                LoraModel.save_pretrained(model, one, new[] { "third" });
                 Assert.True(File.Exists(Path.Combine(one, "third", "adapter_model.safetensors")));
                 Assert.False(File.Exists(Path.Combine(one, "adapter_model.safetensors")));
             }
@@ -149,8 +149,8 @@ namespace TorchLinear.Lora.Tests
         {
             using var scope = NewDisposeScope();
             using var model = Pretrained("named");
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
-            LoraModel.inject(model, new LoraConfig { r = 3, target_modules = new[] { "v_proj" } }, "second");
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" } });
+            LoraModel.Inject(model, new LoraConfig { r = 3, target_modules = new[] { "v_proj" } }, "second");
             var grads = model.named_parameters().Where(p => p.parameter.requires_grad).Select(p => p.name).ToList();
             Assert.All(grads, name => Assert.Contains(".lora_", name));
             Assert.Contains("model.layers.0.self_attn.q_proj.lora_A.default.weight", grads);
@@ -200,10 +200,10 @@ namespace TorchLinear.Lora.Tests
             {
                 ("set_adapter", () => LoraModel.set_adapter(model, "default", "nope")),
                 ("delete_adapter", () => LoraModel.delete_adapter(model, "nope")),
-                ("merge", () => LoraModel.merge(model, new[] { "nope" })),
+                ("merge", () => LoraModel.merge_adapter(model, new[] { "nope" })),
                 ("merge_and_unload", () => LoraModel.merge_and_unload(model, new[] { "nope" })),
-                ("save_adapter", () => LoraModel.save_adapter(model, folder, new[] { "nope" })),
-                ("mixed_batch", () => LoraModel.mixed_batch(model, new[] { "default", "nope" }).Dispose()),
+                ("save_adapter", () => LoraModel.save_pretrained(model, folder, new[] { "nope" })),
+                ("mixed_batch", () => LoraModel.MixedBatch(model, new[] { "default", "nope" }).Dispose()),
                 ("add_weighted_adapter", () => LoraModel.add_weighted_adapter(model, new[] { "default", "nope" }, new[] { 1.0, 1.0 }, "mix", "cat")),
             };
             foreach (var (what, act) in refusals)
@@ -219,7 +219,7 @@ namespace TorchLinear.Lora.Tests
             Assert.All(before, kv => Assert.Equal(kv.Value, Bits(model)[kv.Key]));
             // A name that cannot be one, and a taken one.
             Assert.Contains("cannot name an adapter", Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, Named, "a.b")).Message);
-            Assert.Contains("cannot name an adapter", Assert.Throws<ArgumentException>(() => LoraModel.inject(model, new LoraConfig { target_modules = new[] { "q_proj" } }, "__base__")).Message);
+            Assert.Contains("cannot name an adapter", Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { target_modules = new[] { "q_proj" } }, "__base__")).Message);
             Assert.Contains("'other' already", Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, Named, "other")).Message);
             Assert.Contains("merge: true is for a model's first adapter", Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, Named, "fourth", merge: true)).Message);
         }
@@ -239,7 +239,7 @@ namespace TorchLinear.Lora.Tests
             using var model = ThreeAdapters(style);
             Assert.Equal(MixedRows, System.Text.Json.JsonSerializer.Deserialize<string[]>(File.ReadAllText(Path.Combine(Named, "mixed_rows.json"))));
             Tensor mixed;
-            using (LoraModel.mixed_batch(model, MixedRows))
+            using (LoraModel.MixedBatch(model, MixedRows))
                 mixed = Run(model, cases["input"]);
             Equivalence.AssertClose(mixed, cases["output_mixed"]);
             // After the scope, the active adapter runs for every row again.
@@ -280,7 +280,7 @@ namespace TorchLinear.Lora.Tests
                 Tensor wholeBatch, oneRow;
                 if (rows[row] == LoraModel.BaseModel)
                 {
-                    using (LoraModel.disable_adapters(model))
+                    using (LoraModel.disable_adapter(model))
                     {
                         wholeBatch = Run(model, x);
                         oneRow = Run(model, x.narrow(0, row, 1));
@@ -327,9 +327,9 @@ namespace TorchLinear.Lora.Tests
             using var model64 = ThreeAdapters64();
             var x = cases["input"];
             Tensor mixed, exact;
-            using (LoraModel.mixed_batch(model, MixedRows))
+            using (LoraModel.MixedBatch(model, MixedRows))
                 mixed = Run(model, x);
-            using (LoraModel.mixed_batch(model64, MixedRows))
+            using (LoraModel.MixedBatch(model64, MixedRows))
                 exact = Run(model64, x.to(ScalarType.Float64));
             var (ratio, where) = MixedRowErrors(model, x, MixedRows, mixed, exact);
             Assert.True(ratio <= MixedRowErrorFactor, $"a mixed row's error is {ratio:F2} times the row's own alone or in its batch, above {MixedRowErrorFactor}: {where}");
@@ -346,7 +346,7 @@ namespace TorchLinear.Lora.Tests
                                              ("4", nn.Linear(512, 512)), ("5", nn.ReLU()), ("6", nn.Linear(512, 512)));
                     wide.to(dtype);
                     foreach (string name in names)
-                        LoraModel.inject(wide, new LoraConfig { r = rank, lora_alpha = 2 * rank, target_modules_regex = "all-linear" }, name);
+                        LoraModel.Inject(wide, new LoraConfig { r = rank, lora_alpha = 2 * rank, target_modules_regex = "all-linear" }, name);
                     wide.eval();
                     return wide;
                 }
@@ -361,12 +361,12 @@ namespace TorchLinear.Lora.Tests
                 wide64.load_state_dict(wide.state_dict());  // TorchSharp's copy_ widens every float32 value exactly
                 var rows = Enumerable.Range(0, 64).Select(r => r % 9 == 8 ? LoraModel.BaseModel : names[r % 9]).ToArray();
                 var input = randn(64, 512);
-                using (LoraModel.mixed_batch(wide, rows))
+                using (LoraModel.MixedBatch(wide, rows))
                 {
                     mixed = Run(wide, input);
                     Assert.True(Equivalence.Compare(mixed, wide.call(input)).BitExact, "the same in grad mode");
                 }
-                using (LoraModel.mixed_batch(wide64, rows))
+                using (LoraModel.MixedBatch(wide64, rows))
                     exact = Run(wide64, input.to(ScalarType.Float64));
                 (ratio, where) = MixedRowErrors(wide, input, rows, mixed, exact);
                 Assert.True(ratio <= MixedRowErrorFactor, $"r = {rank}: a mixed row's error is {ratio:F2} times the row's own alone or in its batch, above {MixedRowErrorFactor}: {where}");
@@ -386,12 +386,12 @@ namespace TorchLinear.Lora.Tests
             foreach (string name in new[] { "default", "other", "third", LoraModel.BaseModel })
             {
                 Tensor mixed;
-                using (LoraModel.mixed_batch(model, Enumerable.Repeat(name, 4).ToArray()))
+                using (LoraModel.MixedBatch(model, Enumerable.Repeat(name, 4).ToArray()))
                     mixed = Run(model, x);
                 Tensor expected;
                 if (name == LoraModel.BaseModel)
                 {
-                    using (LoraModel.disable_adapters(model))
+                    using (LoraModel.disable_adapter(model))
                         expected = Run(model, x);
                 }
                 else
@@ -416,7 +416,7 @@ namespace TorchLinear.Lora.Tests
             LoraModel.set_adapter(model, "default", "other");   // both train; the mixed batch gives each its rows
             var x = cases["input"];
             Tensor expected;
-            using (LoraModel.mixed_batch(model, MixedRows))
+            using (LoraModel.MixedBatch(model, MixedRows))
             {
                 expected = Run(model, x);
                 var withGrad = model.call(x);
@@ -436,27 +436,27 @@ namespace TorchLinear.Lora.Tests
             using var model = ThreeAdapters();
             var x = cases["input"];
             // One name per row: three names for four rows is refused by the first adapted layer, naming both counts.
-            using (LoraModel.mixed_batch(model, new[] { "default", "other", "third" }))
+            using (LoraModel.MixedBatch(model, new[] { "default", "other", "third" }))
             {
                 var error = Assert.Throws<ArgumentException>(() => Run(model, x));
                 Assert.Contains("names an adapter for each of 3 rows, but the layer's input has 4 rows", error.Message);
             }
             // Merged adapters (as PEFT).
-            LoraModel.merge(model);
-            Assert.Contains("unmerge first", Assert.Throws<InvalidOperationException>(() => LoraModel.mixed_batch(model, MixedRows)).Message);
-            LoraModel.unmerge(model);
+            LoraModel.merge_adapter(model);
+            Assert.Contains("unmerge first", Assert.Throws<InvalidOperationException>(() => LoraModel.MixedBatch(model, MixedRows)).Message);
+            LoraModel.unmerge_adapter(model);
             // A DoRA adapter (as PEFT).
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" }, use_dora = true }, "dora");
-            Assert.Contains("dora is a DoRA adapter", Assert.Throws<ArgumentException>(() => LoraModel.mixed_batch(model, new[] { "dora", "default", "default", "default" })).Message);
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" }, use_dora = true }, "dora");
+            Assert.Contains("dora is a DoRA adapter", Assert.Throws<ArgumentException>(() => LoraModel.MixedBatch(model, new[] { "dora", "default", "default", "default" })).Message);
             // An adapter that saves a module: PEFT switches the module per row, this does not, so it is refused.
-            LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" }, modules_to_save = new[] { "classifier" } }, "head");
-            Assert.Contains("head saves modules (modules_to_save)", Assert.Throws<ArgumentException>(() => LoraModel.mixed_batch(model, new[] { "head", "default", "default", "default" })).Message);
+            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "v_proj" }, modules_to_save = new[] { "classifier" } }, "head");
+            Assert.Contains("head saves modules (modules_to_save)", Assert.Throws<ArgumentException>(() => LoraModel.MixedBatch(model, new[] { "head", "default", "default", "default" })).Message);
             // Training mode, with or without dropout, as PEFT ("Cannot pass adapter_names when the model is in training mode"):
             // refused when the batch is asked for, and at the call when the model is put into training inside the scope.
             model.train();
-            Assert.Contains("the model is in training mode, and a mixed-adapter batch is for inference", Assert.Throws<InvalidOperationException>(() => LoraModel.mixed_batch(model, MixedRows)).Message);
+            Assert.Contains("the model is in training mode, and a mixed-adapter batch is for inference", Assert.Throws<InvalidOperationException>(() => LoraModel.MixedBatch(model, MixedRows)).Message);
             model.eval();
-            using (LoraModel.mixed_batch(model, MixedRows))
+            using (LoraModel.MixedBatch(model, MixedRows))
             {
                 model.train();
                 Assert.Contains("the model is in training mode (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);

@@ -40,12 +40,12 @@ namespace TorchLinear.Lora.Tests
             Assert.Equal(paths, adapted);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
             // Disabled as PEFT's disable_adapter(): no updates, modules_to_save as they were (the recorded disabled output).
-            using (LoraModel.disable_adapters(model))
+            using (LoraModel.disable_adapter(model))
                 Equivalence.AssertClose(Run(model, cases["input"]), cases["disabled_output"]);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["adapted_output"]);
 
             // Merged: W + Δ, one linear per layer, as PEFT's merge_adapter() computed it from the folder.
-            LoraModel.merge(model);
+            LoraModel.merge_adapter(model);
             Equivalence.AssertClose(Run(model, cases["input"]), cases["merged_output"]);
             using var fresh = Pretrained(adapter);
             LoraModel.load_adapter(fresh, Path.Combine(Folder, adapter), merge: true);
@@ -107,14 +107,14 @@ namespace TorchLinear.Lora.Tests
             string output = Directory.CreateTempSubdirectory("torchlinear-peft-").FullName;
             try
             {
-                LoraModel.save_adapter(model, output);
+                LoraModel.save_pretrained(model, output);
                 string original = Path.Combine(Folder, adapter, File.Exists(Path.Combine(Folder, adapter, "adapter_model.safetensors")) ? "adapter_model.safetensors" : "adapter_model.bin");
                 var before = StateDicts.ReadPyTorchFile(original);
                 var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
                 // PEFT's folder, key for key and bit for bit. With bias = "lora_only" PEFT 0.18.1 saves no bias; this
                 // library saves the biases that mode trains, under PEFT's key <path>.base_layer.bias (a difference listed
                 // in docs/lora.md): here the pretrained ones, as nothing trained them.
-                var peftConfig = LoraConfig.load(Path.Combine(Folder, adapter));
+                var peftConfig = LoraConfig.from_pretrained(Path.Combine(Folder, adapter));
                 var added = peftConfig.bias == "lora_only" ? adapted.Select(p => $"base_model.model.{p}.base_layer.bias").ToArray() : Array.Empty<string>();
                 Assert.Equal(before.Keys.Concat(added).OrderBy(k => k, StringComparer.Ordinal), after.Keys.OrderBy(k => k, StringComparer.Ordinal));
                 foreach (var (key, tensor) in before)
@@ -126,8 +126,8 @@ namespace TorchLinear.Lora.Tests
                 foreach (string key in added)
                     Assert.True(Equivalence.Compare(pretrained[key["base_model.model.".Length..].Replace(".base_layer.bias", ".bias")], after[key]).BitExact, key);
                 // The config reads back to the same adapter.
-                var config = LoraConfig.load(output);
-                var source = LoraConfig.load(Path.Combine(Folder, adapter));
+                var config = LoraConfig.from_pretrained(output);
+                var source = LoraConfig.from_pretrained(Path.Combine(Folder, adapter));
                 Assert.Equal(source.r, config.r);
                 Assert.Equal(source.rank_pattern, config.rank_pattern);
                 Assert.Equal(source.alpha_pattern, config.alpha_pattern);
@@ -157,7 +157,7 @@ namespace TorchLinear.Lora.Tests
             {
                 using var model = Pretrained("mlp");
                 LoraModel.load_adapter(model, folder);
-                LoraModel.save_adapter(model, output);
+                LoraModel.save_pretrained(model, output);
                 var before = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
                 var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
                 foreach (string path in new[] { "0", "2" })
@@ -347,7 +347,7 @@ namespace TorchLinear.Lora.Tests
                 // Unmerged, it loads; a merge then is refused with no weight written.
                 LoraModel.load_adapter(model, folder);
                 var loaded = Bits(model);
-                Assert.Contains("no weight was changed", Assert.Throws<InvalidOperationException>(() => LoraModel.merge(model)).Message);
+                Assert.Contains("no weight was changed", Assert.Throws<InvalidOperationException>(() => LoraModel.merge_adapter(model)).Message);
                 foreach (var (key, bits) in Bits(model))
                     Assert.Equal(loaded[key], bits);
             }
@@ -408,7 +408,7 @@ namespace TorchLinear.Lora.Tests
             {
                 using var model = Pretrained("attention");
                 var error = Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, folder));
-                Assert.Contains("target_modules [query, value] matches no nn.Linear, CustomLinear or nn.Embedding", error.Message);
+                Assert.Contains("target_modules [query, value] matches no nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d or nn.Conv2d", error.Message);
                 Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains("lora_"));
             }
             finally

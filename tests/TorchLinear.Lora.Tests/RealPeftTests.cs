@@ -73,7 +73,7 @@ namespace TorchLinear.Lora.Tests
             string output = Directory.CreateTempSubdirectory("torchlinear-realpeft-").FullName;
             try
             {
-                LoraModel.save_adapter(model, output);
+                LoraModel.save_pretrained(model, output);
                 var before = StateDicts.ReadPyTorchFile(Path.Combine(Folder, "bias_all", "adapter_model.safetensors"));
                 var after = StateDicts.ReadPyTorchFile(Path.Combine(output, "adapter_model.safetensors"));
                 Assert.Equal(before.Keys.OrderBy(k => k, StringComparer.Ordinal), after.Keys.OrderBy(k => k, StringComparer.Ordinal));
@@ -147,23 +147,23 @@ namespace TorchLinear.Lora.Tests
             {
                 using var model = Base();
                 // Another adapter, without a bias, wraps layer 2; the saved adapter adapts layer 0 and trains every bias.
-                LoraModel.inject(model, new LoraConfig { r = 2, target_modules = new[] { "2" } }, "other");
-                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0" }, bias = "all" });
+                LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "2" } }, "other");
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0" }, bias = "all" });
                 using (no_grad())
                 {
                     foreach (var (key, parameter) in model.named_parameters().Where(p => p.name.EndsWith("bias", StringComparison.Ordinal) || p.name.Contains(".default.", StringComparison.Ordinal)))
                         parameter.add_(0.25);
                 }
                 LoraModel.set_adapter(model, LoraModel.DefaultAdapter);
-                LoraModel.save_adapter(model, folder, new[] { LoraModel.DefaultAdapter });
+                LoraModel.save_pretrained(model, folder, new[] { LoraModel.DefaultAdapter });
                 var keys = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors")).Keys.OrderBy(k => k, StringComparer.Ordinal);
                 // PEFT's from_pretrained on a fresh base model wraps layer 0 only: 0's bias under base_layer, 2's plain.
                 Assert.Equal(new[] { "base_model.model.0.base_layer.bias", "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight", "base_model.model.2.bias" }, keys);
                 using var fresh = Base();
                 LoraModel.load_adapter(fresh, folder);
                 using var x = Cases()["input"];
-                using (LoraModel.disable_adapters(model))
-                using (LoraModel.disable_adapters(fresh))
+                using (LoraModel.disable_adapter(model))
+                using (LoraModel.disable_adapter(fresh))
                     Assert.True(Equivalence.Compare(Ports.Run(model, x), Ports.Run(fresh, x)).BitExact, "the trained biases came back");
                 LoraModel.delete_adapter(model, "other");
                 Assert.True(Equivalence.Compare(Ports.Run(model, x), Ports.Run(fresh, x)).BitExact, "the adapter came back");

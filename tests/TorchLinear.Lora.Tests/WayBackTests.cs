@@ -32,11 +32,13 @@ namespace TorchLinear.Lora.Tests
 
         /// <summary>
         /// Each folder written here and what PEFT is asked to compare: the adapters to activate one after the other (or a
-        /// mixed batch's rows). Conv2d folders (helper lconv's) are added here and in check_from_dotnet.py's CASES.
+        /// mixed batch's rows). A case here is a case in check_from_dotnet.py's CASES.
         /// </summary>
-        internal static readonly string[] CaseNames = { "plain", "rslora", "dora", "embedding", "named", "bias_all", "bias_lora_only" };
+        internal static readonly string[] CaseNames = { "plain", "rslora", "dora", "embedding", "named", "bias_all", "bias_lora_only", "conv" };
 
         internal static readonly string[] NamedMixedRows = { "third", LoraModel.BaseModel, "default", "third" };
+
+        internal static readonly string[] ConvMixedRows = { "second", "default", LoraModel.BaseModel, "default" };
 
         /// <summary>
         /// The comparisons check_from_dotnet.py must have made for a case, in its order, with the key of the .NET output
@@ -45,6 +47,7 @@ namespace TorchLinear.Lora.Tests
         private static (string What, string Output)[] ExpectedChecks(string name) => name switch
         {
             "named" => new[] { ("default", "named/default"), ("third", "named/third"), ("mixed", "named/mixed") },
+            "conv" => new[] { ("default", "conv/default"), ("second", "conv/second"), ("mixed", "conv/mixed") },
             _ => new[] { ("default", name) },
         };
 
@@ -86,75 +89,93 @@ namespace TorchLinear.Lora.Tests
             var classifierInput = Ports.Cases("named")["input"];
             var embeddingInput = Ports.Cases("embedding")["input"];
             var mlpInput = StateDicts.ReadPyTorchFile(Path.Combine(RealPeft, "cases.safetensors"))["input"];
+            var convInput = ConvNets.Cases()["conv2d.mixed_input"];
             var outputs = new Dictionary<string, Tensor>
             {
                 ["input/classifier"] = classifierInput,
                 ["input/embedding"] = embeddingInput,
                 ["input/mlp"] = mlpInput,
+                ["input/conv2d"] = convInput,
             };
             static bool Trained(nn.Module model, string name) => model.named_parameters().Single(p => p.name == name).parameter.requires_grad;
 
             // plain: the defaults, q_proj and v_proj.
             using (var model = Classifier())
             {
-                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
                 Fill(model, name => Trained(model, name));
-                LoraModel.save_adapter(model, Path.Combine(folder, "plain"));
+                LoraModel.save_pretrained(model, Path.Combine(folder, "plain"));
                 outputs["plain"] = Ports.Run(model, classifierInput);
             }
             // rslora: rsLoRA, rank and alpha patterns, a saved classifier head.
             using (var model = Classifier())
             {
-                LoraModel.inject(model, new LoraConfig
+                LoraModel.Inject(model, new LoraConfig
                 {
                     r = 4, lora_alpha = 8, use_rslora = true, target_modules = new[] { "q_proj", "v_proj", "self_attn.o_proj" },
                     rank_pattern = new() { ["o_proj"] = 2 }, alpha_pattern = new() { ["layers.1.self_attn.v_proj"] = 32 },
                     modules_to_save = new[] { "classifier" },
                 });
                 Fill(model, name => Trained(model, name));
-                LoraModel.save_adapter(model, Path.Combine(folder, "rslora"));
+                LoraModel.save_pretrained(model, Path.Combine(folder, "rslora"));
                 outputs["rslora"] = Ports.Run(model, classifierInput);
             }
             // dora: DoRA on every projection, magnitudes away from the norms.
             using (var model = Classifier())
             {
-                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, use_dora = true, target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj" } });
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, use_dora = true, target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj" } });
                 Fill(model, name => Trained(model, name));
-                LoraModel.save_adapter(model, Path.Combine(folder, "dora"));
+                LoraModel.save_pretrained(model, Path.Combine(folder, "dora"));
                 outputs["dora"] = Ports.Run(model, classifierInput);
             }
             // embedding: an nn.Embedding and a Linear.
             using (var model = Ports.Pretrained("embedding"))
             {
-                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "emb", "fc" } });
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "emb", "fc" } });
                 Fill(model, name => Trained(model, name));
-                LoraModel.save_adapter(model, Path.Combine(folder, "embedding"));
+                LoraModel.save_pretrained(model, Path.Combine(folder, "embedding"));
                 outputs["embedding"] = Ports.Run(model, embeddingInput);
             }
             // named: three adapters, two of them saved (selected_adapters), each run alone and in a mixed batch.
             using (var model = Classifier())
             {
-                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
-                LoraModel.inject(model, new LoraConfig { r = 8, lora_alpha = 4, target_modules = new[] { "q_proj", "k_proj", "o_proj" } }, "other");
-                LoraModel.inject(model, new LoraConfig { r = 2, lora_alpha = 6, target_modules = new[] { "q_proj", "o_proj" } }, "third");
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj" } });
+                LoraModel.Inject(model, new LoraConfig { r = 8, lora_alpha = 4, target_modules = new[] { "q_proj", "k_proj", "o_proj" } }, "other");
+                LoraModel.Inject(model, new LoraConfig { r = 2, lora_alpha = 6, target_modules = new[] { "q_proj", "o_proj" } }, "third");
                 Fill(model, name => name.Contains(".lora_", StringComparison.Ordinal));
-                LoraModel.save_adapter(model, Path.Combine(folder, "named"), new[] { "default", "third" });
+                LoraModel.save_pretrained(model, Path.Combine(folder, "named"), new[] { "default", "third" });
                 foreach (string name in new[] { "default", "third" })
                 {
                     LoraModel.set_adapter(model, name);
                     outputs[$"named/{name}"] = Ports.Run(model, classifierInput);
                 }
-                using (LoraModel.mixed_batch(model, NamedMixedRows))
+                using (LoraModel.MixedBatch(model, NamedMixedRows))
                     outputs["named/mixed"] = Ports.Run(model, classifierInput);
             }
             // bias_all, bias_lora_only: trained biases on the Mlp adapted at 0 (PEFT's key: <path>.base_layer.bias).
             foreach (string bias in new[] { "all", "lora_only" })
             {
                 using var model = MlpWithBase();
-                LoraModel.inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0" }, bias = bias });
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "0" }, bias = bias });
                 Fill(model, name => Trained(model, name));
-                LoraModel.save_adapter(model, Path.Combine(folder, $"bias_{bias}"));
+                LoraModel.save_pretrained(model, Path.Combine(folder, $"bias_{bias}"));
                 outputs[$"bias_{bias}"] = Ports.Run(model, mlpInput);
+            }
+            // conv: make_conv.py's ConvNet2d (Conv2d fields and module-typed fields), LoRA on its four convolutions and a
+            // second adapter on a conv and the Linear head, saved together, each run alone and in a mixed batch.
+            using (var model = ConvNets.Base("conv2d"))
+            {
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = ConvNets.Targets["conv2d"] });
+                LoraModel.Inject(model, new LoraConfig { r = 2, lora_alpha = 6, target_modules = new[] { "stem", "head" } }, "second");
+                Fill(model, name => name.Contains(".lora_", StringComparison.Ordinal));
+                LoraModel.save_pretrained(model, Path.Combine(folder, "conv"));
+                foreach (string name in new[] { "default", "second" })
+                {
+                    LoraModel.set_adapter(model, name);
+                    outputs[$"conv/{name}"] = Ports.Run(model, convInput);
+                }
+                using (LoraModel.MixedBatch(model, ConvMixedRows))
+                    outputs["conv/mixed"] = Ports.Run(model, convInput);
             }
             Safetensors.SaveStateDict(Path.Combine(folder, "outputs.safetensors"), outputs);
             return outputs;
@@ -291,6 +312,8 @@ namespace TorchLinear.Lora.Tests
             // The mixed batch was PEFT's adapter_names= on the same rows.
             var rows = cases["named"]["checks"]!.AsArray().Single(c => (string?)c!["what"] == "mixed")!["rows"]!.AsArray().Select(r => (string)r!);
             Assert.Equal(NamedMixedRows, rows);
+            rows = cases["conv"]["checks"]!.AsArray().Single(c => (string?)c!["what"] == "mixed")!["rows"]!.AsArray().Select(r => (string)r!);
+            Assert.Equal(ConvMixedRows, rows);
         }
     }
 }

@@ -8,10 +8,10 @@ namespace TorchLinear
 {
     /// <summary>
     /// What every checkpoint reader shares: opening only regular files, reading exactly the bytes a tensor needs
-    /// straight into its memory, and the dtype tables. <see cref="OpenRegular"/> is public, for readers of the files that
-    /// come with checkpoints (TorchLinear.Lora reads <c>adapter_config.json</c> through it).
+    /// straight into its memory, and the dtype tables. Internal: TorchLinear.Lora (InternalsVisibleTo) reads
+    /// <c>adapter_config.json</c> through <see cref="OpenRegular"/>; it is no API of the package.
     /// </summary>
-    public static class CheckpointFile
+    internal static class CheckpointFile
     {
         /// <summary>
         /// Opens <paramref name="path"/> for reading if it is a regular file. A FIFO or a device would block or never end,
@@ -23,7 +23,7 @@ namespace TorchLinear
         /// <exception cref="FileNotFoundException">There is no such file.</exception>
         /// <exception cref="CheckpointFormatException">The path names a FIFO, a device, a socket or a directory.</exception>
         /// <exception cref="UnauthorizedAccessException">The file may not be read.</exception>
-        public static FileStream OpenRegular(string path)
+        internal static FileStream OpenRegular(string path)
         {
             ArgumentNullException.ThrowIfNull(path);
             if (!File.Exists(path))

@@ -55,7 +55,7 @@ namespace TorchLinear.IntegrationTests.Lora
             for (int i = 0; i < 1000; i++)
                 _ = config.Targets($"model.layers.{i}.module_{i * 7}");
             Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"1000 modules took {clock.Elapsed.TotalSeconds:F1} s");
-            Assert.True(ModuleMatching.is_module_to_save(config, "a.module_99999"));
+            Assert.True(ModuleMatching.IsModuleToSave(config, "a.module_99999"));
         }
         /// <summary>A copy of the reference "attention" adapter folder with its config changed.</summary>
         private static string WithConfig(Action<JsonObject> edit)

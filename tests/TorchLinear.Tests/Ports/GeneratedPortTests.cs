@@ -192,7 +192,7 @@ namespace TorchLinear.Tests
             using Tensor output = port.call(cases["input"]);
             Equivalence.AssertClose(output, cases["adapted_output"]);
             Assert.True((output - baseOutput).abs().max().item<float>() > 1e-3f, "the adapter changes the output");
-            using (Lora.LoraModel.disable_adapters(port))
+            using (Lora.LoraModel.disable_adapter(port))
             {
                 using Tensor disabled = port.call(cases["input"]);
                 Assert.True(Equivalence.Compare(baseOutput, disabled).DifferingElements == 0);

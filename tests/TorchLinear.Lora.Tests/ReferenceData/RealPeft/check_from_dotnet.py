@@ -19,7 +19,9 @@ Exit status 0 when everything matched.
 Cases (CASES below; WayBackTests.CaseNames lists the same): plain, rslora (rank/alpha patterns, modules_to_save),
 dora, embedding, named (three adapters in .NET, two saved with selected_adapters, each run alone and in a mixed batch),
 bias_all and bias_lora_only (trained biases, with the control: the same folder with the adapted layer's bias under the
-older plain key '<path>.bias', which PEFT drops). Conv2d folders (helper lconv) go in as new CASES entries.
+older plain key '<path>.bias', which PEFT drops), conv (make_conv.py's ConvNet2d: LoRA on its Conv2d layers and a second
+adapter on a conv and the Linear head, each run alone and in a mixed batch; conv/make_conv.py --check also has PEFT merge
+.NET-written conv adapters, Conv1d included).
 """
 import hashlib
 import json
@@ -44,6 +46,8 @@ import realpeft_compat  # noqa: E402,F401  (PEFT's mixed batches on torch 1.13)
 from make_peft_adapters import Classifier, pretrained  # noqa: E402
 from make_peft_breadth import EmbedModel  # noqa: E402
 from make_bias import base_model as mlp  # noqa: E402
+sys.path.insert(0, os.path.join(HERE, "conv"))
+from make_conv import base_model as conv_net  # noqa: E402
 from safetensors_writer import write_safetensors  # noqa: E402
 
 # name: (the pretrained model, the input's key in outputs.safetensors, the named adapters beside "default" in
@@ -57,6 +61,8 @@ CASES = {
               [("default", "default", None), ("third", "third", None), ("mixed", None, ["third", "__base__", "default", "third"])]),
     "bias_all": (mlp, "input/mlp", [], [("default", None, None)]),
     "bias_lora_only": (mlp, "input/mlp", [], [("default", None, None)]),
+    "conv": (lambda: conv_net("conv2d"), "input/conv2d", ["second"],
+             [("default", "default", None), ("second", "second", None), ("mixed", None, ["second", "default", "__base__", "default"])]),
 }
 
 
