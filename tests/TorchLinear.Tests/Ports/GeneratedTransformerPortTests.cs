@@ -186,15 +186,15 @@ namespace TorchLinear.Tests
                     Equivalence.AssertClose(unmerged, cases["adapted_output"]);
                     Assert.True((unmerged - baseLogits).abs().max().item<float>() > 1e-2f, "the adapter changes the logits");
                 }
-                using (Lora.LoraModel.disable_adapters(port))
+                using (Lora.LoraModel.disable_adapter(port))
                 {
                     using Tensor disabled = port.call(cases["input"]);
                     Assert.Equal(0, Equivalence.Compare(baseLogits, disabled).DifferingElements);
                 }
-                Lora.LoraModel.merge(port);
+                Lora.LoraModel.merge_adapter(port);
                 using (Tensor merged = port.call(cases["input"]))
                     Equivalence.AssertClose(merged, cases["adapted_output"]);
-                Lora.LoraModel.unmerge(port);
+                Lora.LoraModel.unmerge_adapter(port);
                 Lora.LoraModel.unload(port);
                 using Tensor unloaded = port.call(cases["input"]);
                 Equivalence.AssertClose(unloaded, baseLogits);
