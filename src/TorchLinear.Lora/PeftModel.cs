@@ -173,7 +173,7 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(adapter_names);
             var state = Live("set_adapter");
             if (adapter_names.Length == 0)
-                throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapters runs the base model.", nameof(adapter_names));
+                throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapter runs the base model.", nameof(adapter_names));
             CheckKnown(state, adapter_names, "set_adapter");
             UnmergeAll(state);
             state.Active.Clear();
