@@ -65,12 +65,12 @@ namespace TorchLinear.Lora
         {
             ArgumentNullException.ThrowIfNull(model);
             ArgumentNullException.ThrowIfNull(config);
-            CheckNewName(model, adapter_name, nameof(inject));
-            config.ThrowIfInvalid("LoraModel.inject");
+            CheckNewName(model, adapter_name, nameof(Inject));
+            config.ThrowIfInvalid("LoraModel.Inject");
             var kept = config.Clone();
-            var state = TryStateOf(model, nameof(inject));
-            CheckOneBias(state, kept, adapter_name, nameof(inject));
-            var targets = Targets(model, kept, state, "LoraModel.inject", error => new ArgumentException($"LoraModel.inject: {error.Key}: {error.Rule}."));
+            var state = TryStateOf(model, nameof(Inject));
+            CheckOneBias(state, kept, adapter_name, nameof(Inject));
+            var targets = Targets(model, kept, state, "LoraModel.Inject", error => new ArgumentException($"LoraModel.Inject: {error.Key}: {error.Rule}."));
             var adapters = new List<IAdapter>();
             try
             {
@@ -82,7 +82,7 @@ namespace TorchLinear.Lora
                     adapters.Add(adapter);
                     // A drawn B is not zero with init_lora_weights false: a large alpha can overflow scaling · B A.
                     if (!adapter.UpdateFinite(weight))
-                        throw new ArgumentException($"LoraModel.inject: {kept.AlphaKey(target.Path)}: {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(config));
+                        throw new ArgumentException($"LoraModel.Inject: {kept.AlphaKey(target.Path)}: {UpdateProblem(target, adapter, weight.dtype)}; nothing changed.", nameof(config));
                 }
             }
             catch
@@ -222,7 +222,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A selected adapter is not one of the model's.</exception>
         public static void save_pretrained(nn.Module model, string directory, IReadOnlyList<string>? selected_adapters = null)
         {
-            PeftModel.For(model, nameof(save_adapter)).save_pretrained(directory, selected_adapters);
+            PeftModel.For(model, nameof(save_pretrained)).save_pretrained(directory, selected_adapters);
         }
 
         /// <summary>The old name of <c>save_pretrained</c>, which it calls.</summary>
@@ -287,7 +287,7 @@ namespace TorchLinear.Lora
         /// training mode (as PEFT; a call of the model in training mode within the scope is refused too).</exception>
         public static IDisposable MixedBatch(nn.Module model, IReadOnlyList<string> adapter_names)
         {
-            return PeftModel.For(model, nameof(mixed_batch)).MixedBatch(adapter_names);
+            return PeftModel.For(model, nameof(MixedBatch)).MixedBatch(adapter_names);
         }
 
         /// <summary>The old name of <c>MixedBatch</c>, which it calls.</summary>
@@ -387,7 +387,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public static void merge_adapter(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
-            PeftModel.For(model, nameof(merge)).merge_adapter(adapter_names);
+            PeftModel.For(model, nameof(merge_adapter)).merge_adapter(adapter_names);
         }
 
         /// <summary>The old name of <c>merge_adapter</c>, which it calls.</summary>
@@ -399,7 +399,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static void unmerge_adapter(nn.Module model)
         {
-            PeftModel.For(model, nameof(unmerge)).unmerge_adapter();
+            PeftModel.For(model, nameof(unmerge_adapter)).unmerge_adapter();
         }
 
         /// <summary>The old name of <c>unmerge_adapter</c>, which it calls.</summary>
@@ -443,7 +443,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public static IDisposable disable_adapter(nn.Module model)
         {
-            return PeftModel.For(model, nameof(disable_adapters)).disable_adapter();
+            return PeftModel.For(model, nameof(disable_adapter)).disable_adapter();
         }
 
         /// <summary>The old name of <c>disable_adapter</c>, which it calls.</summary>
@@ -524,7 +524,7 @@ namespace TorchLinear.Lora
         public static void CheckAdaptersRun(nn.Module model, Action forward)
         {
             ArgumentNullException.ThrowIfNull(forward);
-            PeftModel.For(model, nameof(check_adapters_run)).CheckAdaptersRun(forward);
+            PeftModel.For(model, nameof(CheckAdaptersRun)).CheckAdaptersRun(forward);
         }
 
         /// <summary>The old name of <c>CheckAdaptersRun</c>, which it calls.</summary>
@@ -540,7 +540,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A path is not an adapted layer of the model.</exception>
         public static void AllowUnusedAdapters(nn.Module model, params string[] paths)
         {
-            PeftModel.For(model, nameof(allow_unused_adapters)).AllowUnusedAdapters(paths);
+            PeftModel.For(model, nameof(AllowUnusedAdapters)).AllowUnusedAdapters(paths);
         }
 
         /// <summary>The old name of <c>AllowUnusedAdapters</c>, which it calls.</summary>

@@ -85,7 +85,7 @@ namespace TorchLinear.Lora
             return For(model, nameof(from_pretrained));
         }
 
-        /// <summary>PEFT's <c>add_adapter</c>: a fresh adapter of <paramref name="peft_config"/>, added inactive and frozen (as <see cref="LoraModel.inject"/> adds a model's second adapter).</summary>
+        /// <summary>PEFT's <c>add_adapter</c>: a fresh adapter of <paramref name="peft_config"/>, added inactive and frozen (as <see cref="LoraModel.Inject"/> adds a model's second adapter).</summary>
         /// <returns>The adapted module paths.</returns>
         public IReadOnlyList<string> add_adapter(string adapter_name, LoraConfig peft_config)
         {
@@ -130,7 +130,7 @@ namespace TorchLinear.Lora
         public void CheckAdaptersRun(Action forward)
         {
             ArgumentNullException.ThrowIfNull(forward);
-            var state = Live("check_adapters_run");
+            var state = Live("CheckAdaptersRun");
             using var noGrad = no_grad();
             state.RunChecked(forward);
         }
@@ -152,9 +152,9 @@ namespace TorchLinear.Lora
         {
             var model = Model;
             ArgumentNullException.ThrowIfNull(directory);
-            var state = Live("save_adapter");
+            var state = Live("save_pretrained");
             var names = selected_adapters ?? state.Adapters.Select(a => a.Name).ToList();
-            CheckKnown(state, names, "save_adapter");
+            CheckKnown(state, names, "save_pretrained");
             foreach (string name in names)
                 PeftFolder.Save(state, state.Entry(name)!, model, name == DefaultAdapter ? directory : Path.Combine(directory, name));
         }
@@ -173,7 +173,7 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(adapter_names);
             var state = Live("set_adapter");
             if (adapter_names.Length == 0)
-                throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapters runs the base model.", nameof(adapter_names));
+                throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapter runs the base model.", nameof(adapter_names));
             CheckKnown(state, adapter_names, "set_adapter");
             UnmergeAll(state);
             state.Active.Clear();
@@ -243,22 +243,22 @@ namespace TorchLinear.Lora
         {
             var model = Model;
             ArgumentNullException.ThrowIfNull(adapter_names);
-            var state = Live("mixed_batch");
+            var state = Live("MixedBatch");
             if (model.training)
-                throw new InvalidOperationException("LoraModel.mixed_batch: the model is in training mode, and a mixed-adapter batch is for inference (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
+                throw new InvalidOperationException("LoraModel.MixedBatch: the model is in training mode, and a mixed-adapter batch is for inference (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
             var named = adapter_names.Where(n => n != BaseModel).Distinct(StringComparer.Ordinal).ToList();
             var unknown = named.Where(n => state.Entry(n) is null).ToList();
             if (unknown.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", unknown.Select(n => $"'{n}'"))} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}; \"{BaseModel}\" for no adapter).", nameof(adapter_names));
+                throw new ArgumentException($"LoraModel.MixedBatch: {string.Join(", ", unknown.Select(n => $"'{n}'"))} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}; \"{BaseModel}\" for no adapter).", nameof(adapter_names));
             var merged = state.Layers.Where(l => l.Merged.Count > 0).Select(l => l.Path).ToList();
             if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.mixed_batch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (unmerge first), as in PEFT.");
+                throw new InvalidOperationException($"LoraModel.MixedBatch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (unmerge first), as in PEFT.");
             var dora = named.Where(n => state.Entry(n)!.Config.use_dora).ToList();
             if (dora.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}, which a mixed batch does not run (as in PEFT).", nameof(adapter_names));
+                throw new ArgumentException($"LoraModel.MixedBatch: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}, which a mixed batch does not run (as in PEFT).", nameof(adapter_names));
             var saving = named.Where(n => state.Saved.Any(s => s.Adapters.Contains(n))).ToList();
             if (saving.Count > 0)
-                throw new ArgumentException($"LoraModel.mixed_batch: {string.Join(", ", saving)} {(saving.Count == 1 ? "saves" : "save")} modules (modules_to_save), which a mixed batch here does not switch per row.", nameof(adapter_names));
+                throw new ArgumentException($"LoraModel.MixedBatch: {string.Join(", ", saving)} {(saving.Count == 1 ? "saves" : "save")} modules (modules_to_save), which a mixed batch here does not switch per row.", nameof(adapter_names));
             var previous = state.Mixed;
             var batch = new MixedBatch(adapter_names);
             state.Mixed = batch;
@@ -368,17 +368,17 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public void merge_adapter(IReadOnlyList<string>? adapter_names = null)
         {
-            var state = Live("merge");
+            var state = Live("merge_adapter");
             var names = adapter_names ?? state.Active;
-            CheckKnown(state, names, "merge");
-            MergeAll(state, "merge", names);
+            CheckKnown(state, names, "merge_adapter");
+            MergeAll(state, "merge_adapter", names);
         }
 
         /// <summary>Takes every merged adapter out of the weights again, last merged first, restoring each weight bit for bit (PEFT's <c>unmerge_adapter</c>).</summary>
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public void unmerge_adapter()
         {
-            UnmergeAll(Live("unmerge"));
+            UnmergeAll(Live("unmerge_adapter"));
         }
 
         /// <summary>
@@ -431,7 +431,7 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public IDisposable disable_adapter()
         {
-            var state = Live("disable_adapters");
+            var state = Live("disable_adapter");
             var merged = state.Layers.Select(l => (Layer: l, Order: l.Merged.Reverse().Select(a => a.Name).ToList())).Where(m => m.Order.Count > 0).ToList();
             UnmergeAll(state);
             bool wasDisabled = state.Disabled;
@@ -490,7 +490,7 @@ namespace TorchLinear.Lora
         public void AllowUnusedAdapters(params string[] paths)
         {
             ArgumentNullException.ThrowIfNull(paths);
-            Live("allow_unused_adapters").AllowUnused(paths);
+            Live("AllowUnusedAdapters").AllowUnused(paths);
         }
     }
 }

@@ -200,10 +200,10 @@ namespace TorchLinear.Lora.Tests
             {
                 ("set_adapter", () => LoraModel.set_adapter(model, "default", "nope")),
                 ("delete_adapter", () => LoraModel.delete_adapter(model, "nope")),
-                ("merge", () => LoraModel.merge_adapter(model, new[] { "nope" })),
+                ("merge_adapter", () => LoraModel.merge_adapter(model, new[] { "nope" })),
                 ("merge_and_unload", () => LoraModel.merge_and_unload(model, new[] { "nope" })),
-                ("save_adapter", () => LoraModel.save_pretrained(model, folder, new[] { "nope" })),
-                ("mixed_batch", () => LoraModel.MixedBatch(model, new[] { "default", "nope" }).Dispose()),
+                ("save_pretrained", () => LoraModel.save_pretrained(model, folder, new[] { "nope" })),
+                ("MixedBatch", () => LoraModel.MixedBatch(model, new[] { "default", "nope" }).Dispose()),
                 ("add_weighted_adapter", () => LoraModel.add_weighted_adapter(model, new[] { "default", "nope" }, new[] { 1.0, 1.0 }, "mix", "cat")),
             };
             foreach (var (what, act) in refusals)
