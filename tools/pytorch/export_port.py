@@ -25,7 +25,9 @@ graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, Conv2d,
 ReLU, ...) are constructed, not translated. A submodule's C# forward takes every tensor argument of its Python call
 (keyword arguments too, in the recorder's order) and returns what Python returns (several tensors as a ValueTuple);
 the trace is watched to recover both (TraceCalls). Nothing silent: every operation or module it cannot write, every
-branch on a tensor's value (a branch on shapes only is written as the path taken and listed in the port's header), every
+branch on a tensor's value or Python number taken from one (a branch on sizes only, or a number taken from sizes, is
+written as the path taken with a guard that throws where an input would take the other; one the port cannot write is
+refused unless the caller assumes it, assume_shape_conditions), every
 value the trace froze that changes with the input's shape or values (found by tracing again at a second shape with other
 values and comparing the generated C#) and every call the port cannot make (one tensor as two arguments, more than six)
 is refused with ExportRefused, before anything is written. docs/porting.md has the rules.

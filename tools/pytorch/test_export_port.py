@@ -618,6 +618,14 @@ def make_ports():
     return module
 
 
+def _transformers():
+    try:
+        import transformers  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
 def _torchvision():
     try:
         import torchvision  # noqa: F401
@@ -657,8 +665,11 @@ class CommittedPortsTests(unittest.TestCase):
 
     def test_regenerating_the_committed_ports_gives_the_committed_files(self):
         ports = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports")
-        for folder, class_name, build, _ in make_ports().PORTS:
+        module = make_ports()
+        for folder, class_name, build, _ in module.PORTS:
             with self.subTest(folder):
+                if folder in module.NEEDS_TRANSFORMERS and not _transformers():
+                    self.skipTest(f"transformers is not importable (source /work/realpeft-site/env.sh): {folder} not regenerated")
                 model, x, _ = build()
                 code = generate(model, (x,), class_name, namespace=f"TorchLinear.Tests.Ports.{folder}")
                 with open(os.path.join(ports, folder, f"{class_name}.cs"), encoding="utf-8", newline="") as f:
