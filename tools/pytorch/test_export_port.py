@@ -431,9 +431,14 @@ class TransformersTests(unittest.TestCase):
         # RMSNorm's `hidden_states.to(torch.float32)` hands its input back to the caller's residual: the residual is the
         # layer's own input, not a second output of the norm.
         self.assertRegex(code, r"Tensor hidden_states = x\.add\(t2\);  // modeling_llama.py:\d+: hidden_states = residual \+ hidden_states")
-        # The size checks and the causal mask's `if sequence_length != 1` depend on shapes only: listed, not refused.
-        self.assertIn("modeling_llama.py:1003: if sequence_length != 1:  (a size comparison there was True)", code)
+        # The size checks and the causal mask's `if sequence_length != 1` depend on shapes only: checked by the port
+        # where Python evaluated them (it throws on a one-token input), and listed with the comparison.
+        self.assertIn("modeling_llama.py:1003: if sequence_length != 1:  ((sequence_length != 1) was True: checked)", code)
+        self.assertIn('if (!(sequence_length != 1)) throw new InvalidOperationException("LlamaModel: traced with '
+                      'modeling_llama.py:1003: if sequence_length != 1: where (sequence_length != 1) was True;', code)
         self.assertIn("modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):", code)
+        self.assertRegex(code, r"if \(!\(\w+ == q_len\)\) throw new InvalidOperationException\(\"LlamaAttention: traced with "
+                               r"modeling_llama\.py:306: ")
         # Nothing of the batch or sequence length is written as a number.
         self.assertIn("long batch_size = t.size(0);", code)
         self.assertIn("long sequence_length = t.size(1);", code)
