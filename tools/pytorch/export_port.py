@@ -492,6 +492,11 @@ class Translator:
                         self.values[out.unique()] = Value("unknown", None, const="; ".join(failed))
             else:
                 self.node(node)
+        recorded = len(self.x.calls.guards.get(self.path, []))
+        if self.guard_index != recorded:
+            # A condition the trace evaluated here whose check is not in the graph: the port would not check it.
+            self.refusals.add(f"{self.path or '(root)'} ({type(self.module).__name__}): the trace evaluated {recorded} conditions "
+                              f"on sizes here and its graph holds {self.guard_index} of their checks")
         ret = list(graph.outputs())[0]
         val = self.values.get(ret.unique())
         if val is None:
@@ -1959,14 +1964,21 @@ class Exporter:
             f"// (PyTorch {torch.__version__}); regenerate rather than edit. </auto-generated>",
         ]
         conditions = []
-        for file, line, outcome, _ in self.calls.shape_conditions:
+        constructed = {}
+        for file, line, outcome, path in self.calls.shape_conditions:
             if (file, line, outcome) not in conditions:
                 conditions.append((file, line, outcome))
+            d = self.draft_of.get(id(dict(self.model.named_modules()).get(path)))
+            if d is not None and d.kind == "leaf":
+                constructed.setdefault((file, line, outcome), path)
         if conditions:
             out.append("// Conditions on sizes only that the trace evaluated (the port has the branch taken only; each is checked")
             out.append("// where Python evaluated it, and the port throws InvalidOperationException on an input that gives the other):")
             for file, line, outcome in conditions:
-                status = "; ".join(self.guard_status.get((file, line, outcome), [f"a comparison was {outcome}: checked"]))
+                key = (file, line, outcome)
+                status = "; ".join(self.guard_status[key]) if key in self.guard_status else \
+                    f"a comparison was {outcome} in {constructed[key]}, a module TorchSharp has, which takes either branch itself" \
+                    if key in constructed else f"a comparison was {outcome}"
                 out.append(f"//   {_describe_line(file, line)}  ({status})")
         assumed = [(file, line, what) for file, line, what, shape_only in self.calls.numbers
                    if shape_only and any(_matches(a, file, line) for a in self.assume)]
@@ -2071,6 +2083,7 @@ class TraceCalls:
         self.numbers = []            # (file, line, what, shape_only): a tensor turned into a Python number or list
         self.stack = [("", None)]    # the module whose forward runs (path, module); the root's is ""
         self.assume = ()             # assume_shape_conditions
+        self.unguarded = []          # (file, line) of size conditions that could not be marked for a guard
 
     def final(self, marker):
         while marker in self.renamed:
@@ -2153,6 +2166,8 @@ class TraceCalls:
                     if guard is not None and tensor.dim() == 0:
                         self.guards.setdefault(path, []).append((where[0], where[1], bool(outcome)))
                         guard.copy_(tensor)
+                    elif where not in self.unguarded:
+                        self.unguarded.append(where)
                 elif where not in self.data_lines:
                     self.data_lines.append(where)
                 return outcome
@@ -2263,6 +2278,11 @@ def _trace(model, inputs, assume=()):
     problems = [f"a branch on a tensor's value or a conversion of a tensor to a Python value (data-dependent control "
                 f"flow or a number the trace would freeze) at {_module_of_line(model, file, line)}, {_describe_line(file, line)}"
                 for file, line in lines]
+    for file, line in calls.unguarded:
+        if not any(_matches(a, file, line) for a in assume):
+            problems.append(f"a branch on sizes that the port cannot check (not a single number) at "
+                            f"{_module_of_line(model, file, line)}, {_describe_line(file, line)}; if every input the port "
+                            f"will see gives it the value it had, list {os.path.basename(file)}:{line} in assume_shape_conditions")
     for file, line, what, shape_only in calls.numbers:
         where = f"{_module_of_line(model, file, line)}, {_describe_line(file, line)}"
         if not shape_only:

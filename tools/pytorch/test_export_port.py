@@ -93,6 +93,13 @@ class SizeScaled(nn.Module):
         return x
 
 
+class SizeVector(nn.Module):
+    def forward(self, x):
+        if torch.tensor([x.shape[1]]) > 4:  # a one-element vector of a size
+            return x * 2.0
+        return x
+
+
 class LenBranch(nn.Module):
     def forward(self, x):
         if len(x) > 1:  # len of the input
@@ -362,6 +369,14 @@ class ShapeConditionTests(unittest.TestCase):
         self.assertIn(f"{THIS}:{line}: if x.shape[1] * 0.5 > 2:  # a size condition the port cannot write  "
                       f"(assumed by the caller (assume_shape_conditions), not checked)", code)
         self.assertNotIn("0.5) throw", code)
+
+    def test_a_size_condition_on_a_vector_is_refused_unless_assumed(self):
+        line = line_of("a one-element vector of a size")
+        with self.assertRaises(ExportRefused) as caught:
+            generate(SizeVector().eval(), (torch.randn(2, 6, 3),), "Port")
+        self.assertIn(f"a branch on sizes that the port cannot check (not a single number) at", str(caught.exception))
+        self.assertIn(f"{THIS}:{line}: if torch.tensor([x.shape[1]]) > 4:", str(caught.exception))
+        generate(SizeVector().eval(), (torch.randn(2, 6, 3),), "Port", assume_shape_conditions=[f"{THIS}:{line}"])
 
     def test_len_and_int_of_sizes_are_checked_so_refused_where_they_change_with_the_shape_unless_assumed(self):
         for model, what, mark, size in ((LenBranch(), "len()", "len of the input", 2), (IntBranch(), "int()", "int of a size", 6)):
