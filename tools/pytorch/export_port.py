@@ -25,7 +25,9 @@ graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, Conv2d,
 ReLU, ...) are constructed, not translated. A submodule's C# forward takes every tensor argument of its Python call
 (keyword arguments too, in the recorder's order) and returns what Python returns (several tensors as a ValueTuple);
 the trace is watched to recover both (TraceCalls). Nothing silent: every operation or module it cannot write, every
-branch on a tensor's value (a branch on shapes only is written as the path taken and listed in the port's header), every
+branch on a tensor's value or Python number taken from one (a branch on sizes only, or a number taken from sizes, is
+written as the path taken with a guard that throws where an input would take the other; one the port cannot write is
+refused unless the caller assumes it, assume_shape_conditions), every
 value the trace froze that changes with the input's shape or values (found by tracing again at a second shape with other
 values and comparing the generated C#) and every call the port cannot make (one tensor as two arguments, more than six)
 is refused with ExportRefused, before anything is written. docs/porting.md has the rules.
@@ -327,6 +329,9 @@ class Translator:
         return f"{self.path or '(root)'} ({type(self.module).__name__})" + (f", {src}" if src else "")
 
     def refuse(self, node, why):
+        if getattr(self, "soft", None) is not None:   # a node that only computes a guard's condition (run)
+            self.soft.append(why)
+            return
         self.refusals.add(f"{why} at {self.where(node)}")
 
     def emit(self, node, text):
@@ -457,6 +462,15 @@ class Translator:
                 self.input_names.append(name)
                 if lifted[u].unique() not in self.values:
                     self.values[lifted[u].unique()] = Value("tensor", name)
+        if info is None:
+            # A rank the Python code reads (x.dim(), len(x.shape)) is a Python number the trace never sees: the port
+            # checks every input's rank against the traced one.
+            for inp, name in zip(inputs[1:], self.input_names):
+                rank = inp.type().dim() if inp.type().kind() == "TensorType" else None
+                if rank is not None:
+                    self.lines.append(f"if ({name}.dim() != {rank}) throw new InvalidOperationException($\"{type(self.module).__name__}: "
+                                      f"input {name} has {{{name}.dim()}} dimensions; the port was traced with {rank} and "
+                                      f"computes only that rank: re-export at it\");")
         uses = {}
         for node in graph.nodes():
             for inp in node.inputs():
@@ -464,8 +478,25 @@ class Translator:
         for out in graph.outputs():
             uses[out.unique()] = uses.get(out.unique(), 0) + 1
         self.uses = uses
+        guard_only = self.guard_only(graph)
+        self.guard_index = 0
         for node in graph.nodes():
-            self.node(node)
+            if node in guard_only:
+                # Only a guard's condition uses it: what cannot be written makes the condition unknown (refused at the
+                # guard unless the caller assumes it), not a refusal of its own.
+                self.soft = []
+                self.node(node)
+                failed, self.soft = self.soft, None
+                if failed:
+                    for out in node.outputs():
+                        self.values[out.unique()] = Value("unknown", None, const="; ".join(failed))
+            else:
+                self.node(node)
+        recorded = len(self.x.calls.guards.get(self.path, []))
+        if self.guard_index != recorded:
+            # A condition the trace evaluated here whose check is not in the graph: the port would not check it.
+            self.refusals.add(f"{self.path or '(root)'} ({type(self.module).__name__}): the trace evaluated {recorded} conditions "
+                              f"on sizes here and its graph holds {self.guard_index} of their checks")
         ret = list(graph.outputs())[0]
         val = self.values.get(ret.unique())
         if val is None:
@@ -486,6 +517,66 @@ class Translator:
             self.refusals.add(f"returns a {val.kind} at {self.path or '(root)'} ({type(self.module).__name__})")
             return None
         return val.expr + ".MoveToOuterDisposeScope()"
+
+    @staticmethod
+    def is_guard_write(node):
+        """aten::copy_ into the guard buffer (TraceCalls.boolean), directly or through an earlier such write."""
+        if node.kind() != "aten::copy_":
+            return False
+        target = node.inputsAt(0).node()
+        return target.kind() == "prim::GetAttr" and target.s("name") == GUARD or Translator.is_guard_write(target)
+
+    def guard_only(self, graph):
+        """The nodes whose values only guards' conditions use."""
+        only, nodes = set(), list(graph.nodes())
+        for node in reversed(nodes):
+            if self.is_guard_write(node) or node.kind() in ("prim::Constant", "prim::GetAttr"):
+                continue
+            users = [u.user for out in node.outputs() for u in out.uses()]
+            if users and all(u in only or self.is_guard_write(u) and u.inputsAt(1) in list(node.outputs()) for u in users) \
+                    and not any(o in list(graph.outputs()) for o in node.outputs()):
+                only.add(node)
+        return only
+
+    def guard(self, node, cond):
+        """The check of a shape condition the trace evaluated here: the port throws where the input would take the
+        other branch. A condition that cannot be written is refused unless the caller assumes its line."""
+        entries = self.x.calls.guards.get(self.path, [])
+        if self.guard_index >= len(entries):
+            self.refusals.add(f"a guard of {self.where(node)} that the trace did not record")
+            return
+        file, line, outcome = entries[self.guard_index]
+        self.guard_index += 1
+        described = _describe_line(file, line)
+        text = None
+        if cond.kind == "bool":
+            text = cond.expr
+        elif cond.kind == "long":
+            text = f"({cond.expr} != 0)"
+        key = (file, line, outcome)
+        if text is None:
+            if any(_matches(a, file, line) for a in self.x.assume):
+                status = "assumed by the caller (assume_shape_conditions), not checked"
+                if status not in self.x.guard_status.setdefault(key, []):
+                    self.x.guard_status[key].append(status)
+                return
+            why = f" ({cond.const})" if cond.kind == "unknown" and cond.const else ""
+            self.refusals.add(f"a branch on sizes that the port cannot check{why} (the port would compute the branch taken, "
+                              f"{outcome}, at any input) at {self.where_line(file, line)}; if every input the port will see "
+                              f"gives it {outcome}, list {os.path.basename(file)}:{line} in assume_shape_conditions")
+            return
+        pyname = type(self.module).__name__
+        message = (f"{pyname}: traced with {described} where {text} was {outcome}; this input makes it {not outcome}, "
+                   f"which the port does not compute (the other branch, another number): re-export at that shape")
+        message = message.replace("\\", "\\\\").replace('"', '\\"')
+        check = f"!{text}" if outcome else text
+        status = f"{text} was {outcome}: checked"
+        if status not in self.x.guard_status.setdefault(key, []):
+            self.x.guard_status[key].append(status)
+        self.lines.append(f'if ({check}) throw new InvalidOperationException("{message}");  // {described}')
+
+    def where_line(self, file, line):
+        return f"{self.path or '(root)'} ({type(self.module).__name__}), {_describe_line(file, line)}"
 
     # -- a submodule's outputs: the graph's against the Python call's
     def resolve(self, traced, value):
@@ -592,6 +683,13 @@ class Translator:
         ins = list(node.inputs())
         if k == "prim::Constant":
             self.values[node.output().unique()] = self.const_of(node)
+            return
+        if k == "prim::GetAttr" and node.s("name") == GUARD:
+            self.values[node.output().unique()] = Value("guard", None)
+            return
+        if k == "aten::copy_" and self.is_guard_write(node):
+            self.values[node.output().unique()] = Value("guard", None)
+            self.guard(node, self.v(ins[1]))
             return
         if k == "prim::GetAttr":
             owner = self.v(ins[0])
@@ -747,6 +845,18 @@ class Translator:
                 return
             sym = {"mul": "*", "add": "+", "sub": "-", "remainder": "%"}[op]
             self.set(node, "long", f"{x.expr} {sym} {y.expr}", nonneg=x.nonneg and y.nonneg and op != "sub", statement_type="long")
+            return
+        if op in ("eq", "ne", "lt", "gt", "le", "ge") and len(a) == 2 and all(x.kind in ("long", "double") for x in a):
+            sym = {"eq": "==", "ne": "!=", "lt": "<", "gt": ">", "le": "<=", "ge": ">="}[op]
+            self.values[node.output().unique()] = Value("bool", f"({a[0].expr} {sym} {a[1].expr})")
+            return
+        if op in ("__and__", "__or__", "logical_and", "logical_or", "bitwise_and", "bitwise_or") and len(a) == 2 \
+                and all(x.kind == "bool" for x in a):
+            sym = "&&" if "and" in op else "||"
+            self.values[node.output().unique()] = Value("bool", f"({a[0].expr} {sym} {a[1].expr})")
+            return
+        if op in ("__not__", "logical_not", "bitwise_not") and len(a) == 1 and a[0].kind == "bool":
+            self.values[node.output().unique()] = Value("bool", f"(!{a[0].expr})")
             return
         if any(x.kind == "unknown" for x in a):
             self.refuse(node, f"aten::{op} with an argument the generator cannot read")
@@ -980,6 +1090,35 @@ class Program:
         return len(self.inputs), tuple(lines), canon(self.result)
 
 
+def _enclosing_conditions(cls, comment):
+    """The statement's Python line (a generated line's comment, 'file.py:line: code') and the `if`/`elif` lines that
+    enclose it in its function: where the attribute that decides whether it runs is read."""
+    m = re.match(r"(.+?):(\d+): ", comment or "")
+    if not m:
+        return ""
+    try:
+        path = inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return ""
+    if not path or not (path.endswith(os.sep + m.group(1)) or os.path.basename(path) == m.group(1)):
+        return ""
+    number = int(m.group(2))
+    text = linecache.getline(path, number)
+    found, indent = [text], len(text) - len(text.lstrip())
+    for k in range(number - 1, 0, -1):
+        above = linecache.getline(path, k)
+        if not above.strip():
+            continue
+        depth = len(above) - len(above.lstrip())
+        if depth < indent:
+            if above.lstrip().startswith("def "):
+                break
+            if re.match(r"(if|elif)\b", above.lstrip()):
+                found.append(above)
+            indent = depth
+    return "".join(found)
+
+
 def _program(d):
     config = {i: k for k, i in enumerate(d.config_slots)}
 
@@ -1199,8 +1338,10 @@ class Draft:
 
 
 class Exporter:
-    def __init__(self, model, traced, class_name, namespace, calls=None):
+    def __init__(self, model, traced, class_name, namespace, calls=None, assume=()):
         self.model, self.traced, self.class_name, self.namespace = model, traced, class_name, namespace
+        self.assume = tuple(assume)
+        self.guard_status = {}  # (file, line, outcome) -> what the port does about that shape condition
         self.calls = calls if calls is not None else TraceCalls()
         self.draft_of = {}      # id(module) -> its Draft
         # Parameters listed under several names (a tied LM head): id -> the names, the first the owner's.
@@ -1527,14 +1668,28 @@ class Exporter:
             if len(called) == 1 and fields_of[called[0]][3] and runs == {m for m, cd in enumerate(fields_of[called[0]][4]) if cd is not None}:
                 condition = f"{called[0]} is not null"
             else:
+                # A bool attribute whose true/false split is the split of the instances that run the statement: taken
+                # only when it is the one such attribute, or the one of them that the statement's Python line reads (an
+                # attribute merely correlated with the split, `verbose` where the code reads `flag`, is not the cause).
+                matching = []
                 for attr, value in vars(d0.module).items():
                     if attr.startswith("_") or not all(type(vars(d.module).get(attr)) is bool for d in members):
                         continue
                     truth = {m for m, d in enumerate(members) if vars(d.module)[attr]}
                     if truth == runs or truth == set(range(len(members))) - runs:
-                        flags.setdefault(attr, [vars(d.module)[attr] for d in members])
-                        condition = ("", attr) if truth == runs else ("!", attr)
-                        break
+                        matching.append((attr, truth == runs))
+                code = _enclosing_conditions(type(d0.module), line[3])
+                read = [(attr, positive) for attr, positive in matching if re.search(rf"\.{re.escape(attr)}\b", code)]
+                chosen = matching if len(matching) == 1 else read if len(read) == 1 else []
+                if chosen:
+                    attr, positive = chosen[0]
+                    flags.setdefault(attr, [vars(d.module)[attr] for d in members])
+                    condition = ("", attr) if positive else ("!", attr)
+                elif len(matching) > 1:
+                    src = f" ({line[3]})" if line[3] else ""
+                    raise Unmergeable(f"some of their forwards have a statement{src} that the others lack, and several bool "
+                                      f"attributes ({', '.join(a for a, _ in matching)}) split them so, none of them read "
+                                      f"on that line alone")
             if condition is None:
                 src = f" ({line[3]})" if line[3] else ""
                 raise Unmergeable(f"some of their forwards have a statement{src} that the others lack, and neither a submodule "
@@ -1808,11 +1963,29 @@ class Exporter:
             f"// <auto-generated> by tools/pytorch/export_port.py from {type(self.model).__module__}.{type(self.model).__name__}",
             f"// (PyTorch {torch.__version__}); regenerate rather than edit. </auto-generated>",
         ]
-        if self.calls.shape_conditions:
-            out.append("// Conditions on sizes only that the trace evaluated (each branch is written as the path taken: the port")
-            out.append("// computes the model for inputs whose shapes give every one of them the value it had here):")
-            for file, line, outcome in self.calls.shape_conditions:
-                out.append(f"//   {_describe_line(file, line)}  (a size comparison there was {outcome})")
+        conditions = []
+        constructed = {}
+        for file, line, outcome, path in self.calls.shape_conditions:
+            if (file, line, outcome) not in conditions:
+                conditions.append((file, line, outcome))
+            d = self.draft_of.get(id(dict(self.model.named_modules()).get(path)))
+            if d is not None and d.kind == "leaf":
+                constructed.setdefault((file, line, outcome), path)
+        if conditions:
+            out.append("// Conditions on sizes only that the trace evaluated (the port has the branch taken only; each is checked")
+            out.append("// where Python evaluated it, and the port throws InvalidOperationException on an input that gives the other):")
+            for file, line, outcome in conditions:
+                key = (file, line, outcome)
+                status = "; ".join(self.guard_status[key]) if key in self.guard_status else \
+                    f"a comparison was {outcome} in {constructed[key]}, a module TorchSharp has, which takes either branch itself" \
+                    if key in constructed else f"a comparison was {outcome}"
+                out.append(f"//   {_describe_line(file, line)}  ({status})")
+        assumed = [(file, line, what) for file, line, what, shape_only in self.calls.numbers
+                   if shape_only and any(_matches(a, file, line) for a in self.assume)]
+        if assumed:
+            out.append("// The caller's assumptions (assume_shape_conditions): Python numbers taken from sizes, frozen by the trace:")
+            for file, line, what in assumed:
+                out.append(f"//   {_describe_line(file, line)}  ({what}, assumed the same at every input)")
         out += [
             "#nullable enable",
             "using System;",
@@ -1904,8 +2077,13 @@ class TraceCalls:
         self.renamed = {}       # marker -> the marker that replaced it
         self.original = {}      # marker -> the value's name before it
         self.counter = 0
-        self.shape_conditions = []   # (file, line, outcome)
+        self.shape_conditions = []   # (file, line, outcome, path) of branches on sizes only, in trace order
         self.data_lines = []         # (file, line) of branches on tensor values
+        self.guards = {}             # module path -> [(file, line, outcome)]: its guard markers in its graph, in order
+        self.numbers = []            # (file, line, what, shape_only): a tensor turned into a Python number or list
+        self.stack = [("", None)]    # the module whose forward runs (path, module); the root's is ""
+        self.assume = ()             # assume_shape_conditions
+        self.unguarded = []          # (file, line) of size conditions that could not be marked for a guard
 
     def final(self, marker):
         while marker in self.renamed:
@@ -1918,7 +2096,7 @@ class TraceCalls:
             if not path:
                 continue
 
-            def forward(*args, _original=m.forward, _path=path, **kwargs):
+            def forward(*args, _original=m.forward, _path=path, m_=m, **kwargs):
                 # No local variable holds a tensor here: the tracer names a value after a local that holds it.
                 names, tensors = [], []
                 for i in range(len(args)):
@@ -1934,7 +2112,11 @@ class TraceCalls:
                         if torch._C._get_tracing_state() is not None:
                             torch.ops.aten.alias(firsts[j])   # the first use in this scope: lifted in argument order
                     unique.append(j)
-                results = [_original(*args, **kwargs)]
+                self.stack.append((_path, m_))
+                try:
+                    results = [_original(*args, **kwargs)]
+                finally:
+                    self.stack.pop()
                 out_names, outs = [], []
                 _flatten(results[0], "0" if isinstance(results[0], torch.Tensor) else "", out_names, outs)
                 marks = []
@@ -1965,6 +2147,10 @@ class TraceCalls:
         return wrapped
 
     def boolean(self, original):
+        """Tensor.__bool__ during the trace: a branch on sizes only is recorded (file, line, outcome) and marked in the
+        graph of the module that runs it (the condition copied into that module's guard buffer, GUARD, an in-place
+        write the tracer keeps with the operations that computed the condition), so that the port checks the condition
+        at that place and throws where the input would take the other branch; a branch on values is listed (refused)."""
         def __bool__(tensor):
             if torch._C._get_tracing_state() is not None:
                 where = _caller_line()
@@ -1974,17 +2160,66 @@ class TraceCalls:
                     shape_only = False
                 outcome = original(tensor)
                 if shape_only:
-                    entry = (where[0], where[1], bool(outcome))
-                    if entry not in self.shape_conditions:
-                        self.shape_conditions.append(entry)
+                    path, module = self.stack[-1]
+                    self.shape_conditions.append((where[0], where[1], bool(outcome), path))
+                    guard = getattr(module if module is not None else self.root, GUARD, None)
+                    if guard is not None and tensor.dim() == 0:
+                        self.guards.setdefault(path, []).append((where[0], where[1], bool(outcome)))
+                        guard.copy_(tensor)
+                    elif where not in self.unguarded:
+                        self.unguarded.append(where)
                 elif where not in self.data_lines:
                     self.data_lines.append(where)
                 return outcome
             return original(tensor)
         return __bool__
 
+    def number(self, original, what):
+        """Tensor.__int__, __float__, __len__, item, tolist during the trace: the trace keeps the Python number it gives
+        as a constant. One taken from a tensor's values is recorded (refused); one taken from sizes only is checked by
+        the port as a shape condition (`size == number`, a guard, as TraceCalls.boolean) unless the caller assumes its
+        line (assume_shape_conditions): a number that changes with the input's shape then differs between the two
+        traces and is refused there."""
+        def convert(size, *args, **kwargs):
+            if torch._C._get_tracing_state() is None:
+                return original(size, *args, **kwargs)
+            where = _caller_line()
+            result = original(size, *args, **kwargs)
+            if what == "len()":
+                size = size.shape[0]   # len(x) is x.shape[0], traced as a size (the local's name is the C# name)
+            try:
+                shape_only = isinstance(size, torch.Tensor) and _shape_only(torch._C._get_value_trace(size))
+            except RuntimeError:
+                shape_only = False
+            entry = (where[0], where[1], what, shape_only)
+            if entry not in self.numbers:
+                self.numbers.append(entry)
+            # Tensor.__len__ returns the traced size itself (len() takes its index): its number, unwatched.
+            value = torch._C._TensorBase.item(result) if isinstance(result, torch.Tensor) and result.dim() == 0 else result
+            if shape_only and not any(_matches(a, *where) for a in self.assume) and size.dim() == 0 \
+                    and isinstance(value, (int, float)) and not isinstance(value, bool):
+                path, module = self.stack[-1]
+                guard = getattr(module if module is not None else self.root, GUARD, None)
+                if guard is not None:
+                    self.shape_conditions.append((where[0], where[1], True, path))
+                    self.guards.setdefault(path, []).append((where[0], where[1], True))
+                    guard.copy_(size == value)
+            return result
+        return convert
 
-def _trace(model, inputs):
+
+GUARD = "_tl_guard"   # the 0-dim bool buffer a shape condition is copied into during the trace (TraceCalls.boolean)
+NUMBER_METHODS = {"__int__": "int()", "__float__": "float()", "__len__": "len()",
+                  "item": ".item()", "tolist": ".tolist()"}
+
+
+def _matches(assumed, file, line):
+    """Whether an entry of assume_shape_conditions ('modeling_llama.py:306' or a longer path) names file:line."""
+    name, _, number = assumed.rpartition(":")
+    return number.isdigit() and int(number) == line and (os.path.abspath(file).endswith(os.sep + name) or os.path.basename(file) == name)
+
+
+def _trace(model, inputs, assume=()):
     """The trace, its problems, and the TraceCalls seen during it."""
     calls = TraceCalls()
     # A parameter shared by two modules (a tied LM head) is lifted by the tracer into the second module's call as an
@@ -2001,8 +2236,17 @@ def _trace(model, inputs):
             untied.append((owner, attr, owner._parameters[attr]))
             owner._parameters[attr] = nn.Parameter(owner._parameters[attr].detach().clone(), owner._parameters[attr].requires_grad)
     wrapped = calls.wrap(model)
+    calls.root, calls.assume = model, tuple(assume)
+    guarded = []
+    for m in model.modules():
+        if GUARD not in m._buffers and not hasattr(m, GUARD):
+            m.register_buffer(GUARD, torch.zeros((), dtype=torch.bool), persistent=False)
+            guarded.append(m)
     original_bool = torch.Tensor.__bool__
+    originals = {name: getattr(torch.Tensor, name) for name in NUMBER_METHODS}
     torch.Tensor.__bool__ = calls.boolean(original_bool)
+    for name, what in NUMBER_METHODS.items():
+        setattr(torch.Tensor, name, calls.number(originals[name], what))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -2010,20 +2254,39 @@ def _trace(model, inputs):
                 traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
     finally:
         torch.Tensor.__bool__ = original_bool
+        for name in NUMBER_METHODS:
+            setattr(torch.Tensor, name, originals[name])
+        for m in guarded:
+            del m._buffers[GUARD]
         for m in wrapped:
             del m.forward
         for owner, attr, parameter in untied:
             owner._parameters[attr] = parameter
-    # The tracer's warning "Converting a tensor to a Python boolean" comes from the wrapped __bool__, which has sorted
-    # each such branch: one on shapes only is written as the path taken (listed in the port's header); one on a
-    # tensor's values is refused. A warning from elsewhere (a conversion that bypasses __bool__) is refused too.
+    # The tracer's warnings "Converting a tensor to a Python boolean / number / integer / index / list" and "Using len"
+    # come from the wrapped __bool__ and number methods, which have sorted each: a branch on sizes only is checked by the
+    # port (a guard, TraceCalls.boolean); a branch on a tensor's values is refused; a Python number taken from a tensor
+    # is refused (from values always; from sizes unless the caller assumes that line, assume_shape_conditions). A
+    # warning from elsewhere (a conversion that bypasses them) is refused too.
     lines = list(calls.data_lines)
+    known = {(file, line) for file, line, *_ in calls.numbers}
     for w in caught:
-        if "Python boolean" in str(w.message) and os.path.abspath(w.filename) != os.path.abspath(__file__) \
-                and (w.filename, w.lineno) not in lines:
+        text = str(w.message)
+        if ("Converting a tensor to a Python" in text or "Using len to get tensor shape" in text) \
+                and os.path.abspath(w.filename) != os.path.abspath(__file__) \
+                and (w.filename, w.lineno) not in lines and (w.filename, w.lineno) not in known:
             lines.append((w.filename, w.lineno))
-    problems = [f"a branch on a tensor's value (data-dependent control flow the trace would freeze) at "
-                f"{_module_of_line(model, file, line)}, {_describe_line(file, line)}" for file, line in lines]
+    problems = [f"a branch on a tensor's value or a conversion of a tensor to a Python value (data-dependent control "
+                f"flow or a number the trace would freeze) at {_module_of_line(model, file, line)}, {_describe_line(file, line)}"
+                for file, line in lines]
+    for file, line in calls.unguarded:
+        if not any(_matches(a, file, line) for a in assume):
+            problems.append(f"a branch on sizes that the port cannot check (not a single number) at "
+                            f"{_module_of_line(model, file, line)}, {_describe_line(file, line)}; if every input the port "
+                            f"will see gives it the value it had, list {os.path.basename(file)}:{line} in assume_shape_conditions")
+    for file, line, what, shape_only in calls.numbers:
+        where = f"{_module_of_line(model, file, line)}, {_describe_line(file, line)}"
+        if not shape_only:
+            problems.append(f"{what} of a tensor's value (a Python number the trace freezes: data-dependent) at {where}")
     return traced, problems, calls
 
 
@@ -2122,8 +2385,13 @@ def second_inputs(model, inputs, seed=1234):
     return tuple(draw(t, s) for t, s in zip(inputs, shapes))
 
 
-def generate(model, example_inputs, class_name, namespace="Ports"):
-    """The C# text of the port, after every check; raises ExportRefused listing every problem."""
+def generate(model, example_inputs, class_name, namespace="Ports", assume_shape_conditions=()):
+    """The C# text of the port, after every check; raises ExportRefused listing every problem.
+
+    assume_shape_conditions: 'file.py:line' entries, the caller's word that every input the port will see gives the
+    condition (or the Python number taken from a size) on that line the value it had in the trace; only for those the
+    port cannot check (every other shape condition is checked by the port). Listed in the port's header."""
+    assume = tuple(assume_shape_conditions)
     if model.training:
         raise ExportRefused(f"{type(model).__name__} is in training mode: call model.eval() first (a port is written from the eval forward)")
     inputs = _normalise_inputs(example_inputs)
@@ -2131,11 +2399,11 @@ def generate(model, example_inputs, class_name, namespace="Ports"):
         raise ExportRefused(f"class_name {class_name!r} is not a C# identifier")
     texts, problems = [], _calls_the_port_cannot_make(model, inputs)
     for run, ins in enumerate((inputs, second_inputs(model, inputs))):
-        traced, trace_problems, calls = _trace(model, ins)
+        traced, trace_problems, calls = _trace(model, ins, assume)
         problems += [p for p in trace_problems if p not in problems]
         if trace_problems:
             continue
-        exporter = Exporter(model, traced, class_name, namespace, calls)
+        exporter = Exporter(model, traced, class_name, namespace, calls, assume)
         root = exporter.draft(model, traced, "", is_root=True)
         exporter.group_all(root)
         problems += [p for p in exporter.refusals.items if p not in problems]
@@ -2180,15 +2448,17 @@ def _write_safetensors(state, path):
             f.write(blob)
 
 
-def export_port(model, example_inputs, out_dir, class_name, *, namespace="Ports", weights=True, recording=True, reference64=True):
+def export_port(model, example_inputs, out_dir, class_name, *, namespace="Ports", weights=True, recording=True, reference64=True,
+                assume_shape_conditions=()):
     """Writes <class_name>.cs (the TorchSharp port), <class_name>.safetensors (the state_dict) and <class_name>.parity.pt
     (record_parity.record of the model on example_inputs) into out_dir. Raises ExportRefused, naming every operation or
     module it cannot write with its module path and Python source line, before anything is written. Returns the paths.
 
     namespace: the C# namespace of the port. weights=False / recording=False leave out the .safetensors / .parity.pt
-    (when the same weights and recording exist elsewhere); reference64 is record()'s."""
+    (when the same weights and recording exist elsewhere); reference64 is record()'s; assume_shape_conditions is
+    generate()'s."""
     inputs = _normalise_inputs(example_inputs)
-    code = generate(model, inputs, class_name, namespace)
+    code = generate(model, inputs, class_name, namespace, assume_shape_conditions)
     with tempfile.TemporaryDirectory() as tmp:
         rec = os.path.join(tmp, "recording.parity.pt")
         if recording:

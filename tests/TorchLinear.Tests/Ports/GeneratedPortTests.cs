@@ -45,6 +45,7 @@ namespace TorchLinear.Tests
             new object[] { "TinyTransformer" },
             new object[] { "TinyGpt" },
             new object[] { "MergedClasses" },
+            new object[] { "ShapeGuard" },
         };
 
         private static nn.Module<Tensor, Tensor> NewTiny(string name) => name switch
@@ -52,6 +53,7 @@ namespace TorchLinear.Tests
             "TinyTransformer" => new Ports.TinyTransformer.TinyTransformer(),
             "TinyGpt" => new Ports.TinyGpt.TinyGpt(),
             "MergedClasses" => new Ports.MergedClasses.MergedClasses(),
+            "ShapeGuard" => new Ports.ShapeGuard.ShapeGuard(),
             _ => throw new ArgumentOutOfRangeException(nameof(name), name, "no such generated port"),
         };
 
@@ -100,6 +102,38 @@ namespace TorchLinear.Tests
             Assert.NotEqual(types["g"], types["h"]);
             Assert.Contains("a.norm.weight", port.state_dict().Keys);
             Assert.DoesNotContain(port.state_dict().Keys, key => key.StartsWith("b.norm", StringComparison.Ordinal));
+        }
+
+        /// <summary>
+        /// Ports/shape_guard.py's ShapeGuard (replayed above at the traced side, two shapes): a branch on sizes only is in
+        /// the port as the side the trace took, so the port checks its condition where Python evaluated it and throws,
+        /// naming the Python line, on an input that takes the other side (Wide's <c>x.shape[1] &gt; 4</c>, taken; its
+        /// <c>min(x.shape[1], 4)</c>, baked as 4; the root's <c>x.shape[0] == 1</c>, not taken), and on an input of
+        /// another rank.
+        /// </summary>
+        [Fact]
+        public void GeneratedShapeGuard_ThrowsNamingThePythonLine_OnAnInputThatTakesTheOtherBranch()
+        {
+            using var port = Eval(new Ports.ShapeGuard.ShapeGuard());
+            Assert.Empty(StateDicts.LoadPyTorchFile(port, PortFile("ShapeGuard", "ShapeGuard.safetensors")));
+            using (var wide = randn(2, 7, 4, generator: new Generator(3)))
+            using (var y = port.call(wide))
+                Assert.Equal(new long[] { 2, 4, 3 }, y.shape);   // the traced side: no guard fires, min(7, 4) = 4 positions
+
+            using var narrow = randn(2, 3, 4, generator: new Generator(3));
+            var e = Assert.Throws<InvalidOperationException>(() => port.call(narrow));
+            Assert.StartsWith("Wide: traced with shape_guard.py:", e.Message, StringComparison.Ordinal);
+            Assert.Contains(": if x.shape[1] > 4: where (size > 4) was True; this input makes it False", e.Message, StringComparison.Ordinal);
+            Assert.Contains("re-export at that shape", e.Message, StringComparison.Ordinal);
+
+            using var one = randn(1, 6, 4, generator: new Generator(3));
+            e = Assert.Throws<InvalidOperationException>(() => port.call(one));
+            Assert.StartsWith("ShapeGuard: traced with shape_guard.py:", e.Message, StringComparison.Ordinal);
+            Assert.Contains(": if x.shape[0] == 1: where (size == 1) was False; this input makes it True", e.Message, StringComparison.Ordinal);
+
+            using var flat = randn(6, 4, generator: new Generator(3));
+            e = Assert.Throws<InvalidOperationException>(() => port.call(flat));
+            Assert.Equal("ShapeGuard: input x has 2 dimensions; the port was traced with 3 and computes only that rank: re-export at it", e.Message);
         }
 
         [Fact]

@@ -20,6 +20,9 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
   MergedClasses/    merged_classes.py's MergedClasses: two instances of each class the generator merges (a submodule some lack, a
                     statement a bool attribute turns on) or keeps apart (a second class that says why), input (2, 3, 4):
                     the four files as TinyTransformer's, the second recording at (1, 5, 4)
+  ShapeGuard/       shape_guard.py's ShapeGuard: branches on sizes only (one taken, one not, a min of a size), written as
+                    guards that throw on an input taking the other side; input (2, 6, 4), the four files as TinyTransformer's,
+                    the second recording at (3, 5, 4)
   Llama/            transformers LlamaForCausalLM, tiny and random (see llama()), token ids (2, 7): LlamaForCausalLM.cs,
                     .safetensors, .parity.pt, and .second.parity.pt at (3, 5) (needs `source /work/realpeft-site/env.sh`;
                     without it the committed files are kept, and said)
@@ -46,6 +49,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "TorchLinear.Tests", "ReferenceDa
 from export_port import export_port  # noqa: E402
 from record_parity import record  # noqa: E402
 from merged_classes import merged_classes  # noqa: E402
+from shape_guard import shape_guard  # noqa: E402
 
 
 def tiny_transformer():
@@ -142,6 +146,7 @@ PORTS = [
     ("ResNet", "ResNet", resnet, False),
     ("MobileNet", "MobileNetV2", mobilenet, False),
     ("MergedClasses", "MergedClasses", merged_classes, True),
+    ("ShapeGuard", "ShapeGuard", shape_guard, True),
     ("Llama", "LlamaForCausalLM", llama, True),
     ("Gpt2", "GPT2LMHeadModel", gpt2, True),
     ("Bert", "BertForMaskedLM", bert, True),

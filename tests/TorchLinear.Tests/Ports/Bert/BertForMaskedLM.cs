@@ -468,6 +468,7 @@ namespace TorchLinear.Tests.Ports.Bert
         public override Tensor forward(Tensor input_ids)
         {
             using var scope = NewDisposeScope();
+            if (input_ids.dim() != 2) throw new InvalidOperationException($"BertForMaskedLM: input input_ids has {input_ids.dim()} dimensions; the port was traced with 2 and computes only that rank: re-export at it");
             Tensor t = bert.call(input_ids);
             Tensor t2 = cls.call(t);
             return t2.MoveToOuterDisposeScope();

@@ -302,6 +302,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         public override Tensor forward(Tensor input_ids)
         {
             using var scope = NewDisposeScope();
+            if (input_ids.dim() != 2) throw new InvalidOperationException($"GPT2LMHeadModel: input input_ids has {input_ids.dim()} dimensions; the port was traced with 2 and computes only that rank: re-export at it");
             Tensor t = transformer.call(input_ids);
             Tensor t2 = lm_head.call(t);
             return t2.MoveToOuterDisposeScope();

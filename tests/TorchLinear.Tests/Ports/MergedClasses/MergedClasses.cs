@@ -176,6 +176,7 @@ namespace TorchLinear.Tests.Ports.MergedClasses
         public override Tensor forward(Tensor x)
         {
             using var scope = NewDisposeScope();
+            if (x.dim() != 3) throw new InvalidOperationException($"MergedClasses: input x has {x.dim()} dimensions; the port was traced with 3 and computes only that rank: re-export at it");
             Tensor t = a.call(x);
             Tensor t2 = b.call(t);
             Tensor t3 = c.call(t2);

@@ -324,6 +324,7 @@ namespace TorchLinear.Tests.Ports.MobileNet
         public override Tensor forward(Tensor x)
         {
             using var scope = NewDisposeScope();
+            if (x.dim() != 4) throw new InvalidOperationException($"MobileNetV2: input x has {x.dim()} dimensions; the port was traced with 4 and computes only that rank: re-export at it");
             Tensor t = features.call(x);
             Tensor x2 = torch.nn.functional.adaptive_avg_pool2d(t, new long[] { 1, 1 });  // torchvision/models/mobilenetv2.py:168: x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
             Tensor t2 = x2.flatten(1, -1);  // torchvision/models/mobilenetv2.py:169: x = torch.flatten(x, 1)

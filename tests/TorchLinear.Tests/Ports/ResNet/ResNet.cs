@@ -139,6 +139,7 @@ namespace TorchLinear.Tests.Ports.ResNet
         public override Tensor forward(Tensor x)
         {
             using var scope = NewDisposeScope();
+            if (x.dim() != 4) throw new InvalidOperationException($"ResNet: input x has {x.dim()} dimensions; the port was traced with 4 and computes only that rank: re-export at it");
             Tensor t = conv1.call(x);
             Tensor t2 = bn1.call(t);
             Tensor t3 = relu.call(t2);
