@@ -178,6 +178,9 @@ namespace TorchLinear.Lora
             // PEFT refuses adapter_names whenever the model is in training mode (its dropout, among others, would apply per adapter).
             if (training || Model.Root.training)
                 throw new InvalidOperationException($"{Path}: a mixed-adapter batch is for inference, and the model is in training mode (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
+            // As PEFT's _check_forward_args at every forward: a merged adapter is in the weight for every row.
+            if (Merged.Count > 0)
+                throw new InvalidOperationException($"{Path}: {string.Join(", ", Merged.Select(a => $"'{a.Name}'"))} {(Merged.Count == 1 ? "is" : "are")} merged into this layer's weight, so every row of a mixed-adapter batch would get {(Merged.Count == 1 ? "its" : "their")} update (as PEFT: \"Cannot pass adapter_names when there are merged adapters\"): call unmerge_adapter first.");
             if (here.Count == 0)
                 return output;
             if (batch.Names.Count == 1)

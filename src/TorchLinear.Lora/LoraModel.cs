@@ -69,6 +69,7 @@ namespace TorchLinear.Lora
             config.ThrowIfInvalid("LoraModel.Inject");
             var kept = config.Clone();
             var state = TryStateOf(model, nameof(Inject));
+            CheckNoScope(state, nameof(Inject));
             CheckOneBias(state, kept, adapter_name, nameof(Inject));
             var targets = Targets(model, kept, state, "LoraModel.Inject", error => new ArgumentException($"LoraModel.Inject: {error.Key}: {error.Rule}."));
             var adapters = new List<IAdapter>();
@@ -147,6 +148,7 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(directory);
             CheckNewName(model, adapter_name, nameof(load_adapter));
             var state = TryStateOf(model, nameof(load_adapter));
+            CheckNoScope(state, nameof(load_adapter));
             if (merge && state is not null)
                 throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
@@ -736,6 +738,22 @@ namespace TorchLinear.Lora
             }
             state.Layers.Clear();
             state.Release();
+        }
+
+        /// <summary>
+        /// Refuses an operation that merges, unmerges, adds or takes out adapters while a <see cref="MixedBatch"/> or
+        /// <see cref="disable_adapter"/> scope of the model is open: a mixed batch runs unmerged adapters only (as PEFT
+        /// checks at every forward), and the end of each scope restores what it saw at its start (the merged adapters, the
+        /// adapter tensors' requires_grad, the batch of the thread), which such an operation would change under it.
+        /// </summary>
+        internal static void CheckNoScope(AdaptedModel? state, string caller)
+        {
+            if (state is null)
+                return;
+            if (state.MixedScopes > 0)
+                throw new InvalidOperationException($"LoraModel.{caller}: a LoraModel.MixedBatch scope of this model is open, and its rows run unmerged adapters only: dispose the scope first; nothing changed.");
+            if (state.DisableScopes > 0)
+                throw new InvalidOperationException($"LoraModel.{caller}: a disable_adapter scope of this model is open, and its end puts back the merged adapters and each adapter tensor's requires_grad as they were: dispose the scope first; nothing changed.");
         }
 
         internal static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)

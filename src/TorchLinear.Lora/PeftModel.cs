@@ -193,6 +193,7 @@ namespace TorchLinear.Lora
             var model = Model;
             ArgumentNullException.ThrowIfNull(adapter_name);
             var state = Live("delete_adapter");
+            CheckNoScope(state, "delete_adapter");
             CheckKnown(state, new[] { adapter_name }, "delete_adapter");
             var merged = state.Layers.Where(l => l.Find(adapter_name) is { merged: true }).Select(l => l.Path).ToList();
             if (merged.Count > 0)
@@ -262,8 +263,10 @@ namespace TorchLinear.Lora
             var previous = state.Mixed;
             var batch = new MixedBatch(adapter_names);
             state.Mixed = batch;
+            state.OpenMixed();
             return new Restore(() =>
             {
+                state.CloseMixed();
                 state.Mixed = previous;
                 batch.Dispose();
             });
@@ -290,6 +293,7 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(weights);
             ArgumentNullException.ThrowIfNull(combination_type);
             var state = Live("add_weighted_adapter");
+            CheckNoScope(state, "add_weighted_adapter");
             CheckNewName(model, adapter_name, "add_weighted_adapter");
             if (adapters.Count == 0)
                 throw new ArgumentException("LoraModel.add_weighted_adapter: name at least one adapter to combine.", nameof(adapters));
@@ -369,6 +373,7 @@ namespace TorchLinear.Lora
         public void merge_adapter(IReadOnlyList<string>? adapter_names = null)
         {
             var state = Live("merge_adapter");
+            CheckNoScope(state, "merge_adapter");
             var names = adapter_names ?? state.Active;
             CheckKnown(state, names, "merge_adapter");
             MergeAll(state, "merge_adapter", names);
@@ -378,7 +383,9 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public void unmerge_adapter()
         {
-            UnmergeAll(Live("unmerge_adapter"));
+            var state = Live("unmerge_adapter");
+            CheckNoScope(state, "unmerge_adapter");
+            UnmergeAll(state);
         }
 
         /// <summary>
@@ -391,6 +398,7 @@ namespace TorchLinear.Lora
         public void merge_and_unload(IReadOnlyList<string>? adapter_names = null)
         {
             var state = Live("merge_and_unload");
+            CheckNoScope(state, "merge_and_unload");
             var names = adapter_names ?? state.Active.ToList();
             CheckKnown(state, names, "merge_and_unload");
             MergeAll(state, "merge_and_unload", names, keep: false);
@@ -413,6 +421,7 @@ namespace TorchLinear.Lora
         public void unload()
         {
             var state = Live("unload");
+            CheckNoScope(state, "unload");
             UnmergeAll(state);
             foreach (var saved in state.Saved)
                 saved.Switch(null);
@@ -436,6 +445,7 @@ namespace TorchLinear.Lora
             UnmergeAll(state);
             bool wasDisabled = state.Disabled;
             state.Disabled = true;
+            state.DisableScopes++;
             var currents = state.Saved.Select(s => (Saved: s, s.Current)).ToList();
             foreach (var saved in state.Saved)
                 saved.Switch(null);
@@ -445,6 +455,9 @@ namespace TorchLinear.Lora
                 parameter.requires_grad_(false);
             return new Restore(() =>
             {
+                state.DisableScopes--;
+                if (state.Released)
+                    return;   // the model was disposed within the scope: its adapters are gone
                 foreach (var (parameter, requiresGrad) in flags)
                     parameter.requires_grad_(requiresGrad);
                 foreach (var (saved, current) in currents)
