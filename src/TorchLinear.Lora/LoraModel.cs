@@ -591,7 +591,7 @@ namespace TorchLinear.Lora
             if (state.Active.Count == 0)
                 state.Active.Add(entry.Name);
             state.InstallRootHooks();
-            Refresh(model, state);
+            Refresh(model, state, freezeBase: true);
         }
 
         /// <summary>
@@ -619,23 +619,32 @@ namespace TorchLinear.Lora
             }
         }
 
-        /// <summary>After any change of the adapters or the active set: each saved module holds its owner's values, and which parameters train follows.</summary>
-        internal static void Refresh(nn.Module model, AdaptedModel state)
+        /// <summary>
+        /// After any change of the adapters or the active set: each saved module holds its owner's values, and which
+        /// parameters train follows. <paramref name="freezeBase"/> (an adapter put in, as PEFT's <c>inject_adapter</c> calls
+        /// <c>_mark_only_adapters_as_trainable</c>) freezes every other parameter of the model too; otherwise
+        /// (<c>set_adapter</c>, <c>delete_adapter</c>, which in PEFT touch the adapters only) only the adapters' own
+        /// parameters are set (<see cref="MarkTrainable"/>), and a base parameter the user unfroze stays unfrozen.
+        /// </summary>
+        internal static void Refresh(nn.Module model, AdaptedModel state, bool freezeBase)
         {
             if (!state.Disabled)
             {
                 foreach (var saved in state.Saved)
                     saved.Switch(state.Active.FirstOrDefault(saved.Adapters.Contains));
             }
-            MarkTrainable(model, state, null);
+            MarkTrainable(model, state, null, freezeBase);
         }
 
         /// <summary>
         /// PEFT's <c>_mark_only_adapters_as_trainable</c> with its <c>modules_to_save</c> and <c>set_adapter</c>: the active
         /// adapters that were made to train, the saved modules they own, and the biases their <c>bias</c> mode (or
-        /// <paramref name="bias"/>) names train; every other parameter is frozen.
+        /// <paramref name="bias"/>) names train. With <paramref name="freezeBase"/> every other parameter of the model is
+        /// frozen; without, only the parameters the adapters own are set (<see cref="Managed"/>: every adapter's tensors,
+        /// every <c>modules_to_save</c> module's parameters, the biases some adapter's <c>bias</c> mode names), the rest
+        /// keep their flags.
         /// </summary>
-        internal static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias)
+        internal static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias, bool freezeBase = true)
         {
             var training = state.Active.Select(n => state.Entry(n)!).Where(e => e.Trainable).ToList();
             var names = new HashSet<string>(training.Select(e => e.Name), StringComparer.Ordinal);
@@ -660,12 +669,56 @@ namespace TorchLinear.Lora
                 foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
                     adaptedBiases.Add(layer.Path + ".bias");
             }
+            var managed = freezeBase ? null : Managed(model, state);
             foreach (var (name, parameter) in model.named_parameters())
             {
-                bool isBias = name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
+                if (managed is not null && !managed.Contains(parameter.Handle))
+                    continue;
+                bool isBias = IsBias(name);
                 bool train = trainable.Contains(parameter.Handle) || (allBiases && isBias) || adaptedBiases.Contains(name);
                 parameter.requires_grad_(train);
             }
+        }
+
+        private static bool IsBias(string name) => name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
+
+        /// <summary>
+        /// The parameters the model's adapters own, whose flags <c>set_adapter</c> and <c>delete_adapter</c> set: every
+        /// adapter's tensors, every <c>modules_to_save</c> module's parameters, and the biases an adapter's <c>bias</c> mode
+        /// names (every bias for <c>all</c>, the adapted layers' for <c>lora_only</c>).
+        /// </summary>
+        internal static HashSet<IntPtr> Managed(nn.Module model, AdaptedModel state)
+        {
+            var managed = new HashSet<IntPtr>();
+            foreach (var layer in state.Layers)
+            {
+                foreach (var adapter in layer.Adapters)
+                {
+                    foreach (var parameter in adapter.Parameters())
+                        managed.Add(parameter.Handle);
+                }
+            }
+            foreach (var saved in state.Saved)
+            {
+                foreach (var parameter in saved.Module.parameters())
+                    managed.Add(parameter.Handle);
+            }
+            bool allBiases = state.Adapters.Any(e => e.Config.bias == LoraBias.All);
+            var adaptedBiases = new HashSet<string>(StringComparer.Ordinal);
+            foreach (var entry in state.Adapters.Where(e => e.Config.bias == LoraBias.LoraOnly))
+            {
+                foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
+                    adaptedBiases.Add(layer.Path + ".bias");
+            }
+            if (allBiases || adaptedBiases.Count > 0)
+            {
+                foreach (var (name, parameter) in model.named_parameters())
+                {
+                    if ((allBiases && IsBias(name)) || adaptedBiases.Contains(name))
+                        managed.Add(parameter.Handle);
+                }
+            }
+            return managed;
         }
 
         /// <summary>Merges the named adapters wherever they are unmerged, after checking every merged weight stays finite.</summary>

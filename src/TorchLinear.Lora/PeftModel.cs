@@ -178,7 +178,7 @@ namespace TorchLinear.Lora
             UnmergeAll(state);
             state.Active.Clear();
             state.Active.AddRange(adapter_names.Distinct(StringComparer.Ordinal));
-            Refresh(model, state);
+            Refresh(model, state, freezeBase: false);
         }
 
         /// <summary>
@@ -224,7 +224,7 @@ namespace TorchLinear.Lora
             state.RemoveEntry(state.Entry(adapter_name)!);
             if (state.Active.Remove(adapter_name) && state.Active.Count == 0)
                 state.Active.Add(state.Adapters.Select(a => a.Name).OrderBy(n => n, StringComparer.Ordinal).First());
-            Refresh(model, state);
+            Refresh(model, state, freezeBase: false);
         }
 
         /// <summary>
