@@ -285,7 +285,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">An adapter is unknown, the new name is taken, the weights do not pair with the
         /// adapters or are not finite, the ranks differ for <c>linear</c>, an adapter is DoRA, several save the same module,
         /// or their target_modules are of different kinds; nothing changed.</exception>
-        /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
+        /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*), or svd of Conv1d adapters (PEFT 0.18.1 fails on them); nothing changed.</exception>
         public void add_weighted_adapter(IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name, string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
             var model = Model;
@@ -336,6 +336,12 @@ namespace TorchLinear.Lora
 
             CheckOneBias(state, config, adapter_name, "add_weighted_adapter");
             var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
+            if (combination == "svd")
+            {
+                var refused = targets.Select(t => t.Type.SvdRefusal(t.Path, t.Module)).OfType<string>().ToList();
+                if (refused.Count > 0)
+                    throw new NotSupportedException($"LoraModel.add_weighted_adapter: {string.Join("; ", refused)}; nothing changed.");
+            }
             var built = new List<IAdapter>();
             try
             {

@@ -294,6 +294,26 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
+        public void AnSvdCombination_OfConv1dAdapters_IsRefusedByName_AsPeft0181FailsOnIt()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(4);
+            using var model = new ConvNets.ConvNet1d();
+            model.eval();
+            var config = new LoraConfig { r = 2, target_modules = new[] { "conv1", "conv2" }, init_lora_weights = "false" };
+            LoraModel.Inject(model, config);
+            LoraModel.Inject(model, config, "second");
+            var parameters = model.named_parameters().Select(p => p.name).ToList();
+            var error = Assert.Throws<NotSupportedException>(() => LoraModel.add_weighted_adapter(model, new[] { "default", "second" }, Weights, "mix", CombinationType.Svd));
+            Assert.Contains("conv1 is an nn.Conv1d, and PEFT 0.18.1's svd combination fails on Conv1d adapters", error.Message);
+            Assert.Contains("conv2 is an nn.Conv1d", error.Message);
+            Assert.EndsWith("nothing changed.", error.Message);
+            Assert.Equal(new[] { "default", "second" }, LoraModel.peft_config(model).Keys.ToArray());
+            Assert.Equal(parameters, model.named_parameters().Select(p => p.name).ToList());
+            LoraModel.add_weighted_adapter(model, new[] { "default", "second" }, Weights, "mix", CombinationType.Cat);   // cat is PEFT's too
+        }
+
+        [Fact]
         public void LoadingPeftsConvFolder_ThenSaving_GivesItsKeysAndBytesBack()
         {
             using var scope = NewDisposeScope();
