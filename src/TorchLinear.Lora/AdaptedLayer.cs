@@ -15,10 +15,10 @@ namespace TorchLinear.Lora
         /// <summary>A <see cref="CustomLinear"/>: its <see cref="CustomLinear.Adapter"/> slot, run by its own forward.</summary>
         Slot,
 
-        /// <summary>A Linear or Embedding replaced, in its fields and its parent's registry, by a wrapper that runs them.</summary>
+        /// <summary>A layer of any registered type (Linear, Embedding, Conv1d, Conv2d) replaced, in its fields and its parent's registry, by its type's wrapper, which runs them.</summary>
         Wrapper,
 
-        /// <summary>A sealed <c>nn.Linear</c> or <c>nn.Embedding</c> kept as it is: a forward hook, which TorchSharp runs only through <c>call(x)</c>.</summary>
+        /// <summary>A layer of any registered type kept as it is (held in a field of its sealed type, such as <c>nn.Linear</c>, <c>nn.Embedding</c>, <c>nn.Conv1d</c> or <c>nn.Conv2d</c>, or in a <c>Sequential</c>): a forward hook, which TorchSharp runs only through <c>call(x)</c>.</summary>
         Hook,
     }
 

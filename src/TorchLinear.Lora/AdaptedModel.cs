@@ -171,7 +171,7 @@ namespace TorchLinear.Lora
         {
             string types = string.Join(", ", missing.Select(l => l.Kind).Distinct().Select(k => k switch
             {
-                HostKind.Hook => "a sealed nn.Linear or nn.Embedding runs its adapter only when invoked with call(x), not forward(x)",
+                HostKind.Hook => "a layer kept as it is (a sealed nn.Linear, nn.Embedding, nn.Conv1d or nn.Conv2d field, or a layer in a Sequential) runs its adapter in a forward hook, only when invoked with call(x), not forward(x)",
                 _ => "the layer itself was not called",
             }));
             return new InvalidOperationException(

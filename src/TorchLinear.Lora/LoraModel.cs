@@ -105,10 +105,10 @@ namespace TorchLinear.Lora
 
         /// <summary>
         /// PEFT's <c>get_peft_model</c>: puts a fresh adapter of <paramref name="peft_config"/> into <paramref name="model"/>, as
-        /// <see cref="inject"/> does, and returns the model's <see cref="PeftModel"/>, which holds its adapters and does
+        /// <see cref="Inject"/> does, and returns the model's <see cref="PeftModel"/>, which holds its adapters and does
         /// every operation on them.
         /// </summary>
-        /// <exception cref="ArgumentException">As <see cref="inject"/>.</exception>
+        /// <exception cref="ArgumentException">As <see cref="Inject"/>.</exception>
         public static PeftModel get_peft_model(nn.Module model, LoraConfig peft_config, string adapter_name = DefaultAdapter)
         {
             Inject(model, peft_config, adapter_name);
@@ -131,7 +131,7 @@ namespace TorchLinear.Lora
         /// <param name="merge">Fold the adapter into the weights at once (for inference, and for ports whose layers
         /// cannot run an adapter: see the class remarks); for a model's first adapter only.</param>
         /// <param name="is_trainable">Let the adapter, its <c>modules_to_save</c> and the biases <c>bias</c> names train
-        /// while it is active, as after <see cref="inject"/>. False (PEFT's default): frozen, for inference.</param>
+        /// while it is active, as after <see cref="Inject"/>. False (PEFT's default): frozen, for inference.</param>
         /// <returns>The adapted module paths.</returns>
         /// <exception cref="InvalidOperationException">The file's keys, shapes, dtypes or values do not fit the model, an
         /// update is not finite in its layer's dtype, or a merge would not be finite; nothing changed.</exception>
@@ -150,7 +150,7 @@ namespace TorchLinear.Lora
             var state = TryStateOf(model, nameof(load_adapter));
             CheckNoScope(state, nameof(load_adapter));
             if (merge && state is not null)
-                throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
+                throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge_adapter.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
             var config = LoraConfig.from_pretrained(configFile);
             CheckOneBias(state, config, adapter_name, nameof(load_adapter));
@@ -267,7 +267,7 @@ namespace TorchLinear.Lora
         /// PEFT. Deleting the last adapter gives back the plain model, as <see cref="unload"/> does.
         /// </summary>
         /// <exception cref="ArgumentException">The model has no adapter of that name; nothing changed.</exception>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge first, as PEFT asks).</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge_adapter first, as PEFT asks).</exception>
         public static void delete_adapter(nn.Module model, string adapter_name)
         {
             PeftModel.For(model, nameof(delete_adapter)).delete_adapter(adapter_name);
@@ -382,7 +382,7 @@ namespace TorchLinear.Lora
         /// Folds adapters into their layers' weights (<c>W += Δ</c>; DoRA's rescaled <c>W + Δ</c>): the active ones, or
         /// <paramref name="adapter_names"/> (PEFT's <c>merge_adapter</c>). Like PEFT's <c>safe_merge</c>, every update is
         /// checked before any weight is written: nothing is merged if one merged weight would hold NaN or infinity. Merged
-        /// adapters no longer run in the forward until <see cref="unmerge"/>; each weight before merging is kept for an
+        /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
@@ -854,7 +854,7 @@ namespace TorchLinear.Lora
 
         /// <summary>The bookkeeping of the adapters in <paramref name="model"/>, which must be the model they were put into.</summary>
         internal static AdaptedModel StateOf(nn.Module model, string caller) =>
-            TryStateOf(model, caller) ?? throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: inject or load one first.");
+            TryStateOf(model, caller) ?? throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: put one in first (Inject, get_peft_model, load_adapter or PeftModel.from_pretrained).");
 
         /// <summary>Each adapted model's bookkeeping, keyed by the root module the adapters were put into (weakly: it dies with the model).</summary>
         private static readonly ConditionalWeakTable<nn.Module, AdaptedModel> States = new();

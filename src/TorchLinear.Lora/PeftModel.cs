@@ -187,7 +187,7 @@ namespace TorchLinear.Lora
         /// PEFT. Deleting the last adapter gives back the plain model, as <see cref="unload"/> does.
         /// </summary>
         /// <exception cref="ArgumentException">The model has no adapter of that name; nothing changed.</exception>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge first, as PEFT asks).</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge_adapter first, as PEFT asks).</exception>
         public void delete_adapter(string adapter_name)
         {
             var model = Model;
@@ -197,7 +197,7 @@ namespace TorchLinear.Lora
             CheckKnown(state, new[] { adapter_name }, "delete_adapter");
             var merged = state.Layers.Where(l => l.Find(adapter_name) is { merged: true }).Select(l => l.Path).ToList();
             if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.delete_adapter: '{adapter_name}' is merged into {string.Join(", ", merged)}: unmerge it first; nothing changed.");
+                throw new InvalidOperationException($"LoraModel.delete_adapter: '{adapter_name}' is merged into {string.Join(", ", merged)}: call unmerge_adapter first; nothing changed.");
             if (state.Adapters.Count == 1)
             {
                 unload();
@@ -253,7 +253,7 @@ namespace TorchLinear.Lora
                 throw new ArgumentException($"LoraModel.MixedBatch: {string.Join(", ", unknown.Select(n => $"'{n}'"))} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}; \"{BaseModel}\" for no adapter).", nameof(adapter_names));
             var merged = state.Layers.Where(l => l.Merged.Count > 0).Select(l => l.Path).ToList();
             if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.MixedBatch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (unmerge first), as in PEFT.");
+                throw new InvalidOperationException($"LoraModel.MixedBatch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (call unmerge_adapter first), as in PEFT.");
             var dora = named.Where(n => state.Entry(n)!.Config.use_dora).ToList();
             if (dora.Count > 0)
                 throw new ArgumentException($"LoraModel.MixedBatch: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}, which a mixed batch does not run (as in PEFT).", nameof(adapter_names));
@@ -321,7 +321,7 @@ namespace TorchLinear.Lora
             };
             if (rank < 1)
                 throw new ArgumentOutOfRangeException(nameof(svd_rank), svd_rank, "LoraModel.add_weighted_adapter: svd_rank must be 1 or more.");
-            var regexes = entries.Select(e => e.Config.target_modules_regex).ToList();
+            var regexes = entries.Select(e => e.Config.TargetModulesRegex).ToList();
             if (regexes.Any(r => r is null) && regexes.Any(r => r is not null))
                 throw new ArgumentException("LoraModel.add_weighted_adapter: the adapters' target_modules are a mix of names and a regular expression, which cannot be joined (as in PEFT).", nameof(adapters));
             var config = entries[0].Config.Clone();
@@ -330,7 +330,7 @@ namespace TorchLinear.Lora
             config.rank_pattern = new Dictionary<string, int>();
             config.alpha_pattern = new Dictionary<string, double>();
             if (regexes[0] is not null)
-                config.target_modules_regex = string.Join("|", regexes.Select(r => $"({r})"));
+                config.TargetModulesRegex = string.Join("|", regexes.Select(r => $"({r})"));
             else
                 config.target_modules = entries.SelectMany(e => e.Config.target_modules ?? Array.Empty<string>()).Distinct(StringComparer.Ordinal).ToList();
 
@@ -371,7 +371,7 @@ namespace TorchLinear.Lora
         /// Folds adapters into their layers' weights (<c>W += Δ</c>; DoRA's rescaled <c>W + Δ</c>): the active ones, or
         /// <paramref name="adapter_names"/> (PEFT's <c>merge_adapter</c>). Like PEFT's <c>safe_merge</c>, every update is
         /// checked before any weight is written: nothing is merged if one merged weight would hold NaN or infinity. Merged
-        /// adapters no longer run in the forward until <see cref="unmerge"/>; each weight before merging is kept for an
+        /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
