@@ -217,7 +217,7 @@ namespace TorchLinear.Lora
         {
             if (!Type.Stacks || (output.dtype != ScalarType.Float32 && output.dtype != ScalarType.Float64))
                 return false;
-            if (here.Any(g => g.Adapter is not LoraLayer { Variant: PlainLora }))
+            if (here.Any(g => !g.Adapter.Stackable))
                 return false;
             long total = here.Sum(g => (long)g.Adapter.r);
             long inFeatures = input.size(-1), outFeatures = output.size(-1);
@@ -232,10 +232,9 @@ namespace TorchLinear.Lora
         /// </summary>
         private void AddStacked(Tensor output, Tensor input, MixedBatch batch, List<(IAdapter Adapter, int Group)> here)
         {
-            var layers = here.Select(g => (LoraLayer)g.Adapter).ToList();
-            foreach (var layer in layers)
-                layer.CheckRunsIn(output);
-            int total = layers.Sum(l => l.r);
+            foreach (var (adapter, _) in here)
+                adapter.CheckRunsIn(output);
+            int total = here.Sum(g => g.Adapter.r);
             var offsetOf = new int[batch.Names.Count];
             var rankOf = new int[batch.Names.Count];
             var scalingOf = new double[batch.Names.Count];
@@ -260,8 +259,8 @@ namespace TorchLinear.Lora
             maskShape[0] = batch.Rows.Length;
             maskShape[^1] = total;
             Tensor scales = tensor(mask, dtype: ScalarType.Float64).to(output.dtype, output.device).view(maskShape);
-            Tensor a = cat(layers.Select(l => (Tensor)l.lora_A.weight).ToList(), 0);
-            Tensor b = cat(layers.Select(l => (Tensor)l.lora_B.weight).ToList(), 1);
+            Tensor a = cat(here.Select(g => g.Adapter.Factors.A).ToList(), 0);
+            Tensor b = cat(here.Select(g => g.Adapter.Factors.B).ToList(), 1);
             LoraLayer.AddLowRank(output, input, a, b, scales);
         }
 
