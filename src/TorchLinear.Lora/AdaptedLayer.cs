@@ -15,10 +15,10 @@ namespace TorchLinear.Lora
         /// <summary>A <see cref="CustomLinear"/>: its <see cref="CustomLinear.Adapter"/> slot, run by its own forward.</summary>
         Slot,
 
-        /// <summary>A Linear or Embedding replaced, in its fields and its parent's registry, by a wrapper that runs them.</summary>
+        /// <summary>A layer of any registered type (Linear, Embedding, Conv1d, Conv2d) replaced, in its fields and its parent's registry, by its type's wrapper, which runs them.</summary>
         Wrapper,
 
-        /// <summary>A sealed <c>nn.Linear</c> or <c>nn.Embedding</c> kept as it is: a forward hook, which TorchSharp runs only through <c>call(x)</c>.</summary>
+        /// <summary>A layer of any registered type kept as it is (held in a field of its sealed type, such as <c>nn.Linear</c>, <c>nn.Embedding</c>, <c>nn.Conv1d</c> or <c>nn.Conv2d</c>, or in a <c>Sequential</c>): a forward hook, which TorchSharp runs only through <c>call(x)</c>.</summary>
         Hook,
     }
 
@@ -178,6 +178,9 @@ namespace TorchLinear.Lora
             // PEFT refuses adapter_names whenever the model is in training mode (its dropout, among others, would apply per adapter).
             if (training || Model.Root.training)
                 throw new InvalidOperationException($"{Path}: a mixed-adapter batch is for inference, and the model is in training mode (as PEFT: \"Cannot pass adapter_names when the model is in training mode\"): call eval() first.");
+            // As PEFT's _check_forward_args at every forward: a merged adapter is in the weight for every row.
+            if (Merged.Count > 0)
+                throw new InvalidOperationException($"{Path}: {string.Join(", ", Merged.Select(a => $"'{a.Name}'"))} {(Merged.Count == 1 ? "is" : "are")} merged into this layer's weight, so every row of a mixed-adapter batch would get {(Merged.Count == 1 ? "its" : "their")} update (as PEFT: \"Cannot pass adapter_names when there are merged adapters\"): call unmerge_adapter first.");
             if (here.Count == 0)
                 return output;
             if (batch.Names.Count == 1)
@@ -214,7 +217,7 @@ namespace TorchLinear.Lora
         {
             if (!Type.Stacks || (output.dtype != ScalarType.Float32 && output.dtype != ScalarType.Float64))
                 return false;
-            if (here.Any(g => g.Adapter is not LoraLayer { Variant: PlainLora }))
+            if (here.Any(g => !g.Adapter.Stackable))
                 return false;
             long total = here.Sum(g => (long)g.Adapter.r);
             long inFeatures = input.size(-1), outFeatures = output.size(-1);
@@ -229,10 +232,9 @@ namespace TorchLinear.Lora
         /// </summary>
         private void AddStacked(Tensor output, Tensor input, MixedBatch batch, List<(IAdapter Adapter, int Group)> here)
         {
-            var layers = here.Select(g => (LoraLayer)g.Adapter).ToList();
-            foreach (var layer in layers)
-                layer.CheckRunsIn(output);
-            int total = layers.Sum(l => l.r);
+            foreach (var (adapter, _) in here)
+                adapter.CheckRunsIn(output);
+            int total = here.Sum(g => g.Adapter.r);
             var offsetOf = new int[batch.Names.Count];
             var rankOf = new int[batch.Names.Count];
             var scalingOf = new double[batch.Names.Count];
@@ -257,8 +259,8 @@ namespace TorchLinear.Lora
             maskShape[0] = batch.Rows.Length;
             maskShape[^1] = total;
             Tensor scales = tensor(mask, dtype: ScalarType.Float64).to(output.dtype, output.device).view(maskShape);
-            Tensor a = cat(layers.Select(l => (Tensor)l.lora_A.weight).ToList(), 0);
-            Tensor b = cat(layers.Select(l => (Tensor)l.lora_B.weight).ToList(), 1);
+            Tensor a = cat(here.Select(g => g.Adapter.Factors.A).ToList(), 0);
+            Tensor b = cat(here.Select(g => g.Adapter.Factors.B).ToList(), 1);
             LoraLayer.AddLowRank(output, input, a, b, scales);
         }
 

@@ -58,14 +58,30 @@ namespace TorchLinear.Lora
         /// <summary>The active adapters, in order (PEFT's active_adapters): their updates add up in every adapted layer.</summary>
         internal List<string> Active { get; } = new();
 
-        /// <summary>While true, no adapter adds anything (disable_adapters).</summary>
+        /// <summary>While true, no adapter adds anything (disable_adapter).</summary>
         internal bool Disabled { get; set; }
 
-        /// <summary>The adapter of each row of the mixed batch running on this thread, or null.</summary>
+        /// <summary>How many disable_adapter scopes are open on this model (they may nest).</summary>
+        internal int DisableScopes { get; set; }
+
+        private int _mixedScopes;
+
+        /// <summary>How many MixedBatch scopes are open on this model, on any thread.</summary>
+        internal int MixedScopes => Volatile.Read(ref _mixedScopes);
+
+        internal void OpenMixed() => Interlocked.Increment(ref _mixedScopes);
+
+        internal void CloseMixed() => Interlocked.Decrement(ref _mixedScopes);
+
+        /// <summary>The adapter of each row of the mixed batch running on this thread, or null (always null once released).</summary>
         internal MixedBatch? Mixed
         {
-            get => _mixed.Value;
-            set => _mixed.Value = value;
+            get => _released ? null : _mixed.Value;
+            set
+            {
+                if (!_released)
+                    _mixed.Value = value;
+            }
         }
 
         internal List<AdaptedLayer> Layers { get; } = new();
@@ -155,7 +171,7 @@ namespace TorchLinear.Lora
         {
             string types = string.Join(", ", missing.Select(l => l.Kind).Distinct().Select(k => k switch
             {
-                HostKind.Hook => "a sealed nn.Linear or nn.Embedding runs its adapter only when invoked with call(x), not forward(x)",
+                HostKind.Hook => "a layer kept as it is (a sealed nn.Linear, nn.Embedding, nn.Conv1d or nn.Conv2d field, or a layer in a Sequential) runs its adapter in a forward hook, only when invoked with call(x), not forward(x)",
                 _ => "the layer itself was not called",
             }));
             return new InvalidOperationException(

@@ -38,6 +38,16 @@ namespace TorchLinear.Lora
         /// <summary>The low-rank factors A and B whose product B A (times the scaling) is the update, as a weighted combination reads and writes them.</summary>
         (Tensor A, Tensor B) Factors { get; }
 
+        /// <summary>
+        /// Whether the adapter's term is the plain <c>((x Aᵀ) · scaling) Bᵀ</c> of a linear layer with <see cref="Factors"/>
+        /// as matrices (a plain LoRA adapter of a linear layer; not DoRA, an embedding or a convolution), so that a mixed
+        /// batch may stack it with others into one pair of products.
+        /// </summary>
+        bool Stackable { get; }
+
+        /// <summary>Refuses, naming the layer, an output of another dtype or device than the adapter's (a model converted after the adapter was hooked in).</summary>
+        void CheckRunsIn(Tensor output);
+
         /// <summary>For a variant that rescales the weight (DoRA): its formula and its file part, for messages; otherwise null.</summary>
         (string Formula, string Part)? Rescaled { get; }
 

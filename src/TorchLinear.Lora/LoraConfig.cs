@@ -14,7 +14,7 @@ namespace TorchLinear.Lora
     /// <c>adapter_config.json</c> and defaulted as PEFT defaults them (PEFT's <c>tuners/lora/config.py</c>).
     /// </summary>
     /// <remarks>
-    /// Which modules the fields name is decided by <see cref="ModuleMatching"/>. A config read with <see cref="load"/> is
+    /// Which modules the fields name is decided by <see cref="ModuleMatching"/>. A config read with <see cref="from_pretrained"/> is
     /// checked as a file from a stranger: a regular file of at most <see cref="MaxFileBytes"/> bytes, strict JSON (no
     /// comments, trailing commas, NaN, or a key given twice), every field of its type and in its range, every regular
     /// expression valid; anything else is a <see cref="CheckpointFormatException"/> naming the file, the key and the rule.
@@ -47,7 +47,7 @@ namespace TorchLinear.Lora
         /// <summary>
         /// The modules to adapt, as names: an entry matches a module whose path equals it or ends with "." + it (so
         /// <c>q_proj</c> and <c>self_attn.q_proj</c> both match <c>model.layers.0.self_attn.q_proj</c>). Null when
-        /// <see cref="target_modules_regex"/> is used instead.
+        /// <see cref="TargetModulesRegex"/> is used instead.
         /// </summary>
         public IReadOnlyList<string>? target_modules { get => _targetModules; set => _targetModules = value?.ToArray(); }
 
@@ -57,13 +57,21 @@ namespace TorchLinear.Lora
         /// (<see cref="AllLinearOutputLayer"/>) and, for <c>task_type</c> SEQ_CLS, a top-level <c>score</c> or
         /// <c>classifier</c> head.
         /// </summary>
-        public string? target_modules_regex { get; set; }
+        public string? TargetModulesRegex { get; set; }
 
         /// <summary>Modules never to adapt, as names matched like <see cref="target_modules"/>.</summary>
         public IReadOnlyList<string>? exclude_modules { get => _excludeModules; set => _excludeModules = value?.ToArray(); }
 
         /// <summary>Modules never to adapt, as PEFT's single string: a regular expression that must match the whole path.</summary>
-        public string? exclude_modules_regex { get; set; }
+        public string? ExcludeModulesRegex { get; set; }
+
+        /// <summary>The old name of <c>TargetModulesRegex</c> (PEFT has no such field: its <c>target_modules</c> is a list or a string), which it reads and sets.</summary>
+        [Obsolete("use LoraConfig.TargetModulesRegex")]
+        public string? target_modules_regex { get => TargetModulesRegex; set => TargetModulesRegex = value; }
+
+        /// <summary>The old name of <c>ExcludeModulesRegex</c>, which it reads and sets.</summary>
+        [Obsolete("use LoraConfig.ExcludeModulesRegex")]
+        public string? exclude_modules_regex { get => ExcludeModulesRegex; set => ExcludeModulesRegex = value; }
 
         /// <summary>Which biases train and are saved with the adapter: <c>none</c>, <c>all</c> or <c>lora_only</c>.</summary>
         public string bias { get; set; } = LoraBias.None;
@@ -127,7 +135,7 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(path);
             if (!ModuleMatching.check_target_module_exists(this, path))
                 return false;
-            if (target_modules_regex is { } regex && ModuleMatching.IsAllLinear(regex))
+            if (TargetModulesRegex is { } regex && ModuleMatching.IsAllLinear(regex))
                 return path != AllLinearOutputLayer && !(task_type == "SEQ_CLS" && path is "score" or "classifier");
             return true;
         }
@@ -184,12 +192,12 @@ namespace TorchLinear.Lora
                 problems.Add(("bias", $"bias must be \"none\", \"all\" or \"lora_only\", but is \"{bias}\""));
             if (init_lora_weights is not ("true" or "false" or "gaussian"))
                 problems.Add(("init_lora_weights", $"init_lora_weights must be true, false or \"gaussian\", but is \"{init_lora_weights}\""));
-            if (target_modules is null && target_modules_regex is null)
+            if (target_modules is null && TargetModulesRegex is null)
                 problems.Add(("target_modules", "target_modules is not set, so no module would get an adapter"));
-            if (target_modules is not null && target_modules_regex is not null)
-                problems.Add(("target_modules", "target_modules and target_modules_regex are both set; PEFT's field holds one or the other"));
-            if (exclude_modules is not null && exclude_modules_regex is not null)
-                problems.Add(("exclude_modules", "exclude_modules and exclude_modules_regex are both set; PEFT's field holds one or the other"));
+            if (target_modules is not null && TargetModulesRegex is not null)
+                problems.Add(("target_modules", "target_modules and TargetModulesRegex are both set; PEFT's field holds one or the other"));
+            if (exclude_modules is not null && ExcludeModulesRegex is not null)
+                problems.Add(("exclude_modules", "exclude_modules and ExcludeModulesRegex are both set; PEFT's field holds one or the other"));
             foreach (var (field, names) in new[] { ("target_modules", target_modules), ("exclude_modules", exclude_modules), ("modules_to_save", modules_to_save) })
             {
                 if (names?.Any(n => n is null) == true)
@@ -197,9 +205,9 @@ namespace TorchLinear.Lora
             }
             try
             {
-                if (target_modules_regex is { } target && !ModuleMatching.IsAllLinear(target))
+                if (TargetModulesRegex is { } target && !ModuleMatching.IsAllLinear(target))
                     Patterns.Validate("target_modules", target, end: false);
-                if (exclude_modules_regex is { } exclude)
+                if (ExcludeModulesRegex is { } exclude)
                     Patterns.Validate("exclude_modules", exclude, end: false);
             }
             catch (PatternException error)
@@ -319,8 +327,8 @@ namespace TorchLinear.Lora
                 ["r"] = r,
                 ["lora_alpha"] = lora_alpha,
                 ["lora_dropout"] = lora_dropout,
-                ["target_modules"] = target_modules_regex is not null ? JsonValue.Create(target_modules_regex) : List(target_modules),
-                ["exclude_modules"] = exclude_modules_regex is not null ? JsonValue.Create(exclude_modules_regex) : List(exclude_modules),
+                ["target_modules"] = TargetModulesRegex is not null ? JsonValue.Create(TargetModulesRegex) : List(target_modules),
+                ["exclude_modules"] = ExcludeModulesRegex is not null ? JsonValue.Create(ExcludeModulesRegex) : List(exclude_modules),
                 ["bias"] = bias,
                 ["use_rslora"] = use_rslora,
                 ["fan_in_fan_out"] = fan_in_fan_out,
@@ -424,12 +432,12 @@ namespace TorchLinear.Lora
             switch (reader.NamesOrString("target_modules"))
             {
                 case (IReadOnlyList<string> names, _): config.target_modules = names; break;
-                case (_, string pattern): config.target_modules_regex = pattern; break;
+                case (_, string pattern): config.TargetModulesRegex = pattern; break;
             }
             switch (reader.NamesOrString("exclude_modules"))
             {
                 case (IReadOnlyList<string> names, _): config.exclude_modules = names; break;
-                case (_, string pattern): config.exclude_modules_regex = pattern; break;
+                case (_, string pattern): config.ExcludeModulesRegex = pattern; break;
             }
             if (reader.String("bias") is { } bias) config.bias = bias;
             if (reader.Bool("use_rslora") is { } rslora) config.use_rslora = rslora;

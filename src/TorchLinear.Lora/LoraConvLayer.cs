@@ -149,6 +149,11 @@ namespace TorchLinear.Lora
 
         (Tensor A, Tensor B) IAdapter.Factors => (lora_A.weight, lora_B.weight);
 
+        /// <summary>A convolution's factors are kernels, not matrices: a mixed batch runs each adapter on its own rows.</summary>
+        bool IAdapter.Stackable => false;
+
+        void IAdapter.CheckRunsIn(Tensor output) => CheckRunsIn(output);
+
         (string Formula, string Part)? IAdapter.Rescaled => null;
 
         Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input, training);

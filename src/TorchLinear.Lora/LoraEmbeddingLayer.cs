@@ -115,6 +115,11 @@ namespace TorchLinear.Lora
 
         (Tensor A, Tensor B) IAdapter.Factors => (lora_embedding_A, lora_embedding_B);
 
+        /// <summary>An embedding's term is a lookup of A, not a product with the input: a mixed batch runs each adapter on its own rows.</summary>
+        bool IAdapter.Stackable => false;
+
+        void IAdapter.CheckRunsIn(Tensor output) => CheckRunsIn(output);
+
         (string Formula, string Part)? IAdapter.Rescaled => null;
 
         Tensor IAdapter.AddTerm(Tensor output, Tensor input, bool training, Tensor weight, Tensor? bias) => AddTo(output, input);

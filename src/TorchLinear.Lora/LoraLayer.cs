@@ -1,5 +1,6 @@
 using System;
 using System.Collections.Generic;
+using System.Linq;
 using System.Globalization;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -157,10 +158,10 @@ namespace TorchLinear.Lora
         public string adapter_name { get; internal set; } = "default";
 
         /// <summary>DoRA's magnitude, one per output row (PEFT's <c>lora_magnitude_vector</c>), or null for plain LoRA.</summary>
-        public DoraMagnitude? lora_magnitude_vector => (_variant as DoraLinear)?.Magnitude;
+        public DoraMagnitude? lora_magnitude_vector => _variant.Parts().Select(p => p.Module).OfType<DoraMagnitude>().FirstOrDefault();
 
         /// <summary>Whether this is a DoRA adapter (see <see cref="lora_magnitude_vector"/>).</summary>
-        public bool use_dora => _variant is DoraLinear;
+        public bool use_dora => lora_magnitude_vector is not null;
 
         /// <summary>The variant: how the term enters the output and what a merge writes (<see cref="PlainLora"/>, <see cref="DoraLinear"/>).</summary>
         internal ILoraVariant<LoraLayer> Variant => _variant;
@@ -213,6 +214,10 @@ namespace TorchLinear.Lora
         }
 
         (Tensor A, Tensor B) IAdapter.Factors => (lora_A.weight, lora_B.weight);
+
+        bool IAdapter.Stackable => _variant.Stackable;
+
+        void IAdapter.CheckRunsIn(Tensor output) => CheckRunsIn(output);
 
         (string Formula, string Part)? IAdapter.Rescaled => _variant.Rescaled;
 

@@ -68,7 +68,7 @@ namespace TorchLinear.Lora
                     continue;
                 adapted.TryGetValue(path, out var existing);
                 nn.Module module = existing?.Module ?? found;
-                bool allLinear = config.target_modules_regex is { } regex && ModuleMatching.IsAllLinear(regex);
+                bool allLinear = config.TargetModulesRegex is { } regex && ModuleMatching.IsAllLinear(regex);
                 var type = LoraLayerTypes.Of(module);
                 if (type is not null && !type.IsLinear && allLinear)
                     continue;  // PEFT's all-linear: linear layers only
@@ -128,7 +128,7 @@ namespace TorchLinear.Lora
                 throw new ArgumentException($"{caller}: cannot adapt {string.Join("; ", refused)}.");
             if (targets.Count == 0)
             {
-                string what = config.target_modules_regex ?? $"[{string.Join(", ", config.target_modules ?? Array.Empty<string>())}]";
+                string what = config.TargetModulesRegex ?? $"[{string.Join(", ", config.target_modules ?? Array.Empty<string>())}]";
                 throw new ArgumentException($"{caller}: target_modules {what} matches no {LoraLayerTypes.AnyOf} in the model (its modules: {string.Join(", ", modules.Select(m => m.name).Take(20))}{(modules.Count > 20 ? ", ..." : "")}).");
             }
             return targets;

@@ -69,6 +69,7 @@ namespace TorchLinear.Lora
             config.ThrowIfInvalid("LoraModel.Inject");
             var kept = config.Clone();
             var state = TryStateOf(model, nameof(Inject));
+            CheckNoScope(state, nameof(Inject));
             CheckOneBias(state, kept, adapter_name, nameof(Inject));
             var targets = Targets(model, kept, state, "LoraModel.Inject", error => new ArgumentException($"LoraModel.Inject: {error.Key}: {error.Rule}."));
             var adapters = new List<IAdapter>();
@@ -104,10 +105,10 @@ namespace TorchLinear.Lora
 
         /// <summary>
         /// PEFT's <c>get_peft_model</c>: puts a fresh adapter of <paramref name="peft_config"/> into <paramref name="model"/>, as
-        /// <see cref="inject"/> does, and returns the model's <see cref="PeftModel"/>, which holds its adapters and does
+        /// <see cref="Inject"/> does, and returns the model's <see cref="PeftModel"/>, which holds its adapters and does
         /// every operation on them.
         /// </summary>
-        /// <exception cref="ArgumentException">As <see cref="inject"/>.</exception>
+        /// <exception cref="ArgumentException">As <see cref="Inject"/>.</exception>
         public static PeftModel get_peft_model(nn.Module model, LoraConfig peft_config, string adapter_name = DefaultAdapter)
         {
             Inject(model, peft_config, adapter_name);
@@ -130,7 +131,7 @@ namespace TorchLinear.Lora
         /// <param name="merge">Fold the adapter into the weights at once (for inference, and for ports whose layers
         /// cannot run an adapter: see the class remarks); for a model's first adapter only.</param>
         /// <param name="is_trainable">Let the adapter, its <c>modules_to_save</c> and the biases <c>bias</c> names train
-        /// while it is active, as after <see cref="inject"/>. False (PEFT's default): frozen, for inference.</param>
+        /// while it is active, as after <see cref="Inject"/>. False (PEFT's default): frozen, for inference.</param>
         /// <returns>The adapted module paths.</returns>
         /// <exception cref="InvalidOperationException">The file's keys, shapes, dtypes or values do not fit the model, an
         /// update is not finite in its layer's dtype, or a merge would not be finite; nothing changed.</exception>
@@ -147,8 +148,9 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(directory);
             CheckNewName(model, adapter_name, nameof(load_adapter));
             var state = TryStateOf(model, nameof(load_adapter));
+            CheckNoScope(state, nameof(load_adapter));
             if (merge && state is not null)
-                throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge.", nameof(merge));
+                throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge_adapter.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
             var config = LoraConfig.from_pretrained(configFile);
             CheckOneBias(state, config, adapter_name, nameof(load_adapter));
@@ -265,7 +267,7 @@ namespace TorchLinear.Lora
         /// PEFT. Deleting the last adapter gives back the plain model, as <see cref="unload"/> does.
         /// </summary>
         /// <exception cref="ArgumentException">The model has no adapter of that name; nothing changed.</exception>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge first, as PEFT asks).</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge_adapter first, as PEFT asks).</exception>
         public static void delete_adapter(nn.Module model, string adapter_name)
         {
             PeftModel.For(model, nameof(delete_adapter)).delete_adapter(adapter_name);
@@ -308,7 +310,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">An adapter is unknown, the new name is taken, the weights do not pair with the
         /// adapters or are not finite, the ranks differ for <c>linear</c>, an adapter is DoRA, several save the same module,
         /// or their target_modules are of different kinds; nothing changed.</exception>
-        /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
+        /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*), or svd of Conv1d adapters (PEFT 0.18.1 fails on them); nothing changed.</exception>
         public static void add_weighted_adapter(nn.Module model, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name,
                                                 string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
@@ -380,7 +382,7 @@ namespace TorchLinear.Lora
         /// Folds adapters into their layers' weights (<c>W += Δ</c>; DoRA's rescaled <c>W + Δ</c>): the active ones, or
         /// <paramref name="adapter_names"/> (PEFT's <c>merge_adapter</c>). Like PEFT's <c>safe_merge</c>, every update is
         /// checked before any weight is written: nothing is merged if one merged weight would hold NaN or infinity. Merged
-        /// adapters no longer run in the forward until <see cref="unmerge"/>; each weight before merging is kept for an
+        /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
@@ -589,7 +591,7 @@ namespace TorchLinear.Lora
             if (state.Active.Count == 0)
                 state.Active.Add(entry.Name);
             state.InstallRootHooks();
-            Refresh(model, state);
+            Refresh(model, state, freezeBase: true);
         }
 
         /// <summary>
@@ -617,23 +619,32 @@ namespace TorchLinear.Lora
             }
         }
 
-        /// <summary>After any change of the adapters or the active set: each saved module holds its owner's values, and which parameters train follows.</summary>
-        internal static void Refresh(nn.Module model, AdaptedModel state)
+        /// <summary>
+        /// After any change of the adapters or the active set: each saved module holds its owner's values, and which
+        /// parameters train follows. <paramref name="freezeBase"/> (an adapter put in, as PEFT's <c>inject_adapter</c> calls
+        /// <c>_mark_only_adapters_as_trainable</c>) freezes every other parameter of the model too; otherwise
+        /// (<c>set_adapter</c>, <c>delete_adapter</c>, which in PEFT touch the adapters only) only the adapters' own
+        /// parameters are set (<see cref="MarkTrainable"/>), and a base parameter the user unfroze stays unfrozen.
+        /// </summary>
+        internal static void Refresh(nn.Module model, AdaptedModel state, bool freezeBase)
         {
             if (!state.Disabled)
             {
                 foreach (var saved in state.Saved)
                     saved.Switch(state.Active.FirstOrDefault(saved.Adapters.Contains));
             }
-            MarkTrainable(model, state, null);
+            MarkTrainable(model, state, null, freezeBase);
         }
 
         /// <summary>
         /// PEFT's <c>_mark_only_adapters_as_trainable</c> with its <c>modules_to_save</c> and <c>set_adapter</c>: the active
         /// adapters that were made to train, the saved modules they own, and the biases their <c>bias</c> mode (or
-        /// <paramref name="bias"/>) names train; every other parameter is frozen.
+        /// <paramref name="bias"/>) names train. With <paramref name="freezeBase"/> every other parameter of the model is
+        /// frozen; without, only the parameters the adapters own are set (<see cref="Managed"/>: every adapter's tensors,
+        /// every <c>modules_to_save</c> module's parameters, the biases some adapter's <c>bias</c> mode names), the rest
+        /// keep their flags.
         /// </summary>
-        internal static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias)
+        internal static void MarkTrainable(nn.Module model, AdaptedModel state, string? bias, bool freezeBase = true)
         {
             var training = state.Active.Select(n => state.Entry(n)!).Where(e => e.Trainable).ToList();
             var names = new HashSet<string>(training.Select(e => e.Name), StringComparer.Ordinal);
@@ -658,12 +669,56 @@ namespace TorchLinear.Lora
                 foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
                     adaptedBiases.Add(layer.Path + ".bias");
             }
+            var managed = freezeBase ? null : Managed(model, state);
             foreach (var (name, parameter) in model.named_parameters())
             {
-                bool isBias = name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
+                if (managed is not null && !managed.Contains(parameter.Handle))
+                    continue;
+                bool isBias = IsBias(name);
                 bool train = trainable.Contains(parameter.Handle) || (allBiases && isBias) || adaptedBiases.Contains(name);
                 parameter.requires_grad_(train);
             }
+        }
+
+        private static bool IsBias(string name) => name == "bias" || name.EndsWith(".bias", StringComparison.Ordinal);
+
+        /// <summary>
+        /// The parameters the model's adapters own, whose flags <c>set_adapter</c> and <c>delete_adapter</c> set: every
+        /// adapter's tensors, every <c>modules_to_save</c> module's parameters, and the biases an adapter's <c>bias</c> mode
+        /// names (every bias for <c>all</c>, the adapted layers' for <c>lora_only</c>).
+        /// </summary>
+        internal static HashSet<IntPtr> Managed(nn.Module model, AdaptedModel state)
+        {
+            var managed = new HashSet<IntPtr>();
+            foreach (var layer in state.Layers)
+            {
+                foreach (var adapter in layer.Adapters)
+                {
+                    foreach (var parameter in adapter.Parameters())
+                        managed.Add(parameter.Handle);
+                }
+            }
+            foreach (var saved in state.Saved)
+            {
+                foreach (var parameter in saved.Module.parameters())
+                    managed.Add(parameter.Handle);
+            }
+            bool allBiases = state.Adapters.Any(e => e.Config.bias == LoraBias.All);
+            var adaptedBiases = new HashSet<string>(StringComparer.Ordinal);
+            foreach (var entry in state.Adapters.Where(e => e.Config.bias == LoraBias.LoraOnly))
+            {
+                foreach (var layer in state.Layers.Where(l => l.Find(entry.Name) is not null))
+                    adaptedBiases.Add(layer.Path + ".bias");
+            }
+            if (allBiases || adaptedBiases.Count > 0)
+            {
+                foreach (var (name, parameter) in model.named_parameters())
+                {
+                    if ((allBiases && IsBias(name)) || adaptedBiases.Contains(name))
+                        managed.Add(parameter.Handle);
+                }
+            }
+            return managed;
         }
 
         /// <summary>Merges the named adapters wherever they are unmerged, after checking every merged weight stays finite.</summary>
@@ -738,6 +793,22 @@ namespace TorchLinear.Lora
             state.Release();
         }
 
+        /// <summary>
+        /// Refuses an operation that merges, unmerges, adds or takes out adapters while a <see cref="MixedBatch"/> or
+        /// <see cref="disable_adapter"/> scope of the model is open: a mixed batch runs unmerged adapters only (as PEFT
+        /// checks at every forward), and the end of each scope restores what it saw at its start (the merged adapters, the
+        /// adapter tensors' requires_grad, the batch of the thread), which such an operation would change under it.
+        /// </summary>
+        internal static void CheckNoScope(AdaptedModel? state, string caller)
+        {
+            if (state is null)
+                return;
+            if (state.MixedScopes > 0)
+                throw new InvalidOperationException($"LoraModel.{caller}: a LoraModel.MixedBatch scope of this model is open, and its rows run unmerged adapters only: dispose the scope first; nothing changed.");
+            if (state.DisableScopes > 0)
+                throw new InvalidOperationException($"LoraModel.{caller}: a disable_adapter scope of this model is open, and its end puts back the merged adapters and each adapter tensor's requires_grad as they were: dispose the scope first; nothing changed.");
+        }
+
         internal static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)
         {
             var unknown = names.Where(n => n is null || state.Entry(n) is null).Select(n => n is null ? "null" : $"'{n}'").ToList();
@@ -783,7 +854,7 @@ namespace TorchLinear.Lora
 
         /// <summary>The bookkeeping of the adapters in <paramref name="model"/>, which must be the model they were put into.</summary>
         internal static AdaptedModel StateOf(nn.Module model, string caller) =>
-            TryStateOf(model, caller) ?? throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: inject or load one first.");
+            TryStateOf(model, caller) ?? throw new InvalidOperationException($"LoraModel.{caller}: the model has no adapters: put one in first (Inject, get_peft_model, load_adapter or PeftModel.from_pretrained).");
 
         /// <summary>Each adapted model's bookkeeping, keyed by the root module the adapters were put into (weakly: it dies with the model).</summary>
         private static readonly ConditionalWeakTable<nn.Module, AdaptedModel> States = new();

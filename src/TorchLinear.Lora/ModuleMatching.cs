@@ -44,7 +44,7 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(key);
             if (IsExcluded(config, key) || IsInModuleToSave(config, key))
                 return false;
-            if (config.target_modules_regex is { } regex)
+            if (config.TargetModulesRegex is { } regex)
                 return IsAllLinear(regex) || config.Patterns.FullMatch("target_modules", regex, key);
             return config.target_modules is { } names && config.Patterns.NameMatches("target_modules", names, key);
         }
@@ -54,7 +54,7 @@ namespace TorchLinear.Lora
         {
             ArgumentNullException.ThrowIfNull(config);
             ArgumentNullException.ThrowIfNull(key);
-            if (config.exclude_modules_regex is { } regex)
+            if (config.ExcludeModulesRegex is { } regex)
                 return config.Patterns.FullMatch("exclude_modules", regex, key);
             return config.exclude_modules is { } names && config.Patterns.NameMatches("exclude_modules", names, key);
         }

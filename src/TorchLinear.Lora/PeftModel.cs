@@ -178,7 +178,7 @@ namespace TorchLinear.Lora
             UnmergeAll(state);
             state.Active.Clear();
             state.Active.AddRange(adapter_names.Distinct(StringComparer.Ordinal));
-            Refresh(model, state);
+            Refresh(model, state, freezeBase: false);
         }
 
         /// <summary>
@@ -187,16 +187,17 @@ namespace TorchLinear.Lora
         /// PEFT. Deleting the last adapter gives back the plain model, as <see cref="unload"/> does.
         /// </summary>
         /// <exception cref="ArgumentException">The model has no adapter of that name; nothing changed.</exception>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge first, as PEFT asks).</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, or the adapter is merged (unmerge_adapter first, as PEFT asks).</exception>
         public void delete_adapter(string adapter_name)
         {
             var model = Model;
             ArgumentNullException.ThrowIfNull(adapter_name);
             var state = Live("delete_adapter");
+            CheckNoScope(state, "delete_adapter");
             CheckKnown(state, new[] { adapter_name }, "delete_adapter");
             var merged = state.Layers.Where(l => l.Find(adapter_name) is { merged: true }).Select(l => l.Path).ToList();
             if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.delete_adapter: '{adapter_name}' is merged into {string.Join(", ", merged)}: unmerge it first; nothing changed.");
+                throw new InvalidOperationException($"LoraModel.delete_adapter: '{adapter_name}' is merged into {string.Join(", ", merged)}: call unmerge_adapter first; nothing changed.");
             if (state.Adapters.Count == 1)
             {
                 unload();
@@ -223,7 +224,7 @@ namespace TorchLinear.Lora
             state.RemoveEntry(state.Entry(adapter_name)!);
             if (state.Active.Remove(adapter_name) && state.Active.Count == 0)
                 state.Active.Add(state.Adapters.Select(a => a.Name).OrderBy(n => n, StringComparer.Ordinal).First());
-            Refresh(model, state);
+            Refresh(model, state, freezeBase: false);
         }
 
         /// <summary>
@@ -252,7 +253,7 @@ namespace TorchLinear.Lora
                 throw new ArgumentException($"LoraModel.MixedBatch: {string.Join(", ", unknown.Select(n => $"'{n}'"))} {(unknown.Count == 1 ? "is" : "are")} not an adapter of this model (its adapters: {string.Join(", ", state.Adapters.Select(a => a.Name))}; \"{BaseModel}\" for no adapter).", nameof(adapter_names));
             var merged = state.Layers.Where(l => l.Merged.Count > 0).Select(l => l.Path).ToList();
             if (merged.Count > 0)
-                throw new InvalidOperationException($"LoraModel.MixedBatch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (unmerge first), as in PEFT.");
+                throw new InvalidOperationException($"LoraModel.MixedBatch: adapters are merged into {string.Join(", ", merged.Take(5))}: a mixed batch needs them unmerged (call unmerge_adapter first), as in PEFT.");
             var dora = named.Where(n => state.Entry(n)!.Config.use_dora).ToList();
             if (dora.Count > 0)
                 throw new ArgumentException($"LoraModel.MixedBatch: {string.Join(", ", dora)} {(dora.Count == 1 ? "is a DoRA adapter" : "are DoRA adapters")}, which a mixed batch does not run (as in PEFT).", nameof(adapter_names));
@@ -262,8 +263,10 @@ namespace TorchLinear.Lora
             var previous = state.Mixed;
             var batch = new MixedBatch(adapter_names);
             state.Mixed = batch;
+            state.OpenMixed();
             return new Restore(() =>
             {
+                state.CloseMixed();
                 state.Mixed = previous;
                 batch.Dispose();
             });
@@ -282,7 +285,7 @@ namespace TorchLinear.Lora
         /// <exception cref="ArgumentException">An adapter is unknown, the new name is taken, the weights do not pair with the
         /// adapters or are not finite, the ranks differ for <c>linear</c>, an adapter is DoRA, several save the same module,
         /// or their target_modules are of different kinds; nothing changed.</exception>
-        /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*).</exception>
+        /// <exception cref="NotSupportedException">Another combination_type (ties, dare_*, magnitude_prune*), or svd of Conv1d adapters (PEFT 0.18.1 fails on them); nothing changed.</exception>
         public void add_weighted_adapter(IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string adapter_name, string combination_type = CombinationType.Svd, int? svd_rank = null)
         {
             var model = Model;
@@ -290,6 +293,7 @@ namespace TorchLinear.Lora
             ArgumentNullException.ThrowIfNull(weights);
             ArgumentNullException.ThrowIfNull(combination_type);
             var state = Live("add_weighted_adapter");
+            CheckNoScope(state, "add_weighted_adapter");
             CheckNewName(model, adapter_name, "add_weighted_adapter");
             if (adapters.Count == 0)
                 throw new ArgumentException("LoraModel.add_weighted_adapter: name at least one adapter to combine.", nameof(adapters));
@@ -317,7 +321,7 @@ namespace TorchLinear.Lora
             };
             if (rank < 1)
                 throw new ArgumentOutOfRangeException(nameof(svd_rank), svd_rank, "LoraModel.add_weighted_adapter: svd_rank must be 1 or more.");
-            var regexes = entries.Select(e => e.Config.target_modules_regex).ToList();
+            var regexes = entries.Select(e => e.Config.TargetModulesRegex).ToList();
             if (regexes.Any(r => r is null) && regexes.Any(r => r is not null))
                 throw new ArgumentException("LoraModel.add_weighted_adapter: the adapters' target_modules are a mix of names and a regular expression, which cannot be joined (as in PEFT).", nameof(adapters));
             var config = entries[0].Config.Clone();
@@ -326,12 +330,18 @@ namespace TorchLinear.Lora
             config.rank_pattern = new Dictionary<string, int>();
             config.alpha_pattern = new Dictionary<string, double>();
             if (regexes[0] is not null)
-                config.target_modules_regex = string.Join("|", regexes.Select(r => $"({r})"));
+                config.TargetModulesRegex = string.Join("|", regexes.Select(r => $"({r})"));
             else
                 config.target_modules = entries.SelectMany(e => e.Config.target_modules ?? Array.Empty<string>()).Distinct(StringComparer.Ordinal).ToList();
 
             CheckOneBias(state, config, adapter_name, "add_weighted_adapter");
             var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
+            if (combination == "svd")
+            {
+                var refused = targets.Select(t => t.Type.SvdRefusal(t.Path, t.Module)).OfType<string>().ToList();
+                if (refused.Count > 0)
+                    throw new NotSupportedException($"LoraModel.add_weighted_adapter: {string.Join("; ", refused)}; nothing changed.");
+            }
             var built = new List<IAdapter>();
             try
             {
@@ -361,7 +371,7 @@ namespace TorchLinear.Lora
         /// Folds adapters into their layers' weights (<c>W += Δ</c>; DoRA's rescaled <c>W + Δ</c>): the active ones, or
         /// <paramref name="adapter_names"/> (PEFT's <c>merge_adapter</c>). Like PEFT's <c>safe_merge</c>, every update is
         /// checked before any weight is written: nothing is merged if one merged weight would hold NaN or infinity. Merged
-        /// adapters no longer run in the forward until <see cref="unmerge"/>; each weight before merging is kept for an
+        /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
@@ -369,6 +379,7 @@ namespace TorchLinear.Lora
         public void merge_adapter(IReadOnlyList<string>? adapter_names = null)
         {
             var state = Live("merge_adapter");
+            CheckNoScope(state, "merge_adapter");
             var names = adapter_names ?? state.Active;
             CheckKnown(state, names, "merge_adapter");
             MergeAll(state, "merge_adapter", names);
@@ -378,7 +389,9 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public void unmerge_adapter()
         {
-            UnmergeAll(Live("unmerge_adapter"));
+            var state = Live("unmerge_adapter");
+            CheckNoScope(state, "unmerge_adapter");
+            UnmergeAll(state);
         }
 
         /// <summary>
@@ -391,6 +404,7 @@ namespace TorchLinear.Lora
         public void merge_and_unload(IReadOnlyList<string>? adapter_names = null)
         {
             var state = Live("merge_and_unload");
+            CheckNoScope(state, "merge_and_unload");
             var names = adapter_names ?? state.Active.ToList();
             CheckKnown(state, names, "merge_and_unload");
             MergeAll(state, "merge_and_unload", names, keep: false);
@@ -413,6 +427,7 @@ namespace TorchLinear.Lora
         public void unload()
         {
             var state = Live("unload");
+            CheckNoScope(state, "unload");
             UnmergeAll(state);
             foreach (var saved in state.Saved)
                 saved.Switch(null);
@@ -436,6 +451,7 @@ namespace TorchLinear.Lora
             UnmergeAll(state);
             bool wasDisabled = state.Disabled;
             state.Disabled = true;
+            state.DisableScopes++;
             var currents = state.Saved.Select(s => (Saved: s, s.Current)).ToList();
             foreach (var saved in state.Saved)
                 saved.Switch(null);
@@ -445,6 +461,9 @@ namespace TorchLinear.Lora
                 parameter.requires_grad_(false);
             return new Restore(() =>
             {
+                state.DisableScopes--;
+                if (state.Released)
+                    return;   // the model was disposed within the scope: its adapters are gone
                 foreach (var (parameter, requiresGrad) in flags)
                     parameter.requires_grad_(requiresGrad);
                 foreach (var (saved, current) in currents)

@@ -32,7 +32,7 @@ namespace TorchLinear.Benchmarks
             _names = Enumerable.Range(0, AdapterCount).Select(i => i == 0 ? LoraModel.DefaultAdapter : $"adapter{i}").ToArray();
             manual_seed(1);
             foreach (string name in _names)
-                LoraModel.Inject(_model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear" }, name);
+                LoraModel.Inject(_model, new LoraConfig { r = Rank, lora_alpha = Alpha, TargetModulesRegex = "all-linear" }, name);
             using (no_grad())
             {
                 foreach (var (name, parameter) in _model.named_parameters().Where(p => p.name.Contains(".lora_B.", StringComparison.Ordinal)))

@@ -48,7 +48,7 @@ namespace TorchLinear.Benchmarks
         {
             var model = custom ? CustomModel(width) : Model(width);
             manual_seed(1);
-            LoraModel.Inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, target_modules_regex = "all-linear", use_dora = dora });
+            LoraModel.Inject(model, new LoraConfig { r = Rank, lora_alpha = Alpha, TargetModulesRegex = "all-linear", use_dora = dora });
             using (no_grad())
             {
                 foreach (var (name, parameter) in model.named_parameters().Where(p => p.name.EndsWith("lora_B.default.weight", StringComparison.Ordinal)))

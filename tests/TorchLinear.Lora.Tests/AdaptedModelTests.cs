@@ -96,7 +96,7 @@ namespace TorchLinear.Lora.Tests
             using var scope = NewDisposeScope();
             manual_seed(4);
             using var model = new TwoHeads();
-            LoraModel.Inject(model, new LoraConfig { r = 2, target_modules_regex = "all-linear" });
+            LoraModel.Inject(model, new LoraConfig { r = 2, TargetModulesRegex = "all-linear" });
             var x = randn(3, 8);
             Assert.Contains("right", Assert.Throws<InvalidOperationException>(() => model.call(x)).Message);
             Assert.Contains("nowhere is not an adapted layer of this model", Assert.Throws<ArgumentException>(() => LoraModel.AllowUnusedAdapters(model, "nowhere")).Message);

@@ -294,6 +294,26 @@ namespace TorchLinear.Lora.Tests
         }
 
         [Fact]
+        public void AnSvdCombination_OfConv1dAdapters_IsRefusedByName_AsPeft0181FailsOnIt()
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(4);
+            using var model = new ConvNets.ConvNet1d();
+            model.eval();
+            var config = new LoraConfig { r = 2, target_modules = new[] { "conv1", "conv2" }, init_lora_weights = "false" };
+            LoraModel.Inject(model, config);
+            LoraModel.Inject(model, config, "second");
+            var parameters = model.named_parameters().Select(p => p.name).ToList();
+            var error = Assert.Throws<NotSupportedException>(() => LoraModel.add_weighted_adapter(model, new[] { "default", "second" }, Weights, "mix", CombinationType.Svd));
+            Assert.Contains("conv1 is an nn.Conv1d, and PEFT 0.18.1's svd combination fails on Conv1d adapters", error.Message);
+            Assert.Contains("conv2 is an nn.Conv1d", error.Message);
+            Assert.EndsWith("nothing changed.", error.Message);
+            Assert.Equal(new[] { "default", "second" }, LoraModel.peft_config(model).Keys.ToArray());
+            Assert.Equal(parameters, model.named_parameters().Select(p => p.name).ToList());
+            LoraModel.add_weighted_adapter(model, new[] { "default", "second" }, Weights, "mix", CombinationType.Cat);   // cat is PEFT's too
+        }
+
+        [Fact]
         public void LoadingPeftsConvFolder_ThenSaving_GivesItsKeysAndBytesBack()
         {
             using var scope = NewDisposeScope();
@@ -587,6 +607,24 @@ namespace TorchLinear.Lora.Tests
                     // absolute plus 1.3e-6 relative for float32), so the match above is the adapter's.
                     string control = Assert.Single(report, l => l.StartsWith($"{net}: control, the base model without the adapter: off by ", StringComparison.Ordinal));
                     Assert.True(double.Parse(control[(control.LastIndexOf(' ') + 1)..], System.Globalization.CultureInfo.InvariantCulture) > 1e-3, control);
+                }
+
+                // The report ends with the sha256 of every file it checked and of make_conv.py (as results.json for
+                // check_from_dotnet.py): a committed file changed after the check, a file the check did not see, a script
+                // changed since, or a library that now writes other bytes than PEFT checked, fails here.
+                var checkedFiles = report.Where(l => l.StartsWith("sha256 ", StringComparison.Ordinal)).Select(l => l.Split(' ', 3))
+                                         .ToDictionary(p => p[2], p => p[1], StringComparer.Ordinal);
+                var committedFiles = WayBackTests.Hashes(committed);
+                committedFiles.Remove("check_report.txt");
+                Assert.Equal(committedFiles.Keys, checkedFiles.Keys.Where(k => k != "make_conv.py").OrderBy(k => k, StringComparer.Ordinal));
+                foreach (var (file, sha) in committedFiles)
+                    Assert.True(sha == checkedFiles[file], $"from_dotnet/{file}: sha256 {sha}, but make_conv.py --check saw {checkedFiles[file]}: run it again");
+                Assert.True(WayBackTests.Hashes(ConvNets.Folder)["make_conv.py"] == checkedFiles["make_conv.py"], "make_conv.py changed after its --check wrote check_report.txt: run it again");
+                var freshFiles = WayBackTests.Hashes(fresh);
+                foreach (string net in ConvNets.Targets.Keys)
+                {
+                    foreach (string file in new[] { "adapter_config.json", "adapter_model.safetensors" })
+                        Assert.True(freshFiles[$"{net}/{file}"] == checkedFiles[$"{net}/{file}"], $"{net}/{file}: .NET now writes other bytes than the file PEFT checked");
                 }
             }
             finally

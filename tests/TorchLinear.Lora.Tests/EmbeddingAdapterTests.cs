@@ -104,7 +104,7 @@ namespace TorchLinear.Lora.Tests
         {
             using var model = Pretrained("embedding");
             // PEFT's all-linear: the linear layers (less a top-level lm_head, docs/lora.md), never an embedding.
-            var adapted = LoraModel.Inject(model, new LoraConfig { r = 2, target_modules_regex = "all-linear" });
+            var adapted = LoraModel.Inject(model, new LoraConfig { r = 2, TargetModulesRegex = "all-linear" });
             Assert.Equal(new[] { "fc", "head" }, adapted.OrderBy(p => p, StringComparer.Ordinal));
             LoraModel.unload(model);
             // DoRA on embeddings (PEFT's DoraEmbeddingLayer) is not implemented here: refused by name, nothing put in.

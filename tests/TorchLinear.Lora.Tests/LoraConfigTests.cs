@@ -68,7 +68,7 @@ namespace TorchLinear.Lora.Tests
         {
             // The old sample took the string as a literal name, so a real PEFT folder with it was refused.
             var config = Load("""{"r": 4, "target_modules": ["q_proj", "v_proj"], "exclude_modules": "model\\.layers\\.1\\..*"}""");
-            Assert.Equal(@"model\.layers\.1\..*", config.exclude_modules_regex);
+            Assert.Equal(@"model\.layers\.1\..*", config.ExcludeModulesRegex);
             Assert.Null(config.exclude_modules);
             Assert.True(config.Targets("model.layers.0.self_attn.q_proj"));
             Assert.False(config.Targets("model.layers.1.self_attn.q_proj"));
@@ -198,7 +198,7 @@ namespace TorchLinear.Lora.Tests
         {
             var config = new LoraConfig
             {
-                r = 6, lora_alpha = 12.5, lora_dropout = 0.1, target_modules_regex = @".*\.(q|v)_proj", exclude_modules = new[] { "layers.0.q_proj" },
+                r = 6, lora_alpha = 12.5, lora_dropout = 0.1, TargetModulesRegex = @".*\.(q|v)_proj", exclude_modules = new[] { "layers.0.q_proj" },
                 bias = "lora_only", use_rslora = true, fan_in_fan_out = true, init_lora_weights = "gaussian",
                 rank_pattern = new() { ["v_proj"] = 2 }, alpha_pattern = new() { ["q_proj"] = 3 }, modules_to_save = new[] { "head" },
                 task_type = "SEQ_CLS", base_model_name_or_path = "some/model",
@@ -208,8 +208,8 @@ namespace TorchLinear.Lora.Tests
             {
                 config.save_pretrained(file);
                 var back = LoraConfig.from_pretrained(file);
-                Assert.Equal((config.r, config.lora_alpha, config.lora_dropout, config.target_modules_regex, config.bias, config.use_rslora, config.fan_in_fan_out, config.init_lora_weights, config.task_type, config.base_model_name_or_path),
-                             (back.r, back.lora_alpha, back.lora_dropout, back.target_modules_regex, back.bias, back.use_rslora, back.fan_in_fan_out, back.init_lora_weights, back.task_type, back.base_model_name_or_path));
+                Assert.Equal((config.r, config.lora_alpha, config.lora_dropout, config.TargetModulesRegex, config.bias, config.use_rslora, config.fan_in_fan_out, config.init_lora_weights, config.task_type, config.base_model_name_or_path),
+                             (back.r, back.lora_alpha, back.lora_dropout, back.TargetModulesRegex, back.bias, back.use_rslora, back.fan_in_fan_out, back.init_lora_weights, back.task_type, back.base_model_name_or_path));
                 Assert.Equal(config.exclude_modules, back.exclude_modules);
                 Assert.Equal(config.modules_to_save, back.modules_to_save);
                 Assert.Equal(config.rank_pattern, back.rank_pattern);

@@ -640,7 +640,7 @@ namespace TorchLinear.Lora.Tests
         public void InjectMergeDisableUnload_AndDisposingAnAdaptedModel_LeaveNoTensorAlive()
         {
             static long Live() => DisposeScopeManager.Statistics.ThreadTotalLiveCount;
-            var config = new LoraConfig { r = 2, target_modules_regex = "all-linear", modules_to_save = new[] { "2" } };
+            var config = new LoraConfig { r = 2, TargetModulesRegex = "all-linear", modules_to_save = new[] { "2" } };
             long before = Live();
             using (var model = Mlp())
             {

@@ -24,23 +24,23 @@ namespace TorchLinear.Lora.Tests
         [Fact]
         public void TargetModulesString_IsARegexThatMustMatchTheWholePath()
         {
-            var regex = new LoraConfig { target_modules_regex = @".*\.(q|v)_proj" };
+            var regex = new LoraConfig { TargetModulesRegex = @".*\.(q|v)_proj" };
             Assert.True(regex.Targets("model.layers.0.self_attn.v_proj"));
             Assert.False(regex.Targets("model.layers.0.self_attn.v_proj.lora_A"));  // a full match, not a search
             Assert.False(regex.Targets("v_proj"));
             // Python's named groups, as PEFT's configs may write them.
-            var named = new LoraConfig { target_modules_regex = @"(?P<layer>model\.layers\.\d+)\.self_attn\.(?P=layer)?q_proj\Z" };
+            var named = new LoraConfig { TargetModulesRegex = @"(?P<layer>model\.layers\.\d+)\.self_attn\.(?P=layer)?q_proj\Z" };
             Assert.True(named.Targets("model.layers.12.self_attn.q_proj"));
         }
 
         [Fact]
         public void AllLinear_LeavesOutTheOutputLayer_AndTheClassifierForSequenceClassification()
         {
-            var all = new LoraConfig { target_modules_regex = "all-linear" };
+            var all = new LoraConfig { TargetModulesRegex = "all-linear" };
             Assert.True(all.Targets("model.layers.0.mlp.up_proj"));
             Assert.False(all.Targets("lm_head"));
             Assert.True(all.Targets("classifier"));
-            Assert.False(new LoraConfig { target_modules_regex = "All-Linear", task_type = "SEQ_CLS" }.Targets("classifier"));
+            Assert.False(new LoraConfig { TargetModulesRegex = "All-Linear", task_type = "SEQ_CLS" }.Targets("classifier"));
         }
 
         [Fact]
@@ -66,7 +66,7 @@ namespace TorchLinear.Lora.Tests
             var names = new LoraConfig { target_modules = new[] { "q_proj" }, exclude_modules = new[] { "layers.0.self_attn.q_proj" } };
             Assert.False(names.Targets("model.layers.0.self_attn.q_proj"));
             Assert.True(names.Targets("model.layers.1.self_attn.q_proj"));
-            var regex = new LoraConfig { target_modules = new[] { "q_proj" }, exclude_modules_regex = @"model\.layers\.1\..*" };
+            var regex = new LoraConfig { target_modules = new[] { "q_proj" }, ExcludeModulesRegex = @"model\.layers\.1\..*" };
             Assert.True(regex.Targets("model.layers.0.self_attn.q_proj"));
             Assert.False(regex.Targets("model.layers.1.self_attn.q_proj"));
         }
@@ -92,18 +92,18 @@ namespace TorchLinear.Lora.Tests
         public void APatternTheLinearEngineCannotRun_RunsWithABound_AndIsRefusedByKeyWhenItRunsAway()
         {
             // A lookahead with a nested quantifier: backtracking only, and exponential on this path.
-            var config = new LoraConfig { target_modules_regex = @"(?=(x+x+)+y$)z" };
+            var config = new LoraConfig { TargetModulesRegex = @"(?=(x+x+)+y$)z" };
             var error = Assert.ThrowsAny<ArgumentException>(() => config.Targets(new string('x', 40)));
             Assert.Contains("target_modules", error.Message);
             Assert.Contains("ran past its time bound", error.Message);
             // A bounded backreference that does finish is matched.
-            Assert.True(new LoraConfig { target_modules_regex = @"(\w+)\.\1" }.Targets("ab.ab"));
+            Assert.True(new LoraConfig { TargetModulesRegex = @"(\w+)\.\1" }.Targets("ab.ab"));
         }
 
         [Fact]
         public void AnInvalidPattern_IsNamedWithItsKey_AndShownAsWritten()
         {
-            var error = Assert.ThrowsAny<ArgumentException>(() => new LoraConfig { target_modules_regex = "q_proj(" }.Targets("q_proj"));
+            var error = Assert.ThrowsAny<ArgumentException>(() => new LoraConfig { TargetModulesRegex = "q_proj(" }.Targets("q_proj"));
             Assert.Contains("target_modules: 'q_proj(' is not a valid regular expression", error.Message);
             Assert.DoesNotContain(@"\A(?:", error.Message);
             var pattern = Assert.ThrowsAny<ArgumentException>(() => new LoraConfig { target_modules = new[] { "q" }, rank_pattern = new() { ["[q"] = 2 } }.RankFor("q"));
@@ -121,7 +121,7 @@ namespace TorchLinear.Lora.Tests
             {
                 string key = Draw("ab.", 5).Replace("b", random.Next(2) == 0 ? "b" : @"\.");
                 string path = Draw("ab.\n", 9);
-                var config = new LoraConfig { target_modules_regex = key, rank_pattern = new() { [key] = 2 } };
+                var config = new LoraConfig { TargetModulesRegex = key, rank_pattern = new() { [key] = 2 } };
                 bool full = System.Text.RegularExpressions.Regex.IsMatch(path, $@"\A(?:{key})\z");
                 bool end = System.Text.RegularExpressions.Regex.IsMatch(path, $@"\A(.*\.)?({key})$");
                 Assert.True(full == config.Targets(path), $"fullmatch '{key}' on '{path}'");

@@ -346,7 +346,7 @@ namespace TorchLinear.Lora.Tests
                                              ("4", nn.Linear(512, 512)), ("5", nn.ReLU()), ("6", nn.Linear(512, 512)));
                     wide.to(dtype);
                     foreach (string name in names)
-                        LoraModel.Inject(wide, new LoraConfig { r = rank, lora_alpha = 2 * rank, target_modules_regex = "all-linear" }, name);
+                        LoraModel.Inject(wide, new LoraConfig { r = rank, lora_alpha = 2 * rank, TargetModulesRegex = "all-linear" }, name);
                     wide.eval();
                     return wide;
                 }
@@ -443,7 +443,7 @@ namespace TorchLinear.Lora.Tests
             }
             // Merged adapters (as PEFT).
             LoraModel.merge_adapter(model);
-            Assert.Contains("unmerge first", Assert.Throws<InvalidOperationException>(() => LoraModel.MixedBatch(model, MixedRows)).Message);
+            Assert.Contains("(call unmerge_adapter first)", Assert.Throws<InvalidOperationException>(() => LoraModel.MixedBatch(model, MixedRows)).Message);
             LoraModel.unmerge_adapter(model);
             // A DoRA adapter (as PEFT).
             LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "q_proj" }, use_dora = true }, "dora");

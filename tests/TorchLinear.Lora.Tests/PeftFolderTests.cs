@@ -132,7 +132,7 @@ namespace TorchLinear.Lora.Tests
                 Assert.Equal(source.rank_pattern, config.rank_pattern);
                 Assert.Equal(source.alpha_pattern, config.alpha_pattern);
                 Assert.Equal(source.target_modules, config.target_modules);
-                Assert.Equal(source.target_modules_regex, config.target_modules_regex);
+                Assert.Equal(source.TargetModulesRegex, config.TargetModulesRegex);
                 // And a fresh port loads what was saved to PyTorch's numbers.
                 using var again = Pretrained(adapter);
                 LoraModel.load_adapter(again, output);

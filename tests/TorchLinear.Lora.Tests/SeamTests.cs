@@ -22,7 +22,7 @@ namespace TorchLinear.Lora.Tests
                                      ("4", nn.Linear(256, 256)), ("5", nn.ReLU()), ("6", nn.Linear(256, 256)));
             wide.to(ScalarType.Float64);
             for (int i = 0; i < names.Length; i++)
-                LoraModel.Inject(wide, new LoraConfig { r = 4, lora_alpha = 3 + i, target_modules_regex = "all-linear" }, names[i]);
+                LoraModel.Inject(wide, new LoraConfig { r = 4, lora_alpha = 3 + i, TargetModulesRegex = "all-linear" }, names[i]);
             using (no_grad())
             {
                 foreach (var (_, parameter) in wide.named_parameters().Where(p => p.name.Contains(".lora_B.", StringComparison.Ordinal)))

@@ -72,11 +72,20 @@ namespace TorchLinear.Lora
         public nn.Module Wrap(nn.Module module, AdaptedLayer layer) => new LoraConvWrapper((Convolution)module, layer);
 
         /// <summary>
-        /// The update as a matrix (out_channels, in_channels · kernel): PEFT's svd combination flattens a convolution's
-        /// delta from its second dimension (its 1×1 case squeezes, which is the same matrix), and reshapes the factors into
-        /// lora_B's and lora_A's shapes.
+        /// The update as a matrix (out_channels, in_channels · kernel): PEFT's svd combination flattens a Conv2d's delta
+        /// from its second dimension (its 1×1 case squeezes, which is the same matrix), and reshapes the factors into
+        /// lora_B's and lora_A's shapes. (A Conv1d is refused: <see cref="SvdRefusal"/>.)
         /// </summary>
         public Tensor DeltaMatrix(Tensor delta) => delta.flatten(1);
+
+        /// <summary>
+        /// PEFT 0.18.1 flattens only a Conv2d's update for svd (<c>isinstance(target, Conv2d)</c>); for a Conv1d it takes the
+        /// svd of the 3-D update and fails (measured: <c>RuntimeError: size mismatch</c>), so there is no PEFT result to
+        /// give: refused by name.
+        /// </summary>
+        public string? SvdRefusal(string path, nn.Module module) => _dimensions == 1
+            ? $"{path} is an nn.Conv1d, and PEFT 0.18.1's svd combination fails on Conv1d adapters (it flattens only Conv2d updates: \"size mismatch\"), so there is no PEFT result to match; use combination_type cat or linear"
+            : null;
 
         /// <summary>A mixed batch runs each adapter on its own rows (the stacked products are the linear layers').</summary>
         public bool Stacks => false;

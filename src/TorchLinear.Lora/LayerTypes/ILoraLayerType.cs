@@ -69,6 +69,9 @@ namespace TorchLinear.Lora
         /// <summary>The update <see cref="IAdapter.get_delta_weight"/> as the matrix B A (out × in) whose best low-rank factors a weighted <c>svd</c> combination takes.</summary>
         Tensor DeltaMatrix(Tensor delta);
 
+        /// <summary>Why a weighted <c>svd</c> combination cannot be made for this layer (the layer at <paramref name="path"/> named), or null when it can.</summary>
+        string? SvdRefusal(string path, nn.Module module) => null;
+
         /// <summary>Whether a mixed batch may stack this type's plain adapters into one pair of products (<see cref="LoraLayer.AddLowRank(Tensor, Tensor, Tensor, Tensor, Tensor)"/>).</summary>
         bool Stacks { get; }
     }

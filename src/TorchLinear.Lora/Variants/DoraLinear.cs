@@ -82,6 +82,9 @@ namespace TorchLinear.Lora
 
         public bool MergeIsAdditive => false;
 
+        /// <summary>DoRA rescales the base output and the term per row of the weight: not a plain low-rank product.</summary>
+        public bool Stackable => false;
+
         public (string Formula, string Part)? Rescaled => ("the DoRA weight m / ‖W + ΔW‖ · (W + ΔW)", "lora_magnitude_vector");
 
         public void Dispose() => Magnitude.Dispose();

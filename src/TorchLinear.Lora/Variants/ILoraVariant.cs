@@ -40,6 +40,12 @@ namespace TorchLinear.Lora
         /// </summary>
         bool MergeIsAdditive { get; }
 
+        /// <summary>
+        /// Whether the variant's term is the plain low-rank product <c>((x Aᵀ) · scaling) Bᵀ</c> and nothing else, so that a
+        /// mixed batch may stack the adapter's factors with other adapters' into one pair of products.
+        /// </summary>
+        bool Stackable { get; }
+
         /// <summary>For a variant that changes the weight beyond Δ: its formula and its file part, for the message that refuses a weight that is not finite.</summary>
         (string Formula, string Part)? Rescaled { get; }
     }

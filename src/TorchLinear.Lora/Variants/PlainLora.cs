@@ -49,6 +49,8 @@ namespace TorchLinear.Lora
 
         public bool MergeIsAdditive => true;
 
+        public bool Stackable => true;
+
         public (string Formula, string Part)? Rescaled => null;
 
         public void Dispose()

@@ -32,8 +32,8 @@ namespace TorchLinear.IntegrationTests.Lora
             const string pattern = "(.*)*x";
             var config = field switch
             {
-                "target_modules" => new LoraConfig { target_modules_regex = pattern },
-                "exclude_modules" => new LoraConfig { target_modules = new[] { "y" }, exclude_modules_regex = pattern },
+                "target_modules" => new LoraConfig { TargetModulesRegex = pattern },
+                "exclude_modules" => new LoraConfig { target_modules = new[] { "y" }, ExcludeModulesRegex = pattern },
                 _ => new LoraConfig { target_modules = new[] { "y" }, rank_pattern = new() { [pattern] = 2 } },
             };
             var clock = Stopwatch.StartNew();

@@ -25,8 +25,10 @@ Two nets, twins of the tests' ConvNet2d and ConvNet1d (ConvLoraTests.cs):
     /usr/bin/python3 make_conv.py --check
         after `TORCHLINEAR_WRITE_FROM_DOTNET=1 dotnet test tests/TorchLinear.Lora.Tests --filter ConvLora` has written
         from_dotnet/: loads each .NET-written folder with PeftModel.from_pretrained, compares PEFT's output with the one
-        .NET computed (from_dotnet/outputs.safetensors), and writes from_dotnet/check_report.txt (commit it).
+        .NET computed (from_dotnet/outputs.safetensors), and writes from_dotnet/check_report.txt (commit it), which ends
+        with the sha256 of every file it checked and of this script.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -209,6 +211,11 @@ def make():
         f.write("\n")
 
 
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def check():
     """PEFT's own loading of the folders .NET wrote, and PEFT's outputs against .NET's."""
     folder = os.path.join(HERE, "from_dotnet")
@@ -240,6 +247,12 @@ def check():
             base_diff = float((base_model(name)(x) - outputs[f"{name}.output"]).abs().max())
         lines.append(f"{name}: control, the base model without the adapter: off by {base_diff:.3g}")
     lines.append("result: " + ("all matched" if ok else "MISMATCH"))
+    # What was checked, by sha256 (as check_from_dotnet.py's results.json): ConvLoraTests fails when a file differs from
+    # the one checked here, when a file is not covered, and when this script changed after the check.
+    for rel in sorted(os.path.relpath(os.path.join(d, f), folder).replace(os.sep, "/")
+                      for d, _, files in os.walk(folder) for f in files if f != "check_report.txt"):
+        lines.append(f"sha256 {sha256(os.path.join(folder, rel))} {rel}")
+    lines.append(f"sha256 {sha256(os.path.abspath(__file__))} make_conv.py")
     with open(os.path.join(folder, "check_report.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
