@@ -21,7 +21,6 @@ OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset:
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -29,6 +28,8 @@ from torch.nn import functional as F
 
 import peft
 from peft import LoraConfig, get_peft_model
+
+from timing import blas_libraries, per_call
 
 BATCH, RANK, ALPHA = 16, 8, 16
 TARGETS = ["stem", "down", "block", "mix"]
@@ -78,30 +79,13 @@ def cases():
             ("merge_and_unload'ed", forward(merged)), ("adapters unmerged", forward(unmerged))]
 
 
-def per_call(run, batch_seconds=0.05, batches=5):
-    for _ in range(10):
-        run()
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < batch_seconds:
-        run()
-        n += 1
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(n):
-            run()
-        times.append((time.perf_counter() - start) / n)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.randn(64, 64) @ torch.randn(64, 64)   # loads the BLAS library Debian's alternatives point at
-    with open("/proc/self/maps") as maps:
-        blas = sorted({line.split()[-1] for line in maps if "blas" in line.lower() and line.split()[-1].startswith("/")})
+    blas = blas_libraries()
     print(f"PyTorch {torch.__version__}, PEFT {peft.__version__}, {torch.get_num_threads()} thread, {platform.machine()}; "
           f"BLAS loaded: {', '.join(blas)}")
     print()

@@ -21,10 +21,11 @@ import argparse
 import math
 import platform
 import statistics
-import time
 
 import torch
 from torch import nn
+
+from timing import blas_libraries, per_call
 
 ROWS, RANK, ALPHA = 64, 8, 16
 
@@ -97,22 +98,6 @@ def cases(width):
             ("adapters-only Adam step", train_step)]
 
 
-def per_call(run, batch_seconds=0.05, batches=5):
-    for _ in range(10):
-        run()
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < batch_seconds:
-        run()
-        n += 1
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(n):
-            run()
-        times.append((time.perf_counter() - start) / n)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -120,8 +105,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.randn(64, 64) @ torch.randn(64, 64)   # loads the BLAS library Debian's alternatives point at
-    with open("/proc/self/maps") as maps:
-        blas = sorted({line.split()[-1] for line in maps if "blas" in line.lower() and line.split()[-1].startswith("/")})
+    blas = blas_libraries()
     print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} thread, {platform.machine()}; BLAS loaded: {', '.join(blas)}")
     print()
     print("| width | case | median per call | ratio to the base model, median (min-max) over rounds |")

@@ -20,26 +20,11 @@ Debian's default BLAS is the reference one, far slower), OPENBLAS_CORETYPE and O
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torchvision
 
-
-def per_call(run, batch_seconds=0.5, batches=5):
-    for _ in range(3):
-        run()
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < batch_seconds:
-        run()
-        n += 1
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        for _ in range(n):
-            run()
-        times.append((time.perf_counter() - start) / n)
-    return statistics.median(times)
+from timing import blas_libraries, per_call
 
 
 def main():
@@ -50,8 +35,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.randn(64, 64) @ torch.randn(64, 64)   # loads the BLAS library Debian's alternatives point at
-    with open("/proc/self/maps") as maps:
-        blas = sorted({line.split()[-1] for line in maps if "blas" in line.lower() and line.split()[-1].startswith("/")})
+    blas = blas_libraries()
     print(f"PyTorch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} thread(s), "
           f"{platform.machine()}; BLAS loaded: {', '.join(blas)}")
     print()
@@ -72,7 +56,7 @@ def main():
         times = {name: [] for name, _ in named}
         for r in range(args.rounds):
             for name, run in named[r % len(named):] + named[:r % len(named)]:
-                times[name].append(per_call(run))
+                times[name].append(per_call(run, batch_seconds=0.5, warmups=3))
         for name, _ in named:
             ratios = [t / b for t, b in zip(times[name], times["resnet18"])]
             print(f"| {batch} | {name} | {statistics.median(times[name]) * 1e3:.2f} ms | "
