@@ -166,7 +166,9 @@ namespace TorchLinear.Lora
         /// frozen. Merged adapters are unmerged first, bit for bit, as PEFT does.
         /// </summary>
         /// <exception cref="ArgumentException">No name is given, or one is not an adapter of the model; nothing changed.</exception>
-        /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, or a <see cref="MixedBatch"/> or
+        /// <see cref="disable_adapter"/> scope of it is open (whose end puts back the merged adapters and saved modules it
+        /// saw at its start); nothing changed.</exception>
         public void set_adapter(params string[] adapter_names)
         {
             var model = Model;
@@ -174,6 +176,7 @@ namespace TorchLinear.Lora
             var state = Live("set_adapter");
             if (adapter_names.Length == 0)
                 throw new ArgumentException($"LoraModel.set_adapter: name at least one adapter (the model's: {string.Join(", ", state.Adapters.Select(a => a.Name))}); disable_adapter runs the base model.", nameof(adapter_names));
+            CheckNoScope(state, "set_adapter");
             CheckKnown(state, adapter_names, "set_adapter");
             UnmergeAll(state);
             state.Active.Clear();

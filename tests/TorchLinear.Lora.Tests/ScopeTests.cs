@@ -71,6 +71,8 @@ namespace TorchLinear.Lora.Tests
             ("Inject", m => PeftModel.Of(m).add_adapter("third", new LoraConfig { r = 2, target_modules = new[] { "0" } })),
             ("load_adapter", m => LoraModel.load_adapter(m, folder, "third")),
             ("add_weighted_adapter", m => LoraModel.add_weighted_adapter(m, new[] { "default", "other" }, new[] { 1.0, 1.0 }, "third", CombinationType.Cat)),
+            // Allowed here once: inside disable_adapter, its end merged 'default' back beside an active unmerged 'other'.
+            ("set_adapter", m => LoraModel.set_adapter(m, "other")),
         };
 
         [Theory]
