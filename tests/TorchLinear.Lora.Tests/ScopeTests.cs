@@ -120,6 +120,28 @@ namespace TorchLinear.Lora.Tests
                 return model.call(x);
         }
 
+        /// <summary>
+        /// A mixed batch inside disable_adapter, opened in either order, gives the base model for every row: PEFT's
+        /// <c>lora.Linear.forward</c> checks <c>disable_adapters</c> before <c>adapter_names</c>. Compared bit for bit with
+        /// the same model's disabled output in the same process (the same kernels on the same data).
+        /// </summary>
+        [Fact]
+        public void AMixedBatchInsideDisableAdapter_GivesTheBaseModelForEveryRow_AsPeft()
+        {
+            using var scope = NewDisposeScope();
+            using var model = TwoAdapters(2);
+            var x = randn(Rows.Length, 64);
+            Tensor based;
+            using (LoraModel.disable_adapter(model))
+                based = model.call(x);
+            Assert.False(Same(based, Mixed(model, x)), "the adapters change the rows they name");
+            using (LoraModel.disable_adapter(model))
+                Assert.True(Same(based, Mixed(model, x)), "mixed batch opened inside disable_adapter");
+            using (LoraModel.MixedBatch(model, Rows))
+            using (LoraModel.disable_adapter(model))
+                Assert.True(Same(based, model.call(x)), "disable_adapter opened inside a mixed batch");
+        }
+
         [Fact]
         public void DisableAdapter_RestoresMergedAdaptersAndFlags_AfterADeleteOrUnloadWasRefusedInside()
         {
