@@ -246,6 +246,20 @@ _BINOPS = {"mul": ast.Mult, "div": ast.Div, "add": ast.Add, "sub": ast.Sub, "rsu
            "remainder": ast.Mod}
 
 
+def _size_dim(value):
+    """The dimension d when graph value `value` is `x.size(d)` (through the tracer's int conversions), else None."""
+    node = value.node()
+    while node.kind() in ("prim::NumToTensor", "aten::Int", "aten::ScalarImplicit") and list(node.inputs()):
+        node = node.inputsAt(0).node()
+    if node.kind() != "aten::size" or len(list(node.inputs())) != 2 or node.inputsAt(1).node().kind() != "prim::Constant":
+        return None
+    dim = node.inputsAt(1).toIValue()
+    rank = node.inputsAt(0).type().dim() if node.inputsAt(0).type().kind() == "TensorType" else None
+    if dim < 0:
+        dim = dim + rank if rank is not None else None
+    return dim
+
+
 def _named(expr):
     """_source_operand's answer for an expression: ("bare", name) for a plain name (a local, an argument, a global),
     ("tuple", name) for an element of a tuple built elsewhere, ("name", name) for another expression with a name
@@ -317,6 +331,21 @@ def _source_operand(frame, op, value, module, position=None, traced=None):
                 continue
             expr = getattr(found, bound)
             answers.append(("literal", LITERAL) if expr is None else element(expr))
+    elif op == "compare":
+        # `x.size() != (a, b, c)` (or `x.shape == [...]`): the element at the size's dimension `position`
+        for n in ast.walk(tree):
+            if not (isinstance(n, ast.Compare) and len(n.ops) == 1):
+                continue
+            sides = [n.left, n.comparators[0]]
+            tuples = [e for e in sides if isinstance(e, (ast.Tuple, ast.List))]
+            sizes = [e for e in sides if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and e.func.attr == "size"
+                     and not e.args or isinstance(e, ast.Attribute) and e.attr == "shape"]
+            if len(tuples) == 1 and len(sizes) == 1:
+                elts = tuples[0].elts
+                if any(isinstance(e, ast.Starred) for e in elts) or position >= len(elts):
+                    answers.append(("none", None))
+                else:
+                    answers.append(element(elts[position]))
     elif op in ("view", "reshape", "expand"):
         for n in ast.walk(tree):
             if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == op):
@@ -857,10 +886,11 @@ class Translator:
                               f"gives it {outcome}, list {os.path.basename(file)}:{line} in assume_shape_conditions")
             return
         pyname = type(self.module).__name__
+        check_text, text = text, re.sub(r"@@(\d+)@@", lambda m: cs_literal(self.body.slots[int(m.group(1))][1]), text)
         message = (f"{pyname}: traced with {described} where {text} was {outcome}; this input makes it {not outcome}, "
                    f"which the port does not compute (the other branch, another number): re-export at that shape")
         message = message.replace("\\", "\\\\").replace('"', '\\"')
-        check = f"!{text}" if outcome else text
+        check = f"!{check_text}" if outcome else check_text
         status = f"{text} was {outcome}: checked"
         if status not in self.x.guard_status.setdefault(key, []):
             self.x.guard_status[key].append(status)
@@ -1152,7 +1182,17 @@ class Translator:
             return
         if op in ("eq", "ne", "lt", "gt", "le", "ge") and len(a) == 2 and all(x.kind in ("long", "double") for x in a):
             sym = {"eq": "==", "ne": "!=", "lt": "<", "gt": ">", "le": "<=", "ge": ">="}[op]
-            self.values[node.output().unique()] = Value("bool", f"({a[0].expr} {sym} {a[1].expr})")
+            # A size compared with a number the Python line names (`x.size() != (bsz, self.num_heads, ...)`): the
+            # setting of that name, so that a port built with another num_heads checks its own (a literal stays one).
+            texts = [a[0].expr, a[1].expr]
+            for k in (0, 1):
+                operand, other = a[k], a[1 - k]
+                if operand.kind == "long" and operand.const is not None and other.const is None:
+                    dim = _size_dim(node.inputsAt(1 - k))
+                    source = self.source_operand(node, "compare", operand.const, position=dim) if dim is not None else None
+                    if source is not None and source[0] != "literal":
+                        texts[k] = self.config_value(operand.const, "compare", source)
+            self.values[node.output().unique()] = Value("bool", f"({texts[0]} {sym} {texts[1]})")
             return
         if op in ("__and__", "__or__", "logical_and", "logical_or", "bitwise_and", "bitwise_or") and len(a) == 2 \
                 and all(x.kind == "bool" for x in a):

@@ -299,6 +299,22 @@ class PastOffset(nn.Module):
         return self.table(position_ids) + x[..., None]
 
 
+class CheckedHeads(nn.Module):
+    """transformers' `if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim)` in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 2
+        self.head_dim = 4
+        self.q = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        if q.size() != (b, self.num_heads, t, self.head_dim):
+            raise ValueError("not reached")
+        return q.transpose(1, 2).reshape(b, t, -1)
+
 class NamingTests(unittest.TestCase):
     """A setting is named after the Python expression its value came from, one setting per (name, value) read
     everywhere the value was used, and a number the Python line writes stays a literal (docs/porting.md)."""
@@ -345,6 +361,18 @@ class NamingTests(unittest.TestCase):
         forward = self.forward_of(code, "PastOffset")
         self.assertRegex(forward, r"long (\w+) = size \+ past_length;.*\n.*torch\.arange\(past_length, \1, dtype: ScalarType\.Int64\);")
         self.assertNotIn("arange(0,", forward)
+
+    def test_a_size_check_against_named_numbers_reads_the_settings(self):
+        code = generate(CheckedHeads().eval(), (torch.randn(2, 3, 8),), "CheckedHeads")
+        self.assertIn("public CheckedHeads(long num_heads, long head_dim)", code)
+        forward = self.forward_of(code, "CheckedHeads")
+        self.assertIn("if (!(size2 == num_heads)) throw new InvalidOperationException(\"CheckedHeads: traced with "
+                      "test_export_port.py:", forward)
+        self.assertIn("if (!(size4 == head_dim)) throw", forward)
+        # The message and the header say what the trace saw: the numbers.
+        self.assertIn("where (size2 == 2) was True;", forward)
+        self.assertIn("((size == b) was True: checked; (size2 == 2) was True: checked; (size3 == t) was True: checked; "
+                      "(size4 == 4) was True: checked)", code)
 
     def test_a_size_derived_name_is_not_a_setting(self):
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports"))

@@ -19,18 +19,20 @@ namespace TorchLinear.Tests.Ports.Llama
         private readonly long n_rep;
         private readonly double sqrt_head_dim;
         private readonly double attention_dropout;
+        private readonly long num_heads;
         private readonly CustomLinear q_proj;
         private readonly CustomLinear k_proj;
         private readonly CustomLinear v_proj;
         private readonly CustomLinear o_proj;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public LlamaAttention(long head_dim, long n_rep, double sqrt_head_dim, double attention_dropout) : base("LlamaAttention")
+        public LlamaAttention(long head_dim, long n_rep, double sqrt_head_dim, double attention_dropout, long num_heads) : base("LlamaAttention")
         {
             this.head_dim = head_dim;
             this.n_rep = n_rep;
             this.sqrt_head_dim = sqrt_head_dim;
             this.attention_dropout = attention_dropout;
+            this.num_heads = num_heads;
             q_proj = new CustomLinear(32, 32, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("q_proj", q_proj);
             k_proj = new CustomLinear(32, 16, bias: false) { Dispatch = LinearDispatch.PyTorch };
@@ -122,9 +124,9 @@ namespace TorchLinear.Tests.Ports.Llama
             long size8 = attn_output.size(2);  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             long size9 = attn_output.size(3);  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             if (!(size6 == bsz)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size6 == bsz) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
-            if (!(size7 == 4)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size7 == 4) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
+            if (!(size7 == num_heads)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size7 == 4) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             if (!(size8 == q_len)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size8 == q_len) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
-            if (!(size9 == 8)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size9 == 8) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
+            if (!(size9 == this.head_dim)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size9 == 8) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             Tensor t39 = attn_output.transpose(1, 2);  // modeling_llama.py:312: attn_output = attn_output.transpose(1, 2).contiguous()
             Tensor attn_output2 = t39.contiguous();  // modeling_llama.py:312: attn_output = attn_output.transpose(1, 2).contiguous()
             Tensor t40 = attn_output2.reshape(new long[] { bsz, q_len, -1 });  // modeling_llama.py:314: attn_output = attn_output.reshape(bsz, q_len, -1)
@@ -208,7 +210,12 @@ namespace TorchLinear.Tests.Ports.Llama
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public LlamaDecoderLayer() : base("LlamaDecoderLayer")
         {
-            self_attn = new LlamaAttention(head_dim: 8, n_rep: 2, sqrt_head_dim: 2.8284271247461903, attention_dropout: 0.0);
+            self_attn = new LlamaAttention(
+                head_dim: 8,
+                n_rep: 2,
+                sqrt_head_dim: 2.8284271247461903,
+                attention_dropout: 0.0,
+                num_heads: 4);
             register_module("self_attn", self_attn);
             mlp = new LlamaMLP();
             register_module("mlp", mlp);
