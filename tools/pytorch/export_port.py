@@ -242,6 +242,7 @@ def _evaluates_to(expr, value, module, path):
     return type(got) in (int, float) and not isinstance(got, bool) and got == value
 
 
+_CALL_ARGUMENTS = {"full": (1, "fill_value"), "masked_fill": (1, "value")}   # the number's position (method: after self)
 _BINOPS = {"mul": ast.Mult, "div": ast.Div, "add": ast.Add, "sub": ast.Sub, "rsub": ast.Sub, "floor_divide": ast.FloorDiv,
            "remainder": ast.Mod}
 
@@ -296,7 +297,21 @@ def _source_operand(frame, op, value, module, position=None, traced=None):
             return "literal", LITERAL
         return _named(arg)
 
-    if op == "arange":
+    if op in _CALL_ARGUMENTS:
+        # torch.full(size, fill_value), x.masked_fill(mask, value): that argument, positional or by keyword
+        index, keyword = _CALL_ARGUMENTS[op]
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Call) and isinstance(n.func, (ast.Attribute, ast.Name)) and \
+                    (n.func.attr if isinstance(n.func, ast.Attribute) else n.func.id) == op:
+                args = [a for a in n.args if not isinstance(a, ast.Starred)]
+                if len(args) != len(n.args):
+                    answers.append(("none", None))
+                elif index < len(args):
+                    answers.append(element(args[index]))
+                else:
+                    given = [k.value for k in n.keywords if k.arg == keyword]
+                    answers.append(element(given[0]) if given else ("none", None))
+    elif op == "arange":
         # torch.arange(start, end, step): the positional argument at `position`
         for n in ast.walk(tree):
             if isinstance(n, ast.Call) and isinstance(n.func, (ast.Attribute, ast.Name)) and \
@@ -534,7 +549,7 @@ class Refusals:
 class Translator:
     """Turns module `module` (at `path`) with its traced graph into C# forward lines (with slot markers)."""
 
-    def __init__(self, exporter, module, traced, path, body, field_of, refusals, is_root):
+    def __init__(self, exporter, module, traced, path, body, field_of, refusals, is_root, unnamed=frozenset()):
         self.x, self.module, self.traced, self.path, self.body = exporter, module, traced, path, body
         self.field_of = field_of            # PyTorch child/param/buffer name -> C# field name
         self.refusals, self.is_root = refusals, is_root
@@ -543,6 +558,7 @@ class Translator:
         self.values = {}
         self.config = {}                    # (name, value) -> marker, to reuse a named field
         self.bare = {}                      # marker -> (name, value) of a setting named after a plain Python name
+        self.unnamed = unnamed              # plain Python names not to name settings after (partial_settings)
         self.line_frames = {}               # index in lines -> (file, line) of the Python statement it came from
         self.called = []                    # (child name, argument count, output count)
         self.input_names = []
@@ -621,25 +637,25 @@ class Translator:
             self.bare[self.config[key]] = (name, value)
         return self.config[key]
 
-    def demote_partial_settings(self):
-        """A setting named after a plain Python name (`n_rep`, `past_length`) that some statement of this forward reads
+    def partial_settings(self):
+        """The plain Python names (`n_rep`, `past_length`) of settings that some statement of this forward reads
         without the port reading the setting there (`past_seen_tokens + n` on a line the generator did not name, a
-        size-derived `keep = min(n, 4)`) is not a setting the port follows: it is written as the number it was, where
-        it was used (a user changing it would otherwise change some uses of it and not others)."""
+        size-derived `keep = min(n, 4)`, a name given to another value later): such a setting is not one the port
+        follows, and the module is translated again without those names (the older rule names their values), so that
+        changing a setting never changes some of its uses and not others."""
         by_frame = {}
         for index, frame in self.line_frames.items():
             by_frame.setdefault(frame, []).append(self.lines[index])
-        for marker, (name, value) in list(self.bare.items()):
+        partial = set()
+        for marker, (name, value) in self.bare.items():
             pattern = re.compile(rf"(?<![\w.]){re.escape(name)}\b")
             for frame, lines in by_frame.items():
                 parsed = _parse_statement(*frame)
                 text = parsed[1] if parsed else linecache.getline(*frame)
                 if pattern.search(text) and not any(marker in line.partition("  // ")[0] for line in lines):
-                    self.lines = [line.replace(marker, cs_literal(value)) for line in self.lines]
-                    self.body.slots[int(marker.strip("@"))][2] = "demoted"
-                    del self.config[(name, value)]
-                    del self.bare[marker]
+                    partial.add(name)
                     break
+        return partial
 
     # -- values
     def const_of(self, node):
@@ -690,8 +706,12 @@ class Translator:
         return "null!"
 
     def source_operand(self, node, op, value, **kwargs):
-        """_source_operand for this node's Python line and this module."""
-        return _source_operand(_frame_of(node), op, value, self.module, **kwargs)
+        """_source_operand for this node's Python line and this module (None for a plain name partial_settings
+        found partial)."""
+        source = _source_operand(_frame_of(node), op, value, self.module, **kwargs)
+        if source is not None and source[0] == "bare" and source[1] in self.unnamed:
+            return None
+        return source
 
     def named_int(self, node, op, val, position):
         """An int argument (a slice's bound, arange's start, end, step): a setting where it is a constant that the Python
@@ -706,8 +726,9 @@ class Translator:
 
     def scalar(self, val, node, hint, config=True, op=None):
         """A number argument: a config field for a constant float, the expression otherwise. With `op` (a binary
-        operation on a tensor), a constant the Python line names is a setting named so (an int too), one it writes as
-        a literal or does not name keeps the hint (a float the line writes as a literal becomes a const, plan)."""
+        operation on a tensor, masked_fill), a constant the Python line names is a setting named so (an int too), one
+        it writes as a literal or does not name keeps the hint (a float the line writes as a literal becomes a const,
+        plan)."""
         if op is not None and val.kind in ("double", "long") and val.const is not None and config:
             source = self.source_operand(node, op, val.const)
             if source is not None and source[0] in ("name", "bare"):
@@ -1159,7 +1180,7 @@ class Translator:
                 if operand.const is not None and other.const is None:
                     source = self.source_operand(node, op, operand.const, traced=other.expr)
                     if source is not None and source[0] != "literal":
-                        text = self.config_value(operand.const, "floor_divide_by", source)
+                        text = self.config_value(operand.const, f"{op}_by", source)
                     elif source is None and op == "floor_divide" and operand is y:
                         text = self.config_value(operand.const, "floor_divide_by")
                 texts.append(text)
@@ -1243,7 +1264,7 @@ class Translator:
             "sin": lambda: f"{T(0)}.sin()",
             "silu": lambda: f"torch.nn.functional.silu({T(0)})",
             "select": lambda: f"{T(0)}.select({a[1].expr}, {a[2].expr})",
-            "masked_fill": lambda: f"{T(0)}.masked_fill({T(1)}, {self.scalar(a[2], node, 'fill_value')})",
+            "masked_fill": lambda: f"{T(0)}.masked_fill({T(1)}, {self.scalar(a[2], node, 'fill_value', op='masked_fill')})",
             "adaptive_avg_pool2d": lambda: f"torch.nn.functional.adaptive_avg_pool2d({T(0)}, {self.longs(a[1], node, 'output_size')})",
             "cat": lambda: f"torch.cat({a[0].expr}, {a[1].expr})" if a[0].kind == "tensors" else self.refuse(node, "aten::cat of a non-list"),
             "embedding": lambda: f"torch.nn.functional.embedding({T(1)}, {T(0)})" if a[2].const == -1 else self.refuse(node, "aten::embedding with padding_idx"),
@@ -1308,7 +1329,8 @@ class Translator:
             # full(size, fill_value, dtype, layout, device, pin_memory)
             dtype = self.dtype(a[2], node)
             if a[1].kind == "double" and a[1].const is not None:
-                fill = self.config_value(a[1].const, "fill_value")
+                source = self.source_operand(node, "full", a[1].const)
+                fill = self.config_value(a[1].const, "fill_value", source if source and source[0] != "literal" else None)
             elif a[1].kind == "tensor":
                 fill = f"{a[1].expr}.ToScalar()"   # a number PyTorch computed as a 0-dim tensor (below), as it is
             else:
@@ -1773,10 +1795,15 @@ class Exporter:
             cd = self.draft(child, self.traced_child(traced, name), f"{path}.{name}" if path else name)
             off = body.adopt(cd.slots)
             parts.append((field(name), name, cd, off))
+        mark = (len(body.slots), len(body.own))
         tr = Translator(self, module, traced, path, body, field_of, self.refusals, is_root)
         try:
             result = tr.run()
-            tr.demote_partial_settings()
+            partial = tr.partial_settings()
+            if partial:
+                del body.slots[mark[0]:], body.own[mark[1]:]
+                tr = Translator(self, module, traced, path, body, field_of, self.refusals, is_root, unnamed=frozenset(partial))
+                result = tr.run()
         except ExportRefused as e:
             self.refusals.add(str(e))
             result = None

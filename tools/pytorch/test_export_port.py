@@ -315,6 +315,18 @@ class CheckedHeads(nn.Module):
             raise ValueError("not reached")
         return q.transpose(1, 2).reshape(b, t, -1)
 
+class MaskValues(nn.Module):
+    """Llama's `torch.full(..., fill_value=min_dtype)` and GPT-2's `mask_value` (a name given to a number, then to the
+    tensor made of it, which the next line reads)."""
+
+    def forward(self, x):
+        t = x.shape[-1]
+        min_dtype = torch.finfo(x.dtype).min
+        causal = torch.full((t, t), fill_value=min_dtype, dtype=x.dtype).triu(1)
+        mask_value = torch.finfo(x.dtype).min
+        mask_value = torch.full([], mask_value, dtype=x.dtype)
+        return torch.where(x > 0, x, mask_value) + causal
+
 class NamingTests(unittest.TestCase):
     """A setting is named after the Python expression its value came from, one setting per (name, value) read
     everywhere the value was used, and a number the Python line writes stays a literal (docs/porting.md)."""
@@ -373,6 +385,15 @@ class NamingTests(unittest.TestCase):
         self.assertIn("where (size2 == 2) was True;", forward)
         self.assertIn("((size == b) was True: checked; (size2 == 2) was True: checked; (size3 == t) was True: checked; "
                       "(size4 == 4) was True: checked)", code)
+
+    def test_a_fill_value_is_named_after_its_argument_unless_the_name_is_given_to_another_value(self):
+        code = generate(MaskValues().eval(), (torch.randn(3, 3),), "MaskValues")
+        # min_dtype names the full's fill value; mask_value also names the tensor the next line reads, so the port could
+        # not follow a setting of that name there: the older rule names it (the operation's argument).
+        self.assertIn("public MaskValues(double min_dtype, double fill_value)", code)
+        forward = self.forward_of(code, "MaskValues")
+        self.assertRegex(forward, r"torch\.full\(new long\[\] \{ t, t \}, min_dtype, dtype: ScalarType\.Float32\);")
+        self.assertRegex(forward, r"Tensor mask_value = torch\.full\(System\.Array\.Empty<long>\(\), fill_value, dtype: ScalarType\.Float32\);")
 
     def test_a_size_derived_name_is_not_a_setting(self):
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports"))

@@ -285,16 +285,16 @@ namespace TorchLinear.Tests.Ports.Llama
     /// <summary>PyTorch's <c>LlamaModel</c> (transformers.models.llama.modeling_llama.LlamaModel), written from its traced forward.</summary>
     public sealed class LlamaModel : nn.Module<Tensor, Tensor>
     {
-        private readonly double fill_value;
+        private readonly double min_dtype;
         private readonly TorchSharp.Modules.Embedding embed_tokens;
         private readonly TorchSharp.Modules.ModuleList<LlamaDecoderLayer> layers;
         private readonly LlamaRMSNorm norm;
         private readonly LlamaRotaryEmbedding rotary_emb;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public LlamaModel(double fill_value) : base("LlamaModel")
+        public LlamaModel(double min_dtype) : base("LlamaModel")
         {
-            this.fill_value = fill_value;
+            this.min_dtype = min_dtype;
             embed_tokens = nn.Embedding(100, 32);
             register_module("embed_tokens", embed_tokens);
             layers = new TorchSharp.Modules.ModuleList<LlamaDecoderLayer>(new LlamaDecoderLayer(), new LlamaDecoderLayer());
@@ -318,7 +318,7 @@ namespace TorchLinear.Tests.Ports.Llama
             long t3 = sequence_length + 0;  // modeling_llama.py:934: else past_seen_tokens + sequence_length + 1
             long target_length = t3 + 1;  // modeling_llama.py:934: else past_seen_tokens + sequence_length + 1
             long batch_size = t.size(0);  // modeling_llama.py:945: batch_size=input_tensor.shape[0],
-            Tensor causal_mask = torch.full(new long[] { sequence_length, target_length }, fill_value, dtype: ScalarType.Float32);  // modeling_llama.py:1000: causal_mask = torch.full(
+            Tensor causal_mask = torch.full(new long[] { sequence_length, target_length }, min_dtype, dtype: ScalarType.Float32);  // modeling_llama.py:1000: causal_mask = torch.full(
             if (!(sequence_length != 1)) throw new InvalidOperationException("LlamaModel: traced with modeling_llama.py:1003: if sequence_length != 1: where (sequence_length != 1) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:1003: if sequence_length != 1:
             Tensor causal_mask2 = causal_mask.triu(1);  // modeling_llama.py:1004: causal_mask = torch.triu(causal_mask, diagonal=1)
             Tensor t4 = torch.arange(target_length, dtype: ScalarType.Int64);  // modeling_llama.py:1005: causal_mask *= torch.arange(target_length, device=device) > cache_position.reshape(-1, 1)
@@ -347,7 +347,7 @@ namespace TorchLinear.Tests.Ports.Llama
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public LlamaForCausalLM() : base("LlamaForCausalLM")
         {
-            model = new LlamaModel(fill_value: -3.4028234663852886e+38);
+            model = new LlamaModel(min_dtype: -3.4028234663852886e+38);
             register_module("model", model);
             lm_head = new CustomLinear(32, 100, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("lm_head", lm_head);
