@@ -230,7 +230,7 @@ def _evaluates_to(expr, value, module, path):
                               ast.operator, ast.unaryop)):
             return False
     scope = {}
-    for m in list(sys.modules.values()):
+    for m in list(sys.modules.values()) if path else ():
         if getattr(m, "__file__", None) and os.path.abspath(m.__file__) == os.path.abspath(path):
             scope.update(vars(m))
             break
@@ -1522,9 +1522,27 @@ def _literal_in_source(value, k, lines):
                 return False
             continue
         numbers = re.findall(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)", code)
-        if not any(float(n) == abs(value) for n in numbers):
+        if not any(float(n) == abs(value) for n in numbers) and not _constant_expression_in(code, value):
             return False
     return True
+
+
+def _constant_expression_in(code, value):
+    """Whether the Python line `code` holds an expression of number literals, arithmetic and math's functions and
+    constants only (`math.sqrt(2.0 / math.pi)`) equal to `value`: code, not configuration."""
+    try:
+        tree = ast.parse(code.strip() + (" pass" if code.rstrip().endswith(":") else ""))
+    except SyntaxError:
+        return False
+    for n in ast.walk(tree):
+        if not isinstance(n, (ast.BinOp, ast.Call)):
+            continue
+        names = [m for m in ast.walk(n) if isinstance(m, ast.Name)]
+        if any(m.id != "math" for m in names) or not names and isinstance(n, ast.Call):
+            continue
+        if _evaluates_to(n, value, None, None):
+            return True
+    return False
 
 
 def _fresh_name(base, used):

@@ -327,6 +327,12 @@ class MaskValues(nn.Module):
         mask_value = torch.full([], mask_value, dtype=x.dtype)
         return torch.where(x > 0, x, mask_value) + causal
 
+class TanhGelu(nn.Module):
+    """transformers' NewGELUActivation in small: `math.sqrt(2.0 / math.pi)` is made of literals only."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
 class NamingTests(unittest.TestCase):
     """A setting is named after the Python expression its value came from, one setting per (name, value) read
     everywhere the value was used, and a number the Python line writes stays a literal (docs/porting.md)."""
@@ -394,6 +400,12 @@ class NamingTests(unittest.TestCase):
         forward = self.forward_of(code, "MaskValues")
         self.assertRegex(forward, r"torch\.full\(new long\[\] \{ t, t \}, min_dtype, dtype: ScalarType\.Float32\);")
         self.assertRegex(forward, r"Tensor mask_value = torch\.full\(System\.Array\.Empty<long>\(\), fill_value, dtype: ScalarType\.Float32\);")
+
+    def test_an_expression_of_literals_is_a_const_not_a_setting(self):
+        code = generate(TanhGelu().eval(), (torch.randn(2, 3),), "TanhGelu")
+        self.assertIn("public TanhGelu() : base(\"TanhGelu\")", code)
+        self.assertIn(f"private const double mul_other3 = {math.sqrt(2.0 / math.pi)!r};", code)
+        self.assertNotIn("private readonly double", code)
 
     def test_a_size_derived_name_is_not_a_setting(self):
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports"))

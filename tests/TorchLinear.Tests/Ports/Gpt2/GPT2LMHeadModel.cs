@@ -133,13 +133,12 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private const double mul_other = 0.5;
         private const double pow_other = 3.0;
         private const double mul_other2 = 0.044715;
+        private const double mul_other3 = 0.7978845608028654;
         private const double add_other = 1.0;
-        private readonly double mul_other3;
 
-        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public NewGELUActivation(double mul_other3) : base("NewGELUActivation")
+        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
+        public NewGELUActivation() : base("NewGELUActivation")
         {
-            this.mul_other3 = mul_other3;
         }
 
         /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
@@ -173,7 +172,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
             register_module("c_fc", c_fc);
             c_proj = new Conv1D(weight_shape: 128, weight_shape2: 32);
             register_module("c_proj", c_proj);
-            act = new NewGELUActivation(mul_other3: 0.7978845608028654);
+            act = new NewGELUActivation();
             register_module("act", act);
             dropout = nn.Dropout(0.1, inplace: false);
             register_module("dropout", dropout);
