@@ -279,7 +279,10 @@ def _source_operand(frame, op, value, module, position=None, traced=None):
     several candidates that disagree, an expression without a name).
 
     op 'view'/'reshape'/'expand': the positional argument of the line's `.op(...)` call at `position` (the element
-    of a tuple or of a starred name passed whole: `view(new_shape)` gives `new_shape_2`). Otherwise a binary
+    of a tuple or of a starred name passed whole: `view(new_shape)` gives `new_shape_2`); 'full'/'masked_fill'
+    (_CALL_ARGUMENTS): the fill value, positional or by keyword; 'arange': the positional argument at `position`;
+    'slice': the bound `position` = (dim, 'lower' | 'upper') of the subscript's slice at that dimension; 'compare':
+    the element at the size's dimension `position` of a tuple a `.size()` or `.shape` is compared with. Otherwise a binary
     operation (`_BINOPS`): the operand that is not the traced one, `traced` the C# name of the traced operand: a
     literal equal to the value, else the one operand that evaluates to it (_evaluates_to), else the operand not
     named as the traced one, else the right one of `/ // % -` (the left of a reflected `-`), else the one operand with
@@ -303,8 +306,11 @@ def _source_operand(frame, op, value, module, position=None, traced=None):
         for n in ast.walk(tree):
             if isinstance(n, ast.Call) and isinstance(n.func, (ast.Attribute, ast.Name)) and \
                     (n.func.attr if isinstance(n.func, ast.Attribute) else n.func.id) == op:
-                args = [a for a in n.args if not isinstance(a, ast.Starred)]
-                if len(args) != len(n.args):
+                args = list(n.args)
+                if op == "masked_fill" and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) \
+                        and n.func.value.id == "torch":
+                    args = args[1:]   # torch.masked_fill(x, mask, value)
+                if any(isinstance(a, ast.Starred) for a in args):
                     answers.append(("none", None))
                 elif index < len(args):
                     answers.append(element(args[index]))
