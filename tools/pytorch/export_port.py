@@ -32,6 +32,7 @@ value the trace froze that changes with the input's shape or values (found by tr
 values and comparing the generated C#) and every call the port cannot make (one tensor as two arguments, more than six)
 is refused with ExportRefused, before anything is written. docs/porting.md has the rules.
 """
+import ast
 import hashlib
 import inspect
 import keyword
@@ -126,16 +127,21 @@ def cs_type_of(value):
     raise TypeError(value)
 
 
-def _source_of(node):
-    """'file.py:line: source text' for a graph node: the innermost frame of the tracer's Python stack that is not in
-    torch itself (F.softmax's caller rather than torch/nn/functional.py), or ''."""
+def _frame_of(node):
+    """(file, line) of a graph node: the innermost frame of the tracer's Python stack that is not in torch itself
+    (F.softmax's caller rather than torch/nn/functional.py), or None."""
     text = str(node.sourceRange()) if hasattr(node, "sourceRange") else ""
     frames = [(m.group(1), int(m.group(2))) for m in re.finditer(r"(\S+\.py)\((\d+)\)", text)]
     if not frames:
-        return ""
+        return None
     own = [f for f in frames if "/torch/" not in f[0]]
-    path, line = own[0] if own else frames[0]
-    return _describe_line(path, line)
+    return own[0] if own else frames[0]
+
+
+def _source_of(node):
+    """'file.py:line: source text' for a graph node (_frame_of), or ''."""
+    frame = _frame_of(node)
+    return _describe_line(*frame) if frame else ""
 
 
 def _describe_line(path, line):
@@ -148,6 +154,276 @@ def _describe_line(path, line):
         short = os.path.basename(path)
     code = linecache.getline(path, line).strip()
     return f"{short}:{line}: {code}" if code else f"{short}:{line}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings named after the Python source: the expression of the line that a traced constant came from.
+
+LITERAL = "<literal>"   # _source_operand's answer for a number the Python line writes as a literal
+
+
+def _parse_statement(path, line):
+    """The statement starting at path:line as (ast tree, its text) (the line alone, or with the lines that continue
+    it), or None."""
+    text = linecache.getline(path, line)
+    if not text.strip():
+        return None
+    code = text.strip()
+    if code.startswith("elif "):
+        code = code[2:]
+    for extra in range(0, 8):
+        if extra:
+            more = linecache.getline(path, line + extra)
+            if not more:
+                return None
+            code += "\n" + more.strip()
+        for attempt in (code, code + " pass" if code.rstrip().endswith(":") else None):
+            if attempt is None:
+                continue
+            try:
+                return ast.parse(attempt), attempt
+            except SyntaxError:
+                pass
+    return None
+
+
+def _setting_name(expr):
+    """The name a setting takes after the Python expression it came from: a name its name (`n_rep`), `self.attr` (or
+    any `a.attr`) `attr`, `f(a.b)` `f_b` (`math.sqrt(self.head_dim)`: `sqrt_head_dim`), `torch.finfo(dtype).min`
+    `finfo_min`, `shape[2]` `shape_2`; anything else None."""
+    if isinstance(expr, ast.Name):
+        return expr.id
+    if isinstance(expr, ast.Attribute):
+        if isinstance(expr.value, ast.Call):
+            inner = _setting_name(expr.value.func)
+            return f"{inner}_{expr.attr}" if inner else None
+        return expr.attr
+    if isinstance(expr, ast.Call) and not expr.keywords:
+        func = _setting_name(expr.func)
+        args = [_setting_name(a) for a in expr.args]
+        if func is None or any(a is None for a in args):
+            return None
+        return "_".join([func] + args)
+    if isinstance(expr, ast.Subscript):
+        index = expr.slice.value if isinstance(expr.slice, ast.Index) else expr.slice   # ast.Index: Python < 3.9
+        if isinstance(expr.value, ast.Name) and isinstance(index, ast.Constant) and type(index.value) is int \
+                and index.value >= 0:
+            return f"{expr.value.id}_{index.value}"
+    return None
+
+
+def _is_number_literal(expr, value):
+    """Whether expr is the literal `value` (`2`, `-1`, `0.5`)."""
+    if isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.USub):
+        return _is_number_literal(expr.operand, -value)
+    return isinstance(expr, ast.Constant) and type(expr.value) in (int, float) and expr.value == value
+
+
+def _evaluates_to(expr, value, module, path):
+    """Whether expr, made only of names, attributes, numbers, arithmetic and calls of math's functions, evaluates to
+    `value` with `self` the module and the globals of the file the line is in (no other call is made)."""
+    for n in ast.walk(expr):
+        if isinstance(n, ast.Call) and not (isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+                                            and n.func.value.id == "math"):
+            return False
+        if not isinstance(n, (ast.Name, ast.Attribute, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Call, ast.Load,
+                              ast.operator, ast.unaryop)):
+            return False
+    scope = {}
+    for m in list(sys.modules.values()) if path else ():
+        if getattr(m, "__file__", None) and os.path.abspath(m.__file__) == os.path.abspath(path):
+            scope.update(vars(m))
+            break
+    scope.update({"self": module, "math": math})
+    try:
+        got = eval(compile(ast.Expression(expr), "<setting>", "eval"), {"__builtins__": {}}, scope)  # noqa: S307
+    except Exception:   # a local of the function, an attribute the module lacks: not this operand
+        return False
+    return type(got) in (int, float) and not isinstance(got, bool) and got == value
+
+
+_CALL_ARGUMENTS = {"full": (1, "fill_value"), "masked_fill": (1, "value")}   # the number's position (method: after self)
+_BINOPS = {"mul": ast.Mult, "div": ast.Div, "add": ast.Add, "sub": ast.Sub, "rsub": ast.Sub, "floor_divide": ast.FloorDiv,
+           "remainder": ast.Mod}
+
+
+def _size_dim(value):
+    """The dimension d when graph value `value` is `x.size(d)` (through the tracer's int conversions), else None."""
+    node = value.node()
+    while node.kind() in ("prim::NumToTensor", "aten::Int", "aten::ScalarImplicit") and list(node.inputs()):
+        node = node.inputsAt(0).node()
+    if node.kind() != "aten::size" or len(list(node.inputs())) != 2 or node.inputsAt(1).node().kind() != "prim::Constant":
+        return None
+    dim = node.inputsAt(1).toIValue()
+    rank = node.inputsAt(0).type().dim() if node.inputsAt(0).type().kind() == "TensorType" else None
+    if dim < 0:
+        dim = dim + rank if rank is not None else None
+    return dim
+
+
+def _named(expr):
+    """_source_operand's answer for an expression: ("bare", name) for a plain name (a local, an argument, a global),
+    ("tuple", name) for an element of a tuple built elsewhere, ("name", name) for another expression with a name
+    (_setting_name), ("none", None) for one without."""
+    name = _setting_name(expr)
+    if name is None:
+        return "none", None
+    if isinstance(expr, ast.Name):
+        return "bare", name
+    return ("tuple" if isinstance(expr, ast.Subscript) else "name"), name
+
+
+def _source_operand(frame, op, value, module, position=None, traced=None):
+    """What a constant of a traced operation is in its Python line (frame): ("literal", LITERAL) when the line writes
+    it as a number, else the expression it came from as _named says, or None when the line does not say (unparsable,
+    several candidates that disagree, an expression without a name).
+
+    op 'view'/'reshape'/'expand': the positional argument of the line's `.op(...)` call at `position` (the element
+    of a tuple or of a starred name passed whole: `view(new_shape)` gives `new_shape_2`); 'full'/'masked_fill'
+    (_CALL_ARGUMENTS): the fill value, positional or by keyword; 'arange': the positional argument at `position`;
+    'slice': the bound `position` = (dim, 'lower' | 'upper') of the subscript's slice at that dimension; 'compare':
+    the element at the size's dimension `position` of a tuple a `.size()` or `.shape` is compared with. Otherwise a binary
+    operation (`_BINOPS`): the operand that is not the traced one, `traced` the C# name of the traced operand: a
+    literal equal to the value, else the one operand that evaluates to it (_evaluates_to), else the operand not
+    named as the traced one, else the right one of `/ // % -` (the left of a reflected `-`), else the one operand with
+    a name."""
+    if frame is None:
+        return None
+    parsed = _parse_statement(*frame)
+    if parsed is None:
+        return None
+    tree = parsed[0]
+    answers = []
+
+    def element(arg):   # an argument the value is: a literal, or the expression's name
+        if _is_number_literal(arg, value):
+            return "literal", LITERAL
+        return _named(arg)
+
+    if op in _CALL_ARGUMENTS:
+        # torch.full(size, fill_value), x.masked_fill(mask, value): that argument, positional or by keyword
+        index, keyword = _CALL_ARGUMENTS[op]
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Call) and isinstance(n.func, (ast.Attribute, ast.Name)) and \
+                    (n.func.attr if isinstance(n.func, ast.Attribute) else n.func.id) == op:
+                args = list(n.args)
+                if op == "masked_fill" and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name) \
+                        and n.func.value.id == "torch":
+                    args = args[1:]   # torch.masked_fill(x, mask, value)
+                if any(isinstance(a, ast.Starred) for a in args):
+                    answers.append(("none", None))
+                elif index < len(args):
+                    answers.append(element(args[index]))
+                else:
+                    given = [k.value for k in n.keywords if k.arg == keyword]
+                    answers.append(element(given[0]) if given else ("none", None))
+    elif op == "arange":
+        # torch.arange(start, end, step): the positional argument at `position`
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Call) and isinstance(n.func, (ast.Attribute, ast.Name)) and \
+                    (n.func.attr if isinstance(n.func, ast.Attribute) else n.func.id) == "arange":
+                if any(isinstance(a, ast.Starred) for a in n.args) or position >= len(n.args):
+                    answers.append(("none", None))
+                else:
+                    answers.append(element(n.args[position]))
+    elif op == "slice":
+        # x[a:b, c:d]: the bound (`position` (dim, 'lower' | 'upper' | 'step')) of the slice at that dimension, where
+        # the subscript has no `...` (a slice or None before it takes one dimension each, an index none)
+        dim, bound = position
+        for n in ast.walk(tree):
+            if not isinstance(n, ast.Subscript):
+                continue
+            index = n.slice.value if isinstance(n.slice, ast.Index) else n.slice   # ast.Index: Python < 3.9
+            items = list(index.elts) if isinstance(index, ast.Tuple) else [index]
+            if not any(isinstance(i, ast.Slice) for i in items):
+                continue
+            if any(isinstance(i, ast.Constant) and i.value is Ellipsis for i in items):
+                answers.append(("none", None))
+                continue
+            at, found = 0, None
+            for i in items:
+                if at == dim and isinstance(i, ast.Slice):
+                    found = i
+                    break
+                if isinstance(i, ast.Slice) or isinstance(i, ast.Constant) and i.value is None:
+                    at += 1
+            if found is None:
+                answers.append(("none", None))
+                continue
+            expr = getattr(found, bound)
+            answers.append(("literal", LITERAL) if expr is None else element(expr))
+    elif op == "compare":
+        # `x.size() != (a, b, c)` (or `x.shape == [...]`): the element at the size's dimension `position`
+        for n in ast.walk(tree):
+            if not (isinstance(n, ast.Compare) and len(n.ops) == 1):
+                continue
+            sides = [n.left, n.comparators[0]]
+            tuples = [e for e in sides if isinstance(e, (ast.Tuple, ast.List))]
+            sizes = [e for e in sides if isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and e.func.attr == "size"
+                     and not e.args or isinstance(e, ast.Attribute) and e.attr == "shape"]
+            if len(tuples) == 1 and len(sizes) == 1:
+                elts = tuples[0].elts
+                if any(isinstance(e, ast.Starred) for e in elts) or position >= len(elts):
+                    answers.append(("none", None))
+                else:
+                    answers.append(element(elts[position]))
+    elif op in ("view", "reshape", "expand"):
+        for n in ast.walk(tree):
+            if not (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == op):
+                continue
+            args = list(n.args)
+            if isinstance(n.func.value, ast.Name) and n.func.value.id == "torch":
+                args = args[1:]   # torch.reshape(x, shape)
+            if len(args) == 1 and not isinstance(args[0], ast.Starred) and position is not None and not (
+                    isinstance(args[0], ast.Constant) or isinstance(args[0], ast.UnaryOp)):
+                whole = args[0]
+                if isinstance(whole, (ast.Tuple, ast.List)):
+                    args = list(whole.elts)
+                elif isinstance(whole, ast.Name):
+                    answers.append(("tuple", f"{whole.id}_{position}"))
+                    continue
+                else:
+                    answers.append(("none", None))
+                    continue
+            elif len(args) == 1 and isinstance(args[0], ast.Starred) and isinstance(args[0].value, ast.Name):
+                answers.append(("tuple", f"{args[0].value.id}_{position}"))
+                continue
+            starred = [i for i, a in enumerate(args) if isinstance(a, ast.Starred)]
+            if starred and position >= starred[0] or position >= len(args):
+                answers.append(("none", None))
+                continue
+            answers.append(element(args[position]))
+    elif op in _BINOPS:
+        binops = [(n.left, n.right) for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, _BINOPS[op])]
+        binops += [(n.target, n.value) for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and isinstance(n.op, _BINOPS[op])]
+        strong = []
+        for left, right in binops:
+            literal = [e for e in (left, right) if _is_number_literal(e, value)]
+            if literal:
+                strong.append(("literal", LITERAL))
+                continue
+            evaluated = [e for e in (left, right) if _evaluates_to(e, value, module, frame[0])]
+            if len(evaluated) == 1:
+                strong.append(_named(evaluated[0]))
+        if strong:
+            answers = strong
+        elif len(binops) == 1:
+            left, right = binops[0]
+            base = re.sub(r"\d+$", "", traced or "")
+            named = [e for e in (left, right) if not (isinstance(e, ast.Name) and base and e.id == base)]
+            if len(named) == 1:
+                chosen = named[0]
+            elif op in ("div", "sub", "floor_divide", "remainder"):
+                chosen = right
+            elif op == "rsub":
+                chosen = left
+            else:
+                with_name = [e for e in (left, right) if _setting_name(e)]
+                chosen = with_name[0] if len(with_name) == 1 else None
+            answers.append(_named(chosen) if chosen is not None else ("none", None))
+    if not answers or len(set(answers)) != 1 or answers[0][0] == "none":
+        return None
+    return answers[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -279,7 +555,7 @@ class Refusals:
 class Translator:
     """Turns module `module` (at `path`) with its traced graph into C# forward lines (with slot markers)."""
 
-    def __init__(self, exporter, module, traced, path, body, field_of, refusals, is_root):
+    def __init__(self, exporter, module, traced, path, body, field_of, refusals, is_root, unnamed=frozenset()):
         self.x, self.module, self.traced, self.path, self.body = exporter, module, traced, path, body
         self.field_of = field_of            # PyTorch child/param/buffer name -> C# field name
         self.refusals, self.is_root = refusals, is_root
@@ -287,6 +563,9 @@ class Translator:
         self.names = set(field_of.values()) | {"scope"}
         self.values = {}
         self.config = {}                    # (name, value) -> marker, to reuse a named field
+        self.bare = {}                      # marker -> (name, value) of a setting named after a plain Python name
+        self.unnamed = unnamed              # plain Python names not to name settings after (partial_settings)
+        self.line_frames = {}               # index in lines -> (file, line) of the Python statement it came from
         self.called = []                    # (child name, argument count, output count)
         self.input_names = []
         self.locals = []
@@ -335,19 +614,54 @@ class Translator:
         self.refusals.add(f"{why} at {self.where(node)}")
 
     def emit(self, node, text):
+        frame = _frame_of(node)
+        if frame is not None:
+            self.line_frames[len(self.lines)] = frame
         src = _source_of(node)
         self.lines.append(f"{text}" + (f"  // {src}" if src else ""))
 
     # -- config values (named fields)
-    def config_value(self, value, hint):
-        """A number the code holds: named after the module attribute equal to it when exactly one is, else `hint`."""
+    def attribute_equal_to(self, value):
+        """The module attribute equal to `value` when exactly one is, else None."""
         names = [k for k, v in vars(self.module).items()
                  if not k.startswith("_") and type(v) is type(value) and not isinstance(v, bool) and v == value]
-        name = names[0] if len(names) == 1 else hint
+        return names[0] if len(names) == 1 else None
+
+    def config_value(self, value, hint, source=None):
+        """A number the code holds, a named setting: named after the Python expression it came from (`source`, from
+        _source_operand: `n_rep`, `head_dim`, `sqrt_head_dim`), else (an element of a tuple built elsewhere, or no
+        source) after the module attribute equal to it when exactly one is, else `new_shape_2` or `hint`. One setting
+        per (name, value): every use of a value named alike is the same setting."""
+        if source is not None and source[0] in ("name", "bare"):
+            name = source[1]
+        else:
+            name = self.attribute_equal_to(value) or (source[1] if source is not None else hint)
         key = (name, value)
         if key not in self.config:
             self.config[key] = self.body.slot(name, value, "field")
+        if source is not None and source[0] == "bare":
+            self.bare[self.config[key]] = (name, value)
         return self.config[key]
+
+    def partial_settings(self):
+        """The plain Python names (`n_rep`, `past_length`) of settings that some statement of this forward reads
+        without the port reading the setting there (`past_seen_tokens + n` on a line the generator did not name, a
+        size-derived `keep = min(n, 4)`, a name given to another value later): such a setting is not one the port
+        follows, and the module is translated again without those names (the older rule names their values), so that
+        changing a setting never changes some of its uses and not others."""
+        by_frame = {}
+        for index, frame in self.line_frames.items():
+            by_frame.setdefault(frame, []).append(self.lines[index])
+        partial = set()
+        for marker, (name, value) in self.bare.items():
+            pattern = re.compile(rf"(?<![\w.]){re.escape(name)}\b")
+            for frame, lines in by_frame.items():
+                parsed = _parse_statement(*frame)
+                text = parsed[1] if parsed else linecache.getline(*frame)
+                if pattern.search(text) and not any(marker in line.partition("  // ")[0] for line in lines):
+                    partial.add(name)
+                    break
+        return partial
 
     # -- values
     def const_of(self, node):
@@ -397,8 +711,34 @@ class Translator:
         self.refuse(node, f"{node.kind()}: {what} is a {val.kind}, not a tensor")
         return "null!"
 
-    def scalar(self, val, node, hint, config=True):
-        """A number argument: a config field for a constant float, the expression otherwise."""
+    def source_operand(self, node, op, value, **kwargs):
+        """_source_operand for this node's Python line and this module (None for a plain name partial_settings
+        found partial)."""
+        source = _source_operand(_frame_of(node), op, value, self.module, **kwargs)
+        if source is not None and source[0] == "bare" and source[1] in self.unnamed:
+            return None
+        return source
+
+    def named_int(self, node, op, val, position):
+        """An int argument (a slice's bound, arange's start, end, step): a setting where it is a constant that the Python
+        line names (`past_length` in `torch.arange(past_length, n + past_length)`, the setting its `+ past_length` is),
+        else its expression (a literal where the line writes one or does not say)."""
+        if val.kind == "long" and val.const is not None and val.const != 2**63 - 1 and position is not None \
+                and (not isinstance(position, tuple) or position[0] is not None):
+            source = self.source_operand(node, op, val.const, position=position)
+            if source is not None and source[0] != "literal":
+                return self.config_value(val.const, f"{op}_{position if isinstance(position, int) else position[1]}", source)
+        return val.expr
+
+    def scalar(self, val, node, hint, config=True, op=None):
+        """A number argument: a config field for a constant float, the expression otherwise. With `op` (a binary
+        operation on a tensor, masked_fill), a constant the Python line names is a setting named so (an int too), one
+        it writes as a literal or does not name keeps the hint (a float the line writes as a literal becomes a const,
+        plan)."""
+        if op is not None and val.kind in ("double", "long") and val.const is not None and config:
+            source = self.source_operand(node, op, val.const)
+            if source is not None and source[0] in ("name", "bare"):
+                return self.config_value(val.const, hint, source)
         if val.kind == "double" and val.const is not None and config:
             return self.config_value(val.const, hint)
         if val.kind in ("long", "double", "bool"):
@@ -408,12 +748,19 @@ class Translator:
         self.refuse(node, f"{node.kind()}: argument {hint} is a {val.kind}")
         return "0"
 
-    def longs(self, val, node, hint, config=False):
+    def longs(self, val, node, hint, config=False, op=None):
+        """A list of ints. With config (the shape of view, reshape, expand: `op`), a constant element is a setting
+        named after the call's argument in the Python line (config_value), or stays a literal where the line writes
+        one (-1, an inferred size, always does)."""
         if val.kind == "longs":
             items = []
             for i, item in enumerate(val.items):
-                if config and item.const is not None and item.const >= 0:   # -1 (inferred) stays a literal
-                    items.append(self.config_value(item.const, f"{hint}_{i}"))
+                if config and item.const is not None and item.const >= 0:
+                    source = self.source_operand(node, op, item.const, position=i) if op else None
+                    if source is not None and source[0] == "literal":
+                        items.append(item.expr)
+                    else:
+                        items.append(self.config_value(item.const, f"{hint}_{i}", source))
                 else:
                     items.append(item.expr)
             return "new long[] { " + ", ".join(items) + " }"
@@ -566,10 +913,11 @@ class Translator:
                               f"gives it {outcome}, list {os.path.basename(file)}:{line} in assume_shape_conditions")
             return
         pyname = type(self.module).__name__
+        check_text, text = text, re.sub(r"@@(\d+)@@", lambda m: cs_literal(self.body.slots[int(m.group(1))][1]), text)
         message = (f"{pyname}: traced with {described} where {text} was {outcome}; this input makes it {not outcome}, "
                    f"which the port does not compute (the other branch, another number): re-export at that shape")
         message = message.replace("\\", "\\\\").replace('"', '\\"')
-        check = f"!{text}" if outcome else text
+        check = f"!{check_text}" if outcome else check_text
         status = f"{text} was {outcome}: checked"
         if status not in self.x.guard_status.setdefault(key, []):
             self.x.guard_status[key].append(status)
@@ -829,12 +1177,25 @@ class Translator:
         ints = all(x.kind in ("long",) for x in a) and op in ("floor_divide", "mul", "add", "sub", "remainder")
         if ints and a:
             x, y = a[0], a[1]
+            # A constant operand of size arithmetic: a literal where the Python line writes one (`// 2`), a setting
+            # named after the operand it came from where the line names one (`* n_rep`: the setting the expand's n_rep
+            # is), else as before (floor_divide's divisor a setting, another operand a literal).
+            texts = []
+            for operand, other in ((x, y), (y, x)):
+                text = operand.expr
+                if operand.const is not None and other.const is None:
+                    source = self.source_operand(node, op, operand.const, traced=other.expr)
+                    if source is not None and source[0] != "literal":
+                        text = self.config_value(operand.const, f"{op}_by", source)
+                    elif source is None and op == "floor_divide" and operand is y:
+                        text = self.config_value(operand.const, "floor_divide_by")
+                texts.append(text)
+            xexpr, yexpr = texts
             if op == "floor_divide":
                 if not (x.nonneg and y.nonneg):
                     self.refuse(node, "aten::floor_divide of numbers that may be negative")
                     return
-                yexpr = self.config_value(y.const, "floor_divide_by") if y.const is not None else y.expr
-                self.set(node, "long", f"{x.expr} / {yexpr}", nonneg=True, statement_type="long")
+                self.set(node, "long", f"{xexpr} / {yexpr}", nonneg=True, statement_type="long")
                 return
             if op == "remainder" and not (x.nonneg and y.nonneg):
                 # Python's % floors, C#'s truncates: they agree only on numbers that are not negative.
@@ -844,11 +1205,21 @@ class Translator:
                 self.refuse(node, f"aten::{op} of numbers with alpha")
                 return
             sym = {"mul": "*", "add": "+", "sub": "-", "remainder": "%"}[op]
-            self.set(node, "long", f"{x.expr} {sym} {y.expr}", nonneg=x.nonneg and y.nonneg and op != "sub", statement_type="long")
+            self.set(node, "long", f"{xexpr} {sym} {yexpr}", nonneg=x.nonneg and y.nonneg and op != "sub", statement_type="long")
             return
         if op in ("eq", "ne", "lt", "gt", "le", "ge") and len(a) == 2 and all(x.kind in ("long", "double") for x in a):
             sym = {"eq": "==", "ne": "!=", "lt": "<", "gt": ">", "le": "<=", "ge": ">="}[op]
-            self.values[node.output().unique()] = Value("bool", f"({a[0].expr} {sym} {a[1].expr})")
+            # A size compared with a number the Python line names (`x.size() != (bsz, self.num_heads, ...)`): the
+            # setting of that name, so that a port built with another num_heads checks its own (a literal stays one).
+            texts = [a[0].expr, a[1].expr]
+            for k in (0, 1):
+                operand, other = a[k], a[1 - k]
+                if operand.kind == "long" and operand.const is not None and other.const is None:
+                    dim = _size_dim(node.inputsAt(1 - k))
+                    source = self.source_operand(node, "compare", operand.const, position=dim) if dim is not None else None
+                    if source is not None and source[0] != "literal":
+                        texts[k] = self.config_value(operand.const, "compare", source)
+            self.values[node.output().unique()] = Value("bool", f"({texts[0]} {sym} {texts[1]})")
             return
         if op in ("__and__", "__or__", "logical_and", "logical_or", "bitwise_and", "bitwise_or") and len(a) == 2 \
                 and all(x.kind == "bool" for x in a):
@@ -875,9 +1246,9 @@ class Translator:
             self.set(node, "long", f"{a[0].expr}.size({a[1].expr})", nonneg=True, statement_type="long", name_hint=hint)
             return
         simple = {
-            "view": lambda: f"{T(0)}.view({self.longs(a[1], node, 'shape', config=True)})",
-            "reshape": lambda: f"{T(0)}.reshape({self.longs(a[1], node, 'shape', config=True)})",
-            "expand": lambda: f"{T(0)}.expand({self.longs(a[1], node, 'shape', config=True)})",
+            "view": lambda: f"{T(0)}.view({self.longs(a[1], node, 'shape', config=True, op='view')})",
+            "reshape": lambda: f"{T(0)}.reshape({self.longs(a[1], node, 'shape', config=True, op='reshape')})",
+            "expand": lambda: f"{T(0)}.expand({self.longs(a[1], node, 'shape', config=True, op='expand')})",
             "permute": lambda: f"{T(0)}.permute({self.longs(a[1], node, 'dims')})",
             "transpose": lambda: f"{T(0)}.transpose({a[1].expr}, {a[2].expr})",
             "matmul": lambda: f"{T(0)}.matmul({T(1)})",
@@ -899,7 +1270,7 @@ class Translator:
             "sin": lambda: f"{T(0)}.sin()",
             "silu": lambda: f"torch.nn.functional.silu({T(0)})",
             "select": lambda: f"{T(0)}.select({a[1].expr}, {a[2].expr})",
-            "masked_fill": lambda: f"{T(0)}.masked_fill({T(1)}, {self.scalar(a[2], node, 'fill_value')})",
+            "masked_fill": lambda: f"{T(0)}.masked_fill({T(1)}, {self.scalar(a[2], node, 'fill_value', op='masked_fill')})",
             "adaptive_avg_pool2d": lambda: f"torch.nn.functional.adaptive_avg_pool2d({T(0)}, {self.longs(a[1], node, 'output_size')})",
             "cat": lambda: f"torch.cat({a[0].expr}, {a[1].expr})" if a[0].kind == "tensors" else self.refuse(node, "aten::cat of a non-list"),
             "embedding": lambda: f"torch.nn.functional.embedding({T(1)}, {T(0)})" if a[2].const == -1 else self.refuse(node, "aten::embedding with padding_idx"),
@@ -914,7 +1285,7 @@ class Translator:
             if a[0].kind != "tensor":
                 self.refuse(node, f"aten::{op} with a {a[0].kind} first")
                 return
-            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, f"{base}_other")
+            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, f"{base}_other", op=base)
             extra = ""
             if base in ("add", "sub") and len(a) > 2 and a[2].const != 1:
                 extra = f", {self.scalar(a[2], node, 'alpha', config=False)}"
@@ -925,7 +1296,7 @@ class Translator:
             self.set(node, "tensor", f"{a[0].expr}.{op}({other}{extra})", statement_type="Tensor")
             return
         if op == "rsub":
-            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, "rsub_other")
+            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, "rsub_other", op="rsub")
             if len(a) > 2 and a[2].const != 1:
                 self.refuse(node, "aten::rsub with alpha")
                 return
@@ -945,14 +1316,15 @@ class Translator:
             self.set(node, "tensors", f"{T(0)}.chunk({a[1].expr}, {a[2].expr})", statement_type="Tensor[]")
             return
         if op == "slice":
-            start = "0" if a[2].kind == "none" else a[2].expr
-            end = "long.MaxValue" if a[3].kind == "none" else a[3].expr
+            dim = a[1].const if a[1].kind == "long" else None
+            start = "0" if a[2].kind == "none" else self.named_int(node, "slice", a[2], (dim, "lower"))
+            end = "long.MaxValue" if a[3].kind == "none" else self.named_int(node, "slice", a[3], (dim, "upper"))
             self.set(node, "tensor", f"{T(0)}.slice({a[1].expr}, {start}, {end}, {a[4].expr})", statement_type="Tensor")
             return
         if op == "arange":
             # arange(end, dtype, layout, device, pin) | arange(start, end, ...) | arange(start, end, step, ...)
             n = len(a) - 4
-            nums = [x.expr for x in a[:n]]
+            nums = [self.named_int(node, "arange", x, i) for i, x in enumerate(a[:n])]
             dtype = self.dtype(a[n], node)
             if dtype is None and all(x.kind == "long" for x in a[:n]):
                 dtype = "ScalarType.Int64"   # PyTorch's arange of integers is int64 (TorchSharp's default is not said)
@@ -963,7 +1335,8 @@ class Translator:
             # full(size, fill_value, dtype, layout, device, pin_memory)
             dtype = self.dtype(a[2], node)
             if a[1].kind == "double" and a[1].const is not None:
-                fill = self.config_value(a[1].const, "fill_value")
+                source = self.source_operand(node, "full", a[1].const)
+                fill = self.config_value(a[1].const, "fill_value", source if source and source[0] != "literal" else None)
             elif a[1].kind == "tensor":
                 fill = f"{a[1].expr}.ToScalar()"   # a number PyTorch computed as a 0-dim tensor (below), as it is
             else:
@@ -1155,9 +1528,27 @@ def _literal_in_source(value, k, lines):
                 return False
             continue
         numbers = re.findall(r"(?<![\w.])(\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.\d+(?:[eE][-+]?\d+)?)", code)
-        if not any(float(n) == abs(value) for n in numbers):
+        if not any(float(n) == abs(value) for n in numbers) and not _constant_expression_in(code, value):
             return False
     return True
+
+
+def _constant_expression_in(code, value):
+    """Whether the Python line `code` holds an expression of number literals, arithmetic and math's functions and
+    constants only (`math.sqrt(2.0 / math.pi)`) equal to `value`: code, not configuration."""
+    try:
+        tree = ast.parse(code.strip() + (" pass" if code.rstrip().endswith(":") else ""))
+    except SyntaxError:
+        return False
+    for n in ast.walk(tree):
+        if not isinstance(n, (ast.BinOp, ast.Call)):
+            continue
+        names = [m for m in ast.walk(n) if isinstance(m, ast.Name)]
+        if any(m.id != "math" for m in names) or not names and isinstance(n, ast.Call):
+            continue
+        if _evaluates_to(n, value, None, None):
+            return True
+    return False
 
 
 def _fresh_name(base, used):
@@ -1428,9 +1819,15 @@ class Exporter:
             cd = self.draft(child, self.traced_child(traced, name), f"{path}.{name}" if path else name)
             off = body.adopt(cd.slots)
             parts.append((field(name), name, cd, off))
+        mark = (len(body.slots), len(body.own))
         tr = Translator(self, module, traced, path, body, field_of, self.refusals, is_root)
         try:
             result = tr.run()
+            partial = tr.partial_settings()
+            if partial:
+                del body.slots[mark[0]:], body.own[mark[1]:]
+                tr = Translator(self, module, traced, path, body, field_of, self.refusals, is_root, unnamed=frozenset(partial))
+                result = tr.run()
         except ExportRefused as e:
             self.refusals.add(str(e))
             result = None
@@ -1698,7 +2095,9 @@ class Exporter:
         locals_ = set(inputs) | {line[1] for line in lines if line[1]}
         # Constructor parameters: values that differ between instances (equal columns are one parameter, named after
         # the first) and every configuration value of the forward (a named setting, kept in a field).
-        used = set(reserved) | locals_ | set(CS_KEYWORDS)
+        # A setting is named as the Python source names it even where a local of the forward has that name (the
+        # forward reads the field as this.name): the constructor's parameter names are what a caller reads.
+        used = set(reserved) | set(CS_KEYWORDS)
         params, alias, consts = [], {}, []
         by_column = {}
         for j, (name, values) in enumerate(columns):
@@ -1708,7 +2107,9 @@ class Exporter:
             if not varying and all(name not in vars(d.module) for d in members) and \
                     _literal_in_source(values[0], config_cols.index(j), lines):
                 # A float the Python line writes as a literal (`y * 2.0`, `float("-inf")`), not a setting.
-                alias[j] = {"name": _fresh_name(cs_ident(name), used), "values": values, "ctype": cs_type_of(values[0])}
+                const_name = _fresh_name(cs_ident(name), used | locals_)   # a const cannot be read as this.name
+                used.add(const_name)
+                alias[j] = {"name": const_name, "values": values, "ctype": cs_type_of(values[0]), "const": True}
                 consts.append(alias[j])
                 continue
             key = tuple(repr(v) for v in values) if varying else None
@@ -1735,7 +2136,7 @@ class Exporter:
         return {"kind": "gen", "members": members, "index": {id(d): i for i, d in enumerate(members)}, "params": params,
                 "columns": columns, "alias": alias, "shape_tpl": shape_tpl, "child_tpl": child_tpl, "children": children,
                 "config_cols": config_cols, "inputs": inputs, "lines": lines, "result": result, "conditions": conditions,
-                "flags": flags, "consts": consts, "reason": None}
+                "flags": flags, "consts": consts, "locals": locals_, "reason": None}
 
     # -- emission
     def render(self, tree, value_text, indent=12):
@@ -1787,6 +2188,12 @@ class Exporter:
 
         def value_text(j):
             return alias[j]["name"] if j in alias else cs_literal(columns[j][1][0])
+
+        def field(name):   # a field read in the forward: this.name where a local has its name
+            return f"this.{name}" if name in plan.get("locals", ()) else name
+
+        def forward_text(j):
+            return field(alias[j]["name"]) if j in alias and not alias[j].get("const") else value_text(j)
 
         lines = []
         if plan["reason"]:
@@ -1905,7 +2312,7 @@ class Exporter:
 
         def code(tokens):
             text = "".join(t[1] if isinstance(t, tuple) else t for t in tokens)
-            return re.sub(r"@@c(\d+)@@", lambda m: value_text(config_order[int(m.group(1))]), text)
+            return re.sub(r"@@c(\d+)@@", lambda m: forward_text(config_order[int(m.group(1))]), text)
 
         ins = plan["inputs"] if plan["inputs"] else ["input"]
         lines.append("        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>")
@@ -1919,7 +2326,7 @@ class Exporter:
                 condition = plan["conditions"][k]
                 if isinstance(condition, tuple):
                     neg, attr = condition
-                    condition = neg + plan["flags"][attr]["name"]
+                    condition = neg + field(plan["flags"][attr]["name"])
                     for c in nullable_children:   # a flag guards it: the compiler cannot know the submodule is there
                         expr = re.sub(rf"(?<![\w.]){c}\.call\(", f"{c}!.call(", expr)
                 statement = f"{ltype} {var} = {condition} ? {expr} : {passthrough};"

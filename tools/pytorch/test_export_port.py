@@ -3,6 +3,7 @@
     /usr/bin/python3 tools/pytorch/test_export_port.py
 
 The generated ports of real models are compiled and replayed by the .NET tests (tests/TorchLinear.Tests/Ports)."""
+import math
 import os
 import re
 import sys
@@ -241,6 +242,179 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+# Settings named after the Python source (NamingTests)
+
+def repeat_kv(hidden_states, n_rep):
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class GroupedQuery(nn.Module):
+    """Llama's attention in small: repeat_kv's n_rep (a function argument) in an expand and in the reshape's size
+    arithmetic, rotate_half's `// 2`, `/ math.sqrt(self.head_dim)`, and a local named head_dim beside the attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_dim = 4
+        self.num_key_value_groups = 2
+        self.q = nn.Linear(16, 16)
+        self.k = nn.Linear(16, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = repeat_kv(rotate_half(k), self.num_key_value_groups)
+        head_dim = q.shape[-1]
+        w = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(self.head_dim)
+        return (w.softmax(-1) @ q).transpose(1, 2).reshape(b, t, head_dim * 4)
+
+
+class TwoRepeats(nn.Module):
+    """repeat_kv called with two different n_rep: two settings, never one name for two values."""
+
+    def forward(self, x):
+        return torch.cat((repeat_kv(x, 2), repeat_kv(x, 3)), 1)
+
+
+class PastOffset(nn.Module):
+    """A number the code holds in a plain name, used in two operations of one line (GPT-2's past_length)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(16, 4)
+
+    def forward(self, x):
+        past_length = 0
+        position_ids = torch.arange(past_length, x.shape[-1] + past_length, dtype=torch.long)
+        return self.table(position_ids) + x[..., None]
+
+
+class CheckedHeads(nn.Module):
+    """transformers' `if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim)` in small."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 2
+        self.head_dim = 4
+        self.q = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        if q.size() != (b, self.num_heads, t, self.head_dim):
+            raise ValueError("not reached")
+        return q.transpose(1, 2).reshape(b, t, -1)
+
+class MaskValues(nn.Module):
+    """Llama's `torch.full(..., fill_value=min_dtype)` and GPT-2's `mask_value` (a name given to a number, then to the
+    tensor made of it, which the next line reads)."""
+
+    def forward(self, x):
+        t = x.shape[-1]
+        min_dtype = torch.finfo(x.dtype).min
+        causal = torch.full((t, t), fill_value=min_dtype, dtype=x.dtype).triu(1)
+        mask_value = torch.finfo(x.dtype).min
+        mask_value = torch.full([], mask_value, dtype=x.dtype)
+        return torch.where(x > 0, x, mask_value) + causal
+
+class TanhGelu(nn.Module):
+    """transformers' NewGELUActivation in small: `math.sqrt(2.0 / math.pi)` is made of literals only."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+class NamingTests(unittest.TestCase):
+    """A setting is named after the Python expression its value came from, one setting per (name, value) read
+    everywhere the value was used, and a number the Python line writes stays a literal (docs/porting.md)."""
+
+    def forward_of(self, code, class_name):
+        start = code.index(f"public sealed class {class_name} ")
+        body = code[start:]
+        return body[body.index("public override"):body.index("\n    }\n")]
+
+    def test_repeat_kvs_n_rep_is_one_setting_in_the_expand_and_in_the_reshapes_size_arithmetic(self):
+        torch.manual_seed(0)
+        code = generate(GroupedQuery().eval(), (torch.randn(2, 3, 16),), "GroupedQuery")
+        # The constructor a user reads: the names of the source, no mechanical suffix for the local named head_dim.
+        self.assertIn("public GroupedQuery(long head_dim, long n_rep, double sqrt_head_dim) : base(\"GroupedQuery\")", code)
+        self.assertIn("public GroupedQuery() : this(head_dim: 4, n_rep: 2, sqrt_head_dim: 2.0)", code)
+        forward = self.forward_of(code, "GroupedQuery")
+        self.assertRegex(forward, r"\.expand\(new long\[\] \{ batch, num_key_value_heads, n_rep, slen, head_dim \}\);  // ")
+        # The reshape's num_key_value_heads * n_rep reads the same setting: no literal 2 left for a changed n_rep to miss.
+        self.assertRegex(forward, r"long (\w+) = num_key_value_heads \* n_rep;  // .*reshape\(batch, num_key_value_heads \* n_rep")
+        self.assertNotIn("num_key_value_heads * 2", forward)
+        self.assertEqual(code.count("private readonly long n_rep;"), 1)
+        # The attribute head_dim beside the local head_dim (q.shape[-1]): the field, read as this.head_dim.
+        self.assertEqual(forward.count(", -1, this.head_dim });"), 2)
+        self.assertIn("long head_dim = hidden_states.size(3);", forward)
+        self.assertNotRegex(code.split("public override")[0], r"\bhead_dim\d")
+        # `// 2` and `head_dim * 4` are literals in the source: literals in the port, not settings.
+        self.assertEqual(len(re.findall(r"long \w+ = size\d* / 2;  // .*x\.shape\[-1\] // 2", forward)), 2)
+        self.assertRegex(forward, r"long \w+ = head_dim2 \* 4;")
+        self.assertNotIn("floor_divide_by", code)
+        self.assertNotIn("shape_", code)
+        self.assertIn(".div(sqrt_head_dim);  // ", forward)
+
+    def test_two_values_named_alike_are_two_settings(self):
+        code = generate(TwoRepeats().eval(), (torch.randn(2, 2, 3, 4),), "TwoRepeats")
+        self.assertIn("public TwoRepeats(long n_rep, long n_rep2)", code)
+        self.assertIn("public TwoRepeats() : this(n_rep: 2, n_rep2: 3)", code)
+        forward = self.forward_of(code, "TwoRepeats")
+        self.assertRegex(forward, r"= num_key_value_heads \* n_rep;")
+        self.assertRegex(forward, r"= num_key_value_heads2 \* n_rep2;")
+
+    def test_a_plain_name_used_in_two_operations_is_one_setting_read_by_both(self):
+        code = generate(PastOffset().eval(), (torch.randn(2, 5),), "PastOffset")
+        self.assertIn("public PastOffset(long past_length)", code)
+        forward = self.forward_of(code, "PastOffset")
+        self.assertRegex(forward, r"long (\w+) = size \+ past_length;.*\n.*torch\.arange\(past_length, \1, dtype: ScalarType\.Int64\);")
+        self.assertNotIn("arange(0,", forward)
+
+    def test_a_size_check_against_named_numbers_reads_the_settings(self):
+        code = generate(CheckedHeads().eval(), (torch.randn(2, 3, 8),), "CheckedHeads")
+        self.assertIn("public CheckedHeads(long num_heads, long head_dim)", code)
+        forward = self.forward_of(code, "CheckedHeads")
+        self.assertIn("if (!(size2 == num_heads)) throw new InvalidOperationException(\"CheckedHeads: traced with "
+                      "test_export_port.py:", forward)
+        self.assertIn("if (!(size4 == head_dim)) throw", forward)
+        # The message and the header say what the trace saw: the numbers.
+        self.assertIn("where (size2 == 2) was True;", forward)
+        self.assertIn("((size == b) was True: checked; (size2 == 2) was True: checked; (size3 == t) was True: checked; "
+                      "(size4 == 4) was True: checked)", code)
+
+    def test_a_fill_value_is_named_after_its_argument_unless_the_name_is_given_to_another_value(self):
+        code = generate(MaskValues().eval(), (torch.randn(3, 3),), "MaskValues")
+        # min_dtype names the full's fill value; mask_value also names the tensor the next line reads, so the port could
+        # not follow a setting of that name there: the older rule names it (the operation's argument).
+        self.assertIn("public MaskValues(double min_dtype, double fill_value)", code)
+        forward = self.forward_of(code, "MaskValues")
+        self.assertRegex(forward, r"torch\.full\(new long\[\] \{ t, t \}, min_dtype, dtype: ScalarType\.Float32\);")
+        self.assertRegex(forward, r"Tensor mask_value = torch\.full\(System\.Array\.Empty<long>\(\), fill_value, dtype: ScalarType\.Float32\);")
+
+    def test_an_expression_of_literals_is_a_const_not_a_setting(self):
+        code = generate(TanhGelu().eval(), (torch.randn(2, 3),), "TanhGelu")
+        self.assertIn("public TanhGelu() : base(\"TanhGelu\")", code)
+        self.assertIn(f"private const double mul_other3 = {math.sqrt(2.0 / math.pi)!r};", code)
+        self.assertNotIn("private readonly double", code)
+
+    def test_a_size_derived_name_is_not_a_setting(self):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports"))
+        from shape_guard import Wide   # keep = min(x.shape[1], 4): a number from a size, guarded, not configuration
+
+        code = generate(Wide().eval(), (torch.randn(2, 6, 4),), "Wide")
+        declarations = code[code.index("public sealed class Wide"):code.index("public override")]
+        self.assertNotIn("keep", declarations)
+        self.assertIn("Tensor t3 = t2.slice(1, 0, 4, 1);  // shape_guard.py:23: return y[:, :keep]", code)
 
 
 class RefusalTests(unittest.TestCase):

@@ -78,6 +78,39 @@ namespace TorchLinear.Tests
         }
 
         /// <summary>
+        /// The attention's settings are named as modeling_llama.py names them and read everywhere the value was used
+        /// (docs/porting.md): built with 2 heads of 16 instead of 4 of 8 (the same q_proj and k_proj widths), the views,
+        /// rotate_half, repeat_kv's expand and reshape and the size check of modeling_llama.py:306 all follow, and it
+        /// runs; a head count that disagrees with the widths is caught by that size check, which reads num_heads.
+        /// </summary>
+        [Fact]
+        public void GeneratedLlamaAttention_BuiltWithOtherHeadSettings_RunsShapeConsistently_AndChecksItsOwnHeadCount()
+        {
+            using var scope = NewDisposeScope();
+            using var noGrad = no_grad();
+            const long batch = 2, time = 5, headDim = 16;
+            var hidden = randn(batch, time, 32);
+            var mask = zeros(batch, 1, time, time);
+            var positions = arange(time, dtype: ScalarType.Int64).expand(batch, time);
+            var cachePosition = arange(time, dtype: ScalarType.Int64);
+            var cos = randn(batch, time, headDim);
+            var sin = randn(batch, time, headDim);
+
+            using var attention = new Ports.Llama.LlamaAttention(head_dim: headDim, n_rep: 2, sqrt_head_dim: Math.Sqrt(headDim),
+                                                                 attention_dropout: 0.0, num_heads: 2);
+            attention.eval();
+            var output = attention.call(hidden, mask, positions, cachePosition, cos, sin);
+            Assert.Equal(new long[] { batch, time, 32 }, output.shape);
+            Assert.False(output.isnan().any().item<bool>());
+
+            using var wrongHeads = new Ports.Llama.LlamaAttention(head_dim: headDim, n_rep: 2, sqrt_head_dim: Math.Sqrt(headDim),
+                                                                  attention_dropout: 0.0, num_heads: 4);
+            wrongHeads.eval();
+            var thrown = Assert.Throws<InvalidOperationException>(() => wrongHeads.call(hidden, mask, positions, cachePosition, cos, sin));
+            Assert.Contains("modeling_llama.py:306", thrown.Message, StringComparison.Ordinal);
+        }
+
+        /// <summary>
         /// The structure the issue asks for, held on the generated classes: one class for both decoder layers, the
         /// modules transformers calls with keyword arguments taking every tensor argument (hidden_states,
         /// attention_mask, position_ids, cache_position, and the (cos, sin) pair), the rotary embedding returning its

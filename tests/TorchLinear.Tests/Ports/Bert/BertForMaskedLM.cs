@@ -11,6 +11,7 @@ namespace TorchLinear.Tests.Ports.Bert
     /// <summary>PyTorch's <c>BertEmbeddings</c> (transformers.models.bert.modeling_bert.BertEmbeddings), written from its traced forward.</summary>
     public sealed class BertEmbeddings : nn.Module<Tensor, Tensor, Tensor>
     {
+        private readonly long past_key_values_length;
         private readonly Tensor position_ids;
         internal readonly Tensor token_type_ids;
         private readonly TorchSharp.Modules.Embedding word_embeddings;
@@ -19,9 +20,10 @@ namespace TorchLinear.Tests.Ports.Bert
         private readonly TorchSharp.Modules.LayerNorm LayerNorm;
         private readonly TorchSharp.Modules.Dropout dropout;
 
-        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
-        public BertEmbeddings() : base("BertEmbeddings")
+        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
+        public BertEmbeddings(long past_key_values_length) : base("BertEmbeddings")
         {
+            this.past_key_values_length = past_key_values_length;
             position_ids = torch.tensor(new long[] { 0L, 1L, 2L, 3L, 4L, 5L, 6L, 7L, 8L, 9L, 10L, 11L, 12L, 13L, 14L, 15L, 16L, 17L, 18L, 19L, 20L, 21L, 22L, 23L, 24L, 25L, 26L, 27L, 28L, 29L, 30L, 31L }).reshape(new long[] { 1, 32 });
             register_buffer("position_ids", position_ids, persistent: false);
             token_type_ids = torch.tensor(new long[] { 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L, 0L }).reshape(new long[] { 1, 32 });
@@ -43,9 +45,9 @@ namespace TorchLinear.Tests.Ports.Bert
         {
             using var scope = NewDisposeScope();
             long seq_length = input_ids.size(1);  // modeling_bert.py:190: input_shape = input_ids.size()
-            long t = seq_length + 0;  // modeling_bert.py:197: position_ids = self.position_ids[:, past_key_values_length : seq_length + past_key_values_length]
+            long t = seq_length + past_key_values_length;  // modeling_bert.py:197: position_ids = self.position_ids[:, past_key_values_length : seq_length + past_key_values_length]
             Tensor t2 = position_ids.slice(0, 0, long.MaxValue, 1);  // modeling_bert.py:197: position_ids = self.position_ids[:, past_key_values_length : seq_length + past_key_values_length]
-            Tensor t3 = t2.slice(1, 0, t, 1);  // modeling_bert.py:197: position_ids = self.position_ids[:, past_key_values_length : seq_length + past_key_values_length]
+            Tensor t3 = t2.slice(1, past_key_values_length, t, 1);  // modeling_bert.py:197: position_ids = self.position_ids[:, past_key_values_length : seq_length + past_key_values_length]
             Tensor t4 = word_embeddings.call(input_ids);
             Tensor t5 = token_type_embeddings.call(token_type_ids2);
             Tensor embeddings = t4.add(t5);  // modeling_bert.py:214: embeddings = inputs_embeds + token_type_embeddings
@@ -62,7 +64,7 @@ namespace TorchLinear.Tests.Ports.Bert
     {
         private readonly long num_attention_heads;
         private readonly long attention_head_size;
-        private readonly double div_other;
+        private readonly double sqrt_attention_head_size;
         private readonly long all_head_size;
         private readonly CustomLinear query;
         private readonly CustomLinear key;
@@ -70,11 +72,11 @@ namespace TorchLinear.Tests.Ports.Bert
         private readonly TorchSharp.Modules.Dropout dropout;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public BertSelfAttention(long num_attention_heads, long attention_head_size, double div_other, long all_head_size) : base("BertSelfAttention")
+        public BertSelfAttention(long num_attention_heads, long attention_head_size, double sqrt_attention_head_size, long all_head_size) : base("BertSelfAttention")
         {
             this.num_attention_heads = num_attention_heads;
             this.attention_head_size = attention_head_size;
-            this.div_other = div_other;
+            this.sqrt_attention_head_size = sqrt_attention_head_size;
             this.all_head_size = all_head_size;
             query = new CustomLinear(32, 32, bias: true) { Dispatch = LinearDispatch.PyTorch };
             register_module("query", query);
@@ -110,7 +112,7 @@ namespace TorchLinear.Tests.Ports.Bert
             Tensor query_layer = x4.permute(new long[] { 0, 2, 1, 3 });  // modeling_bert.py:253: return x.permute(0, 2, 1, 3)
             Tensor t4 = key_layer.transpose(-1, -2);  // modeling_bert.py:304: attention_scores = torch.matmul(query_layer, key_layer.transpose(-1, -2))
             Tensor attention_scores = query_layer.matmul(t4);  // modeling_bert.py:304: attention_scores = torch.matmul(query_layer, key_layer.transpose(-1, -2))
-            Tensor attention_scores2 = attention_scores.div(div_other);  // modeling_bert.py:328: attention_scores = attention_scores / math.sqrt(self.attention_head_size)
+            Tensor attention_scores2 = attention_scores.div(sqrt_attention_head_size);  // modeling_bert.py:328: attention_scores = attention_scores / math.sqrt(self.attention_head_size)
             Tensor t5 = attention_scores2.add(attention_mask);  // modeling_bert.py:331: attention_scores = attention_scores + attention_mask
             Tensor t6 = t5.softmax(-1);  // modeling_bert.py:334: attention_probs = nn.functional.softmax(attention_scores, dim=-1)
             Tensor t7 = dropout.call(t6);
@@ -166,7 +168,7 @@ namespace TorchLinear.Tests.Ports.Bert
             self = new BertSelfAttention(
                 num_attention_heads: 4,
                 attention_head_size: 8,
-                div_other: 2.8284271247461903,
+                sqrt_attention_head_size: 2.8284271247461903,
                 all_head_size: 32);
             register_module("self", self);
             output = new BertSelfOutput();
@@ -311,15 +313,17 @@ namespace TorchLinear.Tests.Ports.Bert
     public sealed class BertModel : nn.Module<Tensor, Tensor>
     {
         private const double rsub_other = 1.0;
-        private readonly double mul_other;
+        private readonly long past_key_values_length;
+        private readonly double finfo_min;
         private readonly BertEmbeddings embeddings;
         private readonly BertEncoder encoder;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public BertModel(double mul_other) : base("BertModel")
+        public BertModel(long past_key_values_length, double finfo_min) : base("BertModel")
         {
-            this.mul_other = mul_other;
-            embeddings = new BertEmbeddings();
+            this.past_key_values_length = past_key_values_length;
+            this.finfo_min = finfo_min;
+            embeddings = new BertEmbeddings(past_key_values_length: 0);
             register_module("embeddings", embeddings);
             encoder = new BertEncoder();
             register_module("encoder", encoder);
@@ -335,7 +339,7 @@ namespace TorchLinear.Tests.Ports.Bert
             Tensor buffered_token_type_ids = t.slice(1, 0, seq_length, 1);  // modeling_bert.py:1072: buffered_token_type_ids = self.embeddings.token_type_ids[:, :seq_length]
             Tensor t2 = buffered_token_type_ids.expand(new long[] { batch_size, seq_length });  // modeling_bert.py:1073: buffered_token_type_ids_expanded = buffered_token_type_ids.expand(batch_size, seq_length)
             Tensor t3 = embeddings.call(input_ids, t2);
-            long t4 = seq_length + 0;  // modeling_bert.py:1087: attention_mask = torch.ones((batch_size, seq_length + past_key_values_length), device=device)
+            long t4 = seq_length + past_key_values_length;  // modeling_bert.py:1087: attention_mask = torch.ones((batch_size, seq_length + past_key_values_length), device=device)
             Tensor attention_mask = torch.ones(new long[] { batch_size, t4 });  // modeling_bert.py:1087: attention_mask = torch.ones((batch_size, seq_length + past_key_values_length), device=device)
             Tensor t5 = attention_mask.slice(0, 0, long.MaxValue, 1);  // modeling_utils.py:1060: extended_attention_mask = attention_mask[:, None, None, :]
             Tensor t6 = t5.unsqueeze(1);  // modeling_utils.py:1060: extended_attention_mask = attention_mask[:, None, None, :]
@@ -343,7 +347,7 @@ namespace TorchLinear.Tests.Ports.Bert
             Tensor extended_attention_mask = t7.slice(3, 0, long.MaxValue, 1);  // modeling_utils.py:1060: extended_attention_mask = attention_mask[:, None, None, :]
             Tensor t8 = extended_attention_mask.to(ScalarType.Float32);  // modeling_utils.py:1071: extended_attention_mask = extended_attention_mask.to(dtype=dtype)  # fp16 compatibility
             Tensor t9 = t8.neg().add(rsub_other);  // modeling_utils.py:1072: extended_attention_mask = (1.0 - extended_attention_mask) * torch.finfo(dtype).min
-            Tensor attention_mask2 = t9.mul(mul_other);  // modeling_utils.py:1072: extended_attention_mask = (1.0 - extended_attention_mask) * torch.finfo(dtype).min
+            Tensor attention_mask2 = t9.mul(finfo_min);  // modeling_utils.py:1072: extended_attention_mask = (1.0 - extended_attention_mask) * torch.finfo(dtype).min
             Tensor t10 = encoder.call(t3, attention_mask2);
             return t10.MoveToOuterDisposeScope();
         }
@@ -436,7 +440,7 @@ namespace TorchLinear.Tests.Ports.Bert
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public BertForMaskedLM() : base("BertForMaskedLM")
         {
-            bert = new BertModel(mul_other: -3.4028234663852886e+38);
+            bert = new BertModel(past_key_values_length: 0, finfo_min: -3.4028234663852886e+38);
             register_module("bert", bert);
             cls = new BertOnlyMLMHead();
             register_module("cls", cls);

@@ -46,7 +46,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private readonly long num_heads;
         private readonly long head_dim;
         private readonly double fill_value;
-        private readonly long shape_2;
+        private readonly long new_shape_2;
         private readonly Tensor bias;
         private readonly Tensor masked_bias;
         private readonly Conv1D c_attn;
@@ -55,12 +55,12 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private readonly TorchSharp.Modules.Dropout resid_dropout;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public GPT2Attention(long num_heads, long head_dim, double fill_value, long shape_2) : base("GPT2Attention")
+        public GPT2Attention(long num_heads, long head_dim, double fill_value, long new_shape_2) : base("GPT2Attention")
         {
             this.num_heads = num_heads;
             this.head_dim = head_dim;
             this.fill_value = fill_value;
-            this.shape_2 = shape_2;
+            this.new_shape_2 = new_shape_2;
             bias = torch.ones(32, 32, dtype: ScalarType.Bool).tril().expand(new long[] { 1, 1, 32, 32 }).contiguous();
             register_buffer("bias", bias, persistent: false);
             masked_bias = torch.tensor(new float[] { -10000.0f }).reshape(new long[] {  });
@@ -120,7 +120,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
             Tensor tensor8 = t13.contiguous();  // modeling_gpt2.py:287: tensor = tensor.permute(0, 2, 1, 3).contiguous()
             long size8 = tensor8.size(0);  // modeling_gpt2.py:288: new_shape = tensor.size()[:-2] + (num_heads * attn_head_size,)
             long size9 = tensor8.size(1);  // modeling_gpt2.py:288: new_shape = tensor.size()[:-2] + (num_heads * attn_head_size,)
-            Tensor x2 = tensor8.view(new long[] { size8, size9, shape_2 });  // modeling_gpt2.py:289: return tensor.view(new_shape)
+            Tensor x2 = tensor8.view(new long[] { size8, size9, new_shape_2 });  // modeling_gpt2.py:289: return tensor.view(new_shape)
             Tensor t14 = c_proj.call(x2);
             Tensor t15 = resid_dropout.call(t14);
             return t15.MoveToOuterDisposeScope();
@@ -133,13 +133,12 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private const double mul_other = 0.5;
         private const double pow_other = 3.0;
         private const double mul_other2 = 0.044715;
+        private const double mul_other3 = 0.7978845608028654;
         private const double add_other = 1.0;
-        private readonly double mul_other3;
 
-        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public NewGELUActivation(double mul_other3) : base("NewGELUActivation")
+        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
+        public NewGELUActivation() : base("NewGELUActivation")
         {
-            this.mul_other3 = mul_other3;
         }
 
         /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
@@ -173,7 +172,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
             register_module("c_fc", c_fc);
             c_proj = new Conv1D(weight_shape: 128, weight_shape2: 32);
             register_module("c_proj", c_proj);
-            act = new NewGELUActivation(mul_other3: 0.7978845608028654);
+            act = new NewGELUActivation();
             register_module("act", act);
             dropout = nn.Dropout(0.1, inplace: false);
             register_module("dropout", dropout);
@@ -204,7 +203,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         {
             ln_1 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln_1", ln_1);
-            attn = new GPT2Attention(num_heads: 4, head_dim: 8, fill_value: -3.4028234663852886e+38, shape_2: 32);
+            attn = new GPT2Attention(num_heads: 4, head_dim: 8, fill_value: -3.4028234663852886e+38, new_shape_2: 32);
             register_module("attn", attn);
             ln_2 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln_2", ln_2);
@@ -229,15 +228,17 @@ namespace TorchLinear.Tests.Ports.Gpt2
     /// <summary>PyTorch's <c>GPT2Model</c> (transformers.models.gpt2.modeling_gpt2.GPT2Model), written from its traced forward.</summary>
     public sealed class GPT2Model : nn.Module<Tensor, Tensor>
     {
+        private readonly long past_length;
         private readonly TorchSharp.Modules.Embedding wte;
         private readonly TorchSharp.Modules.Embedding wpe;
         private readonly TorchSharp.Modules.Dropout drop;
         private readonly TorchSharp.Modules.ModuleList<GPT2Block> h;
         private readonly TorchSharp.Modules.LayerNorm ln_f;
 
-        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
-        public GPT2Model() : base("GPT2Model")
+        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
+        public GPT2Model(long past_length) : base("GPT2Model")
         {
+            this.past_length = past_length;
             wte = nn.Embedding(100, 32);
             register_module("wte", wte);
             wpe = nn.Embedding(32, 32);
@@ -256,8 +257,8 @@ namespace TorchLinear.Tests.Ports.Gpt2
             using var scope = NewDisposeScope();
             long size = input_ids.size(1);  // modeling_gpt2.py:1006: input_shape = input_ids.size()
             Tensor input_ids2 = input_ids.view(new long[] { -1, size });  // modeling_gpt2.py:1007: input_ids = input_ids.view(-1, input_shape[-1])
-            long t = size + 0;  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
-            Tensor position_ids = torch.arange(0, t, dtype: ScalarType.Int64);  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
+            long t = size + past_length;  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
+            Tensor position_ids = torch.arange(past_length, t, dtype: ScalarType.Int64);  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
             Tensor t2 = position_ids.unsqueeze(0);  // modeling_gpt2.py:1027: position_ids = position_ids.unsqueeze(0)
             Tensor t3 = wte.call(input_ids2);
             Tensor t4 = wpe.call(t2);
@@ -281,7 +282,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public GPT2LMHeadModel() : base("GPT2LMHeadModel")
         {
-            transformer = new GPT2Model();
+            transformer = new GPT2Model(past_length: 0);
             register_module("transformer", transformer);
             lm_head = new CustomLinear(32, 100, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("lm_head", lm_head);

@@ -15,24 +15,24 @@ namespace TorchLinear.Tests.Ports.Llama
     /// <summary>PyTorch's <c>LlamaAttention</c> (transformers.models.llama.modeling_llama.LlamaAttention), written from its traced forward.</summary>
     public sealed class LlamaAttention : nn.Module<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
     {
-        private readonly long head_dim3;
-        private readonly long floor_divide_by;
-        private readonly long shape_2;
-        private readonly double div_other;
+        private readonly long head_dim;
+        private readonly long n_rep;
+        private readonly double sqrt_head_dim;
         private readonly double attention_dropout;
+        private readonly long num_heads;
         private readonly CustomLinear q_proj;
         private readonly CustomLinear k_proj;
         private readonly CustomLinear v_proj;
         private readonly CustomLinear o_proj;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public LlamaAttention(long head_dim3, long floor_divide_by, long shape_2, double div_other, double attention_dropout) : base("LlamaAttention")
+        public LlamaAttention(long head_dim, long n_rep, double sqrt_head_dim, double attention_dropout, long num_heads) : base("LlamaAttention")
         {
-            this.head_dim3 = head_dim3;
-            this.floor_divide_by = floor_divide_by;
-            this.shape_2 = shape_2;
-            this.div_other = div_other;
+            this.head_dim = head_dim;
+            this.n_rep = n_rep;
+            this.sqrt_head_dim = sqrt_head_dim;
             this.attention_dropout = attention_dropout;
+            this.num_heads = num_heads;
             q_proj = new CustomLinear(32, 32, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("q_proj", q_proj);
             k_proj = new CustomLinear(32, 16, bias: false) { Dispatch = LinearDispatch.PyTorch };
@@ -52,20 +52,20 @@ namespace TorchLinear.Tests.Ports.Llama
             Tensor t = q_proj.call(hidden_states);
             Tensor t2 = k_proj.call(hidden_states);
             Tensor t3 = v_proj.call(hidden_states);
-            Tensor t4 = t.view(new long[] { bsz, q_len, -1, head_dim3 });  // modeling_llama.py:281: query_states = query_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+            Tensor t4 = t.view(new long[] { bsz, q_len, -1, this.head_dim });  // modeling_llama.py:281: query_states = query_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
             Tensor q = t4.transpose(1, 2);  // modeling_llama.py:281: query_states = query_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
-            Tensor t5 = t2.view(new long[] { bsz, q_len, -1, head_dim3 });  // modeling_llama.py:282: key_states = key_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+            Tensor t5 = t2.view(new long[] { bsz, q_len, -1, this.head_dim });  // modeling_llama.py:282: key_states = key_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
             Tensor k = t5.transpose(1, 2);  // modeling_llama.py:282: key_states = key_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
-            Tensor t6 = t3.view(new long[] { bsz, q_len, -1, head_dim3 });  // modeling_llama.py:283: value_states = value_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
+            Tensor t6 = t3.view(new long[] { bsz, q_len, -1, this.head_dim });  // modeling_llama.py:283: value_states = value_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
             Tensor hidden_states2 = t6.transpose(1, 2);  // modeling_llama.py:283: value_states = value_states.view(bsz, q_len, -1, self.head_dim).transpose(1, 2)
             Tensor cos = position_embeddings_0.unsqueeze(1);  // modeling_llama.py:198: cos = cos.unsqueeze(unsqueeze_dim)
             Tensor sin = position_embeddings_1.unsqueeze(1);  // modeling_llama.py:199: sin = sin.unsqueeze(unsqueeze_dim)
             Tensor t7 = q.mul(cos);  // modeling_llama.py:200: q_embed = (q * cos) + (rotate_half(q) * sin)
             long size = q.size(3);  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
-            long t8 = size / floor_divide_by;  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
+            long t8 = size / 2;  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
             Tensor x1 = q.slice(3, 0, t8, 1);  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
             long size2 = q.size(3);  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
-            long t9 = size2 / floor_divide_by;  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
+            long t9 = size2 / 2;  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
             Tensor x2 = q.slice(3, t9, long.MaxValue, 1);  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
             Tensor t10 = x2.neg();  // modeling_llama.py:175: return torch.cat((-x2, x1), dim=-1)
             Tensor t11 = torch.cat(new[] { t10, x1 }, -1);  // modeling_llama.py:175: return torch.cat((-x2, x1), dim=-1)
@@ -73,10 +73,10 @@ namespace TorchLinear.Tests.Ports.Llama
             Tensor query_states = t7.add(t12);  // modeling_llama.py:200: q_embed = (q * cos) + (rotate_half(q) * sin)
             Tensor t13 = k.mul(cos);  // modeling_llama.py:201: k_embed = (k * cos) + (rotate_half(k) * sin)
             long size3 = k.size(3);  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
-            long t14 = size3 / floor_divide_by;  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
+            long t14 = size3 / 2;  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
             Tensor x12 = k.slice(3, 0, t14, 1);  // modeling_llama.py:173: x1 = x[..., : x.shape[-1] // 2]
             long size4 = k.size(3);  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
-            long t15 = size4 / floor_divide_by;  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
+            long t15 = size4 / 2;  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
             Tensor x22 = k.slice(3, t15, long.MaxValue, 1);  // modeling_llama.py:174: x2 = x[..., x.shape[-1] // 2 :]
             Tensor t16 = x22.neg();  // modeling_llama.py:175: return torch.cat((-x2, x1), dim=-1)
             Tensor t17 = torch.cat(new[] { t16, x12 }, -1);  // modeling_llama.py:175: return torch.cat((-x2, x1), dim=-1)
@@ -91,8 +91,8 @@ namespace TorchLinear.Tests.Ports.Llama
             Tensor t21 = t20.unsqueeze(2);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t22 = t21.slice(3, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t23 = t22.slice(4, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            Tensor hidden_states4 = t23.expand(new long[] { batch, num_key_value_heads, shape_2, slen, head_dim });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            long t24 = num_key_value_heads * 2;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+            Tensor hidden_states4 = t23.expand(new long[] { batch, num_key_value_heads, n_rep, slen, head_dim });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+            long t24 = num_key_value_heads * n_rep;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             Tensor key_states = hidden_states4.reshape(new long[] { batch, t24, slen, head_dim });  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             long batch2 = hidden_states2.size(0);  // modeling_llama.py:226: batch, num_key_value_heads, slen, head_dim = hidden_states.shape
             long num_key_value_heads2 = hidden_states2.size(1);  // modeling_llama.py:226: batch, num_key_value_heads, slen, head_dim = hidden_states.shape
@@ -103,12 +103,12 @@ namespace TorchLinear.Tests.Ports.Llama
             Tensor t27 = t26.unsqueeze(2);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t28 = t27.slice(3, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t29 = t28.slice(4, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            Tensor hidden_states5 = t29.expand(new long[] { batch2, num_key_value_heads2, shape_2, slen2, head_dim2 });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            long t30 = num_key_value_heads2 * 2;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+            Tensor hidden_states5 = t29.expand(new long[] { batch2, num_key_value_heads2, n_rep, slen2, head_dim2 });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+            long t30 = num_key_value_heads2 * n_rep;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             Tensor value_states = hidden_states5.reshape(new long[] { batch2, t30, slen2, head_dim2 });  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             Tensor t31 = key_states.transpose(2, 3);  // modeling_llama.py:295: attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(self.head_dim)
             Tensor t32 = query_states.matmul(t31);  // modeling_llama.py:295: attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(self.head_dim)
-            Tensor attn_weights = t32.div(div_other);  // modeling_llama.py:295: attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(self.head_dim)
+            Tensor attn_weights = t32.div(sqrt_head_dim);  // modeling_llama.py:295: attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(self.head_dim)
             long size5 = key_states.size(2);  // modeling_llama.py:298: causal_mask = attention_mask[:, :, :, : key_states.shape[-2]]
             Tensor t33 = attention_mask.slice(0, 0, long.MaxValue, 1);  // modeling_llama.py:298: causal_mask = attention_mask[:, :, :, : key_states.shape[-2]]
             Tensor t34 = t33.slice(1, 0, long.MaxValue, 1);  // modeling_llama.py:298: causal_mask = attention_mask[:, :, :, : key_states.shape[-2]]
@@ -124,9 +124,9 @@ namespace TorchLinear.Tests.Ports.Llama
             long size8 = attn_output.size(2);  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             long size9 = attn_output.size(3);  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             if (!(size6 == bsz)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size6 == bsz) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
-            if (!(size7 == 4)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size7 == 4) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
+            if (!(size7 == num_heads)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size7 == 4) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             if (!(size8 == q_len)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size8 == q_len) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
-            if (!(size9 == 8)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size9 == 8) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
+            if (!(size9 == this.head_dim)) throw new InvalidOperationException("LlamaAttention: traced with modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim): where (size9 == 8) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:306: if attn_output.size() != (bsz, self.num_heads, q_len, self.head_dim):
             Tensor t39 = attn_output.transpose(1, 2);  // modeling_llama.py:312: attn_output = attn_output.transpose(1, 2).contiguous()
             Tensor attn_output2 = t39.contiguous();  // modeling_llama.py:312: attn_output = attn_output.transpose(1, 2).contiguous()
             Tensor t40 = attn_output2.reshape(new long[] { bsz, q_len, -1 });  // modeling_llama.py:314: attn_output = attn_output.reshape(bsz, q_len, -1)
@@ -211,11 +211,11 @@ namespace TorchLinear.Tests.Ports.Llama
         public LlamaDecoderLayer() : base("LlamaDecoderLayer")
         {
             self_attn = new LlamaAttention(
-                head_dim3: 8,
-                floor_divide_by: 2,
-                shape_2: 2,
-                div_other: 2.8284271247461903,
-                attention_dropout: 0.0);
+                head_dim: 8,
+                n_rep: 2,
+                sqrt_head_dim: 2.8284271247461903,
+                attention_dropout: 0.0,
+                num_heads: 4);
             register_module("self_attn", self_attn);
             mlp = new LlamaMLP();
             register_module("mlp", mlp);
@@ -242,14 +242,12 @@ namespace TorchLinear.Tests.Ports.Llama
     /// <summary>PyTorch's <c>LlamaRotaryEmbedding</c> (transformers.models.llama.modeling_llama.LlamaRotaryEmbedding), written from its traced forward.</summary>
     public sealed class LlamaRotaryEmbedding : nn.Module<Tensor, Tensor, (Tensor, Tensor)>
     {
-        private readonly long shape_2;
         private readonly double attention_scaling;
         private readonly Tensor inv_freq;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public LlamaRotaryEmbedding(long shape_2, double attention_scaling) : base("LlamaRotaryEmbedding")
+        public LlamaRotaryEmbedding(double attention_scaling) : base("LlamaRotaryEmbedding")
         {
-            this.shape_2 = shape_2;
             this.attention_scaling = attention_scaling;
             inv_freq = torch.tensor(new float[] { 1.0f, 0.10000000149011612f, 0.009999999776482582f, 0.0010000000474974513f }).reshape(new long[] { 4 });
             register_buffer("inv_freq", inv_freq, persistent: false);
@@ -264,7 +262,7 @@ namespace TorchLinear.Tests.Ports.Llama
             Tensor t3 = t2.unsqueeze(2);  // modeling_llama.py:153: inv_freq_expanded = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
             Tensor t4 = t3.to(ScalarType.Float32);  // modeling_llama.py:153: inv_freq_expanded = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
             long size = position_ids.size(0);  // modeling_llama.py:153: inv_freq_expanded = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
-            Tensor inv_freq_expanded = t4.expand(new long[] { size, -1, shape_2 });  // modeling_llama.py:153: inv_freq_expanded = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+            Tensor inv_freq_expanded = t4.expand(new long[] { size, -1, 1 });  // modeling_llama.py:153: inv_freq_expanded = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
             Tensor t5 = position_ids.slice(0, 0, long.MaxValue, 1);  // modeling_llama.py:154: position_ids_expanded = position_ids[:, None, :].float()
             Tensor t6 = t5.unsqueeze(1);  // modeling_llama.py:154: position_ids_expanded = position_ids[:, None, :].float()
             Tensor t7 = t6.slice(2, 0, long.MaxValue, 1);  // modeling_llama.py:154: position_ids_expanded = position_ids[:, None, :].float()
@@ -287,25 +285,23 @@ namespace TorchLinear.Tests.Ports.Llama
     /// <summary>PyTorch's <c>LlamaModel</c> (transformers.models.llama.modeling_llama.LlamaModel), written from its traced forward.</summary>
     public sealed class LlamaModel : nn.Module<Tensor, Tensor>
     {
-        private readonly double fill_value;
-        private readonly long shape_1;
+        private readonly double min_dtype;
         private readonly TorchSharp.Modules.Embedding embed_tokens;
         private readonly TorchSharp.Modules.ModuleList<LlamaDecoderLayer> layers;
         private readonly LlamaRMSNorm norm;
         private readonly LlamaRotaryEmbedding rotary_emb;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public LlamaModel(double fill_value, long shape_1) : base("LlamaModel")
+        public LlamaModel(double min_dtype) : base("LlamaModel")
         {
-            this.fill_value = fill_value;
-            this.shape_1 = shape_1;
+            this.min_dtype = min_dtype;
             embed_tokens = nn.Embedding(100, 32);
             register_module("embed_tokens", embed_tokens);
             layers = new TorchSharp.Modules.ModuleList<LlamaDecoderLayer>(new LlamaDecoderLayer(), new LlamaDecoderLayer());
             register_module("layers", layers);
             norm = new LlamaRMSNorm(variance_epsilon: 1e-06);
             register_module("norm", norm);
-            rotary_emb = new LlamaRotaryEmbedding(shape_2: 1, attention_scaling: 1.0);
+            rotary_emb = new LlamaRotaryEmbedding(attention_scaling: 1.0);
             register_module("rotary_emb", rotary_emb);
         }
 
@@ -322,18 +318,18 @@ namespace TorchLinear.Tests.Ports.Llama
             long t3 = sequence_length + 0;  // modeling_llama.py:934: else past_seen_tokens + sequence_length + 1
             long target_length = t3 + 1;  // modeling_llama.py:934: else past_seen_tokens + sequence_length + 1
             long batch_size = t.size(0);  // modeling_llama.py:945: batch_size=input_tensor.shape[0],
-            Tensor causal_mask = torch.full(new long[] { sequence_length, target_length }, fill_value, dtype: ScalarType.Float32);  // modeling_llama.py:1000: causal_mask = torch.full(
+            Tensor causal_mask = torch.full(new long[] { sequence_length, target_length }, min_dtype, dtype: ScalarType.Float32);  // modeling_llama.py:1000: causal_mask = torch.full(
             if (!(sequence_length != 1)) throw new InvalidOperationException("LlamaModel: traced with modeling_llama.py:1003: if sequence_length != 1: where (sequence_length != 1) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:1003: if sequence_length != 1:
             Tensor causal_mask2 = causal_mask.triu(1);  // modeling_llama.py:1004: causal_mask = torch.triu(causal_mask, diagonal=1)
             Tensor t4 = torch.arange(target_length, dtype: ScalarType.Int64);  // modeling_llama.py:1005: causal_mask *= torch.arange(target_length, device=device) > cache_position.reshape(-1, 1)
-            Tensor t5 = cache_position.reshape(new long[] { -1, shape_1 });  // modeling_llama.py:1005: causal_mask *= torch.arange(target_length, device=device) > cache_position.reshape(-1, 1)
+            Tensor t5 = cache_position.reshape(new long[] { -1, 1 });  // modeling_llama.py:1005: causal_mask *= torch.arange(target_length, device=device) > cache_position.reshape(-1, 1)
             Tensor t6 = t4.gt(t5);  // modeling_llama.py:1005: causal_mask *= torch.arange(target_length, device=device) > cache_position.reshape(-1, 1)
             Tensor causal_mask3 = causal_mask2.mul_(t6);  // modeling_llama.py:1005: causal_mask *= torch.arange(target_length, device=device) > cache_position.reshape(-1, 1)
             Tensor t7 = causal_mask3.unsqueeze(0);  // modeling_llama.py:1006: causal_mask = causal_mask[None, None, :, :].expand(batch_size, 1, -1, -1)
             Tensor t8 = t7.unsqueeze(1);  // modeling_llama.py:1006: causal_mask = causal_mask[None, None, :, :].expand(batch_size, 1, -1, -1)
             Tensor t9 = t8.slice(2, 0, long.MaxValue, 1);  // modeling_llama.py:1006: causal_mask = causal_mask[None, None, :, :].expand(batch_size, 1, -1, -1)
             Tensor t10 = t9.slice(3, 0, long.MaxValue, 1);  // modeling_llama.py:1006: causal_mask = causal_mask[None, None, :, :].expand(batch_size, 1, -1, -1)
-            Tensor attention_mask = t10.expand(new long[] { batch_size, shape_1, -1, -1 });  // modeling_llama.py:1006: causal_mask = causal_mask[None, None, :, :].expand(batch_size, 1, -1, -1)
+            Tensor attention_mask = t10.expand(new long[] { batch_size, 1, -1, -1 });  // modeling_llama.py:1006: causal_mask = causal_mask[None, None, :, :].expand(batch_size, 1, -1, -1)
             var (rotary_emb_0, rotary_emb_1) = rotary_emb.call(t, position_ids);
             Tensor t11 = layers[0].call(t, attention_mask, position_ids, cache_position, rotary_emb_0, rotary_emb_1);
             Tensor t12 = layers[1].call(t11, attention_mask, position_ids, cache_position, rotary_emb_0, rotary_emb_1);
@@ -351,7 +347,7 @@ namespace TorchLinear.Tests.Ports.Llama
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public LlamaForCausalLM() : base("LlamaForCausalLM")
         {
-            model = new LlamaModel(fill_value: -3.4028234663852886e+38, shape_1: 1);
+            model = new LlamaModel(min_dtype: -3.4028234663852886e+38);
             register_module("model", model);
             lm_head = new CustomLinear(32, 100, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("lm_head", lm_head);

@@ -15,18 +15,16 @@ namespace TorchLinear.Tests.Ports.TinyGpt
     public sealed class CausalSelfAttention : nn.Module<Tensor, Tensor>
     {
         private const double fill_value = double.NegativeInfinity;
-        private readonly long floor_divide_by;
-        private readonly long shape_2;
+        private readonly long HEADS;
         private readonly double mul_other;
         private readonly Tensor bias;
         private readonly CustomLinear c_attn;
         private readonly CustomLinear c_proj;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public CausalSelfAttention(long floor_divide_by, long shape_2, double mul_other) : base("CausalSelfAttention")
+        public CausalSelfAttention(long HEADS, double mul_other) : base("CausalSelfAttention")
         {
-            this.floor_divide_by = floor_divide_by;
-            this.shape_2 = shape_2;
+            this.HEADS = HEADS;
             this.mul_other = mul_other;
             bias = torch.zeros(new long[] { 1, 1, 6, 6 });
             register_buffer("bias", bias, persistent: true);
@@ -48,14 +46,14 @@ namespace TorchLinear.Tests.Ports.TinyGpt
             Tensor q = t2[0];
             Tensor k = t2[1];
             Tensor v = t2[2];
-            long t3 = C / floor_divide_by;  // tiny_gpt.py:26: k = k.view(B, T, HEADS, C // HEADS).transpose(1, 2)
-            Tensor t4 = k.view(new long[] { B, T, shape_2, t3 });  // tiny_gpt.py:26: k = k.view(B, T, HEADS, C // HEADS).transpose(1, 2)
+            long t3 = C / HEADS;  // tiny_gpt.py:26: k = k.view(B, T, HEADS, C // HEADS).transpose(1, 2)
+            Tensor t4 = k.view(new long[] { B, T, HEADS, t3 });  // tiny_gpt.py:26: k = k.view(B, T, HEADS, C // HEADS).transpose(1, 2)
             Tensor k2 = t4.transpose(1, 2);  // tiny_gpt.py:26: k = k.view(B, T, HEADS, C // HEADS).transpose(1, 2)
-            long t5 = C / floor_divide_by;  // tiny_gpt.py:27: q = q.view(B, T, HEADS, C // HEADS).transpose(1, 2)
-            Tensor t6 = q.view(new long[] { B, T, shape_2, t5 });  // tiny_gpt.py:27: q = q.view(B, T, HEADS, C // HEADS).transpose(1, 2)
+            long t5 = C / HEADS;  // tiny_gpt.py:27: q = q.view(B, T, HEADS, C // HEADS).transpose(1, 2)
+            Tensor t6 = q.view(new long[] { B, T, HEADS, t5 });  // tiny_gpt.py:27: q = q.view(B, T, HEADS, C // HEADS).transpose(1, 2)
             Tensor q2 = t6.transpose(1, 2);  // tiny_gpt.py:27: q = q.view(B, T, HEADS, C // HEADS).transpose(1, 2)
-            long t7 = C / floor_divide_by;  // tiny_gpt.py:28: v = v.view(B, T, HEADS, C // HEADS).transpose(1, 2)
-            Tensor t8 = v.view(new long[] { B, T, shape_2, t7 });  // tiny_gpt.py:28: v = v.view(B, T, HEADS, C // HEADS).transpose(1, 2)
+            long t7 = C / HEADS;  // tiny_gpt.py:28: v = v.view(B, T, HEADS, C // HEADS).transpose(1, 2)
+            Tensor t8 = v.view(new long[] { B, T, HEADS, t7 });  // tiny_gpt.py:28: v = v.view(B, T, HEADS, C // HEADS).transpose(1, 2)
             Tensor v2 = t8.transpose(1, 2);  // tiny_gpt.py:28: v = v.view(B, T, HEADS, C // HEADS).transpose(1, 2)
             Tensor t9 = k2.transpose(-2, -1);  // tiny_gpt.py:29: att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             Tensor t10 = q2.matmul(t9);  // tiny_gpt.py:29: att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -120,7 +118,7 @@ namespace TorchLinear.Tests.Ports.TinyGpt
         {
             ln_1 = nn.LayerNorm(12, eps: 1e-05, elementwise_affine: true);
             register_module("ln_1", ln_1);
-            attn = new CausalSelfAttention(floor_divide_by: 2, shape_2: 2, mul_other: 0.4082482904638631);
+            attn = new CausalSelfAttention(HEADS: 2, mul_other: 0.4082482904638631);
             register_module("attn", attn);
             ln_2 = nn.LayerNorm(12, eps: 1e-05, elementwise_affine: true);
             register_module("ln_2", ln_2);

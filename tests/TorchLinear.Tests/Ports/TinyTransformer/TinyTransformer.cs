@@ -15,17 +15,17 @@ namespace TorchLinear.Tests.Ports.TinyTransformer
     public sealed class Attention : nn.Module<Tensor, Tensor>
     {
         private readonly long heads;
-        private readonly double div_other;
+        private readonly double sqrt_head;
         private readonly CustomLinear q_proj;
         private readonly CustomLinear k_proj;
         private readonly CustomLinear v_proj;
         private readonly CustomLinear o_proj;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public Attention(long heads, double div_other) : base("Attention")
+        public Attention(long heads, double sqrt_head) : base("Attention")
         {
             this.heads = heads;
-            this.div_other = div_other;
+            this.sqrt_head = sqrt_head;
             q_proj = new CustomLinear(32, 32, bias: true) { Dispatch = LinearDispatch.PyTorch };
             register_module("q_proj", q_proj);
             k_proj = new CustomLinear(32, 32, bias: true) { Dispatch = LinearDispatch.PyTorch };
@@ -56,7 +56,7 @@ namespace TorchLinear.Tests.Ports.TinyTransformer
             Tensor t7 = k.transpose(-2, -1);  // tiny_transformer.py:30: scores = q @ k.transpose(-2, -1) / math.sqrt(head)
             Tensor t8 = q.matmul(t7);  // tiny_transformer.py:30: scores = q @ k.transpose(-2, -1) / math.sqrt(head)
             if (!(head == 8.0)) throw new InvalidOperationException("Attention: traced with tiny_transformer.py:30: scores = q @ k.transpose(-2, -1) / math.sqrt(head) where (head == 8.0) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // tiny_transformer.py:30: scores = q @ k.transpose(-2, -1) / math.sqrt(head)
-            Tensor scores = t8.div(div_other);  // tiny_transformer.py:30: scores = q @ k.transpose(-2, -1) / math.sqrt(head)
+            Tensor scores = t8.div(sqrt_head);  // tiny_transformer.py:30: scores = q @ k.transpose(-2, -1) / math.sqrt(head)
             Tensor weights = scores.softmax(-1);  // tiny_transformer.py:31: weights = torch.softmax(scores, dim=-1)
             Tensor t9 = weights.matmul(v);  // tiny_transformer.py:32: mixed = (weights @ v).transpose(1, 2).reshape(batch, time, d_model)
             Tensor t10 = t9.transpose(1, 2);  // tiny_transformer.py:32: mixed = (weights @ v).transpose(1, 2).reshape(batch, time, d_model)
@@ -108,7 +108,7 @@ namespace TorchLinear.Tests.Ports.TinyTransformer
         {
             ln1 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln1", ln1);
-            attn = new Attention(heads: 4, div_other: 2.8284271247461903);
+            attn = new Attention(heads: 4, sqrt_head: 2.8284271247461903);
             register_module("attn", attn);
             ln2 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln2", ln2);
