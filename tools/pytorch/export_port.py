@@ -2228,13 +2228,11 @@ class TraceCalls:
     # torch.zeros(t), x[:, :t]), and the tracer then records the size's traced value as an aten::Int (the graph computes
     # it). Which of the two happened shows only around the call, so while tracing a profile function (sys.setprofile)
     # tells which C function each Python frame is in, and each conversion is settled once its instruction is over (the
-    # frame has moved on, or the C function returned; not on the tracer's own Python callbacks in between):
-    #   in a function of torch's (torch.zeros, torch._C._nn.pad, a tensor's method): kept by the trace if an aten::Int
-    #     of the size was made during that call (the argument parser records it just before or just after converting);
-    #     torch.tensor([t]) makes none: it freezes t;
-    #   in another C function (operator.index, numpy.zeros, hex): frozen;
-    #   in no C function (a slot: range(t), lst[t], lst[:t], [0] * t, x[:, :t]): kept only if an aten::Int of the size
-    #     was made during the instruction (x[:, :t] records its slice before it returns; nothing records range's).
+    # frame has moved on, or the C function returned; not on the tracer's own Python callbacks in between): kept by the
+    # trace if an aten::Int of the size was made during that C call (torch's argument parser records it just before or
+    # just after converting: x.view(t, -1), torch.zeros(t)) or, outside any C call, during the instruction (x[:, :t]
+    # records its slice before it returns); frozen otherwise (range(t), lst[t], operator.index(t), numpy.zeros(t), and
+    # torch.tensor([t]), which makes a constant). An aten::Int made earlier (t used by a view before) does not count.
     # A frozen one is then what int() of it would be (TraceCalls.number): checked by the port where it comes from sizes
     # (a guard `size == number`), refused where it comes from a tensor's values.
     def index(self, original):
@@ -2290,7 +2288,7 @@ class TraceCalls:
     def settle(self, p):
         """A conversion through __index__, once torch's C code has returned: kept by the trace (nothing to do) or
         frozen (recorded as TraceCalls.number records one)."""
-        if (p["in"] is None or _in_torch(p["in"])) and _int_uses(p["value"], p["since"]):
+        if _int_uses(p["value"], p["since"]):
             return
         try:
             shape_only = p["value"] is not None and _shape_only(p["value"])
@@ -2325,17 +2323,6 @@ def _newest():
             return max(o.unique() for o in outputs)
         node = node.prev()
     return -1
-
-
-def _in_torch(function):
-    """Whether a C function (sys.setprofile's c_call) is torch's: torch.zeros, F.pad's torch._C._nn.pad, x.view."""
-    if function is None:
-        return False
-    owner = getattr(function, "__self__", None)
-    if isinstance(owner, torch.Tensor):
-        return True
-    names = [getattr(function, "__module__", None) or "", getattr(owner, "__name__", "") if inspect.ismodule(owner) else ""]
-    return any(n == "torch" or n.startswith("torch.") for n in names)
 
 
 def _index_use(frame, function):

@@ -174,6 +174,9 @@ class FixedMiddle(nn.Module):
             return y * sum([0.5, 1.0, 1.5, 2.0][:x.shape[1]])  # a list sliced by a size
         if self.how == "repeat":
             return y * len([0.0] * x.shape[1])  # a list repeated a size's times
+        if self.how == "after a view":
+            n = x.shape[1]
+            return y.reshape(-1, n, 4) * [0.5, 1.0, 1.5, 2.0][n]  # a list indexed by a size a view took before
         if self.how == "operator.index":
             return y * operator.index(x.shape[1])  # operator.index of a size
         raise ValueError(self.how)
@@ -487,7 +490,8 @@ class IndexTests(unittest.TestCase):
 
     def test_each_python_conversion_of_a_size_is_checked_naming_its_line(self):
         for how, mark in (("index", "a list indexed by a size"), ("slice", "a list sliced by a size"),
-                          ("repeat", "a list repeated a size's times"), ("operator.index", "operator.index of a size")):
+                          ("repeat", "a list repeated a size's times"), ("operator.index", "operator.index of a size"),
+                          ("after a view", "a list indexed by a size a view took before")):
             with self.subTest(how):
                 code = generate(FixedMiddle(how).eval(), (torch.randn(2, 3, 4),), "Port")
                 self.assertRegex(code, r"if \(!\(\w+ == 3\)\) throw new InvalidOperationException\(\"FixedMiddle: traced with "
