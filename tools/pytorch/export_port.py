@@ -2249,11 +2249,13 @@ class TraceCalls:
                 result = original(*args)
                 frame = sys._getframe(1)
                 self.settle_done()   # a conversion by an earlier instruction: settled before this one records anything
+                function, since = self.c_calls.get(frame, (None, None))
+                if _into_text(frame, function):
+                    return result
                 try:
                     value = torch._C._get_value_trace(args[0])
                 except RuntimeError:
                     value = None
-                function, since = self.c_calls.get(frame, (None, None))
                 self.pending.append({"tensor": args[0], "value": value, "result": result, "where": _caller_line(),
                                      "frame": frame, "lasti": frame.f_lasti, "in": function,
                                      "since": _newest() if since is None else since, "running": self.stack[-1],
@@ -2325,12 +2327,29 @@ def _newest():
     return -1
 
 
+def _instruction(frame):
+    """(opname, argrepr) of the instruction a frame executes now; ("", "") where none is found."""
+    return next(((i.opname, i.argrepr) for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), ("", ""))
+
+
+def _into_text(frame, function):
+    """Whether a conversion through __index__ makes text, not a number the forward computes with: a torch.Size (of
+    traced sizes) written into a message converts each size (torchvision's ViT: `torch._assert(input.dim() == 3,
+    f"... got {input.shape}")`). Seen from the instruction: an f-string's value, `%` formatting (a tensor's own `%` is
+    traced and converts nothing), repr(), format(), print(), a str's method ("{}".format). str(size) is a call like
+    range(): a guard, harmless where the size cannot change."""
+    if function is not None:
+        return function in (repr, format, print, ascii) or isinstance(getattr(function, "__self__", None), str)
+    op, arg = _instruction(frame)
+    return op.startswith("FORMAT_") or op == "BINARY_OP" and arg in ("%", "%=")
+
+
 def _index_use(frame, function):
     """What took a Python int through __index__, for the message: the C function called, else the instruction."""
     if function is not None:
         module = getattr(function, "__module__", None) or getattr(getattr(function, "__self__", None), "__name__", None)
         return f"{module + '.' if module and module != 'builtins' else ''}{getattr(function, '__name__', '?')}() (__index__)"
-    op = next((i.opname for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), "")
+    op = _instruction(frame)[0]
     if "SUBSCR" in op or "SLICE" in op:
         return "a Python sequence's index or slice (__index__)"
     if op.startswith("CALL") or op.startswith("PRECALL"):

@@ -196,10 +196,14 @@ class ValueIndex(nn.Module):
 
 
 class TorchTakesSizes(nn.Module):
-    """Sizes passed where torch takes an int (its argument parser calls __index__): the trace records them."""
+    """Sizes passed where torch takes an int (its argument parser calls __index__): the trace records them. And sizes
+    written into messages (a torch.Size's repr calls __index__ on each): text, not a number the forward computes with."""
 
     def forward(self, x):
+        torch._assert(x.dim() == 3, f"expected 3 dimensions, got {x.shape}")  # a torch.Size in a message, as ViT's
         batch, time, width = x.shape
+        template = "shape %s"   # not a literal: `%` formatting at run time, as logging's `msg % args`
+        assert template % (x.shape,) + "{}".format(x.shape) + repr(x.shape)  # more sizes written into text
 
         def split(t):
             return t.view(batch, time, 2, width // 2)  # a closure's sizes, as tiny_transformer.py's split
