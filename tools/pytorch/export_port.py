@@ -2234,7 +2234,8 @@ class TraceCalls:
     # records its slice before it returns); frozen otherwise (range(t), lst[t], operator.index(t), numpy.zeros(t), and
     # torch.tensor([t]), which makes a constant). An aten::Int made earlier (t used by a view before) does not count.
     # A frozen one is then what int() of it would be (TraceCalls.number): checked by the port where it comes from sizes
-    # (a guard `size == number`), refused where it comes from a tensor's values.
+    # (a guard `size == number`), refused where it comes from a tensor's values. One that makes text (a torch.Size in a
+    # message: _into_text) is neither.
     def index(self, original):
         def __index__(*args):
             # No local variable holds the tensor: the tracer names a value after a local that holds it (the innermost
@@ -2266,8 +2267,9 @@ class TraceCalls:
         return __index__
 
     def profile(self, frame, event, arg):
-        """sys.setprofile's function during the trace: the C function each frame is in, and the conversions through
-        __index__ settled at the first event after them (not their own return)."""
+        """sys.setprofile's function during the trace: the C function each frame is in (and the trace's newest value
+        when it was called), and the conversions through __index__ settled at the first event after their instruction
+        (settle_done); the __index__ wrapper's own events are none."""
         if self.indexing:
             return
         if self.pending and frame.f_code is not self.index_code:
