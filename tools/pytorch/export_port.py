@@ -33,6 +33,7 @@ values and comparing the generated C#) and every call the port cannot make (one 
 is refused with ExportRefused, before anything is written. docs/porting.md has the rules.
 """
 import ast
+import dis
 import hashlib
 import inspect
 import keyword
@@ -2491,6 +2492,11 @@ class TraceCalls:
         self.stack = [("", None)]    # the module whose forward runs (path, module); the root's is ""
         self.assume = ()             # assume_shape_conditions
         self.unguarded = []          # (file, line) of size conditions that could not be marked for a guard
+        self.c_calls = {}            # frame -> (the C function it calls now, _newest() when it was called): profile
+        self.pending = []            # conversions through __index__ not yet settled (TraceCalls.index)
+        self.indexing = False        # inside the __index__ wrapper: its own calls are no events to settle on
+        self.index_code = None       # the __index__ wrapper's code (its own return is no event to settle on)
+        self.from_len = []           # what Tensor.__len__ returned (a traced size) that len() has yet to take __index__ of
 
     def final(self, marker):
         while marker in self.renamed:
@@ -2594,6 +2600,8 @@ class TraceCalls:
             result = original(size, *args, **kwargs)
             if what == "len()":
                 size = size.shape[0]   # len(x) is x.shape[0], traced as a size (the local's name is the C# name)
+                if isinstance(result, torch.Tensor):
+                    self.from_len.append(result)   # len() takes its __index__ next: recorded here, not there
             try:
                 shape_only = isinstance(size, torch.Tensor) and _shape_only(torch._C._get_value_trace(size))
             except RuntimeError:
@@ -2603,21 +2611,159 @@ class TraceCalls:
                 self.numbers.append(entry)
             # Tensor.__len__ returns the traced size itself (len() takes its index): its number, unwatched.
             value = torch._C._TensorBase.item(result) if isinstance(result, torch.Tensor) and result.dim() == 0 else result
-            if shape_only and not any(_matches(a, *where) for a in self.assume) and size.dim() == 0 \
-                    and isinstance(value, (int, float)) and not isinstance(value, bool):
-                path, module = self.stack[-1]
-                guard = getattr(module if module is not None else self.root, GUARD, None)
-                if guard is not None:
-                    self.shape_conditions.append((where[0], where[1], True, path))
-                    self.guards.setdefault(path, []).append((where[0], where[1], True))
-                    guard.copy_(size == value)
+            if shape_only:
+                self.check_number(size, value, where, self.stack[-1])
             return result
         return convert
+
+    def check_number(self, size, value, where, running):
+        """A Python number taken from sizes only: the port checks `size == number` where Python took it (a guard in the
+        guard buffer of `running`, the (path, module) whose forward ran), unless the caller assumes its line."""
+        if any(_matches(a, *where) for a in self.assume) or size.dim() != 0 \
+                or not isinstance(value, (int, float)) or isinstance(value, bool):
+            return
+        path, module = running
+        guard = getattr(module if module is not None else self.root, GUARD, None)
+        if guard is not None:
+            self.shape_conditions.append((where[0], where[1], True, path))
+            self.guards.setdefault(path, []).append((where[0], where[1], True))
+            guard.copy_(size == value)
+
+    # -- Tensor.__index__: a conversion no warning and no other method shows (the tracer warns on __int__, __float__,
+    # __bool__..., never on __index__). Python calls it for range(t), operator.index(t), a list's index or slice, [0] * t;
+    # torch's own argument parser calls it too, on a size passed where torch takes an int (x.view(t, -1),
+    # torch.zeros(t), x[:, :t]), and the tracer then records the size's traced value as an aten::Int (the graph computes
+    # it). Which of the two happened shows only around the call, so while tracing a profile function (sys.setprofile)
+    # tells which C function each Python frame is in, and each conversion is settled once its instruction is over (the
+    # frame has moved on, or the C function returned; not on the tracer's own Python callbacks in between): kept by the
+    # trace if an aten::Int of the size was made during that C call (torch's argument parser records it just before or
+    # just after converting: x.view(t, -1), torch.zeros(t)) or, outside any C call, during the instruction (x[:, :t]
+    # records its slice before it returns); frozen otherwise (range(t), lst[t], operator.index(t), numpy.zeros(t), and
+    # torch.tensor([t]), which makes a constant). An aten::Int made earlier (t used by a view before) does not count.
+    # A frozen one is then what int() of it would be (TraceCalls.number): checked by the port where it comes from sizes
+    # (a guard `size == number`), refused where it comes from a tensor's values. One that makes text (a torch.Size in a
+    # message: _into_text) is neither.
+    def index(self, original):
+        def __index__(*args):
+            # No local variable holds the tensor: the tracer names a value after a local that holds it (the innermost
+            # frame's), and this one's name would replace the caller's (`batch` of `batch, time, d = x.shape`).
+            if torch._C._get_tracing_state() is None or self.indexing:
+                return original(*args)
+            if any(args[0] is r for r in self.from_len):
+                self.from_len = [r for r in self.from_len if r is not args[0]]
+                return original(*args)
+            self.indexing = True
+            try:
+                result = original(*args)
+                frame = sys._getframe(1)
+                self.settle_done()   # a conversion by an earlier instruction: settled before this one records anything
+                function, since = self.c_calls.get(frame, (None, None))
+                if _into_text(frame, function):
+                    return result
+                try:
+                    value = torch._C._get_value_trace(args[0])
+                except RuntimeError:
+                    value = None
+                self.pending.append({"tensor": args[0], "value": value, "result": result, "where": _caller_line(),
+                                     "frame": frame, "lasti": frame.f_lasti, "in": function,
+                                     "since": _newest() if since is None else since, "running": self.stack[-1],
+                                     "described": _index_use(frame, function)})
+            finally:
+                self.indexing = False
+            return result
+        return __index__
+
+    def profile(self, frame, event, arg):
+        """sys.setprofile's function during the trace: the C function each frame is in (and the trace's newest value
+        when it was called), and the conversions through __index__ settled at the first event after their instruction
+        (settle_done); the __index__ wrapper's own events are none."""
+        if self.indexing:
+            return
+        if self.pending and frame.f_code is not self.index_code:
+            self.settle_done(frame if event in ("c_return", "c_exception", "return") else None)
+        if event == "c_call":
+            self.c_calls[frame] = (arg, _newest())
+        elif event in ("c_return", "c_exception"):
+            self.c_calls.pop(frame, None)
+
+    def settle_done(self, finished=None):
+        """Settles the conversions whose instruction is over: its frame has moved to another instruction, or `finished`
+        (the frame whose C call or whole function just returned) is its frame. Python called while the instruction
+        runs (the tracer's own name lookup, a __torch_function__) is no reason: torch's C code may record the size after."""
+        done = [p for p in self.pending if p["frame"] is finished or p["frame"].f_lasti != p["lasti"]]
+        if done:
+            self.pending = [p for p in self.pending if not any(p is d for d in done)]
+            for p in done:
+                self.settle(p)
+
+    def settle(self, p):
+        """A conversion through __index__, once torch's C code has returned: kept by the trace (nothing to do) or
+        frozen (recorded as TraceCalls.number records one)."""
+        if _int_uses(p["value"], p["since"]):
+            return
+        try:
+            shape_only = p["value"] is not None and _shape_only(p["value"])
+        except RuntimeError:
+            shape_only = False
+        entry = (p["where"][0], p["where"][1], p["described"], shape_only)
+        if entry not in self.numbers:
+            self.numbers.append(entry)
+        if shape_only:
+            self.check_number(p["tensor"], p["result"], p["where"], p["running"])
 
 
 GUARD = "_tl_guard"   # the 0-dim bool buffer a shape condition is copied into during the trace (TraceCalls.boolean)
 NUMBER_METHODS = {"__int__": "int()", "__float__": "float()", "__len__": "len()",
                   "item": ".item()", "tolist": ".tolist()"}
+
+
+def _int_uses(value, since):
+    """How many aten::Int nodes made after the value numbered `since` (_newest) use a traced value: how the tracer
+    records a size that torch's C code took as an int (inserted after the size, so told apart by number, not place)."""
+    return 0 if value is None else sum(1 for u in value.uses() if u.user.kind() == "aten::Int" and u.user.output().unique() > since)
+
+
+def _newest():
+    """The number (unique()) of the trace's newest value: the graph's last node is the newest operation recorded,
+    values made after it have higher numbers."""
+    state = torch._C._get_tracing_state()
+    node = state.graph().return_node().prev() if state is not None else None
+    while node is not None and node.kind() != "prim::Param":
+        outputs = list(node.outputs())
+        if outputs:
+            return max(o.unique() for o in outputs)
+        node = node.prev()
+    return -1
+
+
+def _instruction(frame):
+    """(opname, argrepr) of the instruction a frame executes now; ("", "") where none is found."""
+    return next(((i.opname, i.argrepr) for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), ("", ""))
+
+
+def _into_text(frame, function):
+    """Whether a conversion through __index__ makes text, not a number the forward computes with: a torch.Size (of
+    traced sizes) written into a message converts each size (torchvision's ViT: `torch._assert(input.dim() == 3,
+    f"... got {input.shape}")`). Seen from the instruction: an f-string's value, `%` formatting (a tensor's own `%` is
+    traced and converts nothing), repr(), format(), print(), a str's method ("{}".format). str(size) is a call like
+    range(): a guard, harmless where the size cannot change."""
+    if function is not None:
+        return function in (repr, format, print, ascii) or isinstance(getattr(function, "__self__", None), str)
+    op, arg = _instruction(frame)
+    return op.startswith("FORMAT_") or op == "BINARY_OP" and arg in ("%", "%=")
+
+
+def _index_use(frame, function):
+    """What took a Python int through __index__, for the message: the C function called, else the instruction."""
+    if function is not None:
+        module = getattr(function, "__module__", None) or getattr(getattr(function, "__self__", None), "__name__", None)
+        return f"{module + '.' if module and module != 'builtins' else ''}{getattr(function, '__name__', '?')}() (__index__)"
+    op = _instruction(frame)[0]
+    if "SUBSCR" in op or "SLICE" in op:
+        return "a Python sequence's index or slice (__index__)"
+    if op.startswith("CALL") or op.startswith("PRECALL"):
+        return "range() or another call (__index__)"
+    return "a Python int (__index__)"
 
 
 def _matches(assumed, file, line):
@@ -2651,15 +2797,25 @@ def _trace(model, inputs, assume=()):
             guarded.append(m)
     original_bool = torch.Tensor.__bool__
     originals = {name: getattr(torch.Tensor, name) for name in NUMBER_METHODS}
+    original_index, original_profile = torch.Tensor.__index__, sys.getprofile()
     torch.Tensor.__bool__ = calls.boolean(original_bool)
     for name, what in NUMBER_METHODS.items():
         setattr(torch.Tensor, name, calls.number(originals[name], what))
+    torch.Tensor.__index__ = calls.index(original_index)
+    calls.index_code = torch.Tensor.__index__.__code__
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.no_grad():
-                traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
+                sys.setprofile(calls.profile)
+                try:
+                    traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
+                finally:
+                    sys.setprofile(original_profile)
+        if calls.pending:
+            raise RuntimeError(f"export_port: {len(calls.pending)} conversions through __index__ left unsettled by the trace")
     finally:
+        torch.Tensor.__index__ = original_index
         torch.Tensor.__bool__ = original_bool
         for name in NUMBER_METHODS:
             setattr(torch.Tensor, name, originals[name])

@@ -4,6 +4,7 @@
 
 The generated ports of real models are compiled and replayed by the .NET tests (tests/TorchLinear.Tests/Ports)."""
 import math
+import operator
 import os
 import re
 import sys
@@ -150,6 +151,67 @@ class ItemData(nn.Module):
 class TolistData(nn.Module):
     def forward(self, x):
         return x * x.abs().max().tolist()  # tolist of a value
+
+
+class FixedMiddle(nn.Module):
+    """A Linear over dimension 1 makes it 3 at every input the model accepts: the second trace cannot change it, so only
+    the first trace's watch of __index__ sees a Python number taken from it. `how` picks the conversion."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.mix = nn.Linear(3, 3)
+        self.how = how
+
+    def forward(self, x):
+        y = self.mix(x.transpose(1, 2)).transpose(1, 2)
+        if self.how == "range":
+            out = y[:, 0]
+            for i in range(1, x.shape[1]):  # a loop over a size
+                out = out + y[:, i]
+            return out
+        if self.how == "index":
+            return y * [0.5, 1.0, 1.5, 2.0][x.shape[1]]  # a list indexed by a size
+        if self.how == "slice":
+            return y * sum([0.5, 1.0, 1.5, 2.0][:x.shape[1]])  # a list sliced by a size
+        if self.how == "repeat":
+            return y * len([0.0] * x.shape[1])  # a list repeated a size's times
+        if self.how == "after a view":
+            n = x.shape[1]
+            return y.reshape(-1, n, 4) * [0.5, 1.0, 1.5, 2.0][n]  # a list indexed by a size a view took before
+        if self.how == "operator.index":
+            return y * operator.index(x.shape[1])  # operator.index of a size
+        raise ValueError(self.how)
+
+
+class SizeTable(nn.Module):
+    """A list indexed by a size, where the two traces' sizes (5, then 6) find the same number (the table changes at 7):
+    the generated code is the same, so the second trace alone cannot tell."""
+
+    def forward(self, x):
+        return x * [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0][x.shape[1]]  # a table indexed by a size
+
+
+class ValueIndex(nn.Module):
+    def forward(self, x):
+        return x * [0.5, 1.0, 2.0][x.argmax() % 3]  # a list indexed by a value
+
+
+class TorchTakesSizes(nn.Module):
+    """Sizes passed where torch takes an int (its argument parser calls __index__): the trace records them. And sizes
+    written into messages (a torch.Size's repr calls __index__ on each): text, not a number the forward computes with."""
+
+    def forward(self, x):
+        torch._assert(x.dim() == 3, f"expected 3 dimensions, got {x.shape}")  # a torch.Size in a message, as ViT's
+        batch, time, width = x.shape
+        template = "shape %s"   # not a literal: `%` formatting at run time, as logging's `msg % args`
+        assert template % (x.shape,) + "{}".format(x.shape) + repr(x.shape)  # more sizes written into text
+
+        def split(t):
+            return t.view(batch, time, 2, width // 2)  # a closure's sizes, as tiny_transformer.py's split
+
+        y = split(x).reshape(batch, time, width)
+        y = y[:, : time - 1, : y.shape[2] - 1]
+        return y.select(1, y.shape[1] - 1).expand(y.shape[1], batch, -1)
 
 
 class Gated(nn.Module):
@@ -589,6 +651,60 @@ class ShapeConditionTests(unittest.TestCase):
         code = generate(RankBranch().eval(), (torch.randn(2, 6, 3),), "Port")
         self.assertIn('if (x.dim() != 3) throw new InvalidOperationException($"RankBranch: input x has {x.dim()} dimensions; '
                       'the port was traced with 3 and computes only that rank: re-export at it");', code)
+
+
+class IndexTests(unittest.TestCase):
+    """Tensor.__index__ converts a traced size to a Python int without the tracer's warning: range(t), a list's index or
+    slice, [0] * t, operator.index(t) freeze it; torch's own argument parser calls it too, and records the size (no
+    conversion). A frozen one from sizes is checked as int() of it is (a guard), one from values is refused."""
+
+    def test_a_loop_over_a_size_the_second_trace_cannot_change_is_checked_where_range_took_it(self):
+        line = line_of("a loop over a size")
+        code = generate(FixedMiddle("range").eval(), (torch.randn(2, 3, 4),), "Port")
+        self.assertEqual(code.count(".add("), 2)   # the loop, unrolled for x.shape[1] == 3 ...
+        self.assertRegex(code, r'if \(!\(\w+ == 3\)\) throw new InvalidOperationException\("FixedMiddle: traced with '
+                         + re.escape(f"{THIS}:{line}: for i in range(1, x.shape[1]):  # a loop over a size where (size == 3) was True"))
+        self.assertIn(f"//   {THIS}:{line}: for i in range(1, x.shape[1]):  # a loop over a size  ((size == 3) was True: checked)", code)
+
+    def test_each_python_conversion_of_a_size_is_checked_naming_its_line(self):
+        for how, mark in (("index", "a list indexed by a size"), ("slice", "a list sliced by a size"),
+                          ("repeat", "a list repeated a size's times"), ("operator.index", "operator.index of a size"),
+                          ("after a view", "a list indexed by a size a view took before")):
+            with self.subTest(how):
+                code = generate(FixedMiddle(how).eval(), (torch.randn(2, 3, 4),), "Port")
+                self.assertRegex(code, r"if \(!\(\w+ == 3\)\) throw new InvalidOperationException\(\"FixedMiddle: traced with "
+                                 + re.escape(f"{THIS}:{line_of(mark)}:"))
+
+    def test_a_size_frozen_where_the_second_trace_gives_the_same_code_is_refused_unless_assumed(self):
+        line = line_of("a table indexed by a size")
+        with self.assertRaises(ExportRefused) as caught:
+            generate(SizeTable().eval(), (torch.randn(2, 5, 3),), "Port")
+        message = str(caught.exception)
+        self.assertIn("the trace froze a value that depends on the input (shape [(2, 5, 3)] vs [(3, 6, 4)]", message)
+        self.assertIn(f"{THIS}:{line}: return x * [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0][x.shape[1]]  # a table indexed "
+                      f"by a size  ((size == 5) was True: checked)", message)
+        code = generate(SizeTable().eval(), (torch.randn(2, 5, 3),), "Port", assume_shape_conditions=[f"{THIS}:{line}"])
+        self.assertIn(f"{THIS}:{line}: return x * [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0][x.shape[1]]  # a table indexed "
+                      f"by a size  (a Python sequence's index or slice (__index__), assumed the same at every input)", code)
+
+    def test_a_python_index_of_a_tensor_value_is_refused_naming_the_line(self):
+        line = line_of("a list indexed by a value")
+        for assume in ((), (f"{THIS}:{line}",)):
+            with self.subTest(assume=assume), self.assertRaises(ExportRefused) as caught:
+                generate(ValueIndex().eval(), (torch.randn(2, 6, 3),), "Port", assume_shape_conditions=assume)
+            self.assertIn(f"a Python sequence's index or slice (__index__) of a tensor's value (a Python number the trace "
+                          f"freezes: data-dependent) at (root) (ValueIndex), {THIS}:{line}: return x * [0.5, 1.0, 2.0]"
+                          f"[x.argmax() % 3]", str(caught.exception))
+
+    def test_sizes_torch_takes_as_ints_are_traced_not_checked(self):
+        code = generate(TorchTakesSizes().eval(), (torch.randn(2, 6, 4),), "Port")
+        self.assertNotIn("was True: checked", code)
+        self.assertNotIn("Conditions on sizes", code)
+        # The sizes keep their Python names (the watch holds the tensor in no local the tracer would name it after).
+        self.assertIn("long batch = x.size(0);", code)
+        self.assertIn("x.view(new long[] { batch, time, ", code)
+        # No size of the (2, 6, 4) input written as a number (time - 1 = 5, then 4 after the slice).
+        self.assertNotRegex(code, r"slice\(1, 0, 5, 1\)|select\(1, 4\)|expand\(new long\[\] \{ 5,")
 
 
 class TransformersTests(unittest.TestCase):
