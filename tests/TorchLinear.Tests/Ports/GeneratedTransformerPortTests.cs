@@ -112,14 +112,19 @@ namespace TorchLinear.Tests
         }
 
         /// <summary>
-        /// GPT-2's Conv1D keeps PyTorch's layout (weight (in, out), `x Wᵀ`-free: addmm(bias, x, weight)), so its
-        /// state_dict keys and shapes are transformers'; the LM head is tied to the token embedding as in transformers
-        /// (one Parameter under both names, so its gradient is the sum of both uses, as PyTorch's).
+        /// GPT-2's Conv1D layers are TorchLinear's <see cref="Conv1D"/> (the generator constructs transformers' Conv1D as
+        /// the library layer), which keeps PyTorch's layout (weight (in, out), addmm(bias, x, weight)), so the state_dict
+        /// keys and shapes are transformers'; the LM head is tied to the token embedding as in transformers (one Parameter
+        /// under both names, so its gradient is the sum of both uses, as PyTorch's).
         /// </summary>
         [Fact]
         public void GeneratedGpt2_Conv1DKeepsTheInOutLayout_AndTheLmHeadIsTiedToTheTokenEmbedding()
         {
             using var port = new Ports.Gpt2.GPT2LMHeadModel();
+            var modules = port.named_modules().ToDictionary(m => m.name, m => m.module);
+            foreach (string layer in new[] { "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj" })
+                Assert.IsType<Conv1D>(modules[$"transformer.h.1.{layer}"]);
+            Assert.Equal((96L, 32L), (((Conv1D)modules["transformer.h.0.attn.c_attn"]).nf, ((Conv1D)modules["transformer.h.0.attn.c_attn"]).nx));
             var state = port.state_dict();
             Assert.Equal(new long[] { 32, 96 }, state["transformer.h.0.attn.c_attn.weight"].shape);
             Assert.Equal(new long[] { 96 }, state["transformer.h.0.attn.c_attn.bias"].shape);
