@@ -94,6 +94,7 @@ namespace TorchLinear.Lora
         {
             new LinearLayerType(),
             new CustomLinearLayerType(),
+            new Conv1DLayerType(),
             new EmbeddingLayerType(),
             new ConvLayerType(1),
             new ConvLayerType(2),
