@@ -49,8 +49,8 @@ namespace TorchLinear.Lora
         {
             foreach (var target in targets)
             {
-                if (target.Existing is null && target.Type is LinearLikeLayerType linear)
-                    config.fan_in_fan_out = linear.FanInFanOut;
+                if (target.Existing is null && target.Type.SetsFanInFanOut is { } value)
+                    config.fan_in_fan_out = value;
             }
         }
 

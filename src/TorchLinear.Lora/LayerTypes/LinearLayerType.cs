@@ -31,6 +31,9 @@ namespace TorchLinear.Lora
         /// <summary>Whether the weight is stored (in, out), PEFT's <c>fan_in_fan_out</c> (transformers' Conv1D).</summary>
         public virtual bool FanInFanOut => false;
 
+        /// <summary>PEFT's <c>dispatch_default</c> sets the config's flag to the layer's layout (with a warning when it differed).</summary>
+        public bool? SetsFanInFanOut => FanInFanOut;
+
         private (long In, long Out) Features(Tensor weight) => FanInFanOut ? (weight.size(0), weight.size(1)) : (weight.size(1), weight.size(0));
 
         public abstract bool Matches(nn.Module module);
