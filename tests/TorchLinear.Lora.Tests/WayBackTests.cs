@@ -200,12 +200,20 @@ namespace TorchLinear.Lora.Tests
                 LoraModel.save_pretrained(model, Path.Combine(folder, "gpt2"));
                 outputs["gpt2"] = Ports.Run(model, gpt2Input);
             }
-            // gpt2_dora: DoRA on c_attn and c_fc; A and B filled, the magnitudes left at the base rows' norms (B starts at
-            // zero), so the rescaling m / ‖W + ΔW‖ shows.
+            // gpt2_dora: DoRA on c_attn and c_fc; A and B filled, and the magnitudes set to exact values near the rows' norms
+            // (about 0.11 here: 6/64 to 10/64), not to computed norms, whose last bits are the CPU's.
             using (var model = Gpt2())
             {
                 LoraModel.Inject(model, new LoraConfig { r = 2, lora_alpha = 4, use_dora = true, target_modules = new[] { "c_attn", "c_fc" } });
                 Fill(model, name => name.Contains(".lora_A.", StringComparison.Ordinal) || name.Contains(".lora_B.", StringComparison.Ordinal));
+                using (no_grad())
+                {
+                    foreach (var (_, magnitude) in model.named_parameters().Where(p => p.name.Contains(".lora_magnitude_vector.", StringComparison.Ordinal)))
+                    {
+                        using var values = (arange(magnitude.numel(), ScalarType.Float64) % 5 + 6).div(64).to(magnitude.dtype);
+                        magnitude.copy_(values);
+                    }
+                }
                 LoraModel.save_pretrained(model, Path.Combine(folder, "gpt2_dora"));
                 outputs["gpt2_dora"] = Ports.Run(model, gpt2Input);
             }
