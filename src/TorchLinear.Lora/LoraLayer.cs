@@ -15,8 +15,8 @@ namespace TorchLinear.Lora
     /// <c>lora_A</c> (r, in) and <c>lora_B</c> (out, r) bias-free projections.
     /// </summary>
     /// <remarks>
-    /// <para>The layer does not own the base weight: a host (a <see cref="CustomLinear"/> through its
-    /// <see cref="CustomLinear.Adapter"/> slot, a <see cref="LoraWrapper"/>, a sealed <c>nn.Linear</c> through a forward
+    /// <para>The layer does not own the base weight: a host (a <see cref="CustomLinear"/> or a <see cref="Conv1D"/> through its
+    /// <c>Adapter</c> slot, a <see cref="LoraWrapper"/>, a sealed <c>nn.Linear</c> through a forward
     /// hook, or your own module such as the sample's <c>LoraLinear</c>) computes <c>x Wᵀ + b</c>, hands it to
     /// <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
     /// merge is kept by this module (one extra copy of W while merged), so that <see cref="unmerge"/> restores it bit for
