@@ -499,6 +499,23 @@ class TransformersTests(unittest.TestCase):
         self.assertIn("class ScaledConv1D", code)
         self.assertNotRegex(code, r"b = new Conv1D\(")
 
+    def test_a_conv1d_weight_tied_to_another_is_set_by_a_tie_line(self):
+        from transformers.pytorch_utils import Conv1D
+
+        class TiedConv(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = Conv1D(4, 4)
+                self.b = Conv1D(4, 4)
+                self.b.weight = self.a.weight
+
+            def forward(self, x):
+                return self.b(self.a(x))
+
+        torch.manual_seed(0)
+        code = generate(TiedConv().eval(), (torch.randn(2, 3, 4),), "TiedConv")
+        self.assertIn('((Conv1D)Submodule("b")).weight = ((Conv1D)Submodule("a")).weight;  // tied: b.weight is a.weight', code)
+
     def test_bert_buffers_ties_and_a_keyword_named_module(self):
         from transformers import BertConfig, BertForMaskedLM
 
