@@ -12,7 +12,7 @@ namespace TorchLinear.Lora
     /// <summary>How an adapted layer runs its adapters.</summary>
     internal enum HostKind
     {
-        /// <summary>A <see cref="CustomLinear"/>: its <see cref="CustomLinear.Adapter"/> slot, run by its own forward.</summary>
+        /// <summary>A <see cref="CustomLinear"/> or <see cref="Conv1D"/>: its <c>Adapter</c> slot, run by its own forward.</summary>
         Slot,
 
         /// <summary>A layer of any registered type (Linear, Embedding, Conv1d, Conv2d) replaced, in its fields and its parent's registry, by its type's wrapper, which runs them.</summary>
@@ -49,7 +49,7 @@ namespace TorchLinear.Lora
 
         internal string Path { get; }
 
-        /// <summary>The model's own layer (the CustomLinear, Linear or Embedding), whatever hosts it.</summary>
+        /// <summary>The model's own layer (the CustomLinear, Conv1D, Linear, Embedding or convolution), whatever hosts it.</summary>
         internal nn.Module Module { get; }
 
         /// <summary>What the layer is: its weight, bias, PEFT's attributes and keys.</summary>

@@ -87,9 +87,11 @@ namespace TorchLinear.Lora
         public bool use_dora { get; set; }
 
         /// <summary>
-        /// Whether the Python base layer stored its weight as (in, out), like GPT-2's Conv1D. lora_A is (r, in) and
-        /// lora_B (out, r) either way, and a .NET port of such a layer is a Linear with weight (out, in): the adapter
-        /// applies unchanged, so the flag is accepted and kept for saving.
+        /// Whether the base layer stores its weight as (in, out), like GPT-2's Conv1D (PEFT's <c>fan_in_fan_out</c>). lora_A
+        /// is (r, in) and lora_B (out, r) either way. As in PEFT 0.18.1, the layer decides, not the flag: a
+        /// <see cref="Conv1D"/> is adapted with its (in, out) layout (a merge adds <c>(B A)ᵀ</c>), a Linear with its (out, in)
+        /// one, and adapting them sets this flag in the config the model keeps and saves as PEFT sets it (true for a
+        /// Conv1D, false for a Linear; with both, the last in the model's order), where PEFT warns.
         /// </summary>
         public bool fan_in_fan_out { get; set; }
 

@@ -15,8 +15,8 @@ namespace TorchLinear.Lora
     /// <c>lora_A</c> (r, in) and <c>lora_B</c> (out, r) bias-free projections.
     /// </summary>
     /// <remarks>
-    /// <para>The layer does not own the base weight: a host (a <see cref="CustomLinear"/> through its
-    /// <see cref="CustomLinear.Adapter"/> slot, a <see cref="LoraWrapper"/>, a sealed <c>nn.Linear</c> through a forward
+    /// <para>The layer does not own the base weight: a host (a <see cref="CustomLinear"/> or a <see cref="Conv1D"/> through its
+    /// <c>Adapter</c> slot, a <see cref="LoraWrapper"/>, a sealed <c>nn.Linear</c> through a forward
     /// hook, or your own module such as the sample's <c>LoraLinear</c>) computes <c>x Wᵀ + b</c>, hands it to
     /// <see cref="AddTo(Tensor, Tensor, bool, Tensor, Tensor?)"/>, and passes its weight to <see cref="merge"/> and <see cref="unmerge"/>. The weight before a
     /// merge is kept by this module (one extra copy of W while merged), so that <see cref="unmerge"/> restores it bit for
@@ -78,13 +78,13 @@ namespace TorchLinear.Lora
 
         /// <summary>An adapter whose values are loaded from a file next: no random numbers are drawn.</summary>
         internal static LoraLayer ForLoading(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, bool use_rslora,
-                                             ScalarType dtype, Device? device) =>
-            new(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, dtype, device, "true", Init.None);
+                                             ScalarType dtype, Device? device, bool fan_in_fan_out = false) =>
+            new(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, dtype, device, "true", Init.None) { fan_in_fan_out = fan_in_fan_out };
 
         /// <summary>A fresh adapter drawn as PEFT's <c>get_peft_model</c> draws it.</summary>
         internal static LoraLayer ForInject(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, bool use_rslora,
-                                            ScalarType dtype, Device? device, string init_lora_weights) =>
-            new(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, dtype, device, init_lora_weights, Init.Peft);
+                                            ScalarType dtype, Device? device, string init_lora_weights, bool fan_in_fan_out = false) =>
+            new(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, dtype, device, init_lora_weights, Init.Peft) { fan_in_fan_out = fan_in_fan_out };
 
         private LoraLayer(long in_features, long out_features, int r, double lora_alpha, double lora_dropout, bool use_rslora,
                           ScalarType dtype, Device? device, string init_lora_weights, Init init)
@@ -127,6 +127,15 @@ namespace TorchLinear.Lora
 
         /// <summary>Whether the scaling is lora_alpha / √r.</summary>
         public bool use_rslora { get; }
+
+        /// <summary>
+        /// Whether the host's weight is stored (in_features, out_features), transposed against a Linear's — transformers'
+        /// <c>Conv1D</c>, which PEFT adapts as <c>lora.Linear</c> with <c>fan_in_fan_out=True</c>. lora_A (r, in) and lora_B
+        /// (out, r) and the forward term are the same either way; what changes is the weight's side: <see cref="merge"/>,
+        /// <see cref="unmerge"/> and DoRA's row norms read and write the weight through its transpose, and
+        /// <see cref="get_delta_weight"/> returns <c>(B A)ᵀ · scaling</c>, (in, out), as PEFT's does.
+        /// </summary>
+        public bool fan_in_fan_out { get; private init; }
 
         /// <summary>lora_alpha / r, or lora_alpha / √r with rsLoRA.</summary>
         public double scaling { get; }
@@ -236,7 +245,8 @@ namespace TorchLinear.Lora
             if (use_dora || merged)
                 throw new InvalidOperationException($"{Owner}: the adapter is {(use_dora ? "DoRA already" : "merged")}.");
             CheckWeight(weight);
-            _variant = new DoraLinear(this, weight, compute);
+            using Tensor? transposed = fan_in_fan_out ? weight.t() : null;
+            _variant = new DoraLinear(this, transposed ?? weight, compute);
         }
 
         /// <summary>
@@ -270,13 +280,25 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>
-        /// The weight update the adapter stands for, <c>(B A) · scaling</c>, shape (out_features, in_features), as PEFT's
+        /// The weight update the adapter stands for, <c>(B A) · scaling</c>, in the host weight's shape: (out_features,
+        /// in_features), or (in_features, out_features) transposed with <see cref="fan_in_fan_out"/>, as PEFT's
         /// <c>get_delta_weight</c> computes it (on the CPU, float16 and bfloat16 adapters are multiplied in float32 and the
         /// result rounded back). The caller owns the result.
         /// </summary>
         public Tensor get_delta_weight()
         {
             ThrowIfDisposed();
+            if (!fan_in_fan_out)
+                return DeltaOutIn();
+            // PEFT: transpose(B @ A, fan_in_fan_out) * scaling; the transpose made contiguous, so the caller owns one tensor.
+            using Tensor delta = DeltaOutIn();
+            using Tensor transposed = delta.t();
+            return transposed.contiguous();
+        }
+
+        /// <summary><c>(B A) · scaling</c>, (out_features, in_features), whatever the host's layout: what the variants add to the weight as a Linear's.</summary>
+        internal Tensor DeltaOutIn()
+        {
             Tensor a = lora_A.weight, b = lora_B.weight;
             ScalarType dtype = b.dtype;
             if (b.device_type == DeviceType.CPU && dtype is ScalarType.Float16 or ScalarType.BFloat16)
@@ -327,7 +349,8 @@ namespace TorchLinear.Lora
             using var scope = NewDisposeScope();
             bool dropped = training && lora_dropout > 0;
             Tensor x = dropped ? nn.functional.dropout(input, lora_dropout, training: true) : input;
-            _variant.AddTerm(this, output, x, dropped, weight, bias);
+            // The variants see the weight as a Linear's (out, in): a Conv1D's through its transpose, a view (freed by the scope).
+            _variant.AddTerm(this, output, x, dropped, fan_in_fan_out && weight is not null ? weight.t() : weight!, bias);
             return output;
         }
 
@@ -378,7 +401,7 @@ namespace TorchLinear.Lora
         /// with nothing written, when the merged weight would hold NaN or infinity. The weight before merging is kept for
         /// <see cref="unmerge"/>. A second call does nothing. While merged, the adapter gets no gradients.
         /// </summary>
-        /// <param name="weight">The host's weight, (out_features, in_features).</param>
+        /// <param name="weight">The host's weight, (out_features, in_features); (in_features, out_features) with <see cref="fan_in_fan_out"/>.</param>
         /// <exception cref="InvalidOperationException">The merged weight would not be finite; nothing was changed.</exception>
         public void merge(Parameter weight)
         {
@@ -475,13 +498,25 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>Writes the merged weight into <paramref name="weight"/>, as the variant merges (<c>W += Δ</c> for plain LoRA).</summary>
-        private void AddDelta(Tensor weight) => _variant.Merge(this, weight);
+        private void AddDelta(Tensor weight)
+        {
+            if (!fan_in_fan_out)
+            {
+                _variant.Merge(this, weight);
+                return;
+            }
+            // The variants write a Linear's (out, in) weight: a Conv1D's (in, out) one through its transpose, a view that
+            // shares its storage, so the in-place writes land in the weight itself.
+            using Tensor transposed = weight.t();
+            _variant.Merge(this, transposed);
+        }
 
         /// <summary>The weight a host passes must be the one this adapter was made for.</summary>
         internal void CheckWeight(Tensor weight)
         {
-            if (weight.dim() != 2 || weight.size(0) != out_features || weight.size(1) != in_features)
-                throw new ArgumentException($"{Owner}: the adapter is for a weight of shape [{out_features}, {in_features}], but was given [{string.Join(", ", weight.shape)}].", nameof(weight));
+            var (rows, columns) = fan_in_fan_out ? (in_features, out_features) : (out_features, in_features);
+            if (weight.dim() != 2 || weight.size(0) != rows || weight.size(1) != columns)
+                throw new ArgumentException($"{Owner}: the adapter is for a weight of shape [{rows}, {columns}]{(fan_in_fan_out ? " (in, out: fan_in_fan_out)" : "")}, but was given [{string.Join(", ", weight.shape)}].", nameof(weight));
         }
 
         /// <summary>The scaling as the given dtype holds it.</summary>

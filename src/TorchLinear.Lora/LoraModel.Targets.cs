@@ -36,6 +36,24 @@ namespace TorchLinear.Lora
             internal Parameter Weight => Type.Weight(Module);
         }
 
+        /// <summary>
+        /// What PEFT 0.18.1's <c>dispatch_default</c> does to the config, for each layer it adapts for the first time, in the
+        /// model's order: a transformers <c>Conv1D</c> sets <c>fan_in_fan_out</c> to true (PEFT warns "fan_in_fan_out is set
+        /// to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."), an <c>nn.Linear</c> (here
+        /// <c>nn.Linear</c> or <see cref="CustomLinear"/>) sets it to false (PEFT warns likewise); embeddings and
+        /// convolutions leave it. So the config the model keeps, and saves, says what PEFT's says; with both kinds targeted
+        /// the last one in the model's order decides, as in PEFT. The adapters themselves never read the flag: each layer
+        /// type knows its layout.
+        /// </summary>
+        internal static void SetFanInFanOutAsPeft(LoraConfig config, IEnumerable<Target> targets)
+        {
+            foreach (var target in targets)
+            {
+                if (target.Existing is null && target.Type.SetsFanInFanOut is { } value)
+                    config.fan_in_fan_out = value;
+            }
+        }
+
         /// <summary>A refusal found while targeting, as (config key, rule).</summary>
         internal readonly record struct Refusal(string Key, string Rule);
 

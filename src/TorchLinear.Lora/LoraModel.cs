@@ -72,6 +72,7 @@ namespace TorchLinear.Lora
             CheckNoScope(state, nameof(Inject));
             CheckOneBias(state, kept, adapter_name, nameof(Inject));
             var targets = Targets(model, kept, state, "LoraModel.Inject", error => new ArgumentException($"LoraModel.Inject: {error.Key}: {error.Rule}."));
+            SetFanInFanOutAsPeft(kept, targets);
             var adapters = new List<IAdapter>();
             try
             {
@@ -155,6 +156,7 @@ namespace TorchLinear.Lora
             var config = LoraConfig.from_pretrained(configFile);
             CheckOneBias(state, config, adapter_name, nameof(load_adapter));
             var targets = Targets(model, config, state, $"LoraModel.load_adapter: {configFile}", error => new CheckpointFormatException(configFile, error.Rule, error.Key));
+            SetFanInFanOutAsPeft(config, targets);
             string file = PeftFolder.AdapterFile(directory);
             var tensors = StateDicts.ReadPyTorchFile(file);
             var built = new List<IAdapter>();

@@ -339,6 +339,7 @@ namespace TorchLinear.Lora
 
             CheckOneBias(state, config, adapter_name, "add_weighted_adapter");
             var targets = Targets(model, config, state, "LoraModel.add_weighted_adapter", error => new ArgumentException($"LoraModel.add_weighted_adapter: {error.Key}: {error.Rule}."));
+            SetFanInFanOutAsPeft(config, targets);
             if (combination == "svd")
             {
                 var refused = targets.Select(t => t.Type.SvdRefusal(t.Path, t.Module)).OfType<string>().ToList();

@@ -380,7 +380,7 @@ namespace TorchLinear.Lora.Tests
             { "groups", "cannot adapt conv is a Conv2d with groups=2; PEFT builds lora_B with the base's groups and cannot merge such an adapter" },
             { "dilation", "cannot adapt conv is a Conv1d with dilation=(2); PEFT builds lora_A without the dilation" },
             { "dora", "cannot adapt conv is an nn.Conv2d, and DoRA on convolutions is not implemented (use_dora)" },
-            { "conv3d", "cannot adapt conv is a Conv3d, neither nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d nor nn.Conv2d" },
+            { "conv3d", "cannot adapt conv is a Conv3d, neither nn.Linear, CustomLinear, Conv1D, nn.Embedding, nn.Conv1d nor nn.Conv2d" },
         };
 
         [Theory]

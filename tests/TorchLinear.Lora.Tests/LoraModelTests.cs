@@ -670,9 +670,9 @@ namespace TorchLinear.Lora.Tests
         {
             using var model = new NestedHead();
             var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { target_modules = new[] { "head" } }));
-            Assert.Contains("matches no nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d or nn.Conv2d", error.Message);
+            Assert.Contains("matches no nn.Linear, CustomLinear, Conv1D, nn.Embedding, nn.Conv1d or nn.Conv2d", error.Message);
             using var sequential = nn.Sequential(("act", nn.ReLU()), ("fc", nn.Linear(2, 2)));
-            Assert.Contains("act is a ReLU, neither nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d nor nn.Conv2d", Assert.Throws<ArgumentException>(() => LoraModel.Inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
+            Assert.Contains("act is a ReLU, neither nn.Linear, CustomLinear, Conv1D, nn.Embedding, nn.Conv1d nor nn.Conv2d", Assert.Throws<ArgumentException>(() => LoraModel.Inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
             Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => LoraModel.save_pretrained(sequential, "nowhere")).Message);
         }
     }

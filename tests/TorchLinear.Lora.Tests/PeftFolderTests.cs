@@ -408,7 +408,7 @@ namespace TorchLinear.Lora.Tests
             {
                 using var model = Pretrained("attention");
                 var error = Assert.Throws<ArgumentException>(() => LoraModel.load_adapter(model, folder));
-                Assert.Contains("target_modules [query, value] matches no nn.Linear, CustomLinear, nn.Embedding, nn.Conv1d or nn.Conv2d", error.Message);
+                Assert.Contains("target_modules [query, value] matches no nn.Linear, CustomLinear, Conv1D, nn.Embedding, nn.Conv1d or nn.Conv2d", error.Message);
                 Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains("lora_"));
             }
             finally

@@ -34,7 +34,7 @@ namespace TorchLinear.Lora.Tests
         /// Each folder written here and what PEFT is asked to compare: the adapters to activate one after the other (or a
         /// mixed batch's rows). A case here is a case in check_from_dotnet.py's CASES.
         /// </summary>
-        internal static readonly string[] CaseNames = { "plain", "rslora", "dora", "embedding", "named", "bias_all", "bias_lora_only", "conv" };
+        internal static readonly string[] CaseNames = { "plain", "rslora", "dora", "embedding", "named", "bias_all", "bias_lora_only", "conv", "gpt2", "gpt2_dora" };
 
         internal static readonly string[] NamedMixedRows = { "third", LoraModel.BaseModel, "default", "third" };
 
@@ -82,6 +82,18 @@ namespace TorchLinear.Lora.Tests
             return model;
         }
 
+        /// <summary>
+        /// The generated GPT-2 port (tests/TorchLinear.Tests/Ports/Gpt2: export_port.py writes transformers' Conv1D as
+        /// TorchLinear's Conv1D) with the weights make_ports.py exported, in eval mode.
+        /// </summary>
+        private static TorchLinear.Tests.Ports.Gpt2.GPT2LMHeadModel Gpt2()
+        {
+            var model = new TorchLinear.Tests.Ports.Gpt2.GPT2LMHeadModel();
+            StateDicts.LoadPyTorchFile(model, Path.Combine(AppContext.BaseDirectory, "ReferenceData", "Gpt2", "GPT2LMHeadModel.safetensors"));
+            model.eval();
+            return model;
+        }
+
         /// <summary>Writes every case's folder into <paramref name="folder"/> and returns the inputs and .NET's outputs.</summary>
         internal static Dictionary<string, Tensor> Write(string folder)
         {
@@ -90,12 +102,14 @@ namespace TorchLinear.Lora.Tests
             var embeddingInput = Ports.Cases("embedding")["input"];
             var mlpInput = StateDicts.ReadPyTorchFile(Path.Combine(RealPeft, "cases.safetensors"))["input"];
             var convInput = ConvNets.Cases()["conv2d.mixed_input"];
+            var gpt2Input = StateDicts.ReadPyTorchFile(Path.Combine(AppContext.BaseDirectory, "ReferenceData", "Gpt2", "cases.pt"))["input"];
             var outputs = new Dictionary<string, Tensor>
             {
                 ["input/classifier"] = classifierInput,
                 ["input/embedding"] = embeddingInput,
                 ["input/mlp"] = mlpInput,
                 ["input/conv2d"] = convInput,
+                ["input/gpt2"] = gpt2Input,
             };
             static bool Trained(nn.Module model, string name) => model.named_parameters().Single(p => p.name == name).parameter.requires_grad;
 
@@ -176,6 +190,32 @@ namespace TorchLinear.Lora.Tests
                 }
                 using (LoraModel.MixedBatch(model, ConvMixedRows))
                     outputs["conv/mixed"] = Ports.Run(model, convInput);
+            }
+            // gpt2: the generated GPT-2 port, LoRA on its Conv1D layers c_attn, c_proj and c_fc (PEFT: lora.Linear with
+            // fan_in_fan_out; the saved config says fan_in_fan_out true, as PEFT's would).
+            using (var model = Gpt2())
+            {
+                LoraModel.Inject(model, new LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "c_attn", "c_proj", "c_fc" } });
+                Fill(model, name => Trained(model, name));
+                LoraModel.save_pretrained(model, Path.Combine(folder, "gpt2"));
+                outputs["gpt2"] = Ports.Run(model, gpt2Input);
+            }
+            // gpt2_dora: DoRA on c_attn and c_fc; A and B filled, and the magnitudes set to exact values near the rows' norms
+            // (about 0.11 here: 6/64 to 10/64), not to computed norms, whose last bits are the CPU's.
+            using (var model = Gpt2())
+            {
+                LoraModel.Inject(model, new LoraConfig { r = 2, lora_alpha = 4, use_dora = true, target_modules = new[] { "c_attn", "c_fc" } });
+                Fill(model, name => name.Contains(".lora_A.", StringComparison.Ordinal) || name.Contains(".lora_B.", StringComparison.Ordinal));
+                using (no_grad())
+                {
+                    foreach (var (_, magnitude) in model.named_parameters().Where(p => p.name.Contains(".lora_magnitude_vector.", StringComparison.Ordinal)))
+                    {
+                        using var values = (arange(magnitude.numel(), ScalarType.Float64) % 5 + 6).div(64).to(magnitude.dtype);
+                        magnitude.copy_(values);
+                    }
+                }
+                LoraModel.save_pretrained(model, Path.Combine(folder, "gpt2_dora"));
+                outputs["gpt2_dora"] = Ports.Run(model, gpt2Input);
             }
             Safetensors.SaveStateDict(Path.Combine(folder, "outputs.safetensors"), outputs);
             return outputs;

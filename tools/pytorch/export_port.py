@@ -21,8 +21,8 @@ It writes into out_dir:
 
 How it sees the model: torch.jit.trace(model, example_inputs, strict=False), which keeps the module hierarchy (every
 submodule has its own graph of aten operations, each with its Python source line). Each module is written from its own
-graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, Conv2d, BatchNorm2d, LayerNorm, Embedding,
-ReLU, ...) are constructed, not translated. A submodule's C# forward takes every tensor argument of its Python call
+graph; the modules TorchSharp has (Linear as TorchLinear's CustomLinear, transformers' Conv1D as TorchLinear's Conv1D,
+Conv2d, BatchNorm2d, LayerNorm, Embedding, ReLU, ...) are constructed, not translated. A submodule's C# forward takes every tensor argument of its Python call
 (keyword arguments too, in the recorder's order) and returns what Python returns (several tensors as a ValueTuple);
 the trace is watched to recover both (TraceCalls). Nothing silent: every operation or module it cannot write, every
 branch on a tensor's value or Python number taken from one (a branch on sizes only, or a number taken from sizes, is
@@ -464,6 +464,11 @@ def _leaf(module, body, path):
     if t is nn.Linear:
         return ("CustomLinear", f"new CustomLinear({s('in_features', module.in_features)}, {s('out_features', module.out_features)}, "
                 f"bias: {s('bias', module.bias is not None)}) {{ Dispatch = LinearDispatch.PyTorch }}")
+    if _is_transformers_conv1d(module):
+        # transformers' Conv1D (weight (nx, nf), addmm): TorchLinear's Conv1D computes it with the same operations, for
+        # any input rank, and runs LoRA adapters in its own slot (TorchLinear.Lora adapts it as PEFT does,
+        # fan_in_fan_out); a translated copy of its graph would be a class LoRA does not know.
+        return ("Conv1D", f"new Conv1D({s('nf', module.nf)}, {s('nx', module.nx)})")
     if t is nn.Conv2d:
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise ExportRefused(f"{path} (Conv2d): padding {module.padding!r}, padding_mode {module.padding_mode!r}: only numeric zero padding is written")
@@ -525,8 +530,14 @@ LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding, 
               nn.Sigmoid, nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
 
 
+def _is_transformers_conv1d(module):
+    """transformers' Conv1D, exact type only (a subclass may override forward), without importing transformers."""
+    t = type(module)
+    return t.__module__ == "transformers.pytorch_utils" and t.__name__ == "Conv1D"
+
+
 def _is_leaf(module):
-    return type(module) in LEAF_TYPES
+    return type(module) in LEAF_TYPES or _is_transformers_conv1d(module)
 
 
 def _is_sequential(module):
@@ -2355,10 +2366,10 @@ class Exporter:
                 path, _, attr = name.rpartition(".")
                 opath, _, oattr = owner.rpartition(".")
                 d, od = self.draft_of.get(id(modules.get(path))), self.draft_of.get(id(modules.get(opath)))
-                settable = {"CustomLinear": ("weight", "bias"), "TorchSharp.Modules.Embedding": ("weight",)}
+                settable = {"CustomLinear": ("weight", "bias"), "Conv1D": ("weight", "bias"), "TorchSharp.Modules.Embedding": ("weight",)}
                 if d is None or od is None or d.kind != "leaf" or attr not in settable.get(d.field_type, ()) \
                         or od.kind not in ("leaf", "gen") or od.kind == "leaf" and oattr not in settable.get(od.field_type, ()):
-                    self.refusals.add(f"{name} is {owner} (a tied parameter): only a Linear's or an Embedding's weight or "
+                    self.refusals.add(f"{name} is {owner} (a tied parameter): only a Linear's, a Conv1D's or an Embedding's weight or "
                                       f"bias set to another's, or to a translated module's own parameter, is written")
                     continue
                 source = f"(({od.field_type})Submodule(\"{opath}\")).{oattr}" + ("!" if od.field_type.endswith("Embedding") else "") \

@@ -755,14 +755,56 @@ class TransformersTests(unittest.TestCase):
         config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, attn_implementation="eager",
                             use_cache=False, return_dict=False)
         code = generate(GPT2LMHeadModel(config).eval(), (torch.randint(0, 50, (2, 5)),), "Gpt2")
-        # Conv1D written from its own graph: PyTorch's (in, out) weight and addmm, no transposed copy.
-        self.assertIn("torch.zeros(new long[] { weight_shape, weight_shape2 })", code)
-        self.assertRegex(code, r"Tensor \w+ = bias\.addmm\(\w+, weight\);  // pytorch_utils.py:\d+: x = torch.addmm\(self.bias")
+        # Conv1D constructed as TorchLinear's Conv1D(nf, nx) (its (in, out) weight, addmm, and LoRA's slot), not translated.
+        self.assertRegex(code, r"private readonly Conv1D c_attn;")
+        self.assertRegex(code, r"c_attn = new Conv1D\((nf: )?48, (nx: )?16\);")
+        self.assertNotIn("class Conv1D", code)
+        self.assertNotIn("pytorch_utils.py", code)
         # The non-persistent causal mask (16 x 16 booleans) as the lower triangle it is.
         self.assertIn("bias = torch.ones(16, 16, dtype: ScalarType.Bool).tril().expand(new long[] { 1, 1, 16, 16 }).contiguous();", code)
         self.assertIn('register_buffer("bias", bias, persistent: false);', code)
         # The LM head shares the token embedding's weight, as in transformers.
         self.assertIn('((CustomLinear)Submodule("lm_head")).weight = ((TorchSharp.Modules.Embedding)Submodule("transformer.wte")).weight!;', code)
+
+    def test_only_transformers_own_conv1d_is_the_library_layer_a_subclass_is_translated(self):
+        from transformers.pytorch_utils import Conv1D
+
+        class ScaledConv1D(Conv1D):
+            def forward(self, x):
+                return super().forward(x) * 2
+
+        class TwoConv(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = Conv1D(6, 4)
+                self.b = ScaledConv1D(4, 6)
+
+            def forward(self, x):
+                return self.b(self.a(x))
+
+        torch.manual_seed(0)
+        code = generate(TwoConv().eval(), (torch.randn(2, 3, 4),), "TwoConv")
+        self.assertRegex(code, r"a = new Conv1D\((nf: )?6, (nx: )?4\);")
+        # The subclass overrides forward: written from its own graph, as any module.
+        self.assertIn("class ScaledConv1D", code)
+        self.assertNotRegex(code, r"b = new Conv1D\(")
+
+    def test_a_conv1d_weight_tied_to_another_is_set_by_a_tie_line(self):
+        from transformers.pytorch_utils import Conv1D
+
+        class TiedConv(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = Conv1D(4, 4)
+                self.b = Conv1D(4, 4)
+                self.b.weight = self.a.weight
+
+            def forward(self, x):
+                return self.b(self.a(x))
+
+        torch.manual_seed(0)
+        code = generate(TiedConv().eval(), (torch.randn(2, 3, 4),), "TiedConv")
+        self.assertIn('((Conv1D)Submodule("b")).weight = ((Conv1D)Submodule("a")).weight;  // tied: b.weight is a.weight', code)
 
     def test_bert_buffers_ties_and_a_keyword_named_module(self):
         from transformers import BertConfig, BertForMaskedLM

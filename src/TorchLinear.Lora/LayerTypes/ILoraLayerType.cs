@@ -72,6 +72,12 @@ namespace TorchLinear.Lora
         /// <summary>Why a weighted <c>svd</c> combination cannot be made for this layer (the layer at <paramref name="path"/> named), or null when it can.</summary>
         string? SvdRefusal(string path, nn.Module module) => null;
 
+        /// <summary>
+        /// What PEFT's dispatch sets the config's <c>fan_in_fan_out</c> to when it adapts a layer of this type (true for
+        /// transformers' Conv1D, false for a Linear), or null for a type whose dispatch leaves it (embeddings, convolutions).
+        /// </summary>
+        bool? SetsFanInFanOut => null;
+
         /// <summary>Whether a mixed batch may stack this type's plain adapters into one pair of products (<see cref="LoraLayer.AddLowRank(Tensor, Tensor, Tensor, Tensor, Tensor)"/>).</summary>
         bool Stacks { get; }
     }
@@ -94,6 +100,7 @@ namespace TorchLinear.Lora
         {
             new LinearLayerType(),
             new CustomLinearLayerType(),
+            new Conv1DLayerType(),
             new EmbeddingLayerType(),
             new ConvLayerType(1),
             new ConvLayerType(2),

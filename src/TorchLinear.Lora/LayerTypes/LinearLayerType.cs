@@ -7,9 +7,10 @@ using static TorchSharp.torch;
 namespace TorchLinear.Lora
 {
     /// <summary>
-    /// What the linear layer types share (PEFT's <c>lora.Linear</c>): a 2-D weight (out, in), a <see cref="LoraLayer"/>
-    /// adapter with <c>lora_A</c> (r, in), <c>lora_B</c> (out, r) and, for DoRA, <c>lora_magnitude_vector</c> (out),
-    /// saved as <c>&lt;path&gt;.lora_A.weight</c>, <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c>.
+    /// What the linear layer types share (PEFT's <c>lora.Linear</c>): a 2-D weight (out, in) — or (in, out) for a type with
+    /// <see cref="FanInFanOut"/> (transformers' Conv1D) —, a <see cref="LoraLayer"/> adapter with <c>lora_A</c> (r, in),
+    /// <c>lora_B</c> (out, r) and, for DoRA, <c>lora_magnitude_vector</c> (out), saved as <c>&lt;path&gt;.lora_A.weight</c>,
+    /// <c>.lora_B.weight</c>, <c>.lora_magnitude_vector</c>.
     /// </summary>
     internal abstract class LinearLikeLayerType : ILoraLayerType
     {
@@ -26,6 +27,14 @@ namespace TorchLinear.Lora
         public abstract string Name { get; }
 
         public bool IsLinear => true;
+
+        /// <summary>Whether the weight is stored (in, out), PEFT's <c>fan_in_fan_out</c> (transformers' Conv1D).</summary>
+        public virtual bool FanInFanOut => false;
+
+        /// <summary>PEFT's <c>dispatch_default</c> sets the config's flag to the layer's layout (with a warning when it differed).</summary>
+        public bool? SetsFanInFanOut => FanInFanOut;
+
+        private (long In, long Out) Features(Tensor weight) => FanInFanOut ? (weight.size(0), weight.size(1)) : (weight.size(1), weight.size(0));
 
         public abstract bool Matches(nn.Module module);
 
@@ -45,12 +54,12 @@ namespace TorchLinear.Lora
 
         public long[] PartShape(nn.Module module, string part, int rank)
         {
-            var weight = Weight(module);
+            var (inFeatures, outFeatures) = Features(Weight(module));
             return part switch
             {
-                "lora_A" => new[] { (long)rank, weight.size(1) },
-                "lora_B" => new[] { weight.size(0), (long)rank },
-                "lora_magnitude_vector" => new[] { weight.size(0) },
+                "lora_A" => new[] { (long)rank, inFeatures },
+                "lora_B" => new[] { outFeatures, (long)rank },
+                "lora_magnitude_vector" => new[] { outFeatures },
                 _ => throw new ArgumentException($"{Name} adapters have no part {part}.", nameof(part)),
             };
         }
@@ -58,9 +67,10 @@ namespace TorchLinear.Lora
         public IAdapter Create(nn.Module module, int rank, double alpha, LoraConfig config, bool draw)
         {
             var weight = Weight(module);
+            var (inFeatures, outFeatures) = Features(weight);
             var layer = draw
-                ? LoraLayer.ForInject(weight.size(1), weight.size(0), rank, alpha, config.lora_dropout, config.use_rslora, weight.dtype, weight.device, config.init_lora_weights)
-                : LoraLayer.ForLoading(weight.size(1), weight.size(0), rank, alpha, config.lora_dropout, config.use_rslora, weight.dtype, weight.device);
+                ? LoraLayer.ForInject(inFeatures, outFeatures, rank, alpha, config.lora_dropout, config.use_rslora, weight.dtype, weight.device, config.init_lora_weights, FanInFanOut)
+                : LoraLayer.ForLoading(inFeatures, outFeatures, rank, alpha, config.lora_dropout, config.use_rslora, weight.dtype, weight.device, FanInFanOut);
             try
             {
                 if (config.use_dora)
@@ -80,7 +90,8 @@ namespace TorchLinear.Lora
 
         public abstract nn.Module Wrap(nn.Module module, AdaptedLayer layer);
 
-        public Tensor DeltaMatrix(Tensor delta) => delta;
+        /// <summary>The update as B A (out × in): PEFT's svd combination transposes a <c>fan_in_fan_out</c> layer's (in, out) update (<c>delta_weight.T</c>).</summary>
+        public Tensor DeltaMatrix(Tensor delta) => FanInFanOut ? delta.t() : delta;
 
         public bool Stacks => true;
     }

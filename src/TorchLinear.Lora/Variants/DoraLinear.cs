@@ -75,7 +75,7 @@ namespace TorchLinear.Lora
         public void Merge(LoraLayer adapter, Tensor weight)
         {
             using var scope = NewDisposeScope();
-            Tensor adapted = weight + adapter.get_delta_weight().to(weight.dtype);
+            Tensor adapted = weight + adapter.DeltaOutIn().to(weight.dtype);
             Tensor norm = linalg.vector_norm(adapted, 2, new long[] { 1 }).to(weight.dtype);
             weight.copy_((Magnitude.weight.detach() / norm).view(-1, 1) * adapted);
         }

@@ -42,7 +42,7 @@ namespace TorchLinear.Lora
                 weight.addmm_(b, a, 1, (float)adapter.scaling);
             else
             {
-                using var delta = adapter.get_delta_weight();
+                using var delta = adapter.DeltaOutIn();
                 weight.add_(delta, One);
             }
         }

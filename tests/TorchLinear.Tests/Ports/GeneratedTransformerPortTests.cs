@@ -145,14 +145,19 @@ namespace TorchLinear.Tests
         }
 
         /// <summary>
-        /// GPT-2's Conv1D keeps PyTorch's layout (weight (in, out), `x Wᵀ`-free: addmm(bias, x, weight)), so its
-        /// state_dict keys and shapes are transformers'; the LM head is tied to the token embedding as in transformers
-        /// (one Parameter under both names, so its gradient is the sum of both uses, as PyTorch's).
+        /// GPT-2's Conv1D layers are TorchLinear's <see cref="Conv1D"/> (the generator constructs transformers' Conv1D as
+        /// the library layer), which keeps PyTorch's layout (weight (in, out), addmm(bias, x, weight)), so the state_dict
+        /// keys and shapes are transformers'; the LM head is tied to the token embedding as in transformers (one Parameter
+        /// under both names, so its gradient is the sum of both uses, as PyTorch's).
         /// </summary>
         [Fact]
         public void GeneratedGpt2_Conv1DKeepsTheInOutLayout_AndTheLmHeadIsTiedToTheTokenEmbedding()
         {
             using var port = new Ports.Gpt2.GPT2LMHeadModel();
+            var modules = port.named_modules().ToDictionary(m => m.name, m => m.module);
+            foreach (string layer in new[] { "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj" })
+                Assert.IsType<Conv1D>(modules[$"transformer.h.1.{layer}"]);
+            Assert.Equal((96L, 32L), (((Conv1D)modules["transformer.h.0.attn.c_attn"]).nf, ((Conv1D)modules["transformer.h.0.attn.c_attn"]).nx));
             var state = port.state_dict();
             Assert.Equal(new long[] { 32, 96 }, state["transformer.h.0.attn.c_attn.weight"].shape);
             Assert.Equal(new long[] { 96 }, state["transformer.h.0.attn.c_attn.bias"].shape);
@@ -236,6 +241,131 @@ namespace TorchLinear.Tests
             {
                 foreach (var t in cases.Values)
                     t.Dispose();
+            }
+        }
+
+        /// <summary>
+        /// End to end with real PEFT on GPT-2's Conv1D layers: an adapter made by PEFT 0.18.1 on transformers' GPT-2
+        /// (make_ports.py's peft_gpt2_adapters: r 4 on c_attn, c_proj and c_fc of both layers, B drawn by PEFT, the config's
+        /// fan_in_fan_out left False so that PEFT set it True, as its saved config says) loads into the generated port with
+        /// TorchLinear.Lora (PeftModel.from_pretrained) and gives PEFT's logits unmerged, merged (against PEFT's own merged
+        /// logits) and after unmerge (the weights bit for bit as before); disabled, the base logits.
+        /// </summary>
+        [Fact]
+        public void APeftAdapterOnTransformersGpt2Conv1D_LoadsIntoTheGeneratedPort_AndGivesPeftsLogits_UnmergedMergedAndUnmerged()
+        {
+            string folder = PortFile("Gpt2", "peft-adapter");
+            Assert.Contains("\"fan_in_fan_out\": true", File.ReadAllText(Path.Combine(folder, "adapter_config.json")));
+            using var port = Loaded(new Ports.Gpt2.GPT2LMHeadModel(), "Gpt2", "GPT2LMHeadModel");
+            var cases = StateDicts.ReadPyTorchFile(Path.Combine(folder, "cases.pt"));
+            try
+            {
+                using var noGrad = no_grad();
+                using Tensor baseLogits = port.call(cases["input"]);
+                var weights = port.named_parameters().ToDictionary(p => p.name, p => p.parameter.detach().clone());
+                var peft = Lora.PeftModel.from_pretrained(port, folder);
+                Assert.Equal(new[] { "c_attn", "c_fc", "c_proj" }, peft.peft_config["default"].target_modules!.OrderBy(t => t, StringComparer.Ordinal));
+                Assert.True(peft.peft_config["default"].fan_in_fan_out);
+                var state = port.state_dict();
+                Assert.Equal(new long[] { 4, 32 }, state["transformer.h.1.attn.c_attn.lora_A.default.weight"].shape);
+                Assert.Equal(new long[] { 96, 4 }, state["transformer.h.1.attn.c_attn.lora_B.default.weight"].shape);
+                Assert.Equal(new long[] { 4, 128 }, state["transformer.h.0.mlp.c_proj.lora_A.default.weight"].shape);
+                Assert.Equal(2 * 4 * 2, state.Keys.Count(k => k.Contains(".lora_", StringComparison.Ordinal)));
+                using (Tensor unmerged = port.call(cases["input"]))
+                {
+                    Equivalence.AssertClose(unmerged, cases["adapted_output"]);
+                    Assert.True((unmerged - baseLogits).abs().max().item<float>() > 1e-2f, "the adapter changes the logits");
+                }
+                using (peft.disable_adapter())
+                {
+                    using Tensor disabled = port.call(cases["input"]);
+                    Assert.Equal(0, Equivalence.Compare(baseLogits, disabled).DifferingElements);
+                }
+                peft.merge_adapter();
+                using (Tensor merged = port.call(cases["input"]))
+                {
+                    Equivalence.AssertClose(merged, cases["merged_output"]);
+                    Equivalence.AssertClose(merged, cases["adapted_output"]);
+                }
+                peft.unmerge_adapter();
+                foreach (var (name, parameter) in port.named_parameters().Where(p => weights.ContainsKey(p.name)))
+                    Assert.True(Equivalence.Compare(weights[name], parameter.detach()).BitExact, name);
+                using (Tensor again = port.call(cases["input"]))
+                    Equivalence.AssertClose(again, cases["adapted_output"]);
+            }
+            finally
+            {
+                foreach (var t in cases.Values)
+                    t.Dispose();
+            }
+        }
+
+        /// <summary>
+        /// DoRA on GPT-2's Conv1D layers against real PEFT (peft_gpt2_adapters: r 2 on c_attn and c_fc, B drawn, the
+        /// magnitudes scaled away from the rows' norms): PEFT's logits unmerged and merged (PEFT's merged logits), and after
+        /// unmerge the weights as before (PEFT 0.18.1's own DoRA unmerge fails on a Conv1D; this one restores the kept weight).
+        /// </summary>
+        [Fact]
+        public void APeftDoraAdapterOnTransformersGpt2Conv1D_GivesPeftsLogits_UnmergedAndMerged()
+        {
+            string folder = PortFile("Gpt2", "peft-dora");
+            using var port = Loaded(new Ports.Gpt2.GPT2LMHeadModel(), "Gpt2", "GPT2LMHeadModel");
+            var cases = StateDicts.ReadPyTorchFile(Path.Combine(folder, "cases.pt"));
+            try
+            {
+                using var noGrad = no_grad();
+                using Tensor baseLogits = port.call(cases["input"]);
+                var weights = port.named_parameters().ToDictionary(p => p.name, p => p.parameter.detach().clone());
+                var adapted = Lora.LoraModel.load_adapter(port, folder);
+                Assert.Equal(2 * 2, adapted.Count);
+                Assert.Equal(new long[] { 96 }, port.state_dict()["transformer.h.0.attn.c_attn.lora_magnitude_vector.default.weight"].shape);
+                using (Tensor unmerged = port.call(cases["input"]))
+                {
+                    Equivalence.AssertClose(unmerged, cases["adapted_output"]);
+                    Assert.True((unmerged - baseLogits).abs().max().item<float>() > 1e-2f, "the adapter changes the logits");
+                }
+                Lora.LoraModel.merge_adapter(port);
+                using (Tensor merged = port.call(cases["input"]))
+                    Equivalence.AssertClose(merged, cases["merged_output"]);
+                Lora.LoraModel.unmerge_adapter(port);
+                foreach (var (name, parameter) in port.named_parameters().Where(p => weights.ContainsKey(p.name)))
+                    Assert.True(Equivalence.Compare(weights[name], parameter.detach()).BitExact, name);
+            }
+            finally
+            {
+                foreach (var t in cases.Values)
+                    t.Dispose();
+            }
+        }
+
+        /// <summary>
+        /// The way out: an adapter injected into the generated GPT-2 port and saved has PEFT's keys and shapes — those of
+        /// the folder real PEFT saved for the same targets — and PEFT's fan_in_fan_out (true), though the config given said
+        /// false.
+        /// </summary>
+        [Fact]
+        public void AnAdapterInjectedIntoTheGeneratedGpt2_SavesPeftsKeysShapesAndFanInFanOut()
+        {
+            string peftFolder = PortFile("Gpt2", "peft-adapter");
+            using var port = Loaded(new Ports.Gpt2.GPT2LMHeadModel(), "Gpt2", "GPT2LMHeadModel");
+            var peft = Lora.LoraModel.get_peft_model(port, new Lora.LoraConfig { r = 4, lora_alpha = 8, target_modules = new[] { "c_attn", "c_proj", "c_fc" } });
+            string folder = Path.Combine(Path.GetTempPath(), $"torchlinear-gpt2-{Guid.NewGuid():N}");
+            try
+            {
+                peft.save_pretrained(folder);
+                var ours = StateDicts.ReadPyTorchFile(Path.Combine(folder, "adapter_model.safetensors"));
+                var theirs = StateDicts.ReadPyTorchFile(Path.Combine(peftFolder, "adapter_model.safetensors"));
+                Assert.Equal(theirs.Keys.OrderBy(k => k, StringComparer.Ordinal), ours.Keys.OrderBy(k => k, StringComparer.Ordinal));
+                foreach (var (key, value) in theirs)
+                    Assert.Equal(value.shape, ours[key].shape);
+                Assert.Contains("\"fan_in_fan_out\": true", File.ReadAllText(Path.Combine(folder, "adapter_config.json")));
+                foreach (var t in ours.Values.Concat(theirs.Values))
+                    t.Dispose();
+            }
+            finally
+            {
+                if (Directory.Exists(folder))
+                    Directory.Delete(folder, recursive: true);
             }
         }
     }

@@ -30,6 +30,8 @@ PortFilesTests checks: the committed files are the ones this script last wrote; 
                     recording at (3, 5)
   Bert/             transformers BertForMaskedLM, tiny and random (see bert()), token ids (2, 7) and (3, 5), likewise
   Llama/peft-adapter/  a LoRA adapter made by real PEFT on that Llama (peft_llama_adapter()), as TinyTransformer's
+  Gpt2/peft-adapter/, Gpt2/peft-dora/  LoRA and DoRA adapters made by real PEFT on that GPT-2's Conv1D layers
+                    (peft_gpt2_adapters()), cases.pt with PEFT's merged output too
 """
 import copy
 import hashlib
@@ -177,9 +179,9 @@ def peft_adapter(folder):
     return save_peft(peft_model, out, x)
 
 
-def save_peft(peft_model, out, x):
+def save_peft(peft_model, out, x, merged=False):
     """PEFT's own folder for an adapted model, made reproducible, and cases.pt (the input and PEFT's adapted output,
-    the first tensor of a tuple output)."""
+    the first tensor of a tuple output; with merged, also PEFT's output after merge_adapter, as merged_output)."""
     peft_model.eval()
     peft_model.save_pretrained(out)
     os.remove(os.path.join(out, "README.md"))   # PEFT's model-card template: not part of the adapter
@@ -194,7 +196,16 @@ def save_peft(peft_model, out, x):
         adapted = peft_model(x)
     if isinstance(adapted, tuple):
         adapted = adapted[0]
-    torch.save({"input": x, "adapted_output": adapted}, os.path.join(out, "cases.pt"))
+    cases = {"input": x, "adapted_output": adapted}
+    if merged:
+        peft_model.merge_adapter()
+        with torch.no_grad():
+            output = peft_model(x)
+        cases["merged_output"] = output[0] if isinstance(output, tuple) else output
+        # Left merged (the model is not used again): PEFT 0.18.1's DoRA unmerge fails on a Conv1D (fan_in_fan_out), measured:
+        # "The size of tensor a (32) must match the size of tensor b (96)" (variants.py divides the (in, out) weight by
+        # the magnitude as a column).
+    torch.save(cases, os.path.join(out, "cases.pt"))
     return [os.path.join(out, f) for f in ("adapter_config.json", "adapter_model.safetensors", "cases.pt")]
 
 
@@ -214,6 +225,38 @@ def peft_llama_adapter():
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
                                                   init_lora_weights=False))
     return save_peft(peft_model, out, x)
+
+
+def peft_gpt2_adapters():
+    """LoRA adapters made by real PEFT on the GPT-2 port's model (gpt2()), whose c_attn, c_proj and c_fc are transformers'
+    Conv1D (weight (in, out)): peft-adapter/, r=4, alpha 8 on all three (both layers), init_lora_weights=False (PEFT
+    draws B too, seed 13), and the config's fan_in_fan_out left False, so that PEFT warns and sets it True as it does for
+    Conv1D (the saved adapter_config.json says what it did); peft-dora/, DoRA (use_dora=True) r=2, alpha 4 on c_attn and
+    c_fc, B drawn (seed 14) and the magnitudes scaled by 1 + 0.1 N(0, 1) so that they rescale the output. The LM head
+    (tied to the token embedding) is not targeted. Each folder as the TinyTransformer's, cases.pt with PEFT's merged
+    output too. Needs PEFT (as peft_adapter)."""
+    outs = [os.path.join(HERE, "Gpt2", "peft-adapter"), os.path.join(HERE, "Gpt2", "peft-dora")]
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        print(f"peft is not importable (source /work/realpeft-site/env.sh): kept the committed Gpt2/peft-adapter, Gpt2/peft-dora")
+        return [os.path.join(out, f) for out in outs for f in sorted(os.listdir(out))]
+    written = []
+    model, x, _ = gpt2()
+    torch.manual_seed(13)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                  lora_dropout=0.0, init_lora_weights=False))
+    written += save_peft(peft_model, outs[0], x, merged=True)
+    model, x, _ = gpt2()
+    torch.manual_seed(14)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], lora_dropout=0.0,
+                                                  init_lora_weights=False, use_dora=True))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(1 + 0.1 * torch.randn_like(parameter))
+    written += save_peft(peft_model, outs[1], x, merged=True)
+    return written
 
 
 def main():
@@ -247,6 +290,7 @@ def main():
               + f", {os.path.basename(second)}")
     written += peft_adapter("TinyTransformer")
     written += peft_llama_adapter()
+    written += peft_gpt2_adapters()
     lines = []
     for path in sorted(written):
         with open(path, "rb") as f:

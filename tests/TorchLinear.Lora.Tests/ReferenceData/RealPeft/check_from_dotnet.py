@@ -21,7 +21,9 @@ dora, embedding, named (three adapters in .NET, two saved with selected_adapters
 bias_all and bias_lora_only (trained biases, with the control: the same folder with the adapted layer's bias under the
 older plain key '<path>.bias', which PEFT drops), conv (make_conv.py's ConvNet2d: LoRA on its Conv2d layers and a second
 adapter on a conv and the Linear head, each run alone and in a mixed batch; conv/make_conv.py --check also has PEFT merge
-.NET-written conv adapters, Conv1d included).
+.NET-written conv adapters, Conv1d included), gpt2 and gpt2_dora (the generated GPT-2 port of
+tests/TorchLinear.Tests/Ports/Gpt2, LoRA on its transformers Conv1D layers c_attn, c_proj, c_fc, and DoRA on c_attn and
+c_fc; PEFT runs transformers' GPT-2 with the same weights, make_ports.py's gpt2()).
 """
 import hashlib
 import json
@@ -50,6 +52,18 @@ sys.path.insert(0, os.path.join(HERE, "conv"))
 from make_conv import base_model as conv_net  # noqa: E402
 from safetensors_writer import write_safetensors  # noqa: E402
 
+PORTS = os.path.join(HERE, "..", "..", "..", "TorchLinear.Tests", "Ports")
+
+
+def gpt2():
+    """make_ports.py's tiny transformers GPT-2 (its Conv1D layers), with the weights its generated port loads."""
+    sys.path.insert(0, PORTS)
+    from make_ports import gpt2 as build
+    model = build()[0]
+    model.load_state_dict(load_file(os.path.join(PORTS, "Gpt2", "GPT2LMHeadModel.safetensors")))
+    return model.eval()
+
+
 # name: (the pretrained model, the input's key in outputs.safetensors, the named adapters beside "default" in
 # sub-folders, the comparisons: (what, adapter to activate or None, mixed-batch rows or None))
 CASES = {
@@ -63,6 +77,8 @@ CASES = {
     "bias_lora_only": (mlp, "input/mlp", [], [("default", None, None)]),
     "conv": (lambda: conv_net("conv2d"), "input/conv2d", ["second"],
              [("default", "default", None), ("second", "second", None), ("mixed", None, ["second", "default", "__base__", "default"])]),
+    "gpt2": (gpt2, "input/gpt2", [], [("default", None, None)]),
+    "gpt2_dora": (gpt2, "input/gpt2", [], [("default", None, None)]),
 }
 
 
@@ -143,6 +159,8 @@ def main():
                     if adapter is not None:
                         model.set_adapter(adapter)
                     got = model(x)
+            if isinstance(got, tuple):   # transformers' return_dict=False: the logits first
+                got = got[0]
             try:
                 torch.testing.assert_close(got, expected)
                 close = True

@@ -8,37 +8,6 @@ using static TorchSharp.torch;
 
 namespace TorchLinear.Tests.Ports.Gpt2
 {
-    /// <summary>PyTorch's <c>Conv1D</c> (transformers.pytorch_utils.Conv1D), written from its traced forward.</summary>
-    public sealed class Conv1D : nn.Module<Tensor, Tensor>
-    {
-        private readonly long weight_shape2;
-        private readonly TorchSharp.Modules.Parameter weight;
-        private readonly TorchSharp.Modules.Parameter bias;
-
-        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public Conv1D(long weight_shape, long weight_shape2) : base("Conv1D")
-        {
-            this.weight_shape2 = weight_shape2;
-            weight = nn.Parameter(torch.zeros(new long[] { weight_shape, weight_shape2 }), requires_grad: true);
-            register_parameter("weight", weight);
-            bias = nn.Parameter(torch.zeros(new long[] { weight_shape2 }), requires_grad: true);
-            register_parameter("bias", bias);
-        }
-
-        /// <summary>The traced forward, operation for operation; each line names the Python source it came from.</summary>
-        public override Tensor forward(Tensor x)
-        {
-            using var scope = NewDisposeScope();
-            long size = x.size(0);  // pytorch_utils.py:120: size_out = x.size()[:-1] + (self.nf,)
-            long size2 = x.size(1);  // pytorch_utils.py:120: size_out = x.size()[:-1] + (self.nf,)
-            long size3 = x.size(-1);  // pytorch_utils.py:121: x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-            Tensor t = x.view(new long[] { -1, size3 });  // pytorch_utils.py:121: x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-            Tensor x2 = bias.addmm(t, weight);  // pytorch_utils.py:121: x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-            Tensor t2 = x2.view(new long[] { size, size2, weight_shape2 });  // pytorch_utils.py:122: x = x.view(size_out)
-            return t2.MoveToOuterDisposeScope();
-        }
-    }
-
     /// <summary>PyTorch's <c>GPT2Attention</c> (transformers.models.gpt2.modeling_gpt2.GPT2Attention), written from its traced forward.</summary>
     public sealed class GPT2Attention : nn.Module<Tensor, Tensor>
     {
@@ -65,9 +34,9 @@ namespace TorchLinear.Tests.Ports.Gpt2
             register_buffer("bias", bias, persistent: false);
             masked_bias = torch.tensor(new float[] { -10000.0f }).reshape(new long[] {  });
             register_buffer("masked_bias", masked_bias, persistent: false);
-            c_attn = new Conv1D(weight_shape: 32, weight_shape2: 96);
+            c_attn = new Conv1D(96, 32);
             register_module("c_attn", c_attn);
-            c_proj = new Conv1D(weight_shape: 32, weight_shape2: 32);
+            c_proj = new Conv1D(32, 32);
             register_module("c_proj", c_proj);
             attn_dropout = nn.Dropout(0.1, inplace: false);
             register_module("attn_dropout", attn_dropout);
@@ -168,9 +137,9 @@ namespace TorchLinear.Tests.Ports.Gpt2
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public GPT2MLP() : base("GPT2MLP")
         {
-            c_fc = new Conv1D(weight_shape: 32, weight_shape2: 128);
+            c_fc = new Conv1D(128, 32);
             register_module("c_fc", c_fc);
-            c_proj = new Conv1D(weight_shape: 128, weight_shape2: 32);
+            c_proj = new Conv1D(32, 128);
             register_module("c_proj", c_proj);
             act = new NewGELUActivation();
             register_module("act", act);
