@@ -468,7 +468,7 @@ def _leaf(module, body, path):
         # transformers' Conv1D (weight (nx, nf), addmm): TorchLinear's Conv1D computes it with the same operations, for
         # any input rank, and runs LoRA adapters in its own slot (TorchLinear.Lora adapts it as PEFT does,
         # fan_in_fan_out); a translated copy of its graph would be a class LoRA does not know.
-        return ("Conv1D", f"new Conv1D({s('nf', module.nf)}, {s('nx', module.nx)})")
+        return ("Conv1D", f"new Conv1D(nf: {s('nf', module.nf)}, nx: {s('nx', module.nx)})")
     if t is nn.Conv2d:
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise ExportRefused(f"{path} (Conv2d): padding {module.padding!r}, padding_mode {module.padding_mode!r}: only numeric zero padding is written")
@@ -1874,7 +1874,9 @@ class Exporter:
         every = []
         self.collect(root, every)
         self.order = {id(d): i for i, d in enumerate(every)}
-        names_used = {self.class_name}
+        # The library's types the port names unqualified are never a generated class's name: a PyTorch class called
+        # CustomLinear or Conv1D (a user's own, or a subclass of transformers') is written as CustomLinear_2, Conv1D_2.
+        names_used = {self.class_name, "CustomLinear", "Conv1D", "LinearDispatch"}
         seq_plans = {}
         for d in every:
             if d.kind == "seq":

@@ -914,6 +914,46 @@ class WrittenTests(unittest.TestCase):
         self.assertEqual(a, b)
 
 
+class CustomLinear(nn.Module):
+    """A user's class that happens to share a name with the library layer the port constructs for nn.Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.inner(x) * 2.0
+
+
+class Conv1D(nn.Module):
+    """A user's class named as transformers' Conv1D (not transformers' type: translated, not constructed)."""
+
+    def forward(self, x):
+        return x + 1.0
+
+
+class NamesLikeTheLibrarys(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = CustomLinear()
+        self.b = Conv1D()
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+class LibraryNameTests(unittest.TestCase):
+    """A generated class never takes the name of a library type the port uses unqualified (CustomLinear, Conv1D):
+    in the port's namespace it would hide that type."""
+
+    def test_pytorch_classes_named_as_the_library_types_get_other_names(self):
+        code = generate(NamesLikeTheLibrarys().eval(), (torch.randn(2, 4),), "NamesLikeTheLibrarys")
+        self.assertIn("public sealed class CustomLinear_2 : nn.Module<Tensor, Tensor>", code)
+        self.assertIn("public sealed class Conv1D_2 : nn.Module<Tensor, Tensor>", code)
+        self.assertNotRegex(code, r"class (CustomLinear|Conv1D) ")
+        self.assertIn("inner = new CustomLinear(4, 4, bias: true)", code)
+
+
 class OneClassPerPyTorchClassTests(unittest.TestCase):
     """Instances of one PyTorch class are one C# class: what differs is a constructor parameter, a submodule some lack
     is passed in (null where absent), a statement only some run is written under the condition that tells them apart;

@@ -34,9 +34,9 @@ namespace TorchLinear.Tests.Ports.Gpt2
             register_buffer("bias", bias, persistent: false);
             masked_bias = torch.tensor(new float[] { -10000.0f }).reshape(new long[] {  });
             register_buffer("masked_bias", masked_bias, persistent: false);
-            c_attn = new Conv1D(96, 32);
+            c_attn = new Conv1D(nf: 96, nx: 32);
             register_module("c_attn", c_attn);
-            c_proj = new Conv1D(32, 32);
+            c_proj = new Conv1D(nf: 32, nx: 32);
             register_module("c_proj", c_proj);
             attn_dropout = nn.Dropout(0.1, inplace: false);
             register_module("attn_dropout", attn_dropout);
@@ -137,9 +137,9 @@ namespace TorchLinear.Tests.Ports.Gpt2
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public GPT2MLP() : base("GPT2MLP")
         {
-            c_fc = new Conv1D(128, 32);
+            c_fc = new Conv1D(nf: 128, nx: 32);
             register_module("c_fc", c_fc);
-            c_proj = new Conv1D(32, 128);
+            c_proj = new Conv1D(nf: 32, nx: 128);
             register_module("c_proj", c_proj);
             act = new NewGELUActivation();
             register_module("act", act);
