@@ -303,7 +303,8 @@ namespace TorchLinear.Tests
         /// <summary>
         /// DoRA on GPT-2's Conv1D layers against real PEFT (peft_gpt2_adapters: r 2 on c_attn and c_fc, B drawn, the
         /// magnitudes scaled away from the rows' norms): PEFT's logits unmerged and merged (PEFT's merged logits), and after
-        /// unmerge the weights as before (PEFT 0.18.1's own DoRA unmerge fails on a Conv1D; this one restores the kept weight).
+        /// unmerge the weights as before (PEFT 0.18.1's own DoRA unmerge raises on a non-square Conv1D and gives another weight on a square one; this one
+        /// restores the kept weight).
         /// </summary>
         [Fact]
         public void APeftDoraAdapterOnTransformersGpt2Conv1D_GivesPeftsLogits_UnmergedAndMerged()

@@ -202,9 +202,9 @@ def save_peft(peft_model, out, x, merged=False):
         with torch.no_grad():
             output = peft_model(x)
         cases["merged_output"] = output[0] if isinstance(output, tuple) else output
-        # Left merged (the model is not used again): PEFT 0.18.1's DoRA unmerge fails on a Conv1D (fan_in_fan_out), measured:
-        # "The size of tensor a (32) must match the size of tensor b (96)" (variants.py divides the (in, out) weight by
-        # the magnitude as a column).
+        # Left merged (the model is not used again): PEFT 0.18.1's DoRA unmerge is wrong on a Conv1D (fan_in_fan_out):
+        # variants.py divides the (in, out) weight by the magnitude as a column, which raises where in != out ("The size
+        # of tensor a (32) must match the size of tensor b (96)") and gives another weight on a square one (c_proj).
     torch.save(cases, os.path.join(out, "cases.pt"))
     return [os.path.join(out, f) for f in ("adapter_config.json", "adapter_model.safetensors", "cases.pt")]
 
