@@ -735,6 +735,15 @@ namespace TorchLinear.Lora
                         pending.Add((layer, adapter));
                 }
             }
+            // A DoRA merge rescales the whole weight (m / ‖W + ΔW‖ · (W + ΔW)): beside another merged adapter it computes
+            // neither adapter's unmerged forward (PEFT 0.18.1 merges anyway, percents off: huggingface/peft#3608).
+            var rescaledBeside = pending.GroupBy(p => p.Layer)
+                .Select(g => (g.Key.Path, After: g.Key.Merged.Reverse().Concat(g.Select(p => p.Adapter)).ToList()))
+                .Where(l => l.After.Count > 1 && l.After.Any(a => a.Rescaled is not null))
+                .Select(l => $"{l.Path} ({string.Join(", ", l.After.Select(a => $"'{a.Name}'{(a.Rescaled is not null ? " DoRA" : "")}"))})")
+                .ToList();
+            if (rescaledBeside.Count > 0)
+                throw new InvalidOperationException($"LoraModel.{caller}: a DoRA adapter would be merged into a layer together with another adapter: {string.Join("; ", rescaledBeside)}. DoRA's merge rescales the whole weight by m / ‖W + ΔW‖, so beside another merged update the layer would compute neither what the unmerged adapters compute nor what either alone does (PEFT 0.18.1 merges it anyway, a few percent off: huggingface/peft#3608). Merge a DoRA adapter alone in its layers (merge_adapter with its name, others unmerged); no weight was changed.");
             // Each layer's updates are checked on the weight they will be added to: a second adapter's on the first's merge.
             var failing = new List<string>();
             foreach (var group in pending.GroupBy(p => p.Layer))

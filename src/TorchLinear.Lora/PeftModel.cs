@@ -378,7 +378,9 @@ namespace TorchLinear.Lora
         /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, a merged weight would not be finite, or a DoRA
+        /// adapter would be merged into a layer beside another adapter (its rescaling would make the layer compute something
+        /// else); nothing was written.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public void merge_adapter(IReadOnlyList<string>? adapter_names = null)
         {
@@ -403,7 +405,8 @@ namespace TorchLinear.Lora
         /// the model is a plain model again, of its own types and in its own fields, with their updates in its weights and
         /// its <c>modules_to_save</c> modules as the active adapter trained them (PEFT's <c>merge_and_unload</c>).
         /// </summary>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or an update would not be finite; nothing was changed.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, an update would not be finite, or a DoRA adapter
+        /// would be folded into a layer beside another adapter; nothing was changed.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public void merge_and_unload(IReadOnlyList<string>? adapter_names = null)
         {

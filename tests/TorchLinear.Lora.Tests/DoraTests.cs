@@ -51,6 +51,51 @@ namespace TorchLinear.Lora.Tests
             Assert.True(Equivalence.Compare(unmerged, Run(model, cases["input"])).BitExact);
         }
 
+        /// <summary>
+        /// A DoRA merge rescales the whole weight, so merged beside another adapter in one layer the layer computes neither
+        /// the unmerged adapters nor either alone (PEFT 0.18.1 merges anyway: huggingface/peft#3608; measured here before
+        /// the refusal, 5.7% off for two DoRA adapters of a 16-wide layer with B and the magnitudes moved by 0.02): refused
+        /// naming the layer and the adapters, by merge_adapter, merge_and_unload and a second merge, nothing written.
+        /// Adapters in different layers, and a DoRA adapter merged alone, still merge.
+        /// </summary>
+        [Theory]
+        [InlineData(true)]    // two DoRA adapters
+        [InlineData(false)]   // a DoRA adapter and a plain one
+        public void ADoraAdapter_MergedBesideAnotherInOneLayer_IsRefusedNamingThem_AndNothingIsWritten(bool bothDora)
+        {
+            using var scope = NewDisposeScope();
+            manual_seed(0);
+            using var model = nn.Sequential(("lin0", nn.Linear(16, 16)), ("lin1", nn.Linear(16, 16)));
+            model.eval();
+            LoraModel.Inject(model, new LoraConfig { r = 4, target_modules = new[] { "lin0", "lin1" }, use_dora = true, init_lora_weights = "false" });
+            LoraModel.Inject(model, new LoraConfig { r = 4, target_modules = new[] { "lin0" }, use_dora = bothDora, init_lora_weights = "false" }, "b");
+            LoraModel.set_adapter(model, "default", "b");
+            var x = randn(4, 16);
+            var weights = Bits(model);
+            var unmerged = model.call(x);
+            foreach (Action merge in new Action[]
+            {
+                () => LoraModel.merge_adapter(model),
+                () => LoraModel.merge_and_unload(model),
+            })
+            {
+                var error = Assert.Throws<InvalidOperationException>(merge);
+                Assert.Contains("a DoRA adapter would be merged into a layer together with another adapter: lin0 ('default' DoRA, 'b'", error.Message);
+                Assert.DoesNotContain("lin1", error.Message);
+                Assert.Contains("no weight was changed", error.Message);
+                Assert.Equal(weights, Bits(model));
+                Assert.True(Equivalence.Compare(unmerged, model.call(x)).BitExact);
+            }
+            // 'default' alone merges (both its layers); then 'b' beside it in lin0 is refused, and nothing moves.
+            LoraModel.merge_adapter(model, new[] { "default" });
+            var merged = Bits(model);
+            var error2 = Assert.Throws<InvalidOperationException>(() => LoraModel.merge_adapter(model, new[] { "b" }));
+            Assert.Contains("lin0 ('default' DoRA, 'b'", error2.Message);
+            Assert.Equal(merged, Bits(model));
+            LoraModel.unmerge_adapter(model);
+            Assert.Equal(weights, Bits(model));
+        }
+
         [Fact]
         public void MergeAndUnload_FoldsDora_IntoAPlainModelWithPyTorchsMergedOutput()
         {
