@@ -60,6 +60,15 @@ namespace TorchLinear.Lora
         /// <summary>The module the adapters' state is registered under (the layer, or its wrapper).</summary>
         internal nn.Module Host { get; set; } = null!;
 
+        /// <summary>For a layer hosting its adapters in its own <c>Adapter</c> slot (<see cref="HostKind.Slot"/>): the delegate the library put there.</summary>
+        internal Delegate? Attached { get; set; }
+
+        /// <summary>
+        /// Whether this layer's own <c>Adapter</c> slot no longer holds <see cref="Attached"/>: code outside the library
+        /// emptied or refilled it, so the layer's forward runs without these adapters.
+        /// </summary>
+        internal bool SlotLost => Kind == HostKind.Slot && !ReferenceEquals(Type.Slot(Module), Attached);
+
         /// <summary>Takes the host out and leaves the original layer where it was.</summary>
         internal Action Detach { get; set; } = () => { };
 

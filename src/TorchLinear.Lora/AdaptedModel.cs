@@ -169,9 +169,10 @@ namespace TorchLinear.Lora
 
         private InvalidOperationException NotRun(List<AdaptedLayer> missing)
         {
-            string types = string.Join(", ", missing.Select(l => l.Kind).Distinct().Select(k => k switch
+            string types = string.Join(", ", missing.Select(l => l.SlotLost ? (HostKind?)null : l.Kind).Distinct().Select(k => k switch
             {
                 HostKind.Hook => "a layer kept as it is (a sealed nn.Linear, nn.Embedding, nn.Conv1d or nn.Conv2d field, or a layer in a Sequential) runs its adapter in a forward hook, only when invoked with call(x), not forward(x)",
+                null => "a layer's own Adapter slot no longer holds the adapter TorchLinear.Lora put there: code outside the library set it",
                 _ => "the layer itself was not called",
             }));
             return new InvalidOperationException(

@@ -70,6 +70,7 @@ namespace TorchLinear.Lora
             var kept = config.Clone();
             var state = TryStateOf(model, nameof(Inject));
             CheckNoScope(state, nameof(Inject));
+            CheckSlots(state, nameof(Inject));
             CheckOneBias(state, kept, adapter_name, nameof(Inject));
             var targets = Targets(model, kept, state, "LoraModel.Inject", error => new ArgumentException($"LoraModel.Inject: {error.Key}: {error.Rule}."));
             SetFanInFanOutAsPeft(kept, targets);
@@ -150,6 +151,7 @@ namespace TorchLinear.Lora
             CheckNewName(model, adapter_name, nameof(load_adapter));
             var state = TryStateOf(model, nameof(load_adapter));
             CheckNoScope(state, nameof(load_adapter));
+            CheckSlots(state, nameof(load_adapter));
             if (merge && state is not null)
                 throw new ArgumentException($"LoraModel.load_adapter: merge: true is for a model's first adapter; this model has {string.Join(", ", state.Adapters.Select(a => a.Name))}: load '{adapter_name}' unmerged, then set_adapter and merge_adapter.", nameof(merge));
             string configFile = Path.Combine(directory, PeftFolder.ConfigFile);
@@ -818,6 +820,29 @@ namespace TorchLinear.Lora
                 throw new InvalidOperationException($"LoraModel.{caller}: a LoraModel.MixedBatch scope of this model is open, and its rows run unmerged adapters only: dispose the scope first; nothing changed.");
             if (state.DisableScopes > 0)
                 throw new InvalidOperationException($"LoraModel.{caller}: a disable_adapter scope of this model is open, and its end puts back the merged adapters and each adapter tensor's requires_grad as they were: dispose the scope first; nothing changed.");
+        }
+
+        /// <summary>
+        /// Refuses an operation on the model's adapters while an adapted <see cref="CustomLinear"/> or <see cref="Conv1D"/>
+        /// whose own <c>Adapter</c> slot hosts them no longer holds the delegate the library put there (code outside it set
+        /// the slot to null or to another delegate): the layer runs without its adapters while they are reported active,
+        /// and anything done to them would not be what the model runs. The one check of every such operation (through
+        /// <see cref="PeftModel"/>'s, and <see cref="Inject"/>'s and <see cref="load_adapter"/>'s own); <see cref="unload"/>
+        /// is the way out and leaves such a slot as that code set it.
+        /// </summary>
+        internal static void CheckSlots(AdaptedModel? state, string caller)
+        {
+            if (state is null)
+                return;
+            var lost = state.Layers.Where(l => l.SlotLost).ToList();
+            if (lost.Count == 0)
+                return;
+            string Describe(AdaptedLayer layer) =>
+                $"{layer.Path} (a {layer.Type.Name} with adapters {string.Join(", ", layer.Adapters.Select(a => $"'{a.Name}'"))}; its slot holds {(layer.Type.Slot(layer.Module) is null ? "null" : "another delegate")})";
+            throw new InvalidOperationException(
+                $"LoraModel.{caller}: the Adapter slot of {string.Join("; ", lost.Select(Describe))} no longer holds the adapter TorchLinear.Lora put there: " +
+                "code outside the library set it, so the layer runs without its adapters while they are reported active; nothing changed. " +
+                "Put the library's delegate back into the slot, or call unload (which takes every adapter out and leaves such a slot as that code set it).");
         }
 
         internal static void CheckKnown(AdaptedModel state, IEnumerable<string> names, string caller)

@@ -61,11 +61,17 @@ namespace TorchLinear.Lora
             return state.Handle ??= new PeftModel(model, state);
         }
 
-        /// <summary>The model's adapters, live: refused by name once none is left (PEFT would fail later, on a missing attribute).</summary>
-        private AdaptedModel Live(string caller)
+        /// <summary>
+        /// The model's adapters, live: refused by name once none is left (PEFT would fail later, on a missing attribute),
+        /// and, for an operation on them (<paramref name="operation"/>: all but the queries and <see cref="unload"/>), while
+        /// an adapted layer's own <c>Adapter</c> slot no longer holds the library's delegate (<see cref="CheckSlots"/>).
+        /// </summary>
+        private AdaptedModel Live(string caller, bool operation = true)
         {
             if (_state.Released)
                 _state = StateOf(Model, caller);
+            if (operation)
+                CheckSlots(_state, caller);
             return _state;
         }
 
@@ -102,7 +108,7 @@ namespace TorchLinear.Lora
         }
 
         /// <summary>The active adapters, in order (PEFT's <c>active_adapters</c>).</summary>
-        public IReadOnlyList<string> active_adapters => Live(nameof(active_adapters)).Active.ToList();
+        public IReadOnlyList<string> active_adapters => Live(nameof(active_adapters), operation: false).Active.ToList();
 
         /// <summary>Every adapter and a copy of its config, in the order they were added (PEFT's <c>peft_config</c>).</summary>
         public IReadOnlyDictionary<string, LoraConfig> peft_config
@@ -110,7 +116,7 @@ namespace TorchLinear.Lora
             get
             {
                 var configs = new Dictionary<string, LoraConfig>(StringComparer.Ordinal);
-                foreach (var entry in Live(nameof(peft_config)).Adapters)
+                foreach (var entry in Live(nameof(peft_config), operation: false).Adapters)
                     configs[entry.Name] = entry.Config.Clone();
                 return configs;
             }
@@ -433,7 +439,8 @@ namespace TorchLinear.Lora
         /// <exception cref="InvalidOperationException">The model has no adapters.</exception>
         public void unload()
         {
-            var state = Live("unload");
+            // The way out of a slot some other code emptied or refilled: its adapters go, the slot stays as that code set it.
+            var state = Live("unload", operation: false);
             CheckNoScope(state, "unload");
             UnmergeAll(state);
             foreach (var saved in state.Saved)
@@ -516,7 +523,7 @@ namespace TorchLinear.Lora
         public void AllowUnusedAdapters(params string[] paths)
         {
             ArgumentNullException.ThrowIfNull(paths);
-            Live("AllowUnusedAdapters").AllowUnused(paths);
+            Live("AllowUnusedAdapters", operation: false).AllowUnused(paths);
         }
     }
 }

@@ -280,6 +280,108 @@ namespace TorchLinear.Lora.Tests
             }
         }
 
+        /// <summary>Two layers a then b (8 → 8), each a CustomLinear (PEFT's nn.Linear case) or a Conv1D, as measure.py builds them.</summary>
+        private sealed class Pair : nn.Module<Tensor, Tensor>
+        {
+            public readonly nn.Module<Tensor, Tensor> a;
+            public readonly nn.Module<Tensor, Tensor> b;
+
+            public Pair(string first, string second) : base(nameof(Pair))
+            {
+                a = first == "Linear" ? new CustomLinear(8, 8) : new Conv1D(8, 8);
+                b = second == "Linear" ? new CustomLinear(8, 8) : new Conv1D(8, 8);
+                RegisterComponents();
+            }
+
+            public override Tensor forward(Tensor x) => b.forward(a.forward(x));
+        }
+
+        /// <summary>
+        /// With Linear and Conv1D layers both targeted, the kept config's fan_in_fan_out is what PEFT 0.18.1 keeps, step by
+        /// step: the last layer in model order adapted for the first time decides; a later adapter on the same layers keeps
+        /// the value it was given; an add_weighted_adapter takes its first adapter's. Expected values measured with real
+        /// PEFT 0.18.1 and transformers' Conv1D (ReferenceData/RealPeft/fan_in_fan_out/measure.py, which wrote
+        /// fan_in_fan_out.json); each case is replayed here with the same calls.
+        /// </summary>
+        [Fact]
+        public void FanInFanOut_WithLinearAndConv1DTargeted_IsWhatPeft0181KeepsAtEachStep()
+        {
+            using var scope = NewDisposeScope();
+            string file = Path.Combine(AppContext.BaseDirectory, "ReferenceData", "RealPeft", "fan_in_fan_out", "fan_in_fan_out.json");
+            var measured = JsonNode.Parse(File.ReadAllText(file))!;
+            Assert.Equal("0.18.1", (string)measured["peft"]!);
+            var cases = measured["cases"]!.AsArray();
+            Assert.Equal(8, cases.Count);
+            int checkedSteps = 0;
+            foreach (var measuredCase in cases)
+            {
+                var layers = measuredCase!["layers"]!.AsArray().Select(l => (string)l!).ToArray();
+                var model = new Pair(layers[0], layers[1]);
+                foreach (var step in measuredCase["steps"]!.AsArray())
+                {
+                    string op = (string)step!["op"]!, name = (string)step["name"]!;
+                    if (op is "get_peft_model" or "add_adapter")
+                    {
+                        var config = new LoraConfig
+                        {
+                            r = 2, target_modules = step["targets"]!.AsArray().Select(t => (string)t!).ToArray(), fan_in_fan_out = (bool)step["given"]!,
+                        };
+                        LoraModel.Inject(model, config, name);
+                    }
+                    else
+                    {
+                        var adapters = step["adapters"]!.AsArray().Select(a => (string)a!).ToArray();
+                        LoraModel.add_weighted_adapter(model, adapters, new[] { 1.0, 1.0 }, name, op);
+                    }
+                    bool expected = (bool)step["fan_in_fan_out"]!;
+                    Assert.True(expected == LoraModel.peft_config(model)[name].fan_in_fan_out,
+                        $"[{string.Join(", ", layers)}] {op} '{name}': PEFT 0.18.1 keeps fan_in_fan_out {expected}");
+                    checkedSteps++;
+                }
+            }
+            Assert.Equal(32, checkedSteps);
+        }
+
+        /// <summary>
+        /// Training mode on Conv1D: dropout (0.5) and DoRA's dropout branch run as on the CustomLinear twin (weights
+        /// transposed) under the same seeds — the same dropout masks, outputs within float32 rounding, and the same lora_A
+        /// and lora_B gradients.
+        /// </summary>
+        [Theory]
+        [InlineData(false)]
+        [InlineData(true)]
+        public void TrainingMode_DropoutAndDora_GiveTheTwinLinearsOutputsAndGradients(bool dora)
+        {
+            using var scope = NewDisposeScope();
+            var (conv, twin) = Nets(9);
+            var config = Config(dora);
+            config.lora_dropout = 0.5;
+            InjectBoth(conv, twin, config);
+            conv.train();
+            twin.train();
+            var x = randn(5, 16);
+            manual_seed(11);
+            var convOut = conv.forward(x);
+            manual_seed(11);
+            var twinOut = twin.forward(x);
+            Equivalence.AssertClose(convOut, twinOut);
+            // Dropout ran: the output differs from the same model in eval mode (no dropout).
+            conv.eval();
+            Assert.True(Equivalence.Compare(Run(conv, x), convOut.detach()).MaxAbsDiff > 1e-3);
+            conv.train();
+            convOut.sum().backward();
+            twinOut.sum().backward();
+            var convGrads = conv.named_parameters().Where(p => p.name.Contains(".lora_", StringComparison.Ordinal)).ToDictionary(p => p.name, p => p.parameter.grad);
+            var twinGrads = twin.named_parameters().Where(p => p.name.Contains(".lora_", StringComparison.Ordinal)).ToDictionary(p => p.name, p => p.parameter.grad);
+            Assert.Equal(twinGrads.Keys.OrderBy(k => k), convGrads.Keys.OrderBy(k => k));
+            Assert.Equal(dora ? 6 : 4, convGrads.Count);
+            foreach (var (key, grad) in convGrads)
+            {
+                Assert.NotNull(grad);
+                Equivalence.AssertClose(grad!, twinGrads[key]!);
+            }
+        }
+
         [Fact]
         public void AllLinear_TakesConv1D_AsPeftsLinearClasses()
         {

@@ -11,9 +11,10 @@ namespace TorchLinear.Lora
     /// <c>layer.py</c>). in_features is the weight's first size and out_features its second; lora_A is (r, in) and lora_B
     /// (out, r) as for any linear layer, the forward adds <c>lora_B(lora_A(dropout(x))) · scaling</c>, and a merge adds
     /// <c>(B A)ᵀ · scaling</c> to the (in, out) weight (<see cref="LoraLayer.fan_in_fan_out"/>). The adapters run in the
-    /// layer's own <see cref="Conv1D.Adapter"/> slot, whatever holds it; a slot some other code filled is refused.
+    /// layer's own <see cref="Conv1D.Adapter"/> slot, whatever holds it; a slot some other code filled is refused
+    /// (<see cref="SlotLayerType"/>).
     /// </summary>
-    internal sealed class Conv1DLayerType : LinearLikeLayerType
+    internal sealed class Conv1DLayerType : SlotLayerType
     {
         public override string Name => "Conv1D";
 
@@ -25,20 +26,8 @@ namespace TorchLinear.Lora
 
         public override Parameter? Bias(nn.Module module) => ((Conv1D)module).bias;
 
-        public override string? Refusal(string path, nn.Module module, LoraConfig config, bool adaptedAlready) =>
-            base.Refusal(path, module, config, adaptedAlready)
-            ?? (!adaptedAlready && ((Conv1D)module).Adapter is not null ? $"{path} already has an adapter in its Adapter slot" : null);
+        protected override Func<Tensor, Tensor, Tensor>? GetSlot(nn.Module module) => ((Conv1D)module).Adapter;
 
-        public override Action? AttachInPlace(nn.Module module, AdaptedLayer layer)
-        {
-            var conv = (Conv1D)module;
-            conv.Adapter = (input, output) => layer.Apply(output, input, conv.training);
-            return () => conv.Adapter = null;
-        }
-
-        public override Type? WrapperType => null;
-
-        public override nn.Module Wrap(nn.Module module, AdaptedLayer layer) =>
-            throw new InvalidOperationException($"{Name} runs its adapters in its own Adapter slot; it is never wrapped.");
+        protected override void SetSlot(nn.Module module, Func<Tensor, Tensor, Tensor>? value) => ((Conv1D)module).Adapter = value;
     }
 }

@@ -57,8 +57,15 @@ namespace TorchLinear.Lora
         /// </summary>
         IAdapter Create(nn.Module module, int rank, double alpha, LoraConfig config, bool draw);
 
-        /// <summary>For a type that runs adapters in a slot of its own (CustomLinear's <c>Adapter</c>): puts the layer's forward term there and returns how to take it out; null for a type without one.</summary>
+        /// <summary>
+        /// For a type that runs adapters in a slot of its own (CustomLinear's <c>Adapter</c>): puts the layer's forward term
+        /// there, remembers it in <see cref="AdaptedLayer.Attached"/>, and returns how to take it out (which leaves a
+        /// delegate some other code put there since); null for a type without one.
+        /// </summary>
         Action? AttachInPlace(nn.Module module, AdaptedLayer layer);
+
+        /// <summary>What the layer's own adapter slot holds now (compared with <see cref="AdaptedLayer.Attached"/>); null for a type without one.</summary>
+        Delegate? Slot(nn.Module module) => null;
 
         /// <summary>The wrapper that can stand in for the layer in a field or container slot (PEFT's replacement), or null.</summary>
         Type? WrapperType { get; }

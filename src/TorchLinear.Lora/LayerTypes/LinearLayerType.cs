@@ -86,6 +86,8 @@ namespace TorchLinear.Lora
 
         public abstract Action? AttachInPlace(nn.Module module, AdaptedLayer layer);
 
+        public virtual Delegate? Slot(nn.Module module) => null;
+
         public abstract Type? WrapperType { get; }
 
         public abstract nn.Module Wrap(nn.Module module, AdaptedLayer layer);
