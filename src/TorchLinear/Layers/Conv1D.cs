@@ -76,11 +76,14 @@ namespace TorchLinear
         /// itself, updated in place, or a new tensor (the layer then disposes <c>output</c>).
         /// </summary>
         /// <remarks>
-        /// As <see cref="CustomLinear.Adapter"/>: this is how an adapter (TorchLinear.Lora's LoRA adapters) runs inside the
-        /// layer, whether the layer is invoked with <c>call(x)</c> or with <c>forward(x)</c> — TorchSharp runs forward hooks
-        /// only through <c>call(x)</c> — and without changing the layer's type. The adapter is not a child of the layer and
-        /// is not disposed with it; whoever sets it owns it. <c>input</c> is the layer's input as given, shape
-        /// <c>(*, nx)</c>, and <c>output</c> has shape <c>(*, nf)</c>. An empty slot costs one null check per call.
+        /// As <see cref="CustomLinear.Adapter"/>: this is how an adapter (TorchLinear.Lora's LoRA adapters) runs inside
+        /// the layer, whether the layer is invoked with <c>call(x)</c> or with <c>forward(x)</c> — TorchSharp runs
+        /// forward hooks only through <c>call(x)</c> — and without changing the layer's type. The adapter is not a
+        /// child of the layer and is not disposed with it; whoever sets it owns it. While TorchLinear.Lora's adapters
+        /// are in it, the slot is the library's: code that nulls or replaces it makes every later LoRA operation on the
+        /// model refuse, naming the layer, until the library's delegate is back or the model is unloaded. <c>input</c>
+        /// is the layer's input as given, shape <c>(*, nx)</c>, and <c>output</c> has shape <c>(*, nf)</c>. An empty
+        /// slot costs one null check per call.
         /// </remarks>
         public Func<Tensor, Tensor, Tensor>? Adapter { get; set; }
 

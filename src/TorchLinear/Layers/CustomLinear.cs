@@ -120,9 +120,12 @@ namespace TorchLinear
         /// </summary>
         /// <remarks>
         /// This is how an adapter (for example TorchLinear.Lora's LoRA adapters) runs inside the layer, so that it runs
-        /// whether the layer is invoked with <c>call(x)</c> or with <c>forward(x)</c> — TorchSharp runs forward hooks only
-        /// through <c>call(x)</c> — and without changing the layer's type. The adapter is not a child of the layer and
-        /// is not disposed with it; whoever sets it owns it. An empty slot costs one null check per call.
+        /// whether the layer is invoked with <c>call(x)</c> or with <c>forward(x)</c> — TorchSharp runs forward hooks
+        /// only through <c>call(x)</c> — and without changing the layer's type. The adapter is not a child of the layer
+        /// and is not disposed with it; whoever sets it owns it. While TorchLinear.Lora's adapters are in it, the slot
+        /// is the library's: code that nulls or replaces it makes every later LoRA operation on the model refuse,
+        /// naming the layer, until the library's delegate is back or the model is unloaded. An empty slot costs one
+        /// null check per call.
         /// </remarks>
         public Func<Tensor, Tensor, Tensor>? Adapter { get; set; }
 
