@@ -18,7 +18,7 @@ namespace TorchLinear.Lora
     /// </summary>
     /// <remarks>
     /// <para>How each layer takes its adapters — the rule for ports: a <see cref="CustomLinear"/> runs them inside its own
-    /// forward (its <see cref="CustomLinear.Adapter"/> slot; its type never changes); a Linear (or Embedding) held in a
+    /// forward (its <see cref="AdaptableLayer.Adapter"/> slot; its type never changes); a Linear (or Embedding) held in a
     /// field (or a <c>ModuleList</c>/<c>ModuleDict</c> slot) typed <c>nn.Module&lt;Tensor, Tensor&gt;</c> is replaced by a
     /// <see cref="LoraWrapper"/> (<see cref="LoraEmbeddingWrapper"/>) that runs them in its forward; a Linear or Embedding
     /// in a field of TorchSharp's sealed type (or in a <c>Sequential</c>) keeps its type and gets a forward hook, which

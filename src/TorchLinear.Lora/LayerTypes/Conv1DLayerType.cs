@@ -11,7 +11,7 @@ namespace TorchLinear.Lora
     /// <c>layer.py</c>). in_features is the weight's first size and out_features its second; lora_A is (r, in) and lora_B
     /// (out, r) as for any linear layer, the forward adds <c>lora_B(lora_A(dropout(x))) · scaling</c>, and a merge adds
     /// <c>(B A)ᵀ · scaling</c> to the (in, out) weight (<see cref="LoraLayer.fan_in_fan_out"/>). The adapters run in the
-    /// layer's own <see cref="Conv1D.Adapter"/> slot, whatever holds it; a slot some other code filled is refused
+    /// layer's own <see cref="AdaptableLayer.Adapter"/> slot, whatever holds it; a slot some other code filled is refused
     /// (<see cref="SlotLayerType"/>).
     /// </summary>
     internal sealed class Conv1DLayerType : SlotLayerType

@@ -6,7 +6,7 @@ using static TorchSharp.torch;
 namespace TorchLinear.Lora
 {
     /// <summary>
-    /// TorchLinear's <see cref="CustomLinear"/>: it runs its adapters in its own <see cref="CustomLinear.Adapter"/> slot,
+    /// TorchLinear's <see cref="CustomLinear"/>: it runs its adapters in its own <see cref="AdaptableLayer.Adapter"/> slot,
     /// whatever holds it, so it keeps its type and place; a slot some other code filled is refused (<see cref="SlotLayerType"/>).
     /// </summary>
     internal sealed class CustomLinearLayerType : SlotLayerType

@@ -23,14 +23,14 @@ namespace TorchLinear
     /// <para>Initialisation as transformers' constructor: <c>weight ~ N(0, 0.02²)</c> (<c>normal_(std=0.02)</c>), bias zeros.
     /// (A transformers model re-initialises its layers in <c>_init_weights</c>; a port loads the weights anyway.)</para>
     /// <para>TorchLinear.Lora adapts it as PEFT does (<c>lora.Linear</c> with <c>fan_in_fan_out=True</c>), in its
-    /// <see cref="Adapter"/> slot, so the adapter runs however the port invokes the layer.</para>
+    /// <see cref="AdaptableLayer.Adapter"/> slot, so the adapter runs however the port invokes the layer.</para>
     /// <code>
     /// using var layer = new Conv1D(nf: 96, nx: 32);   // GPT-2's c_attn for n_embd 32
     /// using var x = torch.randn(2, 5, 32);
     /// using var y = layer.forward(x);                 // shape (2, 5, 96)
     /// </code>
     /// </remarks>
-    public sealed class Conv1D : GuardedModule
+    public sealed class Conv1D : AdaptableLayer
     {
         private const string WeightName = nameof(weight);
         private const string BiasName = nameof(bias);
@@ -41,9 +41,6 @@ namespace TorchLinear
         [ComponentName(Name = BiasName)]
         private Parameter _bias;
 
-        // True while Module.to(...) replaces weight and bias one after the other: in between, they briefly differ in
-        // dtype or device, which the setters otherwise refuse.
-        private bool _converting;
 
         /// <summary>Creates a layer with freshly initialised parameters, as transformers' <c>Conv1D(nf, nx)</c> does.</summary>
         /// <param name="nf">The number of output features (transformers' order: outputs first).</param>
@@ -69,23 +66,6 @@ namespace TorchLinear
             SetBias(new Parameter(empty(nf, device: device, dtype: dtype)));
             reset_parameters();
         }
-
-        /// <summary>
-        /// A term added to the layer's output by every <see cref="forward"/>, or null (the default): called as
-        /// <c>Adapter(input, output)</c> once <c>x W + b</c> is computed, it returns the layer's result — <c>output</c>
-        /// itself, updated in place, or a new tensor (the layer then disposes <c>output</c>).
-        /// </summary>
-        /// <remarks>
-        /// As <see cref="CustomLinear.Adapter"/>: this is how an adapter (TorchLinear.Lora's LoRA adapters) runs inside
-        /// the layer, whether the layer is invoked with <c>call(x)</c> or with <c>forward(x)</c> — TorchSharp runs
-        /// forward hooks only through <c>call(x)</c> — and without changing the layer's type. The adapter is not a
-        /// child of the layer and is not disposed with it; whoever sets it owns it. While TorchLinear.Lora's adapters
-        /// are in it, the slot is the library's: code that nulls or replaces it makes every later LoRA operation on the
-        /// model refuse, naming the layer, until the library's delegate is back or the model is unloaded. <c>input</c>
-        /// is the layer's input as given, shape <c>(*, nx)</c>, and <c>output</c> has shape <c>(*, nf)</c>. An empty
-        /// slot costs one null check per call.
-        /// </remarks>
-        public Func<Tensor, Tensor, Tensor>? Adapter { get; set; }
 
         /// <summary>The number of output features (transformers' <c>nf</c>).</summary>
         public long nf { get; }
@@ -119,8 +99,7 @@ namespace TorchLinear
                     return;
                 if (value.dim() != 2 || value.size(0) != nx || value.size(1) != nf)
                     throw new ArgumentException($"{this}: a new weight must have shape [{nx}, {nf}] (nx, nf), but has shape {TensorFacts.Shape(value)}.", nameof(value));
-                if (!_converting)
-                    ThrowIfUnlike(value, "weight", _bias, "bias");
+                ThrowIfUnlike(value, "weight", _bias, "bias");
                 SetWeight(value);
             }
         }
@@ -146,8 +125,7 @@ namespace TorchLinear
                     return;
                 if (value.dim() != 1 || value.size(0) != nf)
                     throw new ArgumentException($"{this}: a new bias must have shape [{nf}], but has shape {TensorFacts.Shape(value)}.", nameof(value));
-                if (!_converting)
-                    ThrowIfUnlike(value, "bias", _weight, "weight");
+                ThrowIfUnlike(value, "bias", _weight, "weight");
                 SetBias(value);
             }
         }
@@ -168,7 +146,7 @@ namespace TorchLinear
 
         /// <summary>
         /// Computes <c>y = x W + b</c> for input of shape <c>(*, nx)</c>, with transformers' operations:
-        /// <c>addmm(bias, x.view(-1, nx), weight).view(*, nf)</c>; then runs <see cref="Adapter"/>, if set.
+        /// <c>addmm(bias, x.view(-1, nx), weight).view(*, nf)</c>; then runs <see cref="AdaptableLayer.Adapter"/>, if set.
         /// </summary>
         /// <param name="input">At least 1-D, last dimension <c>nx</c>, same dtype and device as the weight; viewable as
         /// <c>(-1, nx)</c> (as transformers requires: a non-contiguous input such as a transposed one is refused, as PyTorch's
@@ -181,8 +159,7 @@ namespace TorchLinear
             ThrowIfDisposed();
             ArgumentNullException.ThrowIfNull(input);
             Tensor output = Compute(input);
-            Func<Tensor, Tensor, Tensor>? adapter = Adapter;
-            return adapter is null ? output : Adapted(adapter, input, output);
+            return WithAdapter(input, output);
         }
 
         private Tensor Compute(Tensor input)
@@ -224,64 +201,8 @@ namespace TorchLinear
             }
         }
 
-        private static Tensor Adapted(Func<Tensor, Tensor, Tensor> adapter, Tensor input, Tensor output)
-        {
-            Tensor result;
-            try
-            {
-                result = adapter(input, output);
-            }
-            catch
-            {
-                output.Dispose();
-                throw;
-            }
-            if (!ReferenceEquals(result, output))
-                output.Dispose();
-            return result;
-        }
-
-        /// <summary>
-        /// Copies <c>weight</c> and <c>bias</c> from <paramref name="source"/>, after checking every key, shape and dtype:
-        /// a mismatch (a <c>(nf, nx)</c> weight, for example, which <c>copy_</c> would not catch when nf = nx) is refused
-        /// before anything is copied, so a refused load changes nothing.
-        /// </summary>
-        /// <exception cref="InvalidOperationException">A key is missing or unexpected (when strict), or a shape or dtype
-        /// differs. The message lists every problem.</exception>
-        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
-        public override (IList<string> missing_keys, IList<string> unexpected_keyes) load_state_dict(
-            Dictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
-        {
-            ThrowIfDisposed();
-            ArgumentNullException.ThrowIfNull(source);
-            StateDicts.ThrowIfProblems(this, source, strict, skip, from: null);
-            return base.load_state_dict(source, strict, skip);
-        }
-
-        /// <inheritdoc />
-        protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
-        {
-            _converting = true;
-            try
-            {
-                base._toEpilog(dtype, device, non_blocking);
-            }
-            finally
-            {
-                _converting = false;
-            }
-        }
-
         /// <summary>Mirrors transformers' <c>__repr__</c>: <c>Conv1D(nf=96, nx=32)</c>.</summary>
         public override string ToString() => $"Conv1D(nf={nf}, nx={nx})";
-
-        private void ThrowIfUnlike(Tensor value, string name, Tensor other, string otherName)
-        {
-            if (value.dtype != other.dtype)
-                throw new ArgumentException($"{this}: a new {name} must have the {otherName}'s dtype {other.dtype}, but is {value.dtype}. Convert it first, or convert the whole layer with .to({value.dtype}).", nameof(value));
-            if (!TensorFacts.SameDevice(value, other))
-                throw new ArgumentException($"{this}: a new {name} must be on the {otherName}'s device {other.device}, but is on {value.device}. Move it first, or move the whole layer with .to(...).", nameof(value));
-        }
 
         [MemberNotNull(nameof(_weight))]
         private void SetWeight(Parameter value)

@@ -27,7 +27,7 @@ namespace TorchLinear
     /// using var y = layer.forward(x);   // shape (64, 2)
     /// </code>
     /// </remarks>
-    public sealed class CustomLinear : GuardedModule
+    public sealed class CustomLinear : AdaptableLayer
     {
         private const string WeightName = nameof(weight);
         private const string BiasName = nameof(bias);
@@ -38,9 +38,6 @@ namespace TorchLinear
         [ComponentName(Name = BiasName)]
         private Parameter? _bias;
 
-        // True while Module.to(...) replaces weight and bias one after the other: in between, they briefly differ in
-        // dtype or device, which the setters otherwise refuse.
-        private bool _converting;
 
         // Wᵀ, kept between calls: nn.Linear pays for a fresh weight.t() on every call, and that view is most of
         // the per-call cost of a small layer. What would make a kept view wrong, and how each case is handled:
@@ -113,22 +110,6 @@ namespace TorchLinear
         /// </summary>
         public LinearDispatch Dispatch { get; set; } = LinearDispatch.TorchSharp;
 
-        /// <summary>
-        /// A term added to the layer's output by every <see cref="forward"/>, or null (the default): called as
-        /// <c>Adapter(input, output)</c> once <c>x Wᵀ + b</c> is computed, it returns the layer's result — <c>output</c>
-        /// itself, updated in place, or a new tensor (the layer then disposes <c>output</c>).
-        /// </summary>
-        /// <remarks>
-        /// This is how an adapter (for example TorchLinear.Lora's LoRA adapters) runs inside the layer, so that it runs
-        /// whether the layer is invoked with <c>call(x)</c> or with <c>forward(x)</c> — TorchSharp runs forward hooks
-        /// only through <c>call(x)</c> — and without changing the layer's type. The adapter is not a child of the layer
-        /// and is not disposed with it; whoever sets it owns it. While TorchLinear.Lora's adapters are in it, the slot
-        /// is the library's: code that nulls or replaces it makes every later LoRA operation on the model refuse,
-        /// naming the layer, until the library's delegate is back or the model is unloaded. An empty slot costs one
-        /// null check per call.
-        /// </remarks>
-        public Func<Tensor, Tensor, Tensor>? Adapter { get; set; }
-
         /// <summary>Size of each input sample.</summary>
         public long in_features { get; }
 
@@ -161,8 +142,7 @@ namespace TorchLinear
                     return;
                 if (value.dim() != 2 || value.shape[0] != out_features || value.shape[1] != in_features)
                     throw new ArgumentException($"{this}: a new weight must have shape [{out_features}, {in_features}], but has shape {TensorFacts.Shape(value)}.", nameof(value));
-                if (!_converting && _bias is not null)
-                    ThrowIfUnlike(value, "weight", _bias, "bias");
+                ThrowIfUnlike(value, "weight", _bias, "bias");
                 SetWeight(value);
             }
         }
@@ -187,7 +167,7 @@ namespace TorchLinear
                     return;
                 if (value is not null && (value.dim() != 1 || value.shape[0] != out_features))
                     throw new ArgumentException($"{this}: a new bias must have shape [{out_features}], but has shape {TensorFacts.Shape(value)}.", nameof(value));
-                if (value is not null && !_converting)
+                if (value is not null)
                     ThrowIfUnlike(value, "bias", _weight, "weight");
                 _bias?.Dispose();
                 _bias = (Parameter?)value?.DetachFromDisposeScope();
@@ -226,62 +206,7 @@ namespace TorchLinear
             ThrowIfDisposed();
             ArgumentNullException.ThrowIfNull(input);
             Tensor output = LinearFunctional.Compute(this, input, _weight, _bias, Dispatch, WeightT());
-            Func<Tensor, Tensor, Tensor>? adapter = Adapter;
-            return adapter is null ? output : Adapted(adapter, input, output);
-        }
-
-        private static Tensor Adapted(Func<Tensor, Tensor, Tensor> adapter, Tensor input, Tensor output)
-        {
-            Tensor result;
-            try
-            {
-                result = adapter(input, output);
-            }
-            catch
-            {
-                output.Dispose();
-                throw;
-            }
-            if (!ReferenceEquals(result, output))
-                output.Dispose();
-            return result;
-        }
-
-        /// <summary>
-        /// Copies <c>weight</c> (and <c>bias</c>) from <paramref name="source"/>, after checking every key, shape
-        /// and dtype. Unlike the base implementation, which lets <c>copy_</c> broadcast a <c>(1)</c> tensor into
-        /// an <c>(out_features)</c> bias, a mismatch is refused before anything is copied, so a refused load
-        /// changes nothing. Tensors of another dtype are refused, not converted.
-        /// </summary>
-        /// <remarks>
-        /// Refusals are <see cref="InvalidOperationException"/>s, the type TorchSharp's own <c>load_state_dict</c>
-        /// throws for a missing or unexpected key, so that code written against <c>nn.Linear</c> catches them; shape and
-        /// dtype mismatches, which TorchSharp does not detect, use the same type.
-        /// </remarks>
-        /// <exception cref="InvalidOperationException">A key is missing or unexpected (when strict), or a shape or
-        /// dtype differs. The message lists every problem.</exception>
-        /// <exception cref="ObjectDisposedException">The layer has been disposed.</exception>
-        public override (IList<string> missing_keys, IList<string> unexpected_keyes) load_state_dict(
-            Dictionary<string, Tensor> source, bool strict = true, IList<string>? skip = null)
-        {
-            ThrowIfDisposed();
-            ArgumentNullException.ThrowIfNull(source);
-            StateDicts.ThrowIfProblems(this, source, strict, skip, from: null);
-            return base.load_state_dict(source, strict, skip);
-        }
-
-        /// <inheritdoc />
-        protected override void _toEpilog(ScalarType? dtype, Device? device, bool non_blocking)
-        {
-            _converting = true;
-            try
-            {
-                base._toEpilog(dtype, device, non_blocking);
-            }
-            finally
-            {
-                _converting = false;
-            }
+            return WithAdapter(input, output);
         }
 
         /// <summary>Mirrors PyTorch's <c>extra_repr</c>: <c>CustomLinear(in_features=3, out_features=2, bias=True)</c>.</summary>
@@ -294,14 +219,6 @@ namespace TorchLinear
             if (disposing)
                 DropWeightT();
             base.Dispose(disposing);
-        }
-
-        private void ThrowIfUnlike(Tensor value, string name, Tensor other, string otherName)
-        {
-            if (value.dtype != other.dtype)
-                throw new ArgumentException($"{this}: a new {name} must have the {otherName}'s dtype {other.dtype}, but is {value.dtype}. Convert it first, or convert the whole layer with .to({value.dtype}).", nameof(value));
-            if (!TensorFacts.SameDevice(value, other))
-                throw new ArgumentException($"{this}: a new {name} must be on the {otherName}'s device {other.device}, but is on {value.device}. Move it first, or move the whole layer with .to(...).", nameof(value));
         }
 
         private static void CheckBias(Tensor bias, Tensor weight)
