@@ -25,9 +25,5 @@ namespace TorchLinear.Lora
         public override Parameter Weight(nn.Module module) => ((Conv1D)module).weight;
 
         public override Parameter? Bias(nn.Module module) => ((Conv1D)module).bias;
-
-        protected override Func<Tensor, Tensor, Tensor>? GetSlot(nn.Module module) => ((Conv1D)module).Adapter;
-
-        protected override void SetSlot(nn.Module module, Func<Tensor, Tensor, Tensor>? value) => ((Conv1D)module).Adapter = value;
     }
 }

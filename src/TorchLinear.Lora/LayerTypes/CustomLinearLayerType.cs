@@ -18,9 +18,5 @@ namespace TorchLinear.Lora
         public override Parameter Weight(nn.Module module) => ((CustomLinear)module).weight;
 
         public override Parameter? Bias(nn.Module module) => ((CustomLinear)module).bias;
-
-        protected override Func<Tensor, Tensor, Tensor>? GetSlot(nn.Module module) => ((CustomLinear)module).Adapter;
-
-        protected override void SetSlot(nn.Module module, Func<Tensor, Tensor, Tensor>? value) => ((CustomLinear)module).Adapter = value;
     }
 }

@@ -5,8 +5,9 @@ using static TorchSharp.torch;
 namespace TorchLinear.Lora
 {
     /// <summary>
-    /// What the layer types with an <c>Adapter</c> slot of their own share (<see cref="CustomLinear"/>,
-    /// <see cref="Conv1D"/>): the layer runs its adapters from that slot in its own forward, so it keeps its type and place.
+    /// What the layer types with an <c>Adapter</c> slot of their own share (<see cref="CustomLinear"/>, <see cref="Conv1D"/>:
+    /// <see cref="AdaptableLayer"/>s): the layer runs its adapters from that slot in its own forward, so it keeps its type
+    /// and place.
     /// The library puts one delegate there and remembers it (<see cref="AdaptedLayer.Attached"/>): a slot some other code
     /// filled before is refused; a slot some other code emptied or refilled after is refused by every operation on the
     /// adapters but <c>unload</c> (<see cref="LoraModel.CheckSlots"/>), and <c>unload</c> leaves such a slot as that code
@@ -14,28 +15,22 @@ namespace TorchLinear.Lora
     /// </summary>
     internal abstract class SlotLayerType : LinearLikeLayerType
     {
-        /// <summary>The layer's <c>Adapter</c> slot as it is now.</summary>
-        protected abstract Func<Tensor, Tensor, Tensor>? GetSlot(nn.Module module);
-
-        /// <summary>Puts <paramref name="value"/> into the layer's <c>Adapter</c> slot.</summary>
-        protected abstract void SetSlot(nn.Module module, Func<Tensor, Tensor, Tensor>? value);
-
-        public override Delegate? Slot(nn.Module module) => GetSlot(module);
+        public override Delegate? Slot(nn.Module module) => ((AdaptableLayer)module).Adapter;
 
         public override string? Refusal(string path, nn.Module module, LoraConfig config, bool adaptedAlready) =>
             base.Refusal(path, module, config, adaptedAlready)
-            ?? (!adaptedAlready && GetSlot(module) is not null ? $"{path} already has an adapter in its Adapter slot" : null);
+            ?? (!adaptedAlready && ((AdaptableLayer)module).Adapter is not null ? $"{path} already has an adapter in its Adapter slot" : null);
 
         public override Action? AttachInPlace(nn.Module module, AdaptedLayer layer)
         {
             Func<Tensor, Tensor, Tensor> attached = (input, output) => layer.Apply(output, input, module.training);
-            SetSlot(module, attached);
+            ((AdaptableLayer)module).Adapter = attached;
             layer.Attached = attached;
             // A delegate some other code put there since is left as it is: it is that code's, not the library's.
             return () =>
             {
-                if (ReferenceEquals(GetSlot(module), attached))
-                    SetSlot(module, null);
+                if (ReferenceEquals(((AdaptableLayer)module).Adapter, attached))
+                    ((AdaptableLayer)module).Adapter = null;
             };
         }
 
