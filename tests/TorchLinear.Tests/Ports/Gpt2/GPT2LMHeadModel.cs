@@ -197,17 +197,15 @@ namespace TorchLinear.Tests.Ports.Gpt2
     /// <summary>PyTorch's <c>GPT2Model</c> (transformers.models.gpt2.modeling_gpt2.GPT2Model), written from its traced forward.</summary>
     public sealed class GPT2Model : nn.Module<Tensor, Tensor>
     {
-        private readonly long past_length;
         private readonly TorchSharp.Modules.Embedding wte;
         private readonly TorchSharp.Modules.Embedding wpe;
         private readonly TorchSharp.Modules.Dropout drop;
         private readonly TorchSharp.Modules.ModuleList<GPT2Block> h;
         private readonly TorchSharp.Modules.LayerNorm ln_f;
 
-        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public GPT2Model(long past_length) : base("GPT2Model")
+        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
+        public GPT2Model() : base("GPT2Model")
         {
-            this.past_length = past_length;
             wte = nn.Embedding(100, 32);
             register_module("wte", wte);
             wpe = nn.Embedding(32, 32);
@@ -226,8 +224,8 @@ namespace TorchLinear.Tests.Ports.Gpt2
             using var scope = NewDisposeScope();
             long size = input_ids.size(1);  // modeling_gpt2.py:1006: input_shape = input_ids.size()
             Tensor input_ids2 = input_ids.view(new long[] { -1, size });  // modeling_gpt2.py:1007: input_ids = input_ids.view(-1, input_shape[-1])
-            long t = size + past_length;  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
-            Tensor position_ids = torch.arange(past_length, t, dtype: ScalarType.Int64);  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
+            long t = size + 0;  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
+            Tensor position_ids = torch.arange(0, t, dtype: ScalarType.Int64);  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
             Tensor t2 = position_ids.unsqueeze(0);  // modeling_gpt2.py:1027: position_ids = position_ids.unsqueeze(0)
             Tensor t3 = wte.call(input_ids2);
             Tensor t4 = wpe.call(t2);
@@ -251,7 +249,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public GPT2LMHeadModel() : base("GPT2LMHeadModel")
         {
-            transformer = new GPT2Model(past_length: 0);
+            transformer = new GPT2Model();
             register_module("transformer", transformer);
             lm_head = new CustomLinear(32, 100, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("lm_head", lm_head);
