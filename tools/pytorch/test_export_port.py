@@ -421,6 +421,14 @@ class Gains(nn.Module):
         return x + self.biases[-2]
 
 
+class GainsOfInput(Gains):
+    """The same with the tensor named `input`, which the port calls t (the traced operand's C# name says nothing)."""
+
+    def forward(self, input):
+        input = input * self.gains[-2]
+        return input + self.biases[-2]
+
+
 class Rows(nn.Module):
     """Two size products on one line: m (a local) and self.k (an attribute) are equal but unrelated."""
 
@@ -567,6 +575,9 @@ class NamingTests(unittest.TestCase):
         self.assertRegex(forward, r"Tensor x2 = x\.mul\(mul_other\);")
         self.assertRegex(forward, r"= x2\.add\(add_other\);")
         self.assertNotIn("this.x", code)
+        code = generate(GainsOfInput().eval(), (torch.randn(2, 3),), "Gains")
+        self.assertIn("public Gains(double mul_other, double add_other)", code)
+        self.assertNotIn("double input", code)
 
     def test_a_constant_takes_no_name_from_another_operation_of_its_line(self):
         code = generate(Rows().eval(), (torch.randn(4, 6),), "Rows")
