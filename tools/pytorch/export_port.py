@@ -2902,14 +2902,20 @@ def _trace(model, inputs, assume=()):
             guarded.append(m)
     original_bool = torch.Tensor.__bool__
     originals = {name: getattr(torch.Tensor, name) for name in NUMBER_METHODS}
-    if sys.getprofile() is not None:
-        # The watch of __index__ needs sys.setprofile for the trace, and a profile function already set cannot be
-        # restored after it where it is a C profiler (cProfile's Profile is no callable sys.setprofile takes).
-        active = sys.getprofile()
+    original_profile = sys.getprofile()
+    if original_profile is not None and not callable(original_profile):
+        # The watch of __index__ needs sys.setprofile for the trace, and a C profiler's object (cProfile's Profile)
+        # cannot be handed back to sys.setprofile afterwards (it is no callable): refused, the profiler left running.
         raise ExportRefused(f"cannot trace {type(model).__name__}: a profile function is active (sys.getprofile() is a "
-                            f"{type(active).__module__}.{type(active).__qualname__}), and the export needs sys.setprofile "
-                            f"for the trace: export outside the profiler (cProfile, profile, a debugger's profile hook)")
-    original_index, original_profile = torch.Tensor.__index__, None
+                            f"{type(original_profile).__module__}.{type(original_profile).__qualname__}), and the export "
+                            f"needs sys.setprofile for the trace: export outside the profiler (cProfile)")
+    original_index = torch.Tensor.__index__
+    if original_profile is None:
+        profile = calls.profile
+    else:
+        def profile(frame, event, arg):   # a Python profile function already set: it keeps seeing every event
+            calls.profile(frame, event, arg)
+            return original_profile(frame, event, arg)
     torch.Tensor.__bool__ = calls.boolean(original_bool)
     for name, what in NUMBER_METHODS.items():
         setattr(torch.Tensor, name, calls.number(originals[name], what))
@@ -2919,7 +2925,7 @@ def _trace(model, inputs, assume=()):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.no_grad():
-                sys.setprofile(calls.profile)
+                sys.setprofile(profile)
                 try:
                     traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
                 finally:

@@ -840,7 +840,7 @@ class IndexTests(unittest.TestCase):
                           f"freezes: data-dependent) at (root) (ValueIndex), {THIS}:{line}: return x * [0.5, 1.0, 2.0]"
                           f"[x.argmax() % 3]", str(caught.exception))
 
-    def test_export_under_a_profiler_is_refused_and_leaves_the_profiler_in_place(self):
+    def test_export_under_cprofile_is_refused_and_under_a_python_profile_function_keeps_it(self):
         import cProfile
         profiler = cProfile.Profile()
         profiler.enable()
@@ -853,15 +853,22 @@ class IndexTests(unittest.TestCase):
         self.assertIs(active, profiler)
         self.assertIn("a profile function is active (sys.getprofile() is a cProfile.Profile", str(caught.exception))
         self.assertIn("export outside the profiler", str(caught.exception))
+        # A Python profile function keeps seeing the events during the export, and is set again after it.
         seen = []
-        sys.setprofile(lambda frame, event, arg: seen.append(event))
+
+        def hook(frame, event, arg):
+            if torch._C._get_tracing_state() is not None:   # an event during the trace, where the watch's is set
+                seen.append(event)
+
+        sys.setprofile(hook)
         try:
-            with self.assertRaises(ExportRefused):
-                generate(Plain().eval(), (torch.randn(2, 3),), "Port")
+            code = generate(FixedMiddle("index").eval(), (torch.randn(2, 3, 4),), "Port")
+            after = sys.getprofile()
         finally:
             sys.setprofile(None)
-        self.assertIsNone(sys.getprofile())
-        self.assertIn("Port", generate(Plain().eval(), (torch.randn(2, 3),), "Port"))
+        self.assertIs(after, hook)
+        self.assertGreater(seen.count("c_call"), 100)
+        self.assertRegex(code, r"if \(!\(\w+ == 3\)\) throw")   # and the watch of __index__ still works under it
 
     def test_sizes_torch_takes_as_ints_are_traced_not_checked(self):
         code = generate(TorchTakesSizes().eval(), (torch.randn(2, 6, 4),), "Port")
