@@ -736,6 +736,34 @@ class Translator:
                     if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load) and not any(
                             path == file and first <= n.lineno <= last for file, first, last in reading):
                         partial.add(name)
+        # A helper's parameter that a traced function passes a name Python reads elsewhere (`helper(x, n)` with n
+        # partial) is that name under another one: a setting of the parameter would be followed by the helper only.
+        bare_names = {name for name, _ in self.bare.values()}
+        changed = True
+        while changed:
+            changed = False
+            for path, function in functions.values():
+                if isinstance(function, ast.Lambda):
+                    continue
+                params = [a.arg for a in function.args.posonlyargs + function.args.args]
+                for name in bare_names - partial:
+                    if name not in params:
+                        continue
+                    index = params.index(name)
+                    for _, caller in functions.values():
+                        for call in ast.walk(caller):
+                            if not isinstance(call, ast.Call):
+                                continue
+                            callee = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", None)
+                            if callee != function.name:
+                                continue
+                            shift = 1 if params and params[0] == "self" and isinstance(call.func, ast.Attribute) else 0
+                            args = [k.value for k in call.keywords if k.arg == name]
+                            if index - shift < len(call.args) and index - shift >= 0:
+                                args.append(call.args[index - shift])
+                            if any(isinstance(arg, ast.Name) and arg.id in partial for arg in args):
+                                partial.add(name)
+                                changed = True
         return partial
 
     # -- values
@@ -793,7 +821,9 @@ class Translator:
             kwargs["traced_names"] = self.traced_names()
         source = _source_operand(_frame_of(node), op, value, self.module, **kwargs)
         if source is not None and source[0] == "bare" and source[1] in self.unnamed:
-            return None
+            # Python reads the name where the port would not follow a setting: the traced number, written as a literal
+            # at every use the line names so (no setting the port half-follows, no older-rule name for some uses only).
+            return ("literal", source[1], "partial")
         return source
 
     def traced_names(self):
@@ -826,6 +856,8 @@ class Translator:
             source = self.source_operand(node, op, val.const, traced=traced)
             if source is not None and source[0] in ("name", "bare"):
                 return self.config_value(val.const, hint, source)
+            if source is not None and source[2:] == ("partial",):
+                return val.expr
         if val.kind == "double" and val.const is not None and config:
             return self.config_value(val.const, hint)
         if val.kind in ("long", "double", "bool"):
@@ -1423,7 +1455,8 @@ class Translator:
             dtype = self.dtype(a[2], node)
             if a[1].kind == "double" and a[1].const is not None:
                 source = self.source_operand(node, "full", a[1].const)
-                fill = self.config_value(a[1].const, "fill_value", source if source and source[0] != "literal" else None)
+                fill = a[1].expr if source and source[2:] == ("partial",) else \
+                    self.config_value(a[1].const, "fill_value", source if source and source[0] != "literal" else None)
             elif a[1].kind == "tensor":
                 fill = f"{a[1].expr}.ToScalar()"   # a number PyTorch computed as a 0-dim tensor (below), as it is
             else:

@@ -555,11 +555,11 @@ class NamingTests(unittest.TestCase):
     def test_a_fill_value_is_named_after_its_argument_unless_the_name_is_given_to_another_value(self):
         code = generate(MaskValues().eval(), (torch.randn(3, 3),), "MaskValues")
         # min_dtype names the full's fill value; mask_value also names the tensor the next line reads, so the port could
-        # not follow a setting of that name there: the older rule names it (the operation's argument).
-        self.assertIn("public MaskValues(double min_dtype, double fill_value)", code)
+        # not follow a setting of that name there: the traced number, written where it is used.
+        self.assertIn("public MaskValues(double min_dtype)", code)
         forward = self.forward_of(code, "MaskValues")
         self.assertRegex(forward, r"torch\.full\(new long\[\] \{ t, t \}, min_dtype, dtype: ScalarType\.Float32\);")
-        self.assertRegex(forward, r"Tensor mask_value = torch\.full\(System\.Array\.Empty<long>\(\), fill_value, dtype: ScalarType\.Float32\);")
+        self.assertRegex(forward, r"Tensor mask_value = torch\.full\(System\.Array\.Empty<long>\(\), -3\.4028234663852886e\+38, dtype: ScalarType\.Float32\);")
 
     def test_an_expression_of_literals_is_a_const_not_a_setting(self):
         code = generate(TanhGelu().eval(), (torch.randn(2, 3),), "TanhGelu")
@@ -593,12 +593,17 @@ class NamingTests(unittest.TestCase):
         self.assertRegex(forward, r"= y\.mul\(beta\);")
 
     def test_a_plain_name_the_forward_reads_where_the_port_does_not_names_no_setting(self):
-        for how, ins, older in (("condition", (3, 4), "shape_0"), ("loop", (2, 6), "shape_1"), ("helper", (2, 6), "shape_1")):
+        # Python reads n where a setting would not reach: the traced number, a literal at every use (no setting named
+        # otherwise for some uses only; the helper's parameter k is n under another name, so no setting either).
+        for how, ins, uses in (("condition", (3, 4), [r"\.expand\(new long\[\] \{ 2, "]),
+                               ("loop", (2, 6), [r"\.reshape\(new long\[\] \{ size, 2, -1 \}\)"]),
+                               ("helper", (2, 6), [r"\.view\(new long\[\] \{ size, 2, -1 \}\)", r"\.reshape\(new long\[\] \{ \w+, 2, -1 \}\)"])):
             with self.subTest(how):
                 code = generate(ReadElsewhere(how).eval(), (torch.randn(*ins),), "Port")
                 declarations = code[code.index("public sealed class Port"):code.index("public override")]
-                self.assertNotRegex(declarations, r"\bn\b")
-                self.assertIn(f"long {older};", declarations)
+                self.assertNotRegex(declarations, r"private readonly long")
+                for use in uses:
+                    self.assertRegex(code, use)
         code = generate(ReadOnce().eval(), (torch.randn(2, 6),), "Port")
         self.assertIn("public Port(long n)", code)
         self.assertRegex(code, r"\.view\(new long\[\] \{ size, n, -1 \}\);.*\n.*\.mul\(n\);")

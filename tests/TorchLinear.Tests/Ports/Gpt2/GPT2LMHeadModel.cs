@@ -14,7 +14,6 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private const double pow_exponent = 0.5;
         private readonly long num_heads;
         private readonly long head_dim;
-        private readonly double fill_value;
         private readonly long new_shape_2;
         private readonly Tensor bias;
         private readonly Tensor masked_bias;
@@ -24,11 +23,10 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private readonly TorchSharp.Modules.Dropout resid_dropout;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public GPT2Attention(long num_heads, long head_dim, double fill_value, long new_shape_2) : base("GPT2Attention")
+        public GPT2Attention(long num_heads, long head_dim, long new_shape_2) : base("GPT2Attention")
         {
             this.num_heads = num_heads;
             this.head_dim = head_dim;
-            this.fill_value = fill_value;
             this.new_shape_2 = new_shape_2;
             bias = torch.ones(32, 32, dtype: ScalarType.Bool).tril().expand(new long[] { 1, 1, 32, 32 }).contiguous();
             register_buffer("bias", bias, persistent: false);
@@ -78,7 +76,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
             Tensor t8 = t7.slice(1, 0, long.MaxValue, 1);  // modeling_gpt2.py:198: causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]
             Tensor t9 = t8.slice(2, t6, key_length, 1);  // modeling_gpt2.py:198: causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]
             Tensor causal_mask = t9.slice(3, 0, key_length, 1);  // modeling_gpt2.py:198: causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]
-            Tensor mask_value = torch.full(System.Array.Empty<long>(), fill_value, dtype: ScalarType.Float32);  // modeling_gpt2.py:202: mask_value = torch.full([], mask_value, dtype=attn_weights.dtype, device=attn_weights.device)
+            Tensor mask_value = torch.full(System.Array.Empty<long>(), -3.4028234663852886e+38, dtype: ScalarType.Float32);  // modeling_gpt2.py:202: mask_value = torch.full([], mask_value, dtype=attn_weights.dtype, device=attn_weights.device)
             Tensor attn_weights3 = attn_weights2.to(ScalarType.Float32);  // modeling_gpt2.py:203: attn_weights = torch.where(causal_mask, attn_weights.to(attn_weights.dtype), mask_value)
             Tensor t10 = torch.where(causal_mask, attn_weights3, mask_value);  // modeling_gpt2.py:203: attn_weights = torch.where(causal_mask, attn_weights.to(attn_weights.dtype), mask_value)
             Tensor attn_weights4 = t10.softmax(-1);  // modeling_gpt2.py:209: attn_weights = nn.functional.softmax(attn_weights, dim=-1)
@@ -172,7 +170,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         {
             ln_1 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln_1", ln_1);
-            attn = new GPT2Attention(num_heads: 4, head_dim: 8, fill_value: -3.4028234663852886e+38, new_shape_2: 32);
+            attn = new GPT2Attention(num_heads: 4, head_dim: 8, new_shape_2: 32);
             register_module("attn", attn);
             ln_2 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln_2", ln_2);
