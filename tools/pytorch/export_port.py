@@ -213,6 +213,25 @@ def _setting_name(expr):
     return None
 
 
+_FILE_TREES = {}
+
+
+def _function_at(path, line):
+    """The innermost function (def, async def, lambda) of the Python file at `path` whose source holds `line`, as its
+    ast node, or None (no such function, the file unreadable or not Python)."""
+    if path not in _FILE_TREES:
+        try:
+            _FILE_TREES[path] = ast.parse("".join(linecache.getlines(path)))
+        except (SyntaxError, ValueError):
+            _FILE_TREES[path] = None
+    tree, found = _FILE_TREES[path], None
+    for n in ast.walk(tree) if tree is not None else ():
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and n.lineno <= line <= n.end_lineno:
+            if found is None or n.lineno >= found.lineno and n.end_lineno <= found.end_lineno:
+                found = n
+    return found
+
+
 def _is_number_literal(expr, value):
     """Whether expr is the literal `value` (`2`, `-1`, `0.5`)."""
     if isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.USub):
@@ -274,7 +293,7 @@ def _named(expr):
     return ("tuple" if isinstance(expr, ast.Subscript) else "name"), name
 
 
-def _source_operand(frame, op, value, module, position=None, traced=None):
+def _source_operand(frame, op, value, module, position=None, traced=None, second=True, traced_names=frozenset()):
     """What a constant of a traced operation is in its Python line (frame): ("literal", LITERAL) when the line writes
     it as a number, else the expression it came from as _named says, or None when the line does not say (unparsable,
     several candidates that disagree, an expression without a name).
@@ -284,10 +303,15 @@ def _source_operand(frame, op, value, module, position=None, traced=None):
     (_CALL_ARGUMENTS): the fill value, positional or by keyword; 'arange': the positional argument at `position`;
     'slice': the bound `position` = (dim, 'lower' | 'upper') of the subscript's slice at that dimension; 'compare':
     the element at the size's dimension `position` of a tuple a `.size()` or `.shape` is compared with. Otherwise a binary
-    operation (`_BINOPS`): the operand that is not the traced one, `traced` the C# name of the traced operand: a
-    literal equal to the value, else the one operand that evaluates to it (_evaluates_to), else the operand not
-    named as the traced one, else the right one of `/ // % -` (the left of a reflected `-`), else the one operand with
-    a name."""
+    operation (`_BINOPS`): the operand that is not the traced one, `traced` the C# name of the traced operand (its
+    Python name is that name without a numeric suffix), `second` whether the value is the traced operation's second
+    operand. Of the line's operations of that kind, the one with an operand named as the traced one, else the only
+    one; where several remain, only an answer every one of them gives (a literal, an operand that evaluates to the
+    value) counts, never one operation's operand for another's value. In that operation: a literal equal to the value,
+    else the one operand that evaluates to it (_evaluates_to) and is not named as the traced one, else the operand not
+    named as the traced one, else for `/ // % -` the operand at the traced operation's position (`x / s`: the right;
+    a reflected `s - x`: the left), for `*` `+` the one operand with a name; never a plain name in `traced_names`
+    (the Python names the trace gave values), so that a setting is never named after the traced tensor itself."""
     if frame is None:
         return None
     parsed = _parse_statement(*frame)
@@ -397,31 +421,49 @@ def _source_operand(frame, op, value, module, position=None, traced=None):
     elif op in _BINOPS:
         binops = [(n.left, n.right) for n in ast.walk(tree) if isinstance(n, ast.BinOp) and isinstance(n.op, _BINOPS[op])]
         binops += [(n.target, n.value) for n in ast.walk(tree) if isinstance(n, ast.AugAssign) and isinstance(n.op, _BINOPS[op])]
-        strong = []
-        for left, right in binops:
-            literal = [e for e in (left, right) if _is_number_literal(e, value)]
-            if literal:
-                strong.append(("literal", LITERAL))
-                continue
-            evaluated = [e for e in (left, right) if _evaluates_to(e, value, module, frame[0])]
-            if len(evaluated) == 1:
-                strong.append(_named(evaluated[0]))
-        if strong:
-            answers = strong
-        elif len(binops) == 1:
-            left, right = binops[0]
-            base = re.sub(r"\d+$", "", traced or "")
-            named = [e for e in (left, right) if not (isinstance(e, ast.Name) and base and e.id == base)]
-            if len(named) == 1:
-                chosen = named[0]
-            elif op in ("div", "sub", "floor_divide", "remainder"):
-                chosen = right
-            elif op == "rsub":
-                chosen = left
-            else:
+        base = re.sub(r"\d+$", "", traced or "")
+
+        def is_traced(e):   # the operand the traced value is, by its name (`x` for the C# x2)
+            return bool(base) and isinstance(e, ast.Name) and e.id == base
+
+        def strong(left, right):   # a literal equal to the value, or the one operand that evaluates to it
+            if any(_is_number_literal(e, value) for e in (left, right)):
+                return "literal", LITERAL
+            evaluated = [e for e in (left, right) if not is_traced(e) and _evaluates_to(e, value, module, frame[0])]
+            return _named(evaluated[0]) if len(evaluated) == 1 else None
+
+        def judge(left, right):   # the answer of the one operation the value is an operand of
+            answer = strong(left, right)
+            if answer is not None:
+                return answer
+            others = [e for e in (left, right) if not is_traced(e)]
+            if len(others) == 1:   # the other operand is the traced one, by name
+                return _named(others[0])
+            if len(others) == 2 and op in ("div", "sub", "floor_divide", "remainder", "rsub"):
+                # Not symmetric: the operand of the traced operation's position (`x / s`: aten::div(x, s); `s - x`:
+                # aten::rsub(x, s)).
+                chosen = left if (op == "rsub") == second else right
+            elif len(others) == 2:
+                # Symmetric (`*`, `+`): the one operand with a name (`x.view(...) * k`) unless that name is one the
+                # trace gave a value (`h * cfg.gains[0]` where h holds the tensor): then the line does not say.
                 with_name = [e for e in (left, right) if _setting_name(e)]
                 chosen = with_name[0] if len(with_name) == 1 else None
-            answers.append(_named(chosen) if chosen is not None else ("none", None))
+            else:
+                return "none", None
+            if chosen is None or isinstance(chosen, ast.Name) and chosen.id in traced_names:
+                return "none", None
+            return _named(chosen)
+
+        if len(binops) == 1:
+            answers.append(judge(*binops[0]))
+        elif binops:
+            # Several operations of this kind on the line: only the one whose other operand is the traced one, else
+            # an answer every one of them gives (`a * 2 + b * 2`); never one operation's operand for another.
+            mine = [b for b in binops if any(is_traced(e) for e in b)]
+            if len(mine) == 1:
+                answers.append(judge(*mine[0]))
+            else:
+                answers.extend(strong(*b) or ("none", None) for b in binops)
     if not answers or len(set(answers)) != 1 or answers[0][0] == "none":
         return None
     return answers[0]
@@ -656,23 +698,72 @@ class Translator:
         return self.config[key]
 
     def partial_settings(self):
-        """The plain Python names (`n_rep`, `past_length`) of settings that some statement of this forward reads
-        without the port reading the setting there (`past_seen_tokens + n` on a line the generator did not name, a
-        size-derived `keep = min(n, 4)`, a name given to another value later): such a setting is not one the port
+        """The plain Python names (`n_rep`, `past_length`) of settings that the port does not read everywhere Python
+        reads them: a settings name is kept only where every read of that name (ast.Name load) in the functions whose
+        statements gave this forward's lines (the whole function: conditions, loops, call arguments, nested
+        functions) lies in a statement whose port lines read the setting, and no such statement names it without the
+        port reading it there (`past_seen_tokens + n` on a line the generator did not name, a size-derived `keep =
+        min(n, 4)`, a name given to another value later, `if n_rep > 1:`, `for _ in range(n)`, `helper(x, n)`,
+        `self.embeddings(..., past_key_values_length=past_key_values_length)`). Such a setting is not one the port
         follows, and the module is translated again without those names (the older rule names their values), so that
-        changing a setting never changes some of its uses and not others."""
+        changing a setting never changes some of the uses the traced functions make of that Python name and not
+        others."""
         by_frame = {}
         for index, frame in self.line_frames.items():
             by_frame.setdefault(frame, []).append(self.lines[index])
+        spans = {}   # frame -> (file, first line, last line) of its statement
+        for frame in by_frame:
+            parsed = _parse_statement(*frame)
+            spans[frame] = (frame[0], frame[1], frame[1] + (parsed[1].count("\n") if parsed else 0))
+        functions = {}
+        for frame in by_frame:
+            function = _function_at(*frame)
+            if function is not None:
+                functions[(frame[0], function.lineno, function.col_offset)] = (frame[0], function)
         partial = set()
         for marker, (name, value) in self.bare.items():
             pattern = re.compile(rf"(?<![\w.]){re.escape(name)}\b")
+            reading = [spans[frame] for frame, lines in by_frame.items()
+                       if any(marker in line.partition("  // ")[0] for line in lines)]
             for frame, lines in by_frame.items():
                 parsed = _parse_statement(*frame)
                 text = parsed[1] if parsed else linecache.getline(*frame)
                 if pattern.search(text) and not any(marker in line.partition("  // ")[0] for line in lines):
                     partial.add(name)
                     break
+            for path, function in functions.values():
+                for n in ast.walk(function):
+                    if isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Load) and not any(
+                            path == file and first <= n.lineno <= last for file, first, last in reading):
+                        partial.add(name)
+        # A helper's parameter that a traced function passes a name Python reads elsewhere (`helper(x, n)` with n
+        # partial) is that name under another one: a setting of the parameter would be followed by the helper only.
+        bare_names = {name for name, _ in self.bare.values()}
+        changed = True
+        while changed:
+            changed = False
+            for path, function in functions.values():
+                if isinstance(function, ast.Lambda):
+                    continue
+                params = [a.arg for a in function.args.posonlyargs + function.args.args]
+                for name in bare_names - partial:
+                    if name not in params:
+                        continue
+                    index = params.index(name)
+                    for _, caller in functions.values():
+                        for call in ast.walk(caller):
+                            if not isinstance(call, ast.Call):
+                                continue
+                            callee = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", None)
+                            if callee != function.name:
+                                continue
+                            shift = 1 if params and params[0] == "self" and isinstance(call.func, ast.Attribute) else 0
+                            args = [k.value for k in call.keywords if k.arg == name]
+                            if index - shift < len(call.args) and index - shift >= 0:
+                                args.append(call.args[index - shift])
+                            if any(isinstance(arg, ast.Name) and arg.id in partial for arg in args):
+                                partial.add(name)
+                                changed = True
         return partial
 
     # -- values
@@ -726,10 +817,22 @@ class Translator:
     def source_operand(self, node, op, value, **kwargs):
         """_source_operand for this node's Python line and this module (None for a plain name partial_settings
         found partial)."""
+        if "traced" in kwargs:
+            kwargs["traced_names"] = self.traced_names()
         source = _source_operand(_frame_of(node), op, value, self.module, **kwargs)
         if source is not None and source[0] == "bare" and source[1] in self.unnamed:
-            return None
+            # Python reads the name where the port would not follow a setting: the traced number, written as a literal
+            # at every use the line names so (no setting the port half-follows, no older-rule name for some uses only).
+            return ("literal", source[1], "partial")
         return source
+
+    def traced_names(self):
+        """The Python names the trace gave this forward's values (debug names without the tracer's `.n` suffix): a
+        plain name among them may hold a traced tensor or size, so no setting is named after it by position alone."""
+        if not hasattr(self, "_traced_names"):
+            self._traced_names = frozenset(v.debugName().split(".")[0] for n in self.traced.graph.nodes() for v in n.outputs()) \
+                | frozenset(v.debugName().split(".")[0] for v in self.traced.graph.inputs())
+        return self._traced_names
 
     def named_int(self, node, op, val, position):
         """An int argument (a slice's bound, arange's start, end, step): a setting where it is a constant that the Python
@@ -742,15 +845,19 @@ class Translator:
                 return self.config_value(val.const, f"{op}_{position if isinstance(position, int) else position[1]}", source)
         return val.expr
 
-    def scalar(self, val, node, hint, config=True, op=None):
+    def scalar(self, val, node, hint, config=True, op=None, traced=None):
         """A number argument: a config field for a constant float, the expression otherwise. With `op` (a binary
         operation on a tensor, masked_fill), a constant the Python line names is a setting named so (an int too), one
         it writes as a literal or does not name keeps the hint (a float the line writes as a literal becomes a const,
         plan)."""
         if op is not None and val.kind in ("double", "long") and val.const is not None and config:
-            source = self.source_operand(node, op, val.const)
+            # The traced operand: a[0] of the tensor operation (its number is the second operand), so that the
+            # tensor itself is never the operand a setting is named after.
+            source = self.source_operand(node, op, val.const, traced=traced)
             if source is not None and source[0] in ("name", "bare"):
                 return self.config_value(val.const, hint, source)
+            if source is not None and source[2:] == ("partial",):
+                return val.expr
         if val.kind == "double" and val.const is not None and config:
             return self.config_value(val.const, hint)
         if val.kind in ("long", "double", "bool"):
@@ -1196,7 +1303,7 @@ class Translator:
             for operand, other in ((x, y), (y, x)):
                 text = operand.expr
                 if operand.const is not None and other.const is None:
-                    source = self.source_operand(node, op, operand.const, traced=other.expr)
+                    source = self.source_operand(node, op, operand.const, traced=other.expr, second=operand is y)
                     if source is not None and source[0] != "literal":
                         text = self.config_value(operand.const, f"{op}_by", source)
                     elif source is None and op == "floor_divide" and operand is y:
@@ -1297,7 +1404,7 @@ class Translator:
             if a[0].kind != "tensor":
                 self.refuse(node, f"aten::{op} with a {a[0].kind} first")
                 return
-            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, f"{base}_other", op=base)
+            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, f"{base}_other", op=base, traced=a[0].expr)
             extra = ""
             if base in ("add", "sub") and len(a) > 2 and a[2].const != 1:
                 extra = f", {self.scalar(a[2], node, 'alpha', config=False)}"
@@ -1308,7 +1415,7 @@ class Translator:
             self.set(node, "tensor", f"{a[0].expr}.{op}({other}{extra})", statement_type="Tensor")
             return
         if op == "rsub":
-            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, "rsub_other", op="rsub")
+            other = a[1].expr if a[1].kind == "tensor" else self.scalar(a[1], node, "rsub_other", op="rsub", traced=a[0].expr)
             if len(a) > 2 and a[2].const != 1:
                 self.refuse(node, "aten::rsub with alpha")
                 return
@@ -1348,7 +1455,8 @@ class Translator:
             dtype = self.dtype(a[2], node)
             if a[1].kind == "double" and a[1].const is not None:
                 source = self.source_operand(node, "full", a[1].const)
-                fill = self.config_value(a[1].const, "fill_value", source if source and source[0] != "literal" else None)
+                fill = a[1].expr if source and source[2:] == ("partial",) else \
+                    self.config_value(a[1].const, "fill_value", source if source and source[0] != "literal" else None)
             elif a[1].kind == "tensor":
                 fill = f"{a[1].expr}.ToScalar()"   # a number PyTorch computed as a 0-dim tensor (below), as it is
             else:
@@ -1834,6 +1942,12 @@ class Exporter:
         mark = (len(body.slots), len(body.own))
         tr = Translator(self, module, traced, path, body, field_of, self.refusals, is_root)
         try:
+            if not traced._c._has_method("forward"):
+                # Held but never called as a module (Qwen2's rotary_emb in each attention, torchvision ViT's
+                # out_proj, whose weights MultiheadAttention reads directly): the trace has no forward of it to write.
+                raise ExportRefused(f"submodule {path} ({type(module).__name__}) is never called as a module in the "
+                                    f"traced forward, so the trace has no forward of it to translate (its parent may "
+                                    f"read its parameters directly): the generator writes only called submodules")
             result = tr.run()
             partial = tr.partial_settings()
             if partial:
@@ -2754,14 +2868,25 @@ def _instruction(frame):
     return next(((i.opname, i.argrepr) for i in dis.get_instructions(frame.f_code) if i.offset == frame.f_lasti), ("", ""))
 
 
+# The methods of str that return text (a size converted into their result is a message): the others (count, find,
+# index, startswith, ...) return a number or a bool the forward may compute with, a conversion to check.
+_STR_TEXT_METHODS = frozenset(name for name in ("format", "format_map", "join", "center", "ljust", "rjust", "zfill",
+                                                "expandtabs", "replace", "split", "rsplit", "partition", "rpartition",
+                                                "strip", "lstrip", "rstrip", "__mod__", "__rmod__", "__format__",
+                                                "__add__", "__mul__", "__rmul__", "__getitem__")
+                              if hasattr(str, name))
+
+
 def _into_text(frame, function):
     """Whether a conversion through __index__ makes text, not a number the forward computes with: a torch.Size (of
     traced sizes) written into a message converts each size (torchvision's ViT: `torch._assert(input.dim() == 3,
     f"... got {input.shape}")`). Seen from the instruction: an f-string's value, `%` formatting (a tensor's own `%` is
-    traced and converts nothing), repr(), format(), print(), a str's method ("{}".format). str(size) is a call like
+    traced and converts nothing), repr(), format(), print(), a str method that returns text ("{}".format, "-".join:
+    _STR_TEXT_METHODS; "abc".count(..., n) returns a number, so it is checked). str(size) is a call like
     range(): a guard, harmless where the size cannot change."""
     if function is not None:
-        return function in (repr, format, print, ascii) or isinstance(getattr(function, "__self__", None), str)
+        return function in (repr, format, print, ascii) or isinstance(getattr(function, "__self__", None), str) \
+            and getattr(function, "__name__", None) in _STR_TEXT_METHODS
     op, arg = _instruction(frame)
     return op.startswith("FORMAT_") or op == "BINARY_OP" and arg in ("%", "%=")
 
@@ -2810,7 +2935,20 @@ def _trace(model, inputs, assume=()):
             guarded.append(m)
     original_bool = torch.Tensor.__bool__
     originals = {name: getattr(torch.Tensor, name) for name in NUMBER_METHODS}
-    original_index, original_profile = torch.Tensor.__index__, sys.getprofile()
+    original_profile = sys.getprofile()
+    if original_profile is not None and not callable(original_profile):
+        # The watch of __index__ needs sys.setprofile for the trace, and a C profiler's object (cProfile's Profile)
+        # cannot be handed back to sys.setprofile afterwards (it is no callable): refused, the profiler left running.
+        raise ExportRefused(f"cannot trace {type(model).__name__}: a profile function is active (sys.getprofile() is a "
+                            f"{type(original_profile).__module__}.{type(original_profile).__qualname__}), and the export "
+                            f"needs sys.setprofile for the trace: export outside the profiler (cProfile)")
+    original_index = torch.Tensor.__index__
+    if original_profile is None:
+        profile = calls.profile
+    else:
+        def profile(frame, event, arg):   # a Python profile function already set: it keeps seeing every event
+            calls.profile(frame, event, arg)
+            return original_profile(frame, event, arg)
     torch.Tensor.__bool__ = calls.boolean(original_bool)
     for name, what in NUMBER_METHODS.items():
         setattr(torch.Tensor, name, calls.number(originals[name], what))
@@ -2820,7 +2958,7 @@ def _trace(model, inputs, assume=()):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.no_grad():
-                sys.setprofile(calls.profile)
+                sys.setprofile(profile)
                 try:
                     traced = torch.jit.trace(model, inputs, strict=False, check_trace=False)
                 finally:

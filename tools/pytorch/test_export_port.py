@@ -178,9 +178,29 @@ class FixedMiddle(nn.Module):
         if self.how == "after a view":
             n = x.shape[1]
             return y.reshape(-1, n, 4) * [0.5, 1.0, 1.5, 2.0][n]  # a list indexed by a size a view took before
+        if self.how == "a view after":
+            n = x.shape[1]
+            s = [0.5, 1.0, 1.5, 2.0][n]  # a list indexed by a size a view takes after
+            return y.reshape(-1, n, 4) * s
+        if self.how == "str.count":
+            return y * float("aaaaabbbaaa".count("a", 0, x.shape[1]))  # a str method returning a number
         if self.how == "operator.index":
             return y * operator.index(x.shape[1])  # operator.index of a size
         raise ValueError(self.how)
+
+
+class Plain(nn.Module):
+    def forward(self, x):
+        return x * 2.0
+
+
+class HoldsUncalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.spare = nn.Linear(3, 3), Plain()
+
+    def forward(self, x):
+        return self.lin(x)
 
 
 class SizeTable(nn.Module):
@@ -389,6 +409,84 @@ class MaskValues(nn.Module):
         mask_value = torch.full([], mask_value, dtype=x.dtype)
         return torch.where(x > 0, x, mask_value) + causal
 
+class Gains(nn.Module):
+    """Two different numbers that happen to be equal, each multiplied into the tensor `x` (names of the tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gains, self.biases = [0.5, 2.0], [0.5, 1.0]
+
+    def forward(self, x):
+        x = x * self.gains[-2]
+        return x + self.biases[-2]
+
+
+class GainsOfInput(Gains):
+    """The same with the tensor named `input`, which the port calls t (the traced operand's C# name says nothing)."""
+
+    def forward(self, input):
+        input = input * self.gains[-2]
+        return input + self.biases[-2]
+
+
+class Rows(nn.Module):
+    """Two size products on one line: m (a local) and self.k (an attribute) are equal but unrelated."""
+
+    def __init__(self):
+        super().__init__()
+        self.k = 2
+
+    def forward(self, x):
+        m = 2
+        return x.reshape(x.shape[0] * m, -1).mean(1).view(-1, 1) + x.reshape(x.shape[1] * self.k, -1).mean(1).view(1, -1)
+
+
+class TwoScales(nn.Module):
+    """y * beta on the line of x * self.alpha, beta equal to alpha."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha, self.gamma = 0.5, 0.25
+
+    def forward(self, x, y):
+        beta = self.gamma * 2
+        return x * self.alpha + y * beta
+
+
+def reshape_rows(x, k):
+    return x.reshape(x.shape[0], k, -1)
+
+
+class ReadElsewhere(nn.Module):
+    """A plain name the forward also reads where the port does not: a condition, a loop, a helper's argument."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        n = 2
+        if self.how == "condition":
+            if n > 1:
+                x = x * 3.0
+            return x.expand(n, *x.shape)
+        if self.how == "loop":
+            for _ in range(n):
+                x = x + 1.0
+            return x.reshape(x.shape[0], n, -1)
+        if self.how == "helper":
+            return x.view(x.shape[0], n, -1) + reshape_rows(x, n)
+        raise ValueError(self.how)
+
+
+class ReadOnce(nn.Module):
+    """n read only where the port reads the setting (the same line's view and product): a setting named n."""
+
+    def forward(self, x):
+        n = 2
+        return x.view(x.shape[0], n, -1) * n
+
+
 class TanhGelu(nn.Module):
     """transformers' NewGELUActivation in small: `math.sqrt(2.0 / math.pi)` is made of literals only."""
 
@@ -457,17 +555,58 @@ class NamingTests(unittest.TestCase):
     def test_a_fill_value_is_named_after_its_argument_unless_the_name_is_given_to_another_value(self):
         code = generate(MaskValues().eval(), (torch.randn(3, 3),), "MaskValues")
         # min_dtype names the full's fill value; mask_value also names the tensor the next line reads, so the port could
-        # not follow a setting of that name there: the older rule names it (the operation's argument).
-        self.assertIn("public MaskValues(double min_dtype, double fill_value)", code)
+        # not follow a setting of that name there: the traced number, written where it is used.
+        self.assertIn("public MaskValues(double min_dtype)", code)
         forward = self.forward_of(code, "MaskValues")
         self.assertRegex(forward, r"torch\.full\(new long\[\] \{ t, t \}, min_dtype, dtype: ScalarType\.Float32\);")
-        self.assertRegex(forward, r"Tensor mask_value = torch\.full\(System\.Array\.Empty<long>\(\), fill_value, dtype: ScalarType\.Float32\);")
+        self.assertRegex(forward, r"Tensor mask_value = torch\.full\(System\.Array\.Empty<long>\(\), -3\.4028234663852886e\+38, dtype: ScalarType\.Float32\);")
 
     def test_an_expression_of_literals_is_a_const_not_a_setting(self):
         code = generate(TanhGelu().eval(), (torch.randn(2, 3),), "TanhGelu")
         self.assertIn("public TanhGelu() : base(\"TanhGelu\")", code)
         self.assertIn(f"private const double mul_other3 = {math.sqrt(2.0 / math.pi)!r};", code)
         self.assertNotIn("private readonly double", code)
+
+    def test_a_setting_is_never_named_after_the_traced_tensor(self):
+        code = generate(Gains().eval(), (torch.randn(2, 3),), "Gains")
+        # Two Python numbers (gains[-2], biases[-2]), equal: two settings, neither named x (the tensor they multiply).
+        self.assertIn("public Gains(double mul_other, double add_other)", code)
+        forward = self.forward_of(code, "Gains")
+        self.assertRegex(forward, r"Tensor x2 = x\.mul\(mul_other\);")
+        self.assertRegex(forward, r"= x2\.add\(add_other\);")
+        self.assertNotIn("this.x", code)
+        code = generate(GainsOfInput().eval(), (torch.randn(2, 3),), "Gains")
+        self.assertIn("public Gains(double mul_other, double add_other)", code)
+        self.assertNotIn("double input", code)
+
+    def test_a_constant_takes_no_name_from_another_operation_of_its_line(self):
+        code = generate(Rows().eval(), (torch.randn(4, 6),), "Rows")
+        forward = self.forward_of(code, "Rows")
+        # m's product and self.k's on one line, neither told from the other by the traced operand: the older rule.
+        self.assertEqual(len(re.findall(r"long \w+ = size\d* \* 2;", forward)), 2)
+        self.assertNotRegex(code[:code.index("public override")], r"\bk\b")
+        code = generate(TwoScales().eval(), (torch.randn(3, 4), torch.randn(3, 4)), "TwoScales")
+        forward = self.forward_of(code, "TwoScales")
+        # y * beta: the operation whose other operand is y (the traced one), not x * self.alpha's alpha.
+        self.assertIn("public TwoScales(double alpha, double beta)", code)
+        self.assertRegex(forward, r"= x\.mul\(alpha\);")
+        self.assertRegex(forward, r"= y\.mul\(beta\);")
+
+    def test_a_plain_name_the_forward_reads_where_the_port_does_not_names_no_setting(self):
+        # Python reads n where a setting would not reach: the traced number, a literal at every use (no setting named
+        # otherwise for some uses only; the helper's parameter k is n under another name, so no setting either).
+        for how, ins, uses in (("condition", (3, 4), [r"\.expand\(new long\[\] \{ 2, "]),
+                               ("loop", (2, 6), [r"\.reshape\(new long\[\] \{ size, 2, -1 \}\)"]),
+                               ("helper", (2, 6), [r"\.view\(new long\[\] \{ size, 2, -1 \}\)", r"\.reshape\(new long\[\] \{ \w+, 2, -1 \}\)"])):
+            with self.subTest(how):
+                code = generate(ReadElsewhere(how).eval(), (torch.randn(*ins),), "Port")
+                declarations = code[code.index("public sealed class Port"):code.index("public override")]
+                self.assertNotRegex(declarations, r"private readonly long")
+                for use in uses:
+                    self.assertRegex(code, use)
+        code = generate(ReadOnce().eval(), (torch.randn(2, 6),), "Port")
+        self.assertIn("public Port(long n)", code)
+        self.assertRegex(code, r"\.view\(new long\[\] \{ size, n, -1 \}\);.*\n.*\.mul\(n\);")
 
     def test_a_size_derived_name_is_not_a_setting(self):
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "TorchLinear.Tests", "Ports"))
@@ -553,6 +692,12 @@ class RefusalTests(unittest.TestCase):
         with self.assertRaises(ExportRefused) as caught:
             generate(Stack().train(), (torch.randn(2, 4),), "Port")
         self.assertIn("training mode", str(caught.exception))
+
+    def test_a_submodule_never_called_as_a_module_is_refused_naming_it(self):
+        # Qwen2's rotary_emb held by each attention, torchvision ViT's out_proj read through its weights.
+        with self.assertRaises(ExportRefused) as caught:
+            generate(HoldsUncalled().eval(), (torch.randn(2, 3),), "Port")
+        self.assertIn("submodule spare (Plain) is never called as a module in the traced forward", str(caught.exception))
 
     def test_every_problem_is_listed_not_only_the_first(self):
         class Both(nn.Module):
@@ -669,7 +814,11 @@ class IndexTests(unittest.TestCase):
     def test_each_python_conversion_of_a_size_is_checked_naming_its_line(self):
         for how, mark in (("index", "a list indexed by a size"), ("slice", "a list sliced by a size"),
                           ("repeat", "a list repeated a size's times"), ("operator.index", "operator.index of a size"),
-                          ("after a view", "a list indexed by a size a view took before")):
+                          ("after a view", "a list indexed by a size a view took before"),
+                          # settled when its frame moves on to the next instruction (no C call returns in between)
+                          ("a view after", "a list indexed by a size a view takes after"),
+                          # a str method that returns a number, not text (_into_text)
+                          ("str.count", "a str method returning a number")):
             with self.subTest(how):
                 code = generate(FixedMiddle(how).eval(), (torch.randn(2, 3, 4),), "Port")
                 self.assertRegex(code, r"if \(!\(\w+ == 3\)\) throw new InvalidOperationException\(\"FixedMiddle: traced with "
@@ -695,6 +844,36 @@ class IndexTests(unittest.TestCase):
             self.assertIn(f"a Python sequence's index or slice (__index__) of a tensor's value (a Python number the trace "
                           f"freezes: data-dependent) at (root) (ValueIndex), {THIS}:{line}: return x * [0.5, 1.0, 2.0]"
                           f"[x.argmax() % 3]", str(caught.exception))
+
+    def test_export_under_cprofile_is_refused_and_under_a_python_profile_function_keeps_it(self):
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            with self.assertRaises(ExportRefused) as caught:
+                generate(Plain().eval(), (torch.randn(2, 3),), "Port")
+            active = sys.getprofile()
+        finally:
+            profiler.disable()
+        self.assertIs(active, profiler)
+        self.assertIn("a profile function is active (sys.getprofile() is a cProfile.Profile", str(caught.exception))
+        self.assertIn("export outside the profiler", str(caught.exception))
+        # A Python profile function keeps seeing the events during the export, and is set again after it.
+        seen = []
+
+        def hook(frame, event, arg):
+            if torch._C._get_tracing_state() is not None:   # an event during the trace, where the watch's is set
+                seen.append(event)
+
+        sys.setprofile(hook)
+        try:
+            code = generate(FixedMiddle("index").eval(), (torch.randn(2, 3, 4),), "Port")
+            after = sys.getprofile()
+        finally:
+            sys.setprofile(None)
+        self.assertIs(after, hook)
+        self.assertGreater(seen.count("c_call"), 100)
+        self.assertRegex(code, r"if \(!\(\w+ == 3\)\) throw")   # and the watch of __index__ still works under it
 
     def test_sizes_torch_takes_as_ints_are_traced_not_checked(self):
         code = generate(TorchTakesSizes().eval(), (torch.randn(2, 6, 4),), "Port")

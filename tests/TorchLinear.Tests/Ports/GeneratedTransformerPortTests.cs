@@ -96,14 +96,14 @@ namespace TorchLinear.Tests
             var cos = randn(batch, time, headDim);
             var sin = randn(batch, time, headDim);
 
-            using var attention = new Ports.Llama.LlamaAttention(head_dim: headDim, n_rep: 2, sqrt_head_dim: Math.Sqrt(headDim),
+            using var attention = new Ports.Llama.LlamaAttention(head_dim: headDim, sqrt_head_dim: Math.Sqrt(headDim),
                                                                  attention_dropout: 0.0, num_heads: 2);
             attention.eval();
             var output = attention.call(hidden, mask, positions, cachePosition, cos, sin);
             Assert.Equal(new long[] { batch, time, 32 }, output.shape);
             Assert.False(output.isnan().any().item<bool>());
 
-            using var wrongHeads = new Ports.Llama.LlamaAttention(head_dim: headDim, n_rep: 2, sqrt_head_dim: Math.Sqrt(headDim),
+            using var wrongHeads = new Ports.Llama.LlamaAttention(head_dim: headDim, sqrt_head_dim: Math.Sqrt(headDim),
                                                                   attention_dropout: 0.0, num_heads: 4);
             wrongHeads.eval();
             var thrown = Assert.Throws<InvalidOperationException>(() => wrongHeads.call(hidden, mask, positions, cachePosition, cos, sin));

@@ -313,15 +313,13 @@ namespace TorchLinear.Tests.Ports.Bert
     public sealed class BertModel : nn.Module<Tensor, Tensor>
     {
         private const double rsub_other = 1.0;
-        private readonly long past_key_values_length;
         private readonly double finfo_min;
         private readonly BertEmbeddings embeddings;
         private readonly BertEncoder encoder;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public BertModel(long past_key_values_length, double finfo_min) : base("BertModel")
+        public BertModel(double finfo_min) : base("BertModel")
         {
-            this.past_key_values_length = past_key_values_length;
             this.finfo_min = finfo_min;
             embeddings = new BertEmbeddings(past_key_values_length: 0);
             register_module("embeddings", embeddings);
@@ -339,7 +337,7 @@ namespace TorchLinear.Tests.Ports.Bert
             Tensor buffered_token_type_ids = t.slice(1, 0, seq_length, 1);  // modeling_bert.py:1072: buffered_token_type_ids = self.embeddings.token_type_ids[:, :seq_length]
             Tensor t2 = buffered_token_type_ids.expand(new long[] { batch_size, seq_length });  // modeling_bert.py:1073: buffered_token_type_ids_expanded = buffered_token_type_ids.expand(batch_size, seq_length)
             Tensor t3 = embeddings.call(input_ids, t2);
-            long t4 = seq_length + past_key_values_length;  // modeling_bert.py:1087: attention_mask = torch.ones((batch_size, seq_length + past_key_values_length), device=device)
+            long t4 = seq_length + 0;  // modeling_bert.py:1087: attention_mask = torch.ones((batch_size, seq_length + past_key_values_length), device=device)
             Tensor attention_mask = torch.ones(new long[] { batch_size, t4 });  // modeling_bert.py:1087: attention_mask = torch.ones((batch_size, seq_length + past_key_values_length), device=device)
             Tensor t5 = attention_mask.slice(0, 0, long.MaxValue, 1);  // modeling_utils.py:1060: extended_attention_mask = attention_mask[:, None, None, :]
             Tensor t6 = t5.unsqueeze(1);  // modeling_utils.py:1060: extended_attention_mask = attention_mask[:, None, None, :]
@@ -440,7 +438,7 @@ namespace TorchLinear.Tests.Ports.Bert
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public BertForMaskedLM() : base("BertForMaskedLM")
         {
-            bert = new BertModel(past_key_values_length: 0, finfo_min: -3.4028234663852886e+38);
+            bert = new BertModel(finfo_min: -3.4028234663852886e+38);
             register_module("bert", bert);
             cls = new BertOnlyMLMHead();
             register_module("cls", cls);

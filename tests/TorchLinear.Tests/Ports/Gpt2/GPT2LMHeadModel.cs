@@ -14,7 +14,6 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private const double pow_exponent = 0.5;
         private readonly long num_heads;
         private readonly long head_dim;
-        private readonly double fill_value;
         private readonly long new_shape_2;
         private readonly Tensor bias;
         private readonly Tensor masked_bias;
@@ -24,11 +23,10 @@ namespace TorchLinear.Tests.Ports.Gpt2
         private readonly TorchSharp.Modules.Dropout resid_dropout;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public GPT2Attention(long num_heads, long head_dim, double fill_value, long new_shape_2) : base("GPT2Attention")
+        public GPT2Attention(long num_heads, long head_dim, long new_shape_2) : base("GPT2Attention")
         {
             this.num_heads = num_heads;
             this.head_dim = head_dim;
-            this.fill_value = fill_value;
             this.new_shape_2 = new_shape_2;
             bias = torch.ones(32, 32, dtype: ScalarType.Bool).tril().expand(new long[] { 1, 1, 32, 32 }).contiguous();
             register_buffer("bias", bias, persistent: false);
@@ -78,7 +76,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
             Tensor t8 = t7.slice(1, 0, long.MaxValue, 1);  // modeling_gpt2.py:198: causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]
             Tensor t9 = t8.slice(2, t6, key_length, 1);  // modeling_gpt2.py:198: causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]
             Tensor causal_mask = t9.slice(3, 0, key_length, 1);  // modeling_gpt2.py:198: causal_mask = self.bias[:, :, key_length - query_length : key_length, :key_length]
-            Tensor mask_value = torch.full(System.Array.Empty<long>(), fill_value, dtype: ScalarType.Float32);  // modeling_gpt2.py:202: mask_value = torch.full([], mask_value, dtype=attn_weights.dtype, device=attn_weights.device)
+            Tensor mask_value = torch.full(System.Array.Empty<long>(), -3.4028234663852886e+38, dtype: ScalarType.Float32);  // modeling_gpt2.py:202: mask_value = torch.full([], mask_value, dtype=attn_weights.dtype, device=attn_weights.device)
             Tensor attn_weights3 = attn_weights2.to(ScalarType.Float32);  // modeling_gpt2.py:203: attn_weights = torch.where(causal_mask, attn_weights.to(attn_weights.dtype), mask_value)
             Tensor t10 = torch.where(causal_mask, attn_weights3, mask_value);  // modeling_gpt2.py:203: attn_weights = torch.where(causal_mask, attn_weights.to(attn_weights.dtype), mask_value)
             Tensor attn_weights4 = t10.softmax(-1);  // modeling_gpt2.py:209: attn_weights = nn.functional.softmax(attn_weights, dim=-1)
@@ -172,7 +170,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         {
             ln_1 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln_1", ln_1);
-            attn = new GPT2Attention(num_heads: 4, head_dim: 8, fill_value: -3.4028234663852886e+38, new_shape_2: 32);
+            attn = new GPT2Attention(num_heads: 4, head_dim: 8, new_shape_2: 32);
             register_module("attn", attn);
             ln_2 = nn.LayerNorm(32, eps: 1e-05, elementwise_affine: true);
             register_module("ln_2", ln_2);
@@ -197,17 +195,15 @@ namespace TorchLinear.Tests.Ports.Gpt2
     /// <summary>PyTorch's <c>GPT2Model</c> (transformers.models.gpt2.modeling_gpt2.GPT2Model), written from its traced forward.</summary>
     public sealed class GPT2Model : nn.Module<Tensor, Tensor>
     {
-        private readonly long past_length;
         private readonly TorchSharp.Modules.Embedding wte;
         private readonly TorchSharp.Modules.Embedding wpe;
         private readonly TorchSharp.Modules.Dropout drop;
         private readonly TorchSharp.Modules.ModuleList<GPT2Block> h;
         private readonly TorchSharp.Modules.LayerNorm ln_f;
 
-        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public GPT2Model(long past_length) : base("GPT2Model")
+        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
+        public GPT2Model() : base("GPT2Model")
         {
-            this.past_length = past_length;
             wte = nn.Embedding(100, 32);
             register_module("wte", wte);
             wpe = nn.Embedding(32, 32);
@@ -226,8 +222,8 @@ namespace TorchLinear.Tests.Ports.Gpt2
             using var scope = NewDisposeScope();
             long size = input_ids.size(1);  // modeling_gpt2.py:1006: input_shape = input_ids.size()
             Tensor input_ids2 = input_ids.view(new long[] { -1, size });  // modeling_gpt2.py:1007: input_ids = input_ids.view(-1, input_shape[-1])
-            long t = size + past_length;  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
-            Tensor position_ids = torch.arange(past_length, t, dtype: ScalarType.Int64);  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
+            long t = size + 0;  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
+            Tensor position_ids = torch.arange(0, t, dtype: ScalarType.Int64);  // modeling_gpt2.py:1026: position_ids = torch.arange(past_length, input_shape[-1] + past_length, dtype=torch.long, device=device)
             Tensor t2 = position_ids.unsqueeze(0);  // modeling_gpt2.py:1027: position_ids = position_ids.unsqueeze(0)
             Tensor t3 = wte.call(input_ids2);
             Tensor t4 = wpe.call(t2);
@@ -251,7 +247,7 @@ namespace TorchLinear.Tests.Ports.Gpt2
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public GPT2LMHeadModel() : base("GPT2LMHeadModel")
         {
-            transformer = new GPT2Model(past_length: 0);
+            transformer = new GPT2Model();
             register_module("transformer", transformer);
             lm_head = new CustomLinear(32, 100, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("lm_head", lm_head);

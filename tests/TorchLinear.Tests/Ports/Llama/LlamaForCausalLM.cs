@@ -16,7 +16,6 @@ namespace TorchLinear.Tests.Ports.Llama
     public sealed class LlamaAttention : nn.Module<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>
     {
         private readonly long head_dim;
-        private readonly long n_rep;
         private readonly double sqrt_head_dim;
         private readonly double attention_dropout;
         private readonly long num_heads;
@@ -26,10 +25,9 @@ namespace TorchLinear.Tests.Ports.Llama
         private readonly CustomLinear o_proj;
 
         /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public LlamaAttention(long head_dim, long n_rep, double sqrt_head_dim, double attention_dropout, long num_heads) : base("LlamaAttention")
+        public LlamaAttention(long head_dim, double sqrt_head_dim, double attention_dropout, long num_heads) : base("LlamaAttention")
         {
             this.head_dim = head_dim;
-            this.n_rep = n_rep;
             this.sqrt_head_dim = sqrt_head_dim;
             this.attention_dropout = attention_dropout;
             this.num_heads = num_heads;
@@ -91,8 +89,8 @@ namespace TorchLinear.Tests.Ports.Llama
             Tensor t21 = t20.unsqueeze(2);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t22 = t21.slice(3, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t23 = t22.slice(4, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            Tensor hidden_states4 = t23.expand(new long[] { batch, num_key_value_heads, n_rep, slen, head_dim });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            long t24 = num_key_value_heads * n_rep;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+            Tensor hidden_states4 = t23.expand(new long[] { batch, num_key_value_heads, 2, slen, head_dim });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+            long t24 = num_key_value_heads * 2;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             Tensor key_states = hidden_states4.reshape(new long[] { batch, t24, slen, head_dim });  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             long batch2 = hidden_states2.size(0);  // modeling_llama.py:226: batch, num_key_value_heads, slen, head_dim = hidden_states.shape
             long num_key_value_heads2 = hidden_states2.size(1);  // modeling_llama.py:226: batch, num_key_value_heads, slen, head_dim = hidden_states.shape
@@ -103,8 +101,8 @@ namespace TorchLinear.Tests.Ports.Llama
             Tensor t27 = t26.unsqueeze(2);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t28 = t27.slice(3, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
             Tensor t29 = t28.slice(4, 0, long.MaxValue, 1);  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            Tensor hidden_states5 = t29.expand(new long[] { batch2, num_key_value_heads2, n_rep, slen2, head_dim2 });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-            long t30 = num_key_value_heads2 * n_rep;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+            Tensor hidden_states5 = t29.expand(new long[] { batch2, num_key_value_heads2, 2, slen2, head_dim2 });  // modeling_llama.py:229: hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+            long t30 = num_key_value_heads2 * 2;  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             Tensor value_states = hidden_states5.reshape(new long[] { batch2, t30, slen2, head_dim2 });  // modeling_llama.py:230: return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
             Tensor t31 = key_states.transpose(2, 3);  // modeling_llama.py:295: attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(self.head_dim)
             Tensor t32 = query_states.matmul(t31);  // modeling_llama.py:295: attn_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(self.head_dim)
@@ -210,12 +208,7 @@ namespace TorchLinear.Tests.Ports.Llama
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public LlamaDecoderLayer() : base("LlamaDecoderLayer")
         {
-            self_attn = new LlamaAttention(
-                head_dim: 8,
-                n_rep: 2,
-                sqrt_head_dim: 2.8284271247461903,
-                attention_dropout: 0.0,
-                num_heads: 4);
+            self_attn = new LlamaAttention(head_dim: 8, sqrt_head_dim: 2.8284271247461903, attention_dropout: 0.0, num_heads: 4);
             register_module("self_attn", self_attn);
             mlp = new LlamaMLP();
             register_module("mlp", mlp);
@@ -285,16 +278,14 @@ namespace TorchLinear.Tests.Ports.Llama
     /// <summary>PyTorch's <c>LlamaModel</c> (transformers.models.llama.modeling_llama.LlamaModel), written from its traced forward.</summary>
     public sealed class LlamaModel : nn.Module<Tensor, Tensor>
     {
-        private readonly double min_dtype;
         private readonly TorchSharp.Modules.Embedding embed_tokens;
         private readonly TorchSharp.Modules.ModuleList<LlamaDecoderLayer> layers;
         private readonly LlamaRMSNorm norm;
         private readonly LlamaRotaryEmbedding rotary_emb;
 
-        /// <summary>Builds the architecture from its settings (weights are loaded from the exported state_dict).</summary>
-        public LlamaModel(double min_dtype) : base("LlamaModel")
+        /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
+        public LlamaModel() : base("LlamaModel")
         {
-            this.min_dtype = min_dtype;
             embed_tokens = nn.Embedding(100, 32);
             register_module("embed_tokens", embed_tokens);
             layers = new TorchSharp.Modules.ModuleList<LlamaDecoderLayer>(new LlamaDecoderLayer(), new LlamaDecoderLayer());
@@ -318,7 +309,7 @@ namespace TorchLinear.Tests.Ports.Llama
             long t3 = sequence_length + 0;  // modeling_llama.py:934: else past_seen_tokens + sequence_length + 1
             long target_length = t3 + 1;  // modeling_llama.py:934: else past_seen_tokens + sequence_length + 1
             long batch_size = t.size(0);  // modeling_llama.py:945: batch_size=input_tensor.shape[0],
-            Tensor causal_mask = torch.full(new long[] { sequence_length, target_length }, min_dtype, dtype: ScalarType.Float32);  // modeling_llama.py:1000: causal_mask = torch.full(
+            Tensor causal_mask = torch.full(new long[] { sequence_length, target_length }, -3.4028234663852886e+38, dtype: ScalarType.Float32);  // modeling_llama.py:1000: causal_mask = torch.full(
             if (!(sequence_length != 1)) throw new InvalidOperationException("LlamaModel: traced with modeling_llama.py:1003: if sequence_length != 1: where (sequence_length != 1) was True; this input makes it False, which the port does not compute (the other branch, another number): re-export at that shape");  // modeling_llama.py:1003: if sequence_length != 1:
             Tensor causal_mask2 = causal_mask.triu(1);  // modeling_llama.py:1004: causal_mask = torch.triu(causal_mask, diagonal=1)
             Tensor t4 = torch.arange(target_length, dtype: ScalarType.Int64);  // modeling_llama.py:1005: causal_mask *= torch.arange(target_length, device=device) > cache_position.reshape(-1, 1)
@@ -347,7 +338,7 @@ namespace TorchLinear.Tests.Ports.Llama
         /// <summary>Builds the architecture (weights are loaded from the exported state_dict).</summary>
         public LlamaForCausalLM() : base("LlamaForCausalLM")
         {
-            model = new LlamaModel(min_dtype: -3.4028234663852886e+38);
+            model = new LlamaModel();
             register_module("model", model);
             lm_head = new CustomLinear(32, 100, bias: false) { Dispatch = LinearDispatch.PyTorch };
             register_module("lm_head", lm_head);
