@@ -737,15 +737,21 @@ namespace TorchLinear.Lora
                         pending.Add((layer, adapter));
                 }
             }
-            // A DoRA merge rescales the whole weight (m / ‖W + ΔW‖ · (W + ΔW)): beside another merged adapter it computes
-            // neither adapter's unmerged forward (PEFT 0.18.1 merges anyway, percents off: huggingface/peft#3608).
+            // A DoRA merge rescales the whole weight (m / ‖W + ΔW‖ · (W + ΔW)), and an unmerged DoRA adapter takes its norm
+            // from the weight as it is: in a layer where a DoRA adapter runs beside another, merged or left running, a merge
+            // computes something else than the unmerged adapters (PEFT 0.18.1 merges anyway, percents off:
+            // huggingface/peft#3608, fixed after it by #3609's norm from the weight before any merge; not done here).
+            // With keep (merge_adapter), the layer's active adapters that stay unmerged run beside the merged ones after;
+            // without (merge_and_unload), whatever is not merged is dropped.
             var rescaledBeside = pending.GroupBy(p => p.Layer)
-                .Select(g => (g.Key.Path, After: g.Key.Merged.Reverse().Concat(g.Select(p => p.Adapter)).ToList()))
+                .Select(g => (g.Key.Path, After: g.Key.Merged.Reverse().Concat(g.Select(p => p.Adapter))
+                    .Concat(keep ? state.Active.Select(n => g.Key.Find(n)).Where(a => a is { merged: false } && !g.Any(p => ReferenceEquals(p.Adapter, a))).Select(a => a!) : Enumerable.Empty<IAdapter>())
+                    .ToList()))
                 .Where(l => l.After.Count > 1 && l.After.Any(a => a.Rescaled is not null))
                 .Select(l => $"{l.Path} ({string.Join(", ", l.After.Select(a => $"'{a.Name}'{(a.Rescaled is not null ? " DoRA" : "")}"))})")
                 .ToList();
             if (rescaledBeside.Count > 0)
-                throw new InvalidOperationException($"LoraModel.{caller}: a DoRA adapter would be merged into a layer together with another adapter: {string.Join("; ", rescaledBeside)}. DoRA's merge rescales the whole weight by m / ‖W + ΔW‖, so beside another merged update the layer would compute neither what the unmerged adapters compute nor what either alone does (PEFT 0.18.1 merges it anyway, a few percent off: huggingface/peft#3608). Merge a DoRA adapter alone in its layers (merge_adapter with its name, others unmerged); no weight was changed.");
+                throw new InvalidOperationException($"LoraModel.{caller}: a merge into a layer where a DoRA adapter runs beside another adapter (merged, merging, or active and left unmerged): {string.Join("; ", rescaledBeside)}. DoRA's merge rescales the whole weight by m / ‖W + ΔW‖ and its unmerged forward takes the norm from the weight as it is, so the merged layer would compute something else than the unmerged adapters (PEFT 0.18.1 merges it anyway, a few percent off: huggingface/peft#3608; fixed after 0.18.1 by #3609, not done here). Make the DoRA adapter the layer's only active one (set_adapter) to merge it, or run the adapters unmerged; no weight was changed.");
             // Each layer's updates are checked on the weight they will be added to: a second adapter's on the first's merge.
             var failing = new List<string>();
             foreach (var group in pending.GroupBy(p => p.Layer))

@@ -63,7 +63,8 @@ namespace TorchLinear.Lora
 
         /// <summary>
         /// The model's adapters, live: refused by name once none is left (PEFT would fail later, on a missing attribute),
-        /// and, for an operation on them (<paramref name="operation"/>: all but the queries and <see cref="unload"/>), while
+        /// and, for an operation on them (<paramref name="operation"/>: all but the queries, <see cref="save_pretrained"/> and
+        /// <see cref="unload"/>), while
         /// an adapted layer's own <c>Adapter</c> slot no longer holds the library's delegate (<see cref="CheckSlots"/>).
         /// </summary>
         private AdaptedModel Live(string caller, bool operation = true)
@@ -158,7 +159,9 @@ namespace TorchLinear.Lora
         {
             var model = Model;
             ArgumentNullException.ThrowIfNull(directory);
-            var state = Live("save_pretrained");
+            // Saving reads the adapters' own tensors, which a lost slot leaves intact: the way to keep trained adapters
+            // before unload, when the library's delegate cannot be put back.
+            var state = Live("save_pretrained", operation: false);
             var names = selected_adapters ?? state.Adapters.Select(a => a.Name).ToList();
             CheckKnown(state, names, "save_pretrained");
             foreach (string name in names)
@@ -384,9 +387,9 @@ namespace TorchLinear.Lora
         /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
-        /// <exception cref="InvalidOperationException">The model has no adapters, a merged weight would not be finite, or a DoRA
-        /// adapter would be merged into a layer beside another adapter (its rescaling would make the layer compute something
-        /// else); nothing was written.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, a merged weight would not be finite, or a layer
+        /// where a DoRA adapter runs beside another adapter would be merged into (its rescaling would make the layer compute
+        /// something else); nothing was written.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public void merge_adapter(IReadOnlyList<string>? adapter_names = null)
         {

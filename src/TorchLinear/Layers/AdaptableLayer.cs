@@ -7,13 +7,14 @@ namespace TorchLinear
     /// <summary>
     /// What TorchLinear's weight layers (<see cref="CustomLinear"/>, <see cref="Conv1D"/>) share: an <see cref="Adapter"/>
     /// slot their forward runs, a <c>load_state_dict</c> that checks every key, shape and dtype before it copies anything,
-    /// and setters for <c>weight</c> and <c>bias</c> that refuse a tensor unlike its partner except while
-    /// <c>Module.to(...)</c> converts the layer.
+    /// and the check their <c>weight</c> and <c>bias</c> setters make that a new tensor has its partner's dtype and device
+    /// (except while <c>Module.to(...)</c> converts the layer). Only these two layers derive from it: TorchLinear.Lora
+    /// knows them by their types.
     /// </summary>
     public abstract class AdaptableLayer : GuardedModule
     {
         /// <summary>Creates the layer; <paramref name="name"/> is TorchSharp's module name.</summary>
-        protected AdaptableLayer(string name) : base(name)
+        private protected AdaptableLayer(string name) : base(name)
         {
         }
 
