@@ -68,6 +68,8 @@ namespace TorchLinear.Lora
             var refused = new List<string>();
             var modules = model.named_modules().ToList();
             var adapted = state?.Layers.ToDictionary(l => l.Path, StringComparer.Ordinal) ?? new Dictionary<string, AdaptedLayer>();
+            // TorchSharp's named_modules lists a module registered under two names twice (PyTorch's lists it once).
+            var firstPath = new Dictionary<nn.Module, string>(ReferenceEqualityComparer.Instance);
             foreach (var (path, found) in modules)
             {
                 // The adapters' own modules (lora_A.default, lora_layer, ...) are not the model's.
@@ -98,6 +100,12 @@ namespace TorchLinear.Lora
                         refused.Add($"{path} is a {module.GetType().Name}, {LoraLayerTypes.Neither}");
                     continue;
                 }
+                if (firstPath.TryGetValue(module, out string? first))
+                {
+                    refused.Add($"{path} is the module {first} is, registered under two names (TorchSharp lists it under both; an adapter would go into it twice)");
+                    continue;
+                }
+                firstPath[module] = path;
                 var (parent, name) = ParentOf(model, path);
                 Parameter weight = type.Weight(module);
                 if (weight.dtype is not (ScalarType.Float32 or ScalarType.Float64 or ScalarType.Float16 or ScalarType.BFloat16))

@@ -675,5 +675,33 @@ namespace TorchLinear.Lora.Tests
             Assert.Contains("act is a ReLU, neither nn.Linear, CustomLinear, Conv1D, nn.Embedding, nn.Conv1d nor nn.Conv2d", Assert.Throws<ArgumentException>(() => LoraModel.Inject(sequential, new LoraConfig { target_modules = new[] { "act" } })).Message);
             Assert.Contains("the model has no adapters", Assert.Throws<InvalidOperationException>(() => LoraModel.save_pretrained(sequential, "nowhere")).Message);
         }
+
+        /// <summary>One layer registered under two names (TorchSharp's named_modules lists it twice, PyTorch's once): an
+        /// adapter would go into it twice, so the second name is refused naming both, and nothing changes.</summary>
+        private sealed class Shared : nn.Module<Tensor, Tensor>
+        {
+            private readonly CustomLinear p;
+            private readonly CustomLinear p2;
+
+            public Shared() : base(nameof(Shared))
+            {
+                p = new CustomLinear(4, 4);
+                p2 = p;
+                RegisterComponents();
+            }
+
+            public override Tensor forward(Tensor x) => p2.forward(p.forward(x));
+        }
+
+        [Fact]
+        public void ALayerRegisteredUnderTwoNames_IsRefusedNamingBoth_AndNothingChanges()
+        {
+            using var model = new Shared();
+            var keys = model.state_dict().Keys.ToList();
+            var error = Assert.Throws<ArgumentException>(() => LoraModel.Inject(model, new LoraConfig { r = 2, target_modules = new[] { "p", "p2" } }));
+            Assert.Contains("p2 is the module p is, registered under two names", error.Message);
+            Assert.Equal(keys, model.state_dict().Keys.ToList());
+            Assert.Null(((CustomLinear)model.named_modules().First(m => m.name == "p").module).Adapter);
+        }
     }
 }
