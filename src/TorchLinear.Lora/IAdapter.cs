@@ -67,11 +67,14 @@ namespace TorchLinear.Lora
         /// <c>m / ‖W + ΔW‖ · (W + ΔW)</c> too: otherwise the layer's output would hold NaN or infinity.
         /// </summary>
         bool UpdateFinite(Tensor weight);
-        void MergeChecked(Parameter weight, bool keep = true);
+        /// <summary>Merges (the caller checked it stays finite); <paramref name="normBase"/>: the layer's weight before any adapter
+        /// of this merge went in (DoRA's norm), or null when the adapter merges alone.</summary>
+        void MergeChecked(Parameter weight, bool keep = true, Tensor? normBase = null);
         void unmerge(Parameter weight);
         void ForgetUnmerged();
 
-        /// <summary>What a merge writes, applied to <paramref name="weight"/> (a side copy), without becoming merged.</summary>
-        void ApplyMerge(Tensor weight);
+        /// <summary>What a merge writes, applied to <paramref name="weight"/> (a side copy), without becoming merged;
+        /// <paramref name="normBase"/> as for <see cref="MergeChecked"/>.</summary>
+        void ApplyMerge(Tensor weight, Tensor? normBase = null);
     }
 }

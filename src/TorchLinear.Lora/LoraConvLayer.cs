@@ -310,9 +310,10 @@ namespace TorchLinear.Lora
             _merge.Merge(weight, keep, AddDelta);
         }
 
-        void IAdapter.MergeChecked(Parameter weight, bool keep) => MergeChecked(weight, keep);
+        // No DoRA on convolutions: the merge takes no norm, and normBase is not read.
+        void IAdapter.MergeChecked(Parameter weight, bool keep, Tensor? normBase) => MergeChecked(weight, keep);
 
-        void IAdapter.ApplyMerge(Tensor weight)
+        void IAdapter.ApplyMerge(Tensor weight, Tensor? normBase)
         {
             using var noGrad = no_grad();
             AddDelta(weight);

@@ -202,7 +202,8 @@ namespace TorchLinear.Lora
             return isfinite(get_delta_weight()).all().item<bool>();
         }
 
-        void IAdapter.MergeChecked(Parameter weight, bool keep)
+        // No DoRA on embeddings: the merge takes no norm, and normBase is not read.
+        void IAdapter.MergeChecked(Parameter weight, bool keep, Tensor? normBase)
         {
             CheckWeight(weight);
             _merge.Merge(weight, keep, w => w.add_(get_delta_weight(), One));
@@ -215,7 +216,7 @@ namespace TorchLinear.Lora
             _merge.Unmerge(weight, Owner);
         }
 
-        void IAdapter.ApplyMerge(Tensor weight)
+        void IAdapter.ApplyMerge(Tensor weight, Tensor? normBase)
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();

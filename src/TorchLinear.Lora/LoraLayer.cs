@@ -188,14 +188,14 @@ namespace TorchLinear.Lora
 
         bool IAdapter.DeltaFinite() => DeltaFinite();
 
-        void IAdapter.MergeChecked(Parameter weight, bool keep) => MergeChecked(weight, keep);
+        void IAdapter.MergeChecked(Parameter weight, bool keep, Tensor? normBase) => MergeChecked(weight, keep, normBase);
 
         void IAdapter.ForgetUnmerged() => ForgetUnmerged();
 
-        void IAdapter.ApplyMerge(Tensor weight)
+        void IAdapter.ApplyMerge(Tensor weight, Tensor? normBase)
         {
             using var noGrad = no_grad();
-            AddDelta(weight);
+            AddDelta(weight, normBase);
         }
 
         IEnumerable<Parameter> IAdapter.Parameters()
@@ -433,7 +433,7 @@ namespace TorchLinear.Lora
         /// The merge itself, for callers that have checked every layer with <see cref="MergesFinite"/> first. Without
         /// <paramref name="keep"/> (merge_and_unload) the weight before merging is not kept: there is nothing to unmerge to.
         /// </summary>
-        internal void MergeChecked(Parameter weight, bool keep = true) => _merge.Merge(weight, keep, AddDelta);
+        internal void MergeChecked(Parameter weight, bool keep = true, Tensor? normBase = null) => _merge.Merge(weight, keep, w => AddDelta(w, normBase));
 
         /// <summary>
         /// Whether W + Δ stays finite. Cheap where it can be: when A, B and W are finite and
@@ -497,18 +497,27 @@ namespace TorchLinear.Lora
             return double.IsFinite(bound) && bound < finfo(b.dtype).max / 2;
         }
 
-        /// <summary>Writes the merged weight into <paramref name="weight"/>, as the variant merges (<c>W += Δ</c> for plain LoRA).</summary>
-        private void AddDelta(Tensor weight)
+        /// <summary>
+        /// Writes the merged weight into <paramref name="weight"/>, as the variant merges (<c>W += Δ</c> for plain LoRA);
+        /// <paramref name="normBase"/>, the weight before any adapter of this merge (DoRA's norm), or null: the weight itself.
+        /// </summary>
+        private void AddDelta(Tensor weight, Tensor? normBase = null)
         {
             if (!fan_in_fan_out)
             {
-                _variant.Merge(this, weight);
+                _variant.Merge(this, weight, normBase ?? weight);
                 return;
             }
             // The variants write a Linear's (out, in) weight: a Conv1D's (in, out) one through its transpose, a view that
             // shares its storage, so the in-place writes land in the weight itself.
             using Tensor transposed = weight.t();
-            _variant.Merge(this, transposed);
+            if (normBase is null)
+            {
+                _variant.Merge(this, transposed, transposed);
+                return;
+            }
+            using Tensor baseTransposed = normBase.t();
+            _variant.Merge(this, transposed, baseTransposed);
         }
 
         /// <summary>The weight a host passes must be the one this adapter was made for.</summary>

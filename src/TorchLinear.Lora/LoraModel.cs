@@ -737,21 +737,33 @@ namespace TorchLinear.Lora
                         pending.Add((layer, adapter));
                 }
             }
-            // A DoRA merge rescales the whole weight (m / ‖W + ΔW‖ · (W + ΔW)), and an unmerged DoRA adapter takes its norm
-            // from the weight as it is: in a layer where a DoRA adapter runs beside another, merged or left running, a merge
-            // computes something else than the unmerged adapters (PEFT 0.18.1 merges anyway, percents off:
-            // huggingface/peft#3608, fixed after it by #3609's norm from the weight before any merge; not done here).
-            // With keep (merge_adapter), the layer's active adapters that stay unmerged run beside the merged ones after;
-            // without (merge_and_unload), whatever is not merged is dropped.
-            var rescaledBeside = pending.GroupBy(p => p.Layer)
-                .Select(g => (g.Key.Path, After: g.Key.Merged.Reverse().Concat(g.Select(p => p.Adapter))
-                    .Concat(keep ? state.Active.Select(n => g.Key.Find(n)).Where(a => a is { merged: false } && !g.Any(p => ReferenceEquals(p.Adapter, a))).Select(a => a!) : Enumerable.Empty<IAdapter>())
-                    .ToList()))
-                .Where(l => l.After.Count > 1 && l.After.Any(a => a.Rescaled is not null))
-                .Select(l => $"{l.Path} ({string.Join(", ", l.After.Select(a => $"'{a.Name}'{(a.Rescaled is not null ? " DoRA" : "")}"))})")
+            // An unmerged DoRA adapter rescales what the layer computed so far (the base and the adapters before it in the
+            // active order) by m / ‖W₀ + ΔW‖, W₀ the weight without adapters. Merged in that order, each DoRA norm taken
+            // from W₀ (huggingface/peft#3609; PEFT 0.18.1 takes it from the weight with the others merged, #3608), the
+            // layer computes what its adapters computed unmerged. So a layer with a DoRA adapter merges only all of its
+            // active adapters at once, in the active order, with nothing merged there before; anything else (a DoRA
+            // adapter beside one merged earlier, or one left running unmerged beside a merged one) would compute
+            // something else, and is refused. Without keep (merge_and_unload) what is not merged is dropped.
+            var activeIndex = state.Active.Select((n, i) => (n, i)).ToDictionary(p => p.n, p => p.i, StringComparer.Ordinal);
+            pending = pending.GroupBy(p => p.Layer)
+                .SelectMany(g => g.OrderBy(p => activeIndex.TryGetValue(p.Adapter.Name, out int i) ? i : int.MaxValue))
                 .ToList();
+            var rescaledBeside = new List<string>();
+            foreach (var group in pending.GroupBy(p => p.Layer))
+            {
+                var merging = group.Select(p => p.Adapter).ToList();
+                var running = state.Active.Select(n => group.Key.Find(n)).Where(a => a is { merged: false } && !merging.Contains(a)).Select(a => a!).ToList();
+                var involved = group.Key.Merged.Reverse().Concat(merging).Concat(keep ? running : Enumerable.Empty<IAdapter>()).ToList();
+                if (involved.Count < 2 || involved.All(a => a.Rescaled is null))
+                    continue;
+                bool wholeActiveSet = group.Key.Merged.Count == 0 && (!keep || running.Count == 0)
+                    && merging.All(a => activeIndex.ContainsKey(a.Name))
+                    && state.Active.All(n => group.Key.Find(n) is null || merging.Contains(group.Key.Find(n)!));
+                if (!wholeActiveSet)
+                    rescaledBeside.Add($"{group.Key.Path} ({string.Join(", ", involved.Select(a => $"'{a.Name}'{(a.Rescaled is not null ? " DoRA" : "")}{(a.merged ? " merged" : merging.Contains(a) ? "" : " left unmerged")}"))})");
+            }
             if (rescaledBeside.Count > 0)
-                throw new InvalidOperationException($"LoraModel.{caller}: a merge into a layer where a DoRA adapter runs beside another adapter (merged, merging, or active and left unmerged): {string.Join("; ", rescaledBeside)}. DoRA's merge rescales the whole weight by m / ‖W + ΔW‖ and its unmerged forward takes the norm from the weight as it is, so the merged layer would compute something else than the unmerged adapters (PEFT 0.18.1 merges it anyway, a few percent off: huggingface/peft#3608; fixed after 0.18.1 by #3609, not done here). Make the DoRA adapter the layer's only active one (set_adapter) to merge it, or run the adapters unmerged; no weight was changed.");
+                throw new InvalidOperationException($"LoraModel.{caller}: a merge into a layer where a DoRA adapter runs beside another adapter, not as all of the layer's active adapters at once: {string.Join("; ", rescaledBeside)}. An unmerged DoRA adapter rescales what the layer computed before it, so such a layer merges only all its active adapters together, in their order, with none merged before (merge_adapter() of the active adapters, after unmerge_adapter); otherwise the merged layer would compute something else than the unmerged adapters; no weight was changed.");
             // Each layer's updates are checked on the weight they will be added to: a second adapter's on the first's merge.
             var failing = new List<string>();
             foreach (var group in pending.GroupBy(p => p.Layer))
@@ -765,17 +777,24 @@ namespace TorchLinear.Lora
                 using var scope = NewDisposeScope();
                 using var noGrad = no_grad();
                 Tensor side = group.Key.Weight.detach().clone();
+                Tensor normBase = group.Key.Weight.detach();
                 foreach (var (_, adapter) in group)
-                    adapter.ApplyMerge(side);
+                    adapter.ApplyMerge(side, normBase);
                 if (!isfinite(side).all().item<bool>())
                     failing.Add(group.Key.Path);
             }
             if (failing.Count > 0)
                 throw new InvalidOperationException($"LoraModel.{caller}: merging the updates of {string.Join(", ", failing.Distinct())} would put NaN or infinity into its weight; no weight was changed.");
-            foreach (var (layer, adapter) in pending)
+            foreach (var group in pending.GroupBy(p => p.Layer))
             {
-                adapter.MergeChecked(layer.Weight, keep);
-                layer.Merged.Push(adapter);
+                var layer = group.Key;
+                // The weight before this merge, for DoRA's norms, where a DoRA adapter merges beside others.
+                using Tensor? normBase = group.Count() > 1 && group.Any(p => p.Adapter.Rescaled is not null) ? layer.Weight.detach().clone() : null;
+                foreach (var (_, adapter) in group)
+                {
+                    adapter.MergeChecked(layer.Weight, keep, normBase);
+                    layer.Merged.Push(adapter);
+                }
             }
         }
 

@@ -387,9 +387,9 @@ namespace TorchLinear.Lora
         /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
-        /// <exception cref="InvalidOperationException">The model has no adapters, a merged weight would not be finite, or a layer
-        /// where a DoRA adapter runs beside another adapter would be merged into (its rescaling would make the layer compute
-        /// something else); nothing was written.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, a merged weight would not be finite, or a merge
+        /// would leave an active adapter of a layer with a DoRA adapter running unmerged, or go in beside one merged before
+        /// there (such a layer merges all its active adapters together, in their order); nothing was written.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public void merge_adapter(IReadOnlyList<string>? adapter_names = null)
         {
@@ -415,7 +415,7 @@ namespace TorchLinear.Lora
         /// its <c>modules_to_save</c> modules as the active adapter trained them (PEFT's <c>merge_and_unload</c>).
         /// </summary>
         /// <exception cref="InvalidOperationException">The model has no adapters, an update would not be finite, or a DoRA adapter
-        /// would be folded into a layer beside another adapter; nothing was changed.</exception>
+        /// would be folded into a layer beside an adapter merged before; nothing was changed.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public void merge_and_unload(IReadOnlyList<string>? adapter_names = null)
         {
@@ -489,10 +489,12 @@ namespace TorchLinear.Lora
                 // The weights are as they were when merged first: the same updates give the same bits again.
                 foreach (var (layer, order) in merged)
                 {
+                    // As merge_adapter merged them: DoRA's norms from the weight before the first of them.
+                    using Tensor? normBase = order.Count > 1 ? layer.Weight.detach().clone() : null;
                     foreach (string name in order)
                     {
                         var adapter = layer.Find(name)!;
-                        adapter.MergeChecked(layer.Weight);
+                        adapter.MergeChecked(layer.Weight, normBase: normBase);
                         layer.Merged.Push(adapter);
                     }
                 }

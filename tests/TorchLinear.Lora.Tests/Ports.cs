@@ -36,7 +36,7 @@ namespace TorchLinear.Lora.Tests
 
         public static nn.Module<Tensor, Tensor> Port(string adapter, PortStyle style = PortStyle.LinearCall) => adapter switch
         {
-            "mlp" => Mlp(),
+            "mlp" or "dora_stack" => Mlp(),
             "embedding" => new EmbedModel(style),
             _ => new Classifier(style),
         };

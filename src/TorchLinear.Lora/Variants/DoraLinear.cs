@@ -71,12 +71,18 @@ namespace TorchLinear.Lora
             output.add_((scale - 1) * baseResult + scale * loraResult * adapter.scaling, One);
         }
 
-        /// <summary>PEFT's <c>DoraLinearVariant.merge</c>: W' = m / ‖W + Δ‖ · (W + Δ), row by row, the norm from the weight before.</summary>
-        public void Merge(LoraLayer adapter, Tensor weight)
+        /// <summary>
+        /// PEFT's <c>DoraLinearVariant.merge</c>: W' = m / ‖W₀ + Δ‖ · (W + Δ), row by row, W₀ the weight before any adapter of
+        /// this merge (<paramref name="normBase"/>; the weight itself when the adapter merges alone): the rows' norm its
+        /// unmerged forward takes, so that after other adapters of the layer merged first the layer still computes what
+        /// the adapters computed unmerged, in their order (huggingface/peft#3609).
+        /// </summary>
+        public void Merge(LoraLayer adapter, Tensor weight, Tensor normBase)
         {
             using var scope = NewDisposeScope();
-            Tensor adapted = weight + adapter.DeltaOutIn().to(weight.dtype);
-            Tensor norm = linalg.vector_norm(adapted, 2, new long[] { 1 }).to(weight.dtype);
+            Tensor delta = adapter.DeltaOutIn().to(weight.dtype);
+            Tensor adapted = weight + delta;
+            Tensor norm = linalg.vector_norm(ReferenceEquals(normBase, weight) ? adapted : normBase + delta, 2, new long[] { 1 }).to(weight.dtype);
             weight.copy_((Magnitude.weight.detach() / norm).view(-1, 1) * adapted);
         }
 

@@ -31,8 +31,12 @@ namespace TorchLinear.Lora
         /// </summary>
         void AddTerm(TAdapter adapter, Tensor output, Tensor x, bool dropped, Tensor weight, Tensor? bias);
 
-        /// <summary>Writes the merged weight into <paramref name="weight"/> (no gradients; the caller checked it stays finite).</summary>
-        void Merge(TAdapter adapter, Tensor weight);
+        /// <summary>
+        /// Writes the merged weight into <paramref name="weight"/> (no gradients; the caller checked it stays finite).
+        /// <paramref name="normBase"/> is the layer's weight before any adapter of this merge went in, which DoRA takes its
+        /// rows' norm from, as its unmerged forward does (PEFT after 0.18.1, huggingface/peft#3609).
+        /// </summary>
+        void Merge(TAdapter adapter, Tensor weight, Tensor normBase);
 
         /// <summary>
         /// Whether the merged weight is W + Δ, so that |W| + |Δ| bounds it and a cheap bound can vouch for its finiteness;

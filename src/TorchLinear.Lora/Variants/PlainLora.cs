@@ -35,7 +35,7 @@ namespace TorchLinear.Lora
         /// full-size temporary (PEFT adds the product times the scaling, which can differ in the last bit); every other
         /// dtype adds <see cref="LoraLayer.get_delta_weight"/>, PEFT's formula.
         /// </summary>
-        public void Merge(LoraLayer adapter, Tensor weight)
+        public void Merge(LoraLayer adapter, Tensor weight, Tensor normBase)
         {
             Tensor a = adapter.lora_A.weight, b = adapter.lora_B.weight;
             if (weight.dtype == ScalarType.Float32 && b.dtype == ScalarType.Float32)
