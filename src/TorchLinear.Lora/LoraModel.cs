@@ -389,7 +389,9 @@ namespace TorchLinear.Lora
         /// adapters no longer run in the forward until <see cref="unmerge_adapter"/>; each weight before merging is kept for an
         /// exact unmerge.
         /// </summary>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or a merged weight would not be finite; nothing was written.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, a merged weight would not be finite, or a merge
+        /// would leave an active adapter of a layer with a DoRA adapter running unmerged, or go in beside one merged before
+        /// there; nothing was written.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public static void merge_adapter(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
@@ -418,7 +420,8 @@ namespace TorchLinear.Lora
         /// the model is a plain model again, of its own types and in its own fields, with their updates in its weights and
         /// its <c>modules_to_save</c> modules as the active adapter trained them (PEFT's <c>merge_and_unload</c>).
         /// </summary>
-        /// <exception cref="InvalidOperationException">The model has no adapters, or an update would not be finite; nothing was changed.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, an update would not be finite, or, in a layer
+        /// with a DoRA adapter, an adapter to fold is not active or one was merged before; nothing was changed.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public static void merge_and_unload(nn.Module model, IReadOnlyList<string>? adapter_names = null)
         {
@@ -756,14 +759,14 @@ namespace TorchLinear.Lora
                 var involved = group.Key.Merged.Reverse().Concat(merging).Concat(keep ? running : Enumerable.Empty<IAdapter>()).ToList();
                 if (involved.Count < 2 || involved.All(a => a.Rescaled is null))
                     continue;
+                // With keep, every active adapter of the layer merges (none left running); without, the rest is dropped.
                 bool wholeActiveSet = group.Key.Merged.Count == 0 && (!keep || running.Count == 0)
-                    && merging.All(a => activeIndex.ContainsKey(a.Name))
-                    && state.Active.All(n => group.Key.Find(n) is null || merging.Contains(group.Key.Find(n)!));
+                    && merging.All(a => activeIndex.ContainsKey(a.Name));
                 if (!wholeActiveSet)
                     rescaledBeside.Add($"{group.Key.Path} ({string.Join(", ", involved.Select(a => $"'{a.Name}'{(a.Rescaled is not null ? " DoRA" : "")}{(a.merged ? " merged" : merging.Contains(a) ? "" : " left unmerged")}"))})");
             }
             if (rescaledBeside.Count > 0)
-                throw new InvalidOperationException($"LoraModel.{caller}: a merge into a layer where a DoRA adapter runs beside another adapter, not as all of the layer's active adapters at once: {string.Join("; ", rescaledBeside)}. An unmerged DoRA adapter rescales what the layer computed before it, so such a layer merges only all its active adapters together, in their order, with none merged before (merge_adapter() of the active adapters, after unmerge_adapter); otherwise the merged layer would compute something else than the unmerged adapters; no weight was changed.");
+                throw new InvalidOperationException($"LoraModel.{caller}: a merge into a layer where a DoRA adapter runs beside another adapter, not as all of the layer's active adapters at once: {string.Join("; ", rescaledBeside)}. An unmerged DoRA adapter rescales what the layer computed before it, so such a layer merges only active adapters, all of them with merge_adapter, in their order, with none merged before (merge_adapter() after unmerge_adapter; merge_and_unload of active adapters); otherwise the merged layer would compute something else than the unmerged adapters; no weight was changed.");
             // Each layer's updates are checked on the weight they will be added to: a second adapter's on the first's merge.
             var failing = new List<string>();
             foreach (var group in pending.GroupBy(p => p.Layer))

@@ -414,8 +414,8 @@ namespace TorchLinear.Lora
         /// the model is a plain model again, of its own types and in its own fields, with their updates in its weights and
         /// its <c>modules_to_save</c> modules as the active adapter trained them (PEFT's <c>merge_and_unload</c>).
         /// </summary>
-        /// <exception cref="InvalidOperationException">The model has no adapters, an update would not be finite, or a DoRA adapter
-        /// would be folded into a layer beside an adapter merged before; nothing was changed.</exception>
+        /// <exception cref="InvalidOperationException">The model has no adapters, an update would not be finite, or, in a layer
+        /// with a DoRA adapter, an adapter to fold is not active or one was merged before; nothing was changed.</exception>
         /// <exception cref="ArgumentException">A name is not an adapter of the model.</exception>
         public void merge_and_unload(IReadOnlyList<string>? adapter_names = null)
         {

@@ -191,6 +191,43 @@ namespace TorchLinear.Lora.Tests
             Assert.True(Equivalence.Compare(weightBefore, conv.c_proj.weight.detach()).BitExact);
         }
 
+        /// <summary>
+        /// A DoRA and a plain adapter on the same Conv1D, both active, in each order: merged (all at once, in the active
+        /// order, DoRA's norm from the (in, out) weight before the merge, through its transpose) the model gives what it
+        /// gave unmerged, and the twin Linear's merged weight transposed; unmerge restores the weight bit for bit.
+        /// </summary>
+        [Fact]
+        public void DoraBesideAPlainAdapterOnOneConv1D_MergesAsItRanUnmerged_InBothOrders()
+        {
+            using var scope = NewDisposeScope();
+            var (conv, twin) = Nets(4);
+            var x = randn(4, 16);
+            var weightBefore = conv.c_fc.weight.detach().clone();
+            InjectBoth(conv, twin, Config(dora: true));
+            InjectBoth(conv, twin, new LoraConfig { r = 2, lora_alpha = 4, target_modules = new[] { "c_fc" }, init_lora_weights = "false" }, "plain", seed: 6);
+            using (no_grad())
+            {
+                foreach (var model in new nn.Module[] { conv, twin })
+                    foreach (var (name, parameter) in model.named_parameters())
+                        if (name.Contains("lora_magnitude_vector", StringComparison.Ordinal))
+                            parameter.mul_(1.25);
+            }
+            foreach (var order in new[] { new[] { "default", "plain" }, new[] { "plain", "default" } })
+            {
+                LoraModel.set_adapter(conv, order);
+                LoraModel.set_adapter(twin, order);
+                var unmerged = Run(conv, x);
+                Equivalence.AssertClose(unmerged, Run(twin, x));
+                LoraModel.merge_adapter(conv);
+                LoraModel.merge_adapter(twin);
+                Equivalence.AssertClose(conv.c_fc.weight.detach(), twin.c_fc.weight.detach().t());
+                Equivalence.AssertClose(Run(conv, x), unmerged);
+                LoraModel.unmerge_adapter(conv);
+                LoraModel.unmerge_adapter(twin);
+                Assert.True(Equivalence.Compare(weightBefore, conv.c_fc.weight.detach()).BitExact);
+            }
+        }
+
         [Fact]
         public void SvdCombination_OnConv1D_GivesTheTwinLinearsUpdate()
         {

@@ -102,7 +102,8 @@ namespace TorchLinear.Lora.Tests
                     Assert.Equal(weights, Bits(model));
                 }
 
-                LoraModel.merge_adapter(model);
+                // Named in the other order: merged in the active order all the same.
+                LoraModel.merge_adapter(model, active.Reverse().ToArray());
                 var merged = model.call(x);
                 Equivalence.AssertClose(merged, unmerged);
                 using (LoraModel.disable_adapter(model))
@@ -124,6 +125,39 @@ namespace TorchLinear.Lora.Tests
             var unmergedBoth = model.call(x);
             LoraModel.merge_and_unload(model);
             Equivalence.AssertClose(model.call(x), unmergedBoth);
+        }
+
+        /// <summary>
+        /// merge_and_unload of some active adapters of a layer with a DoRA one: the rest is dropped, so the folded model is
+        /// what the named adapters computed unmerged, active in their order; an inactive adapter named is refused there.
+        /// </summary>
+        [Fact]
+        public void MergeAndUnload_OfSomeActiveAdapters_WithDora_FoldsWhatTheyComputedUnmerged()
+        {
+            using var scope = NewDisposeScope();
+            var x = randn(4, 16);
+            nn.Module<Tensor, Tensor> Three()
+            {
+                manual_seed(0);
+                var model = nn.Sequential(("lin0", nn.Linear(16, 16)), ("lin1", nn.Linear(16, 16)));
+                model.eval();
+                LoraModel.Inject(model, new LoraConfig { r = 4, target_modules = new[] { "lin0", "lin1" }, use_dora = true, init_lora_weights = "false" });
+                LoraModel.Inject(model, new LoraConfig { r = 4, target_modules = new[] { "lin0" }, init_lora_weights = "false" }, "b");
+                LoraModel.Inject(model, new LoraConfig { r = 4, target_modules = new[] { "lin0" }, init_lora_weights = "false" }, "c");
+                return model;
+            }
+            using var reference = Three();
+            LoraModel.set_adapter(reference, "b", "default");
+            var expected = reference.call(x);
+            using var model = Three();
+            LoraModel.set_adapter(model, "b", "default", "c");
+            LoraModel.merge_and_unload(model, new[] { "b", "default" });
+            Equivalence.AssertClose(model.call(x), expected);
+
+            using var other = Three();
+            LoraModel.set_adapter(other, "b", "default");
+            var error = Assert.Throws<InvalidOperationException>(() => LoraModel.merge_and_unload(other, new[] { "default", "c" }));
+            Assert.Contains("lin0 (", error.Message);
         }
 
         /// <summary>
