@@ -751,7 +751,7 @@ namespace TorchLinear.Lora
             pending = pending.GroupBy(p => p.Layer)
                 .SelectMany(g => g.OrderBy(p => activeIndex.TryGetValue(p.Adapter.Name, out int i) ? i : int.MaxValue))
                 .ToList();
-            var rescaledBeside = new List<string>();
+            var partialMerges = new List<string>();
             foreach (var group in pending.GroupBy(p => p.Layer))
             {
                 var merging = group.Select(p => p.Adapter).ToList();
@@ -763,10 +763,10 @@ namespace TorchLinear.Lora
                 bool wholeActiveSet = group.Key.Merged.Count == 0 && (!keep || running.Count == 0)
                     && merging.All(a => activeIndex.ContainsKey(a.Name));
                 if (!wholeActiveSet)
-                    rescaledBeside.Add($"{group.Key.Path} ({string.Join(", ", involved.Select(a => $"'{a.Name}'{(a.Rescaled is not null ? " DoRA" : "")}{(a.merged ? " merged" : merging.Contains(a) ? "" : " left unmerged")}"))})");
+                    partialMerges.Add($"{group.Key.Path} ({string.Join(", ", involved.Select(a => $"'{a.Name}'{(a.Rescaled is not null ? " DoRA" : "")}{(a.merged ? " merged" : merging.Contains(a) ? "" : " left unmerged")}"))})");
             }
-            if (rescaledBeside.Count > 0)
-                throw new InvalidOperationException($"LoraModel.{caller}: a merge into a layer where a DoRA adapter runs beside another adapter, not as all of the layer's active adapters at once: {string.Join("; ", rescaledBeside)}. An unmerged DoRA adapter rescales what the layer computed before it, so such a layer merges only active adapters, all of them with merge_adapter, in their order, with none merged before (merge_adapter() after unmerge_adapter; merge_and_unload of active adapters); otherwise the merged layer would compute something else than the unmerged adapters; no weight was changed.");
+            if (partialMerges.Count > 0)
+                throw new InvalidOperationException($"LoraModel.{caller}: a merge into a layer where a DoRA adapter runs beside another adapter, not as all of the layer's active adapters at once: {string.Join("; ", partialMerges)}. An unmerged DoRA adapter rescales what the layer computed before it, so such a layer merges only active adapters, all of them with merge_adapter, in their order, with none merged before (merge_adapter() after unmerge_adapter; merge_and_unload of active adapters); otherwise the merged layer would compute something else than the unmerged adapters; no weight was changed.");
             // Each layer's updates are checked on the weight they will be added to: a second adapter's on the first's merge.
             var failing = new List<string>();
             foreach (var group in pending.GroupBy(p => p.Layer))

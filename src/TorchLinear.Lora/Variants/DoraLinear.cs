@@ -82,6 +82,7 @@ namespace TorchLinear.Lora
             using var scope = NewDisposeScope();
             Tensor delta = adapter.DeltaOutIn().to(weight.dtype);
             Tensor adapted = weight + delta;
+            // Merging alone, W₀ is the weight: its norm is the adapted weight's, computed once (PEFT's bits).
             Tensor norm = linalg.vector_norm(ReferenceEquals(normBase, weight) ? adapted : normBase + delta, 2, new long[] { 1 }).to(weight.dtype);
             weight.copy_((Magnitude.weight.detach() / norm).view(-1, 1) * adapted);
         }
