@@ -1,5 +1,7 @@
 using System;
 using System.Collections.Generic;
+using System.Diagnostics.CodeAnalysis;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace TorchLinear
@@ -61,6 +63,20 @@ namespace TorchLinear
             if (!ReferenceEquals(result, output))
                 output.Dispose();
             return result;
+        }
+
+        /// <summary>
+        /// Makes <paramref name="value"/> the layer's parameter <paramref name="name"/> in place of <paramref name="old"/>,
+        /// which is disposed: detached from any dispose scope (the layer owns its parameters; a caller's scope must not free
+        /// them) and registered under that state_dict key, or unregistered for null. Returns the parameter to keep.
+        /// </summary>
+        [return: NotNullIfNotNull(nameof(value))]
+        protected Parameter? Replace(Parameter? old, Parameter? value, string name)
+        {
+            old?.Dispose();
+            var owned = (Parameter?)value?.DetachFromDisposeScope();
+            ConditionallyRegisterParameter(name, owned);
+            return owned;
         }
 
         /// <summary>

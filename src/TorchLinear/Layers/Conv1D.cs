@@ -205,20 +205,9 @@ namespace TorchLinear
         public override string ToString() => $"Conv1D(nf={nf}, nx={nx})";
 
         [MemberNotNull(nameof(_weight))]
-        private void SetWeight(Parameter value)
-        {
-            _weight?.Dispose();
-            // Detached from any dispose scope: the layer owns its parameters, a caller's scope must not free them.
-            _weight = (Parameter)value.DetachFromDisposeScope();
-            ConditionallyRegisterParameter(WeightName, _weight);
-        }
+        private void SetWeight(Parameter value) => _weight = Replace(_weight, value, WeightName);
 
         [MemberNotNull(nameof(_bias))]
-        private void SetBias(Parameter value)
-        {
-            _bias?.Dispose();
-            _bias = (Parameter)value.DetachFromDisposeScope();
-            ConditionallyRegisterParameter(BiasName, _bias);
-        }
+        private void SetBias(Parameter value) => _bias = Replace(_bias, value, BiasName);
     }
 }

@@ -169,9 +169,7 @@ namespace TorchLinear
                     throw new ArgumentException($"{this}: a new bias must have shape [{out_features}], but has shape {TensorFacts.Shape(value)}.", nameof(value));
                 if (value is not null)
                     ThrowIfUnlike(value, "bias", _weight, "weight");
-                _bias?.Dispose();
-                _bias = (Parameter?)value?.DetachFromDisposeScope();
-                ConditionallyRegisterParameter(BiasName, _bias);
+                _bias = Replace(_bias, value, BiasName);
             }
         }
 
@@ -268,10 +266,7 @@ namespace TorchLinear
         private void SetWeight(Parameter value)
         {
             DropWeightT();
-            _weight?.Dispose();
-            // Detached from any dispose scope: the layer owns its parameters, a caller's scope must not free them.
-            _weight = (Parameter)value.DetachFromDisposeScope();
-            ConditionallyRegisterParameter(WeightName, _weight);
+            _weight = Replace(_weight, value, WeightName);
         }
     }
 }
