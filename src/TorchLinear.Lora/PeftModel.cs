@@ -490,7 +490,7 @@ namespace TorchLinear.Lora
                 foreach (var (layer, order) in merged)
                 {
                     // As merge_adapter merged them: DoRA's norms from the weight before the first of them.
-                    using Tensor? normBase = order.Count > 1 ? layer.Weight.detach().clone() : null;
+                    using Tensor? normBase = order.Count > 1 && order.Any(n => layer.Find(n)!.Rescaled is not null) ? layer.Weight.detach().clone() : null;
                     foreach (string name in order)
                     {
                         var adapter = layer.Find(name)!;
